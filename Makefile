@@ -1,0 +1,31 @@
+# Every target installs what it needs into .venv first; all are idempotent.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+demo: install
+	$(BIN)/weightspace demo --out runs/demo
+
+bench: install
+	$(BIN)/python bench/soup_io.py
+	$(BIN)/python bench/eval_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from weightspace_cli.main import main
+
+main(prog_name="weightspace")

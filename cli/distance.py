@@ -1,0 +1,37 @@
+"""weightspace distance A B"""
+from __future__ import annotations
+
+import click
+
+from .common import markdown_table, print_json, report_options
+
+
+@click.command("distance")
+@click.argument("a")
+@click.argument("b")
+@click.option("--per-module", is_flag=True, help="Also report each module (see --depth / --regex).")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Group parameters by their first N name parts.")
+@click.option("--regex", default=None, help="Group parameters by what this regex captures (group 1, else the match).")
+@click.option("--ema", is_flag=True, help="Use EMA weights where files hold both.")
+@click.option("--allow-nonfinite", is_flag=True, help="Do not refuse tensors holding NaN/Inf.")
+@report_options
+def distance(a: str, b: str, per_module: bool, depth: int | None, regex: str | None, ema: bool,
+             allow_nonfinite: bool, as_json: bool, quiet: bool) -> None:
+    """L2 distance ‖A−B‖, relative distance ‖A−B‖/‖A‖ and cosine over floating tensors."""
+    import re
+
+    import weightspace as ws
+    if regex:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise click.BadParameter(str(e), param_hint="--regex") from None
+    r = ws.distance(a, b, per_module=per_module, depth=depth, regex=regex, ema=ema,
+                    allow_nonfinite=allow_nonfinite, progress=not quiet)
+    if as_json:
+        print_json(r)
+        return
+    t = r["total"]
+    rows = [["(total)", t["l2"], t["relative"], t["cosine"], t["numel"]]]
+    rows += [[m["module"], m["l2"], m["relative"], m["cosine"], m["numel"]] for m in r.get("modules", [])]
+    click.echo(markdown_table(["module", "l2", "relative", "cosine", "numel"], rows))

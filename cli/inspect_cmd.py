@@ -1,0 +1,56 @@
+"""weightspace inspect CKPT"""
+from __future__ import annotations
+
+import click
+
+from .common import human_bytes, markdown_table, print_json, report_options
+
+
+@click.command("inspect")
+@click.argument("source")
+@click.option("--ema", is_flag=True, help="Inspect the EMA weights where the file holds both.")
+@click.option("--limit", type=int, default=0, help="Show at most this many keys in the table (0: all).")
+@report_options
+def inspect_cmd(source: str, ema: bool, limit: int, as_json: bool, quiet: bool) -> None:
+    """Keys, shapes, dtypes, #params, bytes and provenance metadata of SOURCE."""
+    import weightspace as ws
+    ck = ws.load(source, ema=ema)
+    tensors = []
+    for k in ck:
+        dtype, shape = ck.info(k)
+        tensors.append({"key": k, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
+                        **({"tied_to": ck.aliases[k]} if k in ck.aliases else {})})
+    info = {
+        "source": ck.source,
+        "files": [str(f) for f in ck.files],
+        "variant": ck.variant or None,
+        "num_tensors": len(ck),
+        "num_params": ck.num_params,
+        "bytes": ck.nbytes,
+        "tied": ck.aliases,
+        "provenance": ck.provenance,
+        "metadata": {k: v for k, v in ck.metadata.items() if k != "weightspace"},
+        "tensors": tensors,
+    }
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"source:   {ck.source}" + (f"  ({ck.note})" if ck.note else ""))
+    if ck.variant:
+        click.echo(f"variant:  {ck.variant}")
+    click.echo(f"tensors:  {len(ck)}")
+    click.echo(f"params:   {ck.num_params:,}")
+    click.echo(f"bytes:    {ck.nbytes:,} ({human_bytes(ck.nbytes)})")
+    for alias, canon in ck.aliases.items():
+        click.echo(f"tied:     {alias} = {canon}")
+    if ck.provenance:
+        p = ck.provenance
+        click.echo(f"provenance: op={p.get('op')} weightspace={p.get('weightspace_version')}")
+        for ing, c in zip(p.get("ingredients", []), p.get("coefficients", [None] * len(p.get("ingredients", [])))):
+            coef = f"{c:.4g} × " if isinstance(c, (int, float)) else ""
+            click.echo(f"  {coef}{ing.get('source')}  sha256={str(ing.get('sha256', ''))[:12]}")
+    rows = [[t["key"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar"] for t in tensors]
+    if limit:
+        rows = rows[:limit]
+    click.echo("")
+    click.echo(markdown_table(["key", "dtype", "shape"], rows))

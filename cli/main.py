@@ -1,0 +1,70 @@
+"""The `weightspace` command: a lazy click group so `--help` never imports torch."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# verb -> "module:function"; each verb lives in its own file and is imported only when run.
+COMMANDS: dict[str, str] = {
+    "inspect": "weightspace_cli.inspect_cmd:inspect_cmd",
+    "diff": "weightspace_cli.diff:diff",
+    "soup": "weightspace_cli.soup:soup",
+    "interpolate": "weightspace_cli.interpolate:interpolate",
+    "distance": "weightspace_cli.distance:distance",
+    "demo": "weightspace_cli.demo:demo",
+}
+HELP: dict[str, str] = {
+    "inspect": "Keys, shapes, dtypes, parameter count, bytes and provenance of a checkpoint.",
+    "diff": "Keys only in one checkpoint, and shape/dtype mismatches.",
+    "soup": "Average checkpoints: uniform, weighted, or greedy on validation data.",
+    "interpolate": "Interpolate two checkpoints: one point, or a barrier curve with evaluation.",
+    "distance": "L2 distance, relative distance and cosine between two checkpoints.",
+    "demo": "Train small real models on real data, then soups, leaderboards and barrier curves.",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use; bad input becomes one line and exit code 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, HELP.get(n, "")) for n in self.list_commands(ctx)])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:  # only our own error family is turned into one line; bugs keep their traceback
+            from weightspace.errors import WeightspaceError
+            if isinstance(e, WeightspaceError):
+                click.echo(f"weightspace: error: {e}", err=True)
+                sys.exit(2)
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="weightspace")
+def main() -> None:
+    """weightspace — what lies between your checkpoints.
+
+    Load checkpoints from anywhere (.safetensors, .pt/.pth/.bin, sharded folders, hf://org/repo,
+    timm:NAME, open_clip:ARCH/TAG), combine them (soups, interpolation, task vectors), measure them
+    (distances, barrier curves, leaderboards) and write safetensors with provenance.
+
+    Bad input prints one line naming the file and the problem and exits with code 2.
+    """
+
+
+if __name__ == "__main__":
+    main()

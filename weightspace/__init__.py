@@ -1,0 +1,26 @@
+"""weightspace: what lies between checkpoints — soups, interpolation, distances and barrier curves.
+
+A tiny surface in the spirit of safetensors::
+
+    import weightspace as ws
+    ck = ws.load("model.safetensors")                 # lazy Checkpoint: name -> tensor
+    soup = ws.uniform_soup(["a.pt", "b.safetensors"])  # a state dict that remembers its provenance
+    ws.save(soup, "soup.safetensors")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint, load  # noqa: E402
+from .errors import (CheckpointError, ConfigError, IncompatibleCheckpoints, NonFiniteError,  # noqa: E402
+                     OutputExists, SourceError, UnsafeCheckpoint, WeightspaceError)
+from .ops import (StateDict, TensorStream, distance, lerp, task_vector, uniform_soup,  # noqa: E402
+                  weighted_average)
+from .saving import save  # noqa: E402
+
+__all__ = [
+    "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",
+    "StateDict", "TensorStream",
+    "WeightspaceError", "CheckpointError", "SourceError", "UnsafeCheckpoint", "IncompatibleCheckpoints",
+    "NonFiniteError", "OutputExists", "ConfigError",
+]

@@ -1,0 +1,342 @@
+"""Checkpoint: a lazy, read-only mapping name → tensor over any source, with keys normalised once on load."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import torch
+
+from .errors import CheckpointError, UnsafeCheckpoint
+from .sources import Resolved, resolve
+from .storage import SafetensorsReader
+
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
+EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema")
+EMA_PREFIXES = ("model_ema.", "ema_model.", "ema.")
+
+Source = Union[str, os.PathLike, "Checkpoint", Mapping, "torch.nn.Module"]
+
+
+def normalise_key(key: str) -> str:
+    """Strip the wrappers that DataParallel/DDP (module.) and torch.compile (_orig_mod.) add to names."""
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+        key = key.replace("._orig_mod.", ".")
+    return key
+
+
+def _convert_hint(path: Path) -> str:
+    return (f"if you trust this file, convert it once: python -c \"import torch, safetensors.torch as s; "
+            f"sd = torch.load('{path}', weights_only=False); s.save_file({{k: v.contiguous() for k, v in "
+            f"sd.get('state_dict', sd).items() if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\"")
+
+
+def load_pickle(path: Path) -> Any:
+    """torch.load with weights_only=True (never executes pickled code); memory-mapped where the format allows."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e).lower():
+                raise
+            if "zip" in str(e).lower() and zipfile.is_zipfile(path):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "it needs objects beyond tensors")
+        raise UnsafeCheckpoint(f"{path}: refused to unpickle: {detail}; {_convert_hint(path)}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
+
+
+def _flatten(obj: Mapping, prefix: str = "") -> tuple[dict[str, torch.Tensor], int]:
+    out: dict[str, torch.Tensor] = {}
+    skipped = 0
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if torch.is_tensor(v):
+            out[name] = v
+        elif isinstance(v, Mapping):
+            sub, s = _flatten(v, name + ".")
+            out.update(sub)
+            skipped += s
+        else:
+            skipped += 1
+    return out, skipped
+
+
+def _all_tensors(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the state dict inside a loaded pickle; returns it and a description of the chosen variant."""
+    if torch.is_tensor(obj) or not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    chain: list[str] = []
+    took_ema = False
+    while not _all_tensors(obj):
+        present = [n for n in EMA_CONTAINERS + REGULAR_CONTAINERS if isinstance(obj.get(n), Mapping) and len(obj[n]) > 0]
+        ema_hit = next((n for n in present if n in EMA_CONTAINERS), None)
+        reg_hit = next((n for n in present if n in REGULAR_CONTAINERS), None)
+        if ema and ema_hit:
+            chain.append(f"'{ema_hit}' (EMA)")
+            obj, took_ema = obj[ema_hit], True
+        elif reg_hit:
+            chain.append(f"'{reg_hit}'" + (f" (EMA weights '{ema_hit}' ignored; --ema picks them)" if ema_hit else ""))
+            obj = obj[reg_hit]
+        else:
+            break
+    flat, _ = _flatten(obj)
+    if not flat:
+        raise CheckpointError(f"{path}: holds no tensors")
+    note = ""
+    if not took_ema:
+        flat, note = _pick_prefixed(flat, path, ema)
+    return flat, " / ".join(chain + ([note] if note else []))
+
+
+def _pick_prefixed(flat: dict, path: str, ema: bool) -> tuple[dict, str]:
+    """Handle EMA copies stored beside the weights under a key prefix (e.g. 'ema.')."""
+    prefix = next((p for p in EMA_PREFIXES if any(k.startswith(p) for k in flat)), None)
+    if prefix is None:
+        if ema:
+            raise CheckpointError(f"{path}: --ema was asked for but the file holds no EMA weights")
+        return flat, ""
+    if ema:
+        return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, f"EMA weights ('{prefix}*')"
+    rest = {k: v for k, v in flat.items() if not k.startswith(prefix)}
+    if not rest:
+        return {k[len(prefix):]: v for k, v in flat.items()}, f"EMA weights ('{prefix}*', the only ones present)"
+    return rest, f"non-EMA weights ('{prefix}*' ignored; --ema picks them)"
+
+
+def _find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys whose tensors share memory with an earlier key (tied weights): alias -> canonical."""
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for k in tensors:
+        t = tensors[k]
+        if t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            aliases[k] = seen[ident]
+        else:
+            seen[ident] = k
+    return aliases
+
+
+class Checkpoint(Mapping):
+    """A lazy mapping name → tensor; a tensor is read from disk only when asked for."""
+
+    def __init__(self, source: str, entries: dict[str, tuple[Any, str]], *, variant: str = "",
+                 files: list[Path] | None = None, aliases: dict[str, str] | None = None,
+                 metadata: dict[str, str] | None = None, note: str = ""):
+        self.source = source
+        self._entries = entries
+        self.variant = variant
+        self.files = files or []
+        self.aliases = aliases or {}
+        self.metadata = metadata or {}
+        self.note = note
+        self._sha: str | None = None
+
+    # Mapping protocol
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            backend, raw = self._entries[key]
+        except KeyError:
+            raise KeyError(key) from None
+        if isinstance(backend, SafetensorsReader):
+            return backend.read(raw)
+        return backend[raw]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source!r}, {len(self)} tensors)"
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of one tensor, without reading its data."""
+        backend, raw = self._entries[key]
+        if isinstance(backend, SafetensorsReader):
+            i = backend.tensors[raw]
+            return i.dtype, i.shape
+        t = backend[raw]
+        return t.dtype, tuple(t.shape)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of elements over all tensors (tied ones counted once)."""
+        n = 0
+        for k in self:
+            if k in self.aliases:
+                continue
+            _, shape = self.info(k)
+            c = 1
+            for s in shape:
+                c *= s
+            n += c
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data (tied ones counted once)."""
+        total = 0
+        for k in self:
+            if k in self.aliases:
+                continue
+            dtype, shape = self.info(k)
+            c = 1
+            for s in shape:
+                c *= s
+            total += c * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    @property
+    def provenance(self) -> dict | None:
+        """The weightspace provenance stored in the file's metadata, if any."""
+        raw = self.metadata.get("weightspace")
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    def sha256(self) -> str:
+        """sha256 of the file (or of the shards' hashes, or of the tensors for in-memory state dicts)."""
+        if self._sha is None:
+            if len(self.files) == 1:
+                self._sha = file_sha256(self.files[0])
+            elif self.files:
+                h = hashlib.sha256()
+                for f in self.files:
+                    h.update(file_sha256(f).encode())
+                self._sha = h.hexdigest()
+            else:
+                h = hashlib.sha256()
+                for k in sorted(self):
+                    t = self[k]
+                    h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+                    from .storage import tensor_bytes
+                    h.update(tensor_bytes(t))
+                self._sha = h.hexdigest()
+        return self._sha
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Materialise every tensor (one model in memory)."""
+        return {k: self[k] for k in self}
+
+    def close(self) -> None:
+        """Release open file handles."""
+        for backend, _ in self._entries.values():
+            if isinstance(backend, SafetensorsReader):
+                backend.close()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _normalised(source: str, raw_keys: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw in raw_keys:
+        k = normalise_key(raw)
+        if k in out:
+            raise CheckpointError(f"{source}: keys '{out[k]}' and '{raw}' both normalise to '{k}'")
+        out[k] = raw
+    return out
+
+
+def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: bool) -> Checkpoint:
+    readers = {str(f): SafetensorsReader(f) for f in files}
+    raw: dict[str, tuple[Any, str]] = {}
+    for f, r in readers.items():
+        for k in r.tensors:
+            if weight_map is not None and weight_map.get(k) not in (None, f):
+                continue
+            raw[k] = (r, k)
+    if weight_map is not None:
+        missing = [k for k in weight_map if k not in raw]
+        if missing:
+            raise CheckpointError(f"{source}: shard index names keys missing from the shards (e.g. '{missing[0]}')")
+    if not raw:
+        raise CheckpointError(f"{files[0]}: holds no tensors")
+    picked, variant = _pick_prefixed({k: k for k in raw}, str(files[0]), ema)
+    mapping = _normalised(source, list(picked))
+    entries = {k: raw[picked[r]] for k, r in mapping.items()}
+    meta = next(iter(readers.values())).metadata
+    return Checkpoint(source, entries, variant=variant, files=files, metadata=meta)
+
+
+def _from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str, files: list[Path]) -> Checkpoint:
+    mapping = _normalised(source, list(tensors))
+    norm = {k: tensors[r] for k, r in mapping.items()}
+    return Checkpoint(source, {k: (norm, k) for k in norm}, variant=variant, files=files, aliases=_find_aliases(norm))
+
+
+def _from_resolved(res: Resolved, ema: bool) -> Checkpoint:
+    if res.state_dict is not None:
+        flat, variant = unwrap(res.state_dict, res.source, ema)
+        ck = _from_tensors(res.source, flat, variant, [])
+        ck.note = res.note
+        return ck
+    if all(f.name.endswith(".safetensors") for f in res.files):
+        ck = _from_safetensors(res.source, res.files, res.weight_map, ema)
+        ck.note = res.note
+        return ck
+    merged: dict[str, torch.Tensor] = {}
+    variant = ""
+    for f in res.files:
+        if f.name.endswith(".safetensors"):
+            reader = SafetensorsReader(f)
+            merged.update({k: reader.read(k) for k in reader.tensors})
+            continue
+        flat, variant = unwrap(load_pickle(f), str(f), ema)
+        merged.update(flat)
+    ck = _from_tensors(res.source, merged, variant, res.files)
+    ck.note = res.note
+    return ck
+
+
+def load(src: Source, *, ema: bool = False) -> Checkpoint:
+    """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint."""
+    if isinstance(src, Checkpoint):
+        return src
+    if isinstance(src, torch.nn.Module):
+        return _from_tensors(f"<{type(src).__name__}>", dict(src.state_dict()), "", [])
+    if isinstance(src, Mapping):
+        flat, variant = unwrap(src, "<state dict>", ema)
+        return _from_tensors("<state dict>", flat, variant, [])
+    if isinstance(src, (str, os.PathLike)):
+        return _from_resolved(resolve(os.fspath(src)), ema)
+    raise TypeError(f"cannot load a {type(src).__name__} as a checkpoint")

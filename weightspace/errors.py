@@ -1,0 +1,34 @@
+"""One exception family: every user-facing failure names the file and, where there is one, the key."""
+from __future__ import annotations
+
+
+class WeightspaceError(Exception):
+    """Base class of every error weightspace raises on bad input."""
+
+
+class CheckpointError(WeightspaceError):
+    """A checkpoint cannot be read: missing, truncated, corrupt, or holds no tensors."""
+
+
+class SourceError(WeightspaceError):
+    """A source string cannot be resolved: unknown scheme, missing Hub file, offline cache miss."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A pickle needs more than tensors to load and was refused."""
+
+
+class IncompatibleCheckpoints(WeightspaceError):
+    """Checkpoints disagree on keys, shapes or dtype kinds."""
+
+
+class NonFiniteError(WeightspaceError):
+    """An input tensor holds NaN or Inf."""
+
+
+class OutputExists(WeightspaceError):
+    """The output path exists and --force was not given."""
+
+
+class ConfigError(WeightspaceError):
+    """Bad options or configuration (a model spec, a data spec, a recipe)."""

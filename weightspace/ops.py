@@ -1,0 +1,286 @@
+"""Pure streaming weight-space ops: tensors are read, combined and emitted one key at a time.
+
+Memory holds about one output tensor per step, not N input models. No model, no data here.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, Source, load
+from .errors import ConfigError, IncompatibleCheckpoints, NonFiniteError
+from .modules import module_of
+
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "float"
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "int"
+
+
+class StateDict(dict):
+    """A plain state dict that also carries the provenance of the op that made it."""
+
+    provenance: dict
+
+    def __init__(self, *args, provenance: dict | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.provenance = provenance or {}
+
+
+@dataclass
+class TensorStream:
+    """An op's result before it is computed: output keys, dtypes and shapes are known up front."""
+
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    produce: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    provenance: dict
+    ingredients: list[Checkpoint] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.produce()
+
+    def to_dict(self) -> StateDict:
+        """Compute every tensor; the result also records provenance (with ingredient hashes)."""
+        out = StateDict(self.produce())
+        out.provenance = finish_provenance(self.provenance, self.ingredients)
+        return out
+
+
+def finish_provenance(prov: dict, ingredients: Sequence[Checkpoint], hashes: Sequence[str] | None = None) -> dict:
+    """Fill in each ingredient's sha256 (computed now unless given)."""
+    prov = dict(prov)
+    hs = list(hashes) if hashes is not None else [c.sha256() for c in ingredients]
+    prov["ingredients"] = [dict(i, sha256=h) for i, h in zip(prov.get("ingredients", []), hs)]
+    return prov
+
+
+def check_compatible(cks: Sequence[Checkpoint]) -> None:
+    """Raise IncompatibleCheckpoints unless all checkpoints share keys, shapes and dtype kinds."""
+    ref = cks[0]
+    ref_keys = set(ref)
+    for ck in cks[1:]:
+        keys = set(ck)
+        if keys != ref_keys:
+            only_a = sorted(ref_keys - keys)
+            only_b = sorted(keys - ref_keys)
+            parts = []
+            if only_a:
+                parts.append(f"{len(only_a)} keys only in {ref.source} (e.g. {', '.join(repr(k) for k in only_a[:3])})")
+            if only_b:
+                parts.append(f"{len(only_b)} keys only in {ck.source} (e.g. {', '.join(repr(k) for k in only_b[:3])})")
+            raise IncompatibleCheckpoints(f"{ck.source}: key sets differ: " + "; ".join(parts))
+        for k in sorted(ref_keys):
+            (da, sa), (db, sb) = ref.info(k), ck.info(k)
+            if sa != sb:
+                raise IncompatibleCheckpoints(f"{ck.source}: key '{k}' has shape {list(sb)}, {ref.source} has {list(sa)}")
+            if _kind(da) != _kind(db):
+                raise IncompatibleCheckpoints(f"{ck.source}: key '{k}' is {db}, {ref.source} has {da} (different kinds)")
+
+
+def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+
+
+def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
+                       precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
+                       ema: bool = False, extra: dict | None = None) -> TensorStream:
+    """Σ_j c_j·θ_j over floating tensors, streamed key by key; integer/bool buffers come from the first source."""
+    if len(sources) == 0:
+        raise ConfigError(f"{op}: needs at least one checkpoint")
+    if len(coefficients) != len(sources):
+        raise ConfigError(f"{op}: {len(coefficients)} coefficients for {len(sources)} checkpoints")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    cks = [load(s, ema=ema) for s in sources]
+    check_compatible(cks)
+    ref = cks[0]
+    keys = sorted(ref)
+    entries = [(k, *ref.info(k)) for k in keys]
+    tied = dict(ref.aliases)
+    acc_dtype = PRECISIONS[precision]
+    coeffs = [float(c) for c in coefficients]
+
+    def compute(key: str) -> torch.Tensor:
+        dtype, _ = ref.info(key)
+        if not dtype.is_floating_point:
+            return ref[key]
+        wide = torch.float64 if (dtype == torch.float64 or acc_dtype == torch.float64) else acc_dtype
+        acc = None
+        for ck, c in zip(cks, coeffs):
+            t = ck[key]
+            if not allow_nonfinite:
+                _check_finite(t, ck, key)
+            t = t.to(wide)
+            if acc is None:
+                acc = t * c if c != 1.0 else t.clone()
+            else:
+                acc.add_(t, alpha=c)
+            del t
+        return acc.to(dtype)
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        waiting = {}
+        for canon in set(tied.values()):
+            waiting[canon] = sum(1 for v in tied.values() if v == canon)
+        cache: dict[str, torch.Tensor] = {}
+        for key in _progress(keys, len(keys), op, progress):
+            canon = tied.get(key, key)
+            if canon in cache:
+                t = cache[canon]
+            else:
+                t = compute(canon)
+                if canon in waiting:
+                    cache[canon] = t
+            if key in tied:
+                waiting[canon] -= 1
+                if waiting[canon] == 0:
+                    cache.pop(canon, None)
+            yield key, t
+
+    prov = {
+        "op": op,
+        "coefficients": coeffs,
+        "precision": precision,
+        "ingredients": [{"source": c.source, **({"variant": c.variant} if c.variant else {})} for c in cks],
+        "weightspace_version": __version__,
+    }
+    if tied:
+        prov["tied"] = dict(sorted(tied.items()))
+    if extra:
+        prov.update(extra)
+    return TensorStream(entries, produce, prov, cks, tied)
+
+
+def _normalised_weights(weights: Sequence[float]) -> list[float]:
+    w = [float(x) for x in weights]
+    if any(not math.isfinite(x) for x in w):
+        raise ConfigError("weights must be finite numbers")
+    s = sum(w)
+    if abs(s) < 1e-12:
+        raise ConfigError("weights sum to zero")
+    return [x / s for x in w]
+
+
+def uniform_soup_stream(sources: Sequence[Source], **kw) -> TensorStream:
+    """Streaming uniform soup: the plain mean of all ingredients."""
+    n = len(sources)
+    return linear_combination(sources, [1.0 / n] * n if n else [], op="uniform_soup", **kw)
+
+
+def weighted_average_stream(sources: Sequence[Source], weights: Sequence[float], **kw) -> TensorStream:
+    """Streaming weighted average; weights are normalised to sum to 1 (the raw ones are recorded)."""
+    if len(weights) != len(sources):
+        raise ConfigError(f"weighted average: {len(weights)} weights for {len(sources)} checkpoints")
+    return linear_combination(sources, _normalised_weights(weights), op="weighted_average",
+                              extra={"weights_given": [float(x) for x in weights]}, **kw)
+
+
+def lerp_stream(a: Source, b: Source, alpha: float, **kw) -> TensorStream:
+    """Streaming linear interpolation (1−α)·a + α·b."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ConfigError(f"--alpha {alpha}: must be a finite number")
+    return linear_combination([a, b], [1.0 - alpha, alpha], op="lerp", extra={"alpha": alpha}, **kw)
+
+
+def task_vector_stream(a: Source, base: Source, **kw) -> TensorStream:
+    """Streaming task vector a − base over floating tensors (integer buffers are a's)."""
+    return linear_combination([a, base], [1.0, -1.0], op="task_vector", **kw)
+
+
+def uniform_soup(sources: Sequence[Source], **kw) -> StateDict:
+    """Uniform soup (Wortsman et al. 2022): the mean of the ingredients' weights."""
+    return uniform_soup_stream(sources, **kw).to_dict()
+
+
+def weighted_average(sources: Sequence[Source], weights: Sequence[float], **kw) -> StateDict:
+    """Weighted average of checkpoints; weights are normalised to sum to 1."""
+    return weighted_average_stream(sources, weights, **kw).to_dict()
+
+
+def lerp(a: Source, b: Source, alpha: float, **kw) -> StateDict:
+    """Linear interpolation (1−α)·a + α·b."""
+    return lerp_stream(a, b, alpha, **kw).to_dict()
+
+
+def task_vector(a: Source, base: Source, **kw) -> StateDict:
+    """Task vector τ = a − base (Ilharco et al. 2023)."""
+    return task_vector_stream(a, base, **kw).to_dict()
+
+
+@dataclass
+class Distance:
+    """Sums that give L2 distance, relative distance and cosine similarity for a set of tensors."""
+
+    diff_sq: float = 0.0
+    a_sq: float = 0.0
+    b_sq: float = 0.0
+    dot: float = 0.0
+    numel: int = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Accumulate one tensor pair (in float64)."""
+        a64, b64 = a.to(torch.float64).reshape(-1), b.to(torch.float64).reshape(-1)
+        d = a64 - b64
+        self.diff_sq += float(d @ d)
+        self.a_sq += float(a64 @ a64)
+        self.b_sq += float(b64 @ b64)
+        self.dot += float(a64 @ b64)
+        self.numel += a64.numel()
+
+    def as_dict(self) -> dict:
+        """l2 = ‖a−b‖, relative = ‖a−b‖/‖a‖, cosine = a·b/(‖a‖‖b‖)."""
+        l2 = math.sqrt(self.diff_sq)
+        na, nb = math.sqrt(self.a_sq), math.sqrt(self.b_sq)
+        return {
+            "l2": l2,
+            "relative": l2 / na if na > 0 else (0.0 if l2 == 0 else math.inf),
+            "cosine": self.dot / (na * nb) if na > 0 and nb > 0 else float("nan"),
+            "norm_a": na,
+            "norm_b": nb,
+            "numel": self.numel,
+        }
+
+
+def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | None = None, regex: str | None = None,
+             allow_nonfinite: bool = False, progress: bool = False, ema: bool = False) -> dict:
+    """L2 distance, relative distance and cosine over floating tensors, in total and (optionally) per module."""
+    ca, cb = load(a, ema=ema), load(b, ema=ema)
+    check_compatible([ca, cb])
+    total = Distance()
+    groups: dict[str, Distance] = {}
+    keys = [k for k in sorted(ca) if k not in ca.aliases and ca.info(k)[0].is_floating_point]
+    for k in _progress(keys, len(keys), "distance", progress):
+        ta, tb = ca[k], cb[k]
+        if not allow_nonfinite:
+            _check_finite(ta, ca, k)
+            _check_finite(tb, cb, k)
+        total.add(ta, tb)
+        if per_module or depth or regex:
+            groups.setdefault(module_of(k, depth, regex), Distance()).add(ta, tb)
+    out: dict = {"a": ca.source, "b": cb.source, "total": total.as_dict()}
+    if per_module or depth or regex:
+        out["modules"] = [{"module": m, **d.as_dict()} for m, d in groups.items()]
+    return out

@@ -1,0 +1,89 @@
+"""Save state dicts and streamed op results: safetensors by default, atomically, with provenance metadata."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, _find_aliases
+from .errors import CheckpointError, ConfigError
+from .ops import StateDict, TensorStream, finish_provenance
+from .storage import atomic_output, header_for, write_safetensors
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+PLACEHOLDER = "0" * 64
+
+Savable = Union[TensorStream, Mapping, torch.nn.Module]
+
+
+def _format(path: Path, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in ("safetensors", "pt"):
+            raise ConfigError(f"--format {fmt}: expected safetensors or pt")
+        return fmt
+    return "pt" if path.suffix in PICKLE_SUFFIXES else "safetensors"
+
+
+def _dump(prov: dict) -> str:
+    return json.dumps(prov, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = None, force: bool = False,
+         fmt: str | None = None) -> Path:
+    """Write a state dict (or a streamed op result) to ``path`` atomically; safetensors unless it ends in .pt/.pth/.bin."""
+    path = Path(path)
+    kind = _format(path, fmt)
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, TensorStream):
+        return _save_stream(obj, path, kind, provenance, force)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"cannot save a {type(obj).__name__}")
+    sd = {k: obj[k] for k in obj}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            raise ConfigError(f"{path}: value of key '{k}' is a {type(v).__name__}, not a tensor")
+    prov = dict(getattr(obj, "provenance", None) or (obj.provenance or {} if isinstance(obj, Checkpoint) else {}))
+    prov.update(provenance or {})
+    prov.setdefault("weightspace_version", __version__)
+    tied = _find_aliases(sd)
+    if tied:
+        prov["tied"] = dict(sorted(tied.items()))
+    with atomic_output(path, force) as tmp:
+        if kind == "pt":
+            torch.save({"state_dict": {k: v.detach().cpu() for k, v in sd.items()}, "weightspace": _dump(prov)}, tmp)
+        else:
+            keys = sorted(sd)
+            entries = [(k, sd[k].dtype, tuple(sd[k].shape)) for k in keys]
+            write_safetensors(tmp, entries, ((k, sd[k]) for k in keys), {"weightspace": _dump(prov)})
+    return path
+
+
+def _save_stream(stream: TensorStream, path: Path, kind: str, provenance: dict | None, force: bool) -> Path:
+    extra = provenance or {}
+    if kind == "pt":
+        sd = stream.to_dict()
+        sd.provenance.update(extra)
+        return save(sd, path, force=force, fmt="pt")
+    # The header holds the ingredients' sha256; hash them in a thread while tensors stream, then patch the
+    # placeholders in place (same length, so no data moves).
+    with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(path, force) as tmp:
+        futures = [pool.submit(c.sha256) for c in stream.ingredients]
+        placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
+        placeholder.update(extra)
+        write_safetensors(tmp, stream.entries, iter(stream), {"weightspace": _dump(placeholder)})
+        final = finish_provenance(stream.provenance, stream.ingredients, [f.result() for f in futures])
+        final.update(extra)
+        head_old, _ = header_for(stream.entries, {"weightspace": _dump(placeholder)})
+        head_new, _ = header_for(stream.entries, {"weightspace": _dump(final)})
+        if len(head_old) != len(head_new):
+            raise CheckpointError(f"{path}: internal error: provenance changed size while patching")
+        with open(tmp, "r+b") as f:
+            f.write(head_new)
+    return path

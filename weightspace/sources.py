@@ -1,0 +1,233 @@
+"""Parse and resolve source strings: local files and folders (shards too), the Hugging Face Hub, timm, open_clip.
+
+One parser, one table of schemes. A resolved source is either a list of local weight files (read lazily) or,
+for timm and open_clip names, an in-memory state dict produced by the library's own loader.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qsl
+
+from .errors import SourceError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# Preference order inside a folder or a Hub repo: safetensors first (no pickle), single file before shards.
+PREFERRED_FILES = (
+    "model.safetensors", "model.safetensors.index.json",
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin",
+    "model.pt", "model.pth",
+)
+
+
+@dataclass
+class Resolved:
+    """A source string turned into something loadable."""
+
+    source: str
+    files: list[Path] = field(default_factory=list)       # weight files, in shard order
+    weight_map: dict[str, str] | None = None               # key -> file name, for sharded checkpoints
+    state_dict: dict | None = None                         # for library loaders (timm, open_clip)
+    note: str = ""                                         # how it was resolved, for reports
+
+
+def _local(source: str) -> Resolved:
+    path = Path(os.path.expanduser(source))
+    if not path.exists():
+        raise SourceError(f"{source}: no such file or directory")
+    if path.is_dir():
+        return _from_folder(source, path)
+    if path.name.endswith(".index.json"):
+        return _from_index(source, path)
+    return Resolved(source, files=[path])
+
+
+def _from_index(source: str, index: Path, fetch: Callable[[str], Path] | None = None) -> Resolved:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = dict(data["weight_map"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SourceError(f"{index}: not a valid shard index (needs a 'weight_map' object)") from None
+    names = sorted(set(weight_map.values()))
+    files = []
+    for name in names:
+        shard = fetch(name) if fetch else index.parent / name
+        if not Path(shard).exists():
+            raise SourceError(f"{index}: shard {name} is missing")
+        files.append(Path(shard))
+    by_name = {name: str(f) for name, f in zip(names, files)}
+    return Resolved(source, files=files, weight_map={k: by_name[v] for k, v in weight_map.items()},
+                    note=f"{len(files)} shards")
+
+
+def _from_folder(source: str, folder: Path) -> Resolved:
+    for name in PREFERRED_FILES:
+        p = folder / name
+        if p.is_file():
+            return _from_index(source, p) if name.endswith(".index.json") else Resolved(source, files=[p], note=name)
+    indexes = sorted(folder.glob("*.index.json"))
+    if len(indexes) == 1:
+        return _from_index(source, indexes[0])
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(weights) == 1:
+        return Resolved(source, files=weights)
+    if not weights:
+        raise SourceError(f"{source}: folder holds no weights file (looked for {', '.join(PREFERRED_FILES[:3])}, *.index.json, *.safetensors, *.pt, *.bin)")
+    raise SourceError(f"{source}: folder holds several weight files ({', '.join(p.name for p in weights[:4])}); name one")
+
+
+def _hub_error(source: str, e: Exception) -> SourceError:
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    if isinstance(e, LocalEntryNotFoundError):
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set and the file is not in the cache)" if offline else " (not in the cache and the Hub is unreachable)"
+        return SourceError(f"{source}: file not found locally{hint}")
+    if isinstance(e, GatedRepoError):
+        return SourceError(f"{source}: gated repository; accept its terms on the Hub and log in (hf auth login)")
+    if isinstance(e, RepositoryNotFoundError):
+        return SourceError(f"{source}: repository not found on the Hub (or private: log in with hf auth login)")
+    if isinstance(e, RevisionNotFoundError):
+        return SourceError(f"{source}: revision not found on the Hub")
+    if isinstance(e, EntryNotFoundError):
+        return SourceError(f"{source}: file not found in the repository")
+    return SourceError(f"{source}: Hub download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
+    """Split 'org/repo[@rev][/file]' into (repo_id, revision, filename)."""
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise SourceError(f"{spec}: a Hub source needs org/repo")
+    repo, revision = parts[1], None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    filename = "/".join(parts[2:]) or None
+    return f"{parts[0]}/{repo}", revision or None, filename
+
+
+def _hub(source: str, spec: str) -> Resolved:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    repo_id, revision, filename = parse_hub(spec)
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=revision))
+
+    try:
+        if filename:
+            path = fetch(filename)
+            if filename.endswith(".index.json"):
+                return _from_index(source, path, fetch=fetch)
+            return Resolved(source, files=[path], note=f"{repo_id}/{filename}")
+        tried = []
+        for name in PREFERRED_FILES:
+            try:
+                path = fetch(name)
+            except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+                tried.append(name)
+                last = e
+                continue
+            if name.endswith(".index.json"):
+                return _from_index(source, path, fetch=fetch)
+            return Resolved(source, files=[path], note=f"{repo_id}/{name}")
+        if isinstance(last, LocalEntryNotFoundError) and not isinstance(last, EntryNotFoundError):
+            raise _hub_error(source, last)
+        raise SourceError(f"{source}: no weights file in the repository (tried {', '.join(tried[:4])}, ...)")
+    except SourceError:
+        raise
+    except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
+
+
+def _query(spec: str) -> tuple[str, dict[str, str]]:
+    if "?" in spec:
+        name, q = spec.split("?", 1)
+        return name, dict(parse_qsl(q))
+    return spec, {}
+
+
+def timm_classifier_classes(path: Path, name: str) -> int | None:
+    """Number of classes of the classifier stored in a weights file, found via timm's pretrained config."""
+    import timm
+    from .checkpoint import load
+    try:
+        cfg = timm.models.get_pretrained_cfg(name) or {}
+        classifier = cfg.classifier if hasattr(cfg, "classifier") else cfg.get("classifier")
+    except Exception:
+        classifier = None
+    ck = load(str(path))
+    for key in ([f"{classifier}.weight"] if classifier else []) + ["fc.weight", "head.fc.weight", "head.weight", "classifier.weight"]:
+        if key in ck:
+            return int(ck.info(key).shape[0])
+    return None
+
+
+def _timm(source: str, spec: str) -> Resolved:
+    import timm
+    name, opts = _query(spec)
+    overlay: dict = {}
+    kwargs: dict = {}
+    if "file" in opts:
+        path = Path(os.path.expanduser(opts["file"])).absolute()
+        if not path.exists():
+            raise SourceError(f"{source}: weights file {path} does not exist")
+        overlay["file"] = str(path)
+        # Without num_classes in the overlay timm silently re-initialises a mismatched classifier.
+        n = opts.get("num_classes") or timm_classifier_classes(path, name)
+        if n is not None:
+            overlay["num_classes"] = int(n)
+            kwargs["num_classes"] = int(n)
+    elif "num_classes" in opts:
+        kwargs["num_classes"] = int(opts["num_classes"])
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise SourceError(f"{source}: unknown timm model '{name}'") from None
+        raise SourceError(f"{source}: timm could not load weights ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        if type(e).__module__.startswith("huggingface_hub"):
+            raise _hub_error(source, e) from None
+        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return Resolved(source, state_dict=model.state_dict(), note=f"timm {name}")
+
+
+def _open_clip(source: str, spec: str) -> Resolved:
+    import open_clip
+    if "/" not in spec:
+        raise SourceError(f"{source}: open_clip sources are open_clip:ARCH/TAG (a pretrained tag or a weights file path)")
+    arch, tag = spec.split("/", 1)
+    try:
+        model = open_clip.create_model(arch, pretrained=tag, device="cpu")
+    except Exception as e:
+        if type(e).__module__.startswith("huggingface_hub"):
+            raise _hub_error(source, e) from None
+        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return Resolved(source, state_dict=model.state_dict(), note=f"open_clip {arch}/{tag}")
+
+
+SCHEMES: dict[str, Callable[[str, str], Resolved]] = {
+    "hf://": _hub,
+    "hf-hub:": _hub,
+    "timm:": _timm,
+    "open_clip:": _open_clip,
+}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+_.-]*):(//)?")
+
+
+def resolve(source: str) -> Resolved:
+    """Turn a source string into local files (or an in-memory state dict for timm/open_clip names)."""
+    for prefix, fn in SCHEMES.items():
+        if source.startswith(prefix):
+            return fn(source, source[len(prefix):])
+    m = _SCHEME_RE.match(source)
+    if m and not Path(source).exists() and len(m.group(1)) > 1:
+        known = ", ".join(SCHEMES)
+        raise SourceError(f"{source}: unknown scheme '{m.group(1)}:' (known: {known}, or a local path)")
+    return _local(source)

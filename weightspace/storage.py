@@ -1,0 +1,213 @@
+"""Raw safetensors reading and writing, one tensor at a time, plus atomic file replacement.
+
+We read safetensors with positioned reads (``os.pread``) rather than keeping every input memory-mapped:
+mapped pages of N open files all count towards resident memory, while a pread lands in one buffer that is
+freed as soon as the tensor has been used. That is what keeps a soup of 32 checkpoints at one model's RSS.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import CheckpointError, OutputExists
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file and what it looks like."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of a dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsReader:
+    """A validated safetensors header plus positioned reads of single tensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            self.tensors, self.metadata, self.header_bytes = self._parse()
+        except Exception:
+            os.close(self._fd)
+            raise
+
+    def _parse(self) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n + 8 > size:
+            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
+        raw = os.pread(self._fd, n, 8)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not valid JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        meta = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for key, entry in header.items():
+            try:
+                dtype = DTYPES[entry["dtype"]]
+                shape = tuple(int(s) for s in entry["shape"])
+                b, e = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header at key '{key}'") from None
+            numel = 1
+            for s in shape:
+                numel *= s
+            if e - b != numel * element_size(dtype) or b < 0:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: key '{key}' has {e - b} bytes for shape {list(shape)}")
+            tensors[key] = TensorInfo(dtype, shape, base + b, base + e)
+            spans.append((b, e, key))
+        spans.sort()
+        pos = 0
+        for b, e, key in spans:
+            if b != pos:
+                raise CheckpointError(f"{self.path}: corrupt safetensors file: data of key '{key}' does not follow the previous tensor")
+            pos = e
+        if base + pos > size:
+            raise CheckpointError(f"{self.path}: truncated safetensors file: header needs {base + pos} bytes, file has {size}")
+        if base + pos != size:
+            raise CheckpointError(f"{self.path}: corrupt safetensors file: {size - base - pos} trailing bytes after the data")
+        return tensors, {str(k): str(v) for k, v in meta.items()}, head + raw
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one tensor into fresh memory."""
+        info = self.tensors[key]
+        n = info.end - info.begin
+        if n == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(self._fd, [view[got:]], info.begin + got)
+            if k <= 0:
+                raise CheckpointError(f"{self.path}: truncated while reading key '{key}'")
+            got += k
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+
+    def read_raw(self, begin: int, end: int) -> bytes:
+        """Read a byte range (used to hash a file in offset order)."""
+        return os.pread(self._fd, end - begin, begin)
+
+    def close(self) -> None:
+        """Close the file descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is contiguous on the CPU."""
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, int]]]:
+    """Build a safetensors header for tensors written in the given order; returns header bytes and sizes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    pos = 0
+    sizes = []
+    for key, dtype, shape in entries:
+        numel = 1
+        for s in shape:
+            numel *= s
+        n = numel * element_size(dtype)
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        sizes.append((key, n))
+        pos += n
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync and rename it into place, on failure remove it."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExists(f"{path}: already exists (use --force to overwrite)")
+    if path.is_dir():
+        raise OutputExists(f"{path}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"{path}: folder {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+        with contextlib.suppress(OSError):
+            dfd = os.open(parent, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
+    """Write tensors in header order as they arrive, so only one tensor need be in memory at a time."""
+    head, sizes = header_for(entries, metadata)
+    expected = iter(sizes)
+    with open(path, "wb") as f:
+        f.write(head)
+        for key, t in tensors:
+            want_key, n = next(expected)
+            if key != want_key:
+                raise RuntimeError(f"internal: tensors arrived out of header order ({key} vs {want_key})")
+            data = tensor_bytes(t)
+            if data.nbytes != n:
+                raise RuntimeError(f"internal: tensor {key} has {data.nbytes} bytes, header says {n}")
+            f.write(data)
+        if next(expected, None) is not None:
+            raise RuntimeError("internal: fewer tensors than the header announced")
