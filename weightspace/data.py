@@ -1,0 +1,189 @@
+"""Evaluation data as tensors: decoded and transformed once, then held on the device and sliced into batches.
+
+Specs: ``digits[:train|val|test|all]`` (scikit-learn's 1,797 real 8×8 handwritten digits, fixed 60/20/20 split),
+``mnist1d[:train|val|test]`` (procedurally generated 1-D signals), a tensors file (``.pt``/``.npz`` with ``x``, ``y``),
+or an image folder (torchvision ImageFolder + the model's timm eval transform). Options after ``?``:
+``size=32`` (resize images), ``channels=3`` (repeat grey channels), ``limit=N`` (first N examples).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+SPLIT_SEED = 0
+
+
+@dataclass
+class TensorData:
+    """A labelled dataset held as two tensors (x, y); y is class indices, or a 0/1 matrix for multi-label."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int | None = None
+    multilabel: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device: str | torch.device, pin: bool = False) -> "TensorData":
+        """Move x and y to a device (or pin them in host memory for streaming)."""
+        x, y = self.x.to(device), self.y.to(device)
+        if pin and x.device.type == "cpu":
+            x, y = x.pin_memory(), y.pin_memory()
+        return replace(self, x=x, y=y)
+
+    def subset(self, index: torch.Tensor | slice, name: str | None = None) -> "TensorData":
+        """The examples at ``index`` (a slice or an index tensor)."""
+        return replace(self, name=name or self.name, x=self.x[index], y=self.y[index])
+
+    def batches(self, batch_size: int):
+        """Yield (x, y) slices; no copies for device-resident data."""
+        for i in range(0, len(self), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
+def _split(n: int, split: str, spec: str) -> np.ndarray:
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    a, b = int(0.6 * n), int(0.8 * n)
+    parts = {"train": perm[:a], "val": perm[a:b], "test": perm[b:], "all": np.arange(n)}
+    if split not in parts:
+        raise ConfigError(f"--data {spec}: unknown split '{split}' (train, val, test, all)")
+    return np.sort(parts[split])
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.images.astype(np.float32), d.target.astype(np.int64)
+
+
+def digits(split: str = "all", spec: str = "digits") -> TensorData:
+    """scikit-learn's real handwritten digits, x in [-1, 1] with shape (N, 1, 8, 8)."""
+    images, target = _digits()
+    idx = _split(len(target), split, spec)
+    x = torch.from_numpy(images[idx] / 16.0 * 2.0 - 1.0).unsqueeze(1)
+    return TensorData(f"digits:{split}", x.contiguous(), torch.from_numpy(target[idx]), num_classes=10)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d() -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+    return make_dataset(get_dataset_args())  # generated offline; get_dataset() would try to download
+
+
+def mnist1d(split: str = "train", spec: str = "mnist1d") -> TensorData:
+    """mnist1d signals (N, 1, 40): 4,000 generated training examples (the last 800 are 'val') and 1,000 test."""
+    d = _mnist1d()
+    if split in ("train", "val", "trainval"):
+        x, y = d["x"], d["y"]
+        cut = int(0.8 * len(y))
+        sl = {"train": slice(0, cut), "val": slice(cut, None), "trainval": slice(None)}[split]
+        x, y = x[sl], y[sl]
+    elif split == "test":
+        x, y = d["x_test"], d["y_test"]
+    else:
+        raise ConfigError(f"--data {spec}: unknown split '{split}' (train, val, trainval, test)")
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(1).contiguous()
+    return TensorData(f"mnist1d:{split}", xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), num_classes=10)
+
+
+def _from_file(path: Path, spec: str) -> TensorData:
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+        except KeyError:
+            raise ConfigError(f"{path}: needs arrays 'x' and 'y'") from None
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
+    else:
+        from .checkpoint import load_pickle
+        obj = load_pickle(path)
+        if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
+            raise ConfigError(f"{path}: needs a dict with tensors 'x' and 'y'")
+        x, y = torch.as_tensor(obj["x"]), torch.as_tensor(obj["y"])
+    if len(x) != len(y):
+        raise ConfigError(f"{path}: x has {len(x)} examples, y has {len(y)}")
+    x = x.float() if not x.is_floating_point() else x
+    multilabel = y.ndim == 2
+    num_classes = int(y.shape[1]) if multilabel else (int(y.max()) + 1 if len(y) else 0)
+    return TensorData(path.stem, x.contiguous(), y.float() if multilabel else y.long(), num_classes, multilabel)
+
+
+def _image_folder(path: Path, spec: str, model) -> TensorData:
+    from torchvision.datasets import ImageFolder
+    if model is not None:
+        import timm.data
+        cfg = timm.data.resolve_data_config({}, model=model)
+        transform = timm.data.create_transform(**cfg, is_training=False)
+    else:
+        from torchvision import transforms
+        transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    try:
+        ds = ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"{path}: not an image folder ({e})") from None
+    xs, ys = [], []
+    for img, label in ds:  # decoded and transformed once; evaluation then only slices tensors
+        xs.append(img)
+        ys.append(label)
+    return TensorData(path.name, torch.stack(xs), torch.tensor(ys), num_classes=len(ds.classes),
+                      meta={"classes": ds.classes})
+
+
+def _apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
+    x = d.x
+    try:
+        if "limit" in opts:
+            n = int(opts["limit"])
+            d = d.subset(slice(0, n))
+            x = d.x
+        if "size" in opts and x.ndim == 4:
+            s = int(opts["size"])
+            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        if "channels" in opts and x.ndim >= 3:
+            c = int(opts["channels"])
+            if x.shape[1] == 1 and c > 1:
+                x = x.repeat(1, c, *([1] * (x.ndim - 2)))
+            elif x.shape[1] != c:
+                raise ConfigError(f"--data {spec}: cannot turn {x.shape[1]} channels into {c}")
+    except ValueError:
+        raise ConfigError(f"--data {spec}: options size, channels and limit take integers") from None
+    unknown = set(opts) - {"size", "channels", "limit"}
+    if unknown:
+        raise ConfigError(f"--data {spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit)")
+    return replace(d, x=x.contiguous())
+
+
+BUILTINS: dict[str, Callable[[str, str], TensorData]] = {"digits": digits, "mnist1d": mnist1d}
+
+
+def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Callable | None = None,
+              device: str | torch.device = "cpu") -> TensorData:
+    """Load a dataset spec into tensors (decoded and transformed once) on ``device``."""
+    base, opts = (spec.split("?", 1)[0], dict(parse_qsl(spec.split("?", 1)[1]))) if "?" in spec else (spec, {})
+    name, _, split = base.partition(":")
+    if name in BUILTINS and not os.path.exists(base):
+        d = BUILTINS[name](split or ("all" if name == "digits" else "train"), spec)
+    else:
+        path = Path(os.path.expanduser(base))
+        if not path.exists():
+            raise ConfigError(f"--data {spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})")
+        d = _image_folder(path, spec, model) if path.is_dir() else _from_file(path, spec)
+    d = _apply_options(d, opts, spec)
+    d.name = spec
+    if transform is not None:
+        d = replace(d, x=transform(d.x).contiguous())
+    return d.to(device)

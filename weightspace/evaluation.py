@@ -1,0 +1,233 @@
+"""Evaluator: one model instance, weights copied in place, datasets resident on the device, metrics in one sync.
+
+Under torch.distributed (launched by torchrun, WORLD_SIZE > 1) each rank evaluates a contiguous shard of every
+dataset and the per-example results are gathered, so every rank computes exactly the single-process metrics.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Source, load
+from .data import TensorData
+from .errors import ConfigError, IncompatibleCheckpoints
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' → cuda when available (this rank's GPU under torchrun), else cpu."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            import os
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: expected auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when not distributed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Metrics(dict):
+    """dataset name → {"accuracy", "error", "loss"(, "auc")}; float(metrics) is the first dataset's accuracy."""
+
+    def __init__(self, *args: Any, logits: dict[str, torch.Tensor] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.logits = logits or {}
+
+    def __float__(self) -> float:
+        return float(next(iter(self.values()))["accuracy"]) if self else float("nan")
+
+    @property
+    def score(self) -> float:
+        """Accuracy on the first dataset (what greedy soups maximise)."""
+        return float(self)
+
+
+def macro_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Macro-averaged ROC AUC over labels with both classes present (rank statistic, ties averaged)."""
+    aucs = []
+    for c in range(targets.shape[1]):
+        t = targets[:, c] > 0.5
+        pos, neg = int(t.sum()), int((~t).sum())
+        if pos == 0 or neg == 0:
+            continue
+        s = scores[:, c].double()
+        order = torch.argsort(s)
+        ranks = torch.empty_like(s)
+        ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64, device=s.device)
+        # average ranks of tied scores
+        uniq, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)
+        if len(uniq) < len(s):
+            sums = torch.zeros(len(uniq), dtype=torch.float64, device=s.device).index_add_(0, inv, ranks)
+            ranks = (sums / counts)[inv]
+        aucs.append(float((ranks[t].sum() - pos * (pos + 1) / 2) / (pos * neg)))
+    return sum(aucs) / len(aucs) if aucs else float("nan")
+
+
+def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = 256, device: torch.device | None = None) -> None:
+    """Re-estimate BatchNorm running statistics with one pass in train mode (cumulative average, no gradients)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = {}
+    for m in bns:
+        m.reset_running_stats()
+        momenta[m] = m.momentum
+        m.momentum = None  # cumulative moving average, as torch.optim.swa_utils.update_bn does
+    was_training = model.training
+    model.train()
+    dev = device or next(model.parameters()).device
+    with torch.no_grad():
+        for xb, _ in data.batches(batch_size):
+            model(xb.to(dev, non_blocking=True))
+    for m in bns:
+        m.momentum = momenta[m]
+    model.train(was_training)
+
+
+def as_datasets(data: TensorData | Sequence[TensorData] | Mapping[str, TensorData]) -> dict[str, TensorData]:
+    """Normalise one dataset, a list or a dict into a dict keyed by name."""
+    if isinstance(data, TensorData):
+        return {data.name: data}
+    if isinstance(data, Mapping):
+        return dict(data)
+    out: dict[str, TensorData] = {}
+    for d in data:
+        if d.name in out:
+            raise ConfigError(f"dataset {d.name} given twice")
+        out[d.name] = d
+    return out
+
+
+class Evaluator:
+    """Evaluate weights on datasets with one model instance: ``evaluator(weights) -> Metrics``."""
+
+    def __init__(self, model: nn.Module, data: TensorData | Sequence[TensorData] | Mapping[str, TensorData], *,
+                 batch_size: int = 256, device: str | torch.device = "auto", amp: bool = True,
+                 keep_logits: bool = False):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self.amp = amp and self.device.type == "cuda"
+        self.keep_logits = keep_logits
+        self.rank, self.world_size = world()
+        self.datasets = {name: self._place(d) for name, d in as_datasets(data).items()}
+        self._targets = dict(self.model.state_dict(keep_vars=True))
+        self._ignored = tuple(getattr(self.model, "ignored_prefixes", ()))
+        self.forward_passes = 0  # full passes over a dataset, for overhead accounting
+
+    def _place(self, d: TensorData) -> TensorData:
+        if self.world_size > 1:
+            n = len(d)
+            lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+            d = d.subset(slice(lo, hi))
+            d.meta = {**d.meta, "shard": (lo, hi, n)}
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if d.x.numel() * d.x.element_size() > 0.5 * free:
+                return d.to("cpu", pin=True)  # too big to hold: stream pinned batches
+        return d.to(self.device)
+
+    def load(self, weights: Source) -> None:
+        """Copy a checkpoint's tensors into the model in place (no re-instantiation)."""
+        if isinstance(weights, Mapping) and not hasattr(weights, "info") and all(torch.is_tensor(v) for v in weights.values()):
+            src, name = weights, getattr(weights, "source", "<state dict>")
+        else:
+            ck = load(weights)
+            src, name = ck, ck.source
+        given = {k for k in src if not k.startswith(self._ignored)} if self._ignored else set(src)
+        missing = sorted(set(self._targets) - given)
+        unexpected = sorted(given - set(self._targets))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+            raise IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts))
+        with torch.no_grad():
+            for k, target in self._targets.items():
+                t = src[k]
+                if tuple(t.shape) != tuple(target.shape):
+                    raise IncompatibleCheckpoints(f"{name}: key '{k}' has shape {list(t.shape)}, the model expects {list(target.shape)}")
+                target.copy_(t, non_blocking=True)
+
+    def _logits(self, d: TensorData) -> torch.Tensor:
+        outs = []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            for xb, _ in d.batches(self.batch_size):
+                outs.append(self.model(xb.to(self.device, non_blocking=True)).float())
+        self.forward_passes += 1
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    def _gather(self, t: torch.Tensor, d: TensorData) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+        lo, hi, n = d.meta["shard"]
+        size = -(-n // self.world_size) + 1
+        padded = torch.zeros((size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: len(t)] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        bounds = [(r * n // self.world_size, (r + 1) * n // self.world_size) for r in range(self.world_size)]
+        return torch.cat([p[: b - a] for p, (a, b) in zip(parts, bounds)])
+
+    def metrics_from_logits(self, logits: Mapping[str, torch.Tensor]) -> Metrics:
+        """Metrics of given logits (e.g. an ensemble's mean logits) on the full datasets; no forward pass."""
+        out = Metrics()
+        for name, lg in logits.items():
+            d = self.datasets[name]
+            y = self._gather(d.y.to(lg.device), d) if len(lg) != len(d) or self.world_size > 1 else d.y.to(lg.device)
+            out[name] = _metrics(lg, y, d.multilabel)
+        return out
+
+    def __call__(self, weights: Source | None = None) -> Metrics:
+        """Load ``weights`` (if given) and evaluate on every dataset."""
+        if weights is not None:
+            self.load(weights)
+        out = Metrics()
+        for name, d in self.datasets.items():
+            lg = self._gather(self._logits(d), d)
+            y = self._gather(d.y.to(self.device), d)
+            out[name] = _metrics(lg, y, d.multilabel)
+            if self.keep_logits:
+                out.logits[name] = lg.cpu()
+        return out
+
+    def recalibrate_bn(self, data: TensorData) -> None:
+        """Re-estimate BatchNorm statistics of the loaded weights on ``data``."""
+        recalibrate_bn(self.model, data.to(self.device), self.batch_size, self.device)
+
+
+def _metrics(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> dict[str, float]:
+    y = y.to(logits.device)
+    if multilabel:
+        yf = y.float()
+        loss = F.binary_cross_entropy_with_logits(logits, yf, reduction="none").mean(1)
+        correct = ((logits > 0) == (yf > 0.5)).double().mean(1)
+        res = {"auc": macro_auc(logits.detach(), yf)}
+    else:
+        loss = F.cross_entropy(logits, y, reduction="none")
+        correct = (logits.argmax(1) == y).double()
+        res = {}
+    n = max(len(y), 1)
+    acc = float(correct.sum(dtype=torch.float64)) / n
+    mean_loss = float(loss.double().sum()) / n
+    return {"accuracy": acc, "error": 1.0 - acc, "loss": mean_loss, **res, "n": len(y)}

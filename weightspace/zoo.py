@@ -1,0 +1,54 @@
+"""Tiny models for the demo, recipes and tests: real architectures, small enough to train in seconds on a CPU."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """conv-bn-relu ×3 with a linear head; works on 8×8 digits and on 28×28/32×32 images alike."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(in_chans, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * w)
+        self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, stride=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * w)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class MLP(nn.Module):
+    """Flatten → Linear/ReLU stack → Linear."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 64, hidden: int = 128, depth: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        d = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.ReLU()]
+            d = hidden
+        layers.append(nn.Linear(d, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def small_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> SmallCNN:
+    """Factory for `--model weightspace.zoo:small_cnn`."""
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width)
+
+
+def mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 128, depth: int = 2, in_chans: int | None = None) -> MLP:
+    """Factory for `--model weightspace.zoo:mlp` (in_features 64 fits 8×8 digits, 40 fits mnist1d)."""
+    return MLP(num_classes=num_classes, in_features=in_features, hidden=hidden, depth=depth)
