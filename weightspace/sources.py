@@ -81,13 +81,18 @@ def _from_folder(source: str, folder: Path) -> Resolved:
     raise SourceError(f"{source}: folder holds several weight files ({', '.join(p.name for p in weights[:4])}); name one")
 
 
+def _offline_hint() -> str:
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:  # what huggingface_hub itself obeys (read from the environment at import)
+        return " (HF_HUB_OFFLINE is set and it is not in the cache)"
+    return " (not in the cache and the Hub is unreachable)"
+
+
 def _hub_error(source: str, e: Exception) -> SourceError:
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
     if isinstance(e, LocalEntryNotFoundError):
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set and the file is not in the cache)" if offline else " (not in the cache and the Hub is unreachable)"
-        return SourceError(f"{source}: file not found locally{hint}")
+        return SourceError(f"{source}: file not found locally{_offline_hint()}")
     if isinstance(e, GatedRepoError):
         return SourceError(f"{source}: gated repository; accept its terms on the Hub and log in (hf auth login)")
     if isinstance(e, RepositoryNotFoundError):
@@ -126,19 +131,21 @@ def _hub(source: str, spec: str) -> Resolved:
                 return _from_index(source, path, fetch=fetch)
             return Resolved(source, files=[path], note=f"{repo_id}/{filename}")
         tried = []
+        local_misses = 0
         for name in PREFERRED_FILES:
             try:
                 path = fetch(name)
             except (EntryNotFoundError, LocalEntryNotFoundError) as e:
                 tried.append(name)
-                last = e
+                # LocalEntryNotFoundError subclasses EntryNotFoundError: a cache miss, not proof the repo lacks the file
+                local_misses += isinstance(e, LocalEntryNotFoundError)
                 continue
             if name.endswith(".index.json"):
                 return _from_index(source, path, fetch=fetch)
             return Resolved(source, files=[path], note=f"{repo_id}/{name}")
-        if isinstance(last, LocalEntryNotFoundError) and not isinstance(last, EntryNotFoundError):
-            raise _hub_error(source, last)
-        raise SourceError(f"{source}: no weights file in the repository (tried {', '.join(tried[:4])}, ...)")
+        where = "found locally" if local_misses == len(tried) else "in the repository"
+        hint = _offline_hint() if local_misses == len(tried) else ""
+        raise SourceError(f"{source}: no weights file {where} (tried {', '.join(tried[:4])}, ...){hint}")
     except SourceError:
         raise
     except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
@@ -161,10 +168,14 @@ def timm_classifier_classes(path: Path, name: str) -> int | None:
         classifier = cfg.classifier if hasattr(cfg, "classifier") else cfg.get("classifier")
     except Exception:
         classifier = None
+    heads = [classifier] if isinstance(classifier, str) else list(classifier or [])  # some nets have two heads
     ck = load(str(path))
-    for key in ([f"{classifier}.weight"] if classifier else []) + ["fc.weight", "head.fc.weight", "head.weight", "classifier.weight"]:
-        if key in ck:
-            return int(ck.info(key).shape[0])
+    try:
+        for key in [f"{h}.weight" for h in heads] + ["fc.weight", "head.fc.weight", "head.weight", "classifier.weight"]:
+            if key in ck:
+                return int(ck.info(key)[1][0])
+    finally:
+        ck.close()
     return None
 
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny MLPs really trained on sklearn digits, and a CLI runner with stderr kept apart."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_mlp() -> torch.nn.Module:
+    """64 → 32 (BatchNorm, so it has an int64 num_batches_tracked buffer) → 10."""
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 1,797 real 8×8 digits, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+
+@pytest.fixture(scope="session")
+def trained_mlps(digits) -> list[dict[str, torch.Tensor]]:
+    """Three fine-tunes of one shared init (a soup's ingredients), each trained ~60 steps with its own data order."""
+    x, y = digits
+    torch.manual_seed(0)
+    init = make_mlp().state_dict()
+    out = []
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        model = make_mlp()
+        model.load_state_dict(init)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            for idx in torch.randperm(len(x)).split(64):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+@pytest.fixture
+def cli():
+    """Run the `weightspace` CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from weightspace_cli.main import main
+
+    def run(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return run
