@@ -128,14 +128,16 @@ class Evaluator:
         self.keep_logits = keep_logits
         self.rank, self.world_size = world()
         self.datasets = {name: self._place(d) for name, d in as_datasets(data).items()}
+        self._labels = {name: self._gather(d.y, d) for name, d in self.datasets.items()}  # full labels on every rank
         self._targets = dict(self.model.state_dict(keep_vars=True))
         self._ignored = tuple(getattr(self.model, "ignored_prefixes", ()))
         self.forward_passes = 0  # full passes over a dataset, for overhead accounting
 
     def _place(self, d: TensorData) -> TensorData:
         if self.world_size > 1:
-            n = len(d)
-            lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+            # Shard by whole global batches so every example meets exactly the batch it meets in a
+            # single process: the logits, and so the metrics, are then bit-identical.
+            lo, hi, n = self._shard_bounds(len(d), self.rank)
             d = d.subset(slice(lo, hi))
             d.meta = {**d.meta, "shard": (lo, hi, n)}
         if self.device.type == "cuda":
@@ -143,6 +145,12 @@ class Evaluator:
             if d.x.numel() * d.x.element_size() > 0.5 * free:
                 return d.to("cpu", pin=True)  # too big to hold: stream pinned batches
         return d.to(self.device)
+
+    def _shard_bounds(self, n: int, rank: int) -> tuple[int, int, int]:
+        nb = -(-n // self.batch_size)
+        lo = min(rank * nb // self.world_size * self.batch_size, n)
+        hi = min((rank + 1) * nb // self.world_size * self.batch_size, n)
+        return lo, hi, n
 
     def load(self, weights: Source) -> None:
         """Copy a checkpoint's tensors into the model in place (no re-instantiation)."""
@@ -180,22 +188,20 @@ class Evaluator:
         if self.world_size == 1:
             return t
         import torch.distributed as dist
-        lo, hi, n = d.meta["shard"]
-        size = -(-n // self.world_size) + 1
+        n = d.meta["shard"][2]
+        bounds = [self._shard_bounds(n, r)[:2] for r in range(self.world_size)]
+        size = max(b - a for a, b in bounds)
         padded = torch.zeros((size, *t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[: len(t)] = t
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        bounds = [(r * n // self.world_size, (r + 1) * n // self.world_size) for r in range(self.world_size)]
         return torch.cat([p[: b - a] for p, (a, b) in zip(parts, bounds)])
 
     def metrics_from_logits(self, logits: Mapping[str, torch.Tensor]) -> Metrics:
         """Metrics of given logits (e.g. an ensemble's mean logits) on the full datasets; no forward pass."""
         out = Metrics()
         for name, lg in logits.items():
-            d = self.datasets[name]
-            y = self._gather(d.y.to(lg.device), d) if len(lg) != len(d) or self.world_size > 1 else d.y.to(lg.device)
-            out[name] = _metrics(lg, y, d.multilabel)
+            out[name] = _metrics(lg, self._labels[name], self.datasets[name].multilabel)
         return out
 
     def __call__(self, weights: Source | None = None) -> Metrics:
@@ -205,8 +211,7 @@ class Evaluator:
         out = Metrics()
         for name, d in self.datasets.items():
             lg = self._gather(self._logits(d), d)
-            y = self._gather(d.y.to(self.device), d)
-            out[name] = _metrics(lg, y, d.multilabel)
+            out[name] = _metrics(lg, self._labels[name], d.multilabel)
             if self.keep_logits:
                 out.logits[name] = lg.cpu()
         return out
