@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "interpolate": "weightspace_cli.interpolate:interpolate",
     "distance": "weightspace_cli.distance:distance",
     "demo": "weightspace_cli.demo:demo",
+    "merge": "weightspace_cli.merge:merge",
 }
 HELP: dict[str, str] = {
     "inspect": "Keys, shapes, dtypes, parameter count, bytes and provenance of a checkpoint.",
@@ -22,6 +23,7 @@ HELP: dict[str, str] = {
     "interpolate": "Interpolate two checkpoints: one point, or a barrier curve with evaluation.",
     "distance": "L2 distance, relative distance and cosine between two checkpoints.",
     "demo": "Train small real models on real data, then soups, leaderboards and barrier curves.",
+    "merge": "Merge fine-tunes of one base: task arithmetic or TIES.",
 }
 
 

@@ -17,10 +17,12 @@ from .errors import (CheckpointError, ConfigError, IncompatibleCheckpoints, NonF
 from .ops import (StateDict, TensorStream, distance, lerp, task_vector, uniform_soup,  # noqa: E402
                   weighted_average)
 from .saving import save  # noqa: E402
+from .merge import task_arithmetic, ties_merge  # noqa: E402
 
 __all__ = [
     "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",
     "StateDict", "TensorStream",
+    "task_arithmetic", "ties_merge",
     "WeightspaceError", "CheckpointError", "SourceError", "UnsafeCheckpoint", "IncompatibleCheckpoints",
     "NonFiniteError", "OutputExists", "ConfigError",
 ]

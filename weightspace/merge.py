@@ -1,0 +1,331 @@
+"""Model merging from a shared base: task arithmetic and TIES, streamed tensor by tensor.
+
+Each method is a small class behind a registry (as in mergekit). A method sees, for one key at a time, the task
+vectors τ_t = s_t·(θ_t − θ_pre) of that key (s_t = −1 for negated models) and returns the merged task vector δ;
+the driver writes θ = θ_pre + λ·δ. Integer and bool buffers are copied from the base.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, Source, load
+from .errors import ConfigError
+from .ops import PRECISIONS, StateDict, TensorStream, _check_finite, _progress, check_compatible, finish_provenance
+
+
+class MergeMethod:
+    """One merge method: turns the task vectors of one key into a merged task vector."""
+
+    name: ClassVar[str] = ""
+
+    def prepare(self, plan: "MergePlan") -> dict:
+        """An optional first pass over all keys (e.g. a global threshold); returns provenance fields."""
+        return {}
+
+    def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        """The merged task vector δ of one key from the task vectors τ_t (already signed), all the same dtype."""
+        raise NotImplementedError
+
+
+MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make a merge method available under its ``name``."""
+    MERGE_METHODS[cls.name] = cls
+    return cls
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic (Ilharco et al. 2023): δ = Σ_t τ_t."""
+
+    name = "task-arithmetic"
+
+    def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        acc = taus[0].clone()
+        for t in taus[1:]:
+            acc.add_(t)
+        return acc
+
+
+@register
+class Ties(MergeMethod):
+    """TIES-merging (Yadav et al. 2023): trim each τ_t to its top-k magnitudes, elect signs, disjoint mean."""
+
+    name = "ties"
+
+    def __init__(self, keep: float = 0.2):
+        keep = float(keep)
+        if not (0.0 < keep <= 1.0) or not math.isfinite(keep):
+            raise ConfigError(f"--keep {keep}: must be a fraction in (0, 1]")
+        self.keep = keep
+        self.thresholds: list[float] = []
+
+    def prepare(self, plan: "MergePlan") -> dict:
+        n_total = plan.num_float_elements()
+        n_keep = min(n_total, max(1, round(self.keep * n_total)))
+        self.thresholds = kth_largest_magnitudes(plan, n_keep) if n_total else [0.0] * len(plan.models)
+        return {"keep": self.keep, "kept_per_task": n_keep, "float_elements": n_total,
+                "thresholds": self.thresholds}
+
+    def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(taus)
+        # Trim: magnitudes are compared in float32, the precision in which the thresholds were selected.
+        thr = torch.tensor(self.thresholds, dtype=torch.float32).view(-1, *([1] * (stacked.dim() - 1)))
+        trimmed = torch.where(stacked.abs().float() >= thr, stacked, torch.zeros((), dtype=stacked.dtype))
+        # Elect: the sign of the summed mass per entry (an exact tie, sum 0, elects nothing and gives 0).
+        elected = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+        # Disjoint mean: average only the entries that kept a value and agree with the elected sign.
+        total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype)).sum(0)
+        count = agree.sum(0).clamp(min=1).to(total.dtype)
+        return total / count
+
+
+@dataclass
+class MergePlan:
+    """What a merge reads: the base, the fine-tuned models with their signs, and how to form task vectors."""
+
+    base: Checkpoint
+    models: list[Checkpoint]
+    signs: list[float]
+    keys: list[str]
+    acc_dtype: torch.dtype
+    allow_nonfinite: bool = False
+    progress: bool = False
+
+    def float_keys(self) -> list[str]:
+        """Floating keys, each tied group once (its canonical name)."""
+        return [k for k in self.keys if k not in self.base.aliases and self.base.info(k)[0].is_floating_point]
+
+    def num_float_elements(self) -> int:
+        """Entries of one task vector over the whole model."""
+        return sum(math.prod(self.base.info(k)[1]) for k in self.float_keys())
+
+    def wide(self, key: str) -> torch.dtype:
+        """The accumulation dtype of one key (float64 stays float64)."""
+        dtype, _ = self.base.info(key)
+        return torch.float64 if torch.float64 in (dtype, self.acc_dtype) else self.acc_dtype
+
+    def read(self, ck: Checkpoint, key: str) -> torch.Tensor:
+        """One tensor, checked for NaN/Inf unless allowed."""
+        t = ck[key]
+        if not self.allow_nonfinite:
+            _check_finite(t, ck, key)
+        return t
+
+    def task_vectors(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ_pre and the signed task vectors s_t·(θ_t − θ_pre) of one floating key, in the wide dtype."""
+        wide = self.wide(key)
+        base = self.read(self.base, key).to(wide)
+        taus = []
+        for ck, s in zip(self.models, self.signs):
+            tau = self.read(ck, key).to(wide) - base
+            taus.append(tau.neg_() if s < 0 else tau)
+        return base, taus
+
+    def passes(self, desc: str) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """Stream (key, θ_pre, task vectors) over the floating keys."""
+        keys = self.float_keys()
+        for key in _progress(keys, len(keys), desc, self.progress):
+            base, taus = self.task_vectors(key)
+            yield key, base, taus
+
+
+# Radix selection over float32 bit patterns: for non-negative floats the int32 bit pattern is ordered like the
+# value, so the k-th largest |τ| is found exactly with two histogram passes (high 16 bits, then low 16 bits within
+# the chosen bucket). Memory stays O(65536) per task vector, whatever the model size; no concatenation of |τ|.
+_HI_BINS = 1 << 15  # the sign bit is clear, so the high half has 15 significant bits
+_LO_BINS = 1 << 16
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+
+
+def _pick_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest value, and k's rank inside that bucket (1-based)."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    above = int(from_top[i - 1]) if i > 0 else 0
+    return hist.numel() - 1 - i, k - above
+
+
+def kth_largest_magnitudes(plan: MergePlan, k: int) -> list[float]:
+    """For each task vector, the exact k-th largest |τ| (in float32) over the whole model, in two streamed passes."""
+    n = len(plan.models)
+    hi = torch.zeros(n, _HI_BINS, dtype=torch.int64)
+    for _, _, taus in plan.passes("ties: threshold 1/2"):
+        for i, tau in enumerate(taus):
+            hi[i] += torch.bincount(_bits(tau) >> 16, minlength=_HI_BINS)
+    picks = [_pick_bucket(hi[i], k) for i in range(n)]
+    lo = torch.zeros(n, _LO_BINS, dtype=torch.int64)
+    for _, _, taus in plan.passes("ties: threshold 2/2"):
+        for i, tau in enumerate(taus):
+            b = _bits(tau)
+            sel = b[(b >> 16) == picks[i][0]]
+            if sel.numel():
+                lo[i] += torch.bincount(sel & 0xFFFF, minlength=_LO_BINS)
+    out = []
+    for i, (bucket, rank) in enumerate(picks):
+        low, _ = _pick_bucket(lo[i], rank)
+        out.append(float(torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32)))
+    return out
+
+
+def _signs(n_models: int, negate: Sequence[bool] | None) -> list[float]:
+    if negate is None:
+        return [1.0] * n_models
+    if len(negate) != n_models:
+        raise ConfigError(f"negate: {len(negate)} flags for {n_models} models")
+    return [-1.0 if x else 1.0 for x in negate]
+
+
+def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
+    if isinstance(method, MergeMethod):
+        if options:
+            raise ConfigError(f"merge: options {sorted(options)} given with a ready {type(method).__name__}")
+        return method
+    cls = MERGE_METHODS.get(method)
+    if cls is None:
+        raise ConfigError(f"--method {method}: expected one of {', '.join(sorted(MERGE_METHODS))}")
+    try:
+        return cls(**options)
+    except TypeError:
+        raise ConfigError(f"--method {method}: does not take options {sorted(options)}") from None
+
+
+def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
+               negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
+               progress: bool = False, ema: bool = False, **options) -> tuple[MergeMethod, MergePlan, dict]:
+    """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance)."""
+    if not models:
+        raise ConfigError("merge: needs at least one fine-tuned model besides the base")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    m = _make_method(method, options)
+    base_ck = load(base, ema=ema)
+    cks = [load(s, ema=ema) for s in models]
+    check_compatible([base_ck, *cks])
+    plan = MergePlan(base_ck, cks, _signs(len(cks), negate), sorted(base_ck), PRECISIONS[precision],
+                     allow_nonfinite, progress)
+    prov = {
+        "op": m.name.replace("-", "_"),
+        "method": m.name,
+        "precision": precision,
+        "ingredients": [{"source": base_ck.source, "role": "base"}]
+        + [{"source": c.source, "role": "task", "sign": int(s)} for c, s in zip(cks, plan.signs)],
+        "weightspace_version": __version__,
+    }
+    prov.update(m.prepare(plan))
+    if base_ck.aliases:
+        prov["tied"] = dict(sorted(base_ck.aliases.items()))
+    return m, plan, prov
+
+
+def _deltas(m: MergeMethod, plan: MergePlan, desc: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(key, θ_pre, δ) for every key, tied keys computed once; δ is None for integer/bool buffers."""
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    users = {}
+    for alias, canon in plan.base.aliases.items():
+        users[canon] = users.get(canon, 1) + 1
+    for key in _progress(plan.keys, len(plan.keys), desc, plan.progress):
+        canon = plan.base.aliases.get(key, key)
+        if canon in cache:
+            base, delta = cache[canon]
+        elif plan.base.info(canon)[0].is_floating_point:
+            base, taus = plan.task_vectors(canon)
+            base, delta = base, m.combine(canon, taus)
+        else:
+            base, delta = plan.base[canon], None
+        if canon in users:
+            cache[canon] = (base, delta)
+            users[canon] -= 1
+            if users[canon] == 0:
+                del cache[canon]
+        yield key, base, delta
+
+
+def _apply(base: torch.Tensor, delta: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if delta is None:
+        return base
+    return (base + delta * scale).to(dtype)
+
+
+def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
+          negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
+          progress: bool = False, ema: bool = False, **options) -> TensorStream:
+    """Stream θ_pre + λ·δ for a registered method (see MERGE_METHODS); save it with ``weightspace.save``."""
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ConfigError(f"--scale {scale}: must be a finite number")
+    m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
+                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, **options)
+    prov["scale"] = scale
+    entries = [(k, *plan.base.info(k)) for k in plan.keys]
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, b, delta in _deltas(m, plan, m.name):
+            yield key, _apply(b, delta, scale, plan.base.info(key)[0])
+
+    return TensorStream(entries, produce, prov, [plan.base, *plan.models], dict(plan.base.aliases))
+
+
+def task_arithmetic(base: Source, models: Sequence[Source], *, scale: float = 1.0,
+                    negate: Sequence[bool] | None = None, **kw) -> StateDict:
+    """Task arithmetic (Ilharco et al. 2023): θ_pre + λ·Σ_t s_t·(θ_t − θ_pre); s_t = −1 where negated."""
+    return merge("task-arithmetic", base, models, scale=scale, negate=negate, **kw).to_dict()
+
+
+def ties_merge(base: Source, models: Sequence[Source], *, scale: float = 1.0, keep: float = 0.2,
+               negate: Sequence[bool] | None = None, **kw) -> StateDict:
+    """TIES-merging (Yadav et al. 2023): trim to the top ``keep`` fraction, elect signs, disjoint mean, θ_pre + λ·τ."""
+    return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).to_dict()
+
+
+@dataclass
+class ScaleSearch:
+    """The result of picking λ on validation data: the best scale, every score, and the merged weights."""
+
+    scale: float
+    scores: list[tuple[float, float]]
+    state_dict: StateDict
+
+
+def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
+                 evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float],
+                 maximize: bool = True, negate: Sequence[bool] | None = None, precision: str = "fp32",
+                 allow_nonfinite: bool = False, progress: bool = False, ema: bool = False,
+                 **options) -> ScaleSearch:
+    """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value.
+
+    The merged task vector does not depend on λ, so it is computed once (θ_pre and δ held in memory, two models'
+    worth) and each candidate costs one axpy and one call of ``evaluate``.
+    """
+    grid = [float(x) for x in grid]
+    if not grid or not all(math.isfinite(x) for x in grid):
+        raise ConfigError("scale grid: needs at least one finite value")
+    m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
+                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, **options)
+    parts = [(k, b, d) for k, b, d in _deltas(m, plan, m.name)]
+    scores: list[tuple[float, float]] = []
+    best: tuple[float, float] | None = None
+    for lam in grid:
+        sd = {k: _apply(b, d, lam, plan.base.info(k)[0]) for k, b, d in parts}
+        score = float(evaluate(sd))
+        scores.append((lam, score))
+        better = best is None or (score > best[1] if maximize else score < best[1])
+        if better and math.isfinite(score):
+            best = (lam, score)
+    if best is None:
+        raise ConfigError("scale grid: evaluate returned no finite score")
+    prov.update(scale=best[0], scale_search={"grid": grid, "scores": [s for _, s in scores], "maximize": maximize})
+    out = StateDict({k: _apply(b, d, best[0], plan.base.info(k)[0]) for k, b, d in parts})
+    out.provenance = finish_provenance(prov, [plan.base, *plan.models])
+    return ScaleSearch(best[0], scores, out)
