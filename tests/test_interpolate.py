@@ -1,0 +1,116 @@
+"""Barrier curves: barrier heights of constructed curves, lerp weights at each α, endpoints, BN recalibration."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import weightspace as ws
+from weightspace.evaluation import Evaluator, recalibrate_bn
+from weightspace.interpolate import barrier_height, even_alphas, interpolation_curve
+
+CNN = "weightspace.zoo:small_cnn"
+
+
+def test_barrier_height_both_conventions():
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # A bump over a line from 0.1 to 0.3: chord line at 0.5 is 0.2, ends' mean is 0.2.
+    b = barrier_height(alphas, [0.1, 0.3, 0.5, 0.2, 0.3])
+    assert b["chord"] == pytest.approx(0.3) and b["chord_alpha"] == 0.5
+    assert b["midpoint"] == pytest.approx(0.3) and b["midpoint_alpha"] == 0.5
+    # A monotone curve from 0 to 1 that bends below its chord: no chord barrier, but the midpoint-mean
+    # convention reports max f − mean(ends) = 1 − 0.5 at α = 1.
+    b = barrier_height(alphas, [0.0, 0.0, 0.1, 0.5, 1.0])
+    assert b["chord"] == 0.0 and b["chord_alpha"] == 0.0
+    assert b["midpoint"] == pytest.approx(0.5) and b["midpoint_alpha"] == 1.0
+    # points outside [0, 1] (extrapolation) are plotted but do not count towards the barrier
+    b = barrier_height([-0.5, 0.0, 0.5, 1.0, 1.5], [9.0, 1.0, 1.5, 1.0, 9.0])
+    assert b["chord"] == pytest.approx(0.5) and b["chord_alpha"] == 0.5
+    with pytest.raises(ws.ConfigError):
+        barrier_height([0.0, 0.5], [1.0, 2.0])
+
+
+def test_curve_evaluates_lerp_weights_at_each_alpha():
+    a = {"w": torch.tensor([0.0, 10.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 20.0]), "n": torch.tensor(7)}
+    seen = []
+
+    def evaluate(weights):
+        seen.append(weights["w"].clone())
+        assert weights["n"].item() == 3  # integer buffers are never interpolated
+        x = float(weights["w"][0])
+        return {"loss": (x - 2.0) ** 2, "accuracy": 1.0 - abs(x - 2.0) / 4}  # best in the middle: no barrier
+    curve = interpolation_curve(a, b, evaluate, steps=5, progress=False)
+    assert curve.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for alpha, w in zip(curve.alphas, seen):
+        assert torch.allclose(w, (1 - alpha) * a["w"] + alpha * b["w"])
+    assert curve.series("data", "loss") == [4.0, 1.0, 0.0, 1.0, 4.0]
+    assert curve.barriers["data"]["loss"]["chord"] == 0.0
+    assert curve.barriers["data"]["error"]["midpoint"] == 0.0  # error 0.5 at both ends, lower inside
+    # explicit alphas: the ends are added (barriers are measured against them), sorted, duplicates dropped
+    seen.clear()
+    curve = interpolation_curve(a, b, lambda w: float(w["w"][0]), alphas=[0.5, 0.5, 1.5], progress=False)
+    assert curve.alphas == [0.0, 0.5, 1.0, 1.5]
+    assert curve.series("data", "accuracy") == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_even_alphas():
+    assert even_alphas(11)[1] == 0.1 and even_alphas(11)[-1] == 1.0 and len(even_alphas(11)) == 11
+    with pytest.raises(ws.ConfigError):
+        even_alphas(1)
+
+
+@pytest.fixture(scope="module")
+def cnn_pair():
+    """Two small CNNs (BatchNorm) trained from different random inits on real digits."""
+    from weightspace.data import load_data
+    from weightspace.models import build_model
+    from weightspace.train import train
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = build_model(CNN, num_classes=10)
+        train(m, load_data("digits:train"), epochs=3, lr=0.05, batch_size=32, seed=seed)
+        out.append({k: v.clone() for k, v in m.state_dict().items()})
+    return out
+
+
+def test_curve_endpoints_equal_endpoints_own_evaluation(cnn_pair, tmp_path):
+    from weightspace.data import load_data
+    from weightspace.models import build_model
+    a, b = cnn_pair
+    ws.save(a, tmp_path / "a.safetensors")
+    ws.save(b, tmp_path / "b.safetensors")
+    ev = Evaluator(build_model(CNN, num_classes=10),
+                   [load_data("digits:val"), load_data("digits:test")], device="cpu")
+    curve = interpolation_curve(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), ev, steps=5,
+                                progress=False)
+    assert ev.forward_passes == 5 * 2  # one pass per α and dataset, nothing more
+    assert curve.datasets == ["digits:val", "digits:test"]
+    assert curve.metrics[0] == ev(a) and curve.metrics[-1] == ev(b)
+    assert ev(a)["digits:val"]["accuracy"] > 0.8  # really trained
+    assert curve.label == "a–b"
+    # the midpoint really is the midpoint's evaluation
+    mid = ev({k: ((a[k] + b[k]) / 2 if a[k].is_floating_point() else a[k]) for k in a})
+    assert curve.metrics[2]["digits:test"]["loss"] == pytest.approx(mid["digits:test"]["loss"], rel=1e-5)
+
+
+def test_recalibrated_curve_matches_manual_update_bn(cnn_pair):
+    from weightspace.data import load_data
+    from weightspace.models import build_model
+    a, b = cnn_pair
+    train_data = load_data("digits:train")
+    ev = Evaluator(build_model(CNN, num_classes=10), load_data("digits:val"),
+                   device="cpu")
+    curve = interpolation_curve(a, b, ev, steps=3, recalibrate_bn=train_data, progress=False)
+    plain = interpolation_curve(a, b, ev, steps=3, progress=False)
+    assert curve.recalibrate_bn == "digits:train"
+    model = build_model(CNN, num_classes=10)
+    mid = {k: ((a[k] + b[k]) / 2 if a[k].is_floating_point() else a[k]) for k in a}
+    model.load_state_dict(mid)
+    recalibrate_bn(model, train_data, batch_size=256)
+    manual = Evaluator(copy.deepcopy(model), load_data("digits:val"), device="cpu")()
+    assert curve.metrics[1]["digits:val"]["loss"] == pytest.approx(manual["digits:val"]["loss"], rel=1e-5)
+    # re-estimated statistics change the midpoint (averaged running stats are not the stats of averaged weights)
+    assert curve.metrics[1]["digits:val"]["loss"] != plain.metrics[1]["digits:val"]["loss"]

@@ -1,0 +1,158 @@
+"""Greedy soups: keep/skip decisions on a scripted evaluate function, ties, --strict, memory form, leaderboards."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import weightspace as ws
+from weightspace.soup import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
+
+# Ingredient i is the state dict {"w": [v_i], "h": [v_i, 2·v_i] in bfloat16, "count": int buffer}; a soup of
+# some of them has w = mean of their v. The scripted evaluate looks the soup's mean up in a table, so every
+# keep/skip decision below is chosen by hand.
+VALUES = [1.0, 2.0, 4.0, 8.0]          # a, b, c, d
+INDIVIDUAL = {1.0: 0.5, 2.0: 0.9, 4.0: 0.7, 8.0: 0.7}  # ranking: b, c, d (tied with c, later in input), a
+
+
+def ingredient(i: int) -> dict[str, torch.Tensor]:
+    v = VALUES[i]
+    return {"w": torch.tensor([v]), "h": torch.tensor([v, 2 * v], dtype=torch.bfloat16),
+            "count": torch.tensor(10 + i, dtype=torch.int64)}
+
+
+class Scripted:
+    """evaluate(weights) → table[mean]; records every mean it was asked about."""
+
+    def __init__(self, soups: dict[float, float]):
+        self.table = {**INDIVIDUAL, **soups}
+        self.calls: list[float] = []
+
+    def __call__(self, weights) -> float:
+        m = round(float(weights["w"][0]), 4)
+        self.calls.append(m)
+        return self.table[m]
+
+
+def test_greedy_keeps_on_ties_and_skips_drops():
+    ev = Scripted({3.0: 0.9, round(14 / 3, 4): 0.85, round(7 / 3, 4): 0.95})
+    soup, res = greedy_soup([ingredient(i) for i in range(4)], ev, progress=False)
+    assert res.order == [1, 2, 3, 0]
+    assert res.ties == [[2, 3]]  # c and d tie at 0.7; c (earlier in input) goes first
+    # b alone (0.9) → +c: 0.9 ≥ 0.9 kept → +d: 0.85 < 0.9 skipped → +a: 0.95 kept
+    assert [s["kept"] for s in res.steps] == [True, False, True]
+    assert res.kept == [1, 2, 0]
+    assert res.score == 0.95
+    assert ev.calls == [1.0, 2.0, 4.0, 8.0, 3.0, round(14 / 3, 4), round(7 / 3, 4)]
+    assert res.evaluations == 7
+    assert soup["w"].item() == pytest.approx(7 / 3)
+    assert soup["h"].dtype == torch.bfloat16 and soup["h"][1].item() == pytest.approx(14 / 3, rel=1e-2)
+    assert soup["count"].item() == 11  # integer buffers come from the best ingredient, never averaged
+
+
+def test_strict_rule_skips_ties():
+    ev = Scripted({3.0: 0.9, 5.0: 0.92, round(11 / 3, 4): 0.91})
+    soup, res = greedy_soup([ingredient(i) for i in range(4)], ev, strict=True, progress=False)
+    # b (0.9) → +c: 0.9 is not > 0.9, skipped → +d: 0.92 kept → +a: 0.91 skipped
+    assert [s["kept"] for s in res.steps] == [False, True, False]
+    assert res.kept == [1, 3] and res.score == 0.92
+    assert soup["w"].item() == 5.0
+    assert soup.provenance["rule"] == ">"
+    assert [i["source"] for i in soup.provenance["ingredients"]] == ["<state dict>", "<state dict>"]
+    assert [i["val_score"] for i in soup.provenance["ingredients"]] == [0.9, 0.7]
+
+
+def test_given_scores_skip_individual_evaluation_and_nan_ranks_last():
+    ev = Scripted({6.0: 0.5, 2.5: 0.8, round(7 / 3, 4): 0.1})
+    _, res = greedy_soup([ingredient(i) for i in range(4)], ev, scores=[0.5, float("nan"), 0.7, 0.6], progress=False)
+    assert res.order == [2, 3, 0, 1]
+    # c (0.7) → +d: 0.5 skipped → +a: 0.8 kept → +b (NaN score, last): 0.1 skipped
+    assert ev.calls == [6.0, 2.5, round(7 / 3, 4)]  # soups only: the given scores replace individual evaluations
+    assert res.kept == [2, 0] and res.evaluations == 3
+
+
+def test_rank_ties_in_input_order():
+    assert rank([0.5, 0.7, 0.7, 0.9, 0.5]) == ([3, 1, 2, 0, 4], [[1, 2], [0, 4]])
+
+
+def test_greedy_soup_equals_uniform_soup_of_kept_files(tmp_path, trained_mlps):
+    paths = []
+    for i, sd in enumerate(trained_mlps):
+        p = tmp_path / f"m{i}.safetensors"
+        ws.save(sd, p)
+        paths.append(str(p))
+    # Metrics-like return values work too: anything float() accepts.
+    scores = {0: 0.80, 1: 0.85, 2: 0.75}
+    seen: list[dict] = []
+
+    class Score(float):
+        pass
+
+    def evaluate(weights):
+        seen.append(dict(weights))
+        k = len(seen) - 1
+        return Score(scores[k] if k < 3 else 0.9)  # every soup improves: all kept
+    soup, res = greedy_soup(paths, evaluate, progress=False)
+    assert res.kept == [1, 0, 2]
+    ref = ws.uniform_soup([paths[i] for i in res.kept])
+    for k in ref:
+        if ref[k].is_floating_point():
+            assert torch.allclose(soup[k], ref[k], atol=1e-6), k
+        else:
+            assert torch.equal(soup[k], trained_mlps[1][k]), k
+    out = tmp_path / "soup.safetensors"
+    ws.save(soup, out)
+    with safe_open(str(out), "pt") as f:
+        prov = json.loads(f.metadata()["weightspace"])
+    assert prov["op"] == "greedy_soup"
+    assert [i["source"] for i in prov["ingredients"]] == [paths[1], paths[0], paths[2]]
+    assert all(len(i["sha256"]) == 64 for i in prov["ingredients"])
+
+
+def test_incompatible_ingredients_are_refused(trained_mlps):
+    bad = dict(trained_mlps[1])
+    bad.pop("head.bias")
+    with pytest.raises(ws.IncompatibleCheckpoints):
+        greedy_soup([trained_mlps[0], bad], lambda w: 0.5, progress=False)
+
+
+def test_greedy_ensemble_and_mean_logits():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, 2, 0])
+    logits = [{"val": torch.nn.functional.one_hot(p, 3).float()} for p in
+              (torch.tensor([0, 1, 2, 1]), torch.tensor([1, 0, 1, 1]), torch.tensor([0, 0, 2, 0]))]
+
+    def score(lg):
+        return float((lg["val"].argmax(1) == y).float().mean())
+    val_scores = [score(lg) for lg in logits]
+    assert val_scores == [0.75, 0.0, 0.75]
+    ens, kept = greedy_ensemble(logits, val_scores, score)
+    # 0 → +2: argmax of the mean one-hots (ties → lowest class) = [0, 0, 2, 0]: 0.75 ≥ 0.75 kept
+    #   → +1: [0, 0, 2, 1]: 0.5, skipped
+    assert kept == [0, 2]
+    assert torch.equal(ens["val"], (logits[0]["val"] + logits[2]["val"]) / 2)
+    assert greedy_ensemble(logits, val_scores, score, strict=True)[1] == [0]  # 0.75 is not > 0.75; +1 gives 0.25
+    assert torch.allclose(mean_logits(logits)["val"], sum(lg["val"] for lg in logits) / 3)
+
+
+def test_soup_leaderboard_rows_from_real_evaluator(trained_mlps):
+    from conftest import make_mlp
+    from weightspace.data import load_data
+    from weightspace.evaluation import Evaluator
+    flat = {n: load_data(f"digits:{n}", transform=lambda x: ((x + 1) / 2).flatten(1)) for n in ("val", "test")}
+    ev = Evaluator(make_mlp(), flat, device="cpu", keep_logits=True)
+    lb, soups, res = soup_leaderboard(trained_mlps, ev, progress=False)
+    methods = [r["method"] for r in lb.rows]
+    assert methods[3:] == ["best individual (val)", "uniform soup", "greedy soup", "output ensemble", "greedy ensemble"]
+    assert lb.columns == ["val", "test"]
+    # every method row matches an independent evaluation of the same weights / logits
+    for i, sd in enumerate(trained_mlps):
+        assert lb.rows[i]["metrics"]["test"]["accuracy"] == ev(sd)["test"]["accuracy"]
+    assert lb.row("greedy soup")["metrics"]["val"]["accuracy"] == res.score
+    assert lb.row("uniform soup")["metrics"] == {k: dict(v) for k, v in ev(soups["uniform"]).items()}
+    ens = ev.metrics_from_logits(mean_logits([ev(sd).logits for sd in trained_mlps]))
+    assert lb.row("output ensemble")["metrics"]["test"]["loss"] == pytest.approx(ens["test"]["loss"])
+    best = max(range(3), key=lambda i: (lb.rows[i]["metrics"]["val"]["accuracy"], -i))
+    assert lb.row("best individual (val)")["metrics"] == lb.rows[best]["metrics"]

@@ -1,0 +1,175 @@
+"""Barrier curves: evaluate (1−α)·A + α·B at K values of α and measure the loss/error barrier between A and B.
+
+The weights at each α are computed in memory (``ops.lerp`` over lazily opened checkpoints, opened once) and
+handed to ``evaluate``; with an ``Evaluator`` they are copied into its one model in place, so a K-point curve
+costs K passes over the (device-resident) evaluation data and nothing else of note.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .checkpoint import Source, load
+from .errors import ConfigError
+from .ops import check_compatible, lerp
+from .report import as_table
+
+BARRIER_METRICS = ("error", "loss")
+
+
+def short_name(source: str) -> str:
+    """A readable name for a checkpoint source: the file stem for paths, the string itself otherwise."""
+    if source.startswith("<") or "://" in source or source.startswith(("timm:", "open_clip:", "hf-hub:")):
+        return source
+    p = Path(source)
+    return p.stem if p.suffix else p.name or source
+
+
+def even_alphas(steps: int) -> list[float]:
+    """``steps`` evenly spaced α in [0, 1], both ends included (i/(K−1), so 0.1 is exactly 1/10)."""
+    if steps < 2:
+        raise ConfigError(f"--steps {steps}: a curve needs at least 2 points")
+    return [i / (steps - 1) for i in range(steps)]
+
+
+def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str, float | None]:
+    """Barrier of f along the path, both conventions, over α ∈ [0, 1] (f(0) and f(1) must be among the points).
+
+    chord:    max_α f(α) − ((1−α)·f(0) + α·f(1))   (height above the straight line between the ends)
+    midpoint: max_α f(α) − ½(f(0) + f(1))          (height above the ends' mean, as the git-re-basin code does)
+    Returns the heights and the α where each maximum is reached (first one on ties).
+    """
+    pts = dict(zip((float(a) for a in alphas), (float(v) for v in values)))
+    if 0.0 not in pts or 1.0 not in pts:
+        raise ConfigError("barrier height needs the curve's end points α=0 and α=1")
+    f0, f1 = pts[0.0], pts[1.0]
+    inside = [(a, v) for a, v in zip(alphas, values) if 0.0 <= a <= 1.0]
+    chord = [(v - ((1 - a) * f0 + a * f1), a) for a, v in inside]
+    mid = [(v - 0.5 * (f0 + f1), a) for a, v in inside]
+
+    def best(pairs: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+        finite = [(h, a) for h, a in pairs if math.isfinite(h)]
+        if not finite:
+            return float("nan"), None
+        h = max(p[0] for p in finite)
+        return h, next(a for hh, a in finite if hh == h)
+
+    (hc, ac), (hm, am) = best(chord), best(mid)
+    return {"chord": hc, "chord_alpha": ac, "midpoint": hm, "midpoint_alpha": am}
+
+
+@dataclass
+class Curve:
+    """Metrics along the line (1−α)·A + α·B: ``metrics[i]`` is dataset → metric → value at ``alphas[i]``."""
+
+    alphas: list[float]
+    metrics: list[dict[str, dict[str, float]]]
+    a: str = "A"
+    b: str = "B"
+    label: str = ""
+    recalibrate_bn: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def datasets(self) -> list[str]:
+        """Dataset names, in the order evaluate reported them."""
+        return list(self.metrics[0]) if self.metrics else []
+
+    def has(self, dataset: str, metric: str) -> bool:
+        """Whether every point has this metric for this dataset."""
+        return bool(self.metrics) and all(metric in m.get(dataset, {}) for m in self.metrics)
+
+    def series(self, dataset: str, metric: str) -> list[float]:
+        """The values of one metric on one dataset, in α order."""
+        return [m[dataset][metric] for m in self.metrics]
+
+    @property
+    def barriers(self) -> dict[str, dict[str, dict]]:
+        """dataset → metric (error, loss) → barrier_height(...) for the metrics the curve has."""
+        return {ds: {m: barrier_height(self.alphas, self.series(ds, m)) for m in BARRIER_METRICS if self.has(ds, m)}
+                for ds in self.datasets}
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """Long format for CSV: one row per (α, dataset) with every metric as a column."""
+        metric_names: list[str] = []
+        for m in self.metrics:
+            for row in m.values():
+                metric_names += [k for k in row if k not in metric_names]
+        headers = ["pair", "alpha", "dataset", *metric_names]
+        rows = [[self.label, a, ds, *[m[ds].get(k) for k in metric_names]]
+                for a, m in zip(self.alphas, self.metrics) for ds in m]
+        return headers, rows
+
+    def barrier_rows(self) -> tuple[list[str], list[list]]:
+        """One row per (dataset, metric): chord and midpoint-mean barrier heights and where they peak."""
+        headers = ["pair", "dataset", "metric", "chord", "chord_alpha", "midpoint", "midpoint_alpha"]
+        rows = [[self.label, ds, m, b["chord"], b["chord_alpha"], b["midpoint"], b["midpoint_alpha"]]
+                for ds, per in self.barriers.items() for m, b in per.items()]
+        return headers, rows
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (with barrier heights)."""
+        return {"label": self.label, "a": self.a, "b": self.b, "alphas": self.alphas,
+                "recalibrate_bn": self.recalibrate_bn, "seconds": self.seconds,
+                "points": [{"alpha": a, "metrics": m} for a, m in zip(self.alphas, self.metrics)],
+                "barriers": self.barriers, **self.extra}
+
+
+def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:
+    if alphas is None:
+        return even_alphas(steps)
+    vals = [float(a) for a in alphas]
+    if any(not math.isfinite(a) for a in vals):
+        raise ConfigError(f"--alphas {vals}: must be finite numbers")
+    # The ends are always evaluated: every barrier is measured against them.
+    return sorted(set(vals) | {0.0, 1.0})
+
+
+def _is_evaluator(obj: Any) -> bool:
+    return callable(getattr(obj, "load", None)) and callable(getattr(obj, "recalibrate_bn", None))
+
+
+def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any], steps: int = 11,
+                        alphas: Sequence[float] | None = None, recalibrate_bn: Any = None, *,
+                        label: str | None = None, progress: bool = True, precision: str = "fp32") -> Curve:
+    """Evaluate (1−α)·a + α·b at ``steps`` even α in [0, 1] (or at ``alphas``, ends added) and return the Curve.
+
+    ``evaluate(weights)`` gets a state dict and returns Metrics, a {metric: value} mapping, or a number (an
+    accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
+    ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
+    """
+    grid = _alphas(steps, alphas)
+    ca, cb = load(a), load(b)  # opened once; the lerp at each α reads tensors lazily from them
+    check_compatible([ca, cb])
+    recal_name = None
+    if recalibrate_bn is not None:
+        if not callable(recalibrate_bn) and not _is_evaluator(evaluate):
+            raise ConfigError("recalibrate_bn: pass a function weights → weights, or use an Evaluator as evaluate")
+        recal_name = getattr(recalibrate_bn, "name", None) or getattr(recalibrate_bn, "__name__", "custom")
+    it: Any = grid
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(grid, desc="curve", unit="α", leave=False)
+    t0 = time.perf_counter()
+    points = []
+    for alpha in it:
+        w = lerp(ca, cb, alpha, precision=precision)
+        if recalibrate_bn is None:
+            result = evaluate(w)
+        elif callable(recalibrate_bn):
+            w2 = recalibrate_bn(w)
+            result = evaluate(w if w2 is None else w2)
+        else:  # Evaluator: weights in, BN statistics re-estimated in place, then evaluate the model as it is
+            evaluate.load(w)
+            evaluate.recalibrate_bn(recalibrate_bn)
+            result = evaluate()
+        points.append(as_table(result))
+        del w
+    seconds = time.perf_counter() - t0
+    label = label or f"{short_name(ca.source)}–{short_name(cb.source)}"
+    return Curve(grid, points, a=ca.source, b=cb.source, label=label, recalibrate_bn=recal_name, seconds=seconds)

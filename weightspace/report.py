@@ -1,0 +1,283 @@
+"""Reports: tables (Markdown, CSV, JSON) and PNG plots (matplotlib, Agg backend), all written atomically.
+
+The plotting helpers are generic (line panels, grouped bars, heat maps) so every verb draws with the same look;
+``plot_curves`` and ``plot_leaderboard`` are thin users of them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .storage import atomic_output
+
+if TYPE_CHECKING:  # no runtime import: keeps report importable without pulling matplotlib
+    from .interpolate import Curve
+    from .soup import Leaderboard
+
+Row = Sequence[Any]
+
+
+def jsonable(obj: Any) -> Any:
+    """Strict-JSON form: NaN → null, ±inf → "inf"/"-inf", tuples → lists, numbers/tensors → Python numbers."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # 0-d tensors and numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def fmt_cell(v: Any, digits: int = 4) -> str:
+    """A table cell: floats get ``digits`` decimals, None becomes an empty cell."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Row], digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt_cell(v, digits) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def csv_text(headers: Sequence[str], rows: Sequence[Row]) -> str:
+    """CSV with full float precision (repr), empty cells for None."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(headers))
+    for r in rows:
+        w.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in r])
+    return buf.getvalue()
+
+
+def write_text(path: str | os.PathLike, text: str, *, force: bool = False) -> Path:
+    """Write a text file atomically (refuses to overwrite without force)."""
+    path = Path(path)
+    with atomic_output(path, force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, force: bool = False) -> Path:
+    """Write strict JSON (sorted as given, indented) atomically."""
+    return write_text(path, json.dumps(jsonable(obj), indent=2) + "\n", force=force)
+
+
+def write_csv(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[Row], *, force: bool = False) -> Path:
+    """Write a CSV table atomically."""
+    return write_text(path, csv_text(headers, rows), force=force)
+
+
+def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) -> Path:
+    """Create ``folder`` and make sure none of ``names`` exists in it unless ``force`` (fail before any work)."""
+    from .errors import OutputExists
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExists(f"{folder}: exists and is not a folder")
+    if not force:
+        for n in names:
+            if (folder / n).exists():
+                raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- plotting
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.6)):
+    """A figure with a grid of axes (always a flat list)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def save_figure(fig, path: str | os.PathLike, *, force: bool = False, dpi: int = 120) -> Path:
+    """Save a figure as PNG atomically; no timestamp or version in the file, so same data → same bytes."""
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        fig.tight_layout()
+        with atomic_output(path, force) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return path
+
+
+def line_panels(panels: Sequence[dict], *, title: str | None = None):
+    """Side-by-side line plots. Each panel: {"xlabel", "ylabel", "title"?, "series": [{"x", "y", "label"?,
+    "color"?, "linestyle"?, "marker"?}], "annotations"?: [{"x", "y", "text", "color"?}]}. Returns the figure."""
+    fig, axes = new_figure(ncols=len(panels))
+    for ax, p in zip(axes, panels):
+        for i, s in enumerate(p["series"]):
+            ax.plot(s["x"], s["y"], label=s.get("label"), color=s.get("color", COLORS[i % len(COLORS)]),
+                    linestyle=s.get("linestyle", "-"), marker=s.get("marker", "o"), markersize=3, linewidth=1.5)
+        for a in p.get("annotations", []):
+            ax.annotate(a["text"], xy=(a["x"], a["y"]), xytext=(0, 8), textcoords="offset points", ha="center",
+                        fontsize=7, color=a.get("color", "black"),
+                        arrowprops=dict(arrowstyle="-", color=a.get("color", "black"), lw=0.6))
+        ax.set_xlabel(p.get("xlabel", ""))
+        ax.set_ylabel(p.get("ylabel", ""))
+        if p.get("title"):
+            ax.set_title(p["title"], fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if any(s.get("label") for s in p["series"]):
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def bar_chart(categories: Sequence[str], groups: dict[str, Sequence[float]], *, xlabel: str = "",
+              title: str | None = None, highlight: Sequence[str] = ()):
+    """Horizontal grouped bars: one row per category, one bar per group (e.g. dataset). Returns the figure."""
+    import numpy as np
+    n, g = len(categories), max(1, len(groups))
+    fig, (ax,) = new_figure(size=(7.0, 0.45 * n * max(1, g * 0.6) + 1.2))
+    height = 0.8 / g
+    ys = np.arange(n)
+    for j, (name, values) in enumerate(groups.items()):
+        vals = [float("nan") if v is None else v for v in values]
+        ax.barh(ys + (j - (g - 1) / 2) * height, vals, height=height, label=name, color=COLORS[j % len(COLORS)])
+        for y, v in zip(ys, vals):
+            if math.isfinite(v):
+                ax.text(v, y + (j - (g - 1) / 2) * height, f" {v:.4f}", va="center", fontsize=6)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(categories, fontsize=8)
+    for lbl in ax.get_yticklabels():
+        if lbl.get_text() in highlight:
+            lbl.set_fontweight("bold")
+    ax.invert_yaxis()
+    finite = [v for vs in groups.values() for v in vs if v is not None and math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        span = max(hi - lo, 1e-3)
+        ax.set_xlim(max(0.0, lo - 0.5 * span) if lo >= 0 else lo - 0.5 * span, hi + 0.35 * span)
+    ax.set_xlabel(xlabel)
+    ax.grid(True, axis="x", alpha=0.3)
+    if len(groups) > 1:
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str], *,
+            title: str | None = None, cbar_label: str = "", fmt: str = "{:.2f}", cmap: str = "viridis"):
+    """A labelled heat map with the value printed in each cell (rows × columns). Returns the figure."""
+    import numpy as np
+    data = np.array([[float("nan") if v is None else v for v in r] for r in values], dtype=float)
+    fig, (ax,) = new_figure(size=(0.6 * len(col_labels) + 2.5, 0.4 * len(row_labels) + 1.5))
+    im = ax.imshow(data, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(col_labels)))
+    ax.set_xticklabels(col_labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(row_labels)))
+    ax.set_yticklabels(row_labels, fontsize=7)
+    if data.size and data.size <= 400:
+        for i in range(data.shape[0]):
+            for j in range(data.shape[1]):
+                if math.isfinite(data[i, j]):
+                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=6, color="white")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label(cbar_label)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- domain plots
+def plot_curves(curves: Sequence["Curve"], path: str | os.PathLike, *, force: bool = False,
+                metric: str = "error") -> Path:
+    """curve.png: accuracy and loss vs α, one line per (pair, dataset); the ``metric`` chord barrier is annotated."""
+    acc_series, loss_series, notes = [], [], []
+    for i, c in enumerate(curves):
+        color = COLORS[i % len(COLORS)]
+        for j, ds in enumerate(c.datasets):
+            tag = f"{c.label} · {ds}" if len(c.datasets) > 1 or len(curves) > 1 else ds
+            style = {"color": color, "linestyle": LINESTYLES[j % len(LINESTYLES)]}
+            if c.has(ds, "accuracy"):
+                acc_series.append({"x": c.alphas, "y": c.series(ds, "accuracy"), "label": tag, **style})
+            if c.has(ds, "loss"):
+                loss_series.append({"x": c.alphas, "y": c.series(ds, "loss"), "label": tag, **style})
+            b = c.barriers.get(ds, {})
+            be, bl = b.get(metric), b.get("loss")
+            if be is not None and be["chord_alpha"] is not None and c.has(ds, "accuracy"):
+                k = c.alphas.index(be["chord_alpha"])
+                notes.append(("acc", {"x": be["chord_alpha"], "y": c.series(ds, "accuracy")[k], "color": color,
+                                      "text": f"{metric} barrier {be['chord']:.3f}"}))
+            if bl is not None and bl["chord_alpha"] is not None:
+                k = c.alphas.index(bl["chord_alpha"])
+                notes.append(("loss", {"x": bl["chord_alpha"], "y": c.series(ds, "loss")[k], "color": color,
+                                       "text": f"loss barrier {bl['chord']:.3f}"}))
+    panels = []
+    if acc_series:
+        panels.append({"xlabel": "α  ((1−α)·A + α·B)", "ylabel": "accuracy", "title": "accuracy",
+                       "series": acc_series, "annotations": [a for k, a in notes if k == "acc"]})
+    if loss_series:
+        panels.append({"xlabel": "α  ((1−α)·A + α·B)", "ylabel": "loss", "title": "loss",
+                       "series": loss_series, "annotations": [a for k, a in notes if k == "loss"]})
+    if not panels:  # a user's evaluate returned neither accuracy nor loss: plot whatever the first metric is
+        c0 = curves[0]
+        ds = c0.datasets[0]
+        m = next(iter(c0.metrics[0][ds]))
+        panels.append({"xlabel": "α", "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
+                                                            for c in curves]})
+    return save_figure(line_panels(panels, title="interpolation barrier curve"), path, force=force)
+
+
+def plot_leaderboard(lb: "Leaderboard", path: str | os.PathLike, *, force: bool = False,
+                     metric: str = "accuracy") -> Path:
+    """leaderboard.png: one bar per method and dataset column."""
+    cats = [r["method"] for r in lb.rows]
+    groups = {col: [r["metrics"].get(col, {}).get(metric) for r in lb.rows] for col in lb.columns}
+    hl = [r["method"] for r in lb.rows if r.get("kind") in ("soup", "ensemble")]
+    return save_figure(bar_chart(cats, groups, xlabel=metric, title=lb.title, highlight=hl), path, force=force)
+
+
+# ---------------------------------------------------------------------------------------------- metric tables
+def as_table(result: Any, default_name: str = "data") -> dict[str, dict[str, float]]:
+    """Normalise what an evaluate function returns into dataset → metric → float.
+
+    Accepted: a Metrics-like mapping {dataset: {metric: value}}, a flat mapping {metric: value} (one dataset
+    called ``default_name``), or a number (taken as that dataset's accuracy). ``error`` is added as 1 − accuracy
+    where only accuracy is given.
+    """
+    from collections.abc import Mapping
+    if isinstance(result, Mapping):
+        if result and all(isinstance(v, Mapping) for v in result.values()):
+            table = {str(k): {str(m): float(x) for m, x in v.items()} for k, v in result.items()}
+        else:
+            table = {default_name: {str(m): float(x) for m, x in result.items()}}
+    else:
+        table = {default_name: {"accuracy": float(result)}}
+    for row in table.values():
+        if "accuracy" in row and "error" not in row:
+            row["error"] = 1.0 - row["accuracy"]
+    return table

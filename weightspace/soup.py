@@ -1,0 +1,316 @@
+"""Greedy soups (Wortsman et al. 2022), ensembles from cached logits, and leaderboards.
+
+The greedy soup is the paper's recipe: score every ingredient on held-out validation data, sort best first
+(ties keep the input order and are reported), start from the best, and add each next ingredient if the soup's
+validation score with it is ≥ the score without it (``strict=True``: >, as the reference code does). Memory
+stays at about two models: a running float32 sum of the kept ingredients and the candidate soup; candidates
+are read lazily, one tensor at a time.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, Source, load
+from .errors import ConfigError
+from .interpolate import short_name
+from .ops import PRECISIONS, StateDict, check_compatible, finish_provenance, uniform_soup
+from .report import as_table
+
+Evaluate = Callable[[Mapping], Any]
+
+
+def _score(x: Any) -> float:
+    """A scalar score from whatever evaluate returned (a float, or Metrics: accuracy on the first dataset)."""
+    s = float(x)
+    return s if not math.isnan(s) else -math.inf  # a NaN score ranks last and never wins a comparison
+
+
+def _bar(it, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, total=total, desc=desc, leave=False)
+
+
+def rank(scores: Sequence[float]) -> tuple[list[int], list[list[int]]]:
+    """Indices sorted by score, best first, ties in input order; and the groups of tied indices (size ≥ 2)."""
+    key = [(-s if not math.isnan(s) else math.inf) for s in scores]
+    order = sorted(range(len(scores)), key=lambda i: (key[i], i))
+    ties: list[list[int]] = []
+    for i in order:
+        if ties and scores[ties[-1][0]] == scores[i]:
+            ties[-1].append(i)
+        else:
+            ties.append([i])
+    return order, [g for g in ties if len(g) > 1]
+
+
+def _accepts(new: float, old: float, strict: bool) -> bool:
+    return new > old if strict else new >= old
+
+
+@dataclass
+class GreedyResult:
+    """What the greedy soup did: the ranking, each candidate's decision, and the kept ingredients."""
+
+    sources: list[str]
+    scores: list[float]        # each ingredient's own validation score, input order
+    order: list[int]           # input indices, best first
+    kept: list[int]            # input indices in the soup, in the order they were added
+    steps: list[dict]          # one per candidate after the first
+    ties: list[list[int]]      # groups of input indices with equal validation scores (broken by input order)
+    score: float               # the final soup's validation score
+    strict: bool = False
+    evaluations: int = 0       # evaluate calls made (individual scores given by the caller not counted)
+
+    @property
+    def kept_sources(self) -> list[str]:
+        """Sources of the kept ingredients, in the order they were added."""
+        return [self.sources[i] for i in self.kept]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"rule": ">" if self.strict else ">=", "score": self.score, "evaluations": self.evaluations,
+                "ranking": [{"rank": r + 1, "source": self.sources[i], "val_score": self.scores[i],
+                             "kept": i in self.kept} for r, i in enumerate(self.order)],
+                "kept": self.kept_sources, "steps": self.steps,
+                "ties": [[self.sources[i] for i in g] for g in self.ties]}
+
+
+def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bool = False, progress: bool = True,
+                scores: Sequence[float] | None = None, precision: str = "fp32") -> tuple[StateDict, GreedyResult]:
+    """Greedy soup (Wortsman et al. 2022): add ingredients best-first while the validation score does not drop.
+
+    ``evaluate(weights)`` returns a float or anything ``float()`` accepts (Metrics: accuracy on its first dataset);
+    ``scores`` (the ingredients' own validation scores, if already known) saves their evaluation.
+    """
+    if not ingredients:
+        raise ConfigError("greedy soup: needs at least one ingredient")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    cks: list[Checkpoint] = [load(s) for s in ingredients]
+    check_compatible(cks)
+    evaluations = 0
+    if scores is None:
+        scores = []
+        for ck in _bar(cks, len(cks), "val scores", progress):
+            scores.append(_score(evaluate(ck)))
+            evaluations += 1
+    elif len(scores) != len(cks):
+        raise ConfigError(f"greedy soup: {len(scores)} scores for {len(cks)} ingredients")
+    scores = [float(s) for s in scores]
+    order, ties = rank(scores)
+
+    best = cks[order[0]]
+    keys = sorted(best)
+    dtypes = {k: best.info(k)[0] for k in keys}
+    acc = {k: (torch.float64 if dtypes[k] == torch.float64 else PRECISIONS[precision]) for k in keys}
+    # Integer/bool buffers (e.g. num_batches_tracked) are never averaged: they come from the best ingredient.
+    total: dict[str, torch.Tensor] = {k: best[k].to(acc[k], copy=True) if dtypes[k].is_floating_point else best[k]
+                                      for k in keys}
+    kept = [order[0]]
+    current = scores[order[0]]
+    steps = []
+    bar = _bar(order[1:], len(order) - 1, "greedy soup", progress)
+    for i in bar:
+        cand, n = cks[i], len(kept)
+        trial = StateDict({k: ((total[k] + cand[k].to(acc[k])) / (n + 1)).to(dtypes[k])
+                           if dtypes[k].is_floating_point else total[k] for k in keys})
+        s = _score(evaluate(trial))
+        evaluations += 1
+        del trial
+        keep = _accepts(s, current, strict)
+        steps.append({"source": cand.source, "val_score": scores[i], "soup_score_before": current,
+                      "soup_score_with": s, "kept": keep})
+        if keep:
+            for k in keys:
+                if dtypes[k].is_floating_point:
+                    total[k].add_(cand[k].to(acc[k]))
+            kept.append(i)
+            current = s
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(kept=len(kept), score=f"{current:.4f}")
+    n = len(kept)
+    soup = StateDict({k: (total[k] / n).to(dtypes[k]) if dtypes[k].is_floating_point else total[k] for k in keys})
+    result = GreedyResult([c.source for c in cks], scores, order, kept, steps, ties, current, strict, evaluations)
+    prov = {"op": "greedy_soup", "coefficients": [1.0 / n] * n, "precision": precision,
+            "rule": ">" if strict else ">=",
+            "ingredients": [{"source": cks[i].source, "val_score": scores[i]} for i in kept],
+            "candidates": [{"source": cks[i].source, "val_score": scores[i], "kept": i in kept} for i in order],
+            "soup_val_score": current, "weightspace_version": __version__}
+    soup.provenance = finish_provenance(prov, [cks[i] for i in kept])
+    return soup, result
+
+
+def greedy_ensemble(logits: Sequence[Mapping[str, torch.Tensor]], val_scores: Sequence[float],
+                    score_logits: Callable[[dict[str, torch.Tensor]], float], *,
+                    strict: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Greedy ensemble from cached logits: best-first, keep a model if the mean-logit ensemble's score holds.
+
+    ``logits[i]`` is dataset → logits of model i; ``score_logits`` scores a {dataset: mean logits} mapping on
+    validation. Returns the kept models' mean logits and their indices. No forward passes.
+    """
+    order, _ = rank([float(s) for s in val_scores])
+    total = {k: v.to(torch.float64) for k, v in logits[order[0]].items()}
+    kept, current = [order[0]], float(val_scores[order[0]])
+    for i in order[1:]:
+        n = len(kept)
+        trial = {k: ((total[k] + logits[i][k].to(torch.float64)) / (n + 1)).float() for k in total}
+        s = _score(score_logits(trial))
+        if _accepts(s, current, strict):
+            for k in total:
+                total[k] += logits[i][k].to(torch.float64)
+            kept.append(i)
+            current = s
+    return {k: (v / len(kept)).float() for k, v in total.items()}, kept
+
+
+def mean_logits(logits: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The output ensemble: per dataset, the mean of every model's logits (accumulated in float64)."""
+    out = {k: v.to(torch.float64).clone() for k, v in logits[0].items()}
+    for lg in logits[1:]:
+        for k in out:
+            out[k] += lg[k].to(torch.float64)
+    return {k: (v / len(logits)).float() for k, v in out.items()}
+
+
+@dataclass
+class Leaderboard:
+    """Rows = methods, columns = datasets; each cell holds that method's metrics on that dataset."""
+
+    columns: list[str]
+    rows: list[dict]          # {"method", "kind", "metrics": {column: {metric: value}}, optional "detail"}
+    title: str = "leaderboard"
+    extra: dict = field(default_factory=dict)
+
+    def table(self, metric: str = "accuracy") -> tuple[list[str], list[list]]:
+        """Method × column table of one metric (for Markdown)."""
+        headers = ["method", *self.columns]
+        rows = [[r["method"], *[r["metrics"].get(c, {}).get(metric) for c in self.columns]] for r in self.rows]
+        return headers, rows
+
+    def long_table(self) -> tuple[list[str], list[list]]:
+        """Every metric of every column, one row per method (for CSV)."""
+        names: list[str] = []
+        for r in self.rows:
+            for c in self.columns:
+                names += [m for m in r["metrics"].get(c, {}) if m not in names]
+        headers = ["method", "kind"] + [f"{c}/{m}" for c in self.columns for m in names]
+        rows = [[r["method"], r.get("kind", "")] + [r["metrics"].get(c, {}).get(m) for c in self.columns for m in names]
+                for r in self.rows]
+        return headers, rows
+
+    def row(self, method: str) -> dict:
+        """The row of one method."""
+        for r in self.rows:
+            if r["method"] == method:
+                return r
+        raise KeyError(method)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"title": self.title, "columns": self.columns, "rows": self.rows, **self.extra}
+
+
+def _names(sources: Sequence[str]) -> list[str]:
+    short = [short_name(s) for s in sources]
+    # File stems clash when files of the same name sit in different folders: fall back to the full source.
+    return [s if short.count(s) == 1 else src for s, src in zip(short, sources)]
+
+
+def evaluate_each(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: bool = True) -> list[Any]:
+    """Evaluate each ingredient once (opened lazily, one at a time); returns what evaluate returned."""
+    out = []
+    for src in _bar(ingredients, len(ingredients), "evaluate", progress):
+        out.append(evaluate(load(src)))
+    return out
+
+
+def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: bool = True,
+                title: str = "leaderboard") -> Leaderboard:
+    """Rank checkpoints by evaluate's accuracy on its first dataset (ties in input order): rows = checkpoints."""
+    results = evaluate_each(ingredients, evaluate, progress=progress)
+    tables = [as_table(r) for r in results]
+    columns = list(tables[0])
+    order, ties = rank([_score(r) for r in results])
+    sources = [load(s).source if not isinstance(s, (str, bytes)) else str(s) for s in ingredients]
+    names = _names(sources)
+    rows = [{"method": names[i], "kind": "checkpoint", "rank": r + 1, "source": sources[i], "metrics": tables[i]}
+            for r, i in enumerate(order)]
+    return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties]})
+
+
+def _is_evaluator(obj: Any) -> bool:
+    return hasattr(obj, "metrics_from_logits") and isinstance(getattr(obj, "datasets", None), Mapping)
+
+
+def validation_view(evaluator: Any) -> Any:
+    """The same Evaluator (same model instance, same device-resident tensors) restricted to its first dataset."""
+    view = copy.copy(evaluator)  # shallow: shares the model and the data, so nothing is re-placed or re-built
+    first = next(iter(evaluator.datasets))
+    view.datasets = {first: evaluator.datasets[first]}
+    view.keep_logits = False
+    return view
+
+
+def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_evaluate: Evaluate | None = None,
+                     metrics_from_logits: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+                     strict: bool = False, progress: bool = True, title: str = "soup leaderboard",
+                     precision: str = "fp32") -> tuple[Leaderboard, dict[str, StateDict], GreedyResult]:
+    """Individual models, best individual on val, uniform soup, greedy soup, output and greedy ensembles.
+
+    ``evaluate(weights)`` returns Metrics over validation (first dataset) and the test sets; with
+    ``metrics_from_logits`` its Metrics must carry ``.logits`` (an Evaluator with keep_logits=True), and the two
+    ensemble rows are computed from those cached logits without further forward passes. ``val_evaluate``
+    (defaults to ``evaluate``) scores greedy candidates on validation only. Returns the leaderboard, the soups
+    {"uniform", "greedy"} and the greedy soup's decisions.
+    """
+    if not ingredients:
+        raise ConfigError("soup leaderboard: needs at least one ingredient")
+    if _is_evaluator(evaluate):
+        if metrics_from_logits is None and evaluate.keep_logits:
+            metrics_from_logits = evaluate.metrics_from_logits
+        if val_evaluate is None and len(evaluate.datasets) > 1:
+            val_evaluate = validation_view(evaluate)
+    results = evaluate_each(ingredients, evaluate, progress=progress)
+    tables = [as_table(r) for r in results]
+    columns = list(tables[0])
+    val = columns[0]
+    val_scores = [tables[i][val]["accuracy"] for i in range(len(tables))]
+    sources = [load(s).source for s in ingredients]
+    names = _names(sources)
+    rows: list[dict] = [{"method": names[i], "kind": "individual", "source": sources[i], "metrics": tables[i]}
+                        for i in range(len(tables))]
+    order, ties = rank(val_scores)
+    best = order[0]
+    rows.append({"method": "best individual (val)", "kind": "baseline", "detail": names[best],
+                 "metrics": tables[best]})
+
+    uniform = uniform_soup(list(ingredients), precision=precision)
+    rows.append({"method": "uniform soup", "kind": "soup", "detail": f"{len(ingredients)} ingredients",
+                 "metrics": as_table(evaluate(uniform))})
+    greedy, res = greedy_soup(ingredients, val_evaluate or evaluate, strict=strict, progress=progress,
+                              scores=val_scores, precision=precision)
+    rows.append({"method": "greedy soup", "kind": "soup", "detail": ", ".join(names[i] for i in res.kept),
+                 "metrics": as_table(evaluate(greedy))})
+
+    if metrics_from_logits is not None:
+        logits = [getattr(r, "logits", None) for r in results]
+        if any(lg is None for lg in logits):
+            raise ConfigError("soup leaderboard: ensembles need cached logits (an Evaluator with keep_logits=True)")
+        rows.append({"method": "output ensemble", "kind": "ensemble", "detail": f"{len(logits)} models",
+                     "metrics": as_table(metrics_from_logits(mean_logits(logits)))})
+        ens, kept = greedy_ensemble(logits, val_scores, lambda lg: metrics_from_logits({val: lg[val]}),
+                                    strict=strict)
+        rows.append({"method": "greedy ensemble", "kind": "ensemble", "detail": ", ".join(names[i] for i in kept),
+                     "metrics": as_table(metrics_from_logits(ens))})
+    extra = {"val": val, "greedy": res.to_dict(), "ties": [[names[i] for i in g] for g in ties],
+             "rule": ">" if strict else ">="}
+    return Leaderboard(columns, rows, title, extra), {"uniform": uniform, "greedy": greedy}, res
