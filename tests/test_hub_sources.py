@@ -108,7 +108,7 @@ def test_hub_through_cli_subprocess_with_env(hub_cache, trained_mlps, tmp_path):
     r = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     soup = st.load_file(out)
-    assert torch.allclose(soup["0.weight"], (trained_mlps[0]["0.weight"] + trained_mlps[1]["0.weight"]) / 2, rtol=1e-6)
+    assert torch.allclose(soup["head.weight"], (trained_mlps[0]["head.weight"] + trained_mlps[1]["head.weight"]) / 2, rtol=1e-6)
     r = subprocess.run(run[:5] + ["hf://org/c", "-o", str(tmp_path / "x.safetensors")], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2

@@ -100,6 +100,9 @@ def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str
         elif reg_hit:
             chain.append(f"'{reg_hit}'" + (f" (EMA weights '{ema_hit}' ignored; --ema picks them)" if ema_hit else ""))
             obj = obj[reg_hit]
+        elif ema_hit:  # only EMA weights are present: use them rather than keys prefixed with the container's name
+            chain.append(f"'{ema_hit}' (EMA, the only weights present)")
+            obj, took_ema = obj[ema_hit], True
         else:
             break
     flat, _ = _flatten(obj)
@@ -316,15 +319,20 @@ def _from_resolved(res: Resolved, ema: bool) -> Checkpoint:
         return ck
     merged: dict[str, torch.Tensor] = {}
     variant = ""
+    metadata: dict[str, str] = {}
     for f in res.files:
         if f.name.endswith(".safetensors"):
             reader = SafetensorsReader(f)
             merged.update({k: reader.read(k) for k in reader.tensors})
             continue
-        flat, variant = unwrap(load_pickle(f), str(f), ema)
+        obj = load_pickle(f)
+        if isinstance(obj, Mapping) and isinstance(obj.get("weightspace"), str):
+            metadata["weightspace"] = obj["weightspace"]  # provenance that saving.save wrote into a .pt
+        flat, variant = unwrap(obj, str(f), ema)
         merged.update(flat)
     ck = _from_tensors(res.source, merged, variant, res.files)
     ck.note = res.note
+    ck.metadata = metadata
     return ck
 
 

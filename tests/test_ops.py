@@ -1,0 +1,193 @@
+"""Streaming ops against numpy references, dtype handling, integer buffers, precision, and the in-memory Python API."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import safetensors.torch as st
+import torch
+from conftest import make_mlp
+
+import weightspace as ws
+from weightspace import ops
+
+
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy()
+
+
+def assert_matches(result: torch.Tensor, reference: np.ndarray) -> None:
+    """rtol 1e-6, with an absolute floor at float32 resolution of the tensor's scale (cancellation near zero)."""
+    scale = float(np.abs(reference).max()) or 1.0
+    np.testing.assert_allclose(np64(result), reference, rtol=1e-6, atol=scale * 2e-7)
+
+
+@pytest.fixture
+def mlp_files(tmp_path, trained_mlps):
+    paths = []
+    for i, sd in enumerate(trained_mlps):
+        p = tmp_path / f"mlp{i}.safetensors"
+        st.save_file(sd, p)
+        paths.append(p)
+    return paths
+
+
+def test_uniform_soup_equals_numpy_mean(mlp_files, trained_mlps):
+    soup = ws.uniform_soup(mlp_files)
+    assert sorted(soup) == sorted(trained_mlps[0])
+    for k, v in soup.items():
+        if not v.is_floating_point():
+            continue
+        assert v.dtype == torch.float32
+        assert_matches(v, np.mean([np64(sd[k]) for sd in trained_mlps], axis=0))
+    assert soup.provenance["op"] == "uniform_soup"
+    assert soup.provenance["coefficients"] == pytest.approx([1 / 3] * 3)
+    assert [i["source"] for i in soup.provenance["ingredients"]] == [str(p) for p in mlp_files]
+
+
+def test_weighted_average_normalises_weights(mlp_files, trained_mlps):
+    w = [2.0, 3.0, 5.0]
+    out = ws.weighted_average(mlp_files, w)
+    for k in ("features.0.weight", "features.1.running_var", "head.bias"):
+        ref = sum(wi * np64(sd[k]) for wi, sd in zip(w, trained_mlps)) / sum(w)
+        assert_matches(out[k], ref)
+    assert out.provenance["coefficients"] == pytest.approx([0.2, 0.3, 0.5])
+    assert out.provenance["weights_given"] == w
+    with pytest.raises(ws.ConfigError):
+        ws.weighted_average(mlp_files, [1.0, -1.0, 0.0])  # sums to zero
+
+
+def test_lerp_and_task_vector(mlp_files, trained_mlps):
+    a, b = trained_mlps[0], trained_mlps[1]
+    mid = ws.lerp(mlp_files[0], mlp_files[1], 0.3)
+    tv = ws.task_vector(mlp_files[1], mlp_files[0])
+    for k in a:
+        if a[k].is_floating_point():
+            assert_matches(mid[k], 0.7 * np64(a[k]) + 0.3 * np64(b[k]))
+            assert_matches(tv[k], np64(b[k]) - np64(a[k]))
+    assert mid.provenance["alpha"] == 0.3
+    assert tv.provenance["op"] == "task_vector"
+    # the endpoints are the inputs themselves
+    end = ws.lerp(mlp_files[0], mlp_files[1], 1.0)
+    assert all(torch.equal(end[k], b[k]) for k in b if b[k].is_floating_point())
+
+
+def test_integer_buffers_come_from_the_first_ingredient(trained_mlps):
+    sds = [dict(sd) for sd in trained_mlps]
+    for i, sd in enumerate(sds):
+        sd["features.1.num_batches_tracked"] = torch.tensor(10 * (i + 1))
+        sd["mask"] = torch.tensor([True, i % 2 == 0, False])
+    soup = ws.uniform_soup(sds)
+    assert soup["features.1.num_batches_tracked"].dtype == torch.int64
+    assert int(soup["features.1.num_batches_tracked"]) == 10  # the first's, not the mean 20
+    assert soup["mask"].dtype == torch.bool and soup["mask"].tolist() == [True, True, False]
+    # a shape mismatch in an integer buffer is still an error
+    sds[1]["features.1.num_batches_tracked"] = torch.tensor([20])
+    with pytest.raises(ws.IncompatibleCheckpoints, match="num_batches_tracked"):
+        ws.uniform_soup(sds)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** -7)])
+def test_half_precision_round_trip(tmp_path, trained_mlps, dtype, ulp):
+    paths = []
+    for i, sd in enumerate(trained_mlps):
+        p = tmp_path / f"h{i}.safetensors"
+        st.save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, p)
+        paths.append(p)
+    out = tmp_path / "soup.safetensors"
+    ws.save(ops.uniform_soup_stream(paths), out)
+    back = st.load_file(out)
+    halves = [st.load_file(p) for p in paths]
+    for k, v in back.items():
+        if not v.is_floating_point():
+            assert v.dtype == torch.int64
+            continue
+        assert v.dtype == dtype  # cast back to the stored dtype
+        ref = np.mean([np64(h[k]) for h in halves], axis=0)
+        # within one rounding of the stored dtype (plus float32 accumulation)
+        np.testing.assert_allclose(np64(v), ref, rtol=ulp, atol=ulp * float(np.abs(ref).max()) * 2 ** -4)
+
+
+def test_fp64_precision_is_exactly_rounded(tmp_path):
+    """With --precision fp64 a float32 soup is the float64 mean rounded once (≤ ½ ulp); fp32 accumulation is not."""
+    g = torch.Generator().manual_seed(7)
+    sds = [{"w": 1.0 + torch.randn(20000, generator=g) * 1e-3, "d": torch.randn(50, generator=g, dtype=torch.float64)}
+           for _ in range(7)]
+    ref64 = np.mean([np64(sd["w"]) for sd in sds], axis=0)
+
+    def ulps_off(t: torch.Tensor) -> np.ndarray:
+        got = t.numpy()
+        return np.abs(got.astype(np.float64) - ref64) / np.spacing(got)
+
+    fp64 = ws.uniform_soup(sds, precision="fp64")
+    fp32 = ws.uniform_soup(sds)
+    assert fp64["w"].dtype == torch.float32 and fp64.provenance["precision"] == "fp64"
+    assert ulps_off(fp64["w"]).max() <= 0.5 + 1e-6
+    assert ulps_off(fp32["w"]).max() > 0.5 + 1e-6  # the option changes results, so it is really in effect
+    # a float64 tensor stays float64 and is accumulated in float64 even at precision fp32
+    assert fp32["d"].dtype == torch.float64
+    np.testing.assert_allclose(fp32["d"].numpy(), np.mean([sd["d"].numpy() for sd in sds], axis=0), rtol=1e-12)
+    with pytest.raises(ws.ConfigError):
+        ws.uniform_soup(sds, precision="fp8")
+
+
+def test_mixed_float_dtypes_follow_the_first(trained_mlps):
+    a = trained_mlps[0]
+    b = {k: v.half() if v.is_floating_point() else v for k, v in trained_mlps[1].items()}
+    soup = ws.uniform_soup([a, b])
+    assert soup["head.weight"].dtype == torch.float32
+    assert_matches(soup["head.weight"], (np64(a["head.weight"]) + np64(b["head.weight"])) / 2)
+
+
+def test_python_api_accepts_state_dicts_and_modules(trained_mlps, digits):
+    models = []
+    for sd in trained_mlps:
+        m = make_mlp()
+        m.load_state_dict(sd)
+        models.append(m.eval())
+    soup = ws.uniform_soup([trained_mlps[0], trained_mlps[1]])
+    assert [i["source"] for i in soup.provenance["ingredients"]] == ["<state dict>", "<state dict>"]
+    assert all(len(i["sha256"]) == 64 for i in soup.provenance["ingredients"])
+    mid = ws.lerp(models[0], models[1], 0.3)
+    for k, v in mid.items():
+        if v.is_floating_point():
+            assert_matches(v, 0.7 * np64(trained_mlps[0][k]) + 0.3 * np64(trained_mlps[1][k]))
+    # the soup of fine-tunes of one init is a working model on the real data it was trained on
+    x, y = digits
+    net = make_mlp()
+    net.load_state_dict(ws.uniform_soup(models))
+    with torch.no_grad():
+        acc = (net.eval()(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.85, acc
+
+
+def test_distance_matches_numpy(trained_mlps):
+    a, b = trained_mlps[0], trained_mlps[1]
+    keys = [k for k in sorted(a) if a[k].is_floating_point()]
+    va = np.concatenate([np64(a[k]).ravel() for k in keys])
+    vb = np.concatenate([np64(b[k]).ravel() for k in keys])
+    r = ws.distance(a, b, per_module=True, depth=2)
+    t = r["total"]
+    assert t["l2"] == pytest.approx(np.linalg.norm(va - vb), rel=1e-9)
+    assert t["relative"] == pytest.approx(np.linalg.norm(va - vb) / np.linalg.norm(va), rel=1e-9)
+    assert t["cosine"] == pytest.approx(va @ vb / np.linalg.norm(va) / np.linalg.norm(vb), rel=1e-9)
+    assert t["numel"] == va.size
+    mods = {m["module"]: m for m in r["modules"]}
+    assert set(mods) == {"features.0", "features.1", "head"}
+    assert sum(m["l2"] ** 2 for m in mods.values()) == pytest.approx(t["l2"] ** 2, rel=1e-9)
+    hw = np64(a["head.weight"]) - np64(b["head.weight"])
+    hb = np64(a["head.bias"]) - np64(b["head.bias"])
+    assert mods["head"]["l2"] == pytest.approx(math.sqrt((hw ** 2).sum() + (hb ** 2).sum()), rel=1e-9)
+    by_regex = ws.distance(a, b, regex=r"^(\w+)\.")
+    assert {m["module"] for m in by_regex["modules"]} == {"features", "head"}
+    same = ws.distance(a, a)["total"]
+    assert same["l2"] == 0.0 and same["cosine"] == pytest.approx(1.0)
+
+
+def test_stream_knows_its_output_before_reading_data(mlp_files, trained_mlps):
+    stream = ops.uniform_soup_stream(mlp_files)
+    assert [e[0] for e in stream.entries] == sorted(trained_mlps[0])
+    assert dict((k, (d, s)) for k, d, s in stream.entries)["head.weight"] == (torch.float32, (10, 32))
+    got = dict(stream)
+    assert torch.allclose(got["head.bias"], sum(sd["head.bias"] for sd in trained_mlps) / 3, rtol=1e-6, atol=1e-7)
