@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,13 +55,19 @@ def load_pickle(path: Path) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "it needs objects beyond tensors")
-        raise UnsafeCheckpoint(f"{path}: refused to unpickle: {detail}; {_convert_hint(path)}") from None
+        # torch's text suggests allow-listing the global; we name it and say how to convert instead
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        operand = re.search(r"Unsupported operand \d+", str(e))
+        if operand and not found:  # not a pickle at all: converting would not help
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a pickle: {operand.group(0)})") from None
+        detail = f"it needs {found.group(1)}" if found else "it needs objects beyond tensors"
+        raise UnsafeCheckpoint(f"{path}: refused to unpickle: {detail}, and weights_only=True loads only tensors and "
+                               f"plain containers; {_convert_hint(path)}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = " ".join(str(e).split())
+        msg = re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else type(e).__name__  # first sentence only
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
 
 

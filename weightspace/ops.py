@@ -100,7 +100,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+    # disable=None: no bar when stderr is not a terminal, so logs and captured stderr hold only the messages
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False, disable=None)
 
 
 def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
