@@ -65,9 +65,11 @@ def load_pickle(path: Path) -> Any:
                                f"plain containers; {_convert_hint(path)}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 — the weights-only unpickler fails on junk with any error type (IndexError, ...)
         text = " ".join(str(e).split())
-        msg = re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else type(e).__name__  # first sentence only
+        msg = re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else ""  # first sentence only
+        if not isinstance(e, (RuntimeError, OSError)):
+            msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
 
 
