@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "interpolate": "weightspace_cli.interpolate:interpolate",
     "distance": "weightspace_cli.distance:distance",
     "demo": "weightspace_cli.demo:demo",
+    "push": "weightspace_cli.push:push",
     "merge": "weightspace_cli.merge:merge",
 }
 HELP: dict[str, str] = {
@@ -23,6 +24,7 @@ HELP: dict[str, str] = {
     "interpolate": "Interpolate two checkpoints: one point, or a barrier curve with evaluation.",
     "distance": "L2 distance, relative distance and cosine between two checkpoints.",
     "demo": "Train small real models on real data, then soups, leaderboards and barrier curves.",
+    "push": "Push a checkpoint to the Hugging Face Hub with a model card and a timm/open_clip config.",
     "merge": "Merge fine-tunes of one base: task arithmetic or TIES.",
 }
 

@@ -1,0 +1,615 @@
+"""Push a checkpoint to the Hugging Face Hub with a model card and the config that lets timm or open_clip load it.
+
+Everything goes through huggingface_hub (``HfApi.create_repo`` + one ``create_commit``); no HTTP is written here.
+The folder that is pushed is built first (``build_folder``), so ``dry_run_dir`` shows exactly what would be uploaded:
+
+    model.safetensors            the weights (open_clip_model.safetensors for open_clip, the name open_clip looks for)
+    config.json                  timm: architecture, num_classes, num_features, pretrained_cfg
+    open_clip_config.json        open_clip: model_cfg, preprocess_cfg
+    README.md                    model card: YAML front matter, method and paper, ingredients, scores, leaderboard
+    curve.png                    the barrier curve of the run folder, when there is one
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import __version__
+from .checkpoint import Checkpoint, load, load_pickle
+from .errors import OutputExists, WeightspaceError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = {"timm": "model.safetensors", "pytorch": "model.safetensors",
+                "open_clip": "open_clip_model.safetensors"}
+
+_SOUPS = ("Wortsman et al. 2022", "Model soups: averaging weights of multiple fine-tuned models improves accuracy "
+          "without increasing inference time", "ICML 2022", "https://arxiv.org/abs/2203.05482")
+_TASK_ARITHMETIC = ("Ilharco et al. 2023", "Editing Models with Task Arithmetic", "ICLR 2023",
+                    "https://arxiv.org/abs/2212.04089")
+_TIES = ("Yadav et al. 2023", "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
+         "https://arxiv.org/abs/2306.01708")
+_LMC = ("Frankle et al. 2020", "Linear Mode Connectivity and the Lottery Ticket Hypothesis", "ICML 2020",
+        "https://arxiv.org/abs/1912.05671")
+
+# provenance "op" -> (title, what it does, paper)
+METHODS: dict[str, tuple[str, str, tuple[str, str, str, str]]] = {
+    "uniform_soup": ("Uniform soup", "the plain mean of the ingredients' weights", _SOUPS),
+    "greedy_soup": ("Greedy soup", "ingredients sorted by held-out validation accuracy and added one at a time, "
+                    "kept only when the soup's validation accuracy does not drop; the kept ones are averaged", _SOUPS),
+    "weighted_average": ("Weighted soup", "a weighted mean of the ingredients' weights", _SOUPS),
+    "lerp": ("Linear interpolation", "(1−α)·θ_A + α·θ_B between two checkpoints", _LMC),
+    "task_vector": ("Task vector", "τ = θ_fine-tuned − θ_base", _TASK_ARITHMETIC),
+    "task_arithmetic": ("Task arithmetic", "θ_base + λ·Σ τ_t, the sum of the task vectors added to the base",
+                        _TASK_ARITHMETIC),
+    "ties": ("TIES-merging", "each task vector trimmed to its largest magnitudes, signs elected per parameter, "
+             "then a disjoint mean added to the base", _TIES),
+}
+_MERGES = set(METHODS)
+_SCORE_SKIP = {"source", "sha256", "variant", "role"}
+_RESULT_KEYS = ("source", "path", "checkpoint", "file")
+
+
+class HubError(WeightspaceError):
+    """Pushing to the Hub failed: no token, token refused, bad repo name, Hub unreachable."""
+
+
+@dataclass
+class PushResult:
+    """What was (or, for a dry run, would be) pushed."""
+
+    repo_id: str
+    revision: str
+    library: str
+    files: list[str]
+    dry_run: bool
+    folder: str | None = None           # the dry-run folder
+    url: str | None = None              # the repo's URL after a push
+    commit: str | None = None           # the commit id after a push
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+# --- weights and provenance ---------------------------------------------------------------------------------------
+
+def _pickle_provenance(ck: Checkpoint) -> dict | None:
+    """weightspace writes .pt files as {"state_dict": ..., "weightspace": json}; safetensors keep it in metadata."""
+    if len(ck.files) != 1 or ck.files[0].suffix not in (".pt", ".pth", ".bin"):
+        return None
+    with contextlib.suppress(WeightspaceError, AttributeError, ValueError, TypeError):
+        raw = load_pickle(ck.files[0])
+        if isinstance(raw, Mapping) and isinstance(raw.get("weightspace"), str):
+            return json.loads(raw["weightspace"])
+    return None
+
+
+def _write_weights(source: Any, dest: Path) -> Checkpoint:
+    """Write the weights as safetensors at dest: a plain safetensors file is copied byte for byte, the rest via save."""
+    from .ops import TensorStream
+    from .saving import save
+    from .storage import SafetensorsReader
+    if isinstance(source, (TensorStream, Mapping)) and not isinstance(source, Checkpoint):
+        save(source, dest)
+        return load(dest)
+    if hasattr(source, "state_dict") and not isinstance(source, Checkpoint):  # an nn.Module
+        save(source, dest)
+        return load(dest)
+    ck = load(source)
+    if len(ck.files) == 1 and ck.files[0].suffix == ".safetensors" and not ck.variant:
+        reader = SafetensorsReader(ck.files[0])
+        same_keys = set(reader.tensors) == set(ck)
+        reader.close()
+        if same_keys:  # keys need no normalising: upload the user's file itself, so its sha256 stays the same
+            shutil.copyfile(ck.files[0], dest)
+            return load(dest)
+    save(ck, dest, provenance=_pickle_provenance(ck))
+    return load(dest)
+
+
+# --- which library can load it ------------------------------------------------------------------------------------
+
+def _spec_query(spec: str) -> tuple[str, dict[str, str]]:
+    from urllib.parse import parse_qsl
+    name, _, q = spec.partition("?")
+    return name, dict(parse_qsl(q))
+
+
+def _find_key(obj: Any, key: str) -> list[Any]:
+    """Every value stored under ``key`` anywhere in a JSON document."""
+    out = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if k == key:
+                out.append(v)
+            out += _find_key(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _find_key(v, key)
+    return out
+
+
+def infer_model_config(prov: Mapping, results: Mapping | None) -> tuple[dict | None, str]:
+    """A timm/open_clip model config from the ingredients' sources or the run's ``--model``; and where it came from."""
+    sources = [str(i.get("source", "")) for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
+    for s in sources:
+        if s.startswith("timm:"):
+            name, q = _spec_query(s[5:])
+            cfg: dict = {"architecture": name}
+            if "num_classes" in q:
+                cfg["num_classes"] = int(q["num_classes"])
+            return cfg, f"ingredient source {s.split('?')[0]}"
+        if s.startswith("open_clip:"):
+            arch = s[len("open_clip:"):].split("/", 1)[0]
+            return {"open_clip_arch": arch}, f"ingredient source open_clip:{arch}"
+    if results:
+        for spec in _find_key(results, "model"):
+            if not isinstance(spec, str):
+                continue
+            n = next((int(v) for v in _find_key(results, "num_classes") if isinstance(v, int)), None)
+            if spec.startswith("timm:"):
+                name, q = _spec_query(spec[5:])
+                cfg = {"architecture": name}
+                if n or "num_classes" in q:
+                    cfg["num_classes"] = int(q.get("num_classes", n))
+                return cfg, f"results.json --model {spec}"
+            if spec.startswith("open_clip:"):
+                return {"open_clip_arch": spec[len("open_clip:"):].split("/", 1)[0]}, f"results.json --model {spec}"
+    return None, ""
+
+
+def _key_mismatch(expected: Mapping[str, tuple], ck: Checkpoint) -> str:
+    missing = sorted(set(expected) - set(ck))
+    extra = sorted(set(ck) - set(expected))
+    shapes = [k for k in sorted(set(expected) & set(ck)) if tuple(ck.info(k)[1]) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:3])})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {list(ck.info(k)[1])}, "
+                     f"model {list(expected[k])})")
+    return "; ".join(parts)
+
+
+def _classifier_classes(arch: str, ck: Checkpoint) -> int | None:
+    import timm
+    cfg = timm.models.get_pretrained_cfg(arch)
+    names = [getattr(cfg, "classifier", None)] if cfg is not None else []
+    for name in [n for n in names if isinstance(n, str)] + ["fc", "head.fc", "head", "classifier"]:
+        if f"{name}.weight" in ck:
+            return int(ck.info(f"{name}.weight")[1][0])
+    return None
+
+
+def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
+    """config.json for ``timm.create_model("hf-hub:...")``, written by timm's own exporter from a meta-device model."""
+    import torch
+    import timm
+    from timm.models import split_model_name_tag
+    from timm.models._hub import save_config_for_hf
+    arch, tag = split_model_name_tag(str(cfg["architecture"]))
+    if arch not in timm.list_models():
+        raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
+    n = cfg.get("num_classes") or _classifier_classes(arch, ck)
+    kwargs = {"num_classes": int(n)} if n is not None else {}
+    with torch.device("meta"):  # no memory, no init time: only names, shapes and the pretrained_cfg are needed
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = _key_mismatch(expected, ck)
+    if bad:
+        raise HubError(f"the checkpoint does not fit timm '{arch}' with num_classes={model.num_classes}: {bad}")
+    pretrained = dict(cfg.get("pretrained_cfg") or {})
+    pretrained.setdefault("tag", base_tag or tag or "weightspace")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.json"
+        save_config_for_hf(model, path, model_config={"pretrained_cfg": pretrained})
+        out = json.loads(path.read_text())
+    if not (base_tag and base_tag == model.pretrained_cfg.get("tag")):
+        # These describe timm's own pretrained weights, which this checkpoint is not.
+        for k in ("license", "origin_url", "paper_ids", "paper_name", "description", "notes"):
+            out["pretrained_cfg"].pop(k, None)
+    for k in ("num_features", "global_pool"):
+        if k in cfg:
+            out[k] = cfg[k]
+    return out
+
+
+def open_clip_config(cfg: dict, ck: Checkpoint) -> dict:
+    """open_clip_config.json ({"model_cfg", "preprocess_cfg"}) for ``open_clip.create_model("hf-hub:...")``."""
+    import open_clip
+    import torch
+    arch = cfg.get("open_clip_arch")
+    model_cfg = cfg.get("model_cfg") or (open_clip.get_model_config(arch) if arch else None)
+    if not model_cfg:
+        raise HubError(f"open_clip architecture '{arch}' is unknown to open_clip {open_clip.__version__}")
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded, which is the point here
+        try:
+            with torch.device("meta"):
+                model = open_clip.create_model(f"local-dir:{d}", load_weights=False, device="meta")
+        finally:
+            root.setLevel(level)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = _key_mismatch(expected, ck)
+    if bad:
+        raise HubError(f"the checkpoint does not fit open_clip '{arch or 'model_cfg'}': {bad}")
+    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    preprocess = {"mean": list(getattr(model.visual, "image_mean", pp.get("mean"))),
+                  "std": list(getattr(model.visual, "image_std", pp.get("std")))}
+    for k in ("interpolation", "resize_mode"):
+        if k in pp:
+            preprocess[k] = pp[k]
+    preprocess.update(cfg.get("preprocess_cfg") or {})
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+
+
+def base_models(prov: Mapping) -> list[str]:
+    """Hub repos the ingredients were loaded from (hf://, hf-hub:, timm and open_clip pretrained tags)."""
+    out: list[str] = []
+    for ing in prov.get("ingredients", []):
+        s = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
+        repo = None
+        if s.startswith(("hf://", "hf-hub:")):
+            from .sources import parse_hub
+            with contextlib.suppress(WeightspaceError):
+                repo = parse_hub(s.split(":", 1)[1].lstrip("/"))[0]
+        elif s.startswith("timm:") and "file" not in _spec_query(s[5:])[1]:
+            import timm
+            cfg = timm.models.get_pretrained_cfg(_spec_query(s[5:])[0])
+            repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        elif s.startswith("open_clip:") and "/" in s:
+            import open_clip
+            arch, tag = s[len("open_clip:"):].split("/", 1)
+            repo = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or None
+        if repo and repo.strip("/") not in out:
+            out.append(repo.strip("/"))
+    return out
+
+
+# --- run folder and model card ------------------------------------------------------------------------------------
+
+@dataclass
+class RunFolder:
+    """What an evaluation run folder (``--out DIR``) holds; every part is optional."""
+
+    path: Path | None = None
+    results: dict | None = None
+    leaderboard: list[list[str]] | None = None
+    curve: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_run_folder(path: str | os.PathLike | None) -> RunFolder:
+    """Read results.json, leaderboard.csv and curve.png from a run folder, tolerating any of them being absent."""
+    if path is None:
+        return RunFolder()
+    p = Path(path)
+    if not p.is_dir():
+        raise HubError(f"{p}: --card-from must be a run folder (written by --out DIR)")
+    run = RunFolder(p)
+    if (p / "results.json").is_file():
+        try:
+            run.results = json.loads((p / "results.json").read_text())
+        except ValueError as e:
+            run.notes.append(f"{p / 'results.json'}: not valid JSON ({e}); left out of the card")
+    if (p / "leaderboard.csv").is_file():
+        with open(p / "leaderboard.csv", newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        run.leaderboard = rows or None
+    if (p / "curve.png").is_file():
+        run.curve = p / "curve.png"
+    if run.results is None and run.leaderboard is None and run.curve is None:
+        run.notes.append(f"{p}: holds none of results.json, leaderboard.csv, curve.png; the card has no scores")
+    return run
+
+
+def _display(source: str) -> str:
+    """How a source appears on the card: local paths shortened to the file name (a reader cannot open them)."""
+    name, q = _spec_query(source)
+    if "file" in q:
+        return f"{name} (weights {Path(q['file']).name})"
+    if ":" in source.split("/")[0] and not Path(source).exists():
+        return source
+    return Path(source).name or source
+
+
+def _flat_scores(d: Mapping, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if k in _SCORE_SKIP or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+        elif isinstance(v, Mapping):
+            out.update(_flat_scores(v, f"{prefix}{k} "))
+    return out
+
+
+def _scores_from_results(results: Any, source: str) -> dict[str, float]:
+    """Numeric fields of the results.json entries that describe this ingredient (matched by source or file name)."""
+    found: dict[str, float] = {}
+    if isinstance(results, Mapping):
+        for key in _RESULT_KEYS:
+            v = results.get(key)
+            if isinstance(v, str) and (v == source or Path(v).name == Path(source).name):
+                found.update(_flat_scores(results))
+                break
+        for v in results.values():
+            found.update({k: s for k, s in _scores_from_results(v, source).items() if k not in found})
+    elif isinstance(results, list):
+        for v in results:
+            found.update({k: s for k, s in _scores_from_results(v, source).items() if k not in found})
+    return found
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(_fmt(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ingredient_table(prov: Mapping, run: RunFolder) -> str:
+    ings = [i for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
+    coeffs = prov.get("coefficients") or []
+    rows, score_cols = [], []
+    per = []
+    for i, ing in enumerate(ings):
+        source = str(ing.get("source", "?"))
+        scores = _flat_scores(ing)
+        if run.results is not None:
+            scores.update({k: v for k, v in _scores_from_results(run.results, source).items() if k not in scores})
+        per.append(scores)
+        score_cols += [k for k in scores if k not in score_cols]
+    extra_cols = [c for c in ("role", "variant") if any(c in ing for ing in ings)]
+    headers = ["#", "source", "sha256"] + (["coefficient"] if coeffs else []) + extra_cols + score_cols
+    for i, ing in enumerate(ings):
+        row: list[Any] = [i + 1, f"`{_display(str(ing.get('source', '?')))}`", f"`{ing.get('sha256', '')}`"]
+        if coeffs:
+            row.append(float(coeffs[i]) if i < len(coeffs) else "")
+        row += [ing.get(c, "") for c in extra_cols]
+        row += [per[i].get(c, "") for c in score_cols]
+        rows.append(row)
+    return _table(headers, rows)
+
+
+def _front_matter(library: str, base: list[str], op: str) -> str:
+    import yaml
+    meta: dict[str, Any] = {"library_name": library, "tags": ["weightspace", "model-soup"]}
+    if library == "timm":
+        meta["tags"] += ["timm", "image-classification"]
+        meta["pipeline_tag"] = "image-classification"
+    elif library == "open_clip":
+        meta["tags"] += ["open_clip", "clip"]
+        meta["pipeline_tag"] = "zero-shot-image-classification"
+    if base:
+        meta["base_model"] = base[0] if len(base) == 1 else base
+        if op in _MERGES:
+            meta["base_model_relation"] = "merge"
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def model_card(repo_id: str, prov: Mapping, library: str, run: RunFolder, base: list[str],
+               config_source: str, weights_name: str) -> str:
+    """README.md: front matter, method and paper, ingredients, scores, leaderboard, curve, usage, raw provenance."""
+    op = str(prov.get("op", ""))
+    title, what, paper = METHODS.get(op, (op.replace("_", " ").capitalize() or "Checkpoint", "", None))
+    n = len(prov.get("ingredients", []) or [])
+    out = [_front_matter(library, base, op), f"# {repo_id.split('/')[-1]}", ""]
+    made = f"{title} of {n} checkpoint{'s' if n != 1 else ''}" if n else title
+    out += [f"{made}, made with weightspace {prov.get('weightspace_version', __version__)}.", "", "## Method", ""]
+    if what:
+        out.append(f"**{title}**: {what}.")
+    if paper:
+        out.append(f"Paper: {paper[0]}, *{paper[1]}*, {paper[2]} ({paper[3]}).")
+    details = {k: prov[k] for k in ("alpha", "rule", "keep", "lambda", "scale", "precision", "soup_val_score")
+               if k in prov}
+    if details:
+        out += ["", ", ".join(f"{k}: `{_fmt(v)}`" for k, v in details.items())]
+    if prov.get("ingredients"):
+        out += ["", "## Ingredients", "", _ingredient_table(prov, run)]
+    cands = [c for c in prov.get("candidates", []) if isinstance(c, Mapping)]
+    if cands:
+        out += ["", "Greedy decisions, best validation score first:", "",
+                _table(["candidate", "val score", "kept"],
+                       [[f"`{_display(str(c.get('source')))}`", c.get("val_score", ""), "yes" if c.get("kept") else "no"]
+                        for c in cands])]
+    if run.leaderboard:
+        out += ["", "## Leaderboard", "", _table(run.leaderboard[0], run.leaderboard[1:])]
+    if run.results is not None:
+        scalars = {k: v for k, v in run.results.items()
+                   if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+        if scalars:
+            out += ["", "## Run", "", _table(["setting", "value"], [[k, v] for k, v in list(scalars.items())[:20]])]
+    if run.curve is not None:
+        out += ["", "## Barrier curve", "", "![barrier curve: accuracy and loss along the interpolation](curve.png)"]
+    out += ["", "## Usage", ""]
+    if library == "timm":
+        out += ["```python", "import timm", f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)', "```"]
+    elif library == "open_clip":
+        out += ["```python", "import open_clip",
+                f'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{repo_id}")', "```"]
+    else:
+        out += ["```python", "from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file",
+                f'state_dict = load_file(hf_hub_download("{repo_id}", "{weights_name}"))', "```"]
+    out += ["", "or with weightspace: `weightspace inspect hf://" + repo_id + "`"]
+    if config_source:
+        out += ["", f"The {library} config was derived from the {config_source}."]
+    out += ["", "<details><summary>Provenance (the <code>weightspace</code> metadata of the weights file)</summary>",
+            "", "```json", json.dumps(prov, indent=1, sort_keys=True, default=str), "```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+# --- folder and push ----------------------------------------------------------------------------------------------
+
+def _validate_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1:
+        raise HubError(f"{repo_id}: invalid repository name (expected NAME or ORG/NAME)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"{repo_id}: invalid repository name ({str(e).splitlines()[0]})") from None
+
+
+def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLike, *,
+                 card_from: str | os.PathLike | None = None, model_config: Mapping | None = None) -> PushResult:
+    """Write what would be pushed into an existing empty ``folder``: weights, config, README.md, curve.png."""
+    folder = Path(folder)
+    run = read_run_folder(card_from)
+    notes = list(run.notes)
+    tmp_weights = folder / "weights.safetensors"
+    ck = _write_weights(checkpoint_or_path, tmp_weights)
+    prov = ck.provenance or {}
+    if not prov:
+        notes.append("the checkpoint carries no weightspace provenance: the card lists no method or ingredients")
+    explicit = dict(model_config) if model_config else None
+    cfg, config_source = (explicit, "given model config") if explicit else infer_model_config(prov, run.results)
+    library = "pytorch"
+    configs: dict[str, dict] = {}
+    base_tag = None
+    base = base_models(prov)
+    if cfg is not None:
+        kind = cfg.get("library") or ("open_clip" if ("model_cfg" in cfg or "open_clip_arch" in cfg) else "timm")
+        try:
+            if kind == "timm":
+                if "architecture" not in cfg:
+                    raise HubError("a timm model config needs 'architecture'")
+                srcs = [str(i.get("source", "")) for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
+                if srcs and all(s.startswith("timm:") and "file" not in _spec_query(s[5:])[1] for s in srcs):
+                    from timm.models import split_model_name_tag
+                    base_tag = split_model_name_tag(_spec_query(srcs[0][5:])[0])[1] or None
+                configs["config.json"] = timm_config(cfg, ck, base_tag)
+            elif kind == "open_clip":
+                configs["open_clip_config.json"] = open_clip_config(cfg, ck)
+            else:
+                raise HubError(f"model config library '{kind}': expected timm or open_clip")
+            library = kind
+        except HubError as e:
+            if explicit:
+                raise HubError(f"{repo_id}: {e}") from None
+            # An inferred config that does not fit (e.g. an image tower + head) is only a missed convenience.
+            notes.append(f"no {kind} config written ({config_source}): {e}")
+    ck.close()
+    weights_name = WEIGHTS_NAME[library]
+    os.replace(tmp_weights, folder / weights_name)
+    for name, data in configs.items():
+        (folder / name).write_text(json.dumps(data, indent=2) + "\n")
+    if run.curve is not None:
+        shutil.copyfile(run.curve, folder / "curve.png")
+    card = model_card(repo_id, prov, library, run, base, config_source if library != "pytorch" else "",
+                      weights_name)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    files = sorted(p.name for p in folder.iterdir())
+    return PushResult(repo_id, "main", library, files, dry_run=True, notes=notes)
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _hub_error(repo_id: str, e: Exception, token: str | None) -> HubError:
+    """One line naming the repo and what to do; the token never appears in it."""
+    from huggingface_hub.errors import HfHubHTTPError
+    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
+    server = getattr(e, "server_message", None) or ""
+    server = _scrub(str(server).strip().splitlines()[0] if str(server).strip() else "", token)
+    if status == 401:
+        msg = ("the Hub refused the token (401 Unauthorized): set a valid write token in HF_TOKEN or log in with "
+               "`hf auth login`")
+    elif status == 403:
+        msg = f"the token may not write there (403 Forbidden{': ' + server if server else ''})"
+    elif status == 400:
+        msg = f"the Hub rejected the request (400{': ' + server if server else ''}); is the repository name valid?"
+    elif status is not None:
+        msg = f"the Hub answered {status}{': ' + server if server else ''}"
+    else:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = f"cannot reach the Hub ({type(e).__name__}: {_scrub(first, token)})"
+    return HubError(f"{repo_id}: {msg}")
+
+
+def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False, revision: str = "main",
+                card_from: str | os.PathLike | None = None, token: str | None = None,
+                dry_run_dir: str | os.PathLike | None = None, model_config: Mapping | None = None,
+                commit_message: str | None = None, force: bool = False) -> PushResult:
+    """Push a checkpoint with its model card (and timm/open_clip config) to ``repo_id``; or write it to dry_run_dir.
+
+    ``model_config`` overrides what is inferred from the provenance and the run folder: for timm
+    ``{"architecture": "resnet18", "num_classes": 10[, "pretrained_cfg": {...}]}``, for open_clip
+    ``{"open_clip_arch": "ViT-B-32"}`` or ``{"model_cfg": {...}[, "preprocess_cfg": {...}]}``.
+    The token comes from ``token``, else from huggingface_hub's usual places (HF_TOKEN, stored login).
+    """
+    _validate_repo_id(repo_id)
+    if not revision or not isinstance(revision, str):
+        raise HubError(f"{repo_id}: --revision must be a branch name")
+    if dry_run_dir is not None:
+        target = Path(dry_run_dir)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+            raise OutputExists(f"{target}: already exists and is not empty (use --force to replace it)")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise HubError(f"{target}: folder {parent} does not exist")
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+        try:
+            result = build_folder(checkpoint_or_path, repo_id, staging, card_from=card_from, model_config=model_config)
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(staging, target)  # the folder appears whole or not at all
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        result.revision, result.folder = revision, str(target)
+        return result
+
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or use --dry-run DIR)")
+    token = token or get_token()
+    if not token:
+        raise HubError(f"{repo_id}: no Hugging Face token found: set HF_TOKEN or run `hf auth login` "
+                       f"(or use --dry-run DIR to see what would be pushed)")
+    with tempfile.TemporaryDirectory(prefix="ws-push-") as d:
+        result = build_folder(checkpoint_or_path, repo_id, d, card_from=card_from, model_config=model_config)
+        api = HfApi(token=token)
+        message = commit_message or f"Upload {result.library} checkpoint with weightspace {__version__}"
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            full_id = url.repo_id or repo_id  # a bare NAME lands in the token owner's namespace
+            if revision != "main":
+                api.create_branch(full_id, branch=revision, exist_ok=True, repo_type="model")
+            ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(d) / name)) for name in result.files]
+            info = api.create_commit(full_id, ops, commit_message=message, revision=revision, repo_type="model")
+        except Exception as e:
+            # huggingface_hub's HTTP client (httpx) raises its own transport errors, not OSError.
+            transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2")
+            if isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError)) or transport:
+                raise _hub_error(repo_id, e, token) from None
+            if isinstance(e, ValueError):  # the client's own checks (e.g. README metadata the Hub calls invalid)
+                raise HubError(f"{repo_id}: {_scrub(str(e).strip().splitlines()[0], token)}") from None
+            raise
+    result.repo_id, result.revision, result.dry_run = full_id, revision, False
+    result.url, result.commit = str(url), info.oid
+    return result
