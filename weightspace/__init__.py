@@ -18,12 +18,13 @@ from .ops import (StateDict, TensorStream, distance, lerp, task_vector, uniform_
                   weighted_average)
 from .saving import save  # noqa: E402
 from .merge import task_arithmetic, ties_merge  # noqa: E402
+from .analysis.align import align  # noqa: E402
 from .hub import HubError, PushResult, push_to_hub  # noqa: E402
 
 __all__ = [
     "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",
     "StateDict", "TensorStream",
-    "task_arithmetic", "ties_merge",
+    "task_arithmetic", "ties_merge", "align",
     "push_to_hub", "PushResult", "HubError",
     "WeightspaceError", "CheckpointError", "SourceError", "UnsafeCheckpoint", "IncompatibleCheckpoints",
     "NonFiniteError", "OutputExists", "ConfigError",

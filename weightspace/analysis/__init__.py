@@ -1,0 +1,1 @@
+"""Analyses built on the weight-space core: one concept per module (``align``: Git Re-Basin permutation alignment)."""
