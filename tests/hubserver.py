@@ -45,9 +45,9 @@ def _valid_name(name: str) -> bool:
 class HubError(Exception):
     """An HTTP error answer: status, message, optional X-Error-Code."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
 
 class HubState:
@@ -126,7 +126,8 @@ class HubState:
         repo_id = f"{org}/{name}"
         with self.lock:
             if (self.repo_dir(repo_id) / "repo.json").is_file():
-                raise HubError(409, "You already created this model repo")
+                # The real Hub names the existing repo's URL; create_repo(exist_ok=True) reads it.
+                raise HubError(409, "You already created this model repo", extra={"url": f"{self.endpoint}/{repo_id}"})
             self.repo_dir(repo_id).mkdir(parents=True)
             meta = {"private": body.get("visibility") == "private" or bool(body.get("private")),
                     "branches": {}, "commits": []}
@@ -302,7 +303,7 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": e.message}
         if e.code:
             headers["X-Error-Code"] = e.code
-        self._reply(e.status, {"error": e.message}, headers, head)
+        self._reply(e.status, {"error": e.message, **e.extra}, headers, head)
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)

@@ -67,10 +67,17 @@ def _train_and_soup(d: Path) -> dict:
         model.load_state_dict(init)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         model.train()
-        for idx in train[torch.randperm(len(train))][: 8 * 64].split(64):
+        for idx in train[torch.randperm(len(train))][: 10 * 64].split(64):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+        # Ten steps leave BatchNorm's running averages far behind the weights: re-estimate them (as update_bn does).
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        with torch.no_grad():
+            model(x[train[:512]])
         paths.append(d / f"ft{seed}.safetensors")
         ws.save(model, paths[-1])
     soup_timm = ws.save(ops.uniform_soup_stream([f"timm:resnet18?file={p}" for p in paths]), d / "soup_timm.safetensors")
@@ -121,8 +128,10 @@ CLIENT = textwrap.dedent(r'''
         return {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}
 
     out["push"] = cli(["push", soup_timm, "my-org/resnet18-soup", "--json", "--quiet"])
+    out["repush"] = cli(["push", soup_timm, "my-org/resnet18-soup", "--json", "--quiet"])
     out["push_dev"] = cli(["push", soup_local, "alice/resnet18-local", "--private", "--revision", "dev",
                            "--card-from", run_dir, "--json", "--quiet"])
+    out["bare"] = cli(["push", soup_timm, "bare-soup", "--json", "--quiet"])
     out["no_token"] = cli(["push", soup_timm, "my-org/never"], HF_TOKEN=None)
     out["wrong_token"] = cli(["push", soup_timm, "my-org/never"], HF_TOKEN="hf_wrong")
     out["bad_name"] = cli(["push", soup_timm, "my-org/bad--name"])
@@ -184,6 +193,10 @@ def test_pushed_soup_loads_in_timm_with_equal_tensors(hub_session, trained):
     stored = state.files("my-org/resnet18-soup", pushed["commit"])
     assert stored["model.safetensors"].read_bytes() == trained["soup_timm"].read_bytes()
     assert state.unhandled == []
+    # Pushing the same files again to the existing repo changes nothing: same commit, no new snapshot.
+    assert r["repush"]["code"] == 0, r["repush"]["stderr"]
+    assert json.loads(r["repush"]["stdout"])["commit"] == pushed["commit"]
+    assert len(meta["commits"]) == 2   # the repo's initial commit and the push
 
 
 def test_push_to_private_branch_with_run_folder_card(hub_session, trained):
@@ -202,6 +215,12 @@ def test_push_to_private_branch_with_run_folder_card(hub_session, trained):
     assert f"{trained['accs']['ft0']:.4f}" in card   # the ingredient's validation score, matched from results.json
 
 
+def test_bare_name_goes_to_the_token_owner(hub_session):
+    res = hub_session["report"]["bare"]
+    assert res["code"] == 0, res["stderr"]
+    assert json.loads(res["stdout"])["repo_id"] == "alice/bare-soup"
+
+
 def test_push_errors_are_one_line_and_store_nothing(hub_session):
     r = hub_session["report"]
     for case, words in [("no_token", "no Hugging Face token found"), ("wrong_token", "refused the token (401"),
@@ -212,7 +231,7 @@ def test_push_errors_are_one_line_and_store_nothing(hub_session):
         assert len(lines) == 1 and lines[0].startswith("weightspace: error: my-org/") and words in lines[0], (case, lines)
     assert r["api_wrong_token"].startswith("HubError: my-org/never: the Hub refused the token (401")
     state = hub_session["state"]
-    assert state.repos() == ["alice/resnet18-local", "my-org/resnet18-soup"]
+    assert state.repos() == ["alice/bare-soup", "alice/resnet18-local", "my-org/resnet18-soup"]
     creates = [s for m, p, s in state.requests if p == "/api/repos/create"]
     assert creates.count(401) == 2   # the wrong-token pushes (CLI and API) reached the Hub and were refused
 

@@ -184,26 +184,17 @@ def _key_mismatch(expected: Mapping[str, tuple], ck: Checkpoint) -> str:
     return "; ".join(parts)
 
 
-def _classifier_classes(arch: str, ck: Checkpoint) -> int | None:
-    import timm
-    cfg = timm.models.get_pretrained_cfg(arch)
-    names = [getattr(cfg, "classifier", None)] if cfg is not None else []
-    for name in [n for n in names if isinstance(n, str)] + ["fc", "head.fc", "head", "classifier"]:
-        if f"{name}.weight" in ck:
-            return int(ck.info(f"{name}.weight")[1][0])
-    return None
-
-
 def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
     """config.json for ``timm.create_model("hf-hub:...")``, written by timm's own exporter from a meta-device model."""
     import torch
     import timm
     from timm.models import split_model_name_tag
     from timm.models._hub import save_config_for_hf
+    from .sources import timm_classifier_classes
     arch, tag = split_model_name_tag(str(cfg["architecture"]))
     if arch not in timm.list_models():
         raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
-    n = cfg.get("num_classes") or _classifier_classes(arch, ck)
+    n = cfg.get("num_classes") or timm_classifier_classes(ck.files[0], arch)
     kwargs = {"num_classes": int(n)} if n is not None else {}
     with torch.device("meta"):  # no memory, no init time: only names, shapes and the pretrained_cfg are needed
         model = timm.create_model(arch, pretrained=False, **kwargs)
