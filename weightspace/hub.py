@@ -26,7 +26,6 @@ from . import __version__
 from .checkpoint import Checkpoint, load, load_pickle
 from .errors import OutputExists, WeightspaceError
 
-log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = {"timm": "model.safetensors", "pytorch": "model.safetensors",
                 "open_clip": "open_clip_model.safetensors"}
