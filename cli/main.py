@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "demo": "weightspace_cli.demo:demo",
     "push": "weightspace_cli.push:push",
     "merge": "weightspace_cli.merge:merge",
+    "align": "weightspace_cli.align:align",
 }
 HELP: dict[str, str] = {
     "inspect": "Keys, shapes, dtypes, parameter count, bytes and provenance of a checkpoint.",
@@ -26,6 +27,7 @@ HELP: dict[str, str] = {
     "demo": "Train small real models on real data, then soups, leaderboards and barrier curves.",
     "push": "Push a checkpoint to the Hugging Face Hub with a model card and a timm/open_clip config.",
     "merge": "Merge fine-tunes of one base: task arithmetic or TIES.",
+    "align": "Permute B's hidden units to match A (Git Re-Basin weight or activation matching).",
 }
 
 

@@ -249,3 +249,49 @@ def test_errors_are_one_line(tmp_path):
     ws.save(_copy(model), path)
     out, _ = align(_copy(model), path, model)  # sources of any kind
     assert out.provenance["ingredients"][1]["source"] == str(path)
+
+
+def test_cli_align(cli, tmp_path, digits):
+    from weightspace.zoo import mlp
+    x, y = digits
+    paths, models = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = mlp(hidden=32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for idx in torch.randperm(1400, generator=torch.Generator().manual_seed(seed)).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        ws.save(model, paths[-1])
+        models.append(model.eval())
+    torch.set_num_threads(threads)
+    spec = "weightspace.zoo:mlp?hidden=32"
+    out = tmp_path / "aligned.safetensors"
+    r = cli("align", *paths, "--model", spec, "-o", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    import json
+    info = json.loads(r.stdout)
+    assert info["method"] == "weights" and info["l2_after"] < info["l2_before"] and len(info["groups"]) == 2
+    aligned = ws.load(out)
+    model = mlp(hidden=32).eval()
+    assert _close(_logits(model, dict(aligned), x), models[1](x).detach())
+    assert aligned.provenance["op"] == "align"
+    # --data switches to activation matching and checks B's outputs on it.
+    r = cli("align", *paths, "--model", spec, "--data", "digits:val", "-o", tmp_path / "act.safetensors", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["method"] == "activations" and info["max_abs_output_change"] <= 1e-5
+    # The human form prints the groups and the distances.
+    r = cli("align", *paths, "--model", spec, "-o", out, "--force")
+    assert r.exit_code == 0 and "| group |" in r.stdout and "‖A−P(B)‖" in r.stdout
+    # Bad input: one line, exit code 2.
+    r = cli("align", *paths, "--model", spec, "-o", out)
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    r = cli("align", *paths, "--model", spec, "--method", "activations", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 2 and "--data" in r.output + r.stderr
+    r = cli("align", *paths, "--model", "weightspace.zoo:mlp?hidden=16", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 2 and "has shape" in r.stderr
