@@ -7,10 +7,14 @@ import pytest
 import torch
 
 import weightspace as ws
+from weightspace.data import load_data
 from weightspace.evaluation import Evaluator, recalibrate_bn
 from weightspace.interpolate import barrier_height, even_alphas, interpolation_curve
+from weightspace.models import build_model
 
-CNN = "weightspace.zoo:small_cnn"
+from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_barrier_height_both_conventions():
@@ -62,23 +66,12 @@ def test_even_alphas():
 
 
 @pytest.fixture(scope="module")
-def cnn_pair():
+def cnn_pair(one_thread):
     """Two small CNNs (BatchNorm) trained from different random inits on real digits."""
-    from weightspace.data import load_data
-    from weightspace.models import build_model
-    from weightspace.train import train
-    out = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        m = build_model(CNN, num_classes=10)
-        train(m, load_data("digits:train"), epochs=3, lr=0.05, batch_size=32, seed=seed)
-        out.append({k: v.clone() for k, v in m.state_dict().items()})
-    return out
+    return train_cnns([0, 1], shared_init=False)
 
 
 def test_curve_endpoints_equal_endpoints_own_evaluation(cnn_pair, tmp_path):
-    from weightspace.data import load_data
-    from weightspace.models import build_model
     a, b = cnn_pair
     ws.save(a, tmp_path / "a.safetensors")
     ws.save(b, tmp_path / "b.safetensors")
@@ -97,8 +90,6 @@ def test_curve_endpoints_equal_endpoints_own_evaluation(cnn_pair, tmp_path):
 
 
 def test_recalibrated_curve_matches_manual_update_bn(cnn_pair):
-    from weightspace.data import load_data
-    from weightspace.models import build_model
     a, b = cnn_pair
     train_data = load_data("digits:train")
     ev = Evaluator(build_model(CNN, num_classes=10), load_data("digits:val"),
@@ -114,3 +105,33 @@ def test_recalibrated_curve_matches_manual_update_bn(cnn_pair):
     assert curve.metrics[1]["digits:val"]["loss"] == pytest.approx(manual["digits:val"]["loss"], rel=1e-5)
     # re-estimated statistics change the midpoint (averaged running stats are not the stats of averaged weights)
     assert curve.metrics[1]["digits:val"]["loss"] != plain.metrics[1]["digits:val"]["loss"]
+
+
+def test_cli_curve_mode_overlays_pairs(cli, cnn_pair, tmp_path):
+    import json
+    ft = train_cnns([5, 6], shared_init=True, epochs=1)
+    a, b = save_all(cnn_pair, tmp_path, "rand")
+    c, d = save_all(ft, tmp_path, "ft")
+    out = tmp_path / "ab"
+    r = cli("interpolate", a, b, "--pair", c, d, "--model", CNN, "--data", "digits:val", "--data", "digits:test",
+            "--steps", "3", "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "## barrier heights" in r.stdout and f"wrote {out / 'curve.png'}" in r.stdout
+    j = json.loads((out / "curve.json").read_text())
+    assert [cv["label"] for cv in j["curves"]] == ["rand0–rand1", "ft0–ft1"]
+    assert j["curves"][0]["alphas"] == [0.0, 0.5, 1.0]
+    ev = Evaluator(build_model(CNN, num_classes=10), [load_data("digits:val"), load_data("digits:test")], device="cpu")
+    assert j["curves"][1]["points"][2]["metrics"]["digits:test"]["loss"] == ev(ft[1])["digits:test"]["loss"]
+    assert j["curves"][0]["barriers"]["digits:val"]["error"]["chord"] > 0.1  # independent inits: a real barrier
+    rows = (out / "barriers.csv").read_text().splitlines()
+    assert rows[0] == "pair,dataset,metric,chord,chord_alpha,midpoint,midpoint_alpha" and len(rows) == 1 + 2 * 2 * 2
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # explicit alphas and BN recalibration; JSON on stdout
+    r = cli("interpolate", c, d, "--model", CNN, "--data", "digits:val", "--alphas", "0.5",
+            "--recalibrate-bn", "digits:train", "--json", "-q")
+    j = json.loads(r.stdout)
+    assert j["curves"][0]["alphas"] == [0.0, 0.5, 1.0] and j["curves"][0]["recalibrate_bn"] == "digits:train"
+    # existing results are not overwritten without --force; bad usage is one line and exit 2
+    r = cli("interpolate", a, b, "--model", CNN, "--data", "digits:val", "--out", out)
+    assert r.exit_code == 2 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert cli("interpolate", a, b, "--data", "digits:val").exit_code == 2

@@ -10,6 +10,10 @@ from safetensors import safe_open
 import weightspace as ws
 from weightspace.soup import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
 
+from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Ingredient i is the state dict {"w": [v_i], "h": [v_i, 2·v_i] in bfloat16, "count": int buffer}; a soup of
 # some of them has w = mean of their v. The scripted evaluate looks the soup's mean up in a table, so every
 # keep/skip decision below is chosen by hand.
@@ -156,3 +160,63 @@ def test_soup_leaderboard_rows_from_real_evaluator(trained_mlps):
     assert lb.row("output ensemble")["metrics"]["test"]["loss"] == pytest.approx(ens["test"]["loss"])
     best = max(range(3), key=lambda i: (lb.rows[i]["metrics"]["val"]["accuracy"], -i))
     assert lb.row("best individual (val)")["metrics"] == lb.rows[best]["metrics"]
+
+
+@pytest.fixture(scope="module")
+def finetunes(one_thread, tmp_path_factory):
+    """Three CNN fine-tunes of one shared init on real digits, saved as safetensors."""
+    return save_all(train_cnns([11, 12, 13], shared_init=True, epochs=1), tmp_path_factory.mktemp("ft"), "ft")
+
+
+def test_cli_soup_greedy_end_to_end(cli, finetunes, tmp_path):
+    from weightspace.data import load_data
+    from weightspace.evaluation import Evaluator
+    from weightspace.models import build_model
+    out, soup_file = tmp_path / "runs", tmp_path / "greedy.safetensors"
+    args = ["soup", "--greedy", *finetunes, "--model", CNN, "--val", "digits:val", "--test", "digits:test",
+            "--out", out, "-o", soup_file, "-q"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "| method | digits:val | digits:test |"
+    assert [ln.split("|")[1].strip() for ln in lines[2:10]] == [
+        "ft0", "ft1", "ft2", "best individual (val)", "uniform soup", "greedy soup", "output ensemble",
+        "greedy ensemble"]
+    results = json.loads((out / "results.json").read_text())
+    kept = results["greedy"]["kept"]
+    prov = ws.load(soup_file).provenance
+    assert [i["source"] for i in prov["ingredients"]] == kept
+    ranking = {row["source"]: row["val_score"] for row in results["greedy"]["ranking"]}
+    assert [i["val_score"] for i in prov["ingredients"]] == [ranking[k] for k in kept]
+    # the saved soup is the API's greedy soup, and its leaderboard row is its own evaluation
+    ev = Evaluator(build_model(CNN, num_classes=10), [load_data("digits:val"), load_data("digits:test")],
+                   device="cpu")
+    api, _ = greedy_soup(finetunes, ev, progress=False)
+    saved = ws.load(soup_file)
+    assert all(torch.equal(saved[k], api[k]) for k in api)
+    rows = {row["method"]: row for row in results["leaderboard"]["rows"]}
+    assert rows["greedy soup"]["metrics"] == {k: {m: float(v) for m, v in d.items()} for k, d in ev(api).items()}
+    # greedy soups start from the best individual and never accept a drop on validation
+    assert rows["greedy soup"]["metrics"]["digits:val"]["accuracy"] >= rows["best individual (val)"]["metrics"]["digits:val"]["accuracy"]
+    header = (out / "leaderboard.csv").read_text().splitlines()[0]
+    assert header.startswith("method,kind,digits:val/accuracy,digits:val/error,digits:val/loss")
+    assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    # nothing is overwritten without --force, and the refusal comes before any work
+    r = cli(*args)
+    assert r.exit_code == 2 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert cli("soup", "--greedy", *finetunes, "--model", CNN, "-o", tmp_path / "x.safetensors").exit_code == 2
+
+
+def test_cli_leaderboard_ranks_checkpoints(cli, finetunes, tmp_path):
+    from weightspace.data import load_data
+    from weightspace.evaluation import Evaluator
+    from weightspace.models import build_model
+    r = cli("leaderboard", *finetunes, "--model", CNN, "--data", "digits:test", "--data", "digits:val",
+            "--out", tmp_path / "lb", "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    j = json.loads(r.stdout)
+    ev = Evaluator(build_model(CNN, num_classes=10), load_data("digits:test"), device="cpu")
+    acc = [ev(f)["digits:test"]["accuracy"] for f in finetunes]
+    assert [row["source"] for row in j["leaderboard"]["rows"]] == [finetunes[i] for i in rank(acc)[0]]
+    assert [row["metrics"]["digits:test"]["accuracy"] for row in j["leaderboard"]["rows"]] == sorted(acc, reverse=True)
+    assert json.loads((tmp_path / "lb" / "results.json").read_text())["leaderboard"] == j["leaderboard"]

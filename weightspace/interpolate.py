@@ -72,7 +72,7 @@ class Curve:
     b: str = "B"
     label: str = ""
     recalibrate_bn: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time; kept out of to_dict() so results files are byte-for-byte reproducible
     extra: dict = field(default_factory=dict)
 
     @property
@@ -115,9 +115,14 @@ class Curve:
     def to_dict(self) -> dict:
         """JSON-ready form (with barrier heights)."""
         return {"label": self.label, "a": self.a, "b": self.b, "alphas": self.alphas,
-                "recalibrate_bn": self.recalibrate_bn, "seconds": self.seconds,
+                "recalibrate_bn": self.recalibrate_bn,
                 "points": [{"alpha": a, "metrics": m} for a, m in zip(self.alphas, self.metrics)],
                 "barriers": self.barriers, **self.extra}
+
+
+def barrier_table(curves: Sequence[Curve]) -> tuple[list[str], list[list]]:
+    """Barrier heights of several curves in one table (one row per pair, dataset and metric)."""
+    return curves[0].barrier_rows()[0], [r for c in curves for r in c.barrier_rows()[1]]
 
 
 def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:

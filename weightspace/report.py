@@ -140,6 +140,10 @@ def line_panels(panels: Sequence[dict], *, title: str | None = None):
             ax.plot(s["x"], s["y"], label=s.get("label"), color=s.get("color", COLORS[i % len(COLORS)]),
                     linestyle=s.get("linestyle", "-"), marker=s.get("marker", "o"), markersize=3, linewidth=1.5)
         for a in p.get("annotations", []):
+            if not a.get("text"):  # a marker only: circle the point
+                ax.plot([a["x"]], [a["y"]], marker="o", markersize=9, markerfacecolor="none",
+                        markeredgecolor=a.get("color", "black"), linestyle="none")
+                continue
             ax.annotate(a["text"], xy=(a["x"], a["y"]), xytext=(0, 8), textcoords="offset points", ha="center",
                         fontsize=7, color=a.get("color", "black"),
                         arrowprops=dict(arrowstyle="-", color=a.get("color", "black"), lw=0.6))
@@ -149,7 +153,7 @@ def line_panels(panels: Sequence[dict], *, title: str | None = None):
             ax.set_title(p["title"], fontsize=10)
         ax.grid(True, alpha=0.3)
         if any(s.get("label") for s in p["series"]):
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, loc="best")
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -183,7 +187,7 @@ def bar_chart(categories: Sequence[str], groups: dict[str, Sequence[float]], *, 
     ax.set_xlabel(xlabel)
     ax.grid(True, axis="x", alpha=0.3)
     if len(groups) > 1:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         ax.set_title(title, fontsize=10)
     return fig
@@ -213,43 +217,36 @@ def heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_la
 
 
 # ---------------------------------------------------------------------------------------------- domain plots
-def plot_curves(curves: Sequence["Curve"], path: str | os.PathLike, *, force: bool = False,
-                metric: str = "error") -> Path:
-    """curve.png: accuracy and loss vs α, one line per (pair, dataset); the ``metric`` chord barrier is annotated."""
-    acc_series, loss_series, notes = [], [], []
+def plot_curves(curves: Sequence["Curve"], path: str | os.PathLike, *, force: bool = False) -> Path:
+    """curve.png: accuracy and loss vs α, one line per (pair, dataset); each line's chord barrier (error on the
+    accuracy panel, loss on the loss panel) is in its legend and its peak α is circled."""
+    panels = {m: {"series": [], "annotations": []} for m in ("accuracy", "loss")}
+    barrier_of = {"accuracy": "error", "loss": "loss"}
     for i, c in enumerate(curves):
         color = COLORS[i % len(COLORS)]
         for j, ds in enumerate(c.datasets):
             tag = f"{c.label} · {ds}" if len(c.datasets) > 1 or len(curves) > 1 else ds
-            style = {"color": color, "linestyle": LINESTYLES[j % len(LINESTYLES)]}
-            if c.has(ds, "accuracy"):
-                acc_series.append({"x": c.alphas, "y": c.series(ds, "accuracy"), "label": tag, **style})
-            if c.has(ds, "loss"):
-                loss_series.append({"x": c.alphas, "y": c.series(ds, "loss"), "label": tag, **style})
-            b = c.barriers.get(ds, {})
-            be, bl = b.get(metric), b.get("loss")
-            if be is not None and be["chord_alpha"] is not None and c.has(ds, "accuracy"):
-                k = c.alphas.index(be["chord_alpha"])
-                notes.append(("acc", {"x": be["chord_alpha"], "y": c.series(ds, "accuracy")[k], "color": color,
-                                      "text": f"{metric} barrier {be['chord']:.3f}"}))
-            if bl is not None and bl["chord_alpha"] is not None:
-                k = c.alphas.index(bl["chord_alpha"])
-                notes.append(("loss", {"x": bl["chord_alpha"], "y": c.series(ds, "loss")[k], "color": color,
-                                       "text": f"loss barrier {bl['chord']:.3f}"}))
-    panels = []
-    if acc_series:
-        panels.append({"xlabel": "α  ((1−α)·A + α·B)", "ylabel": "accuracy", "title": "accuracy",
-                       "series": acc_series, "annotations": [a for k, a in notes if k == "acc"]})
-    if loss_series:
-        panels.append({"xlabel": "α  ((1−α)·A + α·B)", "ylabel": "loss", "title": "loss",
-                       "series": loss_series, "annotations": [a for k, a in notes if k == "loss"]})
-    if not panels:  # a user's evaluate returned neither accuracy nor loss: plot whatever the first metric is
-        c0 = curves[0]
-        ds = c0.datasets[0]
-        m = next(iter(c0.metrics[0][ds]))
-        panels.append({"xlabel": "α", "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
-                                                            for c in curves]})
-    return save_figure(line_panels(panels, title="interpolation barrier curve"), path, force=force)
+            for m, p in panels.items():
+                if not c.has(ds, m):
+                    continue
+                ys = c.series(ds, m)
+                b = c.barriers.get(ds, {}).get(barrier_of[m])
+                label = tag
+                if b is not None and b["chord_alpha"] is not None:
+                    label += f"  ({barrier_of[m]} barrier {b['chord']:.3f})"
+                    k = c.alphas.index(b["chord_alpha"])
+                    if b["chord"] > 0:  # circle the peak only where there is a barrier
+                        p["annotations"].append({"x": b["chord_alpha"], "y": ys[k], "text": "", "color": color})
+                p["series"].append({"x": c.alphas, "y": ys, "label": label, "color": color,
+                                    "linestyle": LINESTYLES[j % len(LINESTYLES)]})
+    xlabel = "α  ((1−α)·A + α·B)"
+    shown = [{"xlabel": xlabel, "ylabel": m, "title": m, **p} for m, p in panels.items() if p["series"]]
+    if not shown:  # a user's evaluate returned neither accuracy nor loss: plot its first metric
+        ds = curves[0].datasets[0]
+        m = next(iter(curves[0].metrics[0][ds]))
+        shown = [{"xlabel": xlabel, "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
+                                                          for c in curves]}]
+    return save_figure(line_panels(shown, title="interpolation barrier curve"), path, force=force)
 
 
 def plot_leaderboard(lb: "Leaderboard", path: str | os.PathLike, *, force: bool = False,
@@ -281,3 +278,38 @@ def as_table(result: Any, default_name: str = "data") -> dict[str, dict[str, flo
         if "accuracy" in row and "error" not in row:
             row["error"] = 1.0 - row["accuracy"]
     return table
+
+
+# ------------------------------------------------------------------------------------------ result folders
+LEADERBOARD_FILES = ("results.json", "leaderboard.csv", "leaderboard.png")
+CURVE_FILES = ("curve.json", "curve.csv", "barriers.csv", "curve.png")
+
+
+def write_leaderboard(lb: "Leaderboard", folder: str | os.PathLike, results: dict, *, force: bool = False) -> dict:
+    """results.json (``results`` plus the leaderboard), leaderboard.csv and leaderboard.png in ``folder``."""
+    folder = Path(folder)
+    paths = {"results": folder / "results.json", "csv": folder / "leaderboard.csv", "png": folder / "leaderboard.png"}
+    write_json(paths["results"], {**results, "leaderboard": lb.to_dict()}, force=force)
+    write_csv(paths["csv"], *lb.long_table(), force=force)
+    plot_leaderboard(lb, paths["png"], force=force)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def write_curves(curves: Sequence["Curve"], folder: str | os.PathLike, results: dict | None = None, *,
+                 force: bool = False) -> dict:
+    """curve.json, curve.csv (every point), barriers.csv and curve.png (all pairs overlaid) in ``folder``."""
+    folder = Path(folder)
+    paths = {"json": folder / "curve.json", "csv": folder / "curve.csv", "barriers": folder / "barriers.csv",
+             "png": folder / "curve.png"}
+    write_json(paths["json"], {**(results or {}), "curves": [c.to_dict() for c in curves]}, force=force)
+    headers, rows = curves[0].table()
+    for c in curves[1:]:
+        h, r = c.table()
+        if h != headers:
+            raise ValueError("curves report different metrics")
+        rows += r
+    write_csv(paths["csv"], headers, rows, force=force)
+    from .interpolate import barrier_table
+    write_csv(paths["barriers"], *barrier_table(curves), force=force)
+    plot_curves(curves, paths["png"], force=force)
+    return {k: str(v) for k, v in paths.items()}

@@ -240,7 +240,7 @@ def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: 
     tables = [as_table(r) for r in results]
     columns = list(tables[0])
     order, ties = rank([_score(r) for r in results])
-    sources = [load(s).source if not isinstance(s, (str, bytes)) else str(s) for s in ingredients]
+    sources = [load(s).source for s in ingredients]
     names = _names(sources)
     rows = [{"method": names[i], "kind": "checkpoint", "rank": r + 1, "source": sources[i], "metrics": tables[i]}
             for r, i in enumerate(order)]
