@@ -254,3 +254,37 @@ def test_tied_tensors_detected_averaged_once_and_written(tmp_path, tied_pts, cli
     # a .pt output keeps the sharing, so loading it finds the tie again
     pt = ws.save(ops.uniform_soup_stream(tied_pts), tmp_path / "soup.pt")
     assert ws.load(pt).aliases == {"head.weight": "emb.weight"}
+
+
+# --- the file-hash cache ------------------------------------------------------------------------------------------
+
+def test_hash_cache_remembers_unchanged_files_only(tmp_path, monkeypatch, trained_mlps):
+    import time
+
+    cache = tmp_path / "cache" / "sha256.json"
+    monkeypatch.setenv("WEIGHTSPACE_HASH_CACHE", str(cache))
+    a = tmp_path / "a.safetensors"
+    st.save_file(trained_mlps[0], a)
+
+    def digest() -> str:
+        return ws.uniform_soup([a]).provenance["ingredients"][0]["sha256"]
+
+    assert digest() == sha(a)
+    assert not cache.exists()  # just written: too fresh to trust its timestamps ("racy" window)
+    time.sleep(2.1)
+    assert digest() == sha(a)
+    entries = json.loads(cache.read_text())
+    assert entries[str(a.resolve())][1] == sha(a)
+    # the cache is what answers now: a planted digest comes back while the file's inode and times are unchanged
+    entries[str(a.resolve())][1] = "f" * 64
+    cache.write_text(json.dumps(entries))
+    assert digest() == "f" * 64
+    # rewriting the file in place with the same size changes its ctime, so the real digest is computed again
+    other = trained_mlps[1]
+    with open(a, "r+b") as f:
+        f.write(st.save(other))
+    assert a.stat().st_size == len(st.save(other))
+    assert digest() == sha(a) != "f" * 64
+    monkeypatch.setenv("WEIGHTSPACE_HASH_CACHE", "off")
+    cache.unlink()
+    assert digest() == sha(a) and not cache.exists()

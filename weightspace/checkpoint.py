@@ -1,6 +1,7 @@
 """Checkpoint: a lazy, read-only mapping name → tensor over any source, with keys normalised once on load."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 from .errors import CheckpointError, UnsafeCheckpoint
 from .sources import Resolved, resolve
-from .storage import SafetensorsReader
+from .storage import SafetensorsReader, file_sha256
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
@@ -191,6 +192,17 @@ class Checkpoint(Mapping):
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self)} tensors)"
 
+    @contextlib.contextmanager
+    def view(self, key: str) -> Iterator[torch.Tensor]:
+        """A read-only look at one tensor, valid inside the ``with`` block: zero-copy for safetensors files.
+        Streaming ops use this; keep nothing that aliases it past the block."""
+        backend, raw = self._entries[key]
+        if isinstance(backend, SafetensorsReader):
+            with backend.mapped(raw) as t:
+                yield t
+        else:
+            yield backend[raw]
+
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of one tensor, without reading its data."""
         backend, raw = self._entries[key]
@@ -268,15 +280,6 @@ class Checkpoint(Mapping):
         for backend, _ in self._entries.values():
             if isinstance(backend, SafetensorsReader):
                 backend.close()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _normalised(source: str, raw_keys: list[str]) -> dict[str, str]:

@@ -7,10 +7,14 @@ freed as soon as the tensor has been used. That is what keeps a soup of 32 check
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import mmap
 import os
 import struct
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -108,19 +112,53 @@ class SafetensorsReader:
 
     def read(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory."""
+        return self.read_into(key, None)
+
+    def read_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Read one tensor into ``buffer`` (a uint8 tensor at least ``nbytes(key)`` long) and return a view of it;
+        with no buffer, into fresh memory. Reusing one buffer spares a page-faulting allocation per tensor."""
         info = self.tensors[key]
         n = info.end - info.begin
         if n == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(n)
-        view = memoryview(buf)
+        # torch.empty, not bytearray: no zero-fill pass over memory that the read overwrites anyway
+        raw = torch.empty(n, dtype=torch.uint8) if buffer is None else buffer[:n]
+        view = memoryview(raw.numpy())
         got = 0
         while got < n:
             k = os.preadv(self._fd, [view[got:]], info.begin + got)
             if k <= 0:
                 raise CheckpointError(f"{self.path}: truncated while reading key '{key}'")
             got += k
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    @contextlib.contextmanager
+    def mapped(self, key: str) -> Iterator[torch.Tensor]:
+        """A zero-copy view of one tensor, valid inside the ``with`` block only.
+
+        Only this tensor's pages are mapped, and only for the block: resident memory grows by one tensor, not by
+        whole files, and an op reads the page cache directly instead of copying it first (about 1.5× faster
+        than pread + add). Private and writable so torch accepts the buffer; nothing ever writes to it."""
+        info = self.tensors[key]
+        n = info.end - info.begin
+        if n == 0:
+            yield torch.empty(info.shape, dtype=info.dtype)
+            return
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self._fd, info.end - start, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        try:
+            t = torch.frombuffer(m, dtype=torch.uint8, offset=info.begin - start, count=n)
+            yield t.view(info.dtype).reshape(info.shape)
+        finally:
+            t = None  # the tensor holds a buffer export; drop it so the map can close
+            with contextlib.suppress(BufferError):  # a caller kept a reference: the GC unmaps it later
+                m.close()
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of one tensor's data."""
+        info = self.tensors[key]
+        return info.end - info.begin
 
     def read_raw(self, begin: int, end: int) -> bytes:
         """Read a byte range (used to hash a file in offset order)."""
@@ -135,6 +173,70 @@ class SafetensorsReader:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+HASH_CACHE_ENV = "WEIGHTSPACE_HASH_CACHE"
+RACY_WINDOW_S = 2.0  # files changed this recently are hashed but not cached (timestamps are coarse; cf. "racy git")
+_hash_lock = threading.Lock()
+
+
+def hash_cache_path() -> Path | None:
+    """Where file hashes are cached: $WEIGHTSPACE_HASH_CACHE, else ~/.cache/weightspace/sha256.json; None when off."""
+    value = os.environ.get(HASH_CACHE_ENV, "")
+    if value.lower() in ("0", "off", "false", "no", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "weightspace" / "sha256.json"
+
+
+def _stat_key(st: os.stat_result) -> str:
+    # inode + size + both timestamps: any rewrite changes ctime, which no user tool can set back
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)  # one reused 1 MiB buffer: hashing adds no memory worth counting
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL here, so hashing overlaps the op's own work
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered per (inode, size, mtime, ctime) so that unchanged files are hashed once."""
+    real = os.path.realpath(path)
+    before = os.stat(real)
+    cache_file = hash_cache_path()
+    if cache_file is not None:
+        hit = _read_cache(cache_file).get(real)
+        if isinstance(hit, list) and len(hit) == 2 and hit[0] == _stat_key(before):
+            return str(hit[1])
+    digest = _hash_file(Path(real))
+    after = os.stat(real)
+    fresh = time.time() - after.st_ctime < RACY_WINDOW_S
+    if cache_file is not None and _stat_key(before) == _stat_key(after) and not fresh:
+        with _hash_lock, contextlib.suppress(OSError):
+            cache = _read_cache(cache_file)
+            cache[real] = [_stat_key(after), digest]
+            if len(cache) > 20000:  # forget the oldest entries (dicts keep insertion order)
+                cache = dict(list(cache.items())[-10000:])
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+    return digest
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
