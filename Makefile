@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 demo: install
-	$(BIN)/weightspace demo --out runs/demo
+	$(BIN)/weightspace demo --out runs/demo --force
 
 bench: install
 	$(BIN)/python bench/soup_io.py

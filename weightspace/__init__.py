@@ -20,12 +20,17 @@ from .saving import save  # noqa: E402
 from .merge import task_arithmetic, ties_merge  # noqa: E402
 from .analysis.align import align  # noqa: E402
 from .hub import HubError, PushResult, push_to_hub  # noqa: E402
+from .evaluation import Evaluator, Metrics  # noqa: E402
+from .interpolate import Curve, barrier_height, interpolation_curve  # noqa: E402
+from .soup import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
 
 __all__ = [
     "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",
     "StateDict", "TensorStream",
     "task_arithmetic", "ties_merge", "align",
     "push_to_hub", "PushResult", "HubError",
+    "Evaluator", "Metrics", "greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard",
+    "interpolation_curve", "barrier_height", "Curve",
     "WeightspaceError", "CheckpointError", "SourceError", "UnsafeCheckpoint", "IncompatibleCheckpoints",
     "NonFiniteError", "OutputExists", "ConfigError",
 ]
