@@ -71,5 +71,6 @@ def align(a: str, b: str, model_spec: str, num_classes: int | None, in_chans: in
         click.echo(markdown_table(["group", "units", "tensors", "moved"],
                                   [[g["name"], g["size"], g["tensors"], g["moved"]] for g in info["groups"]]))
     rounds = f", {info['rounds']} rounds" if "rounds" in info else ""
-    click.echo(f"wrote {path} ({method} matching{rounds}: ‖A−B‖ {info['l2_before']:.4g} → ‖A−P(B)‖ "
+    kind = "weight" if method == "weights" else "activation"
+    click.echo(f"wrote {path} ({kind} matching{rounds}: ‖A−B‖ {info['l2_before']:.4g} → ‖A−P(B)‖ "
                f"{info['l2_after']:.4g})")
