@@ -193,15 +193,19 @@ class Checkpoint(Mapping):
         return f"Checkpoint({self.source!r}, {len(self)} tensors)"
 
     @contextlib.contextmanager
-    def view(self, key: str) -> Iterator[torch.Tensor]:
-        """A read-only look at one tensor, valid inside the ``with`` block: zero-copy for safetensors files.
-        Streaming ops use this; keep nothing that aliases it past the block."""
+    def view(self, key: str, start: int | None = None, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """A read-only look at one tensor, or at elements [start, stop) of it flattened, valid inside the ``with``
+        block: zero-copy for safetensors files. Streaming ops use this; keep nothing that aliases it."""
         backend, raw = self._entries[key]
         if isinstance(backend, SafetensorsReader):
-            with backend.mapped(raw) as t:
+            with backend.mapped(raw, start, stop) as t:
                 yield t
+            return
+        t = backend[raw]
+        if start is None and stop is None:
+            yield t
         else:
-            yield backend[raw]
+            yield t.reshape(-1)[start:stop]  # a view for contiguous tensors (what state dicts hold)
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of one tensor, without reading its data."""

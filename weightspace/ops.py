@@ -49,6 +49,8 @@ class TensorStream:
     provenance: dict
     ingredients: list[Checkpoint] = field(default_factory=list)
     tied: dict[str, str] = field(default_factory=dict)
+    # optional: the same data as flat pieces in header order (several per large tensor), for writers that stream
+    pieces: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.produce()
@@ -123,6 +125,19 @@ def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
         raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)")
 
 
+CHUNK_BYTES = 4 << 20  # accumulator bytes per piece: bounds extra memory, and stays large enough to be cheap
+
+
+def _chunk_elems(dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // torch.empty((), dtype=dtype).element_size())
+
+
+def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
+    step = _chunk_elems(dtype)
+    for start in range(0, numel, step):
+        yield start, min(numel, start + step)
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -150,31 +165,47 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
     acc_dtype = PRECISIONS[precision]
     coeffs = [float(c) for c in coefficients]
 
+    def combine(key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """out (flat, accumulation dtype) = Σ_j c_j·θ_j[start:stop] over the flattened tensor ``key``."""
+        with single_thread():
+            for j, (ck, c) in enumerate(zip(cks, coeffs)):
+                with ck.view(key, start, stop) as t:
+                    if j == 0:
+                        if t.dtype == out.dtype and c != 1.0:
+                            torch.mul(t, c, out=out)  # one pass instead of copy + scale
+                        else:
+                            out.copy_(t)  # widen first: scaling a half tensor would round in half precision
+                            if c != 1.0:
+                                out.mul_(c)
+                    else:
+                        out.add_(t, alpha=c)  # in-place add computes in out's dtype: a half input is added in fp32
+            # NaN/Inf in any input reaches the sum whatever its coefficient, so one check of the result suffices;
+            # only then is each input checked, to name the file.
+            if not allow_nonfinite and not all_finite(out):
+                for ck in cks:
+                    with ck.view(key, start, stop) as t:
+                        _check_finite(t, ck, key)
+
+    def wide_of(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if (dtype == torch.float64 or acc_dtype == torch.float64) else acc_dtype
+
     def compute(key: str) -> torch.Tensor:
+        """The whole output tensor for ``key``."""
         dtype, shape = ref.info(key)
         if not dtype.is_floating_point:
             return ref[key]
-        wide = torch.float64 if (dtype == torch.float64 or acc_dtype == torch.float64) else acc_dtype
-        acc = torch.empty(shape, dtype=wide)
-        with single_thread():
-            for j, (ck, c) in enumerate(zip(cks, coeffs)):
-                with ck.view(key) as t:
-                    if j == 0:
-                        if t.dtype == wide and c != 1.0:
-                            torch.mul(t, c, out=acc)  # one pass instead of copy + scale
-                        else:
-                            acc.copy_(t)  # widen first: scaling a half tensor would round in half precision
-                            if c != 1.0:
-                                acc.mul_(c)
-                    else:
-                        acc.add_(t, alpha=c)  # in-place add computes in acc's dtype: a half input is added in fp32
-            # NaN/Inf in any input reaches the sum whatever its coefficient, so one check of the result suffices;
-            # only then is each input checked, to name the file.
-            if not allow_nonfinite and not all_finite(acc):
-                for ck in cks:
-                    with ck.view(key) as t:
-                        _check_finite(t, ck, key)
-        return acc if acc.dtype == dtype else acc.to(dtype)
+        wide = wide_of(dtype)
+        result = torch.empty(shape, dtype=dtype)
+        flat = result.view(-1)
+        scratch = None if wide == dtype else torch.empty(min(flat.numel(), _chunk_elems(wide)), dtype=wide)
+        for start, stop in _ranges(flat.numel(), wide):
+            if scratch is None:
+                combine(key, start, stop, flat[start:stop])
+            else:
+                acc = scratch[: stop - start]
+                combine(key, start, stop, acc)
+                flat[start:stop].copy_(acc)
+        return result
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
         waiting = {}
@@ -195,6 +226,37 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
                     cache.pop(canon, None)
             yield key, t
 
+    def pieces() -> Iterator[tuple[str, torch.Tensor]]:
+        """Like produce, but large tensors come in flat pieces of ≤ CHUNK_BYTES of accumulator: what a writer
+        needs to hold is one piece, not the largest tensor (an LLM's embedding can be gigabytes)."""
+        whole = set(tied) | set(tied.values())  # tied tensors come from in-memory pickles: keep them whole
+        tied_done: dict[str, torch.Tensor] = {}  # computed once, however many names share it
+        buffers: dict[torch.dtype, torch.Tensor] = {}
+        for key in _progress(keys, len(keys), op, progress):
+            dtype, shape = ref.info(key)
+            if key in whole:
+                canon = tied.get(key, key)
+                if canon not in tied_done:
+                    tied_done[canon] = compute(canon)
+                yield key, tied_done[canon]
+                continue
+            if not dtype.is_floating_point:
+                yield key, ref[key]
+                continue
+            wide = wide_of(dtype)
+            numel = math.prod(shape)
+            if numel == 0:
+                yield key, torch.empty(0, dtype=dtype)
+                continue
+            n = min(numel, _chunk_elems(wide))
+            if wide not in buffers or buffers[wide].numel() < n:
+                buffers[wide] = torch.empty(n, dtype=wide)  # one reused accumulator: no allocation per piece
+            for start, stop in _ranges(numel, wide):
+                acc = buffers[wide][: stop - start]
+                combine(key, start, stop, acc)
+                # the writer consumes each piece before asking for the next, so the buffer can be reused
+                yield key, (acc if wide == dtype else acc.to(dtype))
+
     prov = {
         "op": op,
         "coefficients": coeffs,
@@ -206,7 +268,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         prov["tied"] = dict(sorted(tied.items()))
     if extra:
         prov.update(extra)
-    return TensorStream(entries, produce, prov, cks, tied)
+    return TensorStream(entries, produce, prov, cks, tied, pieces)
 
 
 def _normalised_weights(weights: Sequence[float]) -> list[float]:

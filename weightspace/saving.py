@@ -77,7 +77,8 @@ def _save_stream(stream: TensorStream, path: Path, kind: str, provenance: dict |
         futures = [pool.submit(c.sha256) for c in stream.ingredients]
         placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
         placeholder.update(extra)
-        write_safetensors(tmp, stream.entries, iter(stream), {"weightspace": _dump(placeholder)})
+        data = stream.pieces() if stream.pieces is not None else iter(stream)
+        write_safetensors(tmp, stream.entries, data, {"weightspace": _dump(placeholder)})
         final = finish_provenance(stream.provenance, stream.ingredients, [f.result() for f in futures])
         final.update(extra)
         head_old, _ = header_for(stream.entries, {"weightspace": _dump(placeholder)})

@@ -133,23 +133,27 @@ class SafetensorsReader:
         return raw.view(info.dtype).reshape(info.shape)
 
     @contextlib.contextmanager
-    def mapped(self, key: str) -> Iterator[torch.Tensor]:
-        """A zero-copy view of one tensor, valid inside the ``with`` block only.
+    def mapped(self, key: str, start: int | None = None, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """A zero-copy view of one tensor (or of elements [start, stop) of it, flattened), valid inside the
+        ``with`` block only.
 
-        Only this tensor's pages are mapped, and only for the block: resident memory grows by one tensor, not by
-        whole files, and an op reads the page cache directly instead of copying it first (about 1.5× faster
-        than pread + add). Private and writable so torch accepts the buffer; nothing ever writes to it."""
+        Only these pages are mapped, and only for the block: resident memory grows by one piece, not by whole
+        files, and an op reads the page cache directly instead of copying it first (about 1.5× faster than
+        pread + add). Private and writable so torch accepts the buffer; nothing ever writes to it."""
         info = self.tensors[key]
-        n = info.end - info.begin
-        if n == 0:
-            yield torch.empty(info.shape, dtype=info.dtype)
+        size = element_size(info.dtype)
+        ranged = start is not None or stop is not None
+        numel = (info.end - info.begin) // size
+        lo, hi = (start or 0, numel if stop is None else stop) if ranged else (0, numel)
+        begin, end = info.begin + lo * size, info.begin + hi * size
+        if end <= begin:
+            yield torch.empty(0 if ranged else info.shape, dtype=info.dtype)
             return
-        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self._fd, info.end - start, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        page = begin - begin % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self._fd, end - page, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
         try:
-            t = torch.frombuffer(m, dtype=torch.uint8, offset=info.begin - start, count=n)
-            yield t.view(info.dtype).reshape(info.shape)
+            t = torch.frombuffer(m, dtype=torch.uint8, offset=begin - page, count=end - begin).view(info.dtype)
+            yield t if ranged else t.reshape(info.shape)
         finally:
             t = None  # the tensor holds a buffer export; drop it so the map can close
             with contextlib.suppress(BufferError):  # a caller kept a reference: the GC unmaps it later
@@ -269,7 +273,14 @@ def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], meta
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync and rename it into place, on failure remove it."""
+    """Yield a temp path beside ``path``; on success fsync and rename it into place, on failure remove it.
+
+    On ranks ≠ 0 of a torch.distributed run it yields ``os.devnull`` and writes nothing: every rank computes the
+    same outputs and rank 0 alone writes them (no existence check either: rank 0 may already have written)."""
+    from .distributed import is_main
+    if not is_main():
+        yield Path(os.devnull)
+        return
     path = Path(path)
     if path.exists() and not force:
         raise OutputExists(f"{path}: already exists (use --force to overwrite)")
@@ -300,16 +311,20 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
                       tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
     """Write tensors in header order as they arrive, so only one tensor need be in memory at a time."""
     head, sizes = header_for(entries, metadata)
-    expected = iter(sizes)
+    i, written = 0, 0
     with open(path, "wb") as f:
         f.write(head)
+        # a tensor may arrive whole or in consecutive flat pieces; each piece is written before the next is made
         for key, t in tensors:
-            want_key, n = next(expected)
-            if key != want_key:
-                raise RuntimeError(f"internal: tensors arrived out of header order ({key} vs {want_key})")
+            if i >= len(sizes) or key != sizes[i][0]:
+                want = sizes[i][0] if i < len(sizes) else "(end)"
+                raise RuntimeError(f"internal: tensors arrived out of header order ({key} vs {want})")
             data = tensor_bytes(t)
-            if data.nbytes != n:
-                raise RuntimeError(f"internal: tensor {key} has {data.nbytes} bytes, header says {n}")
+            written += data.nbytes
+            if written > sizes[i][1]:
+                raise RuntimeError(f"internal: tensor {key} has more bytes than the header's {sizes[i][1]}")
             f.write(data)
-        if next(expected, None) is not None:
+            if written == sizes[i][1]:
+                i, written = i + 1, 0
+        if i != len(sizes):
             raise RuntimeError("internal: fewer tensors than the header announced")
