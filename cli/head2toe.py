@@ -1,0 +1,67 @@
+"""weightspace head2toe CKPT --model M --train DATA --test DATA [--keep 0.01,0.1,0.2] [--out DIR]"""
+from __future__ import annotations
+
+import click
+
+from .common import note, parse_floats, print_json, report_options
+from .probe import probe_options
+
+H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.png")
+
+
+@click.command("head2toe")
+@click.argument("checkpoint")
+@probe_options
+@click.option("--keep", default="0.01,0.1,0.2", show_default=True,
+              help="Candidate fractions of features to keep; the one used is chosen by cross-validation on --train.")
+@click.option("--target", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Pool each layer to about this many features (T).")
+@click.option("--coef", type=click.FloatRange(min=0), default=1e-5, show_default=True,
+              help="Group-lasso coefficient of the feature-scoring head.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Cross-validation folds on the training set.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
+@click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+              help="Weight decay of the plain linear heads (on the mean cross-entropy, standardised features).")
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="L-BFGS iterations per head.")
+@click.option("--lasso-iters", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Proximal-gradient iterations of the group-lasso head.")
+@report_options
+def head2toe(checkpoint: str, model_spec: str, train_spec: str, test_spec: str, layers: str, num_classes: int | None,
+             in_chans: int | None, batch_size: int, device: str, cache_dir: str | None, out_dir: str | None,
+             force: bool, keep: str, target: int, coef: float, folds: int, seed: int, l2: float, max_iter: int,
+             lasso_iters: int, as_json: bool, quiet: bool) -> None:
+    """Head2Toe (Evci et al. 2022): a linear head on features selected from every layer of CHECKPOINT.
+
+    Each layer is pooled to about --target features and L2-normalised per example; a group-lasso head scores the
+    concatenated features, the top fraction (chosen from --keep by k-fold cross-validation on --train) is kept
+    and a plain linear head is retrained on it. Reported against the last-layer linear probe. --out writes
+    results.json, head2toe.csv, head2toe_layers.csv and head2toe.png.
+    """
+    from weightspace.analysis.head2toe import head2toe as run_h2t
+    from weightspace.report import check_outputs, markdown_table, write_csv, write_json
+    fractions = parse_floats(keep, "--keep")
+    if out_dir:
+        check_outputs(out_dir, H2T_FILES, force)
+    res = run_h2t(checkpoint, model_spec, train_spec, test_spec, layers=layers, keep=fractions, target=target,
+                  coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter, lasso_iters=lasso_iters, device=device,
+                  batch_size=batch_size, cache_dir=cache_dir, num_classes=num_classes, in_chans=in_chans,
+                  progress=not quiet)
+    payload = {"command": "head2toe", **res.to_json()}
+    headers, rows = res.table()
+    if out_dir:
+        from pathlib import Path
+        d = Path(out_dir)
+        lh, lr = res.layer_table()
+        files = [write_json(d / "results.json", payload, force=force),
+                 write_csv(d / "head2toe.csv", headers, rows, force=force),
+                 write_csv(d / "head2toe_layers.csv", lh, lr, force=force), res.plot(d / "head2toe.png", force=force)]
+        payload["files"] = [str(p) for p in files]
+        note(f"wrote {', '.join(map(str, files))}", quiet)
+    if as_json:
+        print_json(payload)
+        return
+    click.echo(markdown_table(headers, rows))
+    b = res.baseline
+    click.echo(f"Head2Toe (keep {res.chosen:g}, chosen by {folds}-fold CV): test accuracy {res.accuracy:.4f}; "
+               f"last-layer probe ({b['layer']}, {b['features']} features): {b['test_accuracy']:.4f}")

@@ -1,0 +1,74 @@
+"""weightspace probe CKPT [CKPT ...] --model M --train DATA --test DATA [--layers all] [--out DIR]"""
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+from .common import note, print_json, report_options
+
+PROBE_FILES = ("results.json", "probe.csv", "probe.png")
+
+
+def probe_options(f: Callable) -> Callable:
+    """--model, --train, --test, --layers, --num-classes, --in-chans, --device, --batch-size, --cache, --out, --force."""
+    from .evalargs import out_options
+    f = out_options(f)
+    f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+                     help="Folder caching the pooled features on disk (keyed by checkpoint sha256, data and layers).")(f)
+    f = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Batch size of the backbone's forward passes.")(f)
+    f = click.option("--in-chans", type=click.IntRange(min=1), default=None,
+                     help="Input channels of the model (default: from the checkpoint).")(f)
+    f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                     help="Upstream classifier outputs (default: from the checkpoint).")(f)
+    f = click.option("--layers", default="all", show_default=True,
+                     help="all, depth:N, regex:P, or comma-separated module names (NAME:in taps a module's input).")(f)
+    f = click.option("--test", "test_spec", required=True, metavar="DATA", help="Data the probes are scored on.")(f)
+    f = click.option("--train", "train_spec", required=True, metavar="DATA", help="Data the probes are trained on.")(f)
+    f = click.option("--model", "model_spec", required=True, metavar="SPEC",
+                     help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.zoo:small_cnn).")(f)
+    return f
+
+
+@click.command("probe")
+@click.argument("checkpoints", nargs=-1, required=True)
+@probe_options
+@click.option("--dim", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Pool each layer to about this many features (Head2Toe's pooling rule).")
+@click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+              help="Weight decay of the linear heads (on the mean cross-entropy, standardised features).")
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="L-BFGS iterations per head.")
+@report_options
+def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_spec: str, layers: str,
+          num_classes: int | None, in_chans: int | None, batch_size: int, device: str, cache_dir: str | None,
+          out_dir: str | None, force: bool, dim: int, l2: float, max_iter: int, as_json: bool, quiet: bool) -> None:
+    """Linear probe accuracy at every tapped layer of each of CHECKPOINTS.
+
+    Features are pooled per layer, computed once per dataset and checkpoint (one model instance, weights copied in
+    place); a linear head (L-BFGS, standardised features) is trained on --train and scored on --test. --out writes
+    results.json, probe.csv and probe.png (accuracy vs depth, one line per checkpoint).
+    """
+    from weightspace.analysis.probe import probe as run_probe
+    from weightspace.report import check_outputs, markdown_table, write_csv, write_json
+    if out_dir:
+        check_outputs(out_dir, PROBE_FILES, force)
+    res = run_probe(list(checkpoints), model_spec, train_spec, test_spec, layers=layers, dim=dim, l2=l2,
+                    max_iter=max_iter, device=device, batch_size=batch_size, cache_dir=cache_dir,
+                    num_classes=num_classes, in_chans=in_chans, progress=not quiet)
+    payload = {"command": "probe", **res.to_json()}
+    headers, rows = res.table()
+    if out_dir:
+        from pathlib import Path
+        d = Path(out_dir)
+        files = [write_json(d / "results.json", payload, force=force), write_csv(d / "probe.csv", headers, rows, force=force),
+                 res.plot(d / "probe.png", force=force)]
+        payload["files"] = [str(p) for p in files]
+        note(f"wrote {', '.join(map(str, files))}", quiet)
+    if as_json:
+        print_json(payload)
+    else:
+        click.echo(markdown_table(headers, rows))
+        for ck, r in res.best().items():
+            click.echo(f"{ck}: best layer {r['layer']} (test accuracy {r['test_accuracy']:.4f})")

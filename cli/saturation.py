@@ -1,0 +1,54 @@
+"""weightspace saturation FILE.csv --upstream COL --downstream COL [--out DIR]"""
+from __future__ import annotations
+
+import click
+
+from .common import note, print_json, report_options
+
+SAT_FILES = ("results.json", "saturation.csv", "saturation.png")
+
+
+@click.command("saturation")
+@click.argument("csv_file", metavar="FILE.csv", type=click.Path(dir_okay=False))
+@click.option("--upstream", required=True, metavar="COL", help="Column of upstream accuracies.")
+@click.option("--downstream", required=True, metavar="COL", help="Column of downstream accuracies.")
+@click.option("--label", default=None, metavar="COL", help="Column naming each point (e.g. checkpoint).")
+@click.option("--errors", is_flag=True, help="The columns hold errors (1 − accuracy), not accuracies.")
+@click.option("--points", type=click.Choice(["hull", "all"]), default="hull", show_default=True,
+              help="Fit the upper convex hull of the points (the paper's choice) or every point.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for results.json, saturation.csv and saturation.png.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@report_options
+def saturation(csv_file: str, upstream: str, downstream: str, label: str | None, errors: bool, points: str,
+               out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+    """Fit e_DS = k·e_US^α + e_∞ (e = 1 − accuracy) to two columns of FILE.csv (e.g. a leaderboard).
+
+    Reports k, α, e_∞ and the downstream accuracy predicted as upstream accuracy → 1 (1 − e_∞). Percentages are
+    detected and converted. --out writes results.json, saturation.csv (every point, fitted or not) and
+    saturation.png (points, hull, curve).
+    """
+    from weightspace.analysis.saturation import saturation_from_csv
+    from weightspace.report import check_outputs, markdown_table, write_csv, write_json
+    if out_dir:
+        check_outputs(out_dir, SAT_FILES, force)
+    fit = saturation_from_csv(csv_file, upstream, downstream, label=label, errors=errors, points=points)
+    if fit.config.get("percent"):
+        note("the columns hold percentages: divided by 100", quiet)
+    if fit.config.get("skipped_rows"):
+        note(f"skipped {fit.config['skipped_rows']} row(s) with an empty cell", quiet)
+    payload = {"command": "saturation", **fit.to_json()}
+    headers, rows = fit.table()
+    if out_dir:
+        from pathlib import Path
+        d = Path(out_dir)
+        files = [write_json(d / "results.json", payload, force=force),
+                 write_csv(d / "saturation.csv", headers, rows, force=force), fit.plot(d / "saturation.png", force=force)]
+        payload["files"] = [str(p) for p in files]
+        note(f"wrote {', '.join(map(str, files))}", quiet)
+    if as_json:
+        print_json(payload)
+        return
+    click.echo(markdown_table(["k", "alpha", "e_inf", "predicted downstream at upstream 1", "points fitted", "rmse"],
+                              [[fit.k, fit.alpha, fit.e_inf, fit.predicted_downstream_at_saturation,
+                                f"{len(fit.used)} of {len(fit.upstream)}", fit.rmse]]))

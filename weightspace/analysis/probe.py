@@ -1,0 +1,219 @@
+"""Layer probes: a linear classifier on each tapped layer's pooled features ("move the head to different layers").
+
+The linear head is multinomial logistic regression on standardised features (z-scored with the training set's
+mean and standard deviation), trained full-batch with L-BFGS from zero weights: deterministic, no seed needed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data import TensorData
+from ..errors import ConfigError
+from .taps import Features, FeatureTaps
+
+L2 = 1e-3        # weight decay on the mean cross-entropy (≈ scikit-learn's C=1 at N=1000); z-scored features make it scale-free
+MAX_ITER = 100   # L-BFGS iterations (strong-Wolfe line search); test accuracy is stable well before on digits probes
+
+
+@dataclass
+class LinearHead:
+    """A trained linear classifier: logits = ((x − mean) / std) @ weight + bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    loss: float = float("nan")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (N, C) for features (N, D)."""
+        x = x.to(self.weight.device, torch.float32)
+        return ((x - self.mean) / self.std) @ self.weight + self.bias
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted class indices."""
+        return self.logits(x).argmax(1)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Top-1 accuracy on (x, y)."""
+        if len(y) == 0:
+            return float("nan")
+        return float((self.predict(x).cpu() == y.cpu()).double().mean())
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float = L2, max_iter: int = MAX_ITER,
+               standardize: bool = True, device: str | torch.device | None = None) -> LinearHead:
+    """Multinomial logistic regression (mean cross-entropy + l2/2·‖W‖²) by full-batch L-BFGS from zeros."""
+    dev = torch.device(device) if device is not None else x.device
+    x = x.to(dev, torch.float32)
+    y = y.to(dev, torch.long)
+    d = x.shape[1]
+    if standardize:
+        mean = x.mean(0)
+        std = x.std(0, unbiased=False)
+        std = torch.where(std > 1e-6 * (1 + mean.abs()), std, torch.ones_like(std))  # constant features stay 0
+    else:
+        mean, std = torch.zeros(d, device=dev), torch.ones(d, device=dev)
+    z = (x - mean) / std
+    w = torch.zeros(d, num_classes, device=dev, requires_grad=True)
+    b = torch.zeros(num_classes, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        return F.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        final = float(objective())
+    return LinearHead(w.detach(), b.detach(), mean, std, final)
+
+
+def num_classes_of(*datasets: TensorData | Features) -> int:
+    """Number of classes: the datasets' own count, or 1 + the largest label."""
+    n = 0
+    for d in datasets:
+        n = max(n, int(getattr(d, "num_classes", None) or 0), int(d.y.max()) + 1 if len(d.y) else 0)
+    return n
+
+
+@dataclass
+class ProbeResult:
+    """Probe accuracies: one row per (checkpoint, layer), layers in depth order."""
+
+    rows: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Checkpoint labels in the order they were probed."""
+        return list(dict.fromkeys(r["checkpoint"] for r in self.rows))
+
+    def best(self) -> dict[str, dict]:
+        """Per checkpoint, the row with the highest test accuracy (the deepest on ties)."""
+        out: dict[str, dict] = {}
+        for r in self.rows:
+            cur = out.get(r["checkpoint"])
+            if cur is None or r["test_accuracy"] >= cur["test_accuracy"]:
+                out[r["checkpoint"]] = r
+        return out
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """Headers and rows for Markdown/CSV."""
+        headers = ["checkpoint", "depth", "layer", "features", "train_accuracy", "test_accuracy"]
+        return headers, [[r[h] for h in headers] for r in self.rows]
+
+    def to_json(self) -> dict:
+        """A JSON-able summary."""
+        return {**self.config, "rows": self.rows,
+                "best": {k: {"layer": v["layer"], "test_accuracy": v["test_accuracy"]} for k, v in self.best().items()}}
+
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """PNG of test accuracy vs depth, one line per checkpoint."""
+        from ..report import COLORS, new_figure, save_figure
+        fig, (ax,) = new_figure(size=(max(5.0, 0.45 * len({r['layer'] for r in self.rows}) + 2.5), 3.8))
+        layers: list[str] = []
+        for i, ck in enumerate(self.checkpoints):
+            rows = [r for r in self.rows if r["checkpoint"] == ck]
+            ax.plot([r["depth"] for r in rows], [r["test_accuracy"] for r in rows], marker="o", markersize=3,
+                    label=ck, color=COLORS[i % len(COLORS)])
+            if len(rows) > len(layers):
+                layers = [r["layer"] for r in rows]
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("tapped layer (depth order)")
+        ax.set_ylabel("linear probe test accuracy")
+        ax.set_title(f"linear probes: {self.config.get('train', '')} → {self.config.get('test', '')}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        return save_figure(fig, path, force=force)
+
+
+def probe_features(train: Features, test: Features, *, layers: Sequence[str] | None = None, l2: float = L2,
+                   max_iter: int = MAX_ITER, device: str | torch.device | None = None,
+                   label: str = "model") -> list[dict]:
+    """Fit a linear probe on each layer of ``train`` and score it on ``test``; one row per layer."""
+    c = num_classes_of(train, test)
+    rows = []
+    for depth, name in enumerate(layers or train.layers):
+        head = fit_linear(train.x[name], train.y, c, l2=l2, max_iter=max_iter, device=device)
+        rows.append({"checkpoint": label, "depth": depth, "layer": name, "features": int(train.x[name].shape[1]),
+                     "train_accuracy": head.accuracy(train.x[name], train.y),
+                     "test_accuracy": head.accuracy(test.x[name], test.y)})
+    return rows
+
+
+def checkpoint_labels(sources: Sequence[str]) -> list[str]:
+    """Short unique labels for checkpoint sources: file stems, or the full strings where stems collide."""
+    stems = [Path(str(s).split("?")[0]).stem or str(s) for s in sources]
+    return stems if len(set(stems)) == len(stems) else [str(s) for s in sources]
+
+
+def probe(checkpoints: Sequence[str], model: str | torch.nn.Module, train: str | TensorData, test: str | TensorData,
+          *, layers: str | Sequence[str] = "all", dim: int = 8192, l2: float = L2, max_iter: int = MAX_ITER,
+          device: str | torch.device = "auto", batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
+          num_classes: int | None = None, in_chans: int | None = None, progress: bool = False) -> ProbeResult:
+    """Linear probes at every tapped layer of each checkpoint (one model instance, weights copied in place)."""
+    if not checkpoints:
+        raise ConfigError("probe: give at least one checkpoint")
+    net, train_d, test_d, spec = setup(model, train, test, checkpoint=checkpoints[0], num_classes=num_classes,
+                                       in_chans=in_chans)
+    taps = FeatureTaps(net, layers, target=dim, device=device, batch_size=batch_size, cache_dir=cache_dir,
+                       progress=progress)
+    from ..evaluation import Evaluator
+    ev = Evaluator(taps.model, [], device=taps.device)
+    result = ProbeResult(config={"model": spec, "train": train_d.name, "test": test_d.name,
+                                 "layers": layers if isinstance(layers, str) else ",".join(layers), "dim": dim,
+                                 "l2": l2, "max_iter": max_iter, "checkpoints": list(map(str, checkpoints))})
+    for src, label in zip(checkpoints, checkpoint_labels(checkpoints)):
+        sha = load_weights(ev, src)
+        tr, te = taps(train_d, weights_id=sha), taps(test_d, weights_id=sha)
+        result.rows += probe_features(tr, te, l2=l2, max_iter=max_iter, device=taps.device, label=label)
+    result.config["forward_passes"] = taps.forward_passes
+    return result
+
+
+def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | TensorData, *, checkpoint=None,
+          num_classes: int | None = None, in_chans: int | None = None) -> tuple[torch.nn.Module, TensorData, TensorData, str]:
+    """Build the model from a spec (its head sized to fit ``checkpoint``) and load the datasets on the CPU."""
+    from ..data import load_data
+    spec = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        try:  # sizes the classifier / stem from the checkpoint's shapes where the options do not say
+            from ..modules import build_model_for
+        except ImportError:
+            from ..models import build_model
+            net = build_model(model, num_classes=num_classes, in_chans=in_chans)
+        else:
+            net = build_model_for(model, checkpoint, num_classes=num_classes, in_chans=in_chans)
+    else:
+        net = model
+    tr = load_data(train, model=net) if isinstance(train, str) else train
+    te = load_data(test, model=net) if isinstance(test, str) else test
+    for d in (tr, te):
+        if d.multilabel:
+            raise ConfigError(f"{d.name}: probes need single-label data (class indices), not multi-label targets")
+        if len(d) == 0:
+            raise ConfigError(f"{d.name}: no examples")
+    return net, tr, te, spec
+
+
+def load_weights(evaluator, source) -> str:
+    """Copy a checkpoint into the evaluator's model in place; returns its sha256 (the feature cache key)."""
+    from ..checkpoint import load
+    ck = load(source)
+    evaluator.load(ck)
+    return ck.sha256()
