@@ -7,8 +7,17 @@ from typing import Any, Callable, Sequence
 import click
 
 
+def _set_parallel(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    from weightspace.distributed import set_parallel
+    set_parallel(value)  # process-wide (reset on every invocation): the Evaluator and the sweeps read it
+
+
 def model_options(f: Callable) -> Callable:
-    """--model, --num-classes, --in-chans, --batch-size, --device."""
+    """--model, --num-classes, --in-chans, --batch-size, --device, --parallel."""
+    f = click.option("--parallel", type=click.Choice(["data", "points"]), default="data", show_default=True,
+                     expose_value=False, callback=_set_parallel,
+                     help="Under torchrun: shard the data of every evaluation across the ranks (data), or deal "
+                          "whole sweep points (α points, checkpoints) out to the ranks (points).")(f)
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Evaluation batch size.")(f)

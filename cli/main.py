@@ -60,9 +60,15 @@ class LazyGroup(click.Group):
         except Exception as e:  # only our own error family is turned into one line; bugs keep their traceback
             from weightspace.errors import WeightspaceError
             if isinstance(e, WeightspaceError):
-                click.echo(f"weightspace: error: {e}", err=True)
+                click.echo(f"weightspace: error{_speak()}: {e}", err=True)
                 sys.exit(2)
             raise
+
+
+def _speak() -> str:
+    """Under torchrun, let a silenced rank's error line through, tagged with its rank ("" otherwise)."""
+    dist = sys.modules.get("weightspace.distributed")
+    return dist.restore_output() if dist else ""
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -75,7 +81,14 @@ def main() -> None:
     (distances, barrier curves, leaderboards) and write safetensors with provenance.
 
     Bad input prints one line naming the file and the problem and exits with code 2.
+    Under torchrun (WORLD_SIZE > 1) the ranks join one process group and only rank 0 prints and writes files.
     """
+    import os
+    if (os.environ.get("WORLD_SIZE") or "1") != "1":  # launched by torchrun: torch is needed now anyway
+        from weightspace import distributed
+        distributed.init_from_env()
+        distributed.silence_other_ranks()
+        click.get_current_context().call_on_close(distributed.teardown)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoint import Source, load
 from .data import TensorData
+from .distributed import parallel_mode, world
 from .errors import ConfigError, IncompatibleCheckpoints
 
 
@@ -33,14 +34,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     return dev
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when not distributed."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Metrics(dict):
@@ -120,13 +113,16 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, data: TensorData | Sequence[TensorData] | Mapping[str, TensorData], *,
                  batch_size: int = 256, device: str | torch.device = "auto", amp: bool = True,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, parallel: str | None = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.amp = amp and self.device.type == "cuda"
         self.keep_logits = keep_logits
-        self.rank, self.world_size = world()
+        # "data" (default under torchrun): shard every dataset across the ranks. "points": every rank holds all
+        # the data and evaluates whole sweep points alone (distributed.sweep deals them out).
+        self.parallel = parallel_mode(parallel)
+        self.rank, self.world_size = world() if self.parallel == "data" else (0, 1)
         self.datasets = {name: self._place(d) for name, d in as_datasets(data).items()}
         self._labels = {name: self._gather(d.y, d) for name, d in self.datasets.items()}  # full labels on every rank
         self._targets = dict(self.model.state_dict(keep_vars=True))

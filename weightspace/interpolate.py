@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .checkpoint import Source, load
+from .distributed import sweep
 from .errors import ConfigError
 from .ops import check_compatible, lerp
 from .report import as_table
@@ -156,13 +157,12 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
         if not callable(recalibrate_bn) and not _is_evaluator(evaluate):
             raise ConfigError("recalibrate_bn: pass a function weights → weights, or use an Evaluator as evaluate")
         recal_name = getattr(recalibrate_bn, "name", None) or getattr(recalibrate_bn, "__name__", "custom")
-    it: Any = grid
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(grid, desc="curve", unit="α", leave=False)
-    t0 = time.perf_counter()
-    points = []
-    for alpha in it:
+        bar = lambda xs: tqdm(xs, desc="curve", unit="α", leave=False)  # noqa: E731
+
+    def point(alpha: float) -> dict:
         w = lerp(ca, cb, alpha, precision=precision)
         if recalibrate_bn is None:
             result = evaluate(w)
@@ -173,8 +173,10 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
             evaluate.load(w)
             evaluate.recalibrate_bn(recalibrate_bn)
             result = evaluate()
-        points.append(as_table(result))
-        del w
+        return as_table(result)
+
+    t0 = time.perf_counter()
+    points = sweep(point, grid, evaluate, bar=bar)  # under torchrun --parallel points: α points split across ranks
     seconds = time.perf_counter() - t0
     label = label or f"{short_name(ca.source)}–{short_name(cb.source)}"
     return Curve(grid, points, a=ca.source, b=cb.source, label=label, recalibrate_bn=recal_name, seconds=seconds)

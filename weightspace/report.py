@@ -95,7 +95,9 @@ def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) 
         for n in names:
             if (folder / n).exists():
                 raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)")
-    folder.mkdir(parents=True, exist_ok=True)
+    from .distributed import is_main
+    if is_main():  # under torchrun only rank 0 writes (the other ranks' writers go to os.devnull)
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint, Source, load
+from .distributed import sweep
 from .errors import ConfigError
 from .interpolate import short_name
 from .ops import PRECISIONS, StateDict, check_compatible, finish_provenance, uniform_soup
@@ -98,11 +99,10 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
     cks: list[Checkpoint] = [load(s) for s in ingredients]
     check_compatible(cks)
     evaluations = 0
-    if scores is None:
-        scores = []
-        for ck in _bar(cks, len(cks), "val scores", progress):
-            scores.append(_score(evaluate(ck)))
-            evaluations += 1
+    if scores is None:  # independent evaluations: split across ranks under torchrun --parallel points
+        scores = [_score(r) for r in sweep(evaluate, cks, evaluate,
+                                           bar=lambda xs: _bar(xs, len(xs), "val scores", progress))]
+        evaluations += len(cks)
     elif len(scores) != len(cks):
         raise ConfigError(f"greedy soup: {len(scores)} scores for {len(cks)} ingredients")
     scores = [float(s) for s in scores]
@@ -227,10 +227,9 @@ def _names(sources: Sequence[str]) -> list[str]:
 
 def evaluate_each(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: bool = True) -> list[Any]:
     """Evaluate each ingredient once (opened lazily, one at a time); returns what evaluate returned."""
-    out = []
-    for src in _bar(ingredients, len(ingredients), "evaluate", progress):
-        out.append(evaluate(load(src)))
-    return out
+    # Under torchrun --parallel points the entries are split across ranks and every rank gets all results.
+    return sweep(lambda src: evaluate(load(src)), ingredients, evaluate,
+                 bar=lambda xs: _bar(xs, len(xs), "evaluate", progress))
 
 
 def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: bool = True,
