@@ -23,6 +23,10 @@ from .hub import HubError, PushResult, push_to_hub  # noqa: E402
 from .evaluation import Evaluator, Metrics  # noqa: E402
 from .interpolate import Curve, barrier_height, interpolation_curve  # noqa: E402
 from .soup import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
+from .analysis.probe import ProbeResult, probe  # noqa: E402
+from .analysis.head2toe import Head2ToeResult, head2toe  # noqa: E402
+from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402
+from .analysis.taps import FeatureTaps  # noqa: E402
 
 __all__ = [
     "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",
@@ -31,6 +35,7 @@ __all__ = [
     "push_to_hub", "PushResult", "HubError",
     "Evaluator", "Metrics", "greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard",
     "interpolation_curve", "barrier_height", "Curve",
+    "probe", "ProbeResult", "head2toe", "Head2ToeResult", "fit_saturation", "SaturationFit", "FeatureTaps",
     "WeightspaceError", "CheckpointError", "SourceError", "UnsafeCheckpoint", "IncompatibleCheckpoints",
     "NonFiniteError", "OutputExists", "ConfigError",
 ]

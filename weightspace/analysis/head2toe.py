@@ -102,6 +102,7 @@ class Head2ToeResult:
     chosen: float
     baseline: dict                         # {"layer", "features", "test_accuracy"}
     layers: list[dict] = field(default_factory=list)  # per layer: features, kept (at the chosen fraction)
+    predictions: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)  # fraction → test predictions
 
     @property
     def accuracy(self) -> float:
@@ -191,6 +192,7 @@ def head2toe_features(train: Features, test: Features, *, keep: Sequence[float] 
     cv_scores: dict[float, list[float]] = {f: [] for f in keep}
     test_acc: dict[float, float] = {}
     final_idx: dict[float, torch.Tensor] = {}
+    preds: dict[float, torch.Tensor] = {}
     for kind, i in steps:
         if kind == "fold":
             tr, va = splits[i]
@@ -204,7 +206,8 @@ def head2toe_features(train: Features, test: Features, *, keep: Sequence[float] 
             for f in keep:
                 idx = top_fraction(scores, f)
                 head = fit_linear(z_tr[:, idx], train.y, c, l2=l2, max_iter=max_iter, device=device)
-                test_acc[f] = head.accuracy(z_te[:, idx], test.y)
+                preds[f] = head.predict(z_te[:, idx]).cpu()
+                test_acc[f] = float((preds[f] == test.y.cpu()).double().mean())
                 final_idx[f] = idx
     cv = {f: sum(v) / len(v) for f, v in cv_scores.items()}
     best = max(cv.values())
@@ -217,7 +220,7 @@ def head2toe_features(train: Features, test: Features, *, keep: Sequence[float] 
                 "test_accuracy": base.accuracy(test.x[base_name], test.y)}
     config = {"train": train.dataset, "test": test.dataset, "coef": coef, "folds": folds, "seed": seed, "l2": l2,
               "keep": keep, "lasso_iters": lasso_iters, "features_total": int(z_tr.shape[1])}
-    return Head2ToeResult(config, cv, test_acc, chosen, baseline, layers)
+    return Head2ToeResult(config, cv, test_acc, chosen, baseline, layers, preds)
 
 
 def head2toe(checkpoint: str, model: str | torch.nn.Module, train: str | TensorData, test: str | TensorData, *,
@@ -227,6 +230,7 @@ def head2toe(checkpoint: str, model: str | torch.nn.Module, train: str | TensorD
              cache_dir: str | os.PathLike | None = None, num_classes: int | None = None, in_chans: int | None = None,
              progress: bool = False) -> Head2ToeResult:
     """Head2Toe for one checkpoint: features from every tapped layer, one backbone pass per dataset."""
+    keep = check_keep(keep)  # bad options fail before any forward pass
     net, train_d, test_d, spec = setup(model, train, test, checkpoint=checkpoint, num_classes=num_classes,
                                        in_chans=in_chans)
     taps = FeatureTaps(net, layers, target=target, device=device, batch_size=batch_size, cache_dir=cache_dir,

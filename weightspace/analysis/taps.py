@@ -300,7 +300,10 @@ class FeatureTaps:
             if t is None:
                 raise ConfigError(f"--layers: module '{tap.module}' gives no tensor {'input' if tap.kind == 'in' else 'output'}")
             shapes.setdefault(tap.name, list(t.shape[1:]))
-            chunks[tap.name].append(pool_features(t.float(), self.target, layout).float().cpu())
+            f = pool_features(t.float(), self.target, layout).float().cpu()
+            if f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                f = f.clone()  # kept unpooled on the CPU: a later in-place op (ReLU(inplace=True)) would change it
+            chunks[tap.name].append(f)
 
         handles = []
         for tap in taps:
