@@ -79,3 +79,21 @@ def human_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return str(n)
+
+
+def _parse_transform(ctx: click.Context, param: click.Parameter, value: str | None):
+    if not value:
+        return None
+    from weightspace.errors import ConfigError
+    from weightspace.transforms import parse_transform
+    try:
+        return parse_transform(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--transform") from None
+
+
+def transform_option(f: Callable) -> Callable:
+    """--transform SPEC (e.g. block-shuffle:4[:SEED]): a callable for load_data(spec, transform=...), or None."""
+    return click.option("--transform", "transform", default=None, metavar="SPEC", callback=_parse_transform,
+                        help="Transform every dataset after its normalisation: block-shuffle:B[:SEED] "
+                             "(B×B blocks, one fixed seeded permutation); chain with '+'.")(f)

@@ -19,6 +19,11 @@ COMMANDS: dict[str, str] = {
     "push": "weightspace_cli.push:push",
     "merge": "weightspace_cli.merge:merge",
     "align": "weightspace_cli.align:align",
+    "modules": "weightspace_cli.modules_cmd:modules_cmd",
+    "rewind": "weightspace_cli.rewind:rewind",
+    "criticality": "weightspace_cli.criticality:criticality",
+    "similarity": "weightspace_cli.similarity:similarity",
+    "recipe": "weightspace_cli.recipe:recipe",
 }
 HELP: dict[str, str] = {
     "inspect": "Keys, shapes, dtypes, parameter count, bytes and provenance of a checkpoint.",
@@ -34,6 +39,11 @@ HELP: dict[str, str] = {
     "push": "Push a checkpoint to the Hugging Face Hub with a model card and a timm/open_clip config.",
     "merge": "Merge fine-tunes of one base: task arithmetic or TIES.",
     "align": "Permute B's hidden units to match A (Git Re-Basin weight or activation matching).",
+    "modules": "The modules analyses work on (tree:layer|block|stage, depth:N, regex:P) with parameter counts.",
+    "rewind": "Rewind one module at a time to INIT, a checkpoint or a random draw; heat map of the damage.",
+    "criticality": "Module criticality (Chatterji et al.): μ per module, Σμ, and error valleys over α × σ.",
+    "similarity": "CKA per module output, L2 per module, and which examples only one model gets right.",
+    "recipe": "Run experiment recipes (YAML) that reproduce paper findings, e.g. what-is-transferred.",
 }
 
 

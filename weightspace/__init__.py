@@ -23,6 +23,10 @@ from .hub import HubError, PushResult, push_to_hub  # noqa: E402
 from .evaluation import Evaluator, Metrics  # noqa: E402
 from .interpolate import Curve, barrier_height, interpolation_curve  # noqa: E402
 from .soup import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
+from .criticality import CriticalityResult, RewindResult, module_criticality, rewind  # noqa: E402
+from .similarity import SimilarityResult, linear_cka, model_similarity, rbf_cka  # noqa: E402
+from .transforms import BlockShuffle, parse_transform  # noqa: E402
+from .recipes import run_recipe  # noqa: E402
 from .analysis.probe import ProbeResult, probe  # noqa: E402
 from .analysis.head2toe import Head2ToeResult, head2toe  # noqa: E402
 from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402
@@ -36,6 +40,8 @@ __all__ = [
     "Evaluator", "Metrics", "greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard",
     "interpolation_curve", "barrier_height", "Curve",
     "probe", "ProbeResult", "head2toe", "Head2ToeResult", "fit_saturation", "SaturationFit", "FeatureTaps",
+    "rewind", "RewindResult", "module_criticality", "CriticalityResult", "model_similarity", "SimilarityResult",
+    "linear_cka", "rbf_cka", "BlockShuffle", "parse_transform", "run_recipe",
     "WeightspaceError", "CheckpointError", "SourceError", "UnsafeCheckpoint", "IncompatibleCheckpoints",
     "NonFiniteError", "OutputExists", "ConfigError",
 ]

@@ -1,0 +1,40 @@
+"""weightspace recipe run RECIPE.yaml --out DIR [--small] [--set KEY=VALUE ...]"""
+from __future__ import annotations
+
+import click
+
+from .common import report_options
+
+
+@click.group("recipe")
+def recipe() -> None:
+    """Run experiment recipes (small YAML files: data, model, training schedule, analyses)."""
+
+
+@recipe.command("run")
+@click.argument("recipe_file", metavar="RECIPE.yaml")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md.")
+@click.option("--small", is_flag=True, help="Apply the recipe's 'small:' overrides (a quick reduced-size run).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set train.finetune.epochs=5 (repeatable; the value is YAML).")
+@click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Evaluation batch size of the analyses (training batch sizes are in the recipe).")
+@report_options
+def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...], force: bool, device: str,
+        batch_size: int, as_json: bool, quiet: bool) -> None:
+    """Train the recipe's models, run its analyses and write REPORT.md with a verdict per finding."""
+    from weightspace.evaluation import resolve_device
+    from weightspace.recipes import run_recipe
+
+    from .common import markdown_table, print_json
+    r = run_recipe(recipe_file, out_dir, small=small, overrides=overrides, force=force, progress=not quiet,
+                   device=str(resolve_device(device)), batch_size=batch_size)
+    if as_json:
+        print_json(r)
+        return
+    click.echo(markdown_table(["finding", "verdict", "numbers"],
+                              [[f["id"], f["verdict"], f["numbers"]] for f in r["findings"]]))
+    click.echo(f"\nwrote {out_dir}/REPORT.md ({r['timings']['total']:.1f} s)")

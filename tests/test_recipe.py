@@ -1,0 +1,96 @@
+"""The what-is-transferred recipe at reduced size, end to end through the CLI; the recipe format's checks."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from weightspace.errors import ConfigError
+from weightspace.recipes import load_recipe
+
+RECIPE = "recipes/what-is-transferred.yaml"
+VERDICTS = {"reproduced", "partly", "not reproduced"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from weightspace_cli.main import main
+    out = tmp_path_factory.mktemp("wit") / "run"
+    r = CliRunner().invoke(main, ["recipe", "run", RECIPE, "--out", str(out), "--small", "--quiet", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_small_run_reports_every_finding(small_run):
+    out, printed = small_run
+    results = json.loads((out / "results.json").read_text())
+    findings = {f["id"]: f for f in results["findings"]}
+    assert set(findings) == {"a", "b", "c", "d"}
+    assert all(f["verdict"] in VERDICTS for f in findings.values())
+    assert [f["verdict"] for f in printed["findings"]] == [f["verdict"] for f in results["findings"]]
+    report = (out / "REPORT.md").read_text()
+    for fid, f in findings.items():
+        section = re.search(rf"### \({fid}\).*?\n\n\*\*(.+?)\.\*\*", report)
+        assert section and section.group(1).lower() == f["verdict"]
+        for fig in f["figures"]:
+            assert (out / fig).read_bytes()[:4] == b"\x89PNG"
+            assert f"]({fig})" in report
+    assert "reduced size" in report
+    r = results["results"]
+    # the numbers behind each verdict are the ones in results.json
+    a = r["barriers"]["summary"]
+    assert (findings["a"]["verdict"] == "reproduced") == (a["pt_max"] <= a["tolerance"] < a["ri_min"])
+    s = r["similarity"]["summary"]
+    closer, alike = s["P-T_l2"] < s["RI-T_l2"], s["P-T_mean_linear_cka"] > s["RI-T_mean_linear_cka"]
+    assert (findings["b"]["verdict"] == "reproduced") == (closer and alike)
+    assert [e["block"] for e in r["block_shuffle"]["blocks"]] == [8, 2]
+    assert r["block_shuffle"]["blocks"][0]["benefit"] == pytest.approx(
+        r["block_shuffle"]["blocks"][0]["P-T"]["final_accuracy"] - r["block_shuffle"]["blocks"][0]["RI-T"]["final_accuracy"])
+
+
+def test_small_run_leaves_checkpoints_and_data_the_cli_can_use(small_run, cli):
+    out, _ = small_run
+    ck = out / "checkpoints"
+    assert {p.name for p in ck.iterdir()} == {"source.safetensors", "pt-init.safetensors", "ri-init.safetensors",
+                                              "pt-1.safetensors", "pt-2.safetensors", "ri-1.safetensors",
+                                              "ri-2.safetensors"}
+    r = cli("rewind", ck / "pt-1.safetensors", "--init", ck / "pt-init.safetensors", "--model",
+            "weightspace.zoo:small_cnn?width=16", "--data", out / "data" / "target_test.pt", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    saved = json.loads((out / "results.json").read_text())["results"]["rewind"]["P-T"]
+    via_cli = json.loads(r.stdout)["metrics"]["conv2"]["init"]
+    assert list(via_cli) == [str(out / "data" / "target_test.pt")]
+    assert next(iter(via_cli.values()))["error"] == pytest.approx(saved["metrics"]["conv2"]["init"]["target_test"]["error"])
+
+
+def test_recipe_format_errors(tmp_path):
+    cfg = load_recipe(RECIPE, small=True, overrides=["train.finetune.epochs=2"])
+    assert cfg["train"]["finetune"]["epochs"] == 2 and cfg["train"]["pretrain"]["epochs"] == 3
+    assert cfg["analyses"]["barriers"]["steps"] == 5
+    with pytest.raises(ConfigError, match="unknown key 'epoch'"):
+        load_recipe(RECIPE, overrides=["train.finetune.epoch=2"])
+    with pytest.raises(ConfigError, match="unknown analysis 'barrier'"):
+        load_recipe(RECIPE, overrides=["analyses.barrier.steps=3"])
+    with pytest.raises(ConfigError, match="two different seeds"):
+        load_recipe(RECIPE, overrides=["train.seeds=[1]"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_recipe(RECIPE, overrides=["train.seeds"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: transfer\ndata: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")

@@ -1,0 +1,475 @@
+"""Which modules matter? Rewinding modules (Zhang, Bengio & Singer 2019) and module criticality (Chatterji,
+Neyshabur & Sedghi 2020).
+
+Rewinding: for each module i, θ_i is set to a target (its INIT value, another checkpoint of the trajectory, or a
+fresh draw from the model's own initialiser) while every other module keeps its FINAL value; then evaluate.
+
+Module criticality: θ_i^α = (1−α)θ_i^0 + αθ_i^F, and
+    μ_i = min over (α, σ) of α²‖θ_i^F − θ_i^0‖² / σ²   s.t.   E_{u~N(0,σ²I)} err(θ_i^α + u, θ_{−i}^F) ≤ ε,
+searched on a grid of α ∈ [0, 1] and σ with Monte-Carlo samples per point. The network's criticality is Σ_i μ_i.
+The choices the paper leaves open are documented in docs/criticality.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import Source, load
+from .data import TensorData
+from .errors import ConfigError, IncompatibleCheckpoints
+from .modules import ModuleUnit, grouping
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+ModelLike = Union[nn.Module, Callable[[], nn.Module]]
+Modules = Union[str, None, Mapping[str, Sequence[str]], Sequence[ModuleUnit]]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def random_init(model: ModelLike, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fresh draw from the model's own initialiser, seeded (the global RNG is left as it was).
+
+    A factory (a function returning a new model, e.g. ``lambda: build_model(spec)``) is called under the seed,
+    so the architecture's own init scheme is used; an nn.Module is copied and every submodule that has
+    ``reset_parameters`` is reset under the seed.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(model, nn.Module):
+            m = copy.deepcopy(model).cpu()
+            for sub in m.modules():
+                if callable(getattr(sub, "reset_parameters", None)):
+                    sub.reset_parameters()
+        elif callable(model):
+            m = model()
+        else:
+            raise ConfigError("--to random needs the model (an nn.Module or a function that builds one)")
+    return {k: v.detach().clone().cpu() for k, v in m.state_dict().items()}
+
+
+def _materialise(src: Source) -> dict[str, torch.Tensor]:
+    ck = load(src)
+    return {k: ck[k] for k in ck}
+
+
+def _structure(evaluate: Any, model: ModelLike | None) -> nn.Module | None:
+    """An nn.Module to read the module tree from (the Evaluator's model, the given model, or a built one)."""
+    if isinstance(model, nn.Module):
+        return model
+    if getattr(evaluate, "model", None) is not None and isinstance(evaluate.model, nn.Module):
+        return evaluate.model
+    if callable(model):
+        return model()
+    return None
+
+
+def resolve_modules(modules: Modules, names: Sequence[str], model: nn.Module | None) -> dict[str, list[str]]:
+    """Module name → state-dict names, from a spec string, a mapping, or ModuleUnits (default: tree:layer)."""
+    if isinstance(modules, Mapping):
+        out = {str(k): list(v) for k, v in modules.items()}
+    elif isinstance(modules, (list, tuple)) and all(isinstance(u, ModuleUnit) for u in modules):
+        out = {u.name: list(u.keys) for u in modules}
+    else:
+        spec = modules if isinstance(modules, str) or modules is None else None
+        if spec is None and modules is not None:
+            raise ConfigError(f"modules: expected a spec string, a mapping or ModuleUnits, got {type(modules).__name__}")
+        out = grouping(names, spec, model)
+        out.pop("(other)", None)
+    known = set(names)
+    for name, keys in out.items():
+        bad = [k for k in keys if k not in known]
+        if bad:
+            raise IncompatibleCheckpoints(f"module '{name}': key '{bad[0]}' is not in the checkpoint")
+    return {k: v for k, v in out.items() if v}
+
+
+def _table(result: Any) -> dict[str, dict[str, float]]:
+    from .report import as_table
+    return as_table(result)
+
+
+def _evaluate(evaluate: Callable, weights: Mapping, recalibrate: TensorData | None) -> dict[str, dict[str, float]]:
+    if recalibrate is None:
+        return _table(evaluate(weights))
+    if not (callable(getattr(evaluate, "load", None)) and callable(getattr(evaluate, "recalibrate_bn", None))):
+        raise ConfigError("--recalibrate-bn needs an Evaluator as evaluate")
+    evaluate.load(weights)
+    evaluate.recalibrate_bn(recalibrate)
+    return _table(evaluate())
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def safe_name(name: str) -> str:
+    """A module name usable in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "root"
+
+
+# ------------------------------------------------------------------------------------------------ rewinding
+@dataclass
+class RewindResult:
+    """Metrics with one module at a time rewound to each target, beside FINAL's own metrics."""
+
+    final: str
+    targets: list[str]
+    modules: list[str]
+    baseline: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, dict[str, dict[str, float]]]]  # module → target → dataset → metric → value
+    module_keys: dict[str, list[str]] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def datasets(self) -> list[str]:
+        """Dataset names, in evaluation order."""
+        return list(self.baseline)
+
+    def value(self, module: str, target: str, metric: str = "error", dataset: str | None = None) -> float:
+        """One cell: a metric with ``module`` rewound to ``target``."""
+        return self.metrics[module][target][dataset or self.datasets[0]][metric]
+
+    def matrix(self, metric: str = "error", dataset: str | None = None) -> list[list[float]]:
+        """modules × targets of one metric (for the heat map)."""
+        return [[self.value(m, t, metric, dataset) for t in self.targets] for m in self.modules]
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """Long form: one row per (module, target, dataset), FINAL's row first, with the change vs FINAL."""
+        headers = ["module", "target", "dataset", "error", "loss", "accuracy", "delta_error", "delta_loss"]
+        rows = [["(none: FINAL)", "final", ds, b.get("error"), b.get("loss"), b.get("accuracy"), 0.0, 0.0]
+                for ds, b in self.baseline.items()]
+        for m in self.modules:
+            for t in self.targets:
+                for ds, r in self.metrics[m][t].items():
+                    b = self.baseline[ds]
+                    rows.append([m, t, ds, r.get("error"), r.get("loss"), r.get("accuracy"),
+                                 _delta(r, b, "error"), _delta(r, b, "loss")])
+        return headers, rows
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"final": self.final, "targets": self.targets, "modules": self.modules, "baseline": self.baseline,
+                "metrics": self.metrics, "module_keys": self.module_keys, "settings": self.settings}
+
+    def plot(self, path: str | os.PathLike, *, metric: str = "error", dataset: str | None = None,
+             force: bool = False) -> Path:
+        """Heat map modules × rewind targets (FINAL's value in the title), like Zhang et al.'s figure."""
+        from . import report
+        ds = dataset or self.datasets[0]
+        fig = report.heatmap(self.matrix(metric, ds), self.modules, self.targets,
+                             title=f"{metric} after rewinding one module (FINAL: {self.baseline[ds][metric]:.3f})",
+                             cbar_label=f"{metric} on {ds}", fmt="{:.3f}", cmap="magma")
+        return report.save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
+        """results.json, rewind.csv and rewind.png into a folder."""
+        from . import report
+        folder = report.check_outputs(folder, ["results.json", "rewind.csv", "rewind.png"], force)
+        return [report.write_json(folder / "results.json", self.to_dict(), force=force),
+                report.write_csv(folder / "rewind.csv", *self.table(), force=force),
+                self.plot(folder / "rewind.png", force=force)]
+
+
+def _delta(r: Mapping, b: Mapping, metric: str) -> float | None:
+    if metric in r and metric in b:
+        return float(r[metric]) - float(b[metric])
+    return None
+
+
+def _target_name(t: Any) -> str:
+    if isinstance(t, str):
+        return t if t in ("init", "random", "final") else Path(t).stem or t
+    return getattr(t, "source", None) or type(t).__name__
+
+
+def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: Modules = None,
+           to: Any = "init", model: ModelLike | None = None, recalibrate_bn: TensorData | None = None,
+           bn_stats: str = "final", seed: int = 0, progress: bool = False) -> RewindResult:
+    """Rewind one module at a time to each target in ``to`` ('init', 'random', a checkpoint), others FINAL.
+
+    ``evaluate(weights) -> Metrics`` (an Evaluator, or any function). ``bn_stats='final'`` keeps FINAL's
+    BatchNorm running statistics in the rewound module (the default), ``'target'`` takes them from the target;
+    ``recalibrate_bn=data`` re-estimates all of them on ``data`` before each evaluation (needs an Evaluator).
+    ``modules``: a grouping spec (tree:layer by default when the model is known, depth:N, regex:P, tree:block,
+    tree:stage), a mapping name → keys, or ModuleUnits. ``random`` draws from the model's own initialiser.
+    """
+    if bn_stats not in ("final", "target"):
+        raise ConfigError(f"bn_stats={bn_stats!r}: expected 'final' or 'target'")
+    targets = list(to) if isinstance(to, (list, tuple)) else [to]
+    if not targets:
+        raise ConfigError("--to: give at least one rewind target (init, random or a checkpoint)")
+    final_sd = _materialise(final)
+    final_name = load(final).source
+    structure = _structure(evaluate, model)
+    groups = resolve_modules(modules, list(final_sd), structure)
+    sources: dict[str, dict[str, torch.Tensor]] = {}
+    names: list[str] = []
+    for t in targets:
+        name = _target_name(t)
+        if name in sources:
+            raise ConfigError(f"--to {name}: given twice")
+        if isinstance(t, str) and t == "init":
+            if init is None:
+                raise ConfigError("--to init needs --init INIT")
+            sd = _materialise(init)
+        elif isinstance(t, str) and t == "random":
+            if model is None and structure is None:
+                raise ConfigError("--to random needs the model")
+            sd = random_init(model if model is not None else structure, seed)
+        elif isinstance(t, str) and t == "final":
+            sd = final_sd
+        else:
+            sd = _materialise(t)
+        missing = [k for ks in groups.values() for k in ks if k not in sd]
+        if missing:
+            raise IncompatibleCheckpoints(f"rewind target {name}: has no tensor '{missing[0]}'")
+        for ks in groups.values():
+            for k in ks:
+                if tuple(sd[k].shape) != tuple(final_sd[k].shape):
+                    raise IncompatibleCheckpoints(f"rewind target {name}: key '{k}' has shape {list(sd[k].shape)}, "
+                                                  f"FINAL has {list(final_sd[k].shape)}")
+        sources[name] = sd
+        names.append(name)
+    bar = _progress(len(groups) * len(names) + 1, "rewind", progress)
+    baseline = _evaluate(evaluate, final_sd, recalibrate_bn)
+    if bar:
+        bar.update()
+    metrics: dict[str, dict[str, dict]] = {}
+    work = dict(final_sd)
+    for mod, keys in groups.items():
+        metrics[mod] = {}
+        swap = [k for k in keys if bn_stats == "target" or k.rsplit(".", 1)[-1] not in BN_STATS]
+        for name in names:
+            for k in swap:
+                work[k] = sources[name][k]
+            metrics[mod][name] = _evaluate(evaluate, work, recalibrate_bn)
+            for k in swap:
+                work[k] = final_sd[k]
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    return RewindResult(final=final_name, targets=names, modules=list(groups), baseline=baseline, metrics=metrics,
+                        module_keys=groups,
+                        settings={"bn_stats": "recalibrated" if recalibrate_bn is not None else bn_stats,
+                                  "recalibrate_bn": getattr(recalibrate_bn, "name", None), "seed": seed,
+                                  "modules": modules if isinstance(modules, str) else
+                                  ("tree:layer" if modules is None and structure is not None else "custom")})
+
+
+# ---------------------------------------------------------------------------------------- module criticality
+@dataclass
+class CriticalityResult:
+    """μ_i per module, Σμ_i, and the whole (α, σ) error grid of each module."""
+
+    final: str
+    init: str
+    epsilon: float
+    metric: str
+    alphas: list[float]
+    sigma_scales: list[float]
+    baseline: float
+    modules: list[dict]  # name, mu, alpha, sigma, distance, weight_rms, sigmas, grid (α × σ), feasible
+    settings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        """The network's criticality Σ_i μ_i."""
+        return float(sum(m["mu"] for m in self.modules))
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per module: μ, the minimising (α, σ), ‖θ^F − θ^0‖, and the rewound (α=0, σ=min) error."""
+        headers = ["module", "mu", "alpha", "sigma", "sigma_scale", "distance", "weight_rms", "numel",
+                   "error_at_init"]
+        rows = [[m["module"], m["mu"], m["alpha"], m["sigma"], m["sigma_scale"], m["distance"], m["weight_rms"],
+                 m["numel"], m["grid"][0][0]] for m in self.modules]
+        rows.append(["(sum)", self.total, None, None, None, None, None, sum(m["numel"] for m in self.modules), None])
+        return headers, rows
+
+    def grid_table(self) -> tuple[list[str], list[list]]:
+        """Long form of every grid point: module, α, σ scale, σ, mean error, feasible."""
+        rows = []
+        for m in self.modules:
+            for i, a in enumerate(self.alphas):
+                for j, s in enumerate(self.sigma_scales):
+                    rows.append([m["module"], a, s, m["sigmas"][j], m["grid"][i][j], m["feasible"][i][j]])
+        return ["module", "alpha", "sigma_scale", "sigma", self.metric, "feasible"], rows
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"final": self.final, "init": self.init, "epsilon": self.epsilon, "metric": self.metric,
+                "baseline": self.baseline, "alphas": self.alphas, "sigma_scales": self.sigma_scales,
+                "total_mu": self.total, "modules": self.modules, "settings": self.settings, "notes": self.notes}
+
+    def plot_valley(self, module: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """The error valley of one module: mean error over α (x) and σ (y, log), the ε contour, the argmin."""
+        from . import report
+        fig, (ax,) = report.new_figure(size=(5.2, 4.0))
+        grid = np.array(module["grid"], dtype=float).T  # σ rows × α columns
+        sig = np.array(module["sigmas"], dtype=float)
+        ys = np.log10(np.maximum(sig, 1e-300))
+        im = ax.pcolormesh(self.alphas, ys, grid, shading="nearest", cmap="magma_r", vmin=0.0,
+                           vmax=max(1e-6, float(np.nanmax(grid))))
+        if np.nanmin(grid) <= self.epsilon <= np.nanmax(grid) and len(self.alphas) > 1 and len(ys) > 1:
+            ax.contour(self.alphas, ys, grid, levels=[self.epsilon], colors="cyan", linewidths=1.2)
+        if math.isfinite(module["mu"]):
+            ax.plot([module["alpha"]], [math.log10(module["sigma"])], marker="*", color="lime", markersize=12,
+                    markeredgecolor="black")
+        ax.set_xlabel("α  (θ^α = (1−α)θ⁰ + αθ^F)")
+        ax.set_ylabel("log10 σ")
+        ax.set_title(f"{module['module']}: μ = {module['mu']:.4g}  (ε = {self.epsilon})", fontsize=9)
+        fig.colorbar(im, ax=ax).set_label(f"mean {self.metric} ({self.settings.get('samples')} samples)")
+        return report.save_figure(fig, path, force=force)
+
+    def plot_mu(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Bar chart of μ_i per module (infinite μ drawn as empty)."""
+        from . import report
+        vals = [m["mu"] if math.isfinite(m["mu"]) else None for m in self.modules]
+        fig = report.bar_chart([m["module"] for m in self.modules], {"μ": vals}, xlabel="module criticality μ",
+                               title=f"Σμ = {self.total:.4g}")
+        return report.save_figure(fig, path, force=force)
+
+    def valley_files(self) -> dict[str, str]:
+        """module → the PNG file name of its error valley."""
+        names: dict[str, str] = {}
+        for m in self.modules:
+            base = f"valley_{safe_name(m['module'])}"
+            name, i = base, 1
+            while f"{name}.png" in names.values():
+                i += 1
+                name = f"{base}_{i}"
+            names[m["module"]] = f"{name}.png"
+        return names
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
+        """results.json, criticality.csv, criticality_grid.csv, criticality.png and one valley PNG per module."""
+        from . import report
+        files = self.valley_files()
+        folder = report.check_outputs(folder, ["results.json", "criticality.csv", "criticality_grid.csv",
+                                               "criticality.png", *files.values()], force)
+        out = [report.write_json(folder / "results.json", {**self.to_dict(), "valley_png": files}, force=force),
+               report.write_csv(folder / "criticality.csv", *self.table(), force=force),
+               report.write_csv(folder / "criticality_grid.csv", *self.grid_table(), force=force),
+               self.plot_mu(folder / "criticality.png", force=force)]
+        out += [self.plot_valley(m, folder / files[m["module"]], force=force) for m in self.modules]
+        return out
+
+
+def _grid(values: int | Sequence[float], lo: float, hi: float, log: bool, what: str) -> list[float]:
+    if isinstance(values, int):
+        if values < 1:
+            raise ConfigError(f"--{what} {values}: needs at least one point")
+        if values == 1:
+            return [hi]
+        pts = np.geomspace(lo, hi, values) if log else np.linspace(lo, hi, values)
+        return [float(v) for v in pts]
+    vals = sorted({float(v) for v in values})
+    if not vals or any(not math.isfinite(v) for v in vals):
+        raise ConfigError(f"--{what}: expected finite numbers")
+    return vals
+
+
+def module_criticality(final: Source, init: Source, evaluate: Callable, *, modules: Modules = None,
+                       model: ModelLike | None = None, epsilon: float = 0.1, alphas: int | Sequence[float] = 11,
+                       sigmas: int | Sequence[float] = 8, sigma_range: tuple[float, float] = (1e-3, 1.0),
+                       samples: int = 3, metric: str = "error", relative_epsilon: bool = False, seed: int = 0,
+                       progress: bool = False) -> CriticalityResult:
+    """Module criticality μ_i (Chatterji et al. 2020) of every module, from a grid over α and σ.
+
+    ``evaluate`` should measure on the TRAINING data (the definition uses the training error). σ is searched as
+    σ = s · RMS(θ_i^F) for s in the ``sigmas`` grid (log-spaced over ``sigma_range``, or explicit scales), so
+    one grid fits modules of any scale; μ_i uses the actual σ. Noise is added to the module's floating
+    parameters (BatchNorm running statistics stay FINAL's). ε is absolute, or added to FINAL's own value with
+    ``relative_epsilon``. A module whose α=0 point is feasible has μ_i = 0; one with no feasible point has μ_i = ∞.
+    """
+    if metric not in ("error", "loss"):
+        raise ConfigError(f"--metric {metric}: expected error or loss")
+    if samples < 1:
+        raise ConfigError(f"--samples {samples}: needs at least 1")
+    lo, hi = (float(v) for v in sigma_range)
+    if not (0 < lo <= hi):
+        raise ConfigError(f"--sigma-range {lo},{hi}: needs 0 < low ≤ high")
+    a_grid = _grid(alphas, 0.0, 1.0, False, "alphas")
+    if any(a < 0 or a > 1 for a in a_grid):
+        raise ConfigError("--alphas: every α must lie in [0, 1]")
+    s_grid = _grid(sigmas, lo, hi, True, "sigmas")
+    if any(s <= 0 for s in s_grid):
+        raise ConfigError("--sigmas: every σ scale must be positive")
+    final_sd, init_sd = _materialise(final), _materialise(init)
+    missing = [k for k in final_sd if k not in init_sd]
+    if missing:
+        raise IncompatibleCheckpoints(f"{load(init).source}: has no tensor '{missing[0]}' (FINAL has it)")
+    structure = _structure(evaluate, model)
+    params = {k for k, _ in structure.named_parameters()} if structure is not None else None
+    groups = resolve_modules(modules, list(final_sd), structure)
+    base = _table(evaluate(final_sd))
+    ds = next(iter(base))
+    baseline = float(base[ds][metric])
+    eps = baseline + epsilon if relative_epsilon else float(epsilon)
+    notes = []
+    if baseline > eps:
+        notes.append(f"FINAL's own {metric} {baseline:.4f} exceeds ε = {eps:.4f}: no point can be feasible "
+                     f"(every μ is ∞); raise --epsilon or use --relative-epsilon")
+    gen = torch.Generator().manual_seed(seed)
+    bar = _progress(len(groups) * len(a_grid) * len(s_grid) * samples, "criticality", progress)
+    rows = []
+    work = dict(final_sd)
+    for mod, keys in groups.items():
+        noisy = [k for k in keys if final_sd[k].is_floating_point()
+                 and (k in params if params is not None else k.rsplit(".", 1)[-1] not in BN_STATS)]
+        if not noisy:
+            continue
+        f64 = {k: final_sd[k].double() for k in noisy}
+        i64 = {k: init_sd[k].double() for k in noisy}
+        dist2 = float(sum(((f64[k] - i64[k]) ** 2).sum() for k in noisy))
+        numel = int(sum(f64[k].numel() for k in noisy))
+        rms = math.sqrt(float(sum((f64[k] ** 2).sum() for k in noisy)) / max(numel, 1))
+        scale = rms if rms > 0 else 1.0
+        sig = [s * scale for s in s_grid]
+        grid = [[0.0] * len(s_grid) for _ in a_grid]
+        for i, a in enumerate(a_grid):
+            centre = {k: (1 - a) * i64[k] + a * f64[k] for k in noisy}
+            for j, s in enumerate(sig):
+                total = 0.0
+                for _ in range(samples):
+                    for k in noisy:
+                        u = torch.randn(centre[k].shape, generator=gen, dtype=torch.float64) * s
+                        work[k] = (centre[k] + u).to(final_sd[k].dtype)
+                    total += float(_table(evaluate(work))[ds][metric])
+                    if bar:
+                        bar.update()
+                grid[i][j] = total / samples
+        for k in noisy:
+            work[k] = final_sd[k]
+        feasible = [[v <= eps for v in row] for row in grid]
+        best = (math.inf, None, None, None)
+        for i, a in enumerate(a_grid):
+            for j, s in enumerate(sig):
+                if feasible[i][j]:
+                    mu = a * a * dist2 / (s * s)
+                    if mu < best[0]:
+                        best = (mu, a, s, s_grid[j])
+        rows.append({"module": mod, "mu": best[0], "alpha": best[1], "sigma": best[2], "sigma_scale": best[3],
+                     "distance": math.sqrt(dist2), "weight_rms": rms, "numel": numel, "keys": noisy,
+                     "sigmas": sig, "grid": grid, "feasible": feasible})
+    if bar:
+        bar.close()
+    return CriticalityResult(final=load(final).source, init=load(init).source, epsilon=eps, metric=metric,
+                             alphas=a_grid, sigma_scales=s_grid, baseline=baseline, modules=rows, notes=notes,
+                             settings={"samples": samples, "seed": seed, "relative_epsilon": relative_epsilon,
+                                       "epsilon_given": float(epsilon), "sigma_range": [lo, hi],
+                                       "dataset": ds, "sigma_relative_to": "RMS of the module's FINAL parameters",
+                                       "modules": modules if isinstance(modules, str) else "tree:layer"})

@@ -1,0 +1,686 @@
+"""Recipes: small YAML files that describe an experiment (data, model, training schedule, analyses) and a runner
+that trains the models, runs the analyses and writes results.json, PNGs and a REPORT.md with a verdict per finding.
+
+One recipe kind exists: ``transfer`` (Neyshabur, Sedghi & Zhang 2020, "What is being transferred in transfer
+learning?"). A source model is pre-trained; fine-tuned-from-pretrained (P-T) and random-init (RI-T) models are
+trained on a different target task from one shared initialisation per kind, with several data-order seeds; then
+
+- ``barriers``      (a) error barriers between pairs of P-T models vs pairs of RI-T models;
+- ``similarity``    (b) L2 distance and CKA between P-T pairs vs RI-T pairs;
+- ``rewind``        (c) rewinding one module at a time to its initial value: lower vs upper modules;
+- ``block_shuffle`` (d) the benefit of pre-training and the learning speed as the target images' blocks shrink;
+- ``criticality``   (optional) module criticality of one P-T and one RI-T model.
+
+The format is documented in docs/analysis.md; ``recipes/what-is-transferred.yaml`` is the reference recipe.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data import TensorData, load_data
+from .errors import ConfigError
+
+KINDS = ("P-T", "RI-T")
+
+DEFAULTS: dict[str, Any] = {
+    "kind": "transfer",
+    "name": "recipe",
+    "description": "",
+    "seed": 0,
+    "threads": None,
+    "model": "weightspace.zoo:small_cnn",
+    "data": {"source": {}, "target": {}},
+    "train": {
+        "pretrain": {"epochs": 10, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "augment": "none",
+                     "momentum": 0.9, "seed": 0},
+        "finetune": {"epochs": 10, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "augment": "none",
+                     "momentum": 0.9, "eval_every": 0},
+        "init_seed": 0,
+        "seeds": [1, 2],
+        "reset": ["fc"],
+    },
+    "analyses": {},
+    "small": {},
+}
+ANALYSES = ("barriers", "similarity", "rewind", "block_shuffle", "criticality")
+ANALYSIS_DEFAULTS: dict[str, dict] = {
+    "barriers": {"steps": 11, "no_barrier_below": 0.02, "recalibrate_bn": True},
+    "similarity": {"modules": "tree:layer", "batch_size": None},
+    "rewind": {"modules": "tree:layer", "to": ["init", "random"]},
+    "block_shuffle": {"blocks": [], "seed": 0, "seeds": None, "finetune": {}},
+    "criticality": {"modules": "tree:layer", "epsilon": 0.1, "relative_epsilon": False, "alphas": 6, "sigmas": 5,
+                    "sigma_range": [0.01, 1.0], "samples": 2, "seed": 0},
+}
+
+
+# --------------------------------------------------------------------------------------------- the config
+def _merge(base: dict, extra: dict, where: str, strict: bool = True) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if strict and k not in base:
+            raise ConfigError(f"{where}: unknown key '{k}' (known: {', '.join(base)})")
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and base[k]:
+            out[k] = _merge(base[k], v, f"{where}.{k}", strict)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def set_path(cfg: dict, dotted: str, value: Any, where: str) -> None:
+    """Set ``a.b.c`` in a nested dict (creating dicts on the way)."""
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"{where}: '{dotted}' goes through '{k}', which is not a mapping")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.finetune.epochs=3' → ('train.finetune.epochs', 3) (the value is read as YAML)."""
+    import yaml
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. train.finetune.epochs=3")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
+                overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
+    """Read a recipe (file or dict), apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
+    import yaml
+    where = "<recipe>"
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        where = os.fspath(source)
+        try:
+            raw = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such recipe file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a recipe is a YAML mapping")
+    if raw.get("kind", "transfer") != "transfer":
+        raise ConfigError(f"{where}: unknown recipe kind '{raw.get('kind')}' (known: transfer)")
+    pending = []
+    if small:
+        for k, v in (raw.get("small") or {}).items():
+            pending.append((k, v))
+    for o in overrides:
+        pending.append(parse_override(o) if isinstance(o, str) else tuple(o))
+    for k, v in pending:
+        set_path(raw, k, v, where)
+    cfg = _merge(DEFAULTS, raw, where)
+    for name, opts in list(cfg["analyses"].items()):
+        if name not in ANALYSES:
+            raise ConfigError(f"{where}: unknown analysis '{name}' (known: {', '.join(ANALYSES)})")
+        cfg["analyses"][name] = _merge(ANALYSIS_DEFAULTS[name], opts or {}, f"{where}: analyses.{name}")
+    if not cfg["data"].get("source") or not cfg["data"].get("target"):
+        raise ConfigError(f"{where}: data needs a 'source' and a 'target'")
+    seeds = cfg["train"]["seeds"]
+    if not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: train.seeds needs at least two different seeds (models are compared in pairs)")
+    cfg["where"] = where
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------------- data
+def _take(d: TensorData, idx: torch.Tensor, y: torch.Tensor | None = None, name: str | None = None) -> TensorData:
+    return TensorData(name or d.name, d.x[idx].contiguous(), (d.y if y is None else y)[idx], d.num_classes)
+
+
+def build_task(entry: dict, name: str, where: str) -> TensorData:
+    """One task's examples: concatenated specs, optionally filtered to ``classes`` and ``relabel``-ed."""
+    known = {"spec", "classes", "relabel", "train_per_class"}
+    bad = set(entry) - known
+    if bad:
+        raise ConfigError(f"{where}: data.{name}: unknown key(s) {', '.join(sorted(bad))} (known: {', '.join(sorted(known))})")
+    specs = entry.get("spec")
+    if not specs:
+        raise ConfigError(f"{where}: data.{name} needs a 'spec' (e.g. digits:train)")
+    parts = [load_data(s) for s in (specs if isinstance(specs, list) else [specs])]
+    x, y = torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])
+    if entry.get("classes") is not None:
+        classes = [int(c) for c in entry["classes"]]
+        keep = torch.isin(y, torch.tensor(classes))
+        x, y = x[keep], y[keep]
+        y = torch.tensor([classes.index(int(v)) for v in y], dtype=torch.long)
+    original = y.clone()
+    if entry.get("relabel") is not None:
+        table = [int(v) for v in entry["relabel"]]
+        if int(y.max()) >= len(table):
+            raise ConfigError(f"{where}: data.{name}.relabel maps {len(table)} labels, the data has {int(y.max()) + 1}")
+        y = torch.tensor(table, dtype=torch.long)[y]
+    d = TensorData(name, x.contiguous(), y, num_classes=int(y.max()) + 1)
+    d.meta = {"original_labels": original}
+    return d
+
+
+def split_per_class(d: TensorData, per_class: int, name: str) -> tuple[TensorData, TensorData]:
+    """The first ``per_class`` examples of every original class → train; the rest → test (deterministic)."""
+    original = d.meta["original_labels"]
+    train_idx = torch.cat([torch.nonzero(original == c).squeeze(1)[:per_class] for c in torch.unique(original)])
+    train_idx = torch.sort(train_idx).values
+    mask = torch.ones(len(d), dtype=torch.bool)
+    mask[train_idx] = False
+    return _take(d, train_idx, name=f"{name}_train"), _take(d, torch.nonzero(mask).squeeze(1), name=f"{name}_test")
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+@dataclass
+class Run:
+    """Everything a recipe produced, kept in memory for the analyses."""
+
+    cfg: dict
+    out: Path
+    data: dict[str, TensorData]
+    in_chans: int | None = None
+    inits: dict[str, dict] = field(default_factory=dict)
+    models: dict[str, dict[str, dict]] = field(default_factory=dict)  # kind → seed label → state dict
+    histories: dict[str, dict[str, list]] = field(default_factory=dict)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    progress: bool = True
+    device: str = "cpu"
+    batch_size: int = 256
+    force: bool = False
+
+    def build(self, num_classes: int) -> torch.nn.Module:
+        """A fresh model of the recipe's architecture (random weights from the global RNG)."""
+        from .modules import build_model_for
+        return build_model_for(self.cfg["model"], num_classes=num_classes, in_chans=self.in_chans)
+
+    def note(self, msg: str) -> None:
+        """Progress note on stderr."""
+        if self.progress:
+            import sys
+            print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
+class InputTransform(torch.nn.Module):
+    """A fixed transform in front of a network, so training augments the raw image before the transform."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], net: torch.nn.Module):
+        super().__init__()
+        self.transform = transform
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.transform(x))
+
+
+def _train(run: Run, init: dict, data: TensorData, opts: dict, seed: int, eval_data: TensorData | None,
+           num_classes: int, transform: Callable | None = None) -> tuple[dict, list]:
+    from .train import train
+    net = run.build(num_classes)
+    net.load_state_dict(init)
+    model = net if transform is None else InputTransform(transform, net)
+    hist = train(model, data, epochs=int(opts["epochs"]), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]),
+                 momentum=float(opts["momentum"]), batch_size=int(opts["batch_size"]), seed=int(seed),
+                 augment=opts["augment"], eval_data=eval_data, eval_every=int(opts.get("eval_every") or 0))
+    return _state(net), hist
+
+
+def _seeded_init(run: Run, num_classes: int, seed: int) -> dict:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _state(run.build(num_classes))
+
+
+def pt_init(source: dict, random: dict, reset: Sequence[str], model: torch.nn.Module) -> dict:
+    """P-T initialisation: the pre-trained weights, with the ``reset`` modules (e.g. the head) from ``random``."""
+    from .modules import grouping
+    groups = grouping(list(random), "tree:layer", model)
+    unknown = [r for r in reset if r not in groups]
+    if unknown:
+        raise ConfigError(f"train.reset: no module '{unknown[0]}' (modules: {', '.join(groups)})")
+    fresh = {k for r in reset for k in groups[r]}
+    out = {}
+    for k, v in random.items():
+        if k in fresh:
+            out[k] = v
+        elif k not in source or tuple(source[k].shape) != tuple(v.shape):
+            raise ConfigError(f"train.reset: '{k}' differs between the source and target models; reset its module")
+        else:
+            out[k] = source[k]
+    return out
+
+
+def _save(run: Run, name: str, sd: dict) -> str:
+    from .saving import save
+    path = run.out / "checkpoints" / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(sd, path, force=run.force, provenance={"op": "recipe", "recipe": run.cfg["name"], "model": name})
+    run.checkpoints[name] = str(path)
+    return str(path)
+
+
+def _save_data(run: Run, d: TensorData) -> None:
+    from .storage import atomic_output
+    path = run.out / "data" / f"{d.name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, run.force) as tmp:
+        torch.save({"x": d.x.contiguous(), "y": d.y.contiguous()}, tmp)
+
+
+def _evaluator(run: Run, data: TensorData):
+    from .evaluation import Evaluator
+    return Evaluator(run.build(data.num_classes), data, device=run.device, batch_size=run.batch_size)
+
+
+def model_label(kind: str, seed: int) -> str:
+    """'pt-1' / 'ri-2': the file stem of a fine-tuned model."""
+    return f"{'pt' if kind == 'P-T' else 'ri'}-{seed}"
+
+
+def prepare(run: Run) -> None:
+    """Data, pre-training, the two initialisations and the fine-tuned models of both kinds."""
+    cfg, tr = run.cfg, run.cfg["train"]
+    t0 = time.perf_counter()
+    src = build_task(cfg["data"]["source"], "source", cfg["where"])
+    run.in_chans = int(src.x.shape[1])
+    tgt_entry = cfg["data"]["target"]
+    tgt = build_task(tgt_entry, "target", cfg["where"])
+    per_class = tgt_entry.get("train_per_class")
+    if not per_class:
+        raise ConfigError(f"{cfg['where']}: data.target needs train_per_class (the rest of the target is its test set)")
+    t_train, t_test = split_per_class(tgt, int(per_class), "target")
+    run.data = {"source": src, "target_train": t_train, "target_test": t_test}
+    for d in run.data.values():
+        _save_data(run, d)
+    run.note(f"data: source {len(src)} examples ({src.num_classes} classes), target {len(t_train)} train / "
+             f"{len(t_test)} test ({t_train.num_classes} classes)")
+    k_src, k_tgt = src.num_classes, t_train.num_classes
+    source_model, hist = _train(run, _seeded_init(run, k_src, int(tr["pretrain"]["seed"])), src, tr["pretrain"],
+                                int(tr["pretrain"]["seed"]), None, k_src)
+    run.histories["pretrain"] = {"source": hist}
+    _save(run, "source", source_model)
+    run.timings["pretrain"] = time.perf_counter() - t0
+    run.note(f"pre-trained the source model ({run.timings['pretrain']:.1f} s)")
+    random = _seeded_init(run, k_tgt, int(tr["init_seed"]))
+    run.inits = {"RI-T": random, "P-T": pt_init(source_model, random, tr["reset"], run.build(k_tgt))}
+    _save(run, "pt-init", run.inits["P-T"])
+    _save(run, "ri-init", run.inits["RI-T"])
+    t1 = time.perf_counter()
+    for kind in KINDS:
+        run.models[kind], run.histories[kind] = {}, {}
+        for seed in tr["seeds"]:
+            label = model_label(kind, seed)
+            sd, h = _train(run, run.inits[kind], t_train, tr["finetune"], seed, t_test, k_tgt)
+            run.models[kind][label], run.histories[kind][label] = sd, h
+            _save(run, label, sd)
+    run.timings["finetune"] = time.perf_counter() - t1
+    ev = _evaluator(run, t_test)
+    run.results["models"] = {label: ev(sd)["target_test"] for kind in KINDS for label, sd in run.models[kind].items()}
+    run.note(f"fine-tuned {len(tr['seeds'])} P-T and {len(tr['seeds'])} RI-T models ({run.timings['finetune']:.1f} s)")
+
+
+def _pairs(run: Run, kind: str) -> list[tuple[str, str]]:
+    return list(itertools.combinations(run.models[kind], 2))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _fig(run: Run, name: str) -> Path:
+    run.figures.append(name)
+    return run.out / name
+
+
+# ------------------------------------------------------------------------------------------- the analyses
+def analyse_barriers(run: Run, opts: dict) -> None:
+    """(a) Error barriers along the line between two models, for every pair of each kind."""
+    from . import report
+    from .interpolate import interpolation_curve
+    test = run.data["target_test"]
+    ev = _evaluator(run, test)
+    curves, rows, out = [], [], {}
+    for kind in KINDS:
+        out[kind] = []
+        for a, b in _pairs(run, kind):
+            c = interpolation_curve(run.models[kind][a], run.models[kind][b], ev, steps=int(opts["steps"]),
+                                    label=f"{kind} {a}–{b}", progress=False)
+            entry = {"pair": [a, b], "error_barrier": c.barriers["target_test"]["error"]["chord"],
+                     "loss_barrier": c.barriers["target_test"]["loss"]["chord"],
+                     "errors": c.series("target_test", "error")}
+            if opts["recalibrate_bn"]:
+                cr = interpolation_curve(run.models[kind][a], run.models[kind][b], ev, steps=int(opts["steps"]),
+                                         recalibrate_bn=run.data["target_train"], label=f"{kind} {a}–{b} (BN re-estimated)",
+                                         progress=False)
+                entry["error_barrier_bn_recalibrated"] = cr.barriers["target_test"]["error"]["chord"]
+                entry["loss_barrier_bn_recalibrated"] = cr.barriers["target_test"]["loss"]["chord"]
+            out[kind].append(entry)
+            curves.append(c)
+            rows.append([kind, f"{a}–{b}", entry["error_barrier"], entry["loss_barrier"],
+                         entry.get("error_barrier_bn_recalibrated"), entry.get("loss_barrier_bn_recalibrated")])
+    report.write_csv(run.out / "barriers.csv", ["kind", "pair", "error_barrier", "loss_barrier",
+                                                "error_barrier_bn_recalibrated", "loss_barrier_bn_recalibrated"],
+                     rows, force=run.force)
+    report.plot_curves(curves, _fig(run, "barriers.png"), force=run.force)
+    tol = float(opts["no_barrier_below"])
+    pt, ri = _mean([e["error_barrier"] for e in out["P-T"]]), _mean([e["error_barrier"] for e in out["RI-T"]])
+    pt_max = max(e["error_barrier"] for e in out["P-T"])
+    ri_min = min(e["error_barrier"] for e in out["RI-T"])
+    ok = pt_max <= tol and ri_min > tol
+    partly = pt < tol < ri
+    summary = {"tolerance": tol, "pt_mean": pt, "ri_mean": ri, "pt_max": pt_max, "ri_min": ri_min}
+    if opts["recalibrate_bn"]:
+        summary["pt_mean_bn_recalibrated"] = _mean([e["error_barrier_bn_recalibrated"] for e in out["P-T"]])
+        summary["ri_mean_bn_recalibrated"] = _mean([e["error_barrier_bn_recalibrated"] for e in out["RI-T"]])
+    run.results["barriers"] = {"pairs": out, "summary": summary}
+    text = (f"Error barrier on the target test set (chord height, {opts['steps']} points, no BN re-estimation as in "
+            f"the paper): P-T pairs mean {pt:.4f} (max {pt_max:.4f}), RI-T pairs mean {ri:.4f} (min {ri_min:.4f}); "
+            f"'no barrier' means ≤ {tol}.")
+    if opts["recalibrate_bn"]:
+        text += (f" With BatchNorm statistics re-estimated at every point: P-T {summary['pt_mean_bn_recalibrated']:.4f}, "
+                 f"RI-T {summary['ri_mean_bn_recalibrated']:.4f}.")
+    run.findings.append({"id": "a", "claim": "Two P-T models show no error barrier between them; two RI-T models of "
+                         "the same recipe do, even from the same random initialisation.",
+                         "verdict": "reproduced" if ok else ("partly" if partly else "not reproduced"),
+                         "numbers": text, "figures": ["barriers.png"], "table": "barriers.csv"})
+
+
+def analyse_similarity(run: Run, opts: dict) -> None:
+    """(b) L2 distance (parameters) and CKA (activations on the target test set) within each kind's pairs."""
+    from . import report
+    from .similarity import model_similarity
+    test = run.data["target_test"]
+    model = run.build(test.num_classes)
+    out: dict[str, list] = {}
+    per_module: dict[str, dict[str, list]] = {}
+    for kind in KINDS:
+        out[kind] = []
+        per_module[kind] = {}
+        for a, b in _pairs(run, kind):
+            r = model_similarity(run.models[kind][a], run.models[kind][b], model, test, modules=opts["modules"],
+                           batch_size=int(opts["batch_size"] or run.batch_size), device=run.device)
+            cka = [m["linear_cka"] for m in r.modules if m.get("linear_cka") is not None]
+            out[kind].append({"pair": [a, b], "l2": r.total["l2"], "relative_l2": r.total["relative"],
+                              "mean_linear_cka": _mean(cka),
+                              "mean_rbf_cka": _mean([m.get("rbf_cka") for m in r.modules]),
+                              "same_prediction": r.agreement["same_prediction"],
+                              "agreement": r.agreement["counts"], "modules": r.modules})
+            for m in r.modules:
+                per_module[kind].setdefault(m["module"], []).append(m)
+    modules = list(per_module["P-T"])
+    rows = []
+    for kind in KINDS:
+        for m in modules:
+            ms = per_module[kind][m]
+            rows.append([kind, m, _mean([x.get("linear_cka") for x in ms]), _mean([x.get("rbf_cka") for x in ms]),
+                         _mean([x["l2"] for x in ms]), _mean([x["relative_l2"] for x in ms])])
+    report.write_csv(run.out / "similarity.csv", ["kind", "module", "linear_cka", "rbf_cka", "l2", "relative_l2"],
+                     rows, force=run.force)
+    x = list(range(len(modules)))
+    series_cka = [{"x": x, "y": [r[2] for r in rows if r[0] == k], "label": k} for k in KINDS]
+    series_l2 = [{"x": x, "y": [r[4] for r in rows if r[0] == k], "label": k} for k in KINDS]
+    fig = report.line_panels([{"xlabel": "module", "ylabel": "linear CKA within pairs", "title": "CKA (higher = more alike)",
+                               "series": series_cka},
+                              {"xlabel": "module", "ylabel": "L2 distance within pairs", "title": "parameter distance",
+                               "series": series_l2}], title="similarity of models of the same kind")
+    for ax in fig.axes[:2]:
+        ax.set_xticks(x)
+        ax.set_xticklabels(modules, rotation=45, ha="right", fontsize=7)
+    report.save_figure(fig, _fig(run, "similarity.png"), force=run.force)
+    s = {f"{k}_{q}": _mean([p[q] for p in out[k]]) for k in KINDS for q in ("l2", "relative_l2", "mean_linear_cka",
+                                                                             "mean_rbf_cka", "same_prediction")}
+    run.results["similarity"] = {"pairs": out, "summary": s, "per_module": rows}
+    closer, more_alike = s["P-T_l2"] < s["RI-T_l2"], s["P-T_mean_linear_cka"] > s["RI-T_mean_linear_cka"]
+    verdict = "reproduced" if closer and more_alike else ("partly" if closer or more_alike else "not reproduced")
+    text = (f"Parameter L2 within pairs: P-T {s['P-T_l2']:.3f} vs RI-T {s['RI-T_l2']:.3f} (relative "
+            f"{s['P-T_relative_l2']:.3f} vs {s['RI-T_relative_l2']:.3f}); linear CKA averaged over modules: "
+            f"P-T {s['P-T_mean_linear_cka']:.4f} vs RI-T {s['RI-T_mean_linear_cka']:.4f} (RBF "
+            f"{s['P-T_mean_rbf_cka']:.4f} vs {s['RI-T_mean_rbf_cka']:.4f}); same prediction on "
+            f"{100 * s['P-T_same_prediction']:.1f}% vs {100 * s['RI-T_same_prediction']:.1f}% of test examples.")
+    run.findings.append({"id": "b", "claim": "P-T pairs are closer in parameter L2 and more similar in CKA than RI-T pairs.",
+                         "verdict": verdict, "numbers": text, "figures": ["similarity.png"], "table": "similarity.csv"})
+
+
+def analyse_rewind(run: Run, opts: dict) -> None:
+    """(c) Rewinding one module at a time (to its value at initialisation, or a fresh random draw)."""
+    from . import report
+    from .criticality import rewind
+    test = run.data["target_test"]
+    ev = _evaluator(run, test)
+    k = test.num_classes
+    out, rows = {}, []
+    reset = set(run.cfg["train"]["reset"])
+    for kind in KINDS:
+        label = next(iter(run.models[kind]))
+        r = rewind(run.models[kind][label], run.inits[kind], ev, modules=opts["modules"], to=list(opts["to"]),
+                   model=lambda: run.build(k), seed=int(run.cfg["train"]["init_seed"]) + 1)
+        base = r.baseline["target_test"]["error"]
+        deltas = {m: r.value(m, "init") - base for m in r.modules} if "init" in r.targets else {}
+        out[kind] = {"model": label, **r.to_dict(), "delta_error_init": deltas}
+        for m in r.modules:
+            rows.append([kind, m, *[r.value(m, t) for t in r.targets]])
+        fig = report.heatmap(r.matrix(), r.modules, [f"{kind}: {t}" for t in r.targets], fmt="{:.3f}", cmap="magma",
+                             title=f"{kind} ({label}): test error after rewinding one module (FINAL {base:.3f})",
+                             cbar_label="test error")
+        report.save_figure(fig, _fig(run, f"rewind_{'pt' if kind == 'P-T' else 'ri'}.png"), force=run.force)
+    targets = list(opts["to"])
+    report.write_csv(run.out / "rewind.csv", ["kind", "module", *[f"error_{t}" for t in targets]], rows, force=run.force)
+    run.results["rewind"] = out
+    pt = out["P-T"]["delta_error_init"]
+    body = [m for m in pt if m not in reset]
+    half = len(body) // 2
+    lower, upper = body[:half], body[len(body) - half:]
+    lo, hi = _mean([pt[m] for m in lower]), _mean([pt[m] for m in upper])
+    monotone = all(pt[a] <= pt[b] for a, b in zip(body, body[1:]))
+    ok = bool(lower) and lo < hi
+    verdict = "reproduced" if ok and monotone else ("partly" if ok else "not reproduced")
+    ri = out["RI-T"]["delta_error_init"]
+    text = ("P-T model, each module rewound to its pre-trained value, increase in test error: "
+            + ", ".join(f"{m} {pt[m]:+.4f}" for m in pt)
+            + f". Lower half of the body ({', '.join(lower)}) {lo:+.4f} vs upper half ({', '.join(upper)}) {hi:+.4f}"
+            + f"; {'monotone' if monotone else 'not monotone'} in depth. Modules re-initialised for the new task "
+            + f"({', '.join(sorted(reset)) or 'none'}) are left out of the comparison: their 'initial value' is random. "
+            + "RI-T model (rewound to its random init): " + ", ".join(f"{m} {ri[m]:+.4f}" for m in ri) + ".")
+    run.findings.append({"id": "c", "claim": "Rewinding lower modules (to their value before fine-tuning) hurts less "
+                         "than rewinding upper ones.", "verdict": verdict, "numbers": text,
+                         "figures": ["rewind_pt.png", "rewind_ri.png"], "table": "rewind.csv"})
+
+
+def _curve_stats(history: list) -> tuple[list[int], list[float]]:
+    pts = [h for h in history if "eval_accuracy" in h]
+    return [h["step"] for h in pts], [h["eval_accuracy"] for h in pts]
+
+
+def analyse_block_shuffle(run: Run, opts: dict) -> None:
+    """(d) Fine-tune P-T and RI-T on block-shuffled target images, block sizes from the image size down."""
+    from . import report
+    from .transforms import BlockShuffle
+    tr = run.cfg["train"]
+    train_d, test_d = run.data["target_train"], run.data["target_test"]
+    size = int(train_d.x.shape[-1])
+    blocks = [int(b) for b in (opts["blocks"] or [size])]
+    seeds = list(opts["seeds"] or tr["seeds"])
+    ft = {**tr["finetune"], **(opts["finetune"] or {})}
+    if not ft.get("eval_every"):
+        ft["eval_every"] = max(1, math.ceil(len(train_d) / int(ft["batch_size"])))
+    out, rows, panels = [], [], []
+    for b in blocks:
+        # The shuffle sits in front of the network: normalised image → augmentation → block shuffle → network,
+        # so augmentations (shifts) act on the image, not on its shuffled blocks; test images are shuffled alike.
+        shuffle = BlockShuffle(b, int(opts["seed"]))
+        entry: dict[str, Any] = {"block": b}
+        series = []
+        for kind in KINDS:
+            finals, aulcs, curves = [], [], []
+            for seed in seeds:
+                _, hist = _train(run, run.inits[kind], train_d, ft, seed, test_d, test_d.num_classes, shuffle)
+                steps, accs = _curve_stats(hist)
+                finals.append(accs[-1])
+                aulcs.append(_mean(accs))
+                curves.append(accs)
+            mean_curve = [_mean(col) for col in zip(*curves)]
+            entry[kind] = {"final_accuracy": _mean(finals), "mean_accuracy_over_training": _mean(aulcs),
+                           "steps": steps, "curve": mean_curve, "per_seed_final": finals}
+            series.append({"x": steps, "y": mean_curve, "label": kind})
+        entry["benefit"] = entry["P-T"]["final_accuracy"] - entry["RI-T"]["final_accuracy"]
+        entry["speed_benefit"] = (entry["P-T"]["mean_accuracy_over_training"]
+                                  - entry["RI-T"]["mean_accuracy_over_training"])
+        out.append(entry)
+        rows.append([b, entry["P-T"]["final_accuracy"], entry["RI-T"]["final_accuracy"], entry["benefit"],
+                     entry["P-T"]["mean_accuracy_over_training"], entry["RI-T"]["mean_accuracy_over_training"],
+                     entry["speed_benefit"]])
+        panels.append({"xlabel": "step", "ylabel": "target test accuracy", "title": f"block {b}×{b}" +
+                       (" (no shuffle)" if b == size else ""), "series": series})
+    report.write_csv(run.out / "block_shuffle.csv", ["block", "pt_final_accuracy", "ri_final_accuracy", "benefit",
+                                                     "pt_mean_accuracy", "ri_mean_accuracy", "speed_benefit"],
+                     rows, force=run.force)
+    report.save_figure(report.line_panels(panels, title="learning curves on block-shuffled target data"),
+                       _fig(run, "block_shuffle_curves.png"), force=run.force)
+    fig = report.line_panels([{"xlabel": "block size", "ylabel": "P-T − RI-T accuracy", "title": "benefit of pre-training",
+                               "series": [{"x": [e["block"] for e in out], "y": [e["benefit"] for e in out],
+                                           "label": "final accuracy"},
+                                          {"x": [e["block"] for e in out], "y": [e["speed_benefit"] for e in out],
+                                           "label": "mean accuracy over training"}]}])
+    fig.axes[0].axhline(0.0, color="black", linewidth=0.8)
+    report.save_figure(fig, _fig(run, "block_shuffle_benefit.png"), force=run.force)
+    run.results["block_shuffle"] = {"seeds": seeds, "shuffle_seed": int(opts["seed"]), "blocks": out}
+    ordered = sorted(out, key=lambda e: -e["block"])  # image size first, smallest blocks last
+    benefits = [e["benefit"] for e in ordered]
+    shrinks = benefits[-1] < benefits[0] if len(benefits) > 1 else False
+    monotone = all(a >= b for a, b in zip(benefits, benefits[1:]))
+    positive = all(v > 0 for v in benefits)
+    faster = all(e["speed_benefit"] > 0 for e in out)
+    checks = {"benefit shrinks (smallest block < no shuffle)": shrinks, "benefit stays above zero": positive,
+              "P-T converges faster (higher mean accuracy over training) at every block size": faster}
+    verdict = "reproduced" if all(checks.values()) else ("partly" if any(checks.values()) else "not reproduced")
+    text = ("Benefit of pre-training (P-T − RI-T final test accuracy, mean of " f"{len(seeds)} seeds) by block size: "
+            + ", ".join(f"{e['block']}: {e['benefit']:+.4f}" for e in ordered)
+            + f" ({'monotone' if monotone else 'not monotone'}); P-T − RI-T mean accuracy over training: "
+            + ", ".join(f"{e['block']}: {e['speed_benefit']:+.4f}" for e in ordered) + ". Checks: "
+            + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + ".")
+    run.findings.append({"id": "d", "claim": "With block shuffling of decreasing block size, the benefit of pre-training "
+                         "shrinks but stays above zero, and P-T still converges faster.", "verdict": verdict,
+                         "numbers": text, "figures": ["block_shuffle_curves.png", "block_shuffle_benefit.png"],
+                         "table": "block_shuffle.csv"})
+
+
+def analyse_criticality(run: Run, opts: dict) -> None:
+    """Module criticality (Chatterji et al.) of the first P-T and RI-T models on the target training data."""
+    from .criticality import module_criticality
+    ev = _evaluator(run, run.data["target_train"])
+    out = {}
+    for kind in KINDS:
+        label = next(iter(run.models[kind]))
+        r = module_criticality(run.models[kind][label], run.inits[kind], ev, modules=opts["modules"],
+                               epsilon=float(opts["epsilon"]), relative_epsilon=bool(opts["relative_epsilon"]),
+                               alphas=opts["alphas"], sigmas=opts["sigmas"], sigma_range=tuple(opts["sigma_range"]),
+                               samples=int(opts["samples"]), seed=int(opts["seed"]))
+        sub = run.out / f"criticality_{'pt' if kind == 'P-T' else 'ri'}"
+        r.write(sub, force=run.force)
+        out[kind] = {"model": label, "total_mu": r.total, "mu": {m["module"]: m["mu"] for m in r.modules},
+                     "folder": sub.name, "notes": r.notes}
+    run.results["criticality"] = out
+    run.findings.append({"id": "criticality", "claim": "(extra, no claim checked) module criticality Σμ of a P-T and "
+                         "a RI-T model", "verdict": "measured",
+                         "numbers": "; ".join(f"{k} Σμ = {v['total_mu']:.4g} ("
+                                              + ", ".join(f"{m} {mu:.3g}" for m, mu in v["mu"].items()) + ")"
+                                              for k, v in out.items()),
+                         "figures": [f"{v['folder']}/criticality.png" for v in out.values()], "table": None})
+
+
+RUNNERS: dict[str, Callable[[Run, dict], None]] = {
+    "barriers": analyse_barriers, "similarity": analyse_similarity, "rewind": analyse_rewind,
+    "block_shuffle": analyse_block_shuffle, "criticality": analyse_criticality,
+}
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def render_report(run: Run) -> str:
+    """REPORT.md: settings, models, and one section per finding with its verdict and numbers."""
+    from .report import markdown_table
+    cfg = run.cfg
+    tr = cfg["train"]
+    lines = [f"# {cfg['name']}", ""]
+    if cfg["description"]:
+        lines += [cfg["description"].strip(), ""]
+    d = run.data
+    lines += ["## Setup", "",
+              f"- Model: `{cfg['model']}`; recipe `{cfg['where']}`{' (reduced size: --small)' if cfg.get('small_run') else ''}.",
+              f"- Source task: {len(d['source'])} examples, {d['source'].num_classes} classes "
+              f"(`{cfg['data']['source'].get('spec')}`); pre-trained {tr['pretrain']['epochs']} epochs.",
+              f"- Target task: {len(d['target_train'])} training / {len(d['target_test'])} test examples, "
+              f"{d['target_train'].num_classes} classes (`{cfg['data']['target'].get('spec')}`, relabelled "
+              f"{cfg['data']['target'].get('relabel')}); fine-tuned {tr['finetune']['epochs']} epochs, lr "
+              f"{tr['finetune']['lr']}, batch {tr['finetune']['batch_size']}, augment {tr['finetune']['augment']}.",
+              f"- P-T: pre-trained weights, modules {', '.join(tr['reset'])} re-initialised; RI-T: one random "
+              f"initialisation (seed {tr['init_seed']}), shared by every RI-T model and by the P-T heads. Data-order "
+              f"seeds {', '.join(str(s) for s in tr['seeds'])}.", "",
+              "Target test accuracy of every fine-tuned model:", "",
+              markdown_table(["model", "accuracy", "loss"],
+                             [[k, v["accuracy"], v["loss"]] for k, v in run.results["models"].items()]), "",
+              "## Findings", "",
+              markdown_table(["finding", "verdict"], [[f["id"], f["verdict"]] for f in run.findings]), ""]
+    for f in run.findings:
+        lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
+        lines += [f"![{fig}]({fig})" for fig in f["figures"]]
+        if f.get("table"):
+            lines += ["", f"Table: `{f['table']}`."]
+        lines.append("")
+    lines += ["Checkpoints of every model are in `checkpoints/`, the target data in `data/` (tensor files that "
+              "`--data` accepts), every number in `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def run_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
+               overrides: Sequence[str] = (), force: bool = False, progress: bool = True,
+               device: str = "cpu", batch_size: int = 256) -> dict:
+    """Run a recipe end to end into ``out``: checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md."""
+    from . import report
+    cfg = load_recipe(recipe, small=small, overrides=overrides)
+    cfg["small_run"] = small
+    out = Path(out)
+    report.check_outputs(out, ["results.json", "REPORT.md"], force)
+    run = Run(cfg=cfg, out=out, data={}, progress=progress, device=device, batch_size=batch_size, force=force)
+    threads = cfg.get("threads")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg["seed"]))
+            prepare(run)
+            for name, opts in cfg["analyses"].items():
+                t = time.perf_counter()
+                RUNNERS[name](run, opts)
+                run.timings[name] = time.perf_counter() - t
+                run.note(f"{name} done ({run.timings[name]:.1f} s)")
+    finally:
+        torch.set_num_threads(old_threads)
+    run.timings["total"] = time.perf_counter() - t0
+    public_cfg = {k: v for k, v in cfg.items() if k not in ("where",)}
+    results = {"recipe": public_cfg, "findings": run.findings, "results": run.results,
+               "checkpoints": {k: os.path.relpath(v, out) for k, v in run.checkpoints.items()},
+               "figures": run.figures}
+    report.write_json(out / "results.json", results, force=force)
+    report.write_text(out / "REPORT.md", render_report(run), force=force)
+    # Wall-clock times differ run to run; they stay out of results.json and REPORT.md (same inputs, same bytes).
+    report.write_json(out / "timing.json", {"seconds": run.timings, "threads": torch.get_num_threads() if not threads
+                                            else int(threads)}, force=True)
+    return {"findings": run.findings, "timings": run.timings, "out": str(out)}
