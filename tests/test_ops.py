@@ -194,7 +194,7 @@ def test_stream_knows_its_output_before_reading_data(mlp_files, trained_mlps):
 
 
 def test_large_tensors_are_combined_in_pieces_exactly(tmp_path):
-    """Tensors bigger than one accumulation piece (4 MiB): streamed pieces, whole tensors and numpy all agree."""
+    """Tensors bigger than one accumulation piece (1 MiB): streamed pieces, whole tensors and numpy all agree."""
     g = torch.Generator().manual_seed(11)
     sds = [{"big": torch.randn(1500, 1001, generator=g), "half": torch.randn(2_500_003, generator=g).half(),
             "small": torch.randn(7, generator=g)} for _ in range(3)]

@@ -1,7 +1,6 @@
 """Checkpoint: a lazy, read-only mapping name → tensor over any source, with keys normalised once on load."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -192,20 +191,13 @@ class Checkpoint(Mapping):
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self)} tensors)"
 
-    @contextlib.contextmanager
-    def view(self, key: str, start: int | None = None, stop: int | None = None) -> Iterator[torch.Tensor]:
-        """A read-only look at one tensor, or at elements [start, stop) of it flattened, valid inside the ``with``
-        block: zero-copy for safetensors files. Streaming ops use this; keep nothing that aliases it."""
+    def read_range(self, key: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of one tensor, flattened. File-backed data is read into ``buffer`` (uint8) when
+        given: the view returned is valid until the buffer is reused. Streaming ops read this way."""
         backend, raw = self._entries[key]
         if isinstance(backend, SafetensorsReader):
-            with backend.mapped(raw, start, stop) as t:
-                yield t
-            return
-        t = backend[raw]
-        if start is None and stop is None:
-            yield t
-        else:
-            yield t.reshape(-1)[start:stop]  # a view for contiguous tensors (what state dicts hold)
+            return backend.read_into(raw, buffer, start, stop)
+        return backend[raw].reshape(-1)[start:stop]  # a view for contiguous tensors (what state dicts hold)
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of one tensor, without reading its data."""
@@ -241,7 +233,7 @@ class Checkpoint(Mapping):
             c = 1
             for s in shape:
                 c *= s
-            total += c * torch.empty((), dtype=dtype).element_size()
+            total += c * dtype.itemsize
         return total
 
     @property

@@ -75,11 +75,16 @@ def _save_stream(stream: TensorStream, path: Path, kind: str, provenance: dict |
     # placeholders in place (same length, so no data moves).
     with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(path, force) as tmp:
         futures = [pool.submit(c.sha256) for c in stream.ingredients]
-        placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
-        placeholder.update(extra)
-        data = stream.pieces() if stream.pieces is not None else iter(stream)
-        write_safetensors(tmp, stream.entries, data, {"weightspace": _dump(placeholder)})
-        final = finish_provenance(stream.provenance, stream.ingredients, [f.result() for f in futures])
+        try:
+            placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
+            placeholder.update(extra)
+            data = stream.pieces() if stream.pieces is not None else iter(stream)
+            write_safetensors(tmp, stream.entries, data, {"weightspace": _dump(placeholder)})
+            final = finish_provenance(stream.provenance, stream.ingredients, [f.result() for f in futures])
+        except BaseException:
+            for f in futures:  # bad input: report it now, not after hashing every remaining ingredient
+                f.cancel()
+            raise
         final.update(extra)
         head_old, _ = header_for(stream.entries, {"weightspace": _dump(placeholder)})
         head_new, _ = header_for(stream.entries, {"weightspace": _dump(final)})
