@@ -1,0 +1,67 @@
+"""GPU checks, run by bench/gpu_check.sh (`pytest -m gpu`) and deselected everywhere else (pyproject's addopts):
+the Evaluator on CUDA with bf16 autocast agrees with float32 on the CPU, with the data resident on the GPU.
+
+WEIGHTSPACE_TEST_DEVICE (default cuda) picks the device; `bench/gpu_check.sh --cpu-smoke` sets it to cpu to check
+that these tests run at all on a machine without a GPU (CPU against CPU then, so only the plumbing is checked).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    dev = torch.device(os.environ.get("WEIGHTSPACE_TEST_DEVICE", "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail("GPU tests need CUDA: run them with bench/gpu_check.sh on a GPU machine (make test deselects them)")
+    return dev
+
+
+@pytest.fixture(scope="module")
+def cnns(tmp_path_factory) -> list[str]:
+    """Two small CNNs fine-tuned on digits:train from one init (BatchNorm, so the curve has a real shape)."""
+    return save_all(train_cnns([1, 2], shared_init=True, epochs=2), tmp_path_factory.mktemp("gpu"), "cnn")
+
+
+def evaluators(device: torch.device, specs: list[str]):
+    from weightspace.data import load_data
+    from weightspace.evaluation import Evaluator
+    from weightspace.models import build_model
+    data = [load_data(s) for s in specs]
+    cpu = Evaluator(build_model(CNN, num_classes=10), data, batch_size=128, device="cpu", keep_logits=True)
+    gpu = Evaluator(build_model(CNN, num_classes=10), data, batch_size=128, device=device, keep_logits=True)
+    return cpu, gpu
+
+
+def test_amp_on_gpu_matches_fp32_on_cpu(device, cnns):
+    cpu, gpu = evaluators(device, ["digits:val", "digits:test"])
+    assert gpu.amp == (device.type == "cuda")
+    assert all(d.x.device.type == device.type for d in gpu.datasets.values())  # resident, not streamed
+    for ck in cnns:
+        ref, got = cpu(ck), gpu(ck)
+        for name in ref:
+            assert ref[name]["accuracy"] > 0.8  # really trained, so agreement means something
+            agree = float((ref.logits[name].argmax(1) == got.logits[name].argmax(1)).double().mean())
+            assert agree >= 0.98, (name, agree)
+            assert abs(got[name]["accuracy"] - ref[name]["accuracy"]) <= 0.01
+            assert got[name]["loss"] == pytest.approx(ref[name]["loss"], rel=0.03, abs=2e-3)
+
+
+def test_barrier_curve_on_gpu_matches_cpu(device, cnns):
+    from weightspace.interpolate import interpolation_curve
+    cpu, gpu = evaluators(device, ["digits:val"])
+    ref = interpolation_curve(cnns[0], cnns[1], cpu, steps=5, progress=False)
+    got = interpolation_curve(cnns[0], cnns[1], gpu, steps=5, progress=False)
+    assert got.alphas == ref.alphas
+    for r, g in zip(ref.metrics, got.metrics):
+        assert abs(g["digits:val"]["accuracy"] - r["digits:val"]["accuracy"]) <= 0.01
+        assert g["digits:val"]["loss"] == pytest.approx(r["digits:val"]["loss"], rel=0.03, abs=2e-3)
+    for metric in ("error", "loss"):
+        assert abs(got.barriers["digits:val"][metric]["chord"] - ref.barriers["digits:val"][metric]["chord"]) <= 0.02
