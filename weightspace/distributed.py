@@ -56,8 +56,9 @@ def is_main() -> bool:
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op alone or when a group exists.
 
-    NCCL carries CUDA tensors when CUDA is available (gloo still carries CPU tensors, e.g. with --device cpu),
-    gloo everything otherwise; this rank's GPU is cuda:LOCAL_RANK. Returns (rank, world size).
+    With CUDA: NCCL for CUDA tensors, gloo for CPU tensors (--device cpu) and for the pickled results of
+    all_gather_objects (torch sends object collectives over the CPU backend when there is one); this rank's GPU
+    is cuda:LOCAL_RANK. Without CUDA: gloo for everything. Returns (rank, world size).
     """
     global _owned_group
     if env_world_size() <= 1:
