@@ -1,13 +1,14 @@
 """Model merging from a shared base: task arithmetic and TIES, streamed tensor by tensor.
 
-Each method is a small class behind a registry (as in mergekit). A method sees, for one key at a time, the task
-vectors τ_t = s_t·(θ_t − θ_pre) of that key (s_t = −1 for negated models) and returns the merged task vector δ;
-the driver writes θ = θ_pre + λ·δ. Integer and bool buffers are copied from the base.
+Each method is a small class behind a registry (as in mergekit). A method sees, for one flat piece of one key at a
+time, the task vectors τ_t = s_t·(θ_t − θ_pre) (s_t = −1 for negated models) and returns the merged task vector δ;
+the driver writes θ = θ_pre + λ·δ. Pieces are at most ops.CHUNK_BYTES of accumulator each, so memory holds a few
+pieces per model, whatever the size of the largest tensor. Integer and bool buffers are copied from the base.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, Source, load
 from .errors import ConfigError
-from .ops import PRECISIONS, StateDict, TensorStream, _check_finite, _progress, check_compatible, finish_provenance
+from .ops import (PRECISIONS, StateDict, TensorStream, _check_finite, _progress, _ranges, check_compatible,
+                  finish_provenance, single_thread)
 
 
 class MergeMethod:
@@ -28,7 +30,8 @@ class MergeMethod:
         return {}
 
     def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
-        """The merged task vector δ of one key from the task vectors τ_t (already signed), all the same dtype."""
+        """The merged task vector δ of a flat piece of ``key`` from the task vectors τ_t of that piece (signed, one
+        dtype, fresh: the method may modify them in place)."""
         raise NotImplementedError
 
 
@@ -48,7 +51,7 @@ class TaskArithmetic(MergeMethod):
     name = "task-arithmetic"
 
     def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
-        acc = taus[0].clone()
+        acc = taus[0]
         for t in taus[1:]:
             acc.add_(t)
         return acc
@@ -75,17 +78,23 @@ class Ties(MergeMethod):
                 "thresholds": self.thresholds}
 
     def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(taus)
-        # Trim: magnitudes are compared in float32, the precision in which the thresholds were selected.
-        thr = torch.tensor(self.thresholds, dtype=torch.float32).view(-1, *([1] * (stacked.dim() - 1)))
-        trimmed = torch.where(stacked.abs().float() >= thr, stacked, torch.zeros((), dtype=stacked.dtype))
+        # Trim, in place: magnitudes are compared in float32, the precision the thresholds were selected in.
+        for tau, thr in zip(taus, self.thresholds):
+            tau.mul_(tau.abs().float() >= thr)  # 3× faster than masked_fill_ on a CPU
         # Elect: the sign of the summed mass per entry (an exact tie, sum 0, elects nothing and gives 0).
-        elected = torch.sign(trimmed.sum(0))
-        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        # Disjoint mean: average only the entries that kept a value and agree with the elected sign.
-        total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype)).sum(0)
-        count = agree.sum(0).clamp(min=1).to(total.dtype)
-        return total / count
+        elected = taus[0].clone()
+        for tau in taus[1:]:
+            elected.add_(tau)
+        elected.sign_()
+        # Disjoint mean over the kept entries that agree with the elected sign: τ·sign > 0 exactly there, so
+        # clamp(τ·sign, min=0) is the agreeing magnitude and (τ·sign > 0) counts it.
+        total = torch.zeros_like(elected)
+        count = torch.zeros_like(elected)
+        for tau in taus:
+            tau.mul_(elected)
+            count.add_(tau > 0)
+            total.add_(tau.clamp_(min=0))
+        return total.div_(count.clamp_(min=1)).mul_(elected)
 
 
 @dataclass
@@ -99,6 +108,8 @@ class MergePlan:
     acc_dtype: torch.dtype
     allow_nonfinite: bool = False
     progress: bool = False
+    checked: bool = False  # set once a full pass has checked every input for NaN/Inf
+    _held: dict = field(default_factory=dict)
 
     def float_keys(self) -> list[str]:
         """Floating keys, each tied group once (its canonical name)."""
@@ -113,29 +124,43 @@ class MergePlan:
         dtype, _ = self.base.info(key)
         return torch.float64 if torch.float64 in (dtype, self.acc_dtype) else self.acc_dtype
 
-    def read(self, ck: Checkpoint, key: str) -> torch.Tensor:
-        """One tensor, checked for NaN/Inf unless allowed."""
-        t = ck[key]
-        if not self.allow_nonfinite:
+    def ranges(self, key: str) -> Iterator[tuple[int, int]]:
+        """The flat pieces [start, stop) of one key."""
+        return _ranges(math.prod(self.base.info(key)[1]), self.wide(key))
+
+    def _read(self, ck: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of one tensor, flattened, checked for NaN/Inf unless allowed."""
+        read_range = getattr(ck, "read_range", None)
+        if read_range is not None:  # the core's ranged read: only this piece comes off the disk
+            t = read_range(key, start, stop)
+        else:  # whole-tensor reads: keep the current key of each input until the next key
+            held = self._held.get(id(ck))
+            if held is None or held[0] != key:
+                held = self._held[id(ck)] = (key, ck[key].reshape(-1))
+            t = held[1][start:stop]
+        if not (self.allow_nonfinite or self.checked):
             _check_finite(t, ck, key)
         return t
 
-    def task_vectors(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """θ_pre and the signed task vectors s_t·(θ_t − θ_pre) of one floating key, in the wide dtype."""
-        wide = self.wide(key)
-        base = self.read(self.base, key).to(wide)
+    def task_vectors(self, key: str, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ_pre and the signed task vectors s_t·(θ_t − θ_pre) of elements [start, stop) of a floating key (flat,
+        fresh tensors in the wide dtype)."""
+        base = self._read(self.base, key, start, stop).to(self.wide(key), copy=True)
         taus = []
         for ck, s in zip(self.models, self.signs):
-            tau = self.read(ck, key).to(wide) - base
+            tau = torch.sub(self._read(ck, key, start, stop), base)
             taus.append(tau.neg_() if s < 0 else tau)
         return base, taus
 
     def passes(self, desc: str) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
-        """Stream (key, θ_pre, task vectors) over the floating keys."""
+        """Stream (key, θ_pre, task vectors) piece by piece over the floating keys (on one thread, see
+        ops.single_thread: the work is memory-bound)."""
         keys = self.float_keys()
         for key in _progress(keys, len(keys), desc, self.progress):
-            base, taus = self.task_vectors(key)
-            yield key, base, taus
+            for start, stop in self.ranges(key):
+                with single_thread():
+                    base, taus = self.task_vectors(key, start, stop)
+                yield key, base, taus
 
 
 # Radix selection over float32 bit patterns: for non-negative floats the int32 bit pattern is ordered like the
@@ -145,8 +170,9 @@ _HI_BINS = 1 << 15  # the sign bit is clear, so the high half has 15 significant
 _LO_BINS = 1 << 16
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+def _bits(tau: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of |τ| in float32 (τ is a fresh tensor: made absolute in place)."""
+    return tau.abs_().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
 
 
 def _pick_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -162,16 +188,19 @@ def kth_largest_magnitudes(plan: MergePlan, k: int) -> list[float]:
     n = len(plan.models)
     hi = torch.zeros(n, _HI_BINS, dtype=torch.int64)
     for _, _, taus in plan.passes("ties: threshold 1/2"):
-        for i, tau in enumerate(taus):
-            hi[i] += torch.bincount(_bits(tau) >> 16, minlength=_HI_BINS)
+        with single_thread():
+            for i, tau in enumerate(taus):
+                hi[i] += torch.bincount(_bits(tau) >> 16, minlength=_HI_BINS)
+    plan.checked = True  # every input was read and checked once; later passes skip the NaN/Inf scan
     picks = [_pick_bucket(hi[i], k) for i in range(n)]
     lo = torch.zeros(n, _LO_BINS, dtype=torch.int64)
     for _, _, taus in plan.passes("ties: threshold 2/2"):
-        for i, tau in enumerate(taus):
-            b = _bits(tau)
-            sel = b[(b >> 16) == picks[i][0]]
-            if sel.numel():
-                lo[i] += torch.bincount(sel & 0xFFFF, minlength=_LO_BINS)
+        with single_thread():
+            for i, tau in enumerate(taus):
+                b = _bits(tau)
+                sel = b[(b >> 16) == picks[i][0]]
+                if sel.numel():
+                    lo[i] += torch.bincount(sel & 0xFFFF, minlength=_LO_BINS)
     out = []
     for i, (bucket, rank) in enumerate(picks):
         low, _ = _pick_bucket(lo[i], rank)
@@ -229,33 +258,35 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     return m, plan, prov
 
 
-def _deltas(m: MergeMethod, plan: MergePlan, desc: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """(key, θ_pre, δ) for every key, tied keys computed once; δ is None for integer/bool buffers."""
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    users = {}
-    for alias, canon in plan.base.aliases.items():
-        users[canon] = users.get(canon, 1) + 1
-    for key in _progress(plan.keys, len(plan.keys), desc, plan.progress):
-        canon = plan.base.aliases.get(key, key)
-        if canon in cache:
-            base, delta = cache[canon]
-        elif plan.base.info(canon)[0].is_floating_point:
-            base, taus = plan.task_vectors(canon)
-            base, delta = base, m.combine(canon, taus)
-        else:
-            base, delta = plan.base[canon], None
-        if canon in users:
-            cache[canon] = (base, delta)
-            users[canon] -= 1
-            if users[canon] == 0:
-                del cache[canon]
-        yield key, base, delta
+def _pieces(m: MergeMethod, plan: MergePlan, key: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(θ_pre, δ) for each flat piece of one floating key, in the wide dtype."""
+    for start, stop in plan.ranges(key):
+        with single_thread():
+            base, taus = plan.task_vectors(key, start, stop)
+            delta = m.combine(key, taus)
+        yield base, delta
 
 
-def _apply(base: torch.Tensor, delta: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    if delta is None:
-        return base
-    return (base + delta * scale).to(dtype)
+def _apply(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = θ_pre + λ·δ, cast to out's dtype."""
+    with single_thread():
+        if out.dtype == base.dtype:
+            return torch.add(base, delta, alpha=scale, out=out)
+        return out.copy_(torch.add(base, delta, alpha=scale))
+
+
+def _whole(m: MergePlan | MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Tensor:
+    """The merged tensor of one key, assembled from its pieces."""
+    dtype, shape = plan.base.info(key)
+    if not dtype.is_floating_point:
+        return plan.base[key]
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    start = 0
+    for base, delta in _pieces(m, plan, key):
+        _apply(base, delta, scale, flat[start:start + base.numel()])
+        start += base.numel()
+    return out
 
 
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
@@ -269,12 +300,34 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, 
                                allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, **options)
     prov["scale"] = scale
     entries = [(k, *plan.base.info(k)) for k in plan.keys]
+    tied = dict(plan.base.aliases)
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        for key, b, delta in _deltas(m, plan, m.name):
-            yield key, _apply(b, delta, scale, plan.base.info(key)[0])
+        """Whole tensors; a tied group is merged once and kept until its last name is written."""
+        left = {c: 1 + sum(1 for v in tied.values() if v == c) for c in set(tied.values())}
+        cache: dict[str, torch.Tensor] = {}
+        for key in _progress(plan.keys, len(plan.keys), m.name, plan.progress):
+            canon = tied.get(key, key)
+            t = cache[canon] if canon in cache else _whole(m, plan, canon, scale)
+            if canon in left:
+                cache[canon] = t
+                left[canon] -= 1
+                if left[canon] == 0:
+                    del cache[canon]
+            yield key, t
 
-    return TensorStream(entries, produce, prov, [plan.base, *plan.models], dict(plan.base.aliases))
+    def pieces() -> Iterator[tuple[str, torch.Tensor]]:
+        """Flat pieces in header order (tied tensors, which only in-memory state dicts have, come whole)."""
+        whole = set(tied) | set(tied.values())
+        for key in _progress(plan.keys, len(plan.keys), m.name, plan.progress):
+            dtype, shape = plan.base.info(key)
+            if key in whole or not dtype.is_floating_point or math.prod(shape) == 0:
+                yield key, _whole(m, plan, tied.get(key, key), scale)
+                continue
+            for base, delta in _pieces(m, plan, key):
+                yield key, _apply(base, delta, scale, torch.empty(base.numel(), dtype=dtype))
+
+    return TensorStream(entries, produce, prov, [plan.base, *plan.models], tied, pieces)
 
 
 def task_arithmetic(base: Source, models: Sequence[Source], *, scale: float = 1.0,
@@ -313,12 +366,31 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
         raise ConfigError("scale grid: needs at least one finite value")
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
                                allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, **options)
-    parts = [(k, b, d) for k, b, d in _deltas(m, plan, m.name)]
+    # θ_pre and δ of every floating key, whole and in the wide dtype (tied names share one entry).
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in _progress(plan.float_keys(), len(plan.float_keys()), m.name, plan.progress):
+        pieces = list(_pieces(m, plan, key))
+        shape = plan.base.info(key)[1]
+        parts[key] = (torch.cat([p[0] for p in pieces]).view(shape), torch.cat([p[1] for p in pieces]).view(shape))
+
+    def merged(lam: float) -> StateDict:
+        out = StateDict()
+        for key in plan.keys:
+            canon = plan.base.aliases.get(key, key)
+            dtype, shape = plan.base.info(canon)
+            if canon not in parts:
+                out[key] = plan.base[canon]
+            elif canon != key and canon in out:
+                out[key] = out[canon]
+            else:
+                b, d = parts[canon]
+                out[key] = _apply(b, d, lam, torch.empty(shape, dtype=dtype))
+        return out
+
     scores: list[tuple[float, float]] = []
     best: tuple[float, float] | None = None
     for lam in grid:
-        sd = {k: _apply(b, d, lam, plan.base.info(k)[0]) for k, b, d in parts}
-        score = float(evaluate(sd))
+        score = float(evaluate(merged(lam)))
         scores.append((lam, score))
         better = best is None or (score > best[1] if maximize else score < best[1])
         if better and math.isfinite(score):
@@ -326,6 +398,6 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
     if best is None:
         raise ConfigError("scale grid: evaluate returned no finite score")
     prov.update(scale=best[0], scale_search={"grid": grid, "scores": [s for _, s in scores], "maximize": maximize})
-    out = StateDict({k: _apply(b, d, best[0], plan.base.info(k)[0]) for k, b, d in parts})
+    out = merged(best[0])
     out.provenance = finish_provenance(prov, [plan.base, *plan.models])
     return ScaleSearch(best[0], scores, out)
