@@ -23,7 +23,7 @@ H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.pn
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
 @click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="Weight decay of the plain linear heads (on the mean cross-entropy, standardised features).")
-@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="L-BFGS iterations per head.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True, help="L-BFGS iterations per head.")
 @click.option("--lasso-iters", type=click.IntRange(min=1), default=300, show_default=True,
               help="Proximal-gradient iterations of the group-lasso head.")
 @report_options

@@ -39,7 +39,7 @@ def probe_options(f: Callable) -> Callable:
               help="Pool each layer to about this many features (Head2Toe's pooling rule).")
 @click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="Weight decay of the linear heads (on the mean cross-entropy, standardised features).")
-@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="L-BFGS iterations per head.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True, help="L-BFGS iterations per head.")
 @report_options
 def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_spec: str, layers: str,
           num_classes: int | None, in_chans: int | None, batch_size: int, device: str, cache_dir: str | None,

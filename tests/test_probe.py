@@ -130,3 +130,20 @@ def test_probe_cli_end_to_end(cli, tmp_path, tiny_checkpoints):
     assert again.exit_code == 2 and "already exists" in again.stderr
     md = cli(*args, "--force", "--layers", "fc:in")
     assert md.exit_code == 0 and "| ep3 | 0 | fc:in |" in md.stdout
+
+
+def test_checkpoints_with_different_heads_share_one_plot(tmp_path, tiny_checkpoints):
+    """A pre-training checkpoint (5-class head) beside a 10-class one: same backbone, so the same probe rows."""
+    import weightspace as ws
+    from weightspace.analysis.probe import probe
+    sd = ws.load(tiny_checkpoints[0]).to_dict()
+    sd["fc.weight"], sd["fc.bias"] = sd["fc.weight"][:5].clone(), sd["fc.bias"][:5].clone()
+    five = tmp_path / "pretrain5.safetensors"
+    ws.save(sd, five)
+    res = probe([str(five), tiny_checkpoints[0]], TINY_CNN, "digits:train?limit=300", "digits:test", dim=32,
+                device="cpu")
+    a = [r for r in res.rows if r["checkpoint"] == "pretrain5"]
+    b = [r for r in res.rows if r["checkpoint"] == "ep1"]
+    assert [r["layer"] for r in a] == [r["layer"] for r in b] and len(a) == 8
+    assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
+    assert res.config["forward_passes"] == 4

@@ -158,16 +158,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> dict[str, dict]:
 
 def _grouped_outputs(model: nn.Module, spec: str) -> list[str]:
     """Module paths whose outputs stand for the units of a grouping spec (tree:*, depth:N, regex:P)."""
-    try:
-        from ..modules import model_units  # the nn.Module-tree grouping (tree:layer|block|stage)
-    except ImportError:
-        model_units = None
-    if model_units is not None:
-        return [u.output for u in model_units(model, spec) if u.output]
-    if spec.startswith("tree"):
-        raise ConfigError(f"--layers {spec}: this weightspace has no module-tree grouping (use depth:N or regex:P)")
-    from ..modules import group_names, parse_grouping
-    return list(group_names([n for n, _ in model.named_parameters()], **parse_grouping(spec)))
+    from ..modules import model_units
+    return [u.output for u in model_units(model, spec) if u.output]
 
 
 def resolve_taps(model: nn.Module, layers: str | Sequence[str], example: torch.Tensor) -> list[Tap]:
