@@ -14,7 +14,9 @@ COMMANDS: dict[str, str] = {
     "interpolate": "weightspace_cli.interpolate:interpolate",
     "distance": "weightspace_cli.distance:distance",
     "demo": "weightspace_cli.demo:demo",
-    "probe": "weightspace_cli.probe:probe", "head2toe": "weightspace_cli.head2toe:head2toe", "saturation": "weightspace_cli.saturation:saturation",
+    "probe": "weightspace_cli.probe:probe",
+    "head2toe": "weightspace_cli.head2toe:head2toe",
+    "saturation": "weightspace_cli.saturation:saturation",
     "leaderboard": "weightspace_cli.leaderboard:leaderboard",
     "push": "weightspace_cli.push:push",
     "merge": "weightspace_cli.merge:merge",
@@ -68,8 +70,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as e:  # only our own error family is turned into one line; bugs keep their traceback
-            from weightspace.errors import WeightspaceError
-            if isinstance(e, WeightspaceError):
+            errors = sys.modules.get("weightspace.errors")  # not imported yet → cannot be ours (keeps --help torch-free)
+            if errors is not None and isinstance(e, errors.WeightspaceError):
                 click.echo(f"weightspace: error{_speak()}: {e}", err=True)
                 sys.exit(2)
             raise
