@@ -1,6 +1,7 @@
 """Pure streaming weight-space ops: tensors are read, combined and emitted one key at a time.
 
-Memory holds about one output tensor per step, not N input models. No model, no data here.
+Linear combinations go further: each tensor is combined in 1 MiB pieces, so a streamed save holds a few MB
+whatever the model or the number of inputs, not N input models. No model, no data here.
 """
 from __future__ import annotations
 
