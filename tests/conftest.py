@@ -1,22 +1,11 @@
 """Shared fixtures: tiny MLPs really trained on sklearn digits, and a CLI runner with stderr kept apart."""
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import pytest
 import torch
 
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Train tiny nets on one thread: fastest for them, and it does not fight other test processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from weightspace.ops import single_thread as one_thread  # tiny nets train fastest on one thread, and do not
+# fight other test processes for the cores
 
 
 def make_mlp() -> torch.nn.Module:

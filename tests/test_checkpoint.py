@@ -83,21 +83,24 @@ def test_save_plain_dicts_noncontiguous_and_pt(tmp_path):
 
 # --- shards -----------------------------------------------------------------------------------------------------
 
-def _split(sd):
+def _write_shards(folder, sd, name: str, save, index: dict) -> None:
+    """Two shards named like HF's (name has {i}), plus their index file."""
+    folder.mkdir()
     keys = sorted(sd)
-    return keys[: len(keys) // 2], keys[len(keys) // 2:]
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shard = name.format(i=i + 1)
+        save({k: sd[k] for k in part}, folder / shard)
+        weight_map.update({k: shard for k in part})
+    index_name, extra = next(iter(index.items()))
+    (folder / index_name).write_text(json.dumps({**extra, "weight_map": weight_map}))
 
 
 def test_safetensors_shards_with_index(tmp_path, trained_mlps):
     sd = trained_mlps[0]
     folder = tmp_path / "sharded"
-    folder.mkdir()
-    weight_map = {}
-    for i, keys in enumerate(_split(sd)):
-        name = f"model-0000{i + 1}-of-00002.safetensors"
-        st.save_file({k: sd[k] for k in keys}, folder / name)
-        weight_map.update({k: name for k in keys})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _write_shards(folder, sd, "model-0000{i}-of-00002.safetensors", st.save_file,
+                  {"model.safetensors.index.json": {"metadata": {}}})
     ck = ws.load(folder)
     same(ck, sd)
     assert len(ck.files) == 2 and ck.note == "2 shards"
@@ -111,13 +114,7 @@ def test_safetensors_shards_with_index(tmp_path, trained_mlps):
 def test_pytorch_bin_shards_with_index(tmp_path, trained_mlps):
     sd = trained_mlps[1]
     folder = tmp_path / "binshards"
-    folder.mkdir()
-    weight_map = {}
-    for i, keys in enumerate(_split(sd)):
-        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
-        torch.save({k: sd[k] for k in keys}, folder / name)
-        weight_map.update({k: name for k in keys})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _write_shards(folder, sd, "pytorch_model-0000{i}-of-00002.bin", torch.save, {"pytorch_model.bin.index.json": {}})
     same(ws.load(folder), sd)
     # the soup of a sharded checkpoint with a single-file one works and hashes both
     single = tmp_path / "single.safetensors"
