@@ -220,3 +220,13 @@ def test_large_tensors_are_combined_in_pieces_exactly(tmp_path):
     with pytest.raises(ws.NonFiniteError, match=f"{paths[2]}: key 'big' holds NaN"):
         ws.save(ops.weighted_average_stream(paths, w), tmp_path / "never.safetensors")
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_in_memory_non_contiguous_tensors(trained_mlps):
+    """State dicts from a training loop may hold transposed views; they combine like their contiguous copies."""
+    a = {k: v for k, v in trained_mlps[0].items()}
+    b = {k: v for k, v in trained_mlps[1].items()}
+    big = torch.randn(700, 900, generator=torch.Generator().manual_seed(5))
+    a["wide"], b["wide"] = big.t(), (2 * big).t()  # 2.5 MB, non-contiguous: several pieces each
+    out = ws.uniform_soup([a, b])
+    assert torch.allclose(out["wide"], 1.5 * big.t(), rtol=1e-6)

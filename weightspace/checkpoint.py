@@ -168,6 +168,7 @@ class Checkpoint(Mapping):
         self.metadata = metadata or {}
         self.note = note
         self._sha: str | None = None
+        self._flat: tuple[str | None, torch.Tensor | None] = (None, None)
 
     # Mapping protocol
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -197,7 +198,12 @@ class Checkpoint(Mapping):
         backend, raw = self._entries[key]
         if isinstance(backend, SafetensorsReader):
             return backend.read_into(raw, buffer, start, stop)
-        return backend[raw].reshape(-1)[start:stop]  # a view for contiguous tensors (what state dicts hold)
+        t = backend[raw]
+        if not t.is_contiguous():  # flatten once per key, not once per piece (pieces come in key order)
+            if self._flat[0] != key:
+                self._flat = (key, t.reshape(-1))
+            return self._flat[1][start:stop]
+        return t.view(-1)[start:stop]
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of one tensor, without reading its data."""
