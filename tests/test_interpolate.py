@@ -89,6 +89,26 @@ def test_curve_endpoints_equal_endpoints_own_evaluation(cnn_pair, tmp_path):
     assert curve.metrics[2]["digits:test"]["loss"] == pytest.approx(mid["digits:test"]["loss"], rel=1e-5)
 
 
+def test_in_place_path_equals_state_dict_path():
+    """With an Evaluator the weights are written into the model in 1 MiB pieces; a plain function gets dicts.
+    An MLP with a 4 MiB layer (hidden 1024) makes the pieces real; both paths must agree exactly."""
+    spec = "weightspace.zoo:mlp?hidden=1024"
+    torch.manual_seed(0)
+    a, b = (build_model(spec, num_classes=10).state_dict() for _ in range(2))
+    assert max(v.numel() for v in a.values()) * 4 > 2 * ws.ops.CHUNK_BYTES
+    ev = Evaluator(build_model(spec, num_classes=10), load_data("digits:val"), device="cpu")
+    in_place = interpolation_curve(a, b, ev, steps=4, progress=False)
+    plain = interpolation_curve(a, b, lambda w: ev(w), steps=4, progress=False)
+    assert in_place.metrics == plain.metrics
+    ref = ev({k: (2 / 3) * a[k] + (1 / 3) * b[k] for k in a})["digits:val"]["loss"]
+    assert in_place.metrics[1]["digits:val"]["loss"] == pytest.approx(ref, rel=1e-5)
+    # the greedy soup's candidates go the same way
+    soup_a, res_a = ws.greedy_soup([a, b, a], ev, progress=False)
+    soup_b, res_b = ws.greedy_soup([a, b, a], lambda w: ev(w), progress=False)
+    assert [s["soup_score_with"] for s in res_a.steps] == [s["soup_score_with"] for s in res_b.steps]
+    assert all(torch.equal(soup_a[k], soup_b[k]) for k in soup_a)
+
+
 def test_recalibrated_curve_matches_manual_update_bn(cnn_pair):
     a, b = cnn_pair
     train_data = load_data("digits:train")

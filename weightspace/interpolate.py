@@ -1,8 +1,8 @@
 """Barrier curves: evaluate (1−α)·A + α·B at K values of α and measure the loss/error barrier between A and B.
 
-The weights at each α are computed in memory (``ops.lerp`` over lazily opened checkpoints, opened once) and
-handed to ``evaluate``; with an ``Evaluator`` they are copied into its one model in place, so a K-point curve
-costs K passes over the (device-resident) evaluation data and nothing else of note.
+The weights at each α are ``ops.lerp``'s, streamed from checkpoints opened once and read lazily. A plain
+``evaluate`` function gets them as a state dict; with an ``Evaluator`` they are written piece by piece straight
+into its one model, so a K-point curve costs K passes over the (device-resident) data and little else.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .checkpoint import Source, load
 from .distributed import sweep
 from .errors import ConfigError
-from .ops import check_compatible, lerp
+from .ops import TensorStream, check_compatible, lerp_stream
 from .report import as_table
 
 BARRIER_METRICS = ("error", "loss")
@@ -140,6 +142,33 @@ def _is_evaluator(obj: Any) -> bool:
     return callable(getattr(obj, "load", None)) and callable(getattr(obj, "recalibrate_bn", None))
 
 
+def model_tensors(evaluate: Any) -> dict[str, torch.Tensor] | None:
+    """An Evaluator's own model tensors (parameters and buffers), when weights can be written into them in place."""
+    model = getattr(evaluate, "model", None)
+    if not _is_evaluator(evaluate) or not isinstance(model, torch.nn.Module):
+        return None
+    targets = dict(model.state_dict(keep_vars=True))
+    return targets if all(t.is_contiguous() for t in targets.values()) else None
+
+
+def write_stream(stream: TensorStream, targets: Mapping[str, torch.Tensor]) -> None:
+    """Write a streamed op's result straight into existing tensors (a model's), piece by piece: no state dict is
+    built and nothing is allocated per tensor. Keys the targets lack are skipped (the caller checked the fit)."""
+    filled: dict[str, int] = {}
+    with torch.no_grad():
+        for key, piece in (stream.pieces() if stream.pieces is not None else iter(stream)):
+            t = targets.get(key)
+            if t is None:
+                continue
+            start = filled.get(key, 0)
+            if start == 0 and piece.shape == t.shape:
+                t.copy_(piece, non_blocking=True)
+                filled[key] = t.numel()
+            else:  # flat pieces of a large floating tensor, in order
+                t.view(-1)[start:start + piece.numel()].copy_(piece.reshape(-1), non_blocking=True)
+                filled[key] = start + piece.numel()
+
+
 def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any], steps: int = 11,
                         alphas: Sequence[float] | None = None, recalibrate_bn: Any = None, *,
                         label: str | None = None, progress: bool = True, precision: str = "fp32") -> Curve:
@@ -148,6 +177,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     ``evaluate(weights)`` gets a state dict and returns Metrics, a {metric: value} mapping, or a number (an
     accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
     ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
+    With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
     """
     grid = _alphas(steps, alphas)
     ca, cb = load(a), load(b)  # opened once; the lerp at each α reads tensors lazily from them
@@ -157,23 +187,32 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
         if not callable(recalibrate_bn) and not _is_evaluator(evaluate):
             raise ConfigError("recalibrate_bn: pass a function weights → weights, or use an Evaluator as evaluate")
         recal_name = getattr(recalibrate_bn, "name", None) or getattr(recalibrate_bn, "__name__", "custom")
+    # In place only where nothing else needs the weights as a dict (a custom recalibration function does).
+    targets = None if callable(recalibrate_bn) else model_tensors(evaluate)
+    if targets is not None:
+        evaluate.load(ca)  # one copy that checks the fit: missing/unexpected keys are one line naming them
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = lambda xs: tqdm(xs, desc="curve", unit="α", leave=False)  # noqa: E731
 
     def point(alpha: float) -> dict:
-        w = lerp(ca, cb, alpha, precision=precision)
+        # ops.lerp's arithmetic, streamed; no provenance (it would hash both files) since nothing is saved.
+        stream = lerp_stream(ca, cb, alpha, precision=precision)
+        if targets is not None:
+            write_stream(stream, targets)
+            if recalibrate_bn is not None:
+                evaluate.recalibrate_bn(recalibrate_bn)
+            return as_table(evaluate())
+        w = dict(stream)
         if recalibrate_bn is None:
-            result = evaluate(w)
-        elif callable(recalibrate_bn):
+            return as_table(evaluate(w))
+        if callable(recalibrate_bn):
             w2 = recalibrate_bn(w)
-            result = evaluate(w if w2 is None else w2)
-        else:  # Evaluator: weights in, BN statistics re-estimated in place, then evaluate the model as it is
-            evaluate.load(w)
-            evaluate.recalibrate_bn(recalibrate_bn)
-            result = evaluate()
-        return as_table(result)
+            return as_table(evaluate(w if w2 is None else w2))
+        evaluate.load(w)  # an Evaluator whose tensors cannot be written in place: weights in, statistics, evaluate
+        evaluate.recalibrate_bn(recalibrate_bn)
+        return as_table(evaluate())
 
     t0 = time.perf_counter()
     points = sweep(point, grid, evaluate, bar=bar)  # under torchrun --parallel points: α points split across ranks

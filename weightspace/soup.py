@@ -12,7 +12,7 @@ import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -20,8 +20,8 @@ from . import __version__
 from .checkpoint import Checkpoint, Source, load
 from .distributed import sweep
 from .errors import ConfigError
-from .interpolate import short_name
-from .ops import PRECISIONS, StateDict, check_compatible, finish_provenance, uniform_soup
+from .interpolate import model_tensors, short_name
+from .ops import CHUNK_BYTES, PRECISIONS, StateDict, check_compatible, finish_provenance, single_thread, uniform_soup
 from .report import as_table
 
 Evaluate = Callable[[Mapping], Any]
@@ -55,6 +55,34 @@ def rank(scores: Sequence[float]) -> tuple[list[int], list[list[int]]]:
 
 def _accepts(new: float, old: float, strict: bool) -> bool:
     return new > old if strict else new >= old
+
+
+def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
+    """[start, stop) pieces of CHUNK_BYTES of ``dtype``: one piece of each input stays in the CPU cache."""
+    step = max(1, CHUNK_BYTES // dtype.itemsize)
+    for start in range(0, numel, step):
+        yield start, min(numel, start + step)
+
+
+def _write_trial(targets: Mapping[str, torch.Tensor], total: Mapping[str, torch.Tensor], cand: Checkpoint,
+                 count: int, floats: Sequence[str], keys: Sequence[str], scratch: torch.Tensor) -> None:
+    """targets ← (total + cand) / count, cast to each target's dtype; integer buffers ← total's (the best's)."""
+    floating = set(floats)
+    with torch.no_grad():
+        for k in keys:
+            dst = targets[k]
+            if k not in floating:
+                if dst is not total[k]:
+                    dst.copy_(total[k])
+                continue
+            src, out = total[k].view(-1), dst.view(-1)
+            direct = dst.dtype == src.dtype and dst.device == src.device
+            for a, b in _ranges(src.numel(), src.dtype):
+                piece = cand.read_range(k, a, b, scratch)
+                if direct:
+                    torch.add(src[a:b], piece, out=out[a:b]).div_(count)
+                else:  # accumulate in the wide dtype, then cast (and move) into the target
+                    out[a:b].copy_(torch.add(src[a:b], piece).div_(count), non_blocking=True)
 
 
 @dataclass
@@ -111,28 +139,38 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
     best = cks[order[0]]
     keys = sorted(best)
     dtypes = {k: best.info(k)[0] for k in keys}
-    acc = {k: (torch.float64 if dtypes[k] == torch.float64 else PRECISIONS[precision]) for k in keys}
+    floats = [k for k in keys if dtypes[k].is_floating_point]
+    acc = {k: (torch.float64 if dtypes[k] == torch.float64 else PRECISIONS[precision]) for k in floats}
     # Integer/bool buffers (e.g. num_batches_tracked) are never averaged: they come from the best ingredient.
-    total: dict[str, torch.Tensor] = {k: best[k].to(acc[k], copy=True) if dtypes[k].is_floating_point else best[k]
-                                      for k in keys}
+    total: dict[str, torch.Tensor] = {k: best[k].to(acc[k], copy=True) if k in acc else best[k] for k in keys}
+    # Candidate soups are written into one place, reused: an Evaluator's own model tensors, else one state dict
+    # allocated once (so a plain evaluate function must not keep the weights it is given past its call).
+    targets = model_tensors(evaluate)
+    in_model = targets is not None
+    if in_model:
+        evaluate.load(best)  # one copy that checks the fit (the scores may have come from elsewhere)
+    else:
+        targets = StateDict({k: torch.empty_like(total[k], dtype=dtypes[k]) if k in acc else total[k] for k in keys})
+    scratch = torch.empty(CHUNK_BYTES * 2, dtype=torch.uint8)
     kept = [order[0]]
     current = scores[order[0]]
     steps = []
     bar = _bar(order[1:], len(order) - 1, "greedy soup", progress)
     for i in bar:
         cand, n = cks[i], len(kept)
-        trial = StateDict({k: ((total[k] + cand[k].to(acc[k])) / (n + 1)).to(dtypes[k])
-                           if dtypes[k].is_floating_point else total[k] for k in keys})
-        s = _score(evaluate(trial))
+        with single_thread():
+            _write_trial(targets, total, cand, n + 1, floats, keys, scratch)
+        s = _score(evaluate() if in_model else evaluate(targets))
         evaluations += 1
-        del trial
         keep = _accepts(s, current, strict)
         steps.append({"source": cand.source, "val_score": scores[i], "soup_score_before": current,
                       "soup_score_with": s, "kept": keep})
         if keep:
-            for k in keys:
-                if dtypes[k].is_floating_point:
-                    total[k].add_(cand[k].to(acc[k]))
+            with single_thread():
+                for k in floats:
+                    flat = total[k].view(-1)
+                    for a, b in _ranges(flat.numel(), acc[k]):
+                        flat[a:b].add_(cand.read_range(k, a, b, scratch))
             kept.append(i)
             current = s
         if progress and hasattr(bar, "set_postfix"):
