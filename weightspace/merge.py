@@ -275,7 +275,7 @@ def _apply(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Ten
         return out.copy_(torch.add(base, delta, alpha=scale))
 
 
-def _whole(m: MergePlan | MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Tensor:
+def _whole(m: MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Tensor:
     """The merged tensor of one key, assembled from its pieces."""
     dtype, shape = plan.base.info(key)
     if not dtype.is_floating_point:
