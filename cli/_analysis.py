@@ -44,6 +44,15 @@ def evaluator(factory: Callable[[], Any], data: Sequence, batch_size: int, devic
     return Evaluator(factory(), list(data), batch_size=batch_size, device=device)
 
 
+def precheck(out_dir: str | None, force: bool) -> None:
+    """Refuse an existing --out run before any work (every analysis writes results.json there)."""
+    from pathlib import Path
+
+    from weightspace.errors import OutputExists
+    if out_dir and not force and (Path(out_dir) / "results.json").exists():
+        raise OutputExists(f"{Path(out_dir) / 'results.json'}: already exists (use --force to overwrite)")
+
+
 def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | None, write: Callable | None,
          force: bool, as_json: bool, quiet: bool, notes: Sequence[str] = ()) -> None:
     """Write --out files, then print JSON (--json) or a Markdown table (default) on stdout."""

@@ -40,8 +40,9 @@ def criticality(final: str, init: str, data_spec: str, grouping: str | None, eps
     """
     from weightspace.criticality import module_criticality
 
-    from ._analysis import emit, evaluator, load_datasets, model_factory, parse_grid
+    from ._analysis import emit, evaluator, load_datasets, model_factory, parse_grid, precheck
     from .common import parse_floats
+    precheck(out_dir, force)
     rng = parse_floats(sigma_range, "--sigma-range")
     if len(rng) != 2:
         raise click.BadParameter("expected LOW,HIGH", param_hint="--sigma-range")

@@ -29,7 +29,8 @@ def modules_cmd(checkpoint: str | None, grouping: str, model_spec: str | None, n
     from weightspace.checkpoint import load
     from weightspace.modules import model_units
 
-    from ._analysis import emit, model_factory
+    from ._analysis import emit, model_factory, precheck
+    precheck(out_dir, force)
     model = model_factory(model_spec, checkpoint, [], num_classes, in_chans)()
     units = model_units(model, grouping)
     sd = model.state_dict()

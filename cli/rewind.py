@@ -38,7 +38,8 @@ def rewind(final: str, init: str | None, data_specs: tuple[str, ...], grouping: 
     from weightspace.criticality import rewind as do_rewind
     from weightspace.errors import ConfigError
 
-    from ._analysis import emit, evaluator, load_datasets, model_factory
+    from ._analysis import emit, evaluator, load_datasets, model_factory, precheck
+    precheck(out_dir, force)
     targets = targets or ("init",)
     if "init" in targets and not init:
         raise click.UsageError("--init is required to rewind to init (or pick --to random / --to CKPT)")

@@ -35,9 +35,10 @@ def similarity(a: str, b: str, data_spec: str, grouping: str | None, full_limit:
 
     --out writes results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png.
     """
-    from ._analysis import emit, load_datasets, model_factory
+    from ._analysis import emit, load_datasets, model_factory, precheck
     from .common import markdown_table, note
     from weightspace.similarity import model_similarity as compare
+    precheck(out_dir, force)
     data = load_datasets([data_spec], transform, device)
     model = model_factory(model_spec, a, data, num_classes, in_chans)()
     r = compare(a, b, model, data[0], modules=grouping, batch_size=batch_size, device=device, full_limit=full_limit,

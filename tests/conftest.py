@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightspace.ops import single_thread as one_thread  # tiny nets train fastest on one thread, and do not
-# fight other test processes for the cores
+from weightspace.ops import single_thread  # tiny nets train fastest on one thread, not fighting others for cores
 
 
 def make_mlp() -> torch.nn.Module:
@@ -31,7 +30,7 @@ def trained_mlps(digits) -> list[dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     init = make_mlp().state_dict()
     out = []
-    with one_thread():
+    with single_thread():
         for seed in range(3):
             torch.manual_seed(100 + seed)
             model = make_mlp()
@@ -56,3 +55,12 @@ def cli():
     def run(*args: str):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (tiny models run faster than on two threads sharing a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

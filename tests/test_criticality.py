@@ -21,12 +21,7 @@ CNN = "weightspace.zoo:small_cnn?width=8"
 MLP = "weightspace.zoo:mlp?hidden=32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained(spec: str, tmp, epochs: int, lr: float, seed: int = 0) -> tuple[str, str]:

@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from weightspace.errors import ConfigError
 from weightspace.recipes import load_recipe
@@ -14,12 +13,7 @@ RECIPE = "recipes/what-is-transferred.yaml"
 VERDICTS = {"reproduced", "partly", "not reproduced"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +58,13 @@ def test_small_run_reports_every_finding(small_run):
 def test_small_run_leaves_checkpoints_and_data_the_cli_can_use(small_run, cli):
     out, _ = small_run
     ck = out / "checkpoints"
-    assert {p.name for p in ck.iterdir()} == {"source.safetensors", "pt-init.safetensors", "ri-init.safetensors",
-                                              "pt-1.safetensors", "pt-2.safetensors", "ri-1.safetensors",
-                                              "ri-2.safetensors"}
-    r = cli("rewind", ck / "pt-1.safetensors", "--init", ck / "pt-init.safetensors", "--model",
+    assert {p.name for p in ck.iterdir()} == {"source.safetensors", "pt-init-7.safetensors", "ri-init-7.safetensors",
+                                              "pt-7-1.safetensors", "pt-7-2.safetensors", "ri-7-1.safetensors",
+                                              "ri-7-2.safetensors"}
+    r = cli("rewind", ck / "pt-7-1.safetensors", "--init", ck / "pt-init-7.safetensors", "--model",
             "weightspace.zoo:small_cnn?width=16", "--data", out / "data" / "target_test.pt", "--json", "--quiet")
     assert r.exit_code == 0, r.stderr
-    saved = json.loads((out / "results.json").read_text())["results"]["rewind"]["P-T"]
+    saved = json.loads((out / "results.json").read_text())["results"]["rewind"]["P-T"]["models"]["pt-7-1"]
     via_cli = json.loads(r.stdout)["metrics"]["conv2"]["init"]
     assert list(via_cli) == [str(out / "data" / "target_test.pt")]
     assert next(iter(via_cli.values()))["error"] == pytest.approx(saved["metrics"]["conv2"]["init"]["target_test"]["error"])

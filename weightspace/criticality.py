@@ -111,7 +111,7 @@ def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=None)  # None: only on a terminal
 
 
 def safe_name(name: str) -> str:
@@ -169,7 +169,7 @@ class RewindResult:
         from . import report
         ds = dataset or self.datasets[0]
         fig = report.heatmap(self.matrix(metric, ds), self.modules, self.targets,
-                             title=f"{metric} after rewinding one module (FINAL: {self.baseline[ds][metric]:.3f})",
+                             title=f"one module rewound\nFINAL {metric}: {self.baseline[ds][metric]:.3f}",
                              cbar_label=f"{metric} on {ds}", fmt="{:.3f}", cmap="magma")
         return report.save_figure(fig, path, force=force)
 

@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
                      "momentum": 0.9, "seed": 0},
         "finetune": {"epochs": 10, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "augment": "none",
                      "momentum": 0.9, "eval_every": 0},
-        "init_seed": 0,
+        "init_seeds": [0],
         "seeds": [1, 2],
         "reset": ["fc"],
     },
@@ -132,6 +132,9 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     seeds = cfg["train"]["seeds"]
     if not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: train.seeds needs at least two different seeds (models are compared in pairs)")
+    inits = cfg["train"]["init_seeds"]
+    if not isinstance(inits, list) or not inits or len(set(inits)) != len(inits):
+        raise ConfigError(f"{where}: train.init_seeds needs a list of different seeds, e.g. [7]")
     cfg["where"] = where
     return cfg
 
@@ -187,8 +190,9 @@ class Run:
     out: Path
     data: dict[str, TensorData]
     in_chans: int | None = None
-    inits: dict[str, dict] = field(default_factory=dict)
-    models: dict[str, dict[str, dict]] = field(default_factory=dict)  # kind → seed label → state dict
+    inits: dict[str, dict[int, dict]] = field(default_factory=dict)  # kind → init seed → state dict
+    models: dict[str, dict[str, dict]] = field(default_factory=dict)  # kind → model label → state dict
+    init_of: dict[str, int] = field(default_factory=dict)  # model label → its init seed
     histories: dict[str, dict[str, list]] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
@@ -287,9 +291,9 @@ def _evaluator(run: Run, data: TensorData):
     return Evaluator(run.build(data.num_classes), data, device=run.device, batch_size=run.batch_size)
 
 
-def model_label(kind: str, seed: int) -> str:
-    """'pt-1' / 'ri-2': the file stem of a fine-tuned model."""
-    return f"{'pt' if kind == 'P-T' else 'ri'}-{seed}"
+def model_label(kind: str, init_seed: int, seed: int) -> str:
+    """'pt-7-1' / 'ri-7-2' (kind, init seed, data-order seed): the file stem of a fine-tuned model."""
+    return f"{'pt' if kind == 'P-T' else 'ri'}-{init_seed}-{seed}"
 
 
 def prepare(run: Run) -> None:
@@ -316,26 +320,38 @@ def prepare(run: Run) -> None:
     _save(run, "source", source_model)
     run.timings["pretrain"] = time.perf_counter() - t0
     run.note(f"pre-trained the source model ({run.timings['pretrain']:.1f} s)")
-    random = _seeded_init(run, k_tgt, int(tr["init_seed"]))
-    run.inits = {"RI-T": random, "P-T": pt_init(source_model, random, tr["reset"], run.build(k_tgt))}
-    _save(run, "pt-init", run.inits["P-T"])
-    _save(run, "ri-init", run.inits["RI-T"])
+    run.inits = {"RI-T": {}, "P-T": {}}
+    for i in init_seeds(cfg):
+        random = _seeded_init(run, k_tgt, i)
+        run.inits["RI-T"][i] = random
+        run.inits["P-T"][i] = pt_init(source_model, random, tr["reset"], run.build(k_tgt))
+        _save(run, f"pt-init-{i}", run.inits["P-T"][i])
+        _save(run, f"ri-init-{i}", run.inits["RI-T"][i])
     t1 = time.perf_counter()
     for kind in KINDS:
         run.models[kind], run.histories[kind] = {}, {}
-        for seed in tr["seeds"]:
-            label = model_label(kind, seed)
-            sd, h = _train(run, run.inits[kind], t_train, tr["finetune"], seed, t_test, k_tgt)
-            run.models[kind][label], run.histories[kind][label] = sd, h
-            _save(run, label, sd)
+        for i in init_seeds(cfg):
+            for seed in tr["seeds"]:
+                label = model_label(kind, i, seed)
+                sd, h = _train(run, run.inits[kind][i], t_train, tr["finetune"], seed, t_test, k_tgt)
+                run.models[kind][label], run.histories[kind][label] = sd, h
+                run.init_of[label] = i
+                _save(run, label, sd)
     run.timings["finetune"] = time.perf_counter() - t1
     ev = _evaluator(run, t_test)
     run.results["models"] = {label: ev(sd)["target_test"] for kind in KINDS for label, sd in run.models[kind].items()}
-    run.note(f"fine-tuned {len(tr['seeds'])} P-T and {len(tr['seeds'])} RI-T models ({run.timings['finetune']:.1f} s)")
+    n = len(run.models["P-T"])
+    run.note(f"fine-tuned {n} P-T and {n} RI-T models ({run.timings['finetune']:.1f} s)")
+
+
+def init_seeds(cfg: dict) -> list[int]:
+    """The recipe's random initialisations (train.init_seeds)."""
+    return [int(i) for i in cfg["train"]["init_seeds"]]
 
 
 def _pairs(run: Run, kind: str) -> list[tuple[str, str]]:
-    return list(itertools.combinations(run.models[kind], 2))
+    """Every pair of models of one kind that share their initialisation (they differ only in data order)."""
+    return [(a, b) for a, b in itertools.combinations(run.models[kind], 2) if run.init_of[a] == run.init_of[b]]
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -467,20 +483,34 @@ def analyse_rewind(run: Run, opts: dict) -> None:
     out, rows = {}, []
     reset = set(run.cfg["train"]["reset"])
     for kind in KINDS:
-        label = next(iter(run.models[kind]))
-        r = rewind(run.models[kind][label], run.inits[kind], ev, modules=opts["modules"], to=list(opts["to"]),
-                   model=lambda: run.build(k), seed=int(run.cfg["train"]["init_seed"]) + 1)
-        base = r.baseline["target_test"]["error"]
-        deltas = {m: r.value(m, "init") - base for m in r.modules} if "init" in r.targets else {}
-        out[kind] = {"model": label, **r.to_dict(), "delta_error_init": deltas}
-        for m in r.modules:
-            rows.append([kind, m, *[r.value(m, t) for t in r.targets]])
-        fig = report.heatmap(r.matrix(), r.modules, [f"{kind}: {t}" for t in r.targets], fmt="{:.3f}", cmap="magma",
-                             title=f"{kind} ({label}): test error after rewinding one module (FINAL {base:.3f})",
+        per_model, deltas, errors = {}, {}, {}
+        for label, sd in run.models[kind].items():
+            i = run.init_of[label]
+            r = rewind(sd, run.inits[kind][i], ev, modules=opts["modules"], to=list(opts["to"]),
+                       model=lambda: run.build(k), seed=i + 1000)  # 'random': a draw that is not the init itself
+            base = r.baseline["target_test"]["error"]
+            per_model[label] = r.to_dict()
+            for m in r.modules:
+                errors.setdefault(m, {}).setdefault("(FINAL)", []).append(base)
+                for t in r.targets:
+                    errors[m].setdefault(t, []).append(r.value(m, t))
+                if "init" in r.targets:
+                    deltas.setdefault(m, []).append(r.value(m, "init") - base)
+            modules, targets = r.modules, r.targets
+        mean_err = {m: {t: _mean(v) for t, v in errors[m].items()} for m in modules}
+        mean_delta = {m: _mean(v) for m, v in deltas.items()}
+        out[kind] = {"models": per_model, "mean_error": mean_err, "delta_error_init": mean_delta}
+        for m in modules:
+            rows.append([kind, m, mean_err[m]["(FINAL)"], *[mean_err[m][t] for t in targets]])
+        fig = report.heatmap([[mean_err[m][t] for t in targets] for m in modules], modules,
+                             [f"{kind}: {t}" for t in targets], fmt="{:.3f}", cmap="magma",
+                             title=f"{kind}: one module rewound (mean of {len(per_model)})\n"
+                                   f"FINAL test error {_mean([mean_err[m]['(FINAL)'] for m in modules]):.3f}",
                              cbar_label="test error")
         report.save_figure(fig, _fig(run, f"rewind_{'pt' if kind == 'P-T' else 'ri'}.png"), force=run.force)
     targets = list(opts["to"])
-    report.write_csv(run.out / "rewind.csv", ["kind", "module", *[f"error_{t}" for t in targets]], rows, force=run.force)
+    report.write_csv(run.out / "rewind.csv", ["kind", "module", "error_final", *[f"error_{t}" for t in targets]], rows,
+                     force=run.force)
     run.results["rewind"] = out
     pt = out["P-T"]["delta_error_init"]
     body = [m for m in pt if m not in reset]
@@ -491,12 +521,14 @@ def analyse_rewind(run: Run, opts: dict) -> None:
     ok = bool(lower) and lo < hi
     verdict = "reproduced" if ok and monotone else ("partly" if ok else "not reproduced")
     ri = out["RI-T"]["delta_error_init"]
-    text = ("P-T model, each module rewound to its pre-trained value, increase in test error: "
+    n = len(run.models["P-T"])
+    text = (f"P-T models (mean of {n}), each module rewound to its pre-trained value, increase in test error: "
             + ", ".join(f"{m} {pt[m]:+.4f}" for m in pt)
             + f". Lower half of the body ({', '.join(lower)}) {lo:+.4f} vs upper half ({', '.join(upper)}) {hi:+.4f}"
             + f"; {'monotone' if monotone else 'not monotone'} in depth. Modules re-initialised for the new task "
             + f"({', '.join(sorted(reset)) or 'none'}) are left out of the comparison: their 'initial value' is random. "
-            + "RI-T model (rewound to its random init): " + ", ".join(f"{m} {ri[m]:+.4f}" for m in ri) + ".")
+            + f"RI-T models (mean of {n}, rewound to their random init): "
+            + ", ".join(f"{m} {ri[m]:+.4f}" for m in ri) + ".")
     run.findings.append({"id": "c", "claim": "Rewinding lower modules (to their value before fine-tuning) hurts less "
                          "than rewinding upper ones.", "verdict": verdict, "numbers": text,
                          "figures": ["rewind_pt.png", "rewind_ri.png"], "table": "rewind.csv"})
@@ -516,6 +548,7 @@ def analyse_block_shuffle(run: Run, opts: dict) -> None:
     size = int(train_d.x.shape[-1])
     blocks = [int(b) for b in (opts["blocks"] or [size])]
     seeds = list(opts["seeds"] or tr["seeds"])
+    first = init_seeds(run.cfg)[0]  # one initialisation per kind; the data-order seeds vary
     ft = {**tr["finetune"], **(opts["finetune"] or {})}
     if not ft.get("eval_every"):
         ft["eval_every"] = max(1, math.ceil(len(train_d) / int(ft["batch_size"])))
@@ -529,7 +562,7 @@ def analyse_block_shuffle(run: Run, opts: dict) -> None:
         for kind in KINDS:
             finals, aulcs, curves = [], [], []
             for seed in seeds:
-                _, hist = _train(run, run.inits[kind], train_d, ft, seed, test_d, test_d.num_classes, shuffle)
+                _, hist = _train(run, run.inits[kind][first], train_d, ft, seed, test_d, test_d.num_classes, shuffle)
                 steps, accs = _curve_stats(hist)
                 finals.append(accs[-1])
                 aulcs.append(_mean(accs))
@@ -587,7 +620,7 @@ def analyse_criticality(run: Run, opts: dict) -> None:
     out = {}
     for kind in KINDS:
         label = next(iter(run.models[kind]))
-        r = module_criticality(run.models[kind][label], run.inits[kind], ev, modules=opts["modules"],
+        r = module_criticality(run.models[kind][label], run.inits[kind][run.init_of[label]], ev, modules=opts["modules"],
                                epsilon=float(opts["epsilon"]), relative_epsilon=bool(opts["relative_epsilon"]),
                                alphas=opts["alphas"], sigmas=opts["sigmas"], sigma_range=tuple(opts["sigma_range"]),
                                samples=int(opts["samples"]), seed=int(opts["seed"]))
@@ -629,8 +662,9 @@ def render_report(run: Run) -> str:
               f"{cfg['data']['target'].get('relabel')}); fine-tuned {tr['finetune']['epochs']} epochs, lr "
               f"{tr['finetune']['lr']}, batch {tr['finetune']['batch_size']}, augment {tr['finetune']['augment']}.",
               f"- P-T: pre-trained weights, modules {', '.join(tr['reset'])} re-initialised; RI-T: one random "
-              f"initialisation (seed {tr['init_seed']}), shared by every RI-T model and by the P-T heads. Data-order "
-              f"seeds {', '.join(str(s) for s in tr['seeds'])}.", "",
+              f"initialisation per init seed ({', '.join(str(i) for i in tr['init_seeds'])}), shared by the RI-T models "
+              f"and the P-T heads of that seed. Data-order seeds {', '.join(str(s) for s in tr['seeds'])}: one P-T and "
+              f"one RI-T model per (init seed, data-order seed); pairs are compared within an init seed.", "",
               "Target test accuracy of every fine-tuned model:", "",
               markdown_table(["model", "accuracy", "loss"],
                              [[k, v["accuracy"], v["loss"]] for k, v in run.results["models"].items()]), "",

@@ -332,7 +332,7 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
     batches: Any = data.batches(batch_size)
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, total=math.ceil(n / batch_size), desc="similarity", unit="batch", leave=False)
+        batches = tqdm(batches, total=math.ceil(n / batch_size), desc="similarity", unit="batch", leave=False, disable=None)
     with torch.inference_mode(), Activations(ma, hooked) as ha, Activations(mb, hooked) as hb:
         for xb, _ in batches:
             xb = xb.to(dev)
