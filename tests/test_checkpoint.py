@@ -8,11 +8,11 @@ from collections import OrderedDict
 import pytest
 import safetensors.torch as st
 import torch
-from conftest import one_thread
 from safetensors import safe_open
 
 import weightspace as ws
 from weightspace import ops
+from weightspace.ops import single_thread
 
 
 def same(ck, sd) -> None:
@@ -216,7 +216,7 @@ def _tied_bigram_lm(digits, seed: int) -> torch.nn.Module:
     model = torch.nn.Sequential(OrderedDict(emb=torch.nn.Embedding(17, 8), head=torch.nn.Linear(8, 17, bias=False)))
     model.head.weight = model.emb.weight
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    with one_thread():
+    with single_thread():
         for _ in range(20):
             opt.zero_grad()
             logits = model(tokens[:, :-1].reshape(-1))
