@@ -57,6 +57,9 @@ def test_curve_evaluates_lerp_weights_at_each_alpha():
     curve = interpolation_curve(a, b, lambda w: float(w["w"][0]), alphas=[0.5, 0.5, 1.5], progress=False)
     assert curve.alphas == [0.0, 0.5, 1.0, 1.5]
     assert curve.series("data", "accuracy") == [0.0, 2.0, 4.0, 6.0]
+    # NaN in an end is refused once, naming the key (the ends are checked once, not at every α)
+    with pytest.raises(ws.NonFiniteError, match="'w'"):
+        interpolation_curve(a, {**b, "w": torch.tensor([float("nan"), 1.0])}, evaluate, steps=3, progress=False)
 
 
 def test_even_alphas():

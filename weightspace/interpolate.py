@@ -1,6 +1,6 @@
 """Barrier curves: evaluate (1−α)·A + α·B at K values of α and measure the loss/error barrier between A and B.
 
-The weights at each α are ``ops.lerp``'s, streamed from checkpoints opened once and read lazily. A plain
+The weights at each α are ``ops.lerp``'s, combined from both ends read once into memory. A plain
 ``evaluate`` function gets them as a state dict; with an ``Evaluator`` they are written piece by piece straight
 into its one model, so a K-point curve costs K passes over the (device-resident) data and little else.
 """
@@ -15,13 +15,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoint import Source, load
+from .checkpoint import Checkpoint, Source, load
 from .distributed import sweep
-from .errors import ConfigError
-from .ops import TensorStream, check_compatible, lerp_stream
+from .errors import ConfigError, NonFiniteError
+from .ops import TensorStream, all_finite, check_compatible, lerp_stream
 from .report import as_table
 
 BARRIER_METRICS = ("error", "loss")
+HOLD_BYTES = 2 << 30  # a curve holds both ends in memory (read once) when together they take at most this
 
 
 def short_name(source: str) -> str:
@@ -138,6 +139,20 @@ def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:
     return sorted(set(vals) | {0.0, 1.0})
 
 
+def _resident(ck: Checkpoint) -> Checkpoint:
+    """``ck`` read into memory once (under its own source name), its floating tensors checked for NaN/Inf."""
+    if not ck.files:
+        mem = ck
+    else:
+        mem = load(ck.to_dict())
+        mem.source, mem.variant = ck.source, ck.variant
+    for k in mem:
+        t = mem[k]
+        if not all_finite(t):
+            raise NonFiniteError(f"{ck.source}: key '{k}' holds NaN or Inf values")
+    return mem
+
+
 def _is_evaluator(obj: Any) -> bool:
     return callable(getattr(obj, "load", None)) and callable(getattr(obj, "recalibrate_bn", None))
 
@@ -171,22 +186,40 @@ def write_stream(stream: TensorStream, targets: Mapping[str, torch.Tensor]) -> N
 
 def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any], steps: int = 11,
                         alphas: Sequence[float] | None = None, recalibrate_bn: Any = None, *,
-                        label: str | None = None, progress: bool = True, precision: str = "fp32") -> Curve:
+                        label: str | None = None, progress: bool = True, precision: str = "fp32",
+                        repair: Any = None,
+                        hold_bytes: int = HOLD_BYTES) -> Curve:
     """Evaluate (1−α)·a + α·b at ``steps`` even α in [0, 1] (or at ``alphas``, ends added) and return the Curve.
 
     ``evaluate(weights)`` gets a state dict and returns Metrics, a {metric: value} mapping, or a number (an
     accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
     ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
+    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.repair) at every α: each channel's
+    activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
     """
     grid = _alphas(steps, alphas)
-    ca, cb = load(a), load(b)  # opened once; the lerp at each α reads tensors lazily from them
+    ca, cb = load(a), load(b)
     check_compatible([ca, cb])
+    label = label or f"{short_name(ca.source)}–{short_name(cb.source)}"
+    # Both ends are read once and checked for NaN/Inf once: every α then combines them from memory, with no
+    # file reads and no finite checks (a mix of finite tensors is finite). Past hold_bytes they stay lazy.
+    if ca.nbytes + cb.nbytes <= hold_bytes:
+        ca, cb = _resident(ca), _resident(cb)
+    lazy = ca.files or cb.files
     recal_name = None
     if recalibrate_bn is not None:
         if not callable(recalibrate_bn) and not _is_evaluator(evaluate):
             raise ConfigError("recalibrate_bn: pass a function weights → weights, or use an Evaluator as evaluate")
         recal_name = getattr(recalibrate_bn, "name", None) or getattr(recalibrate_bn, "__name__", "custom")
+    repairer = None
+    if repair is not None:
+        if not _is_evaluator(evaluate):
+            raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
+        from .repair import Repairer
+        repairer = Repairer(evaluate, repair)
+        repairer.add(ca)
+        repairer.add(cb)
     # In place only where nothing else needs the weights as a dict (a custom recalibration function does).
     targets = None if callable(recalibrate_bn) else model_tensors(evaluate)
     if targets is not None:
@@ -198,24 +231,32 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
 
     def point(alpha: float) -> dict:
         # ops.lerp's arithmetic, streamed; no provenance (it would hash both files) since nothing is saved.
-        stream = lerp_stream(ca, cb, alpha, precision=precision)
+        stream = lerp_stream(ca, cb, alpha, precision=precision, allow_nonfinite=not lazy)
         if targets is not None:
             write_stream(stream, targets)
             if recalibrate_bn is not None:
                 evaluate.recalibrate_bn(recalibrate_bn)
+            if repairer is not None:
+                repairer.repair([1.0 - alpha, alpha])
             return as_table(evaluate())
         w = dict(stream)
-        if recalibrate_bn is None:
+        if recalibrate_bn is None and repairer is None:
             return as_table(evaluate(w))
         if callable(recalibrate_bn):
             w2 = recalibrate_bn(w)
-            return as_table(evaluate(w if w2 is None else w2))
-        evaluate.load(w)  # an Evaluator whose tensors cannot be written in place: weights in, statistics, evaluate
-        evaluate.recalibrate_bn(recalibrate_bn)
+            if repairer is None:
+                return as_table(evaluate(w if w2 is None else w2))
+            evaluate.load(w if w2 is None else w2)
+        else:
+            evaluate.load(w)  # an Evaluator whose tensors cannot be written in place: weights in, fixes, evaluate
+            if recalibrate_bn is not None:
+                evaluate.recalibrate_bn(recalibrate_bn)
+        if repairer is not None:
+            repairer.repair([1.0 - alpha, alpha])
         return as_table(evaluate())
 
     t0 = time.perf_counter()
     points = sweep(point, grid, evaluate, bar=bar)  # under torchrun --parallel points: α points split across ranks
     seconds = time.perf_counter() - t0
-    label = label or f"{short_name(ca.source)}–{short_name(cb.source)}"
-    return Curve(grid, points, a=ca.source, b=cb.source, label=label, recalibrate_bn=recal_name, seconds=seconds)
+    return Curve(grid, points, a=ca.source, b=cb.source, label=label, recalibrate_bn=recal_name, seconds=seconds,
+                 extra={"repair": repairer.name} if repairer is not None else {})

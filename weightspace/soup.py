@@ -85,6 +85,27 @@ def _write_trial(targets: Mapping[str, torch.Tensor], total: Mapping[str, torch.
                     out[a:b].copy_(torch.add(src[a:b], piece).div_(count), non_blocking=True)
 
 
+class LazyProvenanceDict(StateDict):
+    """A StateDict whose provenance is computed when first read (by ``save``, say): hashing every kept
+    ingredient's file costs as much as reading it, and a soup that is only evaluated never needs it."""
+
+    def provenance_from(self, make: Callable[[], dict]) -> None:
+        """Compute the provenance with ``make()`` on first access."""
+        self._make = make
+
+    @property
+    def provenance(self) -> dict:  # type: ignore[override]
+        make = self.__dict__.pop("_make", None)
+        if make is not None:
+            self.__dict__["_provenance"] = make()
+        return self.__dict__.get("_provenance", {})
+
+    @provenance.setter
+    def provenance(self, value: dict) -> None:
+        self.__dict__.pop("_make", None)
+        self.__dict__["_provenance"] = value
+
+
 @dataclass
 class GreedyResult:
     """What the greedy soup did: the ranking, each candidate's decision, and the kept ingredients."""
@@ -160,6 +181,7 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
         cand, n = cks[i], len(kept)
         with single_thread():
             _write_trial(targets, total, cand, n + 1, floats, keys, scratch)
+        tell_members(evaluate, [*kept, i])
         s = _score(evaluate() if in_model else evaluate(targets))
         evaluations += 1
         keep = _accepts(s, current, strict)
@@ -176,14 +198,15 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(kept=len(kept), score=f"{current:.4f}")
     n = len(kept)
-    soup = StateDict({k: (total[k] / n).to(dtypes[k]) if dtypes[k].is_floating_point else total[k] for k in keys})
+    soup = LazyProvenanceDict({k: (total[k] / n).to(dtypes[k]) if dtypes[k].is_floating_point else total[k]
+                               for k in keys})
     result = GreedyResult([c.source for c in cks], scores, order, kept, steps, ties, current, strict, evaluations)
     prov = {"op": "greedy_soup", "coefficients": [1.0 / n] * n, "precision": precision,
             "rule": ">" if strict else ">=",
             "ingredients": [{"source": cks[i].source, "val_score": scores[i]} for i in kept],
             "candidates": [{"source": cks[i].source, "val_score": scores[i], "kept": i in kept} for i in order],
             "soup_val_score": current, "weightspace_version": __version__}
-    soup.provenance = finish_provenance(prov, [cks[i] for i in kept])
+    soup.provenance_from(lambda: finish_provenance(prov, [cks[i] for i in kept]))
     return soup, result
 
 
@@ -335,6 +358,7 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
                  "metrics": as_table(evaluate(uniform))})
     greedy, res = greedy_soup(ingredients, val_evaluate or evaluate, strict=strict, progress=progress,
                               scores=val_scores, precision=precision)
+    tell_members(evaluate, res.kept)
     rows.append({"method": "greedy soup", "kind": "soup", "detail": ", ".join(names[i] for i in res.kept),
                  "metrics": as_table(evaluate(greedy))})
 
@@ -351,3 +375,31 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
     extra = {"val": val, "greedy": res.to_dict(), "ties": [[names[i] for i in g] for g in ties],
              "rule": ">" if strict else ">="}
     return Leaderboard(columns, rows, title, extra), {"uniform": uniform, "greedy": greedy}, res
+
+
+def tell_members(evaluate: Any, members: Sequence[int], weights: Sequence[float] | None = None) -> None:
+    """Tell a member-aware evaluate (``repair.FixedEvaluator``, whose REPAIR target is the mean statistics of the
+    ingredients mixed) which ingredients the next evaluated weights mix; other evaluate functions ignore it."""
+    f = getattr(evaluate, "set_members", None)
+    if callable(f):
+        f(list(members), None if weights is None else list(weights))
+
+
+def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, methods: Sequence[str], *,
+               grid: Sequence[float], val_evaluate: Evaluate | None = None, keep: float = 0.2,
+               precision: str = "fp32", progress: bool = False) -> tuple[list[dict], dict[str, StateDict]]:
+    """Leaderboard rows for merges of ``ingredients`` onto ``base`` (task arithmetic, TIES): λ picked from ``grid``
+    by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
+    from .merge import search_scale
+    if val_evaluate is None:
+        val_evaluate = validation_view(evaluate) if _is_evaluator(evaluate) and len(evaluate.datasets) > 1 else evaluate
+    rows, merged = [], {}
+    for m in methods:
+        res = search_scale(m, base, ingredients, evaluate=lambda sd: _score(val_evaluate(sd)), grid=grid,
+                           precision=precision, progress=progress, **({"keep": keep} if m == "ties" else {}))
+        merged[m] = res.state_dict
+        detail = f"base {short_name(load(base).source)}, λ={res.scale:g} of {', '.join(f'{g:g}' for g in grid)} on val"
+        rows.append({"method": f"{m} (λ={res.scale:g})", "kind": "merge", "detail": detail,
+                     "scale": res.scale, "scale_scores": [list(p) for p in res.scores],
+                     "metrics": as_table(evaluate(res.state_dict))})
+    return rows, merged
