@@ -66,3 +66,6 @@ def require(value: Any, option: str, why: str) -> None:
     """A usage error naming the missing option."""
     if not value:
         raise click.UsageError(f"{option} is required {why}")
+
+
+DEFAULT_SCALES = "0.2,0.4,0.6,0.8,1.0,1.2,1.5"  # the λ grid merges are searched over on --val (merge, soup --merge)

@@ -1,0 +1,173 @@
+"""Learned soups (Wortsman et al. 2022, "Model soups", the learned-soup variant): mixing coefficients optimised on
+validation data by gradient descent through the mixed weights.
+
+θ = Σ_i softmax(a)_i · θ_i with one logit a_i per ingredient, or with ``by_layer=True`` one vector of logits per
+floating tensor (θ_k = Σ_i softmax(a_k)_i · θ_{i,k}). The loss (cross-entropy, or binary cross-entropy for
+multi-label data) of the model with the mixed weights is differentiated with respect to the logits through
+``torch.func.functional_call``; the model itself is never modified. The logits start at zero (the uniform soup)
+and are optimised with Adam.
+
+Memory: unlike the streamed soups, every ingredient's floating tensors are held in memory (on the evaluation
+device, float32), because the gradient with respect to a coefficient needs the ingredient's weights: N
+ingredients cost N models of memory, plus one mixed model and its activations for the backward pass.
+Floating buffers (BatchNorm running statistics) are mixed with the same coefficients but carry no gradient
+(``batch_norm`` is not differentiable in them); integer and bool buffers (e.g. ``num_batches_tracked``) are taken
+from the first ingredient.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .checkpoint import Source, load
+from .data import TensorData
+from .errors import ConfigError
+from .ops import StateDict, check_compatible, finish_provenance
+
+
+@dataclass
+class LearnedSoupResult:
+    """The learned coefficients and how the optimisation went."""
+
+    sources: list[str]
+    coefficients: list[float]                     # per ingredient (by_layer: the mean over tensors)
+    by_tensor: dict[str, list[float]] | None      # by_layer: tensor name → coefficient per ingredient
+    history: list[dict] = field(default_factory=list)  # {"step", "loss"} of every step's batch
+    val_uniform: dict = field(default_factory=dict)    # {"loss", "accuracy"} of the uniform soup on all of val
+    val_learned: dict = field(default_factory=dict)    # the same for the learned soup
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"sources": self.sources, "coefficients": self.coefficients, "by_tensor": self.by_tensor,
+                "val_uniform": self.val_uniform, "val_learned": self.val_learned,
+                "loss_first": self.history[0]["loss"] if self.history else None,
+                "loss_last": self.history[-1]["loss"] if self.history else None, "steps": len(self.history)}
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel else F.cross_entropy(logits, y)
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
+    if multilabel:
+        return float(((logits > 0) == (y > 0.5)).double().mean(1).sum())
+    return float((logits.argmax(1) == y).sum())
+
+
+def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorData, *, by_layer: bool = False,
+                 steps: int = 100, lr: float = 0.05, batch_size: int | None = None, seed: int = 0,
+                 eval_batch_size: int = 256, progress: bool = False) -> tuple[StateDict, LearnedSoupResult]:
+    """Learn softmax-normalised mixing coefficients on ``val``; returns the soup (a state dict with provenance).
+
+    ``model`` is the architecture (its own weights are not used or changed); the ingredients' tensors are moved
+    to its device. ``batch_size`` None (default) optimises on the whole validation set at every step; else each
+    step takes the next batch of a seeded shuffle. ``steps`` Adam steps at learning rate ``lr``.
+    """
+    if not ingredients:
+        raise ConfigError("learned soup: needs at least one ingredient")
+    if steps < 0 or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"learned soup: steps {steps}, lr {lr}: need steps ≥ 0 and a positive learning rate")
+    if len(val) == 0:
+        raise ConfigError(f"learned soup: validation data {val.name} is empty")
+    cks = [load(s) for s in ingredients]
+    check_compatible(cks)
+    try:
+        dev = next(model.parameters()).device
+    except StopIteration:
+        dev = torch.device("cpu")
+    want = model.state_dict()
+    missing = sorted(set(want) - set(cks[0]))
+    if missing:
+        raise ConfigError(f"{cks[0].source}: does not fit the model: missing {len(missing)} keys ({', '.join(missing[:3])})")
+    keys = [k for k in want]
+    dtypes = {k: cks[0].info(k)[0] for k in keys}
+    floats = [k for k in keys if dtypes[k].is_floating_point]
+    # Every ingredient's floating tensors, stacked along a new first axis: the gradient needs all of them.
+    stacks = {k: torch.stack([ck[k].to(dev, torch.float32) for ck in cks]) for k in floats}
+    fixed = {k: cks[0][k].to(dev) for k in keys if k not in stacks}
+    buffers = {name for name, _ in model.named_buffers()}
+    n = len(cks)
+    logits = torch.zeros((len(floats), n) if by_layer else (n,), device=dev, requires_grad=True)
+
+    def mixed(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(fixed)
+        for j, k in enumerate(floats):
+            w = weights[j] if by_layer else weights
+            if k in buffers:  # running statistics: mixed alike, but batch_norm has no gradient through them
+                w = w.detach()
+            s = stacks[k]
+            out[k] = (s * w.view(-1, *([1] * (s.dim() - 1)))).sum(0)
+        return out
+
+    def coefficients() -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
+    x_all, y_all = val.x.to(dev), val.y.to(dev)
+    was_training = model.training
+    model.eval()  # BatchNorm uses the mixed running statistics, as the saved soup will
+
+    def evaluate(weights: torch.Tensor) -> dict:
+        total, correct = 0.0, 0.0
+        with torch.no_grad():
+            w = mixed(weights)
+            for i in range(0, len(val), eval_batch_size):
+                xb, yb = x_all[i:i + eval_batch_size], y_all[i:i + eval_batch_size]
+                out = torch.func.functional_call(model, w, (xb,))
+                total += float(_loss(out, yb, val.multilabel)) * len(yb)
+                correct += _correct(out, yb, val.multilabel)
+        return {"loss": total / len(val), "accuracy": correct / len(val)}
+
+    history: list[dict] = []
+    try:
+        uniform = evaluate(coefficients().detach())
+        opt = torch.optim.Adam([logits], lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        bs = len(val) if batch_size is None else max(1, min(int(batch_size), len(val)))
+        order, pos = torch.randperm(len(val), generator=g), 0
+        it = range(steps)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc="learned soup", leave=False)
+        for step in it:
+            if bs == len(val):
+                xb, yb = x_all, y_all
+            else:
+                if pos + bs > len(val):
+                    order, pos = torch.randperm(len(val), generator=g), 0
+                idx = order[pos:pos + bs].to(dev)
+                pos += bs
+                xb, yb = x_all[idx], y_all[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = _loss(torch.func.functional_call(model, mixed(coefficients()), (xb,)), yb, val.multilabel)
+            loss.backward()
+            opt.step()
+            history.append({"step": step + 1, "loss": float(loss.detach())})
+        final = coefficients().detach()
+        learned = evaluate(final)
+    finally:
+        model.train(was_training)
+
+    coef = final.cpu().double()
+    per_ingredient = (coef.mean(0) if by_layer else coef).tolist()
+    by_tensor = {k: coef[j].tolist() for j, k in enumerate(floats)} if by_layer else None
+    soup = StateDict()
+    with torch.no_grad():
+        w = mixed(final)
+        for k in keys:
+            soup[k] = w[k].to("cpu", dtypes[k]) if k in stacks else cks[0][k].clone()
+    result = LearnedSoupResult([c.source for c in cks], per_ingredient, by_tensor, history, uniform, learned)
+    prov = {"op": "learned_soup", "coefficients": per_ingredient, "by_layer": by_layer, "steps": steps, "lr": lr,
+            "batch_size": batch_size, "seed": seed, "val": val.name, "val_uniform": uniform, "val_learned": learned,
+            "ingredients": [{"source": c.source, "coefficient": w_} for c, w_ in zip(cks, per_ingredient)],
+            "weightspace_version": __version__}
+    if by_layer:
+        prov["coefficients_by_tensor"] = by_tensor
+    soup.provenance = finish_provenance(prov, cks)
+    return soup, result
