@@ -10,14 +10,18 @@ and are optimised with Adam.
 Memory: unlike the streamed soups, every ingredient's floating tensors are held in memory (on the evaluation
 device, float32), because the gradient with respect to a coefficient needs the ingredient's weights: N
 ingredients cost N models of memory, plus one mixed model and its activations for the backward pass.
-Floating buffers (BatchNorm running statistics) are mixed with the same coefficients but carry no gradient
-(``batch_norm`` is not differentiable in them); integer and bool buffers (e.g. ``num_batches_tracked``) are taken
-from the first ingredient.
+Floating buffers (BatchNorm running statistics) are mixed with the same coefficients. The model runs in eval
+mode, as the saved soup will; since torch's ``batch_norm`` kernel has no gradient with respect to the running
+statistics, BatchNorm layers are computed by the same formula in plain tensor ops during the optimisation, so the
+gradient includes the statistics' dependence on the coefficients (without it the descent direction is wrong and
+the loss can rise). Integer and bool buffers (e.g. ``num_batches_tracked``) are taken from the first ingredient.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +65,27 @@ def _correct(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
     return float((logits.argmax(1) == y).sum())
 
 
+def _bn_eval(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in eval mode in plain tensor ops: differentiable in the running statistics too."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+    return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+@contextlib.contextmanager
+def differentiable_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Run the model's BatchNorm layers (with running statistics) through ``_bn_eval`` inside the block."""
+    patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.running_mean is not None and "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = types.MethodType(_bn_eval, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorData, *, by_layer: bool = False,
                  steps: int = 100, lr: float = 0.05, batch_size: int | None = None, seed: int = 0,
                  eval_batch_size: int = 256, progress: bool = False) -> tuple[StateDict, LearnedSoupResult]:
@@ -92,7 +117,6 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
     # Every ingredient's floating tensors, stacked along a new first axis: the gradient needs all of them.
     stacks = {k: torch.stack([ck[k].to(dev, torch.float32) for ck in cks]) for k in floats}
     fixed = {k: cks[0][k].to(dev) for k in keys if k not in stacks}
-    buffers = {name for name, _ in model.named_buffers()}
     n = len(cks)
     logits = torch.zeros((len(floats), n) if by_layer else (n,), device=dev, requires_grad=True)
 
@@ -100,8 +124,6 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         out = dict(fixed)
         for j, k in enumerate(floats):
             w = weights[j] if by_layer else weights
-            if k in buffers:  # running statistics: mixed alike, but batch_norm has no gradient through them
-                w = w.detach()
             s = stacks[k]
             out[k] = (s * w.view(-1, *([1] * (s.dim() - 1)))).sum(0)
         return out
@@ -125,7 +147,9 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         return {"loss": total / len(val), "accuracy": correct / len(val)}
 
     history: list[dict] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(differentiable_batchnorm(model))
+        stack.callback(model.train, was_training)
         uniform = evaluate(coefficients().detach())
         opt = torch.optim.Adam([logits], lr=lr)
         g = torch.Generator().manual_seed(seed)
@@ -151,8 +175,6 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
             history.append({"step": step + 1, "loss": float(loss.detach())})
         final = coefficients().detach()
         learned = evaluate(final)
-    finally:
-        model.train(was_training)
 
     coef = final.cpu().double()
     per_ingredient = (coef.mean(0) if by_layer else coef).tolist()

@@ -113,7 +113,7 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a recipe is a YAML mapping")
     if raw.get("kind", "transfer") != "transfer":
-        raise ConfigError(f"{where}: unknown recipe kind '{raw.get('kind')}' (known: transfer)")
+        raise ConfigError(f"{where}: unknown recipe kind '{raw.get('kind')}' (known: transfer, {', '.join(OTHER_KINDS)})")
     pending = []
     if small:
         for k, v in (raw.get("small") or {}).items():
@@ -681,10 +681,35 @@ def render_report(run: Run) -> str:
     return "\n".join(lines)
 
 
+OTHER_KINDS = {"align-barrier": "weightspace.recipes_align:run_align_recipe"}  # kind → its own runner
+
+
+def _other_runner(recipe: str | os.PathLike | dict) -> Callable | None:
+    """The runner of a recipe whose ``kind`` has its own module (None for transfer recipes and unreadable files)."""
+    import importlib
+
+    import yaml
+    raw = recipe
+    if not isinstance(recipe, dict):
+        try:
+            raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return None  # load_recipe reports it
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind not in OTHER_KINDS:
+        return None
+    module, _, fn = OTHER_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
 def run_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
                overrides: Sequence[str] = (), force: bool = False, progress: bool = True,
                device: str = "cpu", batch_size: int = 256) -> dict:
     """Run a recipe end to end into ``out``: checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md."""
+    other = _other_runner(recipe)
+    if other is not None:
+        return other(recipe, out, small=small, overrides=overrides, force=force, progress=progress, device=device,
+                     batch_size=batch_size)
     from . import report
     cfg = load_recipe(recipe, small=small, overrides=overrides)
     cfg["small_run"] = small

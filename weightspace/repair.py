@@ -16,11 +16,12 @@ Where it applies (the *repair points*, found by one probe forward pass with hook
   forward, not a BN without affine parameters or a bias-free conv/linear outside a BN (nothing to absorb the
   shift): those are listed as skipped. LayerNorm/GroupNorm networks (transformers) are out of scope.
 
-with k = σ_target / sqrt(σ² + ε) and t = μ_target for the measured μ, σ of the mixed network. All points are
+with k = σ_target / σ and t = μ_target for the measured μ, σ of the mixed network (a channel whose σ is below
+1e-6 of the largest σ or σ_target at that point is constant on the data: it is shifted, not scaled). All points are
 repaired in one pass over the data: each point's output is renormalised on the fly with the batch's statistics
 (as BatchNorm does in train mode), so every later point is measured with the earlier ones already repaired;
 then the population statistics of the pass are fused into the weights. With the whole repair set in one batch
-the repaired network matches the target statistics exactly (up to ε); with several batches, as closely as a
+the repaired network matches the target statistics exactly (up to float rounding); with several batches, as closely as a
 BatchNorm re-estimated the same way. Cost: one forward pass over the repair data per repaired network, plus one
 per end point (measured once and reused for every α or soup candidate).
 """
@@ -39,7 +40,7 @@ from .errors import ConfigError
 from .evaluation import Evaluator
 from .ops import StateDict
 
-EPS = 1e-5
+FLOOR = 1e-6  # relative: a σ below FLOOR × the largest σ at its point counts as zero (constant channel)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # repair point → (per-channel mean, per-channel std), float64
 
@@ -189,6 +190,12 @@ def channel_stats(model: nn.Module, data: TensorData, scope: RepairScope, *, bat
     return {name: m.stats() for name, m in _pass(model, data, scope, batch_size, dev, make_hook).items()}
 
 
+def _scale(t_std: torch.Tensor, std: torch.Tensor, floor: float = FLOOR) -> torch.Tensor:
+    """k = σ_target / σ per channel; 1 for channels that are constant on the data (nothing to rescale)."""
+    tiny = floor * torch.maximum(std.max(), t_std.max()).clamp(min=1e-30)
+    return torch.where(std > tiny, t_std / std.clamp(min=tiny), torch.ones_like(std))
+
+
 def mix_stats(stats: Sequence[Stats], coefficients: Sequence[float]) -> Stats:
     """The REPAIR target of a mixture Σ c_i θ_i: μ = Σ c_i μ_i and σ = Σ c_i σ_i per channel."""
     if len(stats) != len(coefficients) or not stats:
@@ -201,7 +208,7 @@ def mix_stats(stats: Sequence[Stats], coefficients: Sequence[float]) -> Stats:
 
 
 def repair_model(model: nn.Module, data: TensorData, target: Stats, scope: RepairScope, *, batch_size: int = 256,
-                 device: torch.device | None = None, eps: float = EPS) -> dict:
+                 device: torch.device | None = None) -> dict:
     """Rescale every repair point of ``model`` in place so its channel statistics on ``data`` become ``target``."""
     dev = device or next(model.parameters()).device
     modules = dict(model.named_modules())
@@ -219,8 +226,8 @@ def repair_model(model: nn.Module, data: TensorData, target: Stats, scope: Repai
             z = out.movedim(p.dim, -1)
             dims = tuple(range(z.dim() - 1))
             mean = z.mean(dims)
-            var = z.var(dims, unbiased=False)
-            z = (z - mean) * (t_std / torch.sqrt(var + eps)) + t_mean
+            std = z.var(dims, unbiased=False).sqrt()
+            z = (z - mean) * _scale(t_std, std) + t_mean
             return z.movedim(-1, p.dim)
         return hook
 
@@ -230,7 +237,7 @@ def repair_model(model: nn.Module, data: TensorData, target: Stats, scope: Repai
         for p in scope.points:
             mean, std = moments[p.name].stats()
             t_mean, t_std = (v.to(torch.float64) for v in target[p.name])
-            k = t_std.to(mean.device) / torch.sqrt(std * std + eps)
+            k = _scale(t_std.to(mean.device), std)
             shift = t_mean.to(mean.device) - mean * k
             m = modules[p.name]
             w = m.weight

@@ -1,0 +1,296 @@
+"""Recipe kind ``align-barrier``: does permutation alignment (Git Re-Basin) + BatchNorm repair remove the error
+barrier between two networks trained from different random initialisations?
+
+Two (or more) models of one architecture are trained on the same data from different random initialisations
+and data orders. For every pair (A, B), B is aligned to A by weight matching and/or activation matching, and
+barrier curves A–B and A–P(B) are measured on the test set with each BatchNorm treatment:
+
+- ``none``            the interpolated running statistics, as they are;
+- ``recalibrate_bn``  BatchNorm statistics re-estimated on the ``fix`` data at every α;
+- ``repair``          REPAIR (Jordan et al. 2022) on the ``fix`` data at every α (weightspace.repair).
+
+Findings: (a) the unaligned pair shows a clear error barrier (≥ ``clear_barrier``) under the BN treatments;
+(b) after alignment (+ a BN treatment) the barrier shrinks by at least ``shrink`` (½) of itself. The barrier is
+the chord error barrier on the test set: max over α of the error above the straight line between the ends.
+
+Run with ``weightspace recipe run recipes/align-barrier.yaml --out DIR [--small] [--set KEY=VALUE]``; the runner
+is reached from ``weightspace.recipes.run_recipe`` through the recipe's ``kind``.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+KIND = "align-barrier"
+FIXES = ("none", "recalibrate_bn", "repair")
+METHODS = ("weights", "activations")
+DEFAULTS: dict[str, Any] = {
+    "kind": KIND,
+    "name": "align-barrier",
+    "description": "",
+    "seed": 0,
+    "threads": None,
+    "model": "weightspace.zoo:small_cnn",
+    "data": {"train": "digits:train", "test": "digits:test", "fix": None},
+    "train": {"epochs": 20, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0, "momentum": 0.9, "augment": "none",
+              "seeds": [1, 2]},
+    "analysis": {"steps": 11, "methods": list(METHODS), "fixes": list(FIXES), "clear_barrier": 0.1, "shrink": 0.5,
+                 "align_seed": 0},
+    "small": {},
+}
+
+
+def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
+                      overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
+    """Read an align-barrier recipe, apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
+    import yaml
+
+    from .recipes import _merge, parse_override, set_path
+    where = "<recipe>"
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        where = os.fspath(source)
+        try:
+            raw = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such recipe file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or raw.get("kind") != KIND:
+        raise ConfigError(f"{where}: not an {KIND} recipe (kind: {KIND})")
+    pending = list((raw.get("small") or {}).items()) if small else []
+    pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    for k, v in pending:
+        set_path(raw, k, v, where)
+    cfg = _merge(DEFAULTS, raw, where)
+    seeds = cfg["train"]["seeds"]
+    if not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: train.seeds needs at least two different seeds (one random init per model)")
+    an = cfg["analysis"]
+    bad = [m for m in an["methods"] if m not in METHODS] + [f for f in an["fixes"] if f not in FIXES]
+    if bad:
+        raise ConfigError(f"{where}: analysis: unknown method/fix '{bad[0]}' (methods: {', '.join(METHODS)}; "
+                          f"fixes: {', '.join(FIXES)})")
+    if not an["methods"] or not an["fixes"]:
+        raise ConfigError(f"{where}: analysis needs at least one method and one fix")
+    cfg["where"] = where
+    return cfg
+
+
+def _curve_entry(c: Any, test: str) -> dict:
+    e, loss = c.barriers[test]["error"], c.barriers[test]["loss"]
+    ends = c.series(test, "error")
+    return {"error_barrier": e["chord"], "error_barrier_midpoint": e["midpoint"], "peak_alpha": e["chord_alpha"],
+            "loss_barrier": loss["chord"], "error_at_ends": [ends[0], ends[-1]], "errors": ends}
+
+
+def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
+                     overrides: Sequence[str] = (), force: bool = False, progress: bool = True, device: str = "cpu",
+                     batch_size: int = 256) -> dict:
+    """Train the models, align, measure the barriers before/after; write checkpoints/, results.json, CSV, PNGs,
+    REPORT.md. Returns {"findings", "timings", "out"} like ``recipes.run_recipe``."""
+    from . import report
+    from .analysis.align import align
+    from .data import load_data
+    from .evaluation import Evaluator
+    from .interpolate import interpolation_curve
+    from .models import build_model
+    from .saving import save
+    from .train import accuracy, train
+
+    cfg = load_align_recipe(recipe, small=small, overrides=overrides)
+    cfg["small_run"] = small
+    out = Path(out)
+    report.check_outputs(out, ["results.json", "REPORT.md"], force)
+    an, tr = cfg["analysis"], cfg["train"]
+
+    def note(msg: str) -> None:
+        if progress:
+            import sys
+            print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+
+    old_threads = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg["seed"]))
+            train_d, test_d = load_data(cfg["data"]["train"]), load_data(cfg["data"]["test"])
+            fix_d = load_data(cfg["data"]["fix"]) if cfg["data"]["fix"] else train_d
+            k = train_d.num_classes
+
+            def build() -> torch.nn.Module:
+                return build_model(cfg["model"], num_classes=k, in_chans=int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None)
+
+            has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build().modules())
+            fixes = [f for f in an["fixes"] if has_bn or f != "recalibrate_bn"]
+            models, paths, accs = {}, {}, {}
+            for s in tr["seeds"]:
+                torch.manual_seed(int(s))  # a different random initialisation per model
+                net = build()
+                train(net, train_d, epochs=int(tr["epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
+                      weight_decay=float(tr["weight_decay"]), momentum=float(tr["momentum"]), seed=int(s),
+                      augment=tr["augment"])
+                name = f"model-{s}"
+                models[name] = {k_: v.detach().clone() for k_, v in net.state_dict().items()}
+                accs[name] = accuracy(net, test_d)
+                paths[name] = _save(save, out, name, models[name], cfg, force)
+            timings["train"] = time.perf_counter() - t0
+            note(f"trained {len(models)} models from random inits ({timings['train']:.1f} s): "
+                 + ", ".join(f"{n} test accuracy {a:.4f}" for n, a in accs.items()))
+
+            t1 = time.perf_counter()
+            ev = Evaluator(build(), test_d, device=device, batch_size=batch_size)
+            fix_kw = {"none": {}, "recalibrate_bn": {"recalibrate_bn": fix_d}, "repair": {"repair": fix_d}}
+            pairs, rows, curves_by_fix = [], [], {f: [] for f in fixes}
+            for a, b in itertools.combinations(models, 2):
+                targets = {"B": (b, models[b])}
+                entry: dict[str, Any] = {"a": a, "b": b, "alignment": {}, "curves": {}}
+                for m in an["methods"]:
+                    pb, info = align(models[a], models[b], build(), method=m, data=fix_d if m == "activations" else None,
+                                     seed=int(an["align_seed"]), example_input=fix_d.x[:64])
+                    aligned = f"{b}-aligned-{m}-to-{a.split('-', 1)[1]}"
+                    paths[aligned] = _save(save, out, aligned, pb, cfg, force)
+                    targets[f"P_{m}(B)"] = (aligned, pb)
+                    entry["alignment"][m] = {k_: info[k_] for k_ in ("l2_before", "l2_after", "max_abs_output_change")
+                                             if k_ in info}
+                for f in fixes:
+                    entry["curves"][f] = {}
+                    for tag, (bname, weights) in targets.items():
+                        label = f"{a}–{bname}" if tag == "B" else f"{a}–P({b}) {tag[2:-3]}"
+                        c = interpolation_curve(models[a], weights, ev, steps=int(an["steps"]), label=label,
+                                                progress=False, **fix_kw[f])
+                        entry["curves"][f][tag] = _curve_entry(c, test_d.name)
+                        curves_by_fix[f].append(c)
+                        r = entry["curves"][f][tag]
+                        rows.append([f"{a}–{b}", tag, f, r["error_barrier"], r["error_barrier_midpoint"],
+                                     r["loss_barrier"], r["peak_alpha"], *r["error_at_ends"]])
+                pairs.append(entry)
+                note(f"{a}–{b}: " + "; ".join(
+                    f"{f}: " + ", ".join(f"{t} {v['error_barrier']:.3f}" for t, v in entry["curves"][f].items())
+                    for f in fixes))
+            timings["barriers"] = time.perf_counter() - t1
+    finally:
+        torch.set_num_threads(old_threads)
+
+    figures = []
+    for f, cs in curves_by_fix.items():
+        name = f"barriers_{f}.png"
+        report.plot_curves(cs, out / name, force=force)
+        figures.append(name)
+    report.write_csv(out / "barriers.csv", ["pair", "curve", "fix", "error_barrier", "error_barrier_midpoint",
+                                            "loss_barrier", "peak_alpha", "error_alpha0", "error_alpha1"],
+                     rows, force=force)
+    findings, summary = _findings(pairs, an, fixes, has_bn, figures)
+    timings["total"] = time.perf_counter() - t0
+    public = {k_: v for k_, v in cfg.items() if k_ != "where"}
+    results = {"recipe": public, "findings": findings,
+               "results": {"models": {n: {"test_accuracy": a} for n, a in accs.items()}, "pairs": pairs,
+                           "summary": summary, "fixes": fixes},
+               "checkpoints": {k_: os.path.relpath(v, out) for k_, v in paths.items()}, "figures": figures}
+    report.write_json(out / "results.json", results, force=force)
+    report.write_text(out / "REPORT.md", _render(cfg, test_d, fix_d, accs, pairs, findings, fixes, has_bn), force=force)
+    report.write_json(out / "timing.json", {"seconds": timings, "threads": torch.get_num_threads()
+                                            if not cfg.get("threads") else int(cfg["threads"])}, force=True)
+    return {"findings": findings, "timings": timings, "out": str(out)}
+
+
+def _save(save: Any, out: Path, name: str, sd: dict, cfg: dict, force: bool) -> str:
+    path = out / "checkpoints" / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(sd, path, force=force, provenance={"op": "recipe", "recipe": cfg["name"], "model": name})
+    return str(path)
+
+
+def _findings(pairs: list[dict], an: dict, fixes: list[str], has_bn: bool, figures: list[str]) -> tuple[list, dict]:
+    """(a) a clear barrier before alignment; (b) the barrier at least halved after it, per method and BN fix."""
+    judged = [f for f in fixes if f != "none"] or ["none"]  # interpolating BN nets without a fix is not the claim
+    clear, shrink = float(an["clear_barrier"]), float(an["shrink"])
+    before = {f: [p["curves"][f]["B"]["error_barrier"] for p in pairs] for f in fixes}
+    after = {f: {m: [p["curves"][f][f"P_{m}(B)"]["error_barrier"] for p in pairs] for m in an["methods"]} for f in fixes}
+    summary = {"judged_fixes": judged, "clear_barrier": clear, "shrink": shrink, "before": before, "after": after,
+               "ratio": {f: {m: [(x / y if y > 0 else None) for x, y in zip(after[f][m], before[f])]
+                             for m in an["methods"]} for f in fixes}}
+    a_ok = [b >= clear for f in judged for b in before[f]]
+    b_ok = {(f, m): [x <= shrink * y and y >= clear for x, y in zip(after[f][m], before[f])]
+            for f in judged for m in an["methods"]}
+    flat = [v for vs in b_ok.values() for v in vs]
+
+    def verdict(oks: list[bool]) -> str:
+        return "reproduced" if all(oks) else ("partly" if any(oks) else "not reproduced")
+
+    fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
+    text_a = ("Error barrier on the test set between the two unaligned models (chord height, "
+              f"{an['steps']} points; 'clear' means ≥ {clear}): "
+              + "; ".join(f"{f}: {fmt(before[f])}" for f in fixes) + ".")
+    if not has_bn:
+        text_a += " The model has no BatchNorm, so BN recalibration is not applicable."
+    lines = []
+    for f in fixes:
+        for m in an["methods"]:
+            ratios = [f"{x / y:.2f}" if y > 0 else "n/a" for x, y in zip(after[f][m], before[f])]
+            lines.append(f"{f} + {m} matching: {fmt(before[f])} → {fmt(after[f][m])} (after/before {', '.join(ratios)})")
+    text_b = ("Error barrier before → after aligning B to A, with the same BN treatment on both curves: "
+              + "; ".join(lines) + f". Judged with {', '.join(judged)}: after ≤ {shrink} × before for every pair "
+              "and method" + (" (without a BN fix the interpolated running statistics are wrong, variance "
+                              "collapse, and the 'none' rows show it)" if "none" in fixes and has_bn else "") + ".")
+    findings = [
+        {"id": "a", "claim": "Two models trained from different random initialisations show a clear error barrier.",
+         "verdict": verdict(a_ok), "numbers": text_a, "figures": figures, "table": "barriers.csv"},
+        {"id": "b", "claim": f"After permutation alignment (+ BatchNorm repair) the barrier shrinks by at least "
+                             f"{round((1 - shrink) * 100)}%.",
+         "verdict": verdict(flat), "numbers": text_b, "figures": figures, "table": "barriers.csv"},
+    ]
+    return findings, summary
+
+
+def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], findings: list[dict],
+            fixes: list[str], has_bn: bool) -> str:
+    from .report import markdown_table
+    tr, an = cfg["train"], cfg["analysis"]
+    lines = [f"# {cfg['name']}", ""]
+    if cfg["description"]:
+        lines += [cfg["description"].strip(), ""]
+    lines += ["## Setup", "",
+              f"- Model: `{cfg['model']}`{' (with BatchNorm)' if has_bn else ' (no BatchNorm)'}; recipe "
+              f"`{cfg['where']}`{' (reduced size: --small)' if cfg.get('small_run') else ''}.",
+              f"- Data: trained on `{cfg['data']['train']}`, barriers on `{test_d.name}` ({len(test_d)} examples); "
+              f"BN recalibration, REPAIR and activation matching use `{fix_d.name}` ({len(fix_d)} examples).",
+              f"- Training: {tr['epochs']} epochs, SGD lr {tr['lr']} (cosine), momentum {tr['momentum']}, batch "
+              f"{tr['batch_size']}, weight decay {tr['weight_decay']}, augment {tr['augment']}; one model per seed "
+              f"({', '.join(str(s) for s in tr['seeds'])}), the seed setting both the random init and the data order.",
+              f"- Alignment: {', '.join(an['methods'])} matching (Git Re-Basin), B permuted to match A; curves of "
+              f"{an['steps']} points; barrier = chord error barrier (max over α of the test error above the line "
+              "between the ends; the midpoint convention is in barriers.csv).", "",
+              markdown_table(["model", "test accuracy"], [[n, a] for n, a in accs.items()]), "",
+              "## Barriers", ""]
+    headers = ["pair", "curve", *fixes]
+    rows = []
+    for p in pairs:
+        for tag in p["curves"][fixes[0]]:
+            rows.append([f"{p['a']}–{p['b']}", tag, *[p["curves"][f][tag]["error_barrier"] for f in fixes]])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    means = [[m, f, mean([p["curves"][f]["B"]["error_barrier"] for p in pairs]),
+              mean([p["curves"][f][f"P_{m}(B)"]["error_barrier"] for p in pairs])] for m in an["methods"] for f in fixes]
+    lines += ["Error barrier (test set, chord) by BatchNorm treatment:", "", markdown_table(headers, rows), "",
+              f"Mean over the {len(pairs)} pair{'s' if len(pairs) > 1 else ''}, before (A–B) → after (A–P(B)):", "",
+              markdown_table(["alignment", "BN treatment", "before", "after", "after / before"],
+                             [[m, f, b, a, a / b if b > 0 else None] for m, f, b, a in means]), "",
+              "## Findings", "", markdown_table(["finding", "verdict"], [[f["id"], f["verdict"]] for f in findings]), ""]
+    for f in findings:
+        lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
+    lines += [f"![{fig}]({fig})" for fig in findings[0]["figures"]]
+    lines += ["", "Checkpoints of both models and of every aligned B are in `checkpoints/` (any `weightspace "
+              "interpolate` / `soup` command accepts them); every number is in `results.json` and `barriers.csv`.", ""]
+    return "\n".join(lines)
