@@ -24,7 +24,7 @@ H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.pn
 @click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="Weight decay of the plain linear heads (on the mean cross-entropy, standardised features).")
 @click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True, help="L-BFGS iterations per head.")
-@click.option("--lasso-iters", type=click.IntRange(min=1), default=300, show_default=True,
+@click.option("--lasso-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Proximal-gradient iterations of the group-lasso head.")
 @report_options
 def head2toe(checkpoint: str, model_spec: str, train_spec: str, test_spec: str, layers: str, num_classes: int | None,

@@ -64,6 +64,9 @@ def test_scores_rank_informative_features_first():
     scores = group_lasso_scores(z, y, 3, coef=1e-3, iters=200)
     assert set(top_fraction(scores, 0.1).tolist()) == {7, 13}
     assert torch.equal(top_fraction(scores, 1.0), torch.arange(20))
+    # a strong penalty zeroes whole rows (group soft-thresholding): only the two informative features survive
+    sparse = group_lasso_scores(z, y, 3, coef=0.05, iters=300)
+    assert torch.nonzero(sparse).flatten().tolist() == [7, 13]
 
 
 def test_stratified_folds_partition_every_class():

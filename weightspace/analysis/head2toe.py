@@ -26,7 +26,7 @@ TARGET = 8192     # pooled features per layer (the paper's default)
 COEF = 1e-5       # group-lasso coefficient on the mean cross-entropy (the paper's default)
 KEEP = (0.01, 0.1, 0.2)
 FOLDS = 5
-LASSO_ITERS = 300  # proximal-gradient (FISTA) iterations of the group-lasso head: a fixed budget, deterministic
+LASSO_ITERS = 200  # proximal-gradient (FISTA) iterations of the group-lasso head: a fixed budget, deterministic
 
 
 def concat_features(feats: Features, layers: Sequence[str] | None = None) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
@@ -45,24 +45,28 @@ def group_lasso_scores(z: torch.Tensor, y: torch.Tensor, num_classes: int, *, co
     """Feature scores Σ_c W_jc² of a linear head trained with mean cross-entropy + coef·Σ_j‖W_j‖₂ (FISTA from zeros)."""
     dev = torch.device(device) if device is not None else z.device
     z = z.to(dev, torch.float32)
+    # Centring changes neither the optimum W nor the scores (the bias absorbs the mean) but removes the mean
+    # direction from the Hessian; then [z 1]ᵀ[z 1] is block-diagonal and W and b take their own steps 1/L:
+    # L_W = ½·λmax(zᵀz)/n, L_b = ½ (softmax cross-entropy curvature ≤ ½). ~10× larger steps than one joint bound.
+    z = z - z.mean(0)
     n, d = z.shape
     onehot = F.one_hot(y.to(dev, torch.long), num_classes).float()
-    # Step 1/L with L = ½·λmax([z 1]ᵀ[z 1])/n, a Lipschitz bound of the softmax cross-entropy gradient
-    v = torch.ones(d + 1, device=dev) / math.sqrt(d + 1)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(dev)  # fixed start: deterministic
+    v = v / v.norm()
     lam = torch.tensor(1.0, device=dev)
-    for _ in range(50):
-        u = z @ v[:d] + v[d]
-        v_new = torch.cat([z.T @ u, u.sum().reshape(1)])
+    for _ in range(50):  # power iteration for λmax(zᵀz)
+        v_new = z.T @ (z @ v)
         lam = v_new.norm()
         v = v_new / lam.clamp_min(1e-12)
     step = 1.0 / (0.5 * float(lam) / n * 1.01 + 1e-12)
+    step_b = 1.0 / (0.5 * 1.01)
     w = torch.zeros(d, num_classes, device=dev)
     b = torch.zeros(num_classes, device=dev)
     wy, by, t = w.clone(), b.clone(), 1.0
     for _ in range(iters):
         g = (torch.softmax(z @ wy + by, dim=1) - onehot) / n
         w_new = wy - step * (z.T @ g)
-        b_new = by - step * g.sum(0)
+        b_new = by - step_b * g.sum(0)
         norms = w_new.norm(dim=1, keepdim=True)
         w_new = w_new * (1 - step * coef / norms.clamp_min(1e-30)).clamp_min(0.0)  # group soft-threshold
         t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
