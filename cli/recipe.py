@@ -19,7 +19,8 @@ def recipe() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.finetune.epochs=5 (repeatable; the value is YAML).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
-@click.option("--device", default="cpu", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", default="cpu", show_default=True,
+              help="auto, cpu or cuda[:N] for the analyses' evaluations (training runs on the CPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Evaluation batch size of the analyses (training batch sizes are in the recipe).")
 @report_options

@@ -441,13 +441,13 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
         sig = [s * scale for s in s_grid]
         grid = [[0.0] * len(s_grid) for _ in a_grid]
         for i, a in enumerate(a_grid):
-            centre = {k: (1 - a) * i64[k] + a * f64[k] for k in noisy}
+            # interpolate in float64, add the noise in the parameter's own dtype (as cheap as the tensor allows)
+            centre = {k: ((1 - a) * i64[k] + a * f64[k]).to(final_sd[k].dtype) for k in noisy}
             for j, s in enumerate(sig):
                 total = 0.0
                 for _ in range(samples):
                     for k in noisy:
-                        u = torch.randn(centre[k].shape, generator=gen, dtype=torch.float64) * s
-                        work[k] = (centre[k] + u).to(final_sd[k].dtype)
+                        work[k] = centre[k] + torch.randn(centre[k].shape, generator=gen, dtype=centre[k].dtype) * s
                     total += float(_table(evaluate(work))[ds][metric])
                     if bar:
                         bar.update()

@@ -47,8 +47,11 @@ def gram_linear(x: Any) -> torch.Tensor:
 
 def gram_rbf(x: Any, threshold: float = 0.5) -> torch.Tensor:
     """The RBF kernel exp(−d²/(2σ²)) with σ = threshold · median pairwise distance (all n² pairs, as Kornblith)."""
-    f = _features(x)
-    dots = f @ f.T
+    return rbf_from_linear(gram_linear(x), threshold)
+
+
+def rbf_from_linear(dots: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The RBF kernel from a linear Gram matrix X·Xᵀ (so one X·Xᵀ serves linear, debiased and RBF CKA)."""
     sq = torch.diagonal(dots)
     d2 = (sq[:, None] + sq[None, :] - 2 * dots).clamp_min(0)
     median = float(np.median(d2.cpu().numpy()))  # numpy's median averages the two middle values, as the reference
@@ -100,17 +103,25 @@ def rbf_cka(x: Any, y: Any, threshold: float = 0.5, debiased: bool = False) -> f
     return cka_from_grams(gram_rbf(x, threshold), gram_rbf(y, threshold), debiased)
 
 
-def hsic1(k: torch.Tensor, l: torch.Tensor) -> float:
-    """The unbiased HSIC estimator HSIC₁ of Song et al. 2012 (Nguyen et al. 2021, eq. 3) for n ≥ 4."""
-    n = k.shape[0]
-    k, l = k.clone(), l.clone()
+def _zero_diagonal(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K̃ (K with a zero diagonal) and its column sums K̃·1, computed once per Gram matrix."""
+    k = k.clone()
     k.fill_diagonal_(0)
-    l.fill_diagonal_(0)
-    one_k, one_l = k.sum(0), l.sum(0)
-    trace = float((k * l).sum())
+    return k, k.sum(0)
+
+
+def _hsic1_zeroed(k: tuple[torch.Tensor, torch.Tensor], l: tuple[torch.Tensor, torch.Tensor]) -> float:
+    (kt, one_k), (lt, one_l) = k, l
+    n = kt.shape[0]
+    trace = float((kt * lt).sum())
     middle = float(one_k.sum() * one_l.sum()) / ((n - 1) * (n - 2))
     last = 2.0 * float(one_k @ one_l) / (n - 2)
     return (trace + middle - last) / (n * (n - 3))
+
+
+def hsic1(k: torch.Tensor, l: torch.Tensor) -> float:
+    """The unbiased HSIC estimator HSIC₁ of Song et al. 2012 (Nguyen et al. 2021, eq. 3) for n ≥ 4."""
+    return _hsic1_zeroed(_zero_diagonal(k), _zero_diagonal(l))
 
 
 class MinibatchCKA:
@@ -128,17 +139,17 @@ class MinibatchCKA:
 
     def update(self, xs: Sequence[Any], ys: Sequence[Any]) -> None:
         """Add one minibatch: the representations of its examples in every module of X and of Y."""
-        kx = [gram_linear(x) for x in xs]
-        ky = [gram_linear(y) for y in ys]
-        if kx and kx[0].shape[0] < 4:
+        if xs and _features(xs[0]).shape[0] < 4:
             return  # HSIC₁ is undefined below 4 examples; a tiny last batch is dropped
+        kx = [_zero_diagonal(gram_linear(x)) for x in xs]
+        ky = [_zero_diagonal(gram_linear(y)) for y in ys]
         for i, a in enumerate(kx):
-            self.xx[i] += hsic1(a, a)
+            self.xx[i] += _hsic1_zeroed(a, a)
             for j, b in enumerate(ky):
                 if self.cross or i == j:
-                    self.xy[i, j] += hsic1(a, b)
+                    self.xy[i, j] += _hsic1_zeroed(a, b)
         for j, b in enumerate(ky):
-            self.yy[j] += hsic1(b, b)
+            self.yy[j] += _hsic1_zeroed(b, b)
         self.batches += 1
 
     def value(self) -> np.ndarray:
@@ -356,9 +367,10 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
             row["minibatch_cka"] = float(mat[j, j])
             if keep_full:
                 x, y = torch.cat(full_a[u.name]), torch.cat(full_b[u.name])
-                row["linear_cka"] = linear_cka(x, y)
-                row["rbf_cka"] = rbf_cka(x, y, rbf_threshold)
-                row["debiased_cka"] = linear_cka(x, y, debiased=True)
+                kx, ky = gram_linear(x), gram_linear(y)  # one X·Xᵀ per model serves all three variants
+                row["linear_cka"] = cka_from_grams(kx, ky)
+                row["rbf_cka"] = cka_from_grams(rbf_from_linear(kx, rbf_threshold), rbf_from_linear(ky, rbf_threshold))
+                row["debiased_cka"] = cka_from_grams(kx, ky, debiased=True)
                 row["features"] = int(x.shape[1])
         d = dists[u.name]
         row.update({"l2": d["l2"], "relative_l2": d["relative"], "cosine": d["cosine"], "numel": d["numel"]})
