@@ -95,23 +95,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+def read_recipe(source: str | os.PathLike | dict) -> tuple[dict, str]:
+    """A recipe's raw mapping (a copy when given a dict) and where it came from, with one-line errors."""
+    import yaml
+    if isinstance(source, dict):
+        return copy.deepcopy(source), "<recipe>"
+    where = os.fspath(source)
+    try:
+        raw = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read the recipe ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a recipe is a YAML mapping")
+    return raw, where
+
+
 def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                 overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
     """Read a recipe (file or dict), apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
-    import yaml
-    where = "<recipe>"
-    if isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        where = os.fspath(source)
-        try:
-            raw = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: no such recipe file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: a recipe is a YAML mapping")
+    raw, where = read_recipe(source)
     if raw.get("kind", "transfer") != "transfer":
         raise ConfigError(f"{where}: unknown recipe kind '{raw.get('kind')}' (known: transfer, {', '.join(OTHER_KINDS)})")
     pending = []
@@ -699,15 +705,11 @@ OTHER_KINDS = {"align-barrier": "weightspace.recipes_align:run_align_recipe"}  #
 def _other_runner(recipe: str | os.PathLike | dict) -> Callable | None:
     """The runner of a recipe whose ``kind`` has its own module (None for transfer recipes and unreadable files)."""
     import importlib
-
-    import yaml
-    raw = recipe
-    if not isinstance(recipe, dict):
-        try:
-            raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            return None  # load_recipe reports it
-    kind = raw.get("kind") if isinstance(raw, dict) else None
+    try:
+        raw, _ = read_recipe(recipe)
+    except ConfigError:
+        return None  # load_recipe reports it
+    kind = raw.get("kind")
     if kind not in OTHER_KINDS:
         return None
     module, _, fn = OTHER_KINDS[kind].partition(":")
