@@ -3,9 +3,9 @@
 (a) a K=11 barrier curve's wall time ÷ (11 × one bare ``model(x)`` pass over the data)      target ≤ 1.05
 (b) a greedy soup over N=8 ingredients ÷ (the bare passes it needs: N individual + N−1 soups) target ≤ 1.10
 
-Weights come from safetensors files (read lazily at each step, as users run it). Each timing is the minimum of
---repeats runs. On the CPU both wall time and this process's CPU time are reported: with one thread (the
-default) the CPU-time ratio does not move when other processes share the machine, the wall-time ratio does.
+Weights come from safetensors files, as users run it. Each of --repeats runs is timed between two bare passes
+and compared with their mean; the median ratio is the figure. On the CPU both wall time and this process's CPU
+time are reported (one thread by default): on a machine shared with other work the CPU-time ratio moves less.
 
     .venv/bin/python bench/eval_overhead.py [--model timm:resnet18] [--data 'digits:all?size=32&channels=3']
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,26 +26,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Minimum wall time and minimum process CPU time of ``repeats`` calls (after one warm-up call)."""
+def clock(fn, device: torch.device) -> tuple[float, float]:
+    """Wall time and this process's CPU time of one call."""
+    sync(device)
+    t, c = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    wall = cpu = float("inf")
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def ratios(work, bare, passes: int, repeats: int, device: torch.device) -> list[tuple[float, float]]:
+    """(wall, CPU) ratios of ``work`` to ``passes`` bare passes, each run between two bare passes: the load that
+    other processes put on a shared machine drifts, so each ratio compares with bare passes of its own moment."""
+    work()  # warm-up
+    out = []
     for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
-    return wall, cpu
+        b1, w, b2 = clock(bare, device), clock(work, device), clock(bare, device)
+        out.append(tuple(w[i] / (passes * (b1[i] + b2[i]) / 2) for i in range(2)))
+    return out
 
 
-def ratio_line(what: str, t: tuple[float, float], passes: int, bare: tuple[float, float], target: float,
-               cpu: bool) -> str:
-    """'(x) what: T s for P passes = R × P bare passes' for wall time (and CPU time on the CPU)."""
-    parts = [f"wall {t[0]:.3f} s = {t[0] / (passes * bare[0]):.3f}"]
-    if cpu:
-        parts.append(f"CPU time {t[1]:.3f} s = {t[1] / (passes * bare[1]):.3f}")
-    return f"{what}: {passes} passes; " + "; ".join(parts) + f" × {passes} bare passes (target ≤ {target})"
+def ratio_line(what: str, rs: list[tuple[float, float]], passes: int, target: float, cpu: bool) -> str:
+    """'(x) what: P passes; wall R (median of n: ...)' and the same for CPU time on the CPU."""
+    def part(name: str, vals: list[float]) -> str:
+        return f"{name} {statistics.median(vals):.3f} (runs: {', '.join(f'{v:.3f}' for v in vals)})"
+    parts = [part("wall", [r[0] for r in rs])] + ([part("CPU time", [r[1] for r in rs])] if cpu else [])
+    return f"{what}: ÷ {passes} bare passes = " + "; ".join(parts) + f"; target ≤ {target}"
 
 
 def main() -> None:
@@ -55,7 +62,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=11)
     ap.add_argument("--ingredients", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each workload (median reported)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
@@ -94,22 +101,24 @@ def main() -> None:
             ws.save(sd, paths[-1])
 
         on_cpu = dev.type == "cpu"
-        t_bare = timed(bare, args.repeats, dev)
-        print(f"bare pass: wall {t_bare[0] * 1e3:.1f} ms" + (f", CPU time {t_bare[1] * 1e3:.1f} ms" if on_cpu else ""))
+        bare()
+        b = clock(bare, dev)
+        print(f"bare pass: wall {b[0] * 1e3:.1f} ms" + (f", CPU time {b[1] * 1e3:.1f} ms" if on_cpu else ""))
 
         # (a) barrier curve
         before = ev.forward_passes
-        t_curve = timed(lambda: ws.interpolation_curve(paths[0], paths[1], ev, steps=args.steps, progress=False),
-                        args.repeats, dev)
-        passes = (ev.forward_passes - before) // (args.repeats + 1)
-        print(ratio_line(f"(a) K={args.steps} barrier curve", t_curve, passes, t_bare, 1.05, on_cpu))
+        rs = ratios(lambda: ws.interpolation_curve(paths[0], paths[1], ev, steps=args.steps, progress=False),
+                    bare, args.steps, args.repeats, dev)
+        assert (ev.forward_passes - before) == args.steps * (args.repeats + 1)  # one pass per α, nothing more
+        print(ratio_line(f"(a) K={args.steps} barrier curve", rs, args.steps, 1.05, on_cpu))
 
         # (b) greedy soup
         ings = paths[:args.ingredients]
+        passes = 2 * len(ings) - 1  # each ingredient alone, then each candidate soup after the first
         before = ev.forward_passes
-        t_greedy = timed(lambda: ws.greedy_soup(ings, ev, progress=False), args.repeats, dev)
-        passes = (ev.forward_passes - before) // (args.repeats + 1)
-        print(ratio_line(f"(b) greedy soup of N={len(ings)}", t_greedy, passes, t_bare, 1.10, on_cpu))
+        rs = ratios(lambda: ws.greedy_soup(ings, ev, progress=False), bare, passes, args.repeats, dev)
+        assert (ev.forward_passes - before) == passes * (args.repeats + 1)
+        print(ratio_line(f"(b) greedy soup of N={len(ings)}", rs, passes, 1.10, on_cpu))
         with contextlib.suppress(Exception):
             import resource
             print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
