@@ -154,22 +154,26 @@ def test_cli_interpolate_align_compares_barriers_before_and_after(cli, ckpts):
     assert bad.exit_code == 2 and "--align" in bad.stderr
 
 
-@pytest.mark.parametrize("fix", ["--recalibrate-bn", "--repair"])
-def test_cli_soup_saves_the_statistics_that_produced_its_score(cli, ckpts, fix):
+@pytest.mark.parametrize("fix,method", [("--recalibrate-bn", "uniform"), ("--repair", "greedy")])
+def test_cli_soup_saves_the_statistics_that_produced_its_score(cli, ckpts, fix, method):
     d, p = ckpts
     out = d / f"soup{fix}.safetensors"
-    r = cli("soup", p["ft0"], p["ft1"], p["ft2"], "--model", CNN, "--val", "digits:val", fix, "digits:train",
-            "-o", out, "--json", "--quiet")
+    r = cli("soup", f"--{method}", p["ft0"], p["ft1"], p["ft2"], "--model", CNN, "--val", "digits:val",
+            fix, "digits:train", "-o", out, "--json", "--quiet")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
-    reported = next(row for row in res["leaderboard"]["rows"] if row["method"] == "uniform soup")
+    reported = next(row for row in res["leaderboard"]["rows"] if row["method"] == f"{method} soup")
     prov = load(out).provenance
-    assert prov[fix.strip("-").replace("-", "_")] == "digits:train" and prov["val_score"] == reported["metrics"]["digits:val"]["accuracy"]
+    assert prov[fix.strip("-").replace("-", "_")] == "digits:train"
+    if method == "greedy":  # its decisions were taken on repaired candidates: the score is the last accepted one
+        assert prov["soup_val_score"] == reported["metrics"]["digits:val"]["accuracy"]
+        assert res["greedy"]["score"] == prov["soup_val_score"]
     # the saved file, evaluated as it is (no fix), scores what the leaderboard reported
     again = json.loads(cli("leaderboard", out, "--model", CNN, "--data", "digits:val", "--json", "--quiet").stdout)
     assert again["leaderboard"]["rows"][0]["metrics"]["digits:val"]["accuracy"] == reported["metrics"]["digits:val"]["accuracy"]
     # and it differs from the plain average (the statistics really were fixed)
     plain = load(p["ft0"])
     key = "bn1.running_var" if fix == "--recalibrate-bn" else "bn1.weight"
-    avg = sum(load(p[f"ft{i}"])[key] for i in range(3)) / 3
+    kept = res["greedy"]["kept"] if method == "greedy" else [p["ft0"], p["ft1"], p["ft2"]]
+    avg = sum(load(k)[key] for k in kept) / len(kept)
     assert not torch.allclose(load(out)[key], avg.to(plain[key].dtype))

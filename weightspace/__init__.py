@@ -23,6 +23,8 @@ from .hub import HubError, PushResult, push_to_hub  # noqa: E402
 from .evaluation import Evaluator, Metrics  # noqa: E402
 from .interpolate import Curve, barrier_height, interpolation_curve  # noqa: E402
 from .soup import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
+from .repair import FixedEvaluator, Repairer, repair_model  # noqa: E402
+from .learned_soup import LearnedSoupResult, learned_soup  # noqa: E402
 from .criticality import CriticalityResult, RewindResult, module_criticality, rewind  # noqa: E402
 from .similarity import SimilarityResult, linear_cka, model_similarity, rbf_cka  # noqa: E402
 from .transforms import BlockShuffle, parse_transform  # noqa: E402
@@ -39,6 +41,7 @@ __all__ = [
     "push_to_hub", "PushResult", "HubError",
     "Evaluator", "Metrics", "greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard",
     "interpolation_curve", "barrier_height", "Curve",
+    "Repairer", "repair_model", "FixedEvaluator", "learned_soup", "LearnedSoupResult",
     "probe", "ProbeResult", "head2toe", "Head2ToeResult", "fit_saturation", "SaturationFit", "FeatureTaps",
     "rewind", "RewindResult", "module_criticality", "CriticalityResult", "model_similarity", "SimilarityResult",
     "linear_cka", "rbf_cka", "BlockShuffle", "parse_transform", "run_recipe",
