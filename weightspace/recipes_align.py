@@ -18,7 +18,6 @@ is reached from ``weightspace.recipes.run_recipe`` through the recipe's ``kind``
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 import time
@@ -51,21 +50,9 @@ DEFAULTS: dict[str, Any] = {
 def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                       overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
     """Read an align-barrier recipe, apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
-    import yaml
-
-    from .recipes import _merge, parse_override, set_path
-    where = "<recipe>"
-    if isinstance(source, dict):
-        raw = copy.deepcopy(source)
-    else:
-        where = os.fspath(source)
-        try:
-            raw = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: no such recipe file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or raw.get("kind") != KIND:
+    from .recipes import _merge, parse_override, read_recipe, set_path
+    raw, where = read_recipe(source)
+    if raw.get("kind") != KIND:
         raise ConfigError(f"{where}: not an {KIND} recipe (kind: {KIND})")
     pending = list((raw.get("small") or {}).items()) if small else []
     pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
