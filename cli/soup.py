@@ -39,7 +39,8 @@ from .evalargs import DEFAULT_SCALES, build_evaluator, model_options, require
 @click.option("--strict", is_flag=True, help="Greedy: keep only if val accuracy is > without (the reference code's rule).")
 @click.option("--weights", default=None, help="Comma-separated mixing weights, one per checkpoint (normalised to sum 1).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Output checkpoint path (the greedy soup with --greedy, else the uniform/weighted soup).")
+              help="Output checkpoint path (the greedy soup with --greedy, the learned soup with --learned, else the "
+                   "uniform/weighted soup; as evaluated, with --recalibrate-bn/--repair).")
 @model_options
 @click.option("--val", "val_spec", default=None, metavar="DATA",
               help="Held-out validation data: ranks ingredients and drives the greedy soup.")
