@@ -106,7 +106,8 @@ def main() -> None:
             per.append(time.perf_counter() - t1)
         tot = time.perf_counter() - t0
         best = max(rows, key=lambda r: r["test_accuracy"])
-        print(f"(c) probes: {tot:.2f} s for {len(per)} layers (mean {statistics.mean(per):.3f} s, max {max(per):.3f} s); "
+        print(f"(c) probes: {tot:.2f} s for {len(per)} layers "
+              f"(mean {statistics.mean(per):.3f} s, max {max(per):.3f} s); "
               f"best layer {best['layer']} {best['test_accuracy']:.4f}, last {rows[-1]['layer']} "
               f"{rows[-1]['test_accuracy']:.4f}")
         t0 = time.perf_counter()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import note, parse_floats, print_json, report_options
-from .probe import probe_options
+from .common import parse_floats, print_json, report_options
+from .probe import probe_options, write_report
 
 H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.png")
 
@@ -23,7 +23,8 @@ H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.pn
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
 @click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="Weight decay of the plain linear heads (on the mean cross-entropy, standardised features).")
-@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True, help="L-BFGS iterations per head.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
+              help="L-BFGS iterations per head.")
 @click.option("--lasso-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Proximal-gradient iterations of the group-lasso head.")
 @report_options
@@ -39,7 +40,7 @@ def head2toe(checkpoint: str, model_spec: str, train_spec: str, test_spec: str, 
     results.json, head2toe.csv, head2toe_layers.csv and head2toe.png.
     """
     from weightspace.analysis.head2toe import head2toe as run_h2t
-    from weightspace.report import check_outputs, markdown_table, write_csv, write_json
+    from weightspace.report import check_outputs, markdown_table
     fractions = parse_floats(keep, "--keep")
     if out_dir:
         check_outputs(out_dir, H2T_FILES, force)
@@ -49,15 +50,8 @@ def head2toe(checkpoint: str, model_spec: str, train_spec: str, test_spec: str, 
                   progress=not quiet)
     payload = {"command": "head2toe", **res.to_json()}
     headers, rows = res.table()
-    if out_dir:
-        from pathlib import Path
-        d = Path(out_dir)
-        lh, lr = res.layer_table()
-        files = [write_json(d / "results.json", payload, force=force),
-                 write_csv(d / "head2toe.csv", headers, rows, force=force),
-                 write_csv(d / "head2toe_layers.csv", lh, lr, force=force), res.plot(d / "head2toe.png", force=force)]
-        payload["files"] = [str(p) for p in files]
-        note(f"wrote {', '.join(map(str, files))}", quiet)
+    tables = {"head2toe.csv": (headers, rows), "head2toe_layers.csv": res.layer_table()}
+    payload = write_report(out_dir, payload, tables, "head2toe.png", res.plot, force=force, quiet=quiet)
     if as_json:
         print_json(payload)
         return

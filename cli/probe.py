@@ -1,7 +1,8 @@
 """weightspace probe CKPT [CKPT ...] --model M --train DATA --test DATA [--layers all] [--out DIR]"""
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 
@@ -11,11 +12,11 @@ PROBE_FILES = ("results.json", "probe.csv", "probe.png")
 
 
 def probe_options(f: Callable) -> Callable:
-    """--model, --train, --test, --layers, --num-classes, --in-chans, --device, --batch-size, --cache, --out, --force."""
+    """--model, --train, --test, --layers, --num-classes, --in-chans, --device, --batch-size, --cache, --out."""
     from .evalargs import out_options
     f = out_options(f)
     f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
-                     help="Folder caching the pooled features on disk (keyed by checkpoint sha256, data and layers).")(f)
+                     help="Folder caching pooled features on disk (keyed by checkpoint sha256, data, layers).")(f)
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Batch size of the backbone's forward passes.")(f)
@@ -32,6 +33,20 @@ def probe_options(f: Callable) -> Callable:
     return f
 
 
+def write_report(out_dir: str | None, payload: dict, tables: dict[str, tuple[list, list]], png: str,
+                 plot: Callable[..., Any], *, force: bool, quiet: bool) -> dict:
+    """--out DIR: results.json, one CSV per table and the PNG; returns the payload with the files it wrote."""
+    if not out_dir:
+        return payload
+    from weightspace.report import write_csv, write_json
+    d = Path(out_dir)
+    files = [write_json(d / "results.json", payload, force=force)]
+    files += [write_csv(d / name, headers, rows, force=force) for name, (headers, rows) in tables.items()]
+    files.append(plot(d / png, force=force))
+    note(f"wrote {', '.join(map(str, files))}", quiet)
+    return {**payload, "files": [str(f) for f in files]}
+
+
 @click.command("probe")
 @click.argument("checkpoints", nargs=-1, required=True)
 @probe_options
@@ -39,7 +54,8 @@ def probe_options(f: Callable) -> Callable:
               help="Pool each layer to about this many features (Head2Toe's pooling rule).")
 @click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="Weight decay of the linear heads (on the mean cross-entropy, standardised features).")
-@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True, help="L-BFGS iterations per head.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
+              help="L-BFGS iterations per head.")
 @report_options
 def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_spec: str, layers: str,
           num_classes: int | None, in_chans: int | None, batch_size: int, device: str, cache_dir: str | None,
@@ -51,7 +67,7 @@ def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_s
     results.json, probe.csv and probe.png (accuracy vs depth, one line per checkpoint).
     """
     from weightspace.analysis.probe import probe as run_probe
-    from weightspace.report import check_outputs, markdown_table, write_csv, write_json
+    from weightspace.report import check_outputs, markdown_table
     if out_dir:
         check_outputs(out_dir, PROBE_FILES, force)
     res = run_probe(list(checkpoints), model_spec, train_spec, test_spec, layers=layers, dim=dim, l2=l2,
@@ -59,13 +75,8 @@ def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_s
                     num_classes=num_classes, in_chans=in_chans, progress=not quiet)
     payload = {"command": "probe", **res.to_json()}
     headers, rows = res.table()
-    if out_dir:
-        from pathlib import Path
-        d = Path(out_dir)
-        files = [write_json(d / "results.json", payload, force=force), write_csv(d / "probe.csv", headers, rows, force=force),
-                 res.plot(d / "probe.png", force=force)]
-        payload["files"] = [str(p) for p in files]
-        note(f"wrote {', '.join(map(str, files))}", quiet)
+    payload = write_report(out_dir, payload, {"probe.csv": (headers, rows)}, "probe.png", res.plot, force=force,
+                           quiet=quiet)
     if as_json:
         print_json(payload)
     else:

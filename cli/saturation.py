@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import note, print_json, report_options
+from .probe import write_report
 
 SAT_FILES = ("results.json", "saturation.csv", "saturation.png")
 
@@ -29,7 +30,7 @@ def saturation(csv_file: str, upstream: str, downstream: str, label: str | None,
     saturation.png (points, hull, curve).
     """
     from weightspace.analysis.saturation import saturation_from_csv
-    from weightspace.report import check_outputs, markdown_table, write_csv, write_json
+    from weightspace.report import check_outputs, markdown_table
     if out_dir:
         check_outputs(out_dir, SAT_FILES, force)
     fit = saturation_from_csv(csv_file, upstream, downstream, label=label, errors=errors, points=points)
@@ -39,13 +40,8 @@ def saturation(csv_file: str, upstream: str, downstream: str, label: str | None,
         note(f"skipped {fit.config['skipped_rows']} row(s) with an empty cell", quiet)
     payload = {"command": "saturation", **fit.to_json()}
     headers, rows = fit.table()
-    if out_dir:
-        from pathlib import Path
-        d = Path(out_dir)
-        files = [write_json(d / "results.json", payload, force=force),
-                 write_csv(d / "saturation.csv", headers, rows, force=force), fit.plot(d / "saturation.png", force=force)]
-        payload["files"] = [str(p) for p in files]
-        note(f"wrote {', '.join(map(str, files))}", quiet)
+    payload = write_report(out_dir, payload, {"saturation.csv": (headers, rows)}, "saturation.png", fit.plot,
+                           force=force, quiet=quiet)
     if as_json:
         print_json(payload)
         return

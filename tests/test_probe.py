@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from probehelpers import TINY_CNN, LabelCarrier, label_data, one_thread, tiny_checkpoints  # noqa: F401
 
 from weightspace.analysis.probe import fit_linear, probe_features

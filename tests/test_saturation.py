@@ -52,8 +52,8 @@ def test_upper_hull_matches_scipy_convex_hull():
         verts = set(ConvexHull(pts).vertices.tolist())
         left, right = int(np.argmin(pts[:, 0])), int(np.argmax(pts[:, 0]))
         # scipy's vertices above the chord from the leftmost to the rightmost point, plus those two ends
-        chord = lambda x: pts[left, 1] + (pts[right, 1] - pts[left, 1]) * (x - pts[left, 0]) / (pts[right, 0] - pts[left, 0])  # noqa: E731
-        upper = {i for i in verts if pts[i, 1] > chord(pts[i, 0])} | {left, right}
+        slope = (pts[right, 1] - pts[left, 1]) / (pts[right, 0] - pts[left, 0])
+        upper = {i for i in verts if pts[i, 1] > pts[left, 1] + slope * (pts[i, 0] - pts[left, 0])} | {left, right}
         assert set(ours) == upper and ours == sorted(ours, key=lambda i: pts[i, 0])
         rising = upper_hull(pts[:, 0].tolist(), pts[:, 1].tolist())
         assert pts[rising[-1], 1] == pts[:, 1].max() and rising == ours[: len(rising)]

@@ -29,7 +29,8 @@ FOLDS = 5
 LASSO_ITERS = 200  # proximal-gradient (FISTA) iterations of the group-lasso head: a fixed budget, deterministic
 
 
-def concat_features(feats: Features, layers: Sequence[str] | None = None) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
+def concat_features(feats: Features, layers: Sequence[str] | None = None
+                    ) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
     """Per-example L2-normalise each layer's features and concatenate; returns (N, F) and (layer, start, end) spans."""
     parts, spans, pos = [], [], 0
     for name in layers or feats.layers:

@@ -17,7 +17,7 @@ from ..data import TensorData
 from ..errors import ConfigError
 from .taps import Features, FeatureTaps
 
-L2 = 1e-3        # weight decay on the mean cross-entropy (≈ scikit-learn's C=1 at N=1000); z-scored features make it scale-free
+L2 = 1e-3        # weight decay on the mean cross-entropy (≈ scikit-learn's C=1 at N=1000); scale-free on z-scores
 MAX_ITER = 50    # L-BFGS iterations (strong-Wolfe line search); digits probes reach their final test accuracy by ~25
 
 
@@ -200,14 +200,16 @@ def probe(checkpoints: Sequence[str], model: str | torch.nn.Module, train: str |
     return result
 
 
-def build_net(spec: str, checkpoint=None, *, num_classes: int | None = None, in_chans: int | None = None) -> torch.nn.Module:
+def build_net(spec: str, checkpoint=None, *, num_classes: int | None = None,
+              in_chans: int | None = None) -> torch.nn.Module:
     """build_model(spec), with the classifier / stem sized from the checkpoint's shapes where the options do not say."""
     from ..modules import build_model_for
     return build_model_for(spec, checkpoint, num_classes=num_classes, in_chans=in_chans)
 
 
 def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | TensorData, *, checkpoint=None,
-          num_classes: int | None = None, in_chans: int | None = None) -> tuple[torch.nn.Module, TensorData, TensorData, str]:
+          num_classes: int | None = None, in_chans: int | None = None
+          ) -> tuple[torch.nn.Module, TensorData, TensorData, str]:
     """Build the model from a spec (its head sized to fit ``checkpoint``) and load the datasets on the CPU."""
     from ..data import load_data
     spec = model if isinstance(model, str) else type(model).__name__

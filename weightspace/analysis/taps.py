@@ -290,7 +290,8 @@ class FeatureTaps:
             done.add(tap.name)
             t = _first_tensor(value)
             if t is None:
-                raise ConfigError(f"--layers: module '{tap.module}' gives no tensor {'input' if tap.kind == 'in' else 'output'}")
+                what = "input" if tap.kind == "in" else "output"
+                raise ConfigError(f"--layers: module '{tap.module}' gives no tensor {what}")
             shapes.setdefault(tap.name, list(t.shape[1:]))
             f = pool_features(t.float(), self.target, layout).float().cpu()
             if f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
