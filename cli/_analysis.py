@@ -19,11 +19,13 @@ def parse_grid(text: str, what: str) -> int | list[float]:
     return parse_floats(text, what)
 
 
-def load_datasets(specs: Sequence[str], transform: Callable | None, device: str) -> list:
+def load_datasets(specs: Sequence[str], device: str) -> list:
     """Each --data spec decoded once, transformed (after normalisation) and placed on the device."""
     from weightspace.data import load_data
     from weightspace.evaluation import resolve_device
     dev = resolve_device(device)
+    from .evalargs import current_transform
+    transform = current_transform()  # the command's --transform (model_options), for every dataset alike
     return [load_data(s, transform=transform, device=dev) for s in specs]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .common import markdown_table, note, output_options, print_json, report_options
+from .evalargs import data_transform_option, load_eval_data
 from .merge import refuse_existing
 
 
@@ -26,6 +27,7 @@ from .merge import refuse_existing
 @click.option("--max-rounds", type=click.IntRange(min=1), default=100, show_default=True,
               help="Weight matching stops after this many rounds over all groups (or when none improves).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where B, permuted, is written.")
+@data_transform_option
 @output_options
 @report_options
 def align(a: str, b: str, model_spec: str, num_classes: int | None, in_chans: int | None, data_spec: str | None,
@@ -34,7 +36,6 @@ def align(a: str, b: str, model_spec: str, num_classes: int | None, in_chans: in
     """Permute B's hidden units to match A (Git Re-Basin); B's function is unchanged. Writes B aligned."""
     from weightspace import save
     from weightspace.analysis.align import align as align_fn
-    from weightspace.data import load_data
     from weightspace.errors import IncompatibleCheckpoints
     from weightspace.models import build_model
     method = method or ("activations" if data_spec else "weights")
@@ -47,11 +48,11 @@ def align(a: str, b: str, model_spec: str, num_classes: int | None, in_chans: in
         if folder.is_dir():  # an image folder: one class per sub-folder; decoding waits for the model's transform
             num_classes = sum(1 for p in folder.iterdir() if p.is_dir())
         else:
-            data = load_data(data_spec)
+            data = load_eval_data(data_spec)
             num_classes = data.num_classes
     model = build_model(model_spec, num_classes=num_classes, in_chans=in_chans)
     if data_spec and data is None:
-        data = load_data(data_spec, model=model)
+        data = load_eval_data(data_spec, model)
     try:
         out, info = align_fn(a, b, model, method=method, data=data, seed=seed, max_rounds=max_rounds,
                              progress=not quiet)

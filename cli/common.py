@@ -54,14 +54,9 @@ def note(msg: str, quiet: bool = False) -> None:
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table; floats get 4 decimals."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if math.isfinite(v) else str(v)
-        return str(v)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+    """A Markdown table; floats get 4 decimals (weightspace.report's formatting, imported when used)."""
+    from weightspace.report import markdown_table as _markdown_table
+    return _markdown_table(headers, rows)
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -90,10 +85,3 @@ def _parse_transform(ctx: click.Context, param: click.Parameter, value: str | No
         return parse_transform(value)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="--transform") from None
-
-
-def transform_option(f: Callable) -> Callable:
-    """--transform SPEC (e.g. block-shuffle:4[:SEED]): a callable for load_data(spec, transform=...), or None."""
-    return click.option("--transform", "transform", default=None, metavar="SPEC", callback=_parse_transform,
-                        help="Transform every dataset after its normalisation: block-shuffle:B[:SEED] "
-                             "(B×B blocks, one fixed seeded permutation); chain with '+'.")(f)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options, transform_option
+from .common import report_options
 from .evalargs import model_options, out_options
 
 
@@ -25,12 +25,11 @@ from .evalargs import model_options, out_options
 @click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
               help="Monte-Carlo noise draws per (α, σ).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
-@transform_option
 @model_options
 @out_options
 @report_options
 def criticality(final: str, init: str, data_spec: str, grouping: str | None, epsilon: float, relative_epsilon: bool,
-                metric: str, alphas: str, sigmas: str, sigma_range: str, samples: int, seed: int, transform,
+                metric: str, alphas: str, sigmas: str, sigma_range: str, samples: int, seed: int,
                 model_spec: str | None, num_classes: int | None, in_chans: int | None, batch_size: int, device: str,
                 out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Module criticality μ_i (Chatterji et al. 2020) per module and the network's Σμ_i.
@@ -46,7 +45,7 @@ def criticality(final: str, init: str, data_spec: str, grouping: str | None, eps
     rng = parse_floats(sigma_range, "--sigma-range")
     if len(rng) != 2:
         raise click.BadParameter("expected LOW,HIGH", param_hint="--sigma-range")
-    data = load_datasets([data_spec], transform, device)
+    data = load_datasets([data_spec], device)
     factory = model_factory(model_spec, final, data, num_classes, in_chans)
     ev = evaluator(factory, data, batch_size, device)
     r = module_criticality(final, init, ev, modules=grouping, epsilon=epsilon, relative_epsilon=relative_epsilon,

@@ -12,8 +12,33 @@ def _set_parallel(ctx: click.Context, param: click.Parameter, value: str) -> Non
     set_parallel(value)  # process-wide (reset on every invocation): the Evaluator and the sweeps read it
 
 
+def _set_transform(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    from .common import _parse_transform
+    ctx.meta["weightspace.transform"] = _parse_transform(ctx, param, value)
+
+
+def current_transform() -> Callable | None:
+    """The --transform of the running command (applied to every dataset it loads), or None."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("weightspace.transform") if ctx is not None else None
+
+
+def load_eval_data(spec: str, model: Any = None) -> Any:
+    """load_data with the command's --transform applied (evaluation, BN recalibration and REPAIR data alike)."""
+    from weightspace.data import load_data
+    return load_data(spec, model=model, transform=current_transform())
+
+
+def data_transform_option(f: Callable) -> Callable:
+    """--transform SPEC, applied to every dataset the command loads (read back with current_transform())."""
+    return click.option("--transform", default=None, metavar="SPEC", expose_value=False, callback=_set_transform,
+                        help="Transform every dataset once, after its normalisation: block-shuffle:B[:SEED] "
+                             "(B×B blocks, one fixed seeded permutation); chain with '+'.")(f)
+
+
 def model_options(f: Callable) -> Callable:
-    """--model, --num-classes, --in-chans, --batch-size, --device, --parallel."""
+    """--model, --num-classes, --in-chans, --batch-size, --device, --parallel, --transform."""
+    f = data_transform_option(f)
     f = click.option("--parallel", type=click.Choice(["data", "points"]), default="data", show_default=True,
                      expose_value=False, callback=_set_parallel,
                      help="Under torchrun: shard the data of every evaluation across the ranks (data), or deal "
@@ -41,7 +66,6 @@ def out_options(f: Callable) -> Callable:
 def build_evaluator(model_spec: str, data_specs: Sequence[str], *, num_classes: int | None, in_chans: int | None,
                     batch_size: int, device: str, keep_logits: bool = False) -> Any:
     """One model instance and every dataset decoded once and placed on the device."""
-    from weightspace.data import load_data
     from weightspace.errors import ConfigError
     from weightspace.evaluation import Evaluator, resolve_device
     from weightspace.models import build_model
@@ -55,10 +79,10 @@ def build_evaluator(model_spec: str, data_specs: Sequence[str], *, num_classes: 
         if folder.is_dir():  # an image folder: one class per sub-folder (decoding waits for the model's transform)
             num_classes = sum(1 for p in folder.iterdir() if p.is_dir())
         else:
-            first = load_data(data_specs[0])
+            first = load_eval_data(data_specs[0])
             num_classes = first.num_classes
     model = build_model(model_spec, num_classes=num_classes, in_chans=in_chans)
-    data = {s: first if (i == 0 and first is not None) else load_data(s, model=model) for i, s in enumerate(data_specs)}
+    data = {s: first if (i == 0 and first is not None) else load_eval_data(s, model) for i, s in enumerate(data_specs)}
     return Evaluator(model, data, batch_size=batch_size, device=dev, keep_logits=keep_logits)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import load_options, note, output_options, parse_floats, print_json, report_options
-from .evalargs import build_evaluator, model_options, require
+from .evalargs import build_evaluator, load_eval_data, model_options, require
 
 
 @click.command("interpolate")
@@ -91,7 +91,6 @@ def _point(a, b, alpha, output, force, fmt, ema, precision, allow_nonfinite, as_
 def _curves(pairs, model_spec, num_classes, in_chans, batch_size, device, data_specs, steps, alphas, recal_spec,
             out_dir, force, ema, precision, as_json, quiet, repair_spec=None, align_method=None, align_spec=None) -> None:
     from weightspace import load
-    from weightspace.data import load_data
     from weightspace.interpolate import barrier_table, interpolation_curve, short_name
     from weightspace.report import CURVE_FILES, check_outputs, jsonable, markdown_table, write_curves
     if out_dir:
@@ -99,8 +98,8 @@ def _curves(pairs, model_spec, num_classes, in_chans, batch_size, device, data_s
     grid = parse_floats(alphas, "--alphas") if alphas else None
     ev = build_evaluator(model_spec, list(data_specs), num_classes=num_classes, in_chans=in_chans,
                          batch_size=batch_size, device=device)
-    recal = load_data(recal_spec, model=ev.model) if recal_spec else None
-    repair = load_data(repair_spec, model=ev.model) if repair_spec else None
+    recal = load_eval_data(recal_spec, ev.model) if recal_spec else None
+    repair = load_eval_data(repair_spec, ev.model) if repair_spec else None
     curves, alignment = [], []
     for a, b in pairs:
         ca, cb = load(a, ema=ema), load(b, ema=ema)
@@ -151,8 +150,7 @@ def _aligned(ca, cb, model, method, align_spec, quiet):
     import copy
 
     from weightspace.analysis.align import align
-    from weightspace.data import load_data
-    data = load_data(align_spec, model=model) if align_spec else None
+    data = load_eval_data(align_spec, model) if align_spec else None
     net = copy.deepcopy(model).cpu()
     pb, info = align(ca, cb, net, method=method, data=data, progress=not quiet)
     note(f"aligned {cb.source} to {ca.source} ({method} matching): ‖A−B‖ {info['l2_before']:.4g} → "

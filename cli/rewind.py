@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options, transform_option
+from .common import report_options
 from .evalargs import model_options, out_options
 
 
@@ -22,12 +22,11 @@ from .evalargs import model_options, out_options
               help="BatchNorm running statistics of a rewound module: FINAL's, or the target's.")
 @click.option("--recalibrate-bn", "recal_spec", default=None, metavar="SPEC",
               help="Re-estimate every BatchNorm's statistics on this data before each evaluation.")
-@transform_option
 @model_options
 @out_options
 @report_options
 def rewind(final: str, init: str | None, data_specs: tuple[str, ...], grouping: str | None, targets: tuple[str, ...],
-           seed: int, bn_stats: str, recal_spec: str | None, transform, model_spec: str | None,
+           seed: int, bn_stats: str, recal_spec: str | None, model_spec: str | None,
            num_classes: int | None, in_chans: int | None, batch_size: int, device: str, out_dir: str | None,
            force: bool, as_json: bool, quiet: bool) -> None:
     """Rewind one module at a time to INIT / a checkpoint / a random draw, keep the others at FINAL, evaluate.
@@ -43,10 +42,10 @@ def rewind(final: str, init: str | None, data_specs: tuple[str, ...], grouping: 
     targets = targets or ("init",)
     if "init" in targets and not init:
         raise click.UsageError("--init is required to rewind to init (or pick --to random / --to CKPT)")
-    data = load_datasets(data_specs, transform, device)
+    data = load_datasets(data_specs, device)
     factory = model_factory(model_spec, final, data, num_classes, in_chans)
     ev = evaluator(factory, data, batch_size, device)
-    recal = load_datasets([recal_spec], transform, device)[0] if recal_spec else None
+    recal = load_datasets([recal_spec], device)[0] if recal_spec else None
     if recal is not None and bn_stats != "final":
         raise ConfigError("--bn-stats and --recalibrate-bn exclude each other (recalibration re-estimates all)")
     r = do_rewind(final, init, ev, modules=grouping, to=list(targets), model=factory, recalibrate_bn=recal,

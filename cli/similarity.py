@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options, transform_option
+from .common import report_options
 from .evalargs import model_options, out_options
 
 
@@ -22,12 +22,11 @@ from .evalargs import model_options, out_options
 @click.option("--include-buffers", is_flag=True, help="Count buffers (BatchNorm statistics) in the L2 distances.")
 @click.option("--max-indices", type=click.IntRange(min=0), default=None,
               help="Print at most this many example indices per off-diagonal cell (all are in results.json).")
-@transform_option
 @model_options
 @out_options
 @report_options
 def similarity(a: str, b: str, data_spec: str, grouping: str | None, full_limit: int, rbf_threshold: float,
-               cross: bool, include_buffers: bool, max_indices: int | None, transform, model_spec: str | None,
+               cross: bool, include_buffers: bool, max_indices: int | None, model_spec: str | None,
                num_classes: int | None, in_chans: int | None, batch_size: int, device: str, out_dir: str | None,
                force: bool, as_json: bool, quiet: bool) -> None:
     """CKA (linear, RBF, debiased, minibatch) of the two models' activations at every module output, L2 per
@@ -39,7 +38,7 @@ def similarity(a: str, b: str, data_spec: str, grouping: str | None, full_limit:
     from .common import markdown_table, note
     from weightspace.similarity import model_similarity as compare
     precheck(out_dir, force)
-    data = load_datasets([data_spec], transform, device)
+    data = load_datasets([data_spec], device)
     model = model_factory(model_spec, a, data, num_classes, in_chans)()
     r = compare(a, b, model, data[0], modules=grouping, batch_size=batch_size, device=device, full_limit=full_limit,
                 rbf_threshold=rbf_threshold, cross=cross, include_buffers=include_buffers, progress=not quiet)

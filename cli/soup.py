@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .common import load_options, note, output_options, parse_floats, print_json, report_options
-from .evalargs import DEFAULT_SCALES, build_evaluator, model_options, require
+from .evalargs import DEFAULT_SCALES, build_evaluator, load_eval_data, model_options, require
 
 
 @click.command("soup")
@@ -131,11 +131,10 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
     ingredients = [load(c, ema=ema) for c in checkpoints]
     fixed = recal_spec or repair_spec
     if fixed:
-        from weightspace.data import load_data
         from weightspace.repair import fix_evaluator
         ev = fix_evaluator(ev, ingredients, progress=not quiet,
-                           recalibrate_bn=load_data(recal_spec, model=ev.model) if recal_spec else None,
-                           repair=load_data(repair_spec, model=ev.model) if repair_spec else None)
+                           recalibrate_bn=load_eval_data(recal_spec, ev.model) if recal_spec else None,
+                           repair=load_eval_data(repair_spec, ev.model) if repair_spec else None)
     lb, soups, res = soup_leaderboard(ingredients, ev, strict=strict, progress=not quiet,
                                       precision=precision)
     members = {"uniform": (None, None), "greedy": (res.kept, None)}

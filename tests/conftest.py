@@ -64,3 +64,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_small_recipe(recipe: str, out) -> dict:
+    """`weightspace recipe run RECIPE --small --json` in-process; returns the printed JSON (asserts exit 0)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from weightspace_cli.main import main
+    r = CliRunner().invoke(main, ["recipe", "run", recipe, "--out", str(out), "--small", "--quiet", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)

@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+from conftest import run_small_recipe
 
 from weightspace.errors import ConfigError
 from weightspace.recipes import load_recipe
@@ -18,14 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from click.testing import CliRunner
-
-    from weightspace_cli.main import main
     out = tmp_path_factory.mktemp("wit") / "run"
-    r = CliRunner().invoke(main, ["recipe", "run", RECIPE, "--out", str(out), "--small", "--quiet", "--json"],
-                           catch_exceptions=False)
-    assert r.exit_code == 0, r.stderr
-    return out, json.loads(r.stdout)
+    return out, run_small_recipe(RECIPE, out)
 
 
 def test_small_run_reports_every_finding(small_run):

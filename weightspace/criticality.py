@@ -110,8 +110,8 @@ def _evaluate(evaluate: Callable, weights: Mapping, recalibrate: TensorData | No
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, disable=None)  # None: only on a terminal
+    from .progress import progress
+    return progress(total=total, desc=desc)
 
 
 def safe_name(name: str) -> str:

@@ -143,8 +143,8 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
         ingredients = []
         runs = range(len(grid) + 2)
         if progress:
-            from tqdm.auto import tqdm
-            runs = tqdm(runs, desc="train", unit="model", leave=False)
+            from .progress import progress as _progress_bar
+            runs = _progress_bar(runs, desc="train", unit="model")
         for i in runs:
             if i < len(grid):  # fine-tune from the probed start
                 lr, wd, aug = grid[i]

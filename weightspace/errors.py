@@ -32,3 +32,9 @@ class OutputExists(WeightspaceError):
 
 class ConfigError(WeightspaceError):
     """Bad options or configuration (a model spec, a data spec, a recipe)."""
+
+
+def key_sample(keys: list[str], n: int = 3) -> str:
+    """'2 keys (e.g. 'a', 'b')': how an error names a set of keys without flooding the line."""
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''} (e.g. {shown}{', ...' if len(keys) > n else ''})"

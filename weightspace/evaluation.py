@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint import Source, load
 from .data import TensorData
 from .distributed import parallel_mode, world
-from .errors import ConfigError, IncompatibleCheckpoints
+from .errors import ConfigError, IncompatibleCheckpoints, key_sample
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -161,9 +161,9 @@ class Evaluator:
         if missing or unexpected:
             parts = []
             if missing:
-                parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+                parts.append(f"missing {key_sample(missing, 4)}")
             if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+                parts.append(f"unexpected {key_sample(unexpected, 4)}")
             raise IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts))
         with torch.no_grad():
             for k, target in self._targets.items():

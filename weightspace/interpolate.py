@@ -226,8 +226,8 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
         evaluate.load(ca)  # one copy that checks the fit: missing/unexpected keys are one line naming them
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = lambda xs: tqdm(xs, desc="curve", unit="α", leave=False)  # noqa: E731
+        from .progress import progress as _progress_bar
+        bar = lambda xs: _progress_bar(xs, desc="curve", unit="α")  # noqa: E731
 
     def point(alpha: float) -> dict:
         # ops.lerp's arithmetic, streamed; no provenance (it would hash both files) since nothing is saved.

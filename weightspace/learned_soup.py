@@ -157,8 +157,8 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         order, pos = torch.randperm(len(val), generator=g), 0
         it = range(steps)
         if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc="learned soup", leave=False)
+            from .progress import progress as _progress_bar
+            it = _progress_bar(it, desc="learned soup", unit="step")
         for step in it:
             if bs == len(val):
                 xb, yb = x_all, y_all

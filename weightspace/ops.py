@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint, Source, load
-from .errors import ConfigError, IncompatibleCheckpoints, NonFiniteError
+from .errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
 from .modules import module_of
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -83,9 +83,9 @@ def check_compatible(cks: Sequence[Checkpoint]) -> None:
             only_b = sorted(keys - ref_keys)
             parts = []
             if only_a:
-                parts.append(f"{len(only_a)} keys only in {ref.source} (e.g. {', '.join(repr(k) for k in only_a[:3])})")
+                parts.append(f"{key_sample(only_a)} only in {ref.source}")
             if only_b:
-                parts.append(f"{len(only_b)} keys only in {ck.source} (e.g. {', '.join(repr(k) for k in only_b[:3])})")
+                parts.append(f"{key_sample(only_b)} only in {ck.source}")
             raise IncompatibleCheckpoints(f"{ck.source}: key sets differ: " + "; ".join(parts))
         for k in sorted(ref_keys):
             (da, sa), (db, sb) = ref.info(k), ck.info(k)
@@ -142,11 +142,8 @@ def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    # disable=None: no bar when stderr is not a terminal, so logs and captured stderr hold only the messages
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False, disable=None)
+    from .progress import progress
+    return progress(iterable, total=total, desc=desc, unit="tensor", enabled=enabled)
 
 
 def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,

@@ -314,8 +314,8 @@ class FixedEvaluator(Evaluator):
                 raise ConfigError("repair: a soup's REPAIR target needs its ingredients")
             items = ingredients
             if progress:
-                from tqdm.auto import tqdm
-                items = tqdm(ingredients, desc="repair statistics", leave=False)
+                from .progress import progress as _progress_bar
+                items = _progress_bar(ingredients, desc="repair statistics")
             for s in items:
                 new.repairer.add(s)
         return new

@@ -342,8 +342,8 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
     logits_a, logits_b = [], []
     batches: Any = data.batches(batch_size)
     if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, total=math.ceil(n / batch_size), desc="similarity", unit="batch", leave=False, disable=None)
+        from .progress import progress as _progress_bar
+        batches = _progress_bar(batches, total=math.ceil(n / batch_size), desc="similarity", unit="batch")
     with torch.inference_mode(), Activations(ma, hooked) as ha, Activations(mb, hooked) as hb:
         for xb, _ in batches:
             xb = xb.to(dev)

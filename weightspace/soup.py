@@ -34,10 +34,8 @@ def _score(x: Any) -> float:
 
 
 def _bar(it, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=total, desc=desc, leave=False)
+    from .progress import progress
+    return progress(it, total=total, desc=desc, enabled=enabled)
 
 
 def rank(scores: Sequence[float]) -> tuple[list[int], list[list[int]]]:

@@ -192,8 +192,8 @@ def head2toe_features(train: Features, test: Features, *, keep: Sequence[float] 
     splits = stratified_folds(train.y, folds, seed)
     steps = [("fold", i) for i in range(folds)] + [("final", 0)]
     if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="head2toe", unit="fit", leave=False)
+        from ..progress import progress as _progress_bar
+        steps = _progress_bar(steps, desc="head2toe", unit="fit")
     cv_scores: dict[float, list[float]] = {f: [] for f in keep}
     test_acc: dict[float, float] = {}
     final_idx: dict[float, torch.Tensor] = {}

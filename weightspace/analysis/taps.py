@@ -308,9 +308,9 @@ class FeatureTaps:
         amp = self.device.type == "cuda"
         batches = data.batches(self.batch_size)
         if self.progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, total=math.ceil(len(data) / self.batch_size), desc=f"features {data.name}",
-                           unit="batch", leave=False)
+            from ..progress import progress as _progress_bar
+            batches = _progress_bar(batches, total=math.ceil(len(data) / self.batch_size), desc=f"features {data.name}",
+                                    unit="batch")
         try:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 for xb, _ in batches:
