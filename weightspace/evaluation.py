@@ -126,7 +126,7 @@ class Evaluator:
         self.datasets = {name: self._place(d) for name, d in as_datasets(data).items()}
         self._labels = {name: self._gather(d.y, d) for name, d in self.datasets.items()}  # full labels on every rank
         self._targets = dict(self.model.state_dict(keep_vars=True))
-        self._ignored = tuple(getattr(self.model, "ignored_prefixes", ()))
+        self._optional = tuple(getattr(self.model, "optional_prefixes", ()))  # keys a checkpoint may lack
         self.forward_passes = 0  # full passes over a dataset, for overhead accounting
 
     def _place(self, d: TensorData) -> TensorData:
@@ -155,8 +155,8 @@ class Evaluator:
         else:
             ck = load(weights)
             src, name = ck, ck.source
-        given = {k for k in src if not k.startswith(self._ignored)} if self._ignored else set(src)
-        missing = sorted(set(self._targets) - given)
+        given = set(src)
+        missing = sorted(k for k in set(self._targets) - given if not (self._optional and k.startswith(self._optional)))
         unexpected = sorted(given - set(self._targets))
         if missing or unexpected:
             parts = []
@@ -167,10 +167,15 @@ class Evaluator:
             raise IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts))
         with torch.no_grad():
             for k, target in self._targets.items():
+                if k not in given:  # an optional key (e.g. a CLIP classifier's head, built after loading)
+                    continue
                 t = src[k]
                 if tuple(t.shape) != tuple(target.shape):
                     raise IncompatibleCheckpoints(f"{name}: key '{k}' has shape {list(t.shape)}, the model expects {list(target.shape)}")
                 target.copy_(t, non_blocking=True)
+        hook = getattr(self.model, "after_load", None)
+        if callable(hook):
+            hook(given)
 
     def _logits(self, d: TensorData) -> torch.Tensor:
         outs = []

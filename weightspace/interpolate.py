@@ -160,8 +160,8 @@ def _is_evaluator(obj: Any) -> bool:
 def model_tensors(evaluate: Any) -> dict[str, torch.Tensor] | None:
     """An Evaluator's own model tensors (parameters and buffers), when weights can be written into them in place."""
     model = getattr(evaluate, "model", None)
-    if not _is_evaluator(evaluate) or not isinstance(model, torch.nn.Module):
-        return None
+    if not _is_evaluator(evaluate) or not isinstance(model, torch.nn.Module) or hasattr(model, "after_load"):
+        return None  # a model that derives weights after loading (a CLIP zero-shot head) goes through load()
     targets = dict(model.state_dict(keep_vars=True))
     return targets if all(t.is_contiguous() for t in targets.values()) else None
 

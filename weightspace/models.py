@@ -15,24 +15,53 @@ from torch import nn
 from .errors import ConfigError
 
 
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+
+
 class ClipImageClassifier(nn.Module):
-    """open_clip image tower followed by a linear head (zero-shot weights or a trained probe go in ``head``)."""
+    """An open_clip model used as an image classifier: image tower → L2-normalised features → linear ``head``.
 
-    # Keys of a full CLIP checkpoint that the image classifier does not use.
-    ignored_prefixes = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection",
-                        "logit_scale", "logit_bias", "text.", "attn_mask")
+    Its state-dict keys are open_clip's own (``visual.*``, ``transformer.*``, ...) plus ``head.weight/bias``, so a
+    plain CLIP checkpoint loads as is. When a checkpoint has no ``head.*`` (a fine-tuned or souped CLIP), the head is
+    the zero-shot classifier built from that checkpoint's text tower: logit_scale · normalised text embeddings of
+    ``ZERO_SHOT_TEMPLATE`` filled with each class name.
+    """
 
-    def __init__(self, visual: nn.Module, embed_dim: int, num_classes: int, normalize: bool = True):
+    optional_prefixes = ("head.",)
+
+    def __init__(self, clip: nn.Module, num_classes: int, class_names: list[str] | None = None,
+                 tokenizer=None):
         super().__init__()
-        self.visual = visual
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.normalize = normalize
+        for name, child in clip.named_children():
+            self.add_module(name, child)
+        for name, param in clip.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in clip.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in clip._non_persistent_buffers_set)
+        self.__dict__["_clip"] = clip  # the same tensors, for encode_text; not registered twice
+        self.head = nn.Linear(clip.visual.output_dim, num_classes)
+        self.class_names = class_names
+        self.__dict__["_tokenizer"] = tokenizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.visual(x)
-        if self.normalize:
-            f = torch.nn.functional.normalize(f, dim=-1)
-        return self.head(f)
+        return self.head(torch.nn.functional.normalize(self.visual(x), dim=-1))
+
+    @torch.no_grad()
+    def zero_shot_head(self) -> None:
+        """Set ``head`` from the current text tower: the zero-shot classifier for ``class_names``."""
+        names = self.class_names or [str(i) for i in range(self.head.out_features)]
+        if len(names) != self.head.out_features:
+            raise ConfigError(f"open_clip zero-shot head: {len(names)} class names for {self.head.out_features} classes")
+        tokens = self._tokenizer([ZERO_SHOT_TEMPLATE.format(n) for n in names]).to(self.head.weight.device)
+        text = torch.nn.functional.normalize(self._clip.encode_text(tokens).float(), dim=-1)
+        scale = self._clip.logit_scale.exp().float() if hasattr(self._clip, "logit_scale") else torch.tensor(100.0)
+        self.head.weight.copy_(scale * text)
+        self.head.bias.zero_()
+
+    def after_load(self, loaded: set[str]) -> None:
+        """Called by the Evaluator after copying weights: no head in the checkpoint → the zero-shot head."""
+        if "head.weight" not in loaded:
+            self.zero_shot_head()
 
 
 def _query(spec: str) -> tuple[str, dict[str, str]]:
@@ -71,15 +100,16 @@ def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | No
     elif base.startswith("open_clip:"):
         import open_clip
         arch = base[len("open_clip:"):]
+        classes = kwargs.pop("classes", None)
+        names = [c.strip() for c in str(classes).split(",")] if classes else None
         try:
             clip = open_clip.create_model(arch, pretrained=None, device="cpu")
         except RuntimeError as e:
             raise ConfigError(f"--model {spec}: {str(e).splitlines()[0]}") from None
-        n = kwargs.get("num_classes")
+        n = kwargs.get("num_classes") or (len(names) if names else None)
         if n is None:
-            raise ConfigError(f"--model {spec}: open_clip image classifiers need --num-classes")
-        embed_dim = clip.visual.output_dim
-        model = ClipImageClassifier(clip.visual, embed_dim, int(n))
+            raise ConfigError(f"--model {spec}: open_clip image classifiers need --num-classes (or ?classes=a,b,...)")
+        model = ClipImageClassifier(clip, int(n), names, open_clip.get_tokenizer(arch))
     elif ":" in base:
         mod_name, _, attr = base.partition(":")
         try:
