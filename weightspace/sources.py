@@ -121,9 +121,16 @@ def _hub(source: str, spec: str) -> Resolved:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     repo_id, revision, filename = parse_hub(spec)
 
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision))
+    cache_only = False
 
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=cache_only))
+
+    import logging
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    # Retries against an unreachable Hub are logged line by line; the outcome is reported in one error instead.
+    hub_log.setLevel(logging.ERROR)
     try:
         if filename:
             path = fetch(filename)
@@ -139,6 +146,8 @@ def _hub(source: str, spec: str) -> Resolved:
                 tried.append(name)
                 # LocalEntryNotFoundError subclasses EntryNotFoundError: a cache miss, not proof the repo lacks the file
                 local_misses += isinstance(e, LocalEntryNotFoundError)
+                if isinstance(e, LocalEntryNotFoundError):
+                    cache_only = True  # the Hub is unreachable: look for the other candidates in the cache only
                 continue
             if name.endswith(".index.json"):
                 return _from_index(source, path, fetch=fetch)
@@ -150,6 +159,8 @@ def _hub(source: str, spec: str) -> Resolved:
         raise
     except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
         raise _hub_error(source, e) from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _query(spec: str) -> tuple[str, dict[str, str]]:
