@@ -111,3 +111,21 @@ def test_timm_model_spec_and_custom_factory():
         build_model("nosuchpkg.mod:factory")
     with pytest.raises(ws.ConfigError):
         build_model("weightspace.zoo:nope")
+
+
+def test_image_folder_is_decoded_once_with_the_models_timm_transform(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    for label in (3, 7):
+        (tmp_path / f"digit{label}").mkdir()
+        idx = np.flatnonzero(d.target == label)[:6]
+        for i in idx:
+            img = (d.images[i] / 16 * 255).astype(np.uint8)
+            Image.fromarray(img).convert("RGB").resize((40, 40)).save(tmp_path / f"digit{label}" / f"{i}.png")
+    model = build_model("timm:resnet18", num_classes=2)
+    data = load_data(str(tmp_path), model=model)
+    assert data.x.shape == (12, 3, 224, 224)  # timm's eval transform for resnet18 (resize + centre crop)
+    assert data.y.tolist() == [0] * 6 + [1] * 6 and data.meta["classes"] == ["digit3", "digit7"]
+    r = Evaluator(model, data, device="cpu", batch_size=6)()
+    assert r[str(tmp_path)]["n"] == 12
