@@ -21,6 +21,8 @@ from .merge import task_arithmetic, ties_merge  # noqa: E402
 from .analysis.align import align  # noqa: E402
 from .hub import HubError, PushResult, push_to_hub  # noqa: E402
 from .evaluation import Evaluator, Metrics  # noqa: E402
+from .data import TensorData, load_data  # noqa: E402
+from .models import build_model  # noqa: E402
 from .interpolate import Curve, barrier_height, interpolation_curve  # noqa: E402
 from .soup import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
 from .repair import FixedEvaluator, Repairer, repair_model  # noqa: E402
@@ -39,7 +41,7 @@ __all__ = [
     "StateDict", "TensorStream",
     "task_arithmetic", "ties_merge", "align",
     "push_to_hub", "PushResult", "HubError",
-    "Evaluator", "Metrics", "greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard",
+    "Evaluator", "Metrics", "load_data", "TensorData", "build_model", "greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard",
     "interpolation_curve", "barrier_height", "Curve",
     "Repairer", "repair_model", "FixedEvaluator", "learned_soup", "LearnedSoupResult",
     "probe", "ProbeResult", "head2toe", "Head2ToeResult", "fit_saturation", "SaturationFit", "FeatureTaps",
