@@ -53,7 +53,7 @@ METHODS: dict[str, tuple[str, str, tuple[str, str, str, str]]] = {
              "then a disjoint mean added to the base", _TIES),
 }
 _MERGES = set(METHODS)
-_SCORE_SKIP = {"source", "sha256", "variant", "role"}
+_SCORE_SKIP = {"source", "sha256", "variant", "role", "n", "rank", "error"}  # counts, ranks and 1 − accuracy add columns, not information
 _RESULT_KEYS = ("source", "path", "checkpoint", "file")
 
 
@@ -351,6 +351,8 @@ def _scores_from_results(results: Any, source: str) -> dict[str, float]:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
