@@ -60,10 +60,8 @@ def cli():
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a test module (tiny models run faster than on two threads sharing a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 def run_small_recipe(recipe: str, out) -> dict:

@@ -3,18 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 CNN = "weightspace.zoo:small_cnn"
-
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models train faster on one thread, and do not stall when other test processes share the cores."""
-    from weightspace.demo import one_thread as ctx
-    with ctx():
-        yield
 
 
 def train_cnns(seeds: list[int], *, shared_init: bool, epochs: int = 3, spec: str = CNN) -> list[dict]:

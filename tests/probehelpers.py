@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from weightspace.ops import single_thread
+
 TINY_CNN = "weightspace.zoo:small_cnn?width=4"
 
 
@@ -39,11 +41,10 @@ def tiny_checkpoints(tmp_path_factory) -> list[str]:
     """A width-4 small CNN really trained on digits:train: checkpoints after 1 and after 3 epochs."""
     import weightspace as ws
     from weightspace.data import load_data
-    from weightspace.demo import one_thread
     from weightspace.models import build_model
     from weightspace.train import train
     folder: Path = tmp_path_factory.mktemp("tiny")
-    with one_thread():
+    with single_thread():
         torch.manual_seed(0)
         model = build_model(TINY_CNN, num_classes=10)
         data = load_data("digits:train")
@@ -54,11 +55,3 @@ def tiny_checkpoints(tmp_path_factory) -> list[str]:
             ws.save(model.state_dict(), p)
             paths.append(str(p))
     return paths
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny probes run faster on one thread, and do not stall when other test processes share the cores."""
-    from weightspace.demo import one_thread as ctx
-    with ctx():
-        yield

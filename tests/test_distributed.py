@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+from evalhelpers import CNN, save_all, train_cnns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

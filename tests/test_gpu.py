@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+from evalhelpers import CNN, save_all, train_cnns
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("one_thread")]
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from probehelpers import TINY_CNN, LabelCarrier, label_data, one_thread, tiny_checkpoints  # noqa: F401
+from probehelpers import TINY_CNN, LabelCarrier, label_data, tiny_checkpoints  # noqa: F401
 
 from weightspace.analysis.head2toe import (concat_features, group_lasso_scores, head2toe_features,
                                            stratified_folds, top_fraction)

@@ -12,7 +12,7 @@ from weightspace.evaluation import Evaluator, recalibrate_bn
 from weightspace.interpolate import barrier_height, even_alphas, interpolation_curve
 from weightspace.models import build_model
 
-from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+from evalhelpers import CNN, save_all, train_cnns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

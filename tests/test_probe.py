@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from probehelpers import TINY_CNN, LabelCarrier, label_data, one_thread, tiny_checkpoints  # noqa: F401
+from probehelpers import TINY_CNN, LabelCarrier, label_data, tiny_checkpoints  # noqa: F401
 
 from weightspace.analysis.probe import fit_linear, probe_features
 from weightspace.analysis.taps import FeatureTaps, pool_features, resolve_taps

@@ -10,7 +10,7 @@ from safetensors import safe_open
 import weightspace as ws
 from weightspace.soup import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
 
-from evalhelpers import CNN, one_thread, save_all, train_cnns  # noqa: F401  (one_thread is a fixture)
+from evalhelpers import CNN, save_all, train_cnns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

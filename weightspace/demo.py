@@ -13,11 +13,10 @@ Everything is seeded and runs on one CPU thread, so the same seed gives the same
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -27,6 +26,7 @@ from .errors import OutputExists
 from .evaluation import Evaluator
 from .interpolate import interpolation_curve
 from .models import build_model
+from .ops import single_thread
 from .report import CURVE_FILES, LEADERBOARD_FILES, check_outputs, write_curves, write_leaderboard
 from .saving import save
 from .soup import soup_leaderboard
@@ -58,18 +58,6 @@ SIZES = {
     "small": DemoSize(pretrain_epochs=4, probe_epochs=2, finetune_epochs=3, scratch_epochs=4, ingredients=3,
                       target_examples=300, steps=5),
 }
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: results no longer depend on the core count, and tiny ops do not
-    stall on thread hand-offs when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def shifted(d: TensorData, name: str) -> TensorData:
@@ -105,7 +93,7 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     ckdir.mkdir(parents=True, exist_ok=True)
     soupdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    with one_thread():
+    with single_thread():  # results independent of the core count; tiny ops do not stall on a busy machine
         t0 = time.perf_counter()
         train_all, val, test = (load_data(f"digits:{s}") for s in ("train", "val", "test"))
         shift = shifted(test, "digits:test+shift")
