@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from . import __version__
 from .checkpoint import Checkpoint, load, load_pickle
 from .errors import OutputExists, WeightspaceError
+from .report import markdown_table
 
 
 WEIGHTS_NAME = {"timm": "model.safetensors", "pytorch": "model.safetensors",
@@ -356,12 +357,6 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(_fmt(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _ingredient_table(prov: Mapping, run: RunFolder) -> str:
     ings = [i for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
     coeffs = prov.get("coefficients") or []
@@ -383,7 +378,7 @@ def _ingredient_table(prov: Mapping, run: RunFolder) -> str:
         row += [ing.get(c, "") for c in extra_cols]
         row += [per[i].get(c, "") for c in score_cols]
         rows.append(row)
-    return _table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def _front_matter(library: str, base: list[str], op: str) -> str:
@@ -424,16 +419,16 @@ def model_card(repo_id: str, prov: Mapping, library: str, run: RunFolder, base: 
     cands = [c for c in prov.get("candidates", []) if isinstance(c, Mapping)]
     if cands:
         out += ["", "Greedy decisions, best validation score first:", "",
-                _table(["candidate", "val score", "kept"],
+                markdown_table(["candidate", "val score", "kept"],
                        [[f"`{_display(str(c.get('source')))}`", c.get("val_score", ""), "yes" if c.get("kept") else "no"]
                         for c in cands])]
     if run.leaderboard:
-        out += ["", "## Leaderboard", "", _table(run.leaderboard[0], run.leaderboard[1:])]
+        out += ["", "## Leaderboard", "", markdown_table(run.leaderboard[0], run.leaderboard[1:])]
     if run.results is not None:
         scalars = {k: v for k, v in run.results.items()
                    if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
         if scalars:
-            out += ["", "## Run", "", _table(["setting", "value"], [[k, v] for k, v in list(scalars.items())[:20]])]
+            out += ["", "## Run", "", markdown_table(["setting", "value"], [[k, v] for k, v in list(scalars.items())[:20]])]
     if run.curve is not None:
         out += ["", "## Barrier curve", "", "![barrier curve: accuracy and loss along the interpolation](curve.png)"]
     out += ["", "## Usage", ""]

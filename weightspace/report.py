@@ -42,12 +42,12 @@ def jsonable(obj: Any) -> Any:
 
 
 def fmt_cell(v: Any, digits: int = 4) -> str:
-    """A table cell: floats get ``digits`` decimals, None becomes an empty cell."""
+    """A table cell: floats get ``digits`` decimals, None becomes an empty cell, '|' and newlines are escaped."""
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Row], digits: int = 4) -> str:
