@@ -36,6 +36,12 @@ def data_transform_option(f: Callable) -> Callable:
                              "(B×B blocks, one fixed seeded permutation); chain with '+'.")(f)
 
 
+def device_options(f: Callable, batch_help: str = "Evaluation batch size.") -> Callable:
+    """--device and --batch-size."""
+    f = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(f)
+    return click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help=batch_help)(f)
+
+
 def model_options(f: Callable) -> Callable:
     """--model, --num-classes, --in-chans, --batch-size, --device, --parallel, --transform."""
     f = data_transform_option(f)
@@ -43,9 +49,7 @@ def model_options(f: Callable) -> Callable:
                      expose_value=False, callback=_set_parallel,
                      help="Under torchrun: shard the data of every evaluation across the ranks (data), or deal "
                           "whole sweep points (α points, checkpoints) out to the ranks (points).")(f)
-    f = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Evaluation batch size.")(f)
+    f = device_options(f)
     f = click.option("--in-chans", type=click.IntRange(min=1), default=None,
                      help="Input channels of the model (timm; e.g. 1 for grey digits).")(f)
     f = click.option("--num-classes", type=click.IntRange(min=1), default=None,

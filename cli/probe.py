@@ -13,13 +13,11 @@ PROBE_FILES = ("results.json", "probe.csv", "probe.png")
 
 def probe_options(f: Callable) -> Callable:
     """--model, --train, --test, --layers, --num-classes, --in-chans, --device, --batch-size, --cache, --out."""
-    from .evalargs import out_options
+    from .evalargs import device_options, out_options
     f = out_options(f)
     f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
                      help="Folder caching pooled features on disk (keyed by checkpoint sha256, data, layers).")(f)
-    f = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Batch size of the backbone's forward passes.")(f)
+    f = device_options(f, "Batch size of the backbone's forward passes.")
     f = click.option("--in-chans", type=click.IntRange(min=1), default=None,
                      help="Input channels of the model (default: from the checkpoint).")(f)
     f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
