@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import parse_floats, print_json, report_options
-from .probe import probe_options, write_report
+from .probe import linear_head_options, probe_options, write_report
 
 H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.png")
 
@@ -21,10 +21,7 @@ H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.pn
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="Cross-validation folds on the training set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
-@click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
-              help="Weight decay of the plain linear heads (on the mean cross-entropy, standardised features).")
-@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
-              help="L-BFGS iterations per head.")
+@linear_head_options
 @click.option("--lasso-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Proximal-gradient iterations of the group-lasso head.")
 @report_options

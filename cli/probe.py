@@ -31,6 +31,14 @@ def probe_options(f: Callable) -> Callable:
     return f
 
 
+def linear_head_options(f: Callable) -> Callable:
+    """--l2 and --max-iter of the plain linear heads (probes, and Head2Toe's retrained head)."""
+    f = click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="L-BFGS iterations per head.")(f)
+    return click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+                        help="Weight decay of the linear heads (on the mean cross-entropy, standardised features).")(f)
+
+
 def write_report(out_dir: str | None, payload: dict, tables: dict[str, tuple[list, list]], png: str,
                  plot: Callable[..., Any], *, force: bool, quiet: bool) -> dict:
     """--out DIR: results.json, one CSV per table and the PNG; returns the payload with the files it wrote."""
@@ -50,10 +58,7 @@ def write_report(out_dir: str | None, payload: dict, tables: dict[str, tuple[lis
 @probe_options
 @click.option("--dim", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Pool each layer to about this many features (Head2Toe's pooling rule).")
-@click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True,
-              help="Weight decay of the linear heads (on the mean cross-entropy, standardised features).")
-@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
-              help="L-BFGS iterations per head.")
+@linear_head_options
 @report_options
 def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_spec: str, layers: str,
           num_classes: int | None, in_chans: int | None, batch_size: int, device: str, cache_dir: str | None,
