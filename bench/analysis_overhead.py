@@ -8,7 +8,7 @@
 Timings are the minimum of --repeats runs of this process's CPU time and wall time (one torch thread, so the CPU
 ratio does not move when other processes share the machine).
 
-    .venv/bin/python bench/analysis_overhead.py [--model 'weightspace.zoo:small_cnn?width=16'] [--data digits:all]
+    .venv/bin/python bench/analysis_overhead.py [--model 'weightspace.eval.zoo:small_cnn?width=16'] [--data digits:all]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="weightspace.zoo:small_cnn?width=16")
+    ap.add_argument("--model", default="weightspace.eval.zoo:small_cnn?width=16")
     ap.add_argument("--data", default="digits:all")
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
@@ -40,11 +40,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from weightspace.criticality import module_criticality, rewind
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
-    from weightspace.models import build_model
-    from weightspace.similarity import model_similarity
+    from weightspace.analysis.criticality import module_criticality, rewind
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
+    from weightspace.analysis.similarity import model_similarity
 
     data = load_data(args.data)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def main() -> None:
           f"ratio to 2 bare passes: wall {w / (2 * bw):.2f}, CPU {c / (2 * bc):.2f}")
 
     n, d = 4096, 2048
-    code = ("import torch, resource; from weightspace.similarity import linear_cka, minibatch_cka; torch.set_num_threads(1);"
+    code = ("import torch, resource; from weightspace.analysis.similarity import linear_cka, minibatch_cka; torch.set_num_threads(1);"
             f"x, y = torch.randn({n}, {d}, dtype=torch.float64), torch.randn({n}, {d}, dtype=torch.float64); {{}};"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     base = peak_rss(code.format("pass"))

@@ -70,9 +70,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import weightspace as ws
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
 
     data = load_data(args.data)
     torch.manual_seed(0)

@@ -77,10 +77,10 @@ multi_rank() {
   "$PY" - "$WORK" <<'EOF' || return 1
 import sys, torch
 import weightspace as ws
-from weightspace.data import load_data
-from weightspace.models import build_model
-from weightspace.train import train
-data, spec = load_data("digits:train"), "weightspace.zoo:small_cnn"
+from weightspace.eval.data import load_data
+from weightspace.eval.models import build_model
+from weightspace.eval.train import train
+data, spec = load_data("digits:train"), "weightspace.eval.zoo:small_cnn"
 torch.manual_seed(0)
 init = build_model(spec, num_classes=10).state_dict()
 for seed in (1, 2):
@@ -89,7 +89,7 @@ for seed in (1, 2):
     train(m, data, epochs=2, lr=0.05, batch_size=32, seed=seed)
     ws.save(m.state_dict(), f"{sys.argv[1]}/cnn{seed}.safetensors", force=True)
 EOF
-  local args=(interpolate "$WORK/cnn1.safetensors" "$WORK/cnn2.safetensors" --model weightspace.zoo:small_cnn
+  local args=(interpolate "$WORK/cnn1.safetensors" "$WORK/cnn2.safetensors" --model weightspace.eval.zoo:small_cnn
               --data digits:val --data digits:test --steps 5 --batch-size 64 --device "$dev" --json --quiet)
   "$PY" -m weightspace_cli "${args[@]}" > "$WORK/single.json" || return 1
   for mode in data points; do

@@ -48,9 +48,9 @@ def main() -> None:
 
     from torch.utils.data import DataLoader, TensorDataset
 
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
 
     spec = f"digits:all?size={args.size}&channels=3" + ("&limit=32" if args.cpu_smoke else "")
     data = load_data(spec)

@@ -56,8 +56,8 @@ def bench_merges(folder: Path, reps: int) -> None:
     import torch
 
     import weightspace as ws
-    from weightspace import ops
-    from weightspace.merge import kth_largest_magnitudes, merge, plan_merge
+    from weightspace.ops import stream as ops
+    from weightspace.ops.merge import kth_largest_magnitudes, merge, plan_merge
     paths = make_checkpoints(folder)
     base, fts = paths[0], paths[1:]
     out = folder / "out.safetensors"
@@ -98,8 +98,8 @@ def bench_matching(names: list[str], reps: int) -> None:
     import timm
     import torch
 
-    from weightspace.analysis.align import permutation_spec, weight_matching
-    from weightspace.ops import single_thread
+    from weightspace.search.align import permutation_spec, weight_matching
+    from weightspace.ops.stream import single_thread
     a_ = torch.randn(512, 4608)
     b_ = torch.randn(512, 4608)
     with single_thread():  # weight matching runs on one thread

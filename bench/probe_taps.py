@@ -43,8 +43,8 @@ def main() -> None:
     from weightspace.analysis.head2toe import head2toe_features
     from weightspace.analysis.probe import probe_features
     from weightspace.analysis.taps import FeatureTaps
-    from weightspace.data import load_data
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.models import build_model
 
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=10, in_chans=1)

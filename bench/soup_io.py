@@ -82,7 +82,7 @@ def time_read(paths: list[Path]) -> float:
 def time_soup(paths: list[Path], out: Path) -> float:
     """Open, average, write, fsync and rename: everything `weightspace soup` does after its imports."""
     import weightspace as ws
-    from weightspace import ops
+    from weightspace.ops import stream as ops
     t = time.perf_counter()
     ws.save(ops.uniform_soup_stream([str(p) for p in paths]), out)
     elapsed = time.perf_counter() - t
@@ -132,7 +132,7 @@ def child_rss(paths: list[str], out: str) -> None:
     import torch
 
     import weightspace as ws
-    from weightspace import ops
+    from weightspace.ops import stream as ops
     warmup = Path(out).with_suffix(".warmup.safetensors")
     ws.save(ops.uniform_soup_stream([{"w": torch.ones(4)}, {"w": torch.zeros(4)}]), warmup)  # load every module
     warmup.unlink()

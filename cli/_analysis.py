@@ -21,8 +21,8 @@ def parse_grid(text: str, what: str) -> int | list[float]:
 
 def load_datasets(specs: Sequence[str], device: str) -> list:
     """Each --data spec decoded once, transformed (after normalisation) and placed on the device."""
-    from weightspace.data import load_data
-    from weightspace.evaluation import resolve_device
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import resolve_device
     dev = resolve_device(device)
     from .evalargs import current_transform
     transform = current_transform()  # the command's --transform (model_options), for every dataset alike
@@ -32,7 +32,7 @@ def load_datasets(specs: Sequence[str], device: str) -> list:
 def model_factory(model_spec: str | None, checkpoint: Any, data: Sequence, num_classes: int | None,
                   in_chans: int | None) -> Callable[[], Any]:
     """A function that builds the model fitting ``checkpoint`` (num_classes/in_chans from it, else the data)."""
-    from weightspace.modules import build_model_for
+    from weightspace.eval.modules import build_model_for
     if not model_spec:
         raise click.UsageError("--model is required (timm:NAME, open_clip:ARCH or pkg.module:factory)")
     if num_classes is None and checkpoint is None and data:
@@ -42,7 +42,7 @@ def model_factory(model_spec: str | None, checkpoint: Any, data: Sequence, num_c
 
 def evaluator(factory: Callable[[], Any], data: Sequence, batch_size: int, device: str):
     """An Evaluator holding one model and the datasets."""
-    from weightspace.evaluation import Evaluator
+    from weightspace.eval.evaluator import Evaluator
     return Evaluator(factory(), list(data), batch_size=batch_size, device=device)
 
 

@@ -14,7 +14,7 @@ from .merge import refuse_existing
 @click.argument("a")
 @click.argument("b")
 @click.option("--model", "model_spec", required=True, metavar="SPEC",
-              help="The architecture: timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.zoo:mlp).")
+              help="The architecture: timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.eval.zoo:mlp).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classifier outputs of the model (default: the data's number of classes, else the model's).")
 @click.option("--in-chans", type=click.IntRange(min=1), default=None, help="Input channels of the model (timm).")
@@ -35,9 +35,9 @@ def align(a: str, b: str, model_spec: str, num_classes: int | None, in_chans: in
           quiet: bool) -> None:
     """Permute B's hidden units to match A (Git Re-Basin); B's function is unchanged. Writes B aligned."""
     from weightspace import save
-    from weightspace.analysis.align import align as align_fn
+    from weightspace.search.align import align as align_fn
     from weightspace.errors import IncompatibleCheckpoints
-    from weightspace.models import build_model
+    from weightspace.eval.models import build_model
     method = method or ("activations" if data_spec else "weights")
     if method == "activations" and not data_spec:
         raise click.UsageError("--method activations needs --data")

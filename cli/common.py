@@ -80,7 +80,7 @@ def _parse_transform(ctx: click.Context, param: click.Parameter, value: str | No
     if not value:
         return None
     from weightspace.errors import ConfigError
-    from weightspace.transforms import parse_transform
+    from weightspace.eval.transforms import parse_transform
     try:
         return parse_transform(value)
     except ConfigError as e:

@@ -37,7 +37,7 @@ def criticality(final: str, init: str, data_spec: str, grouping: str | None, eps
     --out writes results.json, criticality.csv, criticality_grid.csv (every grid point), criticality.png and
     valley_<module>.png (mean error over α × σ with the ε contour).
     """
-    from weightspace.criticality import module_criticality
+    from weightspace.analysis.criticality import module_criticality
 
     from ._analysis import emit, evaluator, load_datasets, model_factory, parse_grid, precheck
     from .common import parse_floats

@@ -22,8 +22,8 @@ def demo(out: str, small: bool, seed: int, force: bool, as_json: bool, quiet: bo
     """
     import time
 
-    from weightspace.demo import run_demo
-    from weightspace.interpolate import barrier_table
+    from weightspace.experiments.demo import run_demo
+    from weightspace.analysis.curve import barrier_table
     from weightspace.report import jsonable, markdown_table
     t0 = time.perf_counter()
     r = run_demo(out, small=small, seed=seed, force=force, progress=not quiet, log=lambda m: note(m, quiet))

@@ -8,7 +8,7 @@ import click
 
 
 def _set_parallel(ctx: click.Context, param: click.Parameter, value: str) -> None:
-    from weightspace.distributed import set_parallel
+    from weightspace.eval.distributed import set_parallel
     set_parallel(value)  # process-wide (reset on every invocation): the Evaluator and the sweeps read it
 
 
@@ -25,7 +25,7 @@ def current_transform() -> Callable | None:
 
 def load_eval_data(spec: str, model: Any = None) -> Any:
     """load_data with the command's --transform applied (evaluation, BN recalibration and REPAIR data alike)."""
-    from weightspace.data import load_data
+    from weightspace.eval.data import load_data
     return load_data(spec, model=model, transform=current_transform())
 
 
@@ -55,7 +55,7 @@ def model_options(f: Callable) -> Callable:
     f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
                      help="Classifier outputs (default: the first dataset's number of classes).")(f)
     f = click.option("--model", "model_spec", default=None, metavar="SPEC",
-                     help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.zoo:small_cnn).")(f)
+                     help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.eval.zoo:small_cnn).")(f)
     return f
 
 
@@ -71,8 +71,8 @@ def build_evaluator(model_spec: str, data_specs: Sequence[str], *, num_classes: 
                     batch_size: int, device: str, keep_logits: bool = False) -> Any:
     """One model instance and every dataset decoded once and placed on the device."""
     from weightspace.errors import ConfigError
-    from weightspace.evaluation import Evaluator, resolve_device
-    from weightspace.models import build_model
+    from weightspace.eval.evaluator import Evaluator, resolve_device
+    from weightspace.eval.models import build_model
     dup = sorted({s for s in data_specs if list(data_specs).count(s) > 1})
     if dup:
         raise ConfigError(f"--data {dup[0]}: given more than once")

@@ -76,7 +76,8 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, output: str |
 
 
 def _point(a, b, alpha, output, force, fmt, ema, precision, allow_nonfinite, as_json, quiet) -> None:
-    from weightspace import ops, save
+    from weightspace import save
+    from weightspace.ops import stream as ops
     stream = ops.lerp_stream(a, b, alpha, precision=precision, allow_nonfinite=allow_nonfinite,
                              progress=not quiet, ema=ema)
     path = save(stream, output, force=force, fmt=fmt)
@@ -91,7 +92,7 @@ def _point(a, b, alpha, output, force, fmt, ema, precision, allow_nonfinite, as_
 def _curves(pairs, model_spec, num_classes, in_chans, batch_size, device, data_specs, steps, alphas, recal_spec,
             out_dir, force, ema, precision, as_json, quiet, repair_spec=None, align_method=None, align_spec=None) -> None:
     from weightspace import load
-    from weightspace.interpolate import barrier_table, interpolation_curve, short_name
+    from weightspace.analysis.curve import barrier_table, interpolation_curve, short_name
     from weightspace.report import CURVE_FILES, check_outputs, jsonable, markdown_table, write_curves
     if out_dir:
         check_outputs(out_dir, CURVE_FILES + (("results.json",) if align_method else ()), force)
@@ -149,7 +150,7 @@ def _aligned(ca, cb, model, method, align_spec, quiet):
     """B permuted to match A (on a CPU copy of the evaluation model), and align's info."""
     import copy
 
-    from weightspace.analysis.align import align
+    from weightspace.search.align import align
     data = load_eval_data(align_spec, model) if align_spec else None
     net = copy.deepcopy(model).cpu()
     pb, info = align(ca, cb, net, method=method, data=data, progress=not quiet)

@@ -27,7 +27,7 @@ def leaderboard(checkpoints: tuple[str, ...], model_spec: str | None, num_classe
     """
     from weightspace import load
     from weightspace.report import LEADERBOARD_FILES, check_outputs, markdown_table, write_leaderboard
-    from weightspace.soup import leaderboard as rank_checkpoints
+    from weightspace.search.greedy import leaderboard as rank_checkpoints
     require(model_spec, "--model", "to evaluate checkpoints")
     require(data_specs, "--data", "to evaluate checkpoints")
     if out_dir:

@@ -79,7 +79,7 @@ class LazyGroup(click.Group):
 
 def _speak() -> str:
     """Under torchrun, let a silenced rank's error line through, tagged with its rank ("" otherwise)."""
-    dist = sys.modules.get("weightspace.distributed")
+    dist = sys.modules.get("weightspace.eval.distributed")
     return dist.restore_output() if dist else ""
 
 
@@ -97,7 +97,7 @@ def main() -> None:
     """
     import os
     if (os.environ.get("WORLD_SIZE") or "1") != "1":  # launched by torchrun: torch is needed now anyway
-        from weightspace import distributed
+        from weightspace.eval import distributed
         distributed.init_from_env()
         distributed.silence_other_ranks()
         click.get_current_context().call_on_close(distributed.teardown)

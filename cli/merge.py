@@ -40,7 +40,7 @@ def merge(models: tuple[str, ...], method: str, base: str, scale: float, keep: f
           in_chans: int | None = None, batch_size: int = 256, device: str = "auto", val_spec: str | None = None,
           scales: str = DEFAULT_SCALES) -> None:
     """Merge fine-tuned MODELS that share the pre-trained --base, streamed tensor by tensor."""
-    from weightspace import merge as merging
+    from weightspace.ops import merge as merging
     from weightspace import save
     sources = list(models) + list(negate)
     if not sources:
@@ -75,7 +75,7 @@ def _search(method, base, models, negate, options, output, force, fmt, ema, prec
             quiet, model_spec, num_classes, in_chans, batch_size, device, val_spec, grid) -> None:
     """λ picked from the grid by --val accuracy (merge.search_scale over one Evaluator), then saved."""
     from weightspace import load, save
-    from weightspace.merge import search_scale
+    from weightspace.ops.merge import search_scale
 
     from .common import markdown_table
     ev = build_evaluator(model_spec, [val_spec], num_classes=num_classes, in_chans=in_chans, batch_size=batch_size,

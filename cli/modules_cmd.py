@@ -26,8 +26,8 @@ def modules_cmd(checkpoint: str | None, grouping: str, model_spec: str | None, n
     from pathlib import Path
 
     from weightspace import report
-    from weightspace.checkpoint import load
-    from weightspace.modules import model_units
+    from weightspace.io.checkpoint import load
+    from weightspace.eval.modules import model_units
 
     from ._analysis import emit, model_factory, precheck
     precheck(out_dir, force)

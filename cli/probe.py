@@ -27,7 +27,7 @@ def probe_options(f: Callable) -> Callable:
     f = click.option("--test", "test_spec", required=True, metavar="DATA", help="Data the probes are scored on.")(f)
     f = click.option("--train", "train_spec", required=True, metavar="DATA", help="Data the probes are trained on.")(f)
     f = click.option("--model", "model_spec", required=True, metavar="SPEC",
-                     help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.zoo:small_cnn).")(f)
+                     help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.eval.zoo:small_cnn).")(f)
     return f
 
 

@@ -38,7 +38,7 @@ def push(checkpoint: str, repo: str, private: bool, revision: str, card_from: st
         model_config = {"architecture": timm_arch, **({"num_classes": num_classes} if num_classes else {})}
     elif open_clip_arch:
         model_config = {"open_clip_arch": open_clip_arch}
-    from weightspace.distributed import is_main
+    from weightspace.eval.distributed import is_main
     if not is_main():  # under torchrun one upload, from rank 0, is enough
         return
     if quiet:

@@ -34,7 +34,7 @@ def rewind(final: str, init: str | None, data_specs: tuple[str, ...], grouping: 
     Prints module × target error and loss beside FINAL's baseline; --out writes results.json, rewind.csv and
     rewind.png (a heat map of modules × rewind targets).
     """
-    from weightspace.criticality import rewind as do_rewind
+    from weightspace.analysis.criticality import rewind as do_rewind
     from weightspace.errors import ConfigError
 
     from ._analysis import emit, evaluator, load_datasets, model_factory, precheck

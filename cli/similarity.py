@@ -36,7 +36,7 @@ def similarity(a: str, b: str, data_spec: str, grouping: str | None, full_limit:
     """
     from ._analysis import emit, load_datasets, model_factory, precheck
     from .common import markdown_table, note
-    from weightspace.similarity import model_similarity as compare
+    from weightspace.analysis.similarity import model_similarity as compare
     precheck(out_dir, force)
     data = load_datasets([data_spec], device)
     model = model_factory(model_spec, a, data, num_classes, in_chans)()

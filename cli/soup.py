@@ -91,7 +91,8 @@ def soup(checkpoints: tuple[str, ...], method: str, strict: bool, weights: str |
 
 
 def _average(checkpoints, weights, output, force, fmt, ema, precision, allow_nonfinite, as_json, quiet) -> None:
-    from weightspace import ops, save
+    from weightspace import save
+    from weightspace.ops import stream as ops
     kw = dict(precision=precision, allow_nonfinite=allow_nonfinite, progress=not quiet, ema=ema)
     if weights is not None:
         w = parse_floats(weights, "--weights")
@@ -120,7 +121,7 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
     from weightspace import load, save
     from weightspace.errors import OutputExists
     from weightspace.report import LEADERBOARD_FILES, check_outputs, markdown_table, write_leaderboard
-    from weightspace.soup import soup_leaderboard
+    from weightspace.search.greedy import soup_leaderboard
     # Refuse existing outputs before minutes of evaluation, not after.
     if output and Path(output).exists() and not force:
         raise OutputExists(f"{output}: already exists (use --force to overwrite)")
@@ -131,7 +132,7 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
     ingredients = [load(c, ema=ema) for c in checkpoints]
     fixed = recal_spec or repair_spec
     if fixed:
-        from weightspace.repair import fix_evaluator
+        from weightspace.eval.fixes import fix_evaluator
         ev = fix_evaluator(ev, ingredients, progress=not quiet,
                            recalibrate_bn=load_eval_data(recal_spec, ev.model) if recal_spec else None,
                            repair=load_eval_data(repair_spec, ev.model) if repair_spec else None)
@@ -140,9 +141,9 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
     members = {"uniform": (None, None), "greedy": (res.kept, None)}
     learned_info = None
     if method == "learned":
-        from weightspace.learned_soup import learned_soup
+        from weightspace.search.learned import learned_soup
         from weightspace.report import as_table
-        from weightspace.soup import tell_members
+        from weightspace.search.greedy import tell_members
         soups["learned"], lres = learned_soup(ingredients, ev.model, ev.datasets[val_spec], by_layer=learn["by_layer"],
                                               steps=learn["steps"], lr=learn["lr"], batch_size=learn["batch_size"],
                                               eval_batch_size=batch_size, progress=not quiet)
@@ -153,7 +154,7 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
                         "detail": ", ".join(f"{c:.3f}" for c in lres.coefficients)
                                   + (" (mean over tensors)" if learn["by_layer"] else "")})
     if merges:
-        from weightspace.soup import merge_rows
+        from weightspace.search.greedy import merge_rows
         rows, _ = merge_rows(base, ingredients, ev, list(merges), grid=scales, keep=keep, precision=precision)
         lb.rows.extend(rows)
     saved = None

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import torch
 
-CNN = "weightspace.zoo:small_cnn"
+CNN = "weightspace.eval.zoo:small_cnn"
 
 
 def train_cnns(seeds: list[int], *, shared_init: bool, epochs: int = 3, spec: str = CNN) -> list[dict]:
     """Small CNNs (BatchNorm) trained on digits:train: fine-tunes of one init, or each from its own random init."""
-    from weightspace.data import load_data
-    from weightspace.models import build_model
-    from weightspace.train import train
+    from weightspace.eval.data import load_data
+    from weightspace.eval.models import build_model
+    from weightspace.eval.train import train
     data = load_data("digits:train")
     torch.manual_seed(1000)
     init = build_model(spec, num_classes=10).state_dict()

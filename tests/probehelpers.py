@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from weightspace.ops import single_thread
+from weightspace.ops.stream import single_thread
 
-TINY_CNN = "weightspace.zoo:small_cnn?width=4"
+TINY_CNN = "weightspace.eval.zoo:small_cnn?width=4"
 
 
 class LabelCarrier(nn.Module):
@@ -29,7 +29,7 @@ class LabelCarrier(nn.Module):
 
 def label_data(n: int, seed: int, noise_in: int = 16):
     """Real digits labels (sklearn) in column 0, Gaussian noise beside them."""
-    from weightspace.data import TensorData, digits
+    from weightspace.eval.data import TensorData, digits
     y = digits("all").y[:n] if seed == 0 else digits("all").y[-n:]
     g = torch.Generator().manual_seed(seed)
     x = torch.cat([y.float().unsqueeze(1), torch.randn(len(y), noise_in, generator=g)], dim=1)
@@ -40,9 +40,9 @@ def label_data(n: int, seed: int, noise_in: int = 16):
 def tiny_checkpoints(tmp_path_factory) -> list[str]:
     """A width-4 small CNN really trained on digits:train: checkpoints after 1 and after 3 epochs."""
     import weightspace as ws
-    from weightspace.data import load_data
-    from weightspace.models import build_model
-    from weightspace.train import train
+    from weightspace.eval.data import load_data
+    from weightspace.eval.models import build_model
+    from weightspace.eval.train import train
     folder: Path = tmp_path_factory.mktemp("tiny")
     with single_thread():
         torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import weightspace as ws
-from weightspace.analysis.align import (AlignmentError, align, apply_permutations, permutation_spec,
+from weightspace.search.align import (AlignmentError, align, apply_permutations, permutation_spec,
                                         random_permutations)
 from weightspace.errors import IncompatibleCheckpoints
 
@@ -252,7 +252,7 @@ def test_errors_are_one_line(tmp_path):
 
 
 def test_cli_align(cli, tmp_path, digits):
-    from weightspace.zoo import mlp
+    from weightspace.eval.zoo import mlp
     x, y = digits
     paths, models = [], []
     threads = torch.get_num_threads()
@@ -269,7 +269,7 @@ def test_cli_align(cli, tmp_path, digits):
         ws.save(model, paths[-1])
         models.append(model.eval())
     torch.set_num_threads(threads)
-    spec = "weightspace.zoo:mlp?hidden=32"
+    spec = "weightspace.eval.zoo:mlp?hidden=32"
     out = tmp_path / "aligned.safetensors"
     r = cli("align", *paths, "--model", spec, "-o", out, "--json", "--quiet")
     assert r.exit_code == 0, r.output
@@ -293,5 +293,5 @@ def test_cli_align(cli, tmp_path, digits):
     assert r.exit_code == 2 and "already exists" in r.stderr
     r = cli("align", *paths, "--model", spec, "--method", "activations", "-o", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and "--data" in r.output + r.stderr
-    r = cli("align", *paths, "--model", "weightspace.zoo:mlp?hidden=16", "-o", tmp_path / "x.safetensors")
+    r = cli("align", *paths, "--model", "weightspace.eval.zoo:mlp?hidden=16", "-o", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and "has shape" in r.stderr

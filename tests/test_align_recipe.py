@@ -10,7 +10,7 @@ import torch
 
 from weightspace import load
 from weightspace.errors import ConfigError
-from weightspace.recipes_align import load_align_recipe
+from weightspace.experiments.align import load_align_recipe
 
 RECIPE = "recipes/align-barrier.yaml"
 
@@ -49,10 +49,10 @@ def test_small_run_shows_the_barrier_and_its_shrinking(small_run):
 
 def test_aligned_checkpoints_compute_b(small_run):
     out, _ = small_run
-    from weightspace.data import load_data
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.models import build_model
     x = load_data("digits:test").x[:64]
-    net = build_model("weightspace.zoo:small_cnn?width=16", num_classes=10)
+    net = build_model("weightspace.eval.zoo:small_cnn?width=16", num_classes=10)
     outs = []
     for name in ("model-2", "model-2-aligned-weights-to-1", "model-2-aligned-activations-to-1"):
         net.load_state_dict(load(out / "checkpoints" / f"{name}.safetensors").to_dict())

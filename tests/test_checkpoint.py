@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 import weightspace as ws
-from weightspace import ops
-from weightspace.ops import single_thread
+from weightspace.ops import stream as ops
+from weightspace.ops.stream import single_thread
 
 
 def same(ck, sd) -> None:

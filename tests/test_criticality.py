@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import weightspace as ws
-from weightspace.criticality import module_criticality, random_init, resolve_modules, rewind
-from weightspace.data import load_data
+from weightspace.analysis.criticality import module_criticality, random_init, resolve_modules, rewind
+from weightspace.eval.data import load_data
 from weightspace.errors import ConfigError, IncompatibleCheckpoints
-from weightspace.evaluation import Evaluator
-from weightspace.models import build_model
-from weightspace.modules import build_model_for, model_units, tree_units
-from weightspace.train import train
+from weightspace.eval.evaluator import Evaluator
+from weightspace.eval.models import build_model
+from weightspace.eval.modules import build_model_for, model_units, tree_units
+from weightspace.eval.train import train
 
-CNN = "weightspace.zoo:small_cnn?width=8"
-MLP = "weightspace.zoo:mlp?hidden=32"
+CNN = "weightspace.eval.zoo:small_cnn?width=8"
+MLP = "weightspace.eval.zoo:mlp?hidden=32"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,23 +9,23 @@ import torch
 import torch.nn.functional as F
 
 import weightspace as ws
-from weightspace.data import load_data
-from weightspace.evaluation import Evaluator, macro_auc, recalibrate_bn
-from weightspace.models import build_model
-from weightspace.train import train
+from weightspace.eval.data import load_data
+from weightspace.eval.evaluator import Evaluator, macro_auc, recalibrate_bn
+from weightspace.eval.models import build_model
+from weightspace.eval.train import train
 
 
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    model = build_model("weightspace.zoo:small_cnn", num_classes=10)
+    model = build_model("weightspace.eval.zoo:small_cnn", num_classes=10)
     train(model, load_data("digits:train"), epochs=3, lr=0.05, seed=0)
     return model
 
 
 def test_evaluator_matches_hand_written_loop(trained):
     data = load_data("digits:test")
-    fresh = build_model("weightspace.zoo:small_cnn", num_classes=10)
+    fresh = build_model("weightspace.eval.zoo:small_cnn", num_classes=10)
     ev = Evaluator(fresh, data, batch_size=37, device="cpu")
     m = ev(trained.state_dict())
     correct, loss_sum = 0, 0.0
@@ -42,7 +42,7 @@ def test_evaluator_matches_hand_written_loop(trained):
 
 
 def test_weights_are_copied_in_place_into_one_instance(trained, tmp_path):
-    fresh = build_model("weightspace.zoo:small_cnn", num_classes=10)
+    fresh = build_model("weightspace.eval.zoo:small_cnn", num_classes=10)
     ev = Evaluator(fresh, load_data("digits:val"), device="cpu")
     ptr = fresh.conv1.weight.data_ptr()
     path = tmp_path / "m.safetensors"
@@ -54,7 +54,7 @@ def test_weights_are_copied_in_place_into_one_instance(trained, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_one_line(trained):
-    ev = Evaluator(build_model("weightspace.zoo:small_cnn", num_classes=10), load_data("digits:val"), device="cpu")
+    ev = Evaluator(build_model("weightspace.eval.zoo:small_cnn", num_classes=10), load_data("digits:val"), device="cpu")
     sd = dict(trained.state_dict())
     sd.pop("fc.bias")
     sd["extra.weight"] = torch.zeros(1)
@@ -110,7 +110,7 @@ def test_timm_model_spec_and_custom_factory():
     with pytest.raises(ws.ConfigError):
         build_model("nosuchpkg.mod:factory")
     with pytest.raises(ws.ConfigError):
-        build_model("weightspace.zoo:nope")
+        build_model("weightspace.eval.zoo:nope")
 
 
 def test_image_folder_is_decoded_once_with_the_models_timm_transform(tmp_path):

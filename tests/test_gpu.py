@@ -31,9 +31,9 @@ def cnns(tmp_path_factory) -> list[str]:
 
 
 def evaluators(device: torch.device, specs: list[str]):
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
     data = [load_data(s) for s in specs]
     cpu = Evaluator(build_model(CNN, num_classes=10), data, batch_size=128, device="cpu", keep_logits=True)
     gpu = Evaluator(build_model(CNN, num_classes=10), data, batch_size=128, device=device, keep_logits=True)
@@ -55,7 +55,7 @@ def test_amp_on_gpu_matches_fp32_on_cpu(device, cnns):
 
 
 def test_barrier_curve_on_gpu_matches_cpu(device, cnns):
-    from weightspace.interpolate import interpolation_curve
+    from weightspace.analysis.curve import interpolation_curve
     cpu, gpu = evaluators(device, ["digits:val"])
     ref = interpolation_curve(cnns[0], cnns[1], cpu, steps=5, progress=False)
     got = interpolation_curve(cnns[0], cnns[1], gpu, steps=5, progress=False)

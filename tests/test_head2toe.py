@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def cnn_features():
     """Pooled features of a random-init width-4 CNN on real digits (train and test)."""
-    from weightspace.data import load_data
-    from weightspace.zoo import small_cnn
+    from weightspace.eval.data import load_data
+    from weightspace.eval.zoo import small_cnn
     torch.manual_seed(0)
     taps = FeatureTaps(small_cnn(width=4), "all", target=64, device="cpu")
     return taps(load_data("digits:train")), taps(load_data("digits:test"))

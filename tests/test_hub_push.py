@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import weightspace as ws
-from weightspace import ops
+from weightspace.ops import stream as ops
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubserver import HubServer  # noqa: E402

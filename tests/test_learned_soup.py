@@ -9,12 +9,12 @@ import torch
 from conftest import make_mlp
 from evalhelpers import save_all, train_cnns
 from weightspace import load
-from weightspace.data import TensorData
+from weightspace.eval.data import TensorData
 from weightspace.errors import ConfigError
-from weightspace.learned_soup import learned_soup
+from weightspace.search.learned import learned_soup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CNN = "weightspace.zoo:small_cnn?width=4"
+CNN = "weightspace.eval.zoo:small_cnn?width=4"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_by_layer_learns_a_mix_per_tensor(trained_mlps, val):
 def files(tmp_path_factory):
     """Three small CNNs trained from one shared init (ingredients), and that init (the merges' base), as files."""
     from weightspace import save
-    from weightspace.models import build_model
+    from weightspace.eval.models import build_model
     d = tmp_path_factory.mktemp("learned")
     torch.manual_seed(1000)  # the init train_cnns(shared_init=True) starts from
     base = str(save(build_model(CNN, num_classes=10).state_dict(), d / "base.safetensors"))

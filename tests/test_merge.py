@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import weightspace as ws
 from weightspace.errors import ConfigError, IncompatibleCheckpoints
-from weightspace.merge import MERGE_METHODS, kth_largest_magnitudes, merge, plan_merge, search_scale
+from weightspace.ops.merge import MERGE_METHODS, kth_largest_magnitudes, merge, plan_merge, search_scale
 
 
 
@@ -158,7 +158,7 @@ def test_stream_to_disk_equals_in_memory(finetunes, tmp_path):
 
 def test_small_pieces_give_the_same_bytes(finetunes, tmp_path, monkeypatch):
     # Every key split into many flat pieces (64 bytes of accumulator each) must give exactly the whole-key result.
-    import weightspace.ops as ops
+    import weightspace.ops.stream as ops
     models = [finetunes["ft0"], finetunes["ft1"], finetunes["ft2"]]
     for method, extra in [("task-arithmetic", {"negate": [False, True, False]}), ("ties", {"keep": 0.3})]:
         ref = merge(method, finetunes["base"], models, scale=0.8, **extra).to_dict()

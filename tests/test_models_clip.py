@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import weightspace as ws
-from weightspace.data import load_data
-from weightspace.models import ZERO_SHOT_TEMPLATE, build_model
+from weightspace.eval.data import load_data
+from weightspace.eval.models import ZERO_SHOT_TEMPLATE, build_model
 
 CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}

@@ -10,7 +10,7 @@ import torch
 from conftest import make_mlp
 
 import weightspace as ws
-from weightspace import ops
+from weightspace.ops import stream as ops
 
 
 def np64(t: torch.Tensor) -> np.ndarray:

@@ -45,7 +45,7 @@ def test_pool_features_follows_head2toe_rule():
 
 
 def test_layer_specs_on_a_real_cnn():
-    from weightspace.zoo import small_cnn
+    from weightspace.eval.zoo import small_cnn
     m = small_cnn(width=4).eval()
     x = torch.zeros(1, 1, 8, 8)
     names = [t.name for t in resolve_taps(m, "all", x)]
@@ -59,7 +59,7 @@ def test_layer_specs_on_a_real_cnn():
 
 def test_taps_see_activations_before_inplace_ops():
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 3)).eval()
-    from weightspace.data import TensorData
+    from weightspace.eval.data import TensorData
     g = torch.Generator().manual_seed(1)
     data = TensorData("d", torch.randn(50, 6, generator=g), torch.zeros(50, dtype=torch.long), num_classes=3)
     feats = FeatureTaps(net, "0,1", device="cpu")(data)
@@ -71,8 +71,8 @@ def test_taps_see_activations_before_inplace_ops():
 
 
 def test_one_pass_per_dataset_and_disk_cache(tmp_path):
-    from weightspace.data import load_data
-    from weightspace.zoo import small_cnn
+    from weightspace.eval.data import load_data
+    from weightspace.eval.zoo import small_cnn
     torch.manual_seed(0)
     m = small_cnn(width=4)
     data = load_data("digits:test")

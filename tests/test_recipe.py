@@ -8,7 +8,7 @@ import pytest
 from conftest import run_small_recipe
 
 from weightspace.errors import ConfigError
-from weightspace.recipes import load_recipe
+from weightspace.experiments.recipes import load_recipe
 
 RECIPE = "recipes/what-is-transferred.yaml"
 VERDICTS = {"reproduced", "partly", "not reproduced"}
@@ -57,7 +57,7 @@ def test_small_run_leaves_checkpoints_and_data_the_cli_can_use(small_run, cli):
                                               "pt-7-1.safetensors", "pt-7-2.safetensors", "ri-7-1.safetensors",
                                               "ri-7-2.safetensors"}
     r = cli("rewind", ck / "pt-7-1.safetensors", "--init", ck / "pt-init-7.safetensors", "--model",
-            "weightspace.zoo:small_cnn?width=16", "--data", out / "data" / "target_test.pt", "--json", "--quiet")
+            "weightspace.eval.zoo:small_cnn?width=16", "--data", out / "data" / "target_test.pt", "--json", "--quiet")
     assert r.exit_code == 0, r.stderr
     saved = json.loads((out / "results.json").read_text())["results"]["rewind"]["P-T"]["models"]["pt-7-1"]
     via_cli = json.loads(r.stdout)["metrics"]["conv2"]["init"]

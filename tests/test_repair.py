@@ -9,17 +9,17 @@ from torch import nn
 
 from evalhelpers import save_all, train_cnns
 from weightspace import load
-from weightspace.data import TensorData, load_data
+from weightspace.eval.data import TensorData, load_data
 from weightspace.errors import ConfigError
-from weightspace.evaluation import Evaluator
-from weightspace.interpolate import interpolation_curve
-from weightspace.ops import lerp
-from weightspace.repair import Repairer, channel_stats, mix_stats, repair_scope
-from weightspace.train import train
-from weightspace.zoo import mlp, small_cnn
+from weightspace.eval.evaluator import Evaluator
+from weightspace.analysis.curve import interpolation_curve
+from weightspace.ops.stream import lerp
+from weightspace.eval.fixes import Repairer, channel_stats, mix_stats, repair_scope
+from weightspace.eval.train import train
+from weightspace.eval.zoo import mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CNN = "weightspace.zoo:small_cnn?width=4"
+CNN = "weightspace.eval.zoo:small_cnn?width=4"
 
 
 @pytest.fixture(scope="module")

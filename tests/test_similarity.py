@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import weightspace as ws
-from weightspace.data import load_data
-from weightspace.models import build_model
-from weightspace.similarity import (MinibatchCKA, gram_linear, hsic1, linear_cka, minibatch_cka,
+from weightspace.eval.data import load_data
+from weightspace.eval.models import build_model
+from weightspace.analysis.similarity import (MinibatchCKA, gram_linear, hsic1, linear_cka, minibatch_cka,
                                     model_similarity, prediction_agreement, rbf_cka)
-from weightspace.train import train
+from weightspace.eval.train import train
 
-SPEC = "weightspace.zoo:small_cnn?width=8"
+SPEC = "weightspace.eval.zoo:small_cnn?width=8"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import weightspace as ws
-from weightspace.soup import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
+from weightspace.search.greedy import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
 
 from evalhelpers import CNN, save_all, train_cnns
 
@@ -143,8 +143,8 @@ def test_greedy_ensemble_and_mean_logits():
 
 def test_soup_leaderboard_rows_from_real_evaluator(trained_mlps):
     from conftest import make_mlp
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
     flat = {n: load_data(f"digits:{n}", transform=lambda x: ((x + 1) / 2).flatten(1)) for n in ("val", "test")}
     ev = Evaluator(make_mlp(), flat, device="cpu", keep_logits=True)
     lb, soups, res = soup_leaderboard(trained_mlps, ev, progress=False)
@@ -169,9 +169,9 @@ def finetunes(one_thread, tmp_path_factory):
 
 
 def test_cli_soup_greedy_end_to_end(cli, finetunes, tmp_path):
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
     out, soup_file = tmp_path / "runs", tmp_path / "greedy.safetensors"
     args = ["soup", "--greedy", *finetunes, "--model", CNN, "--val", "digits:val", "--test", "digits:test",
             "--out", out, "-o", soup_file, "-q"]
@@ -208,9 +208,9 @@ def test_cli_soup_greedy_end_to_end(cli, finetunes, tmp_path):
 
 
 def test_cli_leaderboard_ranks_checkpoints(cli, finetunes, tmp_path):
-    from weightspace.data import load_data
-    from weightspace.evaluation import Evaluator
-    from weightspace.models import build_model
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
     r = cli("leaderboard", *finetunes, "--model", CNN, "--data", "digits:test", "--data", "digits:val",
             "--out", tmp_path / "lb", "--json", "-q")
     assert r.exit_code == 0, r.stderr

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightspace.data import load_data
+from weightspace.eval.data import load_data
 from weightspace.errors import ConfigError
-from weightspace.transforms import BlockShuffle, block_permutation, blocks_of, parse_transform
+from weightspace.eval.transforms import BlockShuffle, block_permutation, blocks_of, parse_transform
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +108,14 @@ def test_block_multiset_is_invariant_for_any_shape(grid, b, c, seed):
 
 def test_cli_transform_option_reaches_the_data(cli, tmp_path):
     import weightspace as ws
-    from weightspace.models import build_model
+    from weightspace.eval.models import build_model
     torch.manual_seed(0)
     path = tmp_path / "m.safetensors"
-    ws.save(build_model("weightspace.zoo:small_cnn").state_dict(), path)
-    bad = cli("rewind", path, "--to", "random", "--model", "weightspace.zoo:small_cnn", "--data", "digits:test",
+    ws.save(build_model("weightspace.eval.zoo:small_cnn").state_dict(), path)
+    bad = cli("rewind", path, "--to", "random", "--model", "weightspace.eval.zoo:small_cnn", "--data", "digits:test",
               "--transform", "block-shuffle:3", "--quiet")
     assert bad.exit_code == 2
     assert "not divisible by the block size 3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    bad = cli("similarity", path, path, "--model", "weightspace.zoo:small_cnn", "--data", "digits:test",
+    bad = cli("similarity", path, path, "--model", "weightspace.eval.zoo:small_cnn", "--data", "digits:test",
               "--transform", "shuffle:3")
     assert bad.exit_code == 2 and "--transform" in bad.stderr

@@ -9,28 +9,28 @@ A tiny surface in the spirit of safetensors::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .checkpoint import Checkpoint, load  # noqa: E402
+from .io.checkpoint import Checkpoint, load  # noqa: E402
 from .errors import (CheckpointError, ConfigError, IncompatibleCheckpoints, NonFiniteError,  # noqa: E402
                      OutputExists, SourceError, UnsafeCheckpoint, WeightspaceError)
-from .ops import (StateDict, TensorStream, distance, lerp, task_vector, uniform_soup,  # noqa: E402
+from .ops.stream import (StateDict, TensorStream, distance, lerp, task_vector, uniform_soup,  # noqa: E402
                   weighted_average)
-from .saving import save  # noqa: E402
-from .merge import task_arithmetic, ties_merge  # noqa: E402
-from .analysis.align import align  # noqa: E402
+from .io.save import save  # noqa: E402
+from .ops.merge import task_arithmetic, ties_merge  # noqa: E402
+from .search.align import align  # noqa: E402
 from .hub import HubError, PushResult, push_to_hub  # noqa: E402
-from .evaluation import Evaluator, Metrics  # noqa: E402
-from .data import TensorData, load_data  # noqa: E402
-from .models import build_model  # noqa: E402
-from .interpolate import Curve, barrier_height, interpolation_curve  # noqa: E402
-from .soup import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
-from .repair import FixedEvaluator, Repairer, repair_model  # noqa: E402
-from .learned_soup import LearnedSoupResult, learned_soup  # noqa: E402
-from .criticality import CriticalityResult, RewindResult, module_criticality, rewind  # noqa: E402
-from .similarity import SimilarityResult, linear_cka, model_similarity, rbf_cka  # noqa: E402
-from .transforms import BlockShuffle, parse_transform  # noqa: E402
-from .recipes import run_recipe  # noqa: E402
+from .eval.evaluator import Evaluator, Metrics  # noqa: E402
+from .eval.data import TensorData, load_data  # noqa: E402
+from .eval.models import build_model  # noqa: E402
+from .analysis.curve import Curve, barrier_height, interpolation_curve  # noqa: E402
+from .search.greedy import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
+from .eval.fixes import FixedEvaluator, Repairer, repair_model  # noqa: E402
+from .search.learned import LearnedSoupResult, learned_soup  # noqa: E402
+from .analysis.criticality import CriticalityResult, RewindResult, module_criticality, rewind  # noqa: E402
+from .analysis.similarity import SimilarityResult, linear_cka, model_similarity, rbf_cka  # noqa: E402
+from .eval.transforms import BlockShuffle, parse_transform  # noqa: E402
+from .experiments.recipes import run_recipe  # noqa: E402
 from .analysis.probe import ProbeResult, probe  # noqa: E402
 from .analysis.head2toe import Head2ToeResult, head2toe  # noqa: E402
 from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import __version__
-from .checkpoint import Checkpoint, load, load_pickle
+from ._version import __version__
+from .io.checkpoint import Checkpoint, load, load_pickle
 from .errors import OutputExists, WeightspaceError
 from .report import markdown_table
 
@@ -96,9 +96,9 @@ def _pickle_provenance(ck: Checkpoint) -> dict | None:
 
 def _write_weights(source: Any, dest: Path) -> Checkpoint:
     """Write the weights as safetensors at dest: a plain safetensors file is copied byte for byte, the rest via save."""
-    from .ops import TensorStream
-    from .saving import save
-    from .storage import SafetensorsReader
+    from .ops.stream import TensorStream
+    from .io.save import save
+    from .io.formats import SafetensorsReader
     if isinstance(source, (TensorStream, Mapping)) and not isinstance(source, Checkpoint):
         save(source, dest)
         return load(dest)
@@ -190,7 +190,7 @@ def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
     import timm
     from timm.models import split_model_name_tag
     from timm.models._hub import save_config_for_hf
-    from .sources import timm_classifier_classes
+    from .io.sources import timm_classifier_classes
     arch, tag = split_model_name_tag(str(cfg["architecture"]))
     if arch not in timm.list_models():
         raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
@@ -257,7 +257,7 @@ def base_models(prov: Mapping) -> list[str]:
         s = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
         repo = None
         if s.startswith(("hf://", "hf-hub:")):
-            from .sources import parse_hub
+            from .io.sources import parse_hub
             with contextlib.suppress(WeightspaceError):
                 repo = parse_hub(s.split(":", 1)[1].lstrip("/"))[0]
         elif s.startswith("timm:") and "file" not in _spec_query(s[5:])[1]:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import TensorData
+from ..eval.data import TensorData
 from ..errors import ConfigError
 from .probe import L2, MAX_ITER, fit_linear, load_weights, num_classes_of, setup
 from .taps import Features, FeatureTaps
@@ -240,7 +240,7 @@ def head2toe(checkpoint: str, model: str | torch.nn.Module, train: str | TensorD
                                        in_chans=in_chans)
     taps = FeatureTaps(net, layers, target=target, device=device, batch_size=batch_size, cache_dir=cache_dir,
                        progress=progress)
-    from ..evaluation import Evaluator
+    from ..eval.evaluator import Evaluator
     sha = load_weights(Evaluator(taps.model, [], device=taps.device), checkpoint)
     tr, te = taps(train_d, weights_id=sha), taps(test_d, weights_id=sha)
     res = head2toe_features(tr, te, keep=keep, coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter,

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data import TensorData
+from ..eval.data import TensorData
 from ..errors import ConfigError
 from .taps import Features, FeatureTaps
 
@@ -172,7 +172,7 @@ def probe(checkpoints: Sequence[str], model: str | torch.nn.Module, train: str |
     net, train_d, test_d, spec = setup(model, train, test, checkpoint=checkpoints[0], num_classes=num_classes,
                                        in_chans=in_chans)
     from ..errors import IncompatibleCheckpoints
-    from ..evaluation import Evaluator
+    from ..eval.evaluator import Evaluator
 
     def tapper(net: torch.nn.Module) -> tuple[FeatureTaps, Evaluator]:
         taps = FeatureTaps(net, layers, target=dim, device=device, batch_size=batch_size, cache_dir=cache_dir,
@@ -203,7 +203,7 @@ def probe(checkpoints: Sequence[str], model: str | torch.nn.Module, train: str |
 def build_net(spec: str, checkpoint=None, *, num_classes: int | None = None,
               in_chans: int | None = None) -> torch.nn.Module:
     """build_model(spec), with the classifier / stem sized from the checkpoint's shapes where the options do not say."""
-    from ..modules import build_model_for
+    from ..eval.modules import build_model_for
     return build_model_for(spec, checkpoint, num_classes=num_classes, in_chans=in_chans)
 
 
@@ -211,7 +211,7 @@ def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | Ten
           num_classes: int | None = None, in_chans: int | None = None
           ) -> tuple[torch.nn.Module, TensorData, TensorData, str]:
     """Build the model from a spec (its head sized to fit ``checkpoint``) and load the datasets on the CPU."""
-    from ..data import load_data
+    from ..eval.data import load_data
     spec = model if isinstance(model, str) else type(model).__name__
     net = build_net(model, checkpoint, num_classes=num_classes, in_chans=in_chans) if isinstance(model, str) else model
     tr = load_data(train, model=net) if isinstance(train, str) else train
@@ -226,7 +226,7 @@ def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | Ten
 
 def load_weights(evaluator, source) -> str:
     """Copy a checkpoint into the evaluator's model in place; returns its sha256 (the feature cache key)."""
-    from ..checkpoint import load
+    from ..io.checkpoint import load
     ck = load(source)
     evaluator.load(ck)
     return ck.sha256()

@@ -5,7 +5,7 @@ A tap is a module's output (``"layer1"``) or its input (``"fc:in"``). Layer spec
 * ``"all"``: every leaf module that runs in the forward pass, in execution order, minus pass-through modules
   (Identity, Dropout, DropPath, Flatten) and minus a final ``nn.Linear`` classifier, whose *input* (the
   pre-logits features) is tapped instead as the deepest layer (``"fc:in"``);
-* ``"tree:layer|block|stage"``, ``"depth:N"``, ``"regex:P"``: the module grouping of :mod:`weightspace.modules`;
+* ``"tree:layer|block|stage"``, ``"depth:N"``, ``"regex:P"``: the module grouping of :mod:`weightspace.eval.modules`;
   each group is tapped at the module whose output stands for it (e.g. ``depth:1`` → ``layer1, layer2, ...``);
 * a comma-separated list of module names, each optionally with ``:in``.
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import TensorData
+from ..eval.data import TensorData
 from ..errors import ConfigError
 
 PASS_THROUGH = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
@@ -158,7 +158,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> dict[str, dict]:
 
 def _grouped_outputs(model: nn.Module, spec: str) -> list[str]:
     """Module paths whose outputs stand for the units of a grouping spec (tree:*, depth:N, regex:P)."""
-    from ..modules import model_units
+    from ..eval.modules import model_units
     return [u.output for u in model_units(model, spec) if u.output]
 
 
@@ -208,7 +208,7 @@ def resolve_taps(model: nn.Module, layers: str | Sequence[str], example: torch.T
 
 def data_fingerprint(data: TensorData) -> str:
     """sha256 of a dataset's name, shapes and bytes (what a feature cache is keyed by)."""
-    from ..storage import tensor_bytes
+    from ..io.formats import tensor_bytes
     h = hashlib.sha256()
     h.update(f"{data.name}|{tuple(data.x.shape)}|{data.x.dtype}|{tuple(data.y.shape)}|".encode())
     h.update(tensor_bytes(data.x))
@@ -222,7 +222,7 @@ class FeatureTaps:
     def __init__(self, model: nn.Module, layers: str | Sequence[str] = "all", *, target: int = 8192,
                  device: str | torch.device = "auto", batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
                  layout: str | None = None, progress: bool = False):
-        from ..evaluation import resolve_device
+        from ..eval.evaluator import resolve_device
         if target < 1:
             raise ConfigError(f"--target {target}: needs a positive number of features")
         self.device = resolve_device(device)
@@ -248,7 +248,7 @@ class FeatureTaps:
 
     def weights_id(self) -> str:
         """sha256 of the model's current weights (the in-memory cache must not survive an in-place weight swap)."""
-        from ..checkpoint import load
+        from ..io.checkpoint import load
         return load(self.model).sha256()
 
     def _layout(self, data: TensorData) -> str:
@@ -348,7 +348,7 @@ class FeatureTaps:
             return
         from safetensors.torch import save_file
 
-        from ..storage import atomic_output
+        from ..io.formats import atomic_output
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"x/{k}": v.contiguous() for k, v in feats.x.items()}
         tensors["y"] = feats.y.contiguous()

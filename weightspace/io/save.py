@@ -10,11 +10,11 @@ from typing import Union
 
 import torch
 
-from . import __version__
+from .._version import __version__
 from .checkpoint import Checkpoint, _find_aliases
-from .errors import CheckpointError, ConfigError
-from .ops import StateDict, TensorStream, finish_provenance
-from .storage import atomic_output, header_for, write_safetensors
+from ..errors import CheckpointError, ConfigError
+from ..ops.stream import StateDict, TensorStream, finish_provenance
+from .formats import atomic_output, header_for, write_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 PLACEHOLDER = "0" * 64

@@ -13,10 +13,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import __version__
-from .checkpoint import Checkpoint, Source, load
-from .errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
-from .modules import module_of
+from .._version import __version__
+from ..io.checkpoint import Checkpoint, Source, load
+from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
+from ..eval.modules import module_of
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -142,7 +142,7 @@ def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
-    from .progress import progress
+    from ..progress import progress
     return progress(iterable, total=total, desc=desc, unit="tensor", enabled=enabled)
 
 

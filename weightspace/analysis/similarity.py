@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import Source, load
-from .data import TensorData
-from .errors import ConfigError
-from .modules import ModuleUnit, model_units
+from ..io.checkpoint import Source, load
+from ..eval.data import TensorData
+from ..errors import ConfigError
+from ..eval.modules import ModuleUnit, model_units
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -199,7 +199,7 @@ class Activations:
 
 
 def _loaded(model: nn.Module, weights: Source, device: torch.device) -> nn.Module:
-    from .evaluation import Evaluator
+    from ..eval.evaluator import Evaluator
     ev = Evaluator(copy.deepcopy(model), [], device=device)
     ev.load(weights)  # same key checks and one-line errors as everywhere else
     return ev.model.eval()
@@ -241,7 +241,7 @@ class SimilarityResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
         """results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png into a folder."""
-        from . import report
+        from .. import report
         folder = report.check_outputs(folder, ["results.json", "similarity.csv", "agreement.csv", "cka.png",
                                                "cka_matrix.png"], force)
         out = [report.write_json(folder / "results.json", self.to_dict(), force=force)]
@@ -257,7 +257,7 @@ class SimilarityResult:
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """CKA per module (one line per variant) beside relative L2 per module."""
-        from . import report
+        from .. import report
         names = [m["module"] for m in self.modules]
         x = list(range(len(names)))
         series = [{"x": x, "y": [m.get(c) if m.get(c) is not None else float("nan") for m in self.modules],
@@ -282,7 +282,7 @@ def module_distances(a: Source, b: Source, units: Sequence[ModuleUnit], *, param
     ``parameters``: the names that are parameters (not buffers); without it, BatchNorm statistics are the
     buffers recognised by name.
     """
-    from .ops import Distance, check_compatible
+    from ..ops.stream import Distance, check_compatible
     ca, cb = load(a), load(b)
     check_compatible([ca, cb])
     total = Distance()
@@ -326,7 +326,7 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
                rbf_threshold: float = 0.5, cross: bool = True, include_buffers: bool = False,
                progress: bool = False) -> SimilarityResult:
     """Compare two checkpoints of one architecture on ``data``: CKA per module, L2 per module, agreement."""
-    from .evaluation import resolve_device
+    from ..eval.evaluator import resolve_device
     dev = resolve_device(device)
     units = model_units(model, modules)
     hooked = [u for u in units if u.output is not None]
@@ -342,7 +342,7 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
     logits_a, logits_b = [], []
     batches: Any = data.batches(batch_size)
     if progress:
-        from .progress import progress as _progress_bar
+        from ..progress import progress as _progress_bar
         batches = _progress_bar(batches, total=math.ceil(n / batch_size), desc="similarity", unit="batch")
     with torch.inference_mode(), Activations(ma, hooked) as ha, Activations(mb, hooked) as hb:
         for xb, _ in batches:

@@ -19,7 +19,7 @@ import pickle
 import sys
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")

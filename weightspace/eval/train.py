@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SPLIT_SEED = 0
 
@@ -109,7 +109,7 @@ def _from_file(path: Path, spec: str) -> TensorData:
         except (ValueError, OSError) as e:
             raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
     else:
-        from .checkpoint import load_pickle
+        from ..io.checkpoint import load_pickle
         obj = load_pickle(path)
         if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
             raise ConfigError(f"{path}: needs a dict with tensors 'x' and 'y'")

@@ -45,10 +45,10 @@ class MLP(nn.Module):
 
 
 def small_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> SmallCNN:
-    """Factory for `--model weightspace.zoo:small_cnn`."""
+    """Factory for `--model weightspace.eval.zoo:small_cnn`."""
     return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width)
 
 
 def mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 128, depth: int = 2, in_chans: int | None = None) -> MLP:
-    """Factory for `--model weightspace.zoo:mlp` (in_features 64 fits 8×8 digits, 40 fits mnist1d)."""
+    """Factory for `--model weightspace.eval.zoo:mlp` (in_features 64 fits 8×8 digits, 40 fits mnist1d)."""
     return MLP(num_classes=num_classes, in_features=in_features, hidden=hidden, depth=depth)

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Source, load
+from ..io.checkpoint import Source, load
 from .data import TensorData
-from .errors import ConfigError
-from .evaluation import Evaluator
-from .ops import StateDict
+from ..errors import ConfigError
+from .evaluator import Evaluator
+from ..ops.stream import StateDict
 
 FLOOR = 1e-6  # relative: a σ below FLOOR × the largest σ at its point counts as zero (constant channel)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -314,7 +314,7 @@ class FixedEvaluator(Evaluator):
                 raise ConfigError("repair: a soup's REPAIR target needs its ingredients")
             items = ingredients
             if progress:
-                from .progress import progress as _progress_bar
+                from ..progress import progress as _progress_bar
                 items = _progress_bar(ingredients, desc="repair statistics")
             for s in items:
                 new.repairer.add(s)

@@ -13,10 +13,10 @@ from typing import Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
-from . import __version__
-from .checkpoint import Checkpoint, Source, load
-from .errors import ConfigError
-from .ops import (PRECISIONS, StateDict, TensorStream, _check_finite, _progress, _ranges, check_compatible,
+from .._version import __version__
+from ..io.checkpoint import Checkpoint, Source, load
+from ..errors import ConfigError
+from .stream import (PRECISIONS, StateDict, TensorStream, _check_finite, _progress, _ranges, check_compatible,
                   finish_provenance, single_thread)
 
 

@@ -13,9 +13,9 @@ from typing import Any, Iterator, Union
 
 import torch
 
-from .errors import CheckpointError, UnsafeCheckpoint
+from ..errors import CheckpointError, UnsafeCheckpoint
 from .sources import Resolved, resolve
-from .storage import SafetensorsReader, file_sha256
+from .formats import SafetensorsReader, file_sha256
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
@@ -268,7 +268,7 @@ class Checkpoint(Mapping):
                 for k in sorted(self):
                     t = self[k]
                     h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-                    from .storage import tensor_bytes
+                    from .formats import tensor_bytes
                     h.update(tensor_bytes(t))
                 self._sha = h.hexdigest()
         return self._sha

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."

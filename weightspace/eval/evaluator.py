@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Source, load
+from ..io.checkpoint import Source, load
 from .data import TensorData
 from .distributed import parallel_mode, world
-from .errors import ConfigError, IncompatibleCheckpoints, key_sample
+from ..errors import ConfigError, IncompatibleCheckpoints, key_sample
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .checkpoint import Source, load
-from .data import TensorData
-from .errors import ConfigError
-from .ops import StateDict, check_compatible, finish_provenance
+from .._version import __version__
+from ..io.checkpoint import Source, load
+from ..eval.data import TensorData
+from ..errors import ConfigError
+from ..ops.stream import StateDict, check_compatible, finish_provenance
 
 
 @dataclass
@@ -157,7 +157,7 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         order, pos = torch.randperm(len(val), generator=g), 0
         it = range(steps)
         if progress:
-            from .progress import progress as _progress_bar
+            from ..progress import progress as _progress_bar
             it = _progress_bar(it, desc="learned soup", unit="step")
         for step in it:
             if bs == len(val):

@@ -15,11 +15,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, Source, load
-from .distributed import sweep
-from .errors import ConfigError, NonFiniteError
-from .ops import TensorStream, all_finite, check_compatible, lerp_stream
-from .report import as_table
+from ..io.checkpoint import Checkpoint, Source, load
+from ..eval.distributed import sweep
+from ..errors import ConfigError, NonFiniteError
+from ..ops.stream import TensorStream, all_finite, check_compatible, lerp_stream
+from ..report import as_table
 
 BARRIER_METRICS = ("error", "loss")
 HOLD_BYTES = 2 << 30  # a curve holds both ends in memory (read once) when together they take at most this
@@ -195,7 +195,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
     ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
-    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.repair) at every α: each channel's
+    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.fixes) at every α: each channel's
     activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
     """
     grid = _alphas(steps, alphas)
@@ -216,7 +216,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     if repair is not None:
         if not _is_evaluator(evaluate):
             raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
-        from .repair import Repairer
+        from ..eval.fixes import Repairer
         repairer = Repairer(evaluate, repair)
         repairer.add(ca)
         repairer.add(cb)
@@ -226,7 +226,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
         evaluate.load(ca)  # one copy that checks the fit: missing/unexpected keys are one line naming them
     bar = None
     if progress:
-        from .progress import progress as _progress_bar
+        from ..progress import progress as _progress_bar
         bar = lambda xs: _progress_bar(xs, desc="curve", unit="α")  # noqa: E731
 
     def point(alpha: float) -> dict:

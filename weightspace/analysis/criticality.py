@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import Source, load
-from .data import TensorData
-from .errors import ConfigError, IncompatibleCheckpoints
-from .modules import ModuleUnit, grouping
+from ..io.checkpoint import Source, load
+from ..eval.data import TensorData
+from ..errors import ConfigError, IncompatibleCheckpoints
+from ..eval.modules import ModuleUnit, grouping
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 ModelLike = Union[nn.Module, Callable[[], nn.Module]]
@@ -93,7 +93,7 @@ def resolve_modules(modules: Modules, names: Sequence[str], model: nn.Module | N
 
 
 def _table(result: Any) -> dict[str, dict[str, float]]:
-    from .report import as_table
+    from ..report import as_table
     return as_table(result)
 
 
@@ -110,7 +110,7 @@ def _evaluate(evaluate: Callable, weights: Mapping, recalibrate: TensorData | No
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from .progress import progress
+    from ..progress import progress
     return progress(total=total, desc=desc)
 
 
@@ -166,7 +166,7 @@ class RewindResult:
     def plot(self, path: str | os.PathLike, *, metric: str = "error", dataset: str | None = None,
              force: bool = False) -> Path:
         """Heat map modules × rewind targets (FINAL's value in the title), like Zhang et al.'s figure."""
-        from . import report
+        from .. import report
         ds = dataset or self.datasets[0]
         fig = report.heatmap(self.matrix(metric, ds), self.modules, self.targets,
                              title=f"one module rewound\nFINAL {metric}: {self.baseline[ds][metric]:.3f}",
@@ -175,7 +175,7 @@ class RewindResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
         """results.json, rewind.csv and rewind.png into a folder."""
-        from . import report
+        from .. import report
         folder = report.check_outputs(folder, ["results.json", "rewind.csv", "rewind.png"], force)
         return [report.write_json(folder / "results.json", self.to_dict(), force=force),
                 report.write_csv(folder / "rewind.csv", *self.table(), force=force),
@@ -316,7 +316,7 @@ class CriticalityResult:
 
     def plot_valley(self, module: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
         """The error valley of one module: mean error over α (x) and σ (y, log), the ε contour, the argmin."""
-        from . import report
+        from .. import report
         fig, (ax,) = report.new_figure(size=(5.2, 4.0))
         grid = np.array(module["grid"], dtype=float).T  # σ rows × α columns
         sig = np.array(module["sigmas"], dtype=float)
@@ -336,7 +336,7 @@ class CriticalityResult:
 
     def plot_mu(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Bar chart of μ_i per module (infinite μ drawn as empty)."""
-        from . import report
+        from .. import report
         vals = [m["mu"] if math.isfinite(m["mu"]) else None for m in self.modules]
         fig = report.bar_chart([m["module"] for m in self.modules], {"μ": vals}, xlabel="module criticality μ",
                                title=f"Σμ = {self.total:.4g}")
@@ -356,7 +356,7 @@ class CriticalityResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
         """results.json, criticality.csv, criticality_grid.csv, criticality.png and one valley PNG per module."""
-        from . import report
+        from .. import report
         files = self.valley_files()
         folder = report.check_outputs(folder, ["results.json", "criticality.csv", "criticality_grid.csv",
                                                "criticality.png", *files.values()], force)

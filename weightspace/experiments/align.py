@@ -7,14 +7,14 @@ barrier curves A–B and A–P(B) are measured on the test set with each BatchNo
 
 - ``none``            the interpolated running statistics, as they are;
 - ``recalibrate_bn``  BatchNorm statistics re-estimated on the ``fix`` data at every α;
-- ``repair``          REPAIR (Jordan et al. 2022) on the ``fix`` data at every α (weightspace.repair).
+- ``repair``          REPAIR (Jordan et al. 2022) on the ``fix`` data at every α (weightspace.eval.fixes).
 
 Findings: (a) the unaligned pair shows a clear error barrier (≥ ``clear_barrier``) under the BN treatments;
 (b) after alignment (+ a BN treatment) the barrier shrinks by at least ``shrink`` (½) of itself. The barrier is
 the chord error barrier on the test set: max over α of the error above the straight line between the ends.
 
 Run with ``weightspace recipe run recipes/align-barrier.yaml --out DIR [--small] [--set KEY=VALUE]``; the runner
-is reached from ``weightspace.recipes.run_recipe`` through the recipe's ``kind``.
+is reached from ``weightspace.experiments.recipes.run_recipe`` through the recipe's ``kind``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 KIND = "align-barrier"
 FIXES = ("none", "recalibrate_bn", "repair")
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "seed": 0,
     "threads": None,
-    "model": "weightspace.zoo:small_cnn",
+    "model": "weightspace.eval.zoo:small_cnn",
     "data": {"train": "digits:train", "test": "digits:test", "fix": None},
     "train": {"epochs": 20, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0, "momentum": 0.9, "augment": "none",
               "seeds": [1, 2]},
@@ -85,14 +85,14 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                      batch_size: int = 256) -> dict:
     """Train the models, align, measure the barriers before/after; write checkpoints/, results.json, CSV, PNGs,
     REPORT.md. Returns {"findings", "timings", "out"} like ``recipes.run_recipe``."""
-    from . import report
-    from .analysis.align import align
-    from .data import load_data
-    from .evaluation import Evaluator
-    from .interpolate import interpolation_curve
-    from .models import build_model
-    from .saving import save
-    from .train import accuracy, train
+    from .. import report
+    from ..search.align import align
+    from ..eval.data import load_data
+    from ..eval.evaluator import Evaluator
+    from ..analysis.curve import interpolation_curve
+    from ..eval.models import build_model
+    from ..io.save import save
+    from ..eval.train import accuracy, train
 
     cfg = load_align_recipe(recipe, small=small, overrides=overrides)
     cfg["small_run"] = small
@@ -244,7 +244,7 @@ def _findings(pairs: list[dict], an: dict, fixes: list[str], has_bn: bool, figur
 
 def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], findings: list[dict],
             fixes: list[str], has_bn: bool) -> str:
-    from .report import markdown_table
+    from ..report import markdown_table
     tr, an = cfg["train"], cfg["analysis"]
     lines = [f"# {cfg['name']}", ""]
     if cfg["description"]:

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError, OutputExists
+from ..errors import CheckpointError, OutputExists
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -259,7 +259,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
 
     On ranks ≠ 0 of a torch.distributed run it yields ``os.devnull`` and writes nothing: every rank computes the
     same outputs and rank 0 alone writes them (no existence check either: rank 0 may already have written)."""
-    from .distributed import is_main
+    from ..eval.distributed import is_main
     if not is_main():
         yield Path(os.devnull)
         return

@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .storage import atomic_output
+from ..io.formats import atomic_output
 
 if TYPE_CHECKING:  # no runtime import: keeps report importable without pulling matplotlib
-    from .interpolate import Curve
-    from .soup import Leaderboard
+    from ..analysis.curve import Curve
+    from ..search.greedy import Leaderboard
 
 Row = Sequence[Any]
 
@@ -87,7 +87,7 @@ def write_csv(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[Ro
 
 def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) -> Path:
     """Create ``folder`` and make sure none of ``names`` exists in it unless ``force`` (fail before any work)."""
-    from .errors import OutputExists
+    from ..errors import OutputExists
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExists(f"{folder}: exists and is not a folder")
@@ -95,7 +95,7 @@ def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) 
         for n in names:
             if (folder / n).exists():
                 raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)")
-    from .distributed import is_main
+    from ..eval.distributed import is_main
     if is_main():  # under torchrun only rank 0 writes (the other ranks' writers go to os.devnull)
         folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -311,7 +311,7 @@ def write_curves(curves: Sequence["Curve"], folder: str | os.PathLike, results: 
             raise ValueError("curves report different metrics")
         rows += r
     write_csv(paths["csv"], headers, rows, force=force)
-    from .interpolate import barrier_table
+    from ..analysis.curve import barrier_table
     write_csv(paths["barriers"], *barrier_table(curves), force=force)
     plot_curves(curves, paths["png"], force=force)
     return {k: str(v) for k, v in paths.items()}

@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import TensorData, load_data
-from .errors import ConfigError
+from ..eval.data import TensorData, load_data
+from ..errors import ConfigError
 
 KINDS = ("P-T", "RI-T")
 
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "seed": 0,
     "threads": None,
-    "model": "weightspace.zoo:small_cnn",
+    "model": "weightspace.eval.zoo:small_cnn",
     "data": {"source": {}, "target": {}},
     "train": {
         "pretrain": {"epochs": 10, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "augment": "none",
@@ -212,7 +212,7 @@ class Run:
 
     def build(self, num_classes: int) -> torch.nn.Module:
         """A fresh model of the recipe's architecture (random weights from the global RNG)."""
-        from .modules import build_model_for
+        from ..eval.modules import build_model_for
         return build_model_for(self.cfg["model"], num_classes=num_classes, in_chans=self.in_chans)
 
     def note(self, msg: str) -> None:
@@ -240,7 +240,7 @@ class InputTransform(torch.nn.Module):
 
 def _train(run: Run, init: dict, data: TensorData, opts: dict, seed: int, eval_data: TensorData | None,
            num_classes: int, transform: Callable | None = None) -> tuple[dict, list]:
-    from .train import train
+    from ..eval.train import train
     net = run.build(num_classes)
     net.load_state_dict(init)
     model = net if transform is None else InputTransform(transform, net)
@@ -258,7 +258,7 @@ def _seeded_init(run: Run, num_classes: int, seed: int) -> dict:
 
 def pt_init(source: dict, random: dict, reset: Sequence[str], model: torch.nn.Module) -> dict:
     """P-T initialisation: the pre-trained weights, with the ``reset`` modules (e.g. the head) from ``random``."""
-    from .modules import grouping
+    from ..eval.modules import grouping
     groups = grouping(list(random), "tree:layer", model)
     unknown = [r for r in reset if r not in groups]
     if unknown:
@@ -276,7 +276,7 @@ def pt_init(source: dict, random: dict, reset: Sequence[str], model: torch.nn.Mo
 
 
 def _save(run: Run, name: str, sd: dict) -> str:
-    from .saving import save
+    from ..io.save import save
     path = run.out / "checkpoints" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save(sd, path, force=run.force, provenance={"op": "recipe", "recipe": run.cfg["name"], "model": name})
@@ -285,7 +285,7 @@ def _save(run: Run, name: str, sd: dict) -> str:
 
 
 def _save_data(run: Run, d: TensorData) -> None:
-    from .storage import atomic_output
+    from ..io.formats import atomic_output
     path = run.out / "data" / f"{d.name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, run.force) as tmp:
@@ -293,7 +293,7 @@ def _save_data(run: Run, d: TensorData) -> None:
 
 
 def _evaluator(run: Run, data: TensorData):
-    from .evaluation import Evaluator
+    from ..eval.evaluator import Evaluator
     return Evaluator(run.build(data.num_classes), data, device=run.device, batch_size=run.batch_size)
 
 
@@ -373,8 +373,8 @@ def _fig(run: Run, name: str) -> Path:
 # ------------------------------------------------------------------------------------------- the analyses
 def analyse_barriers(run: Run, opts: dict) -> None:
     """(a) Error barriers along the line between two models, for every pair of each kind."""
-    from . import report
-    from .interpolate import interpolation_curve
+    from .. import report
+    from ..analysis.curve import interpolation_curve
     test = run.data["target_test"]
     ev = _evaluator(run, test)
     curves, rows, out = [], [], {}
@@ -425,8 +425,8 @@ def analyse_barriers(run: Run, opts: dict) -> None:
 
 def analyse_similarity(run: Run, opts: dict) -> None:
     """(b) L2 distance (parameters) and CKA (activations on the target test set) within each kind's pairs."""
-    from . import report
-    from .similarity import model_similarity
+    from .. import report
+    from ..analysis.similarity import model_similarity
     test = run.data["target_test"]
     model = run.build(test.num_classes)
     out: dict[str, list] = {}
@@ -481,8 +481,8 @@ def analyse_similarity(run: Run, opts: dict) -> None:
 
 def analyse_rewind(run: Run, opts: dict) -> None:
     """(c) Rewinding one module at a time (to its value at initialisation, or a fresh random draw)."""
-    from . import report
-    from .criticality import rewind
+    from .. import report
+    from ..analysis.criticality import rewind
     test = run.data["target_test"]
     ev = _evaluator(run, test)
     k = test.num_classes
@@ -559,8 +559,8 @@ def _curve_stats(history: list) -> tuple[list[int], list[float]]:
 
 def analyse_block_shuffle(run: Run, opts: dict) -> None:
     """(d) Fine-tune P-T and RI-T on block-shuffled target images, block sizes from the image size down."""
-    from . import report
-    from .transforms import BlockShuffle
+    from .. import report
+    from ..eval.transforms import BlockShuffle
     tr = run.cfg["train"]
     train_d, test_d = run.data["target_train"], run.data["target_test"]
     size = int(train_d.x.shape[-1])
@@ -633,7 +633,7 @@ def analyse_block_shuffle(run: Run, opts: dict) -> None:
 
 def analyse_criticality(run: Run, opts: dict) -> None:
     """Module criticality (Chatterji et al.) of the first P-T and RI-T models on the target training data."""
-    from .criticality import module_criticality
+    from ..analysis.criticality import module_criticality
     ev = _evaluator(run, run.data["target_train"])
     out = {}
     for kind in KINDS:
@@ -664,7 +664,7 @@ RUNNERS: dict[str, Callable[[Run, dict], None]] = {
 # ---------------------------------------------------------------------------------------------- the report
 def render_report(run: Run) -> str:
     """REPORT.md: settings, models, and one section per finding with its verdict and numbers."""
-    from .report import markdown_table
+    from ..report import markdown_table
     cfg = run.cfg
     tr = cfg["train"]
     lines = [f"# {cfg['name']}", ""]
@@ -699,7 +699,7 @@ def render_report(run: Run) -> str:
     return "\n".join(lines)
 
 
-OTHER_KINDS = {"align-barrier": "weightspace.recipes_align:run_align_recipe"}  # kind → its own runner
+OTHER_KINDS = {"align-barrier": "weightspace.experiments.align:run_align_recipe"}  # kind → its own runner
 
 
 def _other_runner(recipe: str | os.PathLike | dict) -> Callable | None:
@@ -724,7 +724,7 @@ def run_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, smal
     if other is not None:
         return other(recipe, out, small=small, overrides=overrides, force=force, progress=progress, device=device,
                      batch_size=batch_size)
-    from . import report
+    from .. import report
     cfg = load_recipe(recipe, small=small, overrides=overrides)
     cfg["small_run"] = small
     out = Path(out)

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..checkpoint import Source, load
+from ..io.checkpoint import Source, load
 from ..errors import IncompatibleCheckpoints, WeightspaceError
-from ..ops import StateDict, _progress, finish_provenance, single_thread
+from ..ops.stream import StateDict, _progress, finish_provenance, single_thread
 
 
 class AlignmentError(WeightspaceError):
@@ -661,7 +661,7 @@ def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", da
             "groups": len(spec.groups), **{k: info[k] for k in ("l2_before", "l2_after")}}
     if method == "weights":
         prov.update(rounds=extra["rounds"], converged=extra["converged"])
-    from .. import __version__
+    from .._version import __version__
     prov["weightspace_version"] = __version__
     out.provenance = finish_provenance(prov, [ca, cb])
     return out, info

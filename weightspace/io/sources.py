@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
-from .errors import SourceError
+from ..errors import SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Preference order inside a folder or a Hub repo: safetensors first (no pickle), single file before shards.

@@ -20,19 +20,19 @@ from typing import Callable
 
 import torch
 
-from . import __version__
-from .data import TensorData, load_data
-from .errors import OutputExists
-from .evaluation import Evaluator
-from .interpolate import interpolation_curve
-from .models import build_model
-from .ops import single_thread
-from .report import CURVE_FILES, LEADERBOARD_FILES, check_outputs, write_curves, write_leaderboard
-from .saving import save
-from .soup import soup_leaderboard
-from .train import train
+from .._version import __version__
+from ..eval.data import TensorData, load_data
+from ..errors import OutputExists
+from ..eval.evaluator import Evaluator
+from ..analysis.curve import interpolation_curve
+from ..eval.models import build_model
+from ..ops.stream import single_thread
+from ..report import CURVE_FILES, LEADERBOARD_FILES, check_outputs, write_curves, write_leaderboard
+from ..io.save import save
+from ..search.greedy import soup_leaderboard
+from ..eval.train import train
 
-MODEL = "weightspace.zoo:small_cnn"
+MODEL = "weightspace.eval.zoo:small_cnn"
 SOURCE_CLASSES = 5
 # learning rate × weight decay × augmentation: the fine-tuning grid (ingredient i also gets its own seed)
 GRID = [(lr, wd, aug) for lr in (0.01, 0.03) for wd in (0.0, 1e-3) for aug in ("none", "shift")]
@@ -131,7 +131,7 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
         ingredients = []
         runs = range(len(grid) + 2)
         if progress:
-            from .progress import progress as _progress_bar
+            from ..progress import progress as _progress_bar
             runs = _progress_bar(runs, desc="train", unit="model")
         for i in runs:
             if i < len(grid):  # fine-tune from the probed start

@@ -7,7 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def module_of(name: str, depth: int | None = None, regex: str | re.Pattern | None = None) -> str:
@@ -223,7 +223,7 @@ def infer_shape_options(model: nn.Module, checkpoint) -> dict:
 def build_model_for(spec: str, checkpoint=None, *, num_classes: int | None = None,
                     in_chans: int | None = None) -> nn.Module:
     """build_model(spec), with num_classes / in_chans read from a checkpoint's shapes where not given."""
-    from .checkpoint import load
+    from ..io.checkpoint import load
     from .models import build_model
     model = build_model(spec, num_classes=num_classes, in_chans=in_chans)
     if checkpoint is None or (num_classes is not None and in_chans is not None):

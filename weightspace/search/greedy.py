@@ -16,13 +16,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import __version__
-from .checkpoint import Checkpoint, Source, load
-from .distributed import sweep
-from .errors import ConfigError
-from .interpolate import model_tensors, short_name
-from .ops import CHUNK_BYTES, PRECISIONS, StateDict, check_compatible, finish_provenance, single_thread, uniform_soup
-from .report import as_table
+from .._version import __version__
+from ..io.checkpoint import Checkpoint, Source, load
+from ..eval.distributed import sweep
+from ..errors import ConfigError
+from ..analysis.curve import model_tensors, short_name
+from ..ops.stream import CHUNK_BYTES, PRECISIONS, StateDict, check_compatible, finish_provenance, single_thread, uniform_soup
+from ..report import as_table
 
 Evaluate = Callable[[Mapping], Any]
 
@@ -34,7 +34,7 @@ def _score(x: Any) -> float:
 
 
 def _bar(it, total: int, desc: str, enabled: bool):
-    from .progress import progress
+    from ..progress import progress
     return progress(it, total=total, desc=desc, enabled=enabled)
 
 
@@ -388,7 +388,7 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
                precision: str = "fp32", progress: bool = False) -> tuple[list[dict], dict[str, StateDict]]:
     """Leaderboard rows for merges of ``ingredients`` onto ``base`` (task arithmetic, TIES): λ picked from ``grid``
     by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
-    from .merge import search_scale
+    from ..ops.merge import search_scale
     if val_evaluate is None:
         val_evaluate = validation_view(evaluate) if _is_evaluator(evaluate) and len(evaluate.datasets) > 1 else evaluate
     rows, merged = [], {}
