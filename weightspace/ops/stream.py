@@ -187,11 +187,20 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
                             out.mul_(c)
                 else:
                     out.add_(t, alpha=c)  # in-place add computes in out's dtype: a half input is added in fp32
-            # NaN/Inf in any input reaches the sum whatever its coefficient, so one check of the result suffices;
-            # only then is each input checked, to name the file.
-            if not allow_nonfinite and not all_finite(out):
-                for ck in cks:
-                    _check_finite(read(ck, key, start, stop), ck, key)
+
+    def verify(key: str, start: int, stop: int, result: torch.Tensor) -> None:
+        """Refuse a non-finite piece of the result (in its stored dtype) unless allowed. NaN/Inf in any input
+        reaches the result whatever its coefficient, so one check of the result suffices; only then is each input
+        checked, to name the file. Finite inputs with a non-finite result overflowed: that is refused too."""
+        if allow_nonfinite:
+            return
+        with single_thread():
+            if all_finite(result):
+                return
+            for ck in cks:
+                _check_finite(read(ck, key, start, stop), ck, key)
+        raise NonFiniteError(f"{ref.source}: key {key!r}: {op} of finite inputs overflows {result.dtype} "
+                             f"(the result holds Inf); use --allow-nonfinite to write it anyway")
 
     def wide_of(dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if (dtype == torch.float64 or acc_dtype == torch.float64) else acc_dtype
@@ -212,6 +221,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
                 acc = scratch[: stop - start]
                 combine(key, start, stop, acc)
                 flat[start:stop].copy_(acc)
+            verify(key, start, stop, flat[start:stop])
         return result
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
@@ -266,7 +276,9 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
                     buf = buffers[(wide, flip)] = torch.empty(n, dtype=wide)
                 acc = buf[: stop - start]
                 combine(key, start, stop, acc)
-                yield key, (acc if wide == dtype else acc.to(dtype))
+                piece = acc if wide == dtype else acc.to(dtype)
+                verify(key, start, stop, piece)
+                yield key, piece
 
     prov = {
         "op": op,
@@ -275,6 +287,8 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         "ingredients": [{"source": c.source, **({"variant": c.variant} if c.variant else {})} for c in cks],
         "weightspace_version": __version__,
     }
+    if allow_nonfinite:  # the output may hold NaN/Inf on purpose: say so where the output is described
+        prov["allow_nonfinite"] = True
     if tied:
         prov["tied"] = dict(sorted(tied.items()))
     if extra:
@@ -282,14 +296,25 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
     return TensorStream(entries, produce, prov, cks, tied, pieces)
 
 
-def _normalised_weights(weights: Sequence[float]) -> list[float]:
+def normalised_weights(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to 1, computed without overflow or underflow (1e308,1e308 and 1e-300,1e-300 both give
+    0.5,0.5). Raises ConfigError for non-finite weights, or weights whose sum is zero relative to their size."""
     w = [float(x) for x in weights]
     if any(not math.isfinite(x) for x in w):
         raise ConfigError("weights must be finite numbers")
-    s = sum(w)
+    # Scale by the largest magnitude first: the scaled weights lie in [-1, 1], so their exact sum (fsum) neither
+    # overflows nor underflows, and "sums to zero" means cancellation, not small weights.
+    m = max((abs(x) for x in w), default=0.0)
+    if m == 0.0:
+        raise ConfigError("weights sum to zero")
+    scaled = [x / m for x in w]
+    s = math.fsum(scaled)
     if abs(s) < 1e-12:
         raise ConfigError("weights sum to zero")
-    return [x / s for x in w]
+    out = [x / s for x in scaled]
+    if not all(math.isfinite(x) for x in out):
+        raise ConfigError("weights nearly cancel: normalising them overflows")
+    return out
 
 
 def uniform_soup_stream(sources: Sequence[Source], **kw) -> TensorStream:
@@ -302,7 +327,7 @@ def weighted_average_stream(sources: Sequence[Source], weights: Sequence[float],
     """Streaming weighted average; weights are normalised to sum to 1 (the raw ones are recorded)."""
     if len(weights) != len(sources):
         raise ConfigError(f"weighted average: {len(weights)} weights for {len(sources)} checkpoints")
-    return linear_combination(sources, _normalised_weights(weights), op="weighted_average",
+    return linear_combination(sources, normalised_weights(weights), op="weighted_average",
                               extra={"weights_given": [float(x) for x in weights]}, **kw)
 
 
