@@ -97,10 +97,17 @@ def main() -> None:
     """
     import os
     if (os.environ.get("WORLD_SIZE") or "1") != "1":  # launched by torchrun: torch is needed now anyway
+        from weightspace import files
         from weightspace.eval import distributed
         distributed.init_from_env()
-        distributed.silence_other_ranks()
-        click.get_current_context().call_on_close(distributed.teardown)
+        ctx = click.get_current_context()
+        ctx.call_on_close(distributed.teardown)
+        if not distributed.is_main():
+            # The CLI's rule, not the library's: every rank computes the same results, rank 0 alone prints them
+            # and writes the files (the library itself always writes, so ws.save works inside a user's DDP job).
+            distributed.silence_other_ranks()
+            before = files.discard_writes(True)
+            ctx.call_on_close(lambda: files.discard_writes(before))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """torch.distributed on this CPU: 2 gloo processes launched by torchrun give exactly the single-process metrics and
-files (greedy soup, barrier curve, leaderboard; --parallel data and points), only rank 0 writes or prints, and an
-error in one rank's share of a sweep stops every rank with the same one-line error."""
+files (greedy soup, barrier curve, leaderboard; --parallel data and points), only rank 0 of the CLI writes or
+prints (while ws.save in the user's own group writes on every rank), and an error in one rank's share of a sweep
+stops every rank with the same one-line error."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import weightspace as ws
 from evalhelpers import CNN, save_all, train_cnns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,6 +53,9 @@ WORKER = textwrap.dedent("""
             codes.append(0)
         except SystemExit as e:
             codes.append(e.code)
+    # After the CLI, the library in the user's own group: ws.save writes on every rank that calls it.
+    import torch, weightspace as ws
+    ws.save({"w": torch.full((2,), float(dist.get_rank()))}, os.path.join(logdir, f"own{os.environ['RANK']}.safetensors"))
     dist.destroy_process_group()
     with open(os.path.join(logdir, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({"codes": codes, "writes": writes}, f)
@@ -124,6 +129,8 @@ def test_two_gloo_ranks_match_one_process_exactly(ckpts, tmp_path, cli):
     assert launch.returncode == 0, launch.stderr[-3000:]
     log = {r: json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert log[0]["codes"] == log[1]["codes"] == [0, 0, 0, 2]
+    for r in (0, 1):  # the CLI's rank-0 rule ended with the CLI: the user's own ws.save wrote on both ranks
+        assert ws.load(str(logs / f"own{r}.safetensors"))["w"].tolist() == [float(r)] * 2
 
     # Only rank 0 printed (three JSON documents; the failing run prints its error on stderr) ...
     soup_data, soup_points, curve_data = json_docs(launch.stdout)

@@ -348,8 +348,8 @@ class FeatureTaps:
             return
         from safetensors.torch import save_file
 
-        from ..io.formats import atomic_output
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..files import atomic_output, make_folder
+        make_folder(path.parent)
         tensors = {f"x/{k}": v.contiguous() for k, v in feats.x.items()}
         tensors["y"] = feats.y.contiguous()
         meta = {"key": key, "layers": feats.layers, "shapes": feats.shapes}

@@ -9,8 +9,9 @@ Two ways to use N processes (``--parallel``):
   results are all-gathered so every rank holds all of them in the original order. Sequential steps (the greedy
   soup's accept/reject pass) run on every rank alike.
 
-Both give bit-identical metrics to one process (same batches, same reduction order). Only rank 0 writes files:
-``storage.atomic_output`` hands the other ranks ``os.devnull``, and every writer goes through it.
+Both give bit-identical metrics to one process (same batches, same reduction order). The library writes on every
+rank that asks it to; the CLI lets only rank 0 print and write (``silence_other_ranks`` and
+``weightspace.files.discard_writes`` in ranks ≠ 0).
 """
 from __future__ import annotations
 

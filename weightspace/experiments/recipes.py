@@ -276,18 +276,19 @@ def pt_init(source: dict, random: dict, reset: Sequence[str], model: torch.nn.Mo
 
 
 def _save(run: Run, name: str, sd: dict) -> str:
+    from ..files import make_folder
     from ..io.save import save
     path = run.out / "checkpoints" / f"{name}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     save(sd, path, force=run.force, provenance={"op": "recipe", "recipe": run.cfg["name"], "model": name})
     run.checkpoints[name] = str(path)
     return str(path)
 
 
 def _save_data(run: Run, d: TensorData) -> None:
-    from ..io.formats import atomic_output
+    from ..files import atomic_output, make_folder
     path = run.out / "data" / f"{d.name}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     with atomic_output(path, run.force) as tmp:
         torch.save({"x": d.x.contiguous(), "y": d.y.contiguous()}, tmp)
 

@@ -1,4 +1,4 @@
-"""Raw safetensors reading and writing, one tensor at a time, plus atomic file replacement.
+"""Raw safetensors reading and writing, one tensor at a time (atomic replacement of the output: ``weightspace.files``).
 
 We read safetensors with positioned reads (``os.pread``) rather than keeping every input memory-mapped:
 mapped pages of N open files all count towards resident memory, while a pread lands in one buffer that is
@@ -11,16 +11,15 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
-from ..errors import CheckpointError, OutputExists
+from ..errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -251,42 +250,6 @@ def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], meta
     raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
     return struct.pack("<Q", len(raw)) + raw, sizes
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync and rename it into place, on failure remove it.
-
-    On ranks ≠ 0 of a torch.distributed run it yields ``os.devnull`` and writes nothing: every rank computes the
-    same outputs and rank 0 alone writes them (no existence check either: rank 0 may already have written)."""
-    from ..eval.distributed import is_main
-    if not is_main():
-        yield Path(os.devnull)
-        return
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExists(f"{path}: already exists (use --force to overwrite)")
-    if path.is_dir():
-        raise OutputExists(f"{path}: is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CheckpointError(f"{path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-        with contextlib.suppress(OSError):
-            dfd = os.open(parent, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

@@ -14,7 +14,8 @@ from .._version import __version__
 from .checkpoint import Checkpoint, _find_aliases
 from ..errors import CheckpointError, ConfigError
 from ..ops.stream import StateDict, TensorStream, finish_provenance
-from .formats import atomic_output, header_for, write_safetensors
+from ..files import atomic_output
+from .formats import header_for, write_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 PLACEHOLDER = "0" * 64

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..io.formats import atomic_output
+from ..files import atomic_output, make_folder
 
 if TYPE_CHECKING:  # no runtime import: keeps report importable without pulling matplotlib
     from ..analysis.curve import Curve
@@ -95,10 +95,7 @@ def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) 
         for n in names:
             if (folder / n).exists():
                 raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)")
-    from ..eval.distributed import is_main
-    if is_main():  # under torchrun only rank 0 writes (the other ranks' writers go to os.devnull)
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return make_folder(folder)
 
 
 # ---------------------------------------------------------------------------------------------------- plotting
