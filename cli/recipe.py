@@ -28,7 +28,7 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
         batch_size: int, as_json: bool, quiet: bool) -> None:
     """Train the recipe's models, run its analyses and write REPORT.md with a verdict per finding."""
     from weightspace.eval.evaluator import resolve_device
-    from weightspace.experiments.recipes import run_recipe
+    from weightspace.experiments.runner import run_recipe
 
     from .common import markdown_table, print_json
     r = run_recipe(recipe_file, out_dir, small=small, overrides=overrides, force=force, progress=not quiet,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import weightspace as ws
 from weightspace.errors import ConfigError, IncompatibleCheckpoints
-from weightspace.ops.merge import MERGE_METHODS, kth_largest_magnitudes, merge, plan_merge, search_scale
+from weightspace.ops.merge import kth_largest_magnitudes, method_names, merge, plan_merge, search_scale
 
 
 
@@ -53,7 +53,7 @@ def finetunes(tmp_path_factory, digits):
 
 
 def test_registry_names():
-    assert sorted(MERGE_METHODS) == ["task-arithmetic", "ties"]
+    assert sorted(method_names()) == ["task-arithmetic", "ties"]
 
 
 def test_ties_worked_example():

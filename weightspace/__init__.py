@@ -30,7 +30,7 @@ from .search.learned import LearnedSoupResult, learned_soup  # noqa: E402
 from .analysis.criticality import CriticalityResult, RewindResult, module_criticality, rewind  # noqa: E402
 from .analysis.similarity import SimilarityResult, linear_cka, model_similarity, rbf_cka  # noqa: E402
 from .eval.transforms import BlockShuffle, parse_transform  # noqa: E402
-from .experiments.recipes import run_recipe  # noqa: E402
+from .experiments.runner import run_recipe  # noqa: E402
 from .analysis.probe import ProbeResult, probe  # noqa: E402
 from .analysis.head2toe import Head2ToeResult, head2toe  # noqa: E402
 from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402

@@ -26,34 +26,20 @@ from ._version import __version__
 from .io.checkpoint import Checkpoint, load, load_pickle
 from .errors import OutputExists, WeightspaceError
 from .report import markdown_table
+from .registry import REGISTRY, Entry
+# Each op registers its title, formula and paper beside its code: importing these modules fills the registry.
+from .ops import merge as _merge_methods, stream as _stream  # noqa: F401
+from .search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
 
 
 WEIGHTS_NAME = {"timm": "model.safetensors", "pytorch": "model.safetensors",
                 "open_clip": "open_clip_model.safetensors"}
 
-_SOUPS = ("Wortsman et al. 2022", "Model soups: averaging weights of multiple fine-tuned models improves accuracy "
-          "without increasing inference time", "ICML 2022", "https://arxiv.org/abs/2203.05482")
-_TASK_ARITHMETIC = ("Ilharco et al. 2023", "Editing Models with Task Arithmetic", "ICLR 2023",
-                    "https://arxiv.org/abs/2212.04089")
-_TIES = ("Yadav et al. 2023", "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
-         "https://arxiv.org/abs/2306.01708")
-_LMC = ("Frankle et al. 2020", "Linear Mode Connectivity and the Lottery Ticket Hypothesis", "ICML 2020",
-        "https://arxiv.org/abs/1912.05671")
+def method_entry(op: str) -> Entry | None:
+    """The registry entry of a provenance ``op`` (ops and merge methods), or None for an op it does not know."""
+    return REGISTRY.find(op, ("op", "merge")) if op else None
 
-# provenance "op" -> (title, what it does, paper)
-METHODS: dict[str, tuple[str, str, tuple[str, str, str, str]]] = {
-    "uniform_soup": ("Uniform soup", "the plain mean of the ingredients' weights", _SOUPS),
-    "greedy_soup": ("Greedy soup", "ingredients sorted by held-out validation accuracy and added one at a time, "
-                    "kept only when the soup's validation accuracy does not drop; the kept ones are averaged", _SOUPS),
-    "weighted_average": ("Weighted soup", "a weighted mean of the ingredients' weights", _SOUPS),
-    "lerp": ("Linear interpolation", "(1−α)·θ_A + α·θ_B between two checkpoints", _LMC),
-    "task_vector": ("Task vector", "τ = θ_fine-tuned − θ_base", _TASK_ARITHMETIC),
-    "task_arithmetic": ("Task arithmetic", "θ_base + λ·Σ τ_t, the sum of the task vectors added to the base",
-                        _TASK_ARITHMETIC),
-    "ties": ("TIES-merging", "each task vector trimmed to its largest magnitudes, signs elected per parameter, "
-             "then a disjoint mean added to the base", _TIES),
-}
-_MERGES = set(METHODS)
+
 _SCORE_SKIP = {"source", "sha256", "variant", "role", "n", "rank", "error"}  # counts, ranks and 1 − accuracy add columns, not information
 _RESULT_KEYS = ("source", "path", "checkpoint", "file")
 
@@ -392,7 +378,8 @@ def _front_matter(library: str, base: list[str], op: str) -> str:
         meta["pipeline_tag"] = "zero-shot-image-classification"
     if base:
         meta["base_model"] = base[0] if len(base) == 1 else base
-        if op in _MERGES:
+        entry = method_entry(op)
+        if entry is not None and entry.name != "align":  # a permutation of one checkpoint is not a merge
             meta["base_model_relation"] = "merge"
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
@@ -401,7 +388,9 @@ def model_card(repo_id: str, prov: Mapping, library: str, run: RunFolder, base: 
                config_source: str, weights_name: str) -> str:
     """README.md: front matter, method and paper, ingredients, scores, leaderboard, curve, usage, raw provenance."""
     op = str(prov.get("op", ""))
-    title, what, paper = METHODS.get(op, (op.replace("_", " ").capitalize() or "Checkpoint", "", None))
+    entry = method_entry(op)
+    title = entry.title if entry else (op.replace("_", " ").capitalize() or "Checkpoint")
+    what, paper = (entry.summary, entry.paper) if entry else ("", None)
     n = len(prov.get("ingredients", []) or [])
     out = [_front_matter(library, base, op), f"# {repo_id.split('/')[-1]}", ""]
     made = f"{title} of {n} checkpoint{'s' if n != 1 else ''}" if n else title
@@ -409,7 +398,7 @@ def model_card(repo_id: str, prov: Mapping, library: str, run: RunFolder, base: 
     if what:
         out.append(f"**{title}**: {what}.")
     if paper:
-        out.append(f"Paper: {paper[0]}, *{paper[1]}*, {paper[2]} ({paper[3]}).")
+        out.append(f"Paper: {paper.cite()}.")
     details = {k: prov[k] for k in ("alpha", "rule", "keep", "lambda", "scale", "precision", "soup_val_score")
                if k in prov}
     if details:

@@ -14,7 +14,7 @@ Findings: (a) the unaligned pair shows a clear error barrier (≥ ``clear_barrie
 the chord error barrier on the test set: max over α of the error above the straight line between the ends.
 
 Run with ``weightspace recipe run recipes/align-barrier.yaml --out DIR [--small] [--set KEY=VALUE]``; the runner
-is reached from ``weightspace.experiments.recipes.run_recipe`` through the recipe's ``kind``.
+is reached from ``weightspace.experiments.runner.run_recipe`` through the recipe's ``kind`` (the registry).
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..registry import Entry, register
+from ..search.align import REBASIN_PAPER
 
 KIND = "align-barrier"
 FIXES = ("none", "recalibrate_bn", "repair")
@@ -84,7 +86,7 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                      overrides: Sequence[str] = (), force: bool = False, progress: bool = True, device: str = "cpu",
                      batch_size: int = 256) -> dict:
     """Train the models, align, measure the barriers before/after; write checkpoints/, results.json, CSV, PNGs,
-    REPORT.md. Returns {"findings", "timings", "out"} like ``recipes.run_recipe``."""
+    REPORT.md. Returns {"findings", "timings", "out"} like ``recipes.run_transfer_recipe``."""
     from .. import report
     from ..search.align import align
     from ..eval.data import load_data
@@ -281,3 +283,11 @@ def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], f
     lines += ["", "Checkpoints of both models and of every aligned B are in `checkpoints/` (any `weightspace "
               "interpolate` / `soup` command accepts them); every number is in `results.json` and `barriers.csv`.", ""]
     return "\n".join(lines)
+
+
+register(Entry("recipe", KIND, "Alignment and the barrier",
+               "barrier(A, B) vs barrier(A, P(B)) with stored, re-estimated or REPAIRed BatchNorm statistics",
+               "two models trained from different random initialisations, B aligned to A (Git Re-Basin), barrier "
+               "curves before and after alignment under each BatchNorm treatment", REBASIN_PAPER,
+               {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
+               target=run_align_recipe))

@@ -28,6 +28,7 @@ import torch
 
 from ..eval.data import TensorData, load_data
 from ..errors import ConfigError
+from ..registry import Entry, Paper, register
 
 KINDS = ("P-T", "RI-T")
 
@@ -119,7 +120,7 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     """Read a recipe (file or dict), apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
     raw, where = read_recipe(source)
     if raw.get("kind", "transfer") != "transfer":
-        raise ConfigError(f"{where}: unknown recipe kind '{raw.get('kind')}' (known: transfer, {', '.join(OTHER_KINDS)})")
+        raise ConfigError(f"{where}: not a transfer recipe (kind: {raw.get('kind')}); run it with run_recipe")
     pending = []
     if small:
         for k, v in (raw.get("small") or {}).items():
@@ -700,31 +701,15 @@ def render_report(run: Run) -> str:
     return "\n".join(lines)
 
 
-OTHER_KINDS = {"align-barrier": "weightspace.experiments.align:run_align_recipe"}  # kind → its own runner
+def run_transfer_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
+                        overrides: Sequence[str] = (), force: bool = False, progress: bool = True,
+                        device: str = "cpu", batch_size: int = 256) -> dict:
+    """Run a ``transfer`` recipe end to end into ``out``: checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md.
 
-
-def _other_runner(recipe: str | os.PathLike | dict) -> Callable | None:
-    """The runner of a recipe whose ``kind`` has its own module (None for transfer recipes and unreadable files)."""
-    import importlib
-    try:
-        raw, _ = read_recipe(recipe)
-    except ConfigError:
-        return None  # load_recipe reports it
-    kind = raw.get("kind")
-    if kind not in OTHER_KINDS:
-        return None
-    module, _, fn = OTHER_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), fn)
-
-
-def run_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
-               overrides: Sequence[str] = (), force: bool = False, progress: bool = True,
-               device: str = "cpu", batch_size: int = 256) -> dict:
-    """Run a recipe end to end into ``out``: checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md."""
-    other = _other_runner(recipe)
-    if other is not None:
-        return other(recipe, out, small=small, overrides=overrides, force=force, progress=progress, device=device,
-                     batch_size=batch_size)
+    Raises:
+        ConfigError: the recipe is malformed or not of kind ``transfer``.
+        OutputExists: ``out`` holds an earlier run and ``force`` is False.
+    """
     from .. import report
     cfg = load_recipe(recipe, small=small, overrides=overrides)
     cfg["small_run"] = small
@@ -758,3 +743,12 @@ def run_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, smal
     report.write_json(out / "timing.json", {"seconds": run.timings, "threads": torch.get_num_threads() if not threads
                                             else int(threads)}, force=True)
     return {"findings": run.findings, "timings": run.timings, "out": str(out)}
+
+
+TRANSFER_PAPER = Paper("Neyshabur, Sedghi & Zhang", 2020, "What is being transferred in transfer learning?",
+                       "NeurIPS 2020", "https://arxiv.org/abs/2008.11687")
+register(Entry("recipe", "transfer", "What is being transferred",
+               "barrier(P-T pair) vs barrier(RI-T pair); L2/CKA within pairs; per-module rewinding; block shuffles",
+               "pre-trained (P-T) and random-init (RI-T) models fine-tuned on a target task from shared "
+               "initialisations, compared by barriers, distances, CKA, module rewinding and block-shuffled inputs",
+               TRANSFER_PAPER, {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")}, target=run_transfer_recipe))

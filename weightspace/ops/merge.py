@@ -16,14 +16,23 @@ import torch
 from .._version import __version__
 from ..io.checkpoint import Checkpoint, Source, load
 from ..errors import ConfigError
-from .stream import (PRECISIONS, StateDict, TensorStream, _check_finite, _progress, _ranges, check_compatible,
-                  finish_provenance, single_thread)
+from ..registry import REGISTRY, Entry, Paper, register as register_entry
+from .stream import (PRECISIONS, TASK_ARITHMETIC_PAPER, StateDict, TensorStream, _check_finite, _progress, _ranges,
+                     check_compatible, finish_provenance, single_thread)
+
+TIES_PAPER = Paper("Yadav et al.", 2023, "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
+                   "https://arxiv.org/abs/2306.01708")
 
 
 class MergeMethod:
-    """One merge method: turns the task vectors of one key into a merged task vector."""
+    """One merge method: turns the task vectors of one key into a merged task vector.
+
+    ``entry`` describes it in the one registry (weightspace.registry: title, formula, paper, defaults); its
+    ``defaults`` are the keyword arguments of ``__init__`` and of the ``scale`` λ.
+    """
 
     name: ClassVar[str] = ""
+    entry: ClassVar[Entry]
 
     def prepare(self, plan: "MergePlan") -> dict:
         """An optional first pass over all keys (e.g. a global threshold); returns provenance fields."""
@@ -35,20 +44,26 @@ class MergeMethod:
         raise NotImplementedError
 
 
-MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+def register(entry: Entry) -> Callable[[type[MergeMethod]], type[MergeMethod]]:
+    """Class decorator: register a merge method in the one registry (family ``merge``) under ``entry.name``."""
+    def deco(cls: type[MergeMethod]) -> type[MergeMethod]:
+        cls.name = entry.name
+        cls.entry = register_entry(Entry("merge", entry.name, entry.title, entry.formula, entry.summary, entry.paper,
+                                         entry.defaults, target=cls))
+        return cls
+    return deco
 
 
-def register(cls: type[MergeMethod]) -> type[MergeMethod]:
-    """Class decorator: make a merge method available under its ``name``."""
-    MERGE_METHODS[cls.name] = cls
-    return cls
+def method_names() -> list[str]:
+    """The registered merge methods, e.g. ['task-arithmetic', 'ties']."""
+    return REGISTRY.names("merge")
 
 
-@register
+@register(Entry("merge", "task-arithmetic", "Task arithmetic", "θ = θ_base + λ·Σ_t τ_t,  τ_t = θ_t − θ_base",
+                "θ_base + λ·Σ τ_t, the sum of the task vectors added to the base", TASK_ARITHMETIC_PAPER,
+                {"scale": 1.0}))
 class TaskArithmetic(MergeMethod):
     """Task arithmetic (Ilharco et al. 2023): δ = Σ_t τ_t."""
-
-    name = "task-arithmetic"
 
     def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
         acc = taus[0]
@@ -57,14 +72,15 @@ class TaskArithmetic(MergeMethod):
         return acc
 
 
-@register
+@register(Entry("merge", "ties", "TIES-merging",
+                "θ = θ_base + λ·δ,  δ = disjoint mean of trim_k(τ_t) agreeing with sign(Σ_t trim_k(τ_t))",
+                "each task vector trimmed to its largest magnitudes, signs elected per parameter, then a disjoint "
+                "mean added to the base", TIES_PAPER, {"scale": 1.0, "keep": 0.2}))
 class Ties(MergeMethod):
     """TIES-merging (Yadav et al. 2023): trim each τ_t to its top-k magnitudes, elect signs, disjoint mean."""
 
-    name = "ties"
-
-    def __init__(self, keep: float = 0.2):
-        keep = float(keep)
+    def __init__(self, keep: float | None = None):
+        keep = float(self.entry.defaults["keep"] if keep is None else keep)
         if not (0.0 < keep <= 1.0) or not math.isfinite(keep):
             raise ConfigError(f"--keep {keep}: must be a fraction in (0, 1]")
         self.keep = keep
@@ -221,9 +237,7 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
         if options:
             raise ConfigError(f"merge: options {sorted(options)} given with a ready {type(method).__name__}")
         return method
-    cls = MERGE_METHODS.get(method)
-    if cls is None:
-        raise ConfigError(f"--method {method}: expected one of {', '.join(sorted(MERGE_METHODS))}")
+    cls = REGISTRY.get("merge", method, what=f"--method {method}").target
     try:
         return cls(**options)
     except TypeError:
@@ -292,7 +306,7 @@ def _whole(m: MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Ten
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
           progress: bool = False, ema: bool = False, **options) -> TensorStream:
-    """Stream θ_pre + λ·δ for a registered method (see MERGE_METHODS); save it with ``weightspace.save``."""
+    """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``."""
     scale = float(scale)
     if not math.isfinite(scale):
         raise ConfigError(f"--scale {scale}: must be a finite number")

@@ -16,6 +16,7 @@ import torch
 from .._version import __version__
 from ..io.checkpoint import Checkpoint, Source, load
 from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
+from ..registry import Entry, Paper, register
 from ..eval.modules import module_of
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -362,6 +363,23 @@ def lerp(a: Source, b: Source, alpha: float, **kw) -> StateDict:
 def task_vector(a: Source, base: Source, **kw) -> StateDict:
     """Task vector τ = a − base (Ilharco et al. 2023)."""
     return task_vector_stream(a, base, **kw).to_dict()
+
+
+SOUPS_PAPER = Paper("Wortsman et al.", 2022, "Model soups: averaging weights of multiple fine-tuned models improves "
+                    "accuracy without increasing inference time", "ICML 2022", "https://arxiv.org/abs/2203.05482")
+LMC_PAPER = Paper("Frankle et al.", 2020, "Linear Mode Connectivity and the Lottery Ticket Hypothesis", "ICML 2020",
+                  "https://arxiv.org/abs/1912.05671")
+TASK_ARITHMETIC_PAPER = Paper("Ilharco et al.", 2023, "Editing Models with Task Arithmetic", "ICLR 2023",
+                              "https://arxiv.org/abs/2212.04089")
+
+register(Entry("op", "uniform-soup", "Uniform soup", "θ = (1/N)·Σ_i θ_i",
+               "the plain mean of the ingredients' weights", SOUPS_PAPER, target=uniform_soup))
+register(Entry("op", "weighted-average", "Weighted soup", "θ = Σ_i w_i·θ_i / Σ_i w_i",
+               "a weighted mean of the ingredients' weights", SOUPS_PAPER, target=weighted_average))
+register(Entry("op", "lerp", "Linear interpolation", "θ(α) = (1−α)·θ_A + α·θ_B",
+               "(1−α)·θ_A + α·θ_B between two checkpoints", LMC_PAPER, target=lerp))
+register(Entry("op", "task-vector", "Task vector", "τ = θ_fine-tuned − θ_base",
+               "the difference of a fine-tuned checkpoint and its base", TASK_ARITHMETIC_PAPER, target=task_vector))
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch import fx, nn
 from ..io.checkpoint import Source, load
 from ..errors import IncompatibleCheckpoints, WeightspaceError
 from ..ops.stream import StateDict, _progress, finish_provenance, single_thread
+from ..registry import Entry, Paper, register
 
 
 class AlignmentError(WeightspaceError):
@@ -665,3 +666,11 @@ def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", da
     prov["weightspace_version"] = __version__
     out.provenance = finish_provenance(prov, [ca, cb])
     return out, info
+
+
+REBASIN_PAPER = Paper("Ainsworth et al.", 2023, "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+                      "ICLR 2023", "https://arxiv.org/abs/2209.04836")
+register(Entry("op", "align", "Permutation alignment", "θ_B' = P(θ_B),  P = argmin_P ‖θ_A − P(θ_B)‖ (weight matching) "
+               "or the activation-matching permutation",
+               "B's hidden units permuted to match A's (weight or activation matching); B's function is unchanged",
+               REBASIN_PAPER, {"method": "weights", "seed": 0, "max_rounds": 100}, target=align))

@@ -21,7 +21,9 @@ from ..io.checkpoint import Checkpoint, Source, load
 from ..eval.distributed import sweep
 from ..errors import ConfigError
 from ..analysis.curve import model_tensors, short_name
-from ..ops.stream import CHUNK_BYTES, PRECISIONS, StateDict, check_compatible, finish_provenance, single_thread, uniform_soup
+from ..ops.stream import (CHUNK_BYTES, PRECISIONS, SOUPS_PAPER, StateDict, check_compatible, finish_provenance,
+                          single_thread, uniform_soup)
+from ..registry import Entry, register
 from ..report import as_table
 
 Evaluate = Callable[[Mapping], Any]
@@ -207,6 +209,13 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
     soup.provenance_from(lambda: finish_provenance(prov, [cks[i] for i in kept]))
     return soup, result
 
+
+
+register(Entry("op", "greedy-soup", "Greedy soup", "θ = mean of {θ_i kept}, adding θ_(1), θ_(2), … by validation "
+               "score while score(soup) ≥ score(soup without it)",
+               "ingredients sorted by held-out validation accuracy and added one at a time, kept only when the "
+               "soup's validation accuracy does not drop; the kept ones are averaged", SOUPS_PAPER,
+               {"strict": False}, target=greedy_soup))
 
 def greedy_ensemble(logits: Sequence[Mapping[str, torch.Tensor]], val_scores: Sequence[float],
                     score_logits: Callable[[dict[str, torch.Tensor]], float], *,

@@ -32,7 +32,8 @@ from .._version import __version__
 from ..io.checkpoint import Source, load
 from ..eval.data import TensorData
 from ..errors import ConfigError
-from ..ops.stream import StateDict, check_compatible, finish_provenance
+from ..ops.stream import SOUPS_PAPER, StateDict, check_compatible, finish_provenance
+from ..registry import Entry, register
 
 
 @dataclass
@@ -193,3 +194,9 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         prov["coefficients_by_tensor"] = by_tensor
     soup.provenance = finish_provenance(prov, cks)
     return soup, result
+
+
+register(Entry("op", "learned-soup", "Learned soup", "θ = Σ_i softmax(β)_i·θ_i,  β minimising the validation loss",
+               "softmax-normalised mixing coefficients (one per ingredient, or per ingredient and tensor) optimised "
+               "on held-out validation data by gradient descent", SOUPS_PAPER,
+               {"steps": 100, "lr": 0.05, "by_layer": False, "seed": 0}, target=learned_soup))

@@ -1,0 +1,61 @@
+"""The one registry of ops, merge methods and recipe kinds: what reads it (CLI, model card, docs, recipe dispatch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import weightspace  # noqa: F401  (registers every entry)
+from weightspace.errors import ConfigError
+from weightspace.registry import REGISTRY, Entry, Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_family_is_filled_and_every_entry_is_complete():
+    assert set(REGISTRY.names("merge")) == {"task-arithmetic", "ties"}
+    assert {"transfer", "align-barrier"} <= set(REGISTRY.names("recipe"))
+    assert {"uniform-soup", "weighted-average", "greedy-soup", "learned-soup", "lerp"} <= set(REGISTRY.names("op"))
+    for e in REGISTRY:
+        assert e.title and e.formula and e.summary and e.target is not None, e.name
+        assert e.paper is not None and e.paper.url.startswith("https://"), e.name
+
+
+def test_names_match_with_underscores_and_unknown_names_list_the_known():
+    assert REGISTRY.get("merge", "task_arithmetic") is REGISTRY.get("merge", "Task-Arithmetic")
+    assert REGISTRY.find("greedy_soup").title == "Greedy soup"  # a provenance op finds its entry
+    assert REGISTRY.find("no_such_op") is None
+    with pytest.raises(ConfigError, match=r"--method dare: expected one of task-arithmetic, ties"):
+        REGISTRY.get("merge", "dare", what="--method dare")
+
+
+def test_a_name_is_registered_once():
+    reg = Registry()
+    reg.add(Entry("op", "x", "X", "x", "x", target=len))
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add(Entry("op", "x", "X again", "x", "x", target=max))
+    with pytest.raises(ValueError, match="unknown family"):
+        reg.add(Entry("plugin", "y", "Y", "y", "y"))
+
+
+def test_merge_method_defaults_come_from_the_registry():
+    from weightspace.ops.merge import Ties
+    assert Ties.entry is REGISTRY.get("merge", "ties")
+    assert Ties().keep == REGISTRY.get("merge", "ties").defaults["keep"]
+
+
+def test_docs_methods_page_is_the_commands_output(cli):
+    r = cli("methods")
+    assert r.exit_code == 0, r.stderr
+    table = r.stdout.strip()
+    assert table.count("\n") == len(REGISTRY.entries()) + 1
+    assert table in (ROOT / "docs" / "methods.md").read_text(), "regenerate docs/methods.md with `weightspace methods`"
+
+
+def test_a_recipe_kind_is_dispatched_through_the_registry(cli, tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("kind: soup-of-the-day\n")
+    r = cli("recipe", "run", bad, "--out", tmp_path / "run")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "unknown recipe kind 'soup-of-the-day'" in r.stderr and "align-barrier, transfer" in r.stderr
+    assert not (tmp_path / "run").exists()
