@@ -92,8 +92,10 @@ def _point(a, b, alpha, output, force, fmt, ema, precision, allow_nonfinite, as_
 def _curves(pairs, model_spec, num_classes, in_chans, batch_size, device, data_specs, steps, alphas, recal_spec,
             out_dir, force, ema, precision, as_json, quiet, repair_spec=None, align_method=None, align_spec=None) -> None:
     from weightspace import load
-    from weightspace.analysis.curve import barrier_table, interpolation_curve, short_name
-    from weightspace.report import CURVE_FILES, check_outputs, jsonable, markdown_table, write_curves
+    from weightspace.analysis.curve import barrier_table, interpolation_curve
+    from weightspace.io.sources import short_name
+    from weightspace.analysis.curve import CURVE_FILES, write_curves
+    from weightspace.report import check_outputs, jsonable, markdown_table
     if out_dir:
         check_outputs(out_dir, CURVE_FILES + (("results.json",) if align_method else ()), force)
     grid = parse_floats(alphas, "--alphas") if alphas else None

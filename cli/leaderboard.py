@@ -26,7 +26,8 @@ def leaderboard(checkpoints: tuple[str, ...], model_spec: str | None, num_classe
     decoded once and held on the device. E.g. which pre-training checkpoint transfers best.
     """
     from weightspace import load
-    from weightspace.report import LEADERBOARD_FILES, check_outputs, markdown_table, write_leaderboard
+    from weightspace.report import check_outputs, markdown_table
+    from weightspace.search.greedy import LEADERBOARD_FILES, write_leaderboard
     from weightspace.search.greedy import leaderboard as rank_checkpoints
     require(model_spec, "--model", "to evaluate checkpoints")
     require(data_specs, "--data", "to evaluate checkpoints")

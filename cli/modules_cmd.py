@@ -26,7 +26,7 @@ def modules_cmd(checkpoint: str | None, grouping: str, model_spec: str | None, n
     from pathlib import Path
 
     from weightspace import report
-    from weightspace.io.checkpoint import load
+    from weightspace.io.sources import load
     from weightspace.eval.modules import model_units
 
     from ._analysis import emit, model_factory, precheck

@@ -120,7 +120,8 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
               repair_spec=None, merges=(), base=None, scales=None, keep=0.2) -> None:
     from weightspace import load, save
     from weightspace.errors import OutputExists
-    from weightspace.report import LEADERBOARD_FILES, check_outputs, markdown_table, write_leaderboard
+    from weightspace.report import check_outputs, markdown_table
+    from weightspace.search.greedy import LEADERBOARD_FILES, write_leaderboard
     from weightspace.search.greedy import soup_leaderboard
     # Refuse existing outputs before minutes of evaluation, not after.
     if output and Path(output).exists() and not force:
@@ -142,7 +143,7 @@ def _evaluate(checkpoints, method, strict, output, model_spec, num_classes, in_c
     learned_info = None
     if method == "learned":
         from weightspace.search.learned import learned_soup
-        from weightspace.report import as_table
+        from weightspace.eval.contract import as_table
         from weightspace.search.greedy import tell_members
         soups["learned"], lres = learned_soup(ingredients, ev.model, ev.datasets[val_spec], by_layer=learn["by_layer"],
                                               steps=learn["steps"], lr=learn["lr"], batch_size=learn["batch_size"],

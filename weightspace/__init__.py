@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from .io.checkpoint import Checkpoint, load  # noqa: E402
+from .io.checkpoint import Checkpoint
+from .io.sources import load  # noqa: E402
 from .errors import (CheckpointError, ConfigError, IncompatibleCheckpoints, NonFiniteError,  # noqa: E402
                      OutputExists, SourceError, UnsafeCheckpoint, WeightspaceError)
-from .ops.stream import (StateDict, TensorStream, distance, lerp, task_vector, uniform_soup,  # noqa: E402
+from .io.outputs import StateDict, TensorStream  # noqa: E402
+from .ops.stream import (distance, lerp, task_vector, uniform_soup,  # noqa: E402
                   weighted_average)
 from .io.save import save  # noqa: E402
 from .ops.merge import task_arithmetic, ties_merge  # noqa: E402

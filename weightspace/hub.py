@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ._version import __version__
-from .io.checkpoint import Checkpoint, load, load_pickle
+from .io.checkpoint import Checkpoint, load_pickle
+from .io.sources import load
 from .errors import OutputExists, WeightspaceError
 from .report import markdown_table
 from .registry import REGISTRY, Entry
@@ -82,7 +83,7 @@ def _pickle_provenance(ck: Checkpoint) -> dict | None:
 
 def _write_weights(source: Any, dest: Path) -> Checkpoint:
     """Write the weights as safetensors at dest: a plain safetensors file is copied byte for byte, the rest via save."""
-    from .ops.stream import TensorStream
+    from .io.outputs import TensorStream
     from .io.save import save
     from .io.formats import SafetensorsReader
     if isinstance(source, (TensorStream, Mapping)) and not isinstance(source, Checkpoint):

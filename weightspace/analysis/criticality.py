@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io.checkpoint import Source, load
+from ..io.checkpoint import Source
+from ..io.sources import load
 from ..eval.data import TensorData
 from ..errors import ConfigError, IncompatibleCheckpoints
 from ..eval.modules import ModuleUnit, grouping
@@ -93,7 +94,7 @@ def resolve_modules(modules: Modules, names: Sequence[str], model: nn.Module | N
 
 
 def _table(result: Any) -> dict[str, dict[str, float]]:
-    from ..report import as_table
+    from ..eval.contract import as_table
     return as_table(result)
 
 

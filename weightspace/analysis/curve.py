@@ -7,30 +7,23 @@ into its one model, so a K-point curve costs K passes over the (device-resident)
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
-from ..io.checkpoint import Checkpoint, Source, load
+from ..io.checkpoint import Checkpoint, Source
+from ..io.sources import load, short_name
 from ..eval.distributed import sweep
+from .. import report
 from ..errors import ConfigError, NonFiniteError
-from ..ops.stream import TensorStream, all_finite, check_compatible, lerp_stream
-from ..report import as_table
+from ..ops.stream import all_finite, check_compatible, lerp_stream
+from ..eval.contract import as_table, is_evaluator, model_tensors, write_stream
 
 BARRIER_METRICS = ("error", "loss")
 HOLD_BYTES = 2 << 30  # a curve holds both ends in memory (read once) when together they take at most this
-
-
-def short_name(source: str) -> str:
-    """A readable name for a checkpoint source: the file stem for paths, the string itself otherwise."""
-    if source.startswith("<") or "://" in source or source.startswith(("timm:", "open_clip:", "hf-hub:")):
-        return source
-    p = Path(source)
-    return p.stem if p.suffix else p.name or source
 
 
 def even_alphas(steps: int) -> list[float]:
@@ -153,37 +146,6 @@ def _resident(ck: Checkpoint) -> Checkpoint:
     return mem
 
 
-def _is_evaluator(obj: Any) -> bool:
-    return callable(getattr(obj, "load", None)) and callable(getattr(obj, "recalibrate_bn", None))
-
-
-def model_tensors(evaluate: Any) -> dict[str, torch.Tensor] | None:
-    """An Evaluator's own model tensors (parameters and buffers), when weights can be written into them in place."""
-    model = getattr(evaluate, "model", None)
-    if not _is_evaluator(evaluate) or not isinstance(model, torch.nn.Module) or hasattr(model, "after_load"):
-        return None  # a model that derives weights after loading (a CLIP zero-shot head) goes through load()
-    targets = dict(model.state_dict(keep_vars=True))
-    return targets if all(t.is_contiguous() for t in targets.values()) else None
-
-
-def write_stream(stream: TensorStream, targets: Mapping[str, torch.Tensor]) -> None:
-    """Write a streamed op's result straight into existing tensors (a model's), piece by piece: no state dict is
-    built and nothing is allocated per tensor. Keys the targets lack are skipped (the caller checked the fit)."""
-    filled: dict[str, int] = {}
-    with torch.no_grad():
-        for key, piece in (stream.pieces() if stream.pieces is not None else iter(stream)):
-            t = targets.get(key)
-            if t is None:
-                continue
-            start = filled.get(key, 0)
-            if start == 0 and piece.shape == t.shape:
-                t.copy_(piece, non_blocking=True)
-                filled[key] = t.numel()
-            else:  # flat pieces of a large floating tensor, in order
-                t.view(-1)[start:start + piece.numel()].copy_(piece.reshape(-1), non_blocking=True)
-                filled[key] = start + piece.numel()
-
-
 def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any], steps: int = 11,
                         alphas: Sequence[float] | None = None, recalibrate_bn: Any = None, *,
                         label: str | None = None, progress: bool = True, precision: str = "fp32",
@@ -209,12 +171,12 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     lazy = ca.files or cb.files
     recal_name = None
     if recalibrate_bn is not None:
-        if not callable(recalibrate_bn) and not _is_evaluator(evaluate):
+        if not callable(recalibrate_bn) and not is_evaluator(evaluate):
             raise ConfigError("recalibrate_bn: pass a function weights → weights, or use an Evaluator as evaluate")
         recal_name = getattr(recalibrate_bn, "name", None) or getattr(recalibrate_bn, "__name__", "custom")
     repairer = None
     if repair is not None:
-        if not _is_evaluator(evaluate):
+        if not is_evaluator(evaluate):
             raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
         from ..eval.fixes import Repairer
         repairer = Repairer(evaluate, repair)
@@ -260,3 +222,57 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     seconds = time.perf_counter() - t0
     return Curve(grid, points, a=ca.source, b=cb.source, label=label, recalibrate_bn=recal_name, seconds=seconds,
                  extra={"repair": repairer.name} if repairer is not None else {})
+
+
+CURVE_FILES = ("curve.json", "curve.csv", "barriers.csv", "curve.png")
+
+
+def plot_curves(curves: Sequence[Curve], path: str | os.PathLike, *, force: bool = False) -> Path:
+    """curve.png: accuracy and loss vs α, one line per (pair, dataset); each line's chord barrier (error on the
+    accuracy panel, loss on the loss panel) is in its legend and its peak α is circled."""
+    panels = {m: {"series": [], "annotations": []} for m in ("accuracy", "loss")}
+    barrier_of = {"accuracy": "error", "loss": "loss"}
+    for i, c in enumerate(curves):
+        color = report.COLORS[i % len(report.COLORS)]
+        for j, ds in enumerate(c.datasets):
+            tag = f"{c.label} · {ds}" if len(c.datasets) > 1 or len(curves) > 1 else ds
+            for m, p in panels.items():
+                if not c.has(ds, m):
+                    continue
+                ys = c.series(ds, m)
+                b = c.barriers.get(ds, {}).get(barrier_of[m])
+                label = tag
+                if b is not None and b["chord_alpha"] is not None:
+                    label += f"  ({barrier_of[m]} barrier {b['chord']:.3f})"
+                    k = c.alphas.index(b["chord_alpha"])
+                    if b["chord"] > 0:  # circle the peak only where there is a barrier
+                        p["annotations"].append({"x": b["chord_alpha"], "y": ys[k], "text": "", "color": color})
+                p["series"].append({"x": c.alphas, "y": ys, "label": label, "color": color,
+                                    "linestyle": report.LINESTYLES[j % len(report.LINESTYLES)]})
+    xlabel = "α  ((1−α)·A + α·B)"
+    shown = [{"xlabel": xlabel, "ylabel": m, "title": m, **p} for m, p in panels.items() if p["series"]]
+    if not shown:  # a user's evaluate returned neither accuracy nor loss: plot its first metric
+        ds = curves[0].datasets[0]
+        m = next(iter(curves[0].metrics[0][ds]))
+        shown = [{"xlabel": xlabel, "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
+                                                          for c in curves]}]
+    return report.save_figure(report.line_panels(shown, title="interpolation barrier curve"), path, force=force)
+
+
+def write_curves(curves: Sequence[Curve], folder: str | os.PathLike, results: dict | None = None, *,
+                 force: bool = False) -> dict:
+    """curve.json, curve.csv (every point), barriers.csv and curve.png (all pairs overlaid) in ``folder``."""
+    folder = Path(folder)
+    paths = {"json": folder / "curve.json", "csv": folder / "curve.csv", "barriers": folder / "barriers.csv",
+             "png": folder / "curve.png"}
+    report.write_json(paths["json"], {**(results or {}), "curves": [c.to_dict() for c in curves]}, force=force)
+    headers, rows = curves[0].table()
+    for c in curves[1:]:
+        h, r = c.table()
+        if h != headers:
+            raise ValueError("curves report different metrics")
+        rows += r
+    report.write_csv(paths["csv"], headers, rows, force=force)
+    report.write_csv(paths["barriers"], *barrier_table(curves), force=force)
+    plot_curves(curves, paths["png"], force=force)
+    return {k: str(v) for k, v in paths.items()}

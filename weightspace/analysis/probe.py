@@ -226,7 +226,7 @@ def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | Ten
 
 def load_weights(evaluator, source) -> str:
     """Copy a checkpoint into the evaluator's model in place; returns its sha256 (the feature cache key)."""
-    from ..io.checkpoint import load
+    from ..io.sources import load
     ck = load(source)
     evaluator.load(ck)
     return ck.sha256()

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io.checkpoint import Source, load
+from ..io.checkpoint import Source
+from ..io.sources import load
 from ..eval.data import TensorData
 from ..errors import ConfigError
 from ..eval.modules import ModuleUnit, model_units

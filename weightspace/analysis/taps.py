@@ -248,7 +248,7 @@ class FeatureTaps:
 
     def weights_id(self) -> str:
         """sha256 of the model's current weights (the in-memory cache must not survive an in-place weight swap)."""
-        from ..io.checkpoint import load
+        from ..io.sources import load
         return load(self.model).sha256()
 
     def _layout(self, data: TensorData) -> str:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.checkpoint import Source, load
+from ..io.checkpoint import Source
+from ..io.sources import load
 from .data import TensorData
 from .distributed import parallel_mode, world
 from ..errors import ConfigError, IncompatibleCheckpoints, key_sample

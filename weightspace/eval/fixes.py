@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.checkpoint import Source, load
+from ..io.checkpoint import Source
+from ..io.sources import load
 from .data import TensorData
 from ..errors import ConfigError
 from .evaluator import Evaluator
-from ..ops.stream import StateDict
+from ..io.outputs import StateDict
 
 FLOOR = 1e-6  # relative: a σ below FLOOR × the largest σ at its point counts as zero (constant channel)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

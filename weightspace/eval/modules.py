@@ -1,54 +1,13 @@
 """Group parameter names into modules: by prefix depth, by a regular expression, or by the nn.Module tree."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from torch import nn
 
 from ..errors import ConfigError
-
-
-def module_of(name: str, depth: int | None = None, regex: str | re.Pattern | None = None) -> str:
-    """The module a parameter belongs to: its first ``depth`` name parts, or what ``regex`` captures."""
-    if regex is not None:
-        m = re.search(regex, name)
-        if not m:
-            return "(other)"
-        return m.group(1) if m.groups() and m.group(1) is not None else m.group(0)
-    parts = name.split(".")
-    owner = parts[:-1] or parts  # drop the parameter's own name ("weight", "bias", ...)
-    return ".".join(owner[:depth]) if depth else ".".join(owner)
-
-
-def parse_grouping(spec: str | None) -> dict:
-    """Parse 'depth:N' or 'regex:PATTERN' into keyword arguments for :func:`module_of`."""
-    if not spec:
-        return {}
-    kind, _, arg = spec.partition(":")
-    if kind == "depth":
-        try:
-            n = int(arg)
-        except ValueError:
-            raise ConfigError(f"--modules {spec}: depth needs a positive integer") from None
-        if n < 1:
-            raise ConfigError(f"--modules {spec}: depth needs a positive integer")
-        return {"depth": n}
-    if kind == "regex":
-        try:
-            return {"regex": re.compile(arg)}
-        except re.error as e:
-            raise ConfigError(f"--modules {spec}: bad regular expression ({e})") from None
-    raise ConfigError(f"--modules {spec}: expected depth:N or regex:PATTERN")
-
-
-def group_names(names: Iterable[str], depth: int | None = None, regex: str | re.Pattern | None = None) -> dict[str, list[str]]:
-    """Map module name → its parameter names, in first-seen order."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(module_of(n, depth, regex), []).append(n)
-    return groups
+from ..ops.grouping import group_names, parse_grouping
 
 
 # ------------------------------------------------------------------------------------------ the nn.Module tree
@@ -223,7 +182,7 @@ def infer_shape_options(model: nn.Module, checkpoint) -> dict:
 def build_model_for(spec: str, checkpoint=None, *, num_classes: int | None = None,
                     in_chans: int | None = None) -> nn.Module:
     """build_model(spec), with num_classes / in_chans read from a checkpoint's shapes where not given."""
-    from ..io.checkpoint import load
+    from ..io.sources import load
     from .models import build_model
     model = build_model(spec, num_classes=num_classes, in_chans=in_chans)
     if checkpoint is None or (num_classes is not None and in_chans is not None):

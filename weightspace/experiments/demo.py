@@ -27,7 +27,9 @@ from ..eval.evaluator import Evaluator
 from ..analysis.curve import interpolation_curve
 from ..eval.models import build_model
 from ..ops.stream import single_thread
-from ..report import CURVE_FILES, LEADERBOARD_FILES, check_outputs, write_curves, write_leaderboard
+from ..analysis.curve import CURVE_FILES, write_curves
+from ..report import check_outputs
+from ..search.greedy import LEADERBOARD_FILES, write_leaderboard
 from ..io.save import save
 from ..search.greedy import soup_leaderboard
 from ..eval.train import train

@@ -376,7 +376,7 @@ def _fig(run: Run, name: str) -> Path:
 def analyse_barriers(run: Run, opts: dict) -> None:
     """(a) Error barriers along the line between two models, for every pair of each kind."""
     from .. import report
-    from ..analysis.curve import interpolation_curve
+    from ..analysis.curve import interpolation_curve, plot_curves
     test = run.data["target_test"]
     ev = _evaluator(run, test)
     curves, rows, out = [], [], {}
@@ -401,7 +401,7 @@ def analyse_barriers(run: Run, opts: dict) -> None:
     report.write_csv(run.out / "barriers.csv", ["kind", "pair", "error_barrier", "loss_barrier",
                                                 "error_barrier_bn_recalibrated", "loss_barrier_bn_recalibrated"],
                      rows, force=run.force)
-    report.plot_curves(curves, _fig(run, "barriers.png"), force=run.force)
+    plot_curves(curves, _fig(run, "barriers.png"), force=run.force)
     tol = float(opts["no_barrier_below"])
     pt, ri = _mean([e["error_barrier"] for e in out["P-T"]]), _mean([e["error_barrier"] for e in out["RI-T"]])
     pt_max = max(e["error_barrier"] for e in out["P-T"])

@@ -8,13 +8,13 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
 
 import torch
 
 from ..errors import CheckpointError, UnsafeCheckpoint
-from .sources import Resolved, resolve
 from .formats import SafetensorsReader, file_sha256
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -23,6 +23,17 @@ EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", 
 EMA_PREFIXES = ("model_ema.", "ema_model.", "ema.")
 
 Source = Union[str, os.PathLike, "Checkpoint", Mapping, "torch.nn.Module"]
+
+
+@dataclass
+class Resolved:
+    """A source string turned into something loadable (what ``sources.resolve`` returns, ``open_resolved`` opens)."""
+
+    source: str
+    files: list[Path] = field(default_factory=list)       # weight files, in shard order
+    weight_map: dict[str, str] | None = None               # key -> file name, for sharded checkpoints
+    state_dict: dict | None = None                         # for library loaders (timm, open_clip)
+    note: str = ""                                         # how it was resolved, for reports
 
 
 def normalise_key(key: str) -> str:
@@ -315,16 +326,24 @@ def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str]
     return Checkpoint(source, entries, variant=variant, files=files, metadata=meta)
 
 
-def _from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str, files: list[Path]) -> Checkpoint:
+def from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str = "", files: list[Path] | None = None) -> Checkpoint:
+    """A Checkpoint over in-memory tensors, keys normalised; raises CheckpointError when two keys normalise alike."""
+    files = files or []
     mapping = _normalised(source, list(tensors))
     norm = {k: tensors[r] for k, r in mapping.items()}
     return Checkpoint(source, {k: (norm, k) for k in norm}, variant=variant, files=files, aliases=_find_aliases(norm))
 
 
-def _from_resolved(res: Resolved, ema: bool) -> Checkpoint:
+def open_resolved(res: Resolved, ema: bool = False) -> Checkpoint:
+    """Open a resolved source (local files, or a library's state dict) as a lazy Checkpoint.
+
+    Raises:
+        CheckpointError: a file is unreadable, corrupt or holds no tensors.
+        UnsafeCheckpoint: a pickle needs more than tensors to load.
+    """
     if res.state_dict is not None:
         flat, variant = unwrap(res.state_dict, res.source, ema)
-        ck = _from_tensors(res.source, flat, variant, [])
+        ck = from_tensors(res.source, flat, variant, [])
         ck.note = res.note
         return ck
     if all(f.name.endswith(".safetensors") for f in res.files):
@@ -344,21 +363,7 @@ def _from_resolved(res: Resolved, ema: bool) -> Checkpoint:
             metadata["weightspace"] = obj["weightspace"]  # provenance that saving.save wrote into a .pt
         flat, variant = unwrap(obj, str(f), ema)
         merged.update(flat)
-    ck = _from_tensors(res.source, merged, variant, res.files)
+    ck = from_tensors(res.source, merged, variant, res.files)
     ck.note = res.note
     ck.metadata = metadata
     return ck
-
-
-def load(src: Source, *, ema: bool = False) -> Checkpoint:
-    """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint."""
-    if isinstance(src, Checkpoint):
-        return src
-    if isinstance(src, torch.nn.Module):
-        return _from_tensors(f"<{type(src).__name__}>", dict(src.state_dict()), "", [])
-    if isinstance(src, Mapping):
-        flat, variant = unwrap(src, "<state dict>", ema)
-        return _from_tensors("<state dict>", flat, variant, [])
-    if isinstance(src, (str, os.PathLike)):
-        return _from_resolved(resolve(os.fspath(src)), ema)
-    raise TypeError(f"cannot load a {type(src).__name__} as a checkpoint")

@@ -13,7 +13,7 @@ import torch
 from .._version import __version__
 from .checkpoint import Checkpoint, _find_aliases
 from ..errors import CheckpointError, ConfigError
-from ..ops.stream import StateDict, TensorStream, finish_provenance
+from .outputs import TensorStream, finish_provenance
 from ..files import atomic_output
 from .formats import header_for, write_safetensors
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
+
+import torch
 from urllib.parse import parse_qsl
 
 from ..errors import SourceError
+from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Preference order inside a folder or a Hub repo: safetensors first (no pickle), single file before shards.
@@ -23,17 +26,6 @@ PREFERRED_FILES = (
     "pytorch_model.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin",
     "model.pt", "model.pth",
 )
-
-
-@dataclass
-class Resolved:
-    """A source string turned into something loadable."""
-
-    source: str
-    files: list[Path] = field(default_factory=list)       # weight files, in shard order
-    weight_map: dict[str, str] | None = None               # key -> file name, for sharded checkpoints
-    state_dict: dict | None = None                         # for library loaders (timm, open_clip)
-    note: str = ""                                         # how it was resolved, for reports
 
 
 def _local(source: str) -> Resolved:
@@ -173,7 +165,6 @@ def _query(spec: str) -> tuple[str, dict[str, str]]:
 def timm_classifier_classes(path: Path, name: str) -> int | None:
     """Number of classes of the classifier stored in a weights file, found via timm's pretrained config."""
     import timm
-    from .checkpoint import load
     try:
         cfg = timm.models.get_pretrained_cfg(name) or {}
         classifier = cfg.classifier if hasattr(cfg, "classifier") else cfg.get("classifier")
@@ -253,3 +244,32 @@ def resolve(source: str) -> Resolved:
         known = ", ".join(SCHEMES)
         raise SourceError(f"{source}: unknown scheme '{m.group(1)}:' (known: {known}, or a local path)")
     return _local(source)
+
+
+def short_name(source: str) -> str:
+    """A readable name for a checkpoint source: the file stem for paths, the string itself otherwise."""
+    if source.startswith("<") or "://" in source or source.startswith(("timm:", "open_clip:", "hf-hub:")):
+        return source
+    p = Path(source)
+    return p.stem if p.suffix else p.name or source
+
+
+def load(src: Source, *, ema: bool = False) -> Checkpoint:
+    """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint.
+
+    Raises:
+        SourceError: the source string cannot be resolved (unknown scheme, missing file, Hub failure).
+        CheckpointError: a file is unreadable, corrupt or holds no tensors.
+        UnsafeCheckpoint: a pickle needs more than tensors to load.
+        TypeError: ``src`` is none of the above.
+    """
+    if isinstance(src, Checkpoint):
+        return src
+    if isinstance(src, torch.nn.Module):
+        return from_tensors(f"<{type(src).__name__}>", dict(src.state_dict()), "", [])
+    if isinstance(src, Mapping):
+        flat, variant = unwrap(src, "<state dict>", ema)
+        return from_tensors("<state dict>", flat, variant, [])
+    if isinstance(src, (str, os.PathLike)):
+        return open_resolved(resolve(os.fspath(src)), ema)
+    raise TypeError(f"cannot load a {type(src).__name__} as a checkpoint")

@@ -14,11 +14,13 @@ from typing import Callable, ClassVar, Iterator, Mapping, Sequence
 import torch
 
 from .._version import __version__
-from ..io.checkpoint import Checkpoint, Source, load
+from ..io.checkpoint import Checkpoint, Source
+from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
-from .stream import (PRECISIONS, TASK_ARITHMETIC_PAPER, StateDict, TensorStream, _check_finite, _progress, _ranges,
-                     check_compatible, finish_provenance, single_thread)
+from ..io.outputs import StateDict, TensorStream, finish_provenance
+from .stream import (PRECISIONS, TASK_ARITHMETIC_PAPER, _check_finite, _progress, _ranges, check_compatible,
+                     single_thread)
 
 TIES_PAPER = Paper("Yadav et al.", 2023, "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
                    "https://arxiv.org/abs/2306.01708")

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
 from .._version import __version__
-from ..io.checkpoint import Checkpoint, Source, load
+from ..io.checkpoint import Checkpoint, Source
+from ..io.outputs import StateDict, TensorStream
+from ..io.sources import load
 from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
 from ..registry import Entry, Paper, register
-from ..eval.modules import module_of
+from .grouping import module_of
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -30,47 +31,6 @@ def _kind(dtype: torch.dtype) -> str:
     if dtype.is_complex:
         return "complex"
     return "int"
-
-
-class StateDict(dict):
-    """A plain state dict that also carries the provenance of the op that made it."""
-
-    provenance: dict
-
-    def __init__(self, *args, provenance: dict | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.provenance = provenance or {}
-
-
-@dataclass
-class TensorStream:
-    """An op's result before it is computed: output keys, dtypes and shapes are known up front."""
-
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
-    produce: Callable[[], Iterator[tuple[str, torch.Tensor]]]
-    provenance: dict
-    ingredients: list[Checkpoint] = field(default_factory=list)
-    tied: dict[str, str] = field(default_factory=dict)
-    # optional: the same data as flat pieces in header order (several per large tensor), for writers that stream;
-    # a piece stays valid until the piece after the next one is requested
-    pieces: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.produce()
-
-    def to_dict(self) -> StateDict:
-        """Compute every tensor; the result also records provenance (with ingredient hashes)."""
-        out = StateDict(self.produce())
-        out.provenance = finish_provenance(self.provenance, self.ingredients)
-        return out
-
-
-def finish_provenance(prov: dict, ingredients: Sequence[Checkpoint], hashes: Sequence[str] | None = None) -> dict:
-    """Fill in each ingredient's sha256 (computed now unless given)."""
-    prov = dict(prov)
-    hs = list(hashes) if hashes is not None else [c.sha256() for c in ingredients]
-    prov["ingredients"] = [dict(i, sha256=h) for i, h in zip(prov.get("ingredients", []), hs)]
-    return prov
 
 
 def check_compatible(cks: Sequence[Checkpoint]) -> None:

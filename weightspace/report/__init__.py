@@ -1,7 +1,8 @@
 """Reports: tables (Markdown, CSV, JSON) and PNG plots (matplotlib, Agg backend), all written atomically.
 
-The plotting helpers are generic (line panels, grouped bars, heat maps) so every verb draws with the same look;
-``plot_curves`` and ``plot_leaderboard`` are thin users of them.
+The plotting helpers are generic (line panels, grouped bars, heat maps) so every verb draws with the same look.
+Report renders what it is given — plain rows, series and numbers — and imports no domain module: the results
+(Curve, Leaderboard, ...) turn themselves into those and call it.
 """
 from __future__ import annotations
 
@@ -11,13 +12,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from ..files import atomic_output, make_folder
-
-if TYPE_CHECKING:  # no runtime import: keeps report importable without pulling matplotlib
-    from ..analysis.curve import Curve
-    from ..search.greedy import Leaderboard
 
 Row = Sequence[Any]
 
@@ -215,100 +212,3 @@ def heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_la
     return fig
 
 
-# ---------------------------------------------------------------------------------------------- domain plots
-def plot_curves(curves: Sequence["Curve"], path: str | os.PathLike, *, force: bool = False) -> Path:
-    """curve.png: accuracy and loss vs α, one line per (pair, dataset); each line's chord barrier (error on the
-    accuracy panel, loss on the loss panel) is in its legend and its peak α is circled."""
-    panels = {m: {"series": [], "annotations": []} for m in ("accuracy", "loss")}
-    barrier_of = {"accuracy": "error", "loss": "loss"}
-    for i, c in enumerate(curves):
-        color = COLORS[i % len(COLORS)]
-        for j, ds in enumerate(c.datasets):
-            tag = f"{c.label} · {ds}" if len(c.datasets) > 1 or len(curves) > 1 else ds
-            for m, p in panels.items():
-                if not c.has(ds, m):
-                    continue
-                ys = c.series(ds, m)
-                b = c.barriers.get(ds, {}).get(barrier_of[m])
-                label = tag
-                if b is not None and b["chord_alpha"] is not None:
-                    label += f"  ({barrier_of[m]} barrier {b['chord']:.3f})"
-                    k = c.alphas.index(b["chord_alpha"])
-                    if b["chord"] > 0:  # circle the peak only where there is a barrier
-                        p["annotations"].append({"x": b["chord_alpha"], "y": ys[k], "text": "", "color": color})
-                p["series"].append({"x": c.alphas, "y": ys, "label": label, "color": color,
-                                    "linestyle": LINESTYLES[j % len(LINESTYLES)]})
-    xlabel = "α  ((1−α)·A + α·B)"
-    shown = [{"xlabel": xlabel, "ylabel": m, "title": m, **p} for m, p in panels.items() if p["series"]]
-    if not shown:  # a user's evaluate returned neither accuracy nor loss: plot its first metric
-        ds = curves[0].datasets[0]
-        m = next(iter(curves[0].metrics[0][ds]))
-        shown = [{"xlabel": xlabel, "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
-                                                          for c in curves]}]
-    return save_figure(line_panels(shown, title="interpolation barrier curve"), path, force=force)
-
-
-def plot_leaderboard(lb: "Leaderboard", path: str | os.PathLike, *, force: bool = False,
-                     metric: str = "accuracy") -> Path:
-    """leaderboard.png: one bar per method and dataset column."""
-    cats = [r["method"] for r in lb.rows]
-    groups = {col: [r["metrics"].get(col, {}).get(metric) for r in lb.rows] for col in lb.columns}
-    hl = [r["method"] for r in lb.rows if r.get("kind") in ("soup", "ensemble")]
-    return save_figure(bar_chart(cats, groups, xlabel=metric, title=lb.title, highlight=hl), path, force=force)
-
-
-# ---------------------------------------------------------------------------------------------- metric tables
-def as_table(result: Any, default_name: str = "data") -> dict[str, dict[str, float]]:
-    """Normalise what an evaluate function returns into dataset → metric → float.
-
-    Accepted: a Metrics-like mapping {dataset: {metric: value}}, a flat mapping {metric: value} (one dataset
-    called ``default_name``), or a number (taken as that dataset's accuracy). ``error`` is added as 1 − accuracy
-    where only accuracy is given.
-    """
-    from collections.abc import Mapping
-    if isinstance(result, Mapping):
-        if result and all(isinstance(v, Mapping) for v in result.values()):
-            table = {str(k): {str(m): float(x) for m, x in v.items()} for k, v in result.items()}
-        else:
-            table = {default_name: {str(m): float(x) for m, x in result.items()}}
-    else:
-        table = {default_name: {"accuracy": float(result)}}
-    for row in table.values():
-        if "accuracy" in row and "error" not in row:
-            row["error"] = 1.0 - row["accuracy"]
-    return table
-
-
-# ------------------------------------------------------------------------------------------ result folders
-LEADERBOARD_FILES = ("results.json", "leaderboard.csv", "leaderboard.png")
-CURVE_FILES = ("curve.json", "curve.csv", "barriers.csv", "curve.png")
-
-
-def write_leaderboard(lb: "Leaderboard", folder: str | os.PathLike, results: dict, *, force: bool = False) -> dict:
-    """results.json (``results`` plus the leaderboard), leaderboard.csv and leaderboard.png in ``folder``."""
-    folder = Path(folder)
-    paths = {"results": folder / "results.json", "csv": folder / "leaderboard.csv", "png": folder / "leaderboard.png"}
-    write_json(paths["results"], {**results, "leaderboard": lb.to_dict()}, force=force)
-    write_csv(paths["csv"], *lb.long_table(), force=force)
-    plot_leaderboard(lb, paths["png"], force=force)
-    return {k: str(v) for k, v in paths.items()}
-
-
-def write_curves(curves: Sequence["Curve"], folder: str | os.PathLike, results: dict | None = None, *,
-                 force: bool = False) -> dict:
-    """curve.json, curve.csv (every point), barriers.csv and curve.png (all pairs overlaid) in ``folder``."""
-    folder = Path(folder)
-    paths = {"json": folder / "curve.json", "csv": folder / "curve.csv", "barriers": folder / "barriers.csv",
-             "png": folder / "curve.png"}
-    write_json(paths["json"], {**(results or {}), "curves": [c.to_dict() for c in curves]}, force=force)
-    headers, rows = curves[0].table()
-    for c in curves[1:]:
-        h, r = c.table()
-        if h != headers:
-            raise ValueError("curves report different metrics")
-        rows += r
-    write_csv(paths["csv"], headers, rows, force=force)
-    from ..analysis.curve import barrier_table
-    write_csv(paths["barriers"], *barrier_table(curves), force=force)
-    plot_curves(curves, paths["png"], force=force)
-    return {k: str(v) for k, v in paths.items()}

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..io.checkpoint import Source, load
+from ..io.checkpoint import Source
+from ..io.sources import load
 from ..errors import IncompatibleCheckpoints, WeightspaceError
-from ..ops.stream import StateDict, _progress, finish_provenance, single_thread
+from ..io.outputs import StateDict, finish_provenance
+from ..ops.stream import _progress, single_thread
 from ..registry import Entry, Paper, register
 
 

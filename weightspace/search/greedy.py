@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .._version import __version__
-from ..io.checkpoint import Checkpoint, Source, load
+from ..io.checkpoint import Checkpoint, Source
+from ..io.sources import load, short_name
 from ..eval.distributed import sweep
+from .. import report
 from ..errors import ConfigError
-from ..analysis.curve import model_tensors, short_name
-from ..ops.stream import (CHUNK_BYTES, PRECISIONS, SOUPS_PAPER, StateDict, check_compatible, finish_provenance,
-                          single_thread, uniform_soup)
+from ..io.outputs import StateDict, finish_provenance
+from ..ops.stream import CHUNK_BYTES, PRECISIONS, SOUPS_PAPER, check_compatible, single_thread, uniform_soup
 from ..registry import Entry, register
-from ..report import as_table
+from ..eval.contract import as_table, model_tensors
 
 Evaluate = Callable[[Mapping], Any]
 
@@ -410,3 +413,25 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
                      "scale": res.scale, "scale_scores": [list(p) for p in res.scores],
                      "metrics": as_table(evaluate(res.state_dict))})
     return rows, merged
+
+
+LEADERBOARD_FILES = ("results.json", "leaderboard.csv", "leaderboard.png")
+
+
+def plot_leaderboard(lb: Leaderboard, path: str | os.PathLike, *, force: bool = False,
+                     metric: str = "accuracy") -> Path:
+    """leaderboard.png: one bar per method and dataset column."""
+    cats = [r["method"] for r in lb.rows]
+    groups = {col: [r["metrics"].get(col, {}).get(metric) for r in lb.rows] for col in lb.columns}
+    hl = [r["method"] for r in lb.rows if r.get("kind") in ("soup", "ensemble")]
+    return report.save_figure(report.bar_chart(cats, groups, xlabel=metric, title=lb.title, highlight=hl), path, force=force)
+
+
+def write_leaderboard(lb: Leaderboard, folder: str | os.PathLike, results: dict, *, force: bool = False) -> dict:
+    """results.json (``results`` plus the leaderboard), leaderboard.csv and leaderboard.png in ``folder``."""
+    folder = Path(folder)
+    paths = {"results": folder / "results.json", "csv": folder / "leaderboard.csv", "png": folder / "leaderboard.png"}
+    report.write_json(paths["results"], {**results, "leaderboard": lb.to_dict()}, force=force)
+    report.write_csv(paths["csv"], *lb.long_table(), force=force)
+    plot_leaderboard(lb, paths["png"], force=force)
+    return {k: str(v) for k, v in paths.items()}

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._version import __version__
-from ..io.checkpoint import Source, load
+from ..io.checkpoint import Source
+from ..io.sources import load
 from ..eval.data import TensorData
 from ..errors import ConfigError
-from ..ops.stream import SOUPS_PAPER, StateDict, check_compatible, finish_provenance
+from ..io.outputs import StateDict, finish_provenance
+from ..ops.stream import SOUPS_PAPER, check_compatible
 from ..registry import Entry, register
 
 
