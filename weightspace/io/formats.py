@@ -21,24 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in a safetensors file and what it looks like."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offset in the file
-    end: int
+from .header import DTYPE_NAMES, DTYPES, MAX_HEADER, TensorInfo, parse_header  # noqa: F401 (re-exported)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -72,41 +55,12 @@ class SafetensorsReader:
         if n > MAX_HEADER or n + 8 > size:
             raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
         raw = os.pread(self._fd, n, 8)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not valid JSON)") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        meta = header.pop("__metadata__", None) or {}
+        if len(raw) != n:
+            raise CheckpointError(f"{self.path}: truncated while reading the safetensors header")
+        tensors, meta = parse_header(raw, size - 8 - n, str(self.path))
         base = 8 + n
-        tensors: dict[str, TensorInfo] = {}
-        spans = []
-        for key, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                b, e = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: corrupt safetensors header at key '{key}'") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            if e - b != numel * element_size(dtype) or b < 0:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header: key '{key}' has {e - b} bytes for shape {list(shape)}")
-            tensors[key] = TensorInfo(dtype, shape, base + b, base + e)
-            spans.append((b, e, key))
-        spans.sort()
-        pos = 0
-        for b, e, key in spans:
-            if b != pos:
-                raise CheckpointError(f"{self.path}: corrupt safetensors file: data of key '{key}' does not follow the previous tensor")
-            pos = e
-        if base + pos > size:
-            raise CheckpointError(f"{self.path}: truncated safetensors file: header needs {base + pos} bytes, file has {size}")
-        if base + pos != size:
-            raise CheckpointError(f"{self.path}: corrupt safetensors file: {size - base - pos} trailing bytes after the data")
-        return tensors, {str(k): str(v) for k, v in meta.items()}, head + raw
+        tensors = {k: TensorInfo(i.dtype, i.shape, base + i.begin, base + i.end) for k, i in tensors.items()}
+        return tensors, meta, head + raw
 
     def read(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory."""
@@ -244,7 +198,13 @@ def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], meta
         for s in shape:
             numel *= s
         n = numel * element_size(dtype)
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        name = DTYPE_NAMES.get(dtype)
+        if name is None:
+            raise CheckpointError(f"key {key!r}: safetensors cannot store {dtype}")
+        dims = list(shape)
+        if name == "F4" and dims:  # torch packs two 4-bit values per element; safetensors counts values
+            dims[-1] *= 2
+        header[key] = {"dtype": name, "shape": dims, "data_offsets": [pos, pos + n]}
         sizes.append((key, n))
         pos += n
     raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
