@@ -107,7 +107,7 @@ def test_safetensors_shards_with_index(tmp_path, trained_mlps):
     same(ws.load(folder / "model.safetensors.index.json"), sd)
     # a shard named in the index but absent is one clear error
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ws.SourceError, match="model-00002-of-00002.safetensors is missing"):
+    with pytest.raises(ws.SourceError, match="'model-00002-of-00002.safetensors' is missing"):
         ws.load(folder)
 
 

@@ -84,20 +84,38 @@ def load_pickle(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
 
 
-def _flatten(obj: Mapping, prefix: str = "") -> tuple[dict[str, torch.Tensor], int]:
+MAX_NESTING = 64  # containers inside containers; real checkpoints nest a handful deep
+MAX_ENTRIES = 1_000_000  # entries visited while flattening: shared sub-dicts would otherwise multiply them
+
+
+def _flatten(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
+    """Nested mappings → {dotted name: tensor}, iteratively: a pickle may nest thousands deep, hold a cycle, or
+    share one dict many times over (2^22 paths from 22 levels); each is refused in bounded time."""
     out: dict[str, torch.Tensor] = {}
-    skipped = 0
-    for k, v in obj.items():
-        name = f"{prefix}{k}"
-        if torch.is_tensor(v):
-            out[name] = v
-        elif isinstance(v, Mapping):
-            sub, s = _flatten(v, name + ".")
-            out.update(sub)
-            skipped += s
+    visited = 0
+    # each frame: (prefix, iterator over the mapping's items, ids of the mappings on the way down)
+    stack = [("", iter(obj.items()), frozenset([id(obj)]))]
+    while stack:
+        prefix, items, above = stack[-1]
+        for k, v in items:
+            visited += 1
+            if visited > MAX_ENTRIES:
+                raise CheckpointError(f"{path}: holds more than {MAX_ENTRIES:,} nested entries (shared or "
+                                      f"repeated containers); refused")
+            name = f"{prefix}{k}"
+            if torch.is_tensor(v):
+                out[name] = v
+            elif isinstance(v, Mapping):
+                if id(v) in above:
+                    raise CheckpointError(f"{path}: the container at {name!r} contains itself; refused")
+                if len(stack) >= MAX_NESTING:
+                    raise CheckpointError(f"{path}: containers nested deeper than {MAX_NESTING} levels at "
+                                          f"{name[:80]!r}...; refused")
+                stack.append((name + ".", iter(v.items()), above | {id(v)}))
+                break
         else:
-            skipped += 1
-    return out, skipped
+            stack.pop()
+    return out
 
 
 def _all_tensors(obj: Mapping) -> bool:
@@ -110,7 +128,10 @@ def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     chain: list[str] = []
     took_ema = False
+    seen = {id(obj)}
     while not _all_tensors(obj):
+        if len(chain) >= MAX_NESTING:
+            raise CheckpointError(f"{path}: state dict wrapped more than {MAX_NESTING} levels deep; refused")
         present = [n for n in EMA_CONTAINERS + REGULAR_CONTAINERS if isinstance(obj.get(n), Mapping) and len(obj[n]) > 0]
         ema_hit = next((n for n in present if n in EMA_CONTAINERS), None)
         reg_hit = next((n for n in present if n in REGULAR_CONTAINERS), None)
@@ -125,7 +146,10 @@ def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str
             obj, took_ema = obj[ema_hit], True
         else:
             break
-    flat, _ = _flatten(obj)
+        if id(obj) in seen:
+            raise CheckpointError(f"{path}: container {chain[-1]} contains itself; refused")
+        seen.add(id(obj))
+    flat = _flatten(obj, path)
     if not flat:
         raise CheckpointError(f"{path}: holds no tensors")
     note = ""

@@ -39,18 +39,37 @@ def _local(source: str) -> Resolved:
     return Resolved(source, files=[path])
 
 
+def _shard_inside(index: Path, name: str) -> Path:
+    """The shard ``name`` of a local index, which must lie inside the index's folder: a relative path without
+    '..', and no symlink leading out of the folder (as huggingface_hub enforces for Hub snapshots)."""
+    parts = Path(name).parts
+    if not name or os.path.isabs(name) or ".." in parts or "\0" in name:
+        raise SourceError(f"{index}: shard name {name!r} points outside the index's folder; refused")
+    folder = index.parent.resolve()
+    shard = folder / name
+    real = shard.resolve()
+    if real != folder and folder not in real.parents:
+        raise SourceError(f"{index}: shard {name!r} is a link to {real}, outside the index's folder; refused")
+    return shard
+
+
 def _from_index(source: str, index: Path, fetch: Callable[[str], Path] | None = None) -> Resolved:
     try:
         data = json.loads(index.read_text())
         weight_map = dict(data["weight_map"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise SourceError(f"{index}: not a valid shard index (needs a 'weight_map' object)") from None
+    if not weight_map:
+        raise SourceError(f"{index}: shard index has an empty 'weight_map' (no tensors)")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise SourceError(f"{index}: 'weight_map' entry {bad!r} is {weight_map[bad]!r}, not a shard file name")
     names = sorted(set(weight_map.values()))
     files = []
     for name in names:
-        shard = fetch(name) if fetch else index.parent / name
-        if not Path(shard).exists():
-            raise SourceError(f"{index}: shard {name} is missing")
+        shard = fetch(name) if fetch else _shard_inside(index, name)
+        if not Path(shard).is_file():
+            raise SourceError(f"{index}: shard {name!r} is missing")
         files.append(Path(shard))
     by_name = {name: str(f) for name, f in zip(names, files)}
     return Resolved(source, files=files, weight_map={k: by_name[v] for k, v in weight_map.items()},
