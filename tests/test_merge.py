@@ -156,18 +156,16 @@ def test_stream_to_disk_equals_in_memory(finetunes, tmp_path):
         assert again.read_bytes() == path.read_bytes()
 
 
-def test_small_pieces_give_the_same_bytes(finetunes, tmp_path, monkeypatch):
-    # Every key split into many flat pieces (64 bytes of accumulator each) must give exactly the whole-key result.
-    import weightspace.ops.stream as ops
+def test_small_pieces_and_threads_give_the_same_bytes(finetunes, tmp_path):
+    # Every key split into the smallest pieces, on 1 to 4 worker threads, must give exactly the whole-key result.
     models = [finetunes["ft0"], finetunes["ft1"], finetunes["ft2"]]
     for method, extra in [("task-arithmetic", {"negate": [False, True, False]}), ("ties", {"keep": 0.3})]:
-        ref = merge(method, finetunes["base"], models, scale=0.8, **extra).to_dict()
-        with monkeypatch.context() as m:
-            m.setattr(ops, "CHUNK_BYTES", 64)
-            stream = merge(method, finetunes["base"], models, scale=0.8, **extra)
+        ref = merge(method, finetunes["base"], models, scale=0.8, threads=1, max_memory="1G", **extra).to_dict()
+        for threads in (1, 2, 4):
+            stream = merge(method, finetunes["base"], models, scale=0.8, threads=threads, max_memory=1, **extra)
             assert stream.provenance.get("thresholds") == ref.provenance.get("thresholds")
-            small = ws.load(ws.save(stream, tmp_path / f"{method}.safetensors"))
-        assert all(torch.equal(small[k], ref[k]) for k in ref), method
+            small = ws.load(ws.save(stream, tmp_path / f"{method}{threads}.safetensors"))
+            assert all(torch.equal(small[k], ref[k]) for k in ref), (method, threads)
 
 
 def test_merges_change_the_model_sensibly(finetunes, digits):

@@ -235,9 +235,10 @@ class Checkpoint(Mapping):
             return backend.read_into(raw, buffer, start, stop)
         t = backend[raw]
         if not t.is_contiguous():  # flatten once per key, not once per piece (pieces come in key order)
-            if self._flat[0] != key:
-                self._flat = (key, t.reshape(-1))
-            return self._flat[1][start:stop]
+            flat = self._flat  # one read of the pair: worker threads may be on other keys of this checkpoint
+            if flat[0] != key:
+                flat = self._flat = (key, t.reshape(-1))
+            return flat[1][start:stop]
         return t.view(-1)[start:stop]
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:

@@ -2,14 +2,17 @@
 
 Each method is a small class behind a registry (as in mergekit). A method sees, for one flat piece of one key at a
 time, the task vectors τ_t = s_t·(θ_t − θ_pre) (s_t = −1 for negated models) and returns the merged task vector δ;
-the driver writes θ = θ_pre + λ·δ. Pieces are at most ops.CHUNK_BYTES of accumulator each, so memory holds a few
-pieces per model, whatever the size of the largest tensor. Integer and bool buffers are copied from the base.
+the driver writes θ = θ_pre + λ·δ. Pieces are sized under a memory budget and computed on worker threads (see
+ops.parallel), so memory holds a few pieces per model, whatever the size of the largest tensor; a method must
+therefore be elementwise given what ``prepare`` computed, and thread-safe. Integer and bool buffers are copied
+from the base.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, Mapping, Sequence
+import threading
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -18,12 +21,16 @@ from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
+from .parallel import (Execution, ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events,
+                       thread_scratch)
 from ..io.outputs import StateDict, TensorStream, finish_provenance
-from .stream import (PRECISIONS, TASK_ARITHMETIC_PAPER, _check_finite, _progress, _ranges, check_compatible,
-                     single_thread)
+from .stream import PRECISIONS, TASK_ARITHMETIC_PAPER, _check_finite, _progress, check_compatible
 
 TIES_PAPER = Paper("Yadav et al.", 2023, "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
                    "https://arxiv.org/abs/2306.01708")
+
+
+T = TypeVar("T")
 
 
 class MergeMethod:
@@ -117,7 +124,8 @@ class Ties(MergeMethod):
 
 @dataclass
 class MergePlan:
-    """What a merge reads: the base, the fine-tuned models with their signs, and how to form task vectors."""
+    """What a merge reads: the base, the fine-tuned models with their signs, how to form task vectors, and how the
+    work runs (threads, piece size, device: see ops.parallel)."""
 
     base: Checkpoint
     models: list[Checkpoint]
@@ -127,7 +135,22 @@ class MergePlan:
     allow_nonfinite: bool = False
     progress: bool = False
     checked: bool = False  # set once a full pass has checked every input for NaN/Inf
-    _held: dict = field(default_factory=dict)
+    ex: Execution | None = None
+
+    def __post_init__(self) -> None:
+        if self.ex is None:
+            self.ex = self.execution()
+
+    def execution(self, threads: int | None = None, max_memory: int | str | None = None,
+                  device: str | torch.device | None = None) -> Execution:
+        """Plan threads and pieces: a worker holds θ_pre, every τ_t and a method's few temporaries per element."""
+        floats = self.float_keys()
+        wide = max((self.wide(k).itemsize for k in floats), default=4)
+        in_size = max((ck.info(k)[0].itemsize for ck in [self.base, *self.models] for k in floats), default=1)
+        out_size = max((self.base.info(k)[0].itemsize for k in floats), default=1)
+        return plan_execution(model_bytes=self.base.nbytes, worker_bytes_per_elem=(len(self.models) + 6) * wide
+                              + in_size, held_bytes_per_elem=out_size, threads=threads, max_memory=max_memory,
+                              device=device)
 
     def float_keys(self) -> list[str]:
         """Floating keys, each tied group once (its canonical name)."""
@@ -144,41 +167,62 @@ class MergePlan:
 
     def ranges(self, key: str) -> Iterator[tuple[int, int]]:
         """The flat pieces [start, stop) of one key."""
-        return _ranges(math.prod(self.base.info(key)[1]), self.wide(key))
+        return self.ex.ranges(math.prod(self.base.info(key)[1]))
 
-    def _read(self, ck: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of one tensor, flattened, checked for NaN/Inf unless allowed."""
-        read_range = getattr(ck, "read_range", None)
-        if read_range is not None:  # the core's ranged read: only this piece comes off the disk
-            t = read_range(key, start, stop)
-        else:  # whole-tensor reads: keep the current key of each input until the next key
-            held = self._held.get(id(ck))
-            if held is None or held[0] != key:
-                held = self._held[id(ck)] = (key, ck[key].reshape(-1))
-            t = held[1][start:stop]
+    @property
+    def on_gpu(self) -> bool:
+        """Whether pieces are combined on a CUDA device."""
+        return self.ex.device.type == "cuda"
+
+    def _read(self, ck: Checkpoint, key: str, start: int, stop: int, slot: int = 0) -> torch.Tensor:
+        """Elements [start, stop) of one tensor, flattened, checked for NaN/Inf unless allowed; on the plan's
+        device (read into one of two pinned slots and copied on the worker's own stream)."""
+        need = (stop - start) * ck.info(key)[0].itemsize
+        if not self.on_gpu:
+            t = ck.read_range(key, start, stop, thread_scratch("read", need))
+        else:
+            events = thread_events(self.ex.device)
+            events[slot].synchronize()  # the copy that last read this pinned slot is done
+            host = ck.read_range(key, start, stop, thread_scratch(f"pin{slot}", need, pin=True))
+            t = host.to(self.ex.device, non_blocking=True)
+            events[slot].record(thread_cuda_stream(self.ex.device))
         if not (self.allow_nonfinite or self.checked):
             _check_finite(t, ck, key)
         return t
 
     def task_vectors(self, key: str, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ_pre and the signed task vectors s_t·(θ_t − θ_pre) of elements [start, stop) of a floating key (flat,
-        fresh tensors in the wide dtype)."""
+        fresh tensors in the wide dtype, on the plan's device)."""
         base = self._read(self.base, key, start, stop).to(self.wide(key), copy=True)
         taus = []
-        for ck, s in zip(self.models, self.signs):
-            tau = torch.sub(self._read(ck, key, start, stop), base)
+        for i, (ck, s) in enumerate(zip(self.models, self.signs)):
+            tau = torch.sub(self._read(ck, key, start, stop, slot=(i + 1) % 2), base)
             taus.append(tau.neg_() if s < 0 else tau)
         return base, taus
 
-    def passes(self, desc: str) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
-        """Stream (key, θ_pre, task vectors) piece by piece over the floating keys (on one thread, see
-        ops.single_thread: the work is memory-bound)."""
-        keys = self.float_keys()
-        for key in _progress(keys, len(keys), desc, self.progress):
-            for start, stop in self.ranges(key):
-                with single_thread():
-                    base, taus = self.task_vectors(key, start, stop)
-                yield key, base, taus
+    def map_pieces(self, fn: Callable[[str, int, int, torch.Tensor, list[torch.Tensor]], T],
+                   desc: str) -> Iterator[T]:
+        """``fn(key, start, stop, θ_pre, task vectors)`` for every piece of every floating key, on the worker
+        threads (on the device's streams with a GPU); results in piece order."""
+        def tasks() -> Iterator[tuple[str, int, int]]:
+            keys = self.float_keys()
+            for key in _progress(keys, len(keys), desc, self.progress):
+                for start, stop in self.ranges(key):
+                    yield key, start, stop
+
+        return ordered_map(lambda task: self.piece(fn, *task), tasks(), self.ex.threads, self.ex.depth)
+
+    def piece(self, fn: Callable[[str, int, int, torch.Tensor, list[torch.Tensor]], T], key: str, start: int,
+              stop: int) -> T:
+        """``fn(key, start, stop, θ_pre, task vectors)`` for one piece on the calling thread (and its CUDA stream,
+        synchronised before returning, with a GPU)."""
+        if not self.on_gpu:
+            return fn(key, start, stop, *self.task_vectors(key, start, stop))
+        stream = thread_cuda_stream(self.ex.device)
+        with torch.cuda.stream(stream):
+            out = fn(key, start, stop, *self.task_vectors(key, start, stop))
+        stream.synchronize()
+        return out
 
 
 # Radix selection over float32 bit patterns: for non-negative floats the int32 bit pattern is ordered like the
@@ -202,27 +246,33 @@ def _pick_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def kth_largest_magnitudes(plan: MergePlan, k: int) -> list[float]:
-    """For each task vector, the exact k-th largest |τ| (in float32) over the whole model, in two streamed passes."""
+    """For each task vector, the exact k-th largest |τ| (in float32) over the whole model, in two streamed passes
+    (histograms of integer counts: the same whatever the order in which pieces are counted)."""
     n = len(plan.models)
+
+    def high(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.bincount(_bits(tau) >> 16, minlength=_HI_BINS) for tau in taus]).cpu()
+
     hi = torch.zeros(n, _HI_BINS, dtype=torch.int64)
-    for _, _, taus in plan.passes("ties: threshold 1/2"):
-        with single_thread():
-            for i, tau in enumerate(taus):
-                hi[i] += torch.bincount(_bits(tau) >> 16, minlength=_HI_BINS)
+    for h in plan.map_pieces(high, "ties: threshold 1/2"):
+        hi += h
     plan.checked = True  # every input was read and checked once; later passes skip the NaN/Inf scan
     picks = [_pick_bucket(hi[i], k) for i in range(n)]
+
+    def low(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+        rows = []
+        for i, tau in enumerate(taus):
+            b = _bits(tau)
+            rows.append(torch.bincount(b[(b >> 16) == picks[i][0]] & 0xFFFF, minlength=_LO_BINS))
+        return torch.stack(rows).cpu()
+
     lo = torch.zeros(n, _LO_BINS, dtype=torch.int64)
-    for _, _, taus in plan.passes("ties: threshold 2/2"):
-        with single_thread():
-            for i, tau in enumerate(taus):
-                b = _bits(tau)
-                sel = b[(b >> 16) == picks[i][0]]
-                if sel.numel():
-                    lo[i] += torch.bincount(sel & 0xFFFF, minlength=_LO_BINS)
+    for h in plan.map_pieces(low, "ties: threshold 2/2"):
+        lo += h
     out = []
     for i, (bucket, rank) in enumerate(picks):
-        low, _ = _pick_bucket(lo[i], rank)
-        out.append(float(torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32)))
+        low_bits, _ = _pick_bucket(lo[i], rank)
+        out.append(float(torch.tensor([(bucket << 16) | low_bits], dtype=torch.int32).view(torch.float32)))
     return out
 
 
@@ -248,8 +298,16 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
 
 def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
                negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-               progress: bool = False, ema: bool = False, **options) -> tuple[MergeMethod, MergePlan, dict]:
-    """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance)."""
+               progress: bool = False, ema: bool = False, threads: int | None = None,
+               max_memory: int | str | None = None, device: str | torch.device | None = None,
+               **options) -> tuple[MergeMethod, MergePlan, dict]:
+    """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
+
+    Raises:
+        ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device.
+        IncompatibleCheckpoints: the checkpoints differ in keys, shapes or dtype kinds.
+        NonFiniteError: an input holds NaN/Inf (unless ``allow_nonfinite``).
+    """
     if not models:
         raise ConfigError("merge: needs at least one fine-tuned model besides the base")
     if precision not in PRECISIONS:
@@ -260,6 +318,7 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     check_compatible([base_ck, *cks])
     plan = MergePlan(base_ck, cks, _signs(len(cks), negate), sorted(base_ck), PRECISIONS[precision],
                      allow_nonfinite, progress)
+    plan.ex = plan.execution(threads, max_memory, device)
     prov = {
         "op": m.name.replace("-", "_"),
         "method": m.name,
@@ -274,75 +333,71 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     return m, plan, prov
 
 
-def _pieces(m: MergeMethod, plan: MergePlan, key: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(θ_pre, δ) for each flat piece of one floating key, in the wide dtype."""
-    for start, stop in plan.ranges(key):
-        with single_thread():
-            base, taus = plan.task_vectors(key, start, stop)
-            delta = m.combine(key, taus)
-        yield base, delta
-
-
 def _apply(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """out = θ_pre + λ·δ, cast to out's dtype."""
-    with single_thread():
-        if out.dtype == base.dtype:
-            return torch.add(base, delta, alpha=scale, out=out)
-        return out.copy_(torch.add(base, delta, alpha=scale))
+    """out = θ_pre + λ·δ, cast to out's dtype (and copied off the device)."""
+    if out.dtype == base.dtype and out.device == base.device:
+        return torch.add(base, delta, alpha=scale, out=out)
+    return out.copy_(torch.add(base, delta, alpha=scale), non_blocking=True)
+
+
+def _merged_piece(m: MergeMethod, plan: MergePlan, scale: float, key: str, start: int, stop: int,
+                  out: torch.Tensor) -> None:
+    """out (flat, stored dtype) ← θ_pre + λ·δ over elements [start, stop) of ``key``."""
+    plan.piece(lambda k, a, b, base, taus: _apply(base, m.combine(k, taus), scale, out), key, start, stop)
 
 
 def _whole(m: MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Tensor:
-    """The merged tensor of one key, assembled from its pieces."""
+    """The merged tensor of one key, its pieces computed on the calling thread."""
     dtype, shape = plan.base.info(key)
     if not dtype.is_floating_point:
         return plan.base[key]
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(-1)
-    start = 0
-    for base, delta in _pieces(m, plan, key):
-        _apply(base, delta, scale, flat[start:start + base.numel()])
-        start += base.numel()
+    for start, stop in plan.ranges(key):
+        _merged_piece(m, plan, scale, key, start, stop, flat[start:stop])
     return out
 
 
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-          progress: bool = False, ema: bool = False, **options) -> TensorStream:
-    """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``."""
+          progress: bool = False, ema: bool = False, threads: int | None = None,
+          max_memory: int | str | None = None, device: str | torch.device | None = None,
+          **options) -> TensorStream:
+    """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``.
+
+    Pieces are computed on ``threads`` workers (default: every core) under ``max_memory`` bytes (see
+    ops.parallel), on the CPU or, with ``device="cuda"``, on a GPU; on the CPU the bytes are the same whatever
+    the threads and budget.
+
+    Raises:
+        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``plan_merge``; a non-finite ``scale``.
+    """
     scale = float(scale)
     if not math.isfinite(scale):
         raise ConfigError(f"--scale {scale}: must be a finite number")
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
-                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, **options)
+                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
+                               max_memory=max_memory, device=device, **options)
     prov["scale"] = scale
     entries = [(k, *plan.base.info(k)) for k in plan.keys]
     tied = dict(plan.base.aliases)
+    lock = threading.Lock()
+    tied_done: dict[str, torch.Tensor] = {}
 
-    def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        """Whole tensors; a tied group is merged once and kept until its last name is written."""
-        left = {c: 1 + sum(1 for v in tied.values() if v == c) for c in set(tied.values())}
-        cache: dict[str, torch.Tensor] = {}
-        for key in _progress(plan.keys, len(plan.keys), m.name, plan.progress):
-            canon = tied.get(key, key)
-            t = cache[canon] if canon in cache else _whole(m, plan, canon, scale)
-            if canon in left:
-                cache[canon] = t
-                left[canon] -= 1
-                if left[canon] == 0:
-                    del cache[canon]
-            yield key, t
+    def whole(key: str) -> torch.Tensor:
+        """Integer buffers, empty tensors, and tied groups (merged once, however many names share them)."""
+        canon = tied.get(key, key)
+        if canon not in tied.values():
+            return _whole(m, plan, key, scale)
+        with lock:
+            if canon not in tied_done:
+                tied_done[canon] = _whole(m, plan, canon, scale)
+            return tied_done[canon]
 
-    def pieces() -> Iterator[tuple[str, torch.Tensor]]:
-        """Flat pieces in header order (tied tensors, which only in-memory state dicts have, come whole)."""
-        whole = set(tied) | set(tied.values())
-        for key in _progress(plan.keys, len(plan.keys), m.name, plan.progress):
-            dtype, shape = plan.base.info(key)
-            if key in whole or not dtype.is_floating_point or math.prod(shape) == 0:
-                yield key, _whole(m, plan, tied.get(key, key), scale)
-                continue
-            for base, delta in _pieces(m, plan, key):
-                yield key, _apply(base, delta, scale, torch.empty(base.numel(), dtype=dtype))
-
+    split = {k for k in plan.float_keys() if k not in tied.values()}
+    pieces, produce = piece_streams(
+        plan.keys, plan.base.info, split, lambda k, a, b, out: _merged_piece(m, plan, scale, k, a, b, out), whole,
+        plan.ex, lambda ks: _progress(ks, len(ks), m.name, plan.progress))
     return TensorStream(entries, produce, prov, [plan.base, *plan.models], tied, pieces)
 
 
@@ -371,7 +426,7 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
                  evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float],
                  maximize: bool = True, negate: Sequence[bool] | None = None, precision: str = "fp32",
                  allow_nonfinite: bool = False, progress: bool = False, ema: bool = False,
-                 **options) -> ScaleSearch:
+                 threads: int | None = None, max_memory: int | str | None = None, **options) -> ScaleSearch:
     """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value.
 
     The merged task vector does not depend on λ, so it is computed once (θ_pre and δ held in memory, two models'
@@ -381,13 +436,22 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
     if not grid or not all(math.isfinite(x) for x in grid):
         raise ConfigError("scale grid: needs at least one finite value")
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
-                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, **options)
-    # θ_pre and δ of every floating key, whole and in the wide dtype (tied names share one entry).
+                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
+                               max_memory=max_memory, **options)
+    # θ_pre and δ of every floating key, whole and in the wide dtype (tied names share one entry), filled piece
+    # by piece on the workers.
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in _progress(plan.float_keys(), len(plan.float_keys()), m.name, plan.progress):
-        pieces = list(_pieces(m, plan, key))
+    for key in plan.float_keys():
         shape = plan.base.info(key)[1]
-        parts[key] = (torch.cat([p[0] for p in pieces]).view(shape), torch.cat([p[1] for p in pieces]).view(shape))
+        parts[key] = (torch.empty(shape, dtype=plan.wide(key)), torch.empty(shape, dtype=plan.wide(key)))
+
+    def fill(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> None:
+        b, d = parts[key]
+        b.view(-1)[start:stop].copy_(base)
+        d.view(-1)[start:stop].copy_(m.combine(key, taus))
+
+    for _ in plan.map_pieces(fill, m.name):
+        pass
 
     def merged(lam: float) -> StateDict:
         out = StateDict()

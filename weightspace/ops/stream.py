@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -19,6 +20,7 @@ from ..io.sources import load
 from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
 from ..registry import Entry, Paper, register
 from .grouping import module_of
+from .parallel import ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events, thread_scratch
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -109,8 +111,21 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
                        precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
-                       ema: bool = False, extra: dict | None = None) -> TensorStream:
-    """Σ_j c_j·θ_j over floating tensors, streamed key by key; integer/bool buffers come from the first source."""
+                       ema: bool = False, extra: dict | None = None, threads: int | None = None,
+                       max_memory: int | str | None = None, device: str | torch.device | None = None) -> TensorStream:
+    """Σ_j c_j·θ_j over floating tensors, streamed; integer/bool buffers come from the first source.
+
+    Pieces of each tensor are combined on ``threads`` worker threads (default: every core) under ``max_memory``
+    bytes of pieces and scratch (default: an eighth of one checkpoint, 4 MiB to 1 GiB; see ops.parallel), on the
+    CPU, or on a GPU with ``device="cuda"``. Every element is summed in input order, so the result is the same to
+    the bit whatever the threads and budget.
+
+    Raises:
+        ConfigError: no sources, a coefficient count that does not match, an unknown precision, a bad
+            ``threads``/``max_memory``/``device`` (CUDA asked for on a machine without it).
+        IncompatibleCheckpoints: the sources differ in keys, shapes or dtype kinds.
+        NonFiniteError: (while streaming) an input holds NaN/Inf, unless ``allow_nonfinite``.
+    """
     if len(sources) == 0:
         raise ConfigError(f"{op}: needs at least one checkpoint")
     if len(coefficients) != len(sources):
@@ -126,120 +141,111 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
     acc_dtype = PRECISIONS[precision]
     coeffs = [float(c) for c in coefficients]
 
-    scratch: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)]  # one read buffer, grown when needed
+    def wide_of(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if (dtype == torch.float64 or acc_dtype == torch.float64) else acc_dtype
 
-    def read(ck: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor:
+    floats = [k for k in keys if ref.info(k)[0].is_floating_point]
+    in_size = max((ck.info(k)[0].itemsize for ck in cks for k in floats), default=1)
+    out_size = max((ref.info(k)[0].itemsize for k in floats), default=1)
+    cast = max((wide_of(ref.info(k)[0]).itemsize for k in floats if wide_of(ref.info(k)[0]) != ref.info(k)[0]),
+               default=0)
+    ex = plan_execution(model_bytes=ref.nbytes, worker_bytes_per_elem=in_size + cast,
+                        held_bytes_per_elem=out_size, threads=threads, max_memory=max_memory, device=device)
+    on_gpu = ex.device.type == "cuda"
+
+    def read(ck: Checkpoint, key: str, start: int, stop: int, slot: str = "read") -> torch.Tensor:
         need = (stop - start) * ck.info(key)[0].itemsize
-        if scratch[0].numel() < need:
-            scratch[0] = torch.empty(need, dtype=torch.uint8)
-        return ck.read_range(key, start, stop, scratch[0])
+        return ck.read_range(key, start, stop, thread_scratch(slot, need, pin=on_gpu))
 
     def combine(key: str, start: int, stop: int, out: torch.Tensor) -> None:
         """out (flat, accumulation dtype) = Σ_j c_j·θ_j[start:stop] over the flattened tensor ``key``."""
-        with single_thread():
-            for j, (ck, c) in enumerate(zip(cks, coeffs)):
-                t = read(ck, key, start, stop)
-                if j == 0:
-                    if t.dtype == out.dtype and c != 1.0:
-                        torch.mul(t, c, out=out)  # one pass instead of copy + scale
-                    else:
-                        out.copy_(t)  # widen first: scaling a half tensor would round in half precision
-                        if c != 1.0:
-                            out.mul_(c)
+        for j, (ck, c) in enumerate(zip(cks, coeffs)):
+            t = read(ck, key, start, stop)
+            if j == 0:
+                if t.dtype == out.dtype and c != 1.0:
+                    torch.mul(t, c, out=out)  # one pass instead of copy + scale
                 else:
-                    out.add_(t, alpha=c)  # in-place add computes in out's dtype: a half input is added in fp32
+                    out.copy_(t)  # widen first: scaling a half tensor would round in half precision
+                    if c != 1.0:
+                        out.mul_(c)
+            else:
+                out.add_(t, alpha=c)  # in-place add computes in out's dtype: a half input is added in fp32
 
     def verify(key: str, start: int, stop: int, result: torch.Tensor) -> None:
         """Refuse a non-finite piece of the result (in its stored dtype) unless allowed. NaN/Inf in any input
         reaches the result whatever its coefficient, so one check of the result suffices; only then is each input
         checked, to name the file. Finite inputs with a non-finite result overflowed: that is refused too."""
-        if allow_nonfinite:
+        if allow_nonfinite or all_finite(result):
             return
-        with single_thread():
-            if all_finite(result):
-                return
-            for ck in cks:
-                _check_finite(read(ck, key, start, stop), ck, key)
+        for ck in cks:
+            _check_finite(read(ck, key, start, stop, slot="check"), ck, key)
         raise NonFiniteError(f"{ref.source}: key {key!r}: {op} of finite inputs overflows {result.dtype} "
                              f"(the result holds Inf); use --allow-nonfinite to write it anyway")
 
-    def wide_of(dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if (dtype == torch.float64 or acc_dtype == torch.float64) else acc_dtype
+    def combine_on_device(key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """combine() on the GPU: each input piece is read into pinned memory and copied to the device on this
+        worker's own stream while the next one is read; the result comes back into ``out``."""
+        wide = wide_of(ref.info(key)[0])
+        stream = thread_cuda_stream(ex.device)
+        events = thread_events(ex.device)
+        with torch.cuda.stream(stream):
+            acc = torch.empty(stop - start, dtype=wide, device=ex.device)
+            for j, (ck, c) in enumerate(zip(cks, coeffs)):
+                events[j % 2].synchronize()  # the copy that last read this pinned slot is done
+                t = read(ck, key, start, stop, slot=f"pin{j % 2}").to(ex.device, non_blocking=True)
+                events[j % 2].record(stream)
+                if j == 0:
+                    if t.dtype == wide and c != 1.0:
+                        torch.mul(t, c, out=acc)
+                    else:
+                        acc.copy_(t)
+                        if c != 1.0:
+                            acc.mul_(c)
+                else:
+                    acc.add_(t, alpha=c)
+            out.copy_(acc, non_blocking=True)
+        stream.synchronize()
+
+    tied_lock = threading.Lock()
+    tied_done: dict[str, torch.Tensor] = {}
 
     def compute(key: str) -> torch.Tensor:
-        """The whole output tensor for ``key``."""
+        """The whole output tensor for ``key``, computed piece by piece on the calling thread."""
         dtype, shape = ref.info(key)
         if not dtype.is_floating_point:
             return ref[key]
-        wide = wide_of(dtype)
         result = torch.empty(shape, dtype=dtype)
         flat = result.view(-1)
-        scratch = None if wide == dtype else torch.empty(min(flat.numel(), _chunk_elems(wide)), dtype=wide)
-        for start, stop in _ranges(flat.numel(), wide):
-            if scratch is None:
-                combine(key, start, stop, flat[start:stop])
-            else:
-                acc = scratch[: stop - start]
-                combine(key, start, stop, acc)
-                flat[start:stop].copy_(acc)
-            verify(key, start, stop, flat[start:stop])
+        for start, stop in ex.ranges(flat.numel()):
+            run_piece(key, start, stop, flat[start:stop])
         return result
 
-    def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        waiting = {}
-        for canon in set(tied.values()):
-            waiting[canon] = sum(1 for v in tied.values() if v == canon)
-        cache: dict[str, torch.Tensor] = {}
-        for key in _progress(keys, len(keys), op, progress):
-            canon = tied.get(key, key)
-            if canon in cache:
-                t = cache[canon]
-            else:
-                t = compute(canon)
-                if canon in waiting:
-                    cache[canon] = t
-            if key in tied:
-                waiting[canon] -= 1
-                if waiting[canon] == 0:
-                    cache.pop(canon, None)
-            yield key, t
+    def whole(key: str) -> torch.Tensor:
+        """A tensor that is not split: integer buffers, empty tensors and tied groups (computed once)."""
+        canon = tied.get(key, key)
+        if canon not in tied and key not in tied:
+            return compute(key)
+        with tied_lock:
+            if canon not in tied_done:
+                tied_done[canon] = compute(canon)
+            return tied_done[canon]
 
-    def pieces() -> Iterator[tuple[str, torch.Tensor]]:
-        """Like produce, but large tensors come in flat pieces of ≤ CHUNK_BYTES of accumulator: what a writer
-        needs to hold is one piece, not the largest tensor (an LLM's embedding can be gigabytes)."""
-        whole = set(tied) | set(tied.values())  # tied tensors come from in-memory pickles: keep them whole
-        tied_done: dict[str, torch.Tensor] = {}  # computed once, however many names share it
-        buffers: dict[tuple[torch.dtype, int], torch.Tensor] = {}
-        flip = 0
-        for key in _progress(keys, len(keys), op, progress):
-            dtype, shape = ref.info(key)
-            if key in whole:
-                canon = tied.get(key, key)
-                if canon not in tied_done:
-                    tied_done[canon] = compute(canon)
-                yield key, tied_done[canon]
-                continue
-            if not dtype.is_floating_point:
-                yield key, ref[key]
-                continue
-            wide = wide_of(dtype)
-            numel = math.prod(shape)
-            if numel == 0:
-                yield key, torch.empty(0, dtype=dtype)
-                continue
-            n = min(numel, _chunk_elems(wide))
-            for start, stop in _ranges(numel, wide):
-                # Two accumulators used in turn, never a fresh allocation per piece: a piece stays valid until
-                # the one after next is asked for, so a writer can write it while the next one is computed.
-                flip ^= 1
-                buf = buffers.get((wide, flip))
-                if buf is None or buf.numel() < n:
-                    buf = buffers[(wide, flip)] = torch.empty(n, dtype=wide)
-                acc = buf[: stop - start]
-                combine(key, start, stop, acc)
-                piece = acc if wide == dtype else acc.to(dtype)
-                verify(key, start, stop, piece)
-                yield key, piece
+    def run_piece(key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """out (flat, stored dtype) ← the combined elements [start, stop) of ``key``."""
+        wide = wide_of(out.dtype)
+        if on_gpu:
+            combine_on_device(key, start, stop, out)
+        elif wide == out.dtype:
+            combine(key, start, stop, out)
+        else:
+            acc = thread_scratch("acc", (stop - start) * wide.itemsize).view(wide)
+            combine(key, start, stop, acc)
+            out.copy_(acc)
+        verify(key, start, stop, out)
+
+    split = {k for k in floats if k not in tied and k not in set(tied.values())}
+    pieces, produce = piece_streams(keys, ref.info, split, run_piece, whole, ex,
+                                    lambda ks: _progress(ks, len(ks), op, progress))
 
     prov = {
         "op": op,
@@ -384,22 +390,47 @@ class Distance:
         }
 
 
+DIST_BLOCK = 1 << 20  # elements per float64 partial sum: fixed, so the sums do not depend on threads or memory
+
+
+def _key_distance(ca: Checkpoint, cb: Checkpoint, key: str, allow_nonfinite: bool) -> Distance:
+    """The sums of one key, over fixed blocks in order (on the calling thread)."""
+    part = Distance()
+    dtype_a, shape = ca.info(key)
+    dtype_b, _ = cb.info(key)
+    n = math.prod(shape)
+    for start in range(0, n, DIST_BLOCK):
+        stop = min(n, start + DIST_BLOCK)
+        ta = ca.read_range(key, start, stop, thread_scratch("a", (stop - start) * dtype_a.itemsize))
+        tb = cb.read_range(key, start, stop, thread_scratch("b", (stop - start) * dtype_b.itemsize))
+        part.add(ta, tb)
+    if not allow_nonfinite and not all(math.isfinite(x) for x in (part.a_sq, part.b_sq)):
+        _check_finite(ca[key], ca, key)  # a sum of squares is finite only if every element is: check exactly now
+        _check_finite(cb[key], cb, key)
+    return part
+
+
 def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | None = None, regex: str | None = None,
-             allow_nonfinite: bool = False, progress: bool = False, ema: bool = False) -> dict:
-    """L2 distance, relative distance and cosine over floating tensors, in total and (optionally) per module."""
+             allow_nonfinite: bool = False, progress: bool = False, ema: bool = False,
+             threads: int | None = None) -> dict:
+    """L2 distance, relative distance and cosine over floating tensors, in total and (optionally) per module.
+
+    Keys are summed on ``threads`` worker threads (default: every core) and merged in key order, each key in
+    fixed blocks of float64 partial sums: the same numbers whatever the thread count.
+
+    Raises:
+        IncompatibleCheckpoints: the checkpoints differ in keys, shapes or dtype kinds.
+        NonFiniteError: a tensor holds NaN/Inf (unless ``allow_nonfinite``).
+    """
     ca, cb = load(a, ema=ema), load(b, ema=ema)
     check_compatible([ca, cb])
+    ex = plan_execution(model_bytes=ca.nbytes, worker_bytes_per_elem=0, held_bytes_per_elem=0, threads=threads)
     total = Distance()
     groups: dict[str, Distance] = {}
     keys = [k for k in sorted(ca) if k not in ca.aliases and ca.info(k)[0].is_floating_point]
-    for k in _progress(keys, len(keys), "distance", progress):
-        part = Distance()
-        ta, tb = ca[k], cb[k]
-        with single_thread():
-            part.add(ta, tb)
-            if not allow_nonfinite and not all(math.isfinite(x) for x in (part.a_sq, part.b_sq)):
-                _check_finite(ta, ca, k)  # a sum of squares is finite only if every element is: check exactly now
-                _check_finite(tb, cb, k)
+    parts = ordered_map(lambda k: _key_distance(ca, cb, k, allow_nonfinite),
+                        _progress(keys, len(keys), "distance", progress), ex.threads, ex.depth)
+    for k, part in zip(keys, parts):
         total.merge(part)
         if per_module or depth or regex:
             groups.setdefault(module_of(k, depth, regex), Distance()).merge(part)
