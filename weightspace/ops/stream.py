@@ -223,7 +223,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
     def whole(key: str) -> torch.Tensor:
         """A tensor that is not split: integer buffers, empty tensors and tied groups (computed once)."""
         canon = tied.get(key, key)
-        if canon not in tied and key not in tied:
+        if canon not in tied.values():
             return compute(key)
         with tied_lock:
             if canon not in tied_done:
