@@ -69,14 +69,23 @@ class LazyGroup(click.Group):
             formatter.write_dl([(n, HELP.get(n, "")) for n in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Exception as e:  # only our own error family is turned into one line; bugs keep their traceback
-            errors = sys.modules.get("weightspace.errors")  # not imported yet → cannot be ours (keeps --help torch-free)
-            if errors is not None and isinstance(e, errors.WeightspaceError):
-                click.echo(f"weightspace: error{_speak()}: {e}", err=True)
+        from .oneline import held_output, one_line
+        with held_output() as state:  # library logs and warnings are shown after success, never before an error line
+            try:
+                return super().invoke(ctx)
+            except click.UsageError as e:  # bad options: one line too, naming the verb and where help is
+                state["failed"] = True
+                where = e.ctx.command_path if e.ctx else "weightspace"
+                click.echo(f"weightspace: error{_speak()}: {one_line(where)}: {one_line(e.format_message())} "
+                           f"(see {where} --help)", err=True)
                 sys.exit(2)
-            raise
+            except Exception as e:  # only our own error family is turned into one line; bugs keep their traceback
+                errors = sys.modules.get("weightspace.errors")  # not imported yet → not ours (keeps --help torch-free)
+                if errors is not None and isinstance(e, errors.WeightspaceError):
+                    state["failed"] = True
+                    click.echo(f"weightspace: error{_speak()}: {one_line(str(e))}", err=True)
+                    sys.exit(2)
+                raise
 
 
 def _speak() -> str:
