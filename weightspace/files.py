@@ -3,20 +3,37 @@
 It sits at the bottom layer, beside ``errors``, because both ``io`` and ``report`` write files and neither may
 import the other for it. Library writers always write: whether one of N identical processes (torchrun) should
 be the only one to touch the disk is the application's decision — the CLI makes it with ``discard_writes``.
+
+How a file appears: the data goes to an unnamed file in the target folder (``O_TMPFILE``), which is given its
+name only when complete, by ``link()``, which never replaces an existing name: two runs racing for one new path
+cannot both win, and a run killed at any moment (even by SIGKILL) leaves nothing behind. With ``force`` the
+complete file is linked under a temporary name and renamed over the old file, which must be a regular file (a
+FIFO, device or folder is never replaced). Where the filesystem has no ``O_TMPFILE``, a named temp file is used,
+removed on failure and on SIGTERM/SIGHUP, and named ``.NAME.wstmp-HOST-PID-RANDOM`` so that a later run in the
+same folder recognises and removes one left by a process that no longer exists.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
-import tempfile
+import secrets
+import signal
+import socket
+import stat
+import threading
 from pathlib import Path
 from typing import Iterator
 
 from .errors import CheckpointError, OutputExists
 
-__all__ = ["atomic_output", "discard_writes", "writes_discarded", "make_folder"]
+__all__ = ["atomic_output", "discard_writes", "writes_discarded", "make_folder", "TEMP_MARK"]
 
 _discarding = False
+TEMP_MARK = ".wstmp-"  # in every named temp file: how a later run recognises one left behind
+_NAME_MAX = 255  # bytes in one path component on every common filesystem
+_use_tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")  # tests turn it off for the fallback
 
 
 def discard_writes(on: bool = True) -> bool:
@@ -37,20 +54,160 @@ def writes_discarded() -> bool:
 
 
 def make_folder(folder: str | os.PathLike) -> Path:
-    """``mkdir -p folder`` (nothing while writes are discarded); returns the folder as a Path."""
+    """``mkdir -p folder`` (nothing while writes are discarded); returns the folder as a Path.
+
+    Raises:
+        CheckpointError: the folder cannot be made (read-only filesystem, a file in the way, no permission)."""
     folder = Path(folder)
     if not _discarding:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"{folder}: cannot make the folder ({e.strerror or e})") from None
     return folder
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _temp_name(name: str) -> str:
+    """A temp name beside ``name``, recognisable, and within the 255-byte limit however long ``name`` is."""
+    tail = f"{TEMP_MARK}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    room = _NAME_MAX - len(tail.encode()) - 1
+    head = name.encode()[:room].decode("utf-8", "ignore")
+    return f".{head}{tail}"
+
+
+def _remove_stale(parent: Path) -> None:
+    """Remove temp files that a process of this host which no longer exists left in ``parent``."""
+    prefix = f"{TEMP_MARK}{_host()}-"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            i = entry.name.rfind(prefix)
+            if not entry.name.startswith(".") or i < 0:
+                continue
+            try:
+                pid = int(entry.name[i + len(prefix):].split("-")[0])
+                os.kill(pid, 0)
+            except ProcessLookupError:  # that process is gone: the file can only be a leftover
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+            except (ValueError, PermissionError, OSError):
+                continue
+
+
+def _check_target(path: Path, force: bool) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write here ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputExists(f"{path}: is a directory")
+    if not force:
+        raise OutputExists(f"{path}: already exists (use --force to overwrite)")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise OutputExists(f"{path}: exists and is not a regular file; not replaced, even with --force")
+
+
+class _Interrupted(BaseException):
+    """SIGTERM/SIGHUP while writing: unwinds so the temp file is removed, then the process exits."""
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into an exception while writing (main thread, default handlers only), so that
+    cleanup runs; the signal is re-delivered afterwards with its default action."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def handler(signum, frame):
+        caught.append(signum)
+        raise _Interrupted()
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except _Interrupted:
+        pass
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if caught:
+        os.kill(os.getpid(), caught[0])  # default action now: the process ends as it would have
+        raise SystemExit(128 + caught[0])
+
+
+def _fsync_folder(parent: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+def _link(src: str, dst: Path, follow: bool) -> None:
+    """link(src, dst); with ``follow``, through the symlink ``src`` (/proc/self/fd/N of an unnamed file).
+    os.link cannot do that: on Linux it calls plain link(), which links the /proc symlink itself (EXDEV)."""
+    if not follow:
+        os.link(src, dst)
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _AT_SYMLINK_FOLLOW) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(dst))
+
+
+def _link_into_place(src: str, path: Path, force: bool, parent: Path, follow: bool) -> None:
+    """Give the complete file ``src`` the name ``path``: link() (never replaces), or with ``force`` link under a
+    temp name and rename over a regular file."""
+    if not force:
+        try:
+            _link(src, path, follow)
+        except FileExistsError:
+            raise OutputExists(f"{path}: already exists (use --force to overwrite)") from None
+        return
+    side = parent / _temp_name(path.name)
+    _link(src, side, follow)
+    try:
+        _check_target(path, force=True)  # again, just before replacing: it may have changed while we wrote
+        os.replace(side, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(side)
+
+
+# Failures of writing that bad input or the environment cause (not bugs): reported as one line naming the output.
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only filesystem",
+                 errno.ENAMETOOLONG: "file name too long", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large for the filesystem", errno.EIO: "input/output error"}
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync it and rename it into place, on failure remove it.
+    """Yield a path to write the whole output to; when the block ends without error the file appears at ``path``
+    complete (fsynced), else nothing appears. Write the yielded path in place: its folder may not be a real
+    folder (it can be ``/proc/self/fd/N``), so writers that write a sibling and rename it cannot use it.
 
     Raises:
-        OutputExists: ``path`` exists and ``force`` is false, or ``path`` is a folder.
-        CheckpointError: the folder of ``path`` does not exist.
+        OutputExists: ``path`` exists and ``force`` is false (also when another run created it meanwhile), or
+            ``path`` is a folder, FIFO, device or socket (never replaced, even with ``force``).
+        CheckpointError: the folder of ``path`` does not exist, or writing fails (full disk, read-only
+            filesystem, name too long, no permission).
 
     While writes are discarded (``discard_writes``) it yields ``os.devnull`` and checks nothing: another process
     writes the same file."""
@@ -58,26 +215,43 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         yield Path(os.devnull)
         return
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExists(f"{path}: already exists (use --force to overwrite)")
-    if path.is_dir():
-        raise OutputExists(f"{path}: is a directory")
     parent = path.parent if str(path.parent) else Path(".")
+    if len(path.name.encode()) > _NAME_MAX:
+        raise CheckpointError(f"{path}: cannot write (file name too long: {len(path.name.encode())} bytes, at most "
+                              f"{_NAME_MAX})")
+    _check_target(path, force)
     if not parent.is_dir():
         raise CheckpointError(f"{path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-        with contextlib.suppress(OSError):
-            dfd = os.open(parent, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    _remove_stale(parent)
+    fd, tmp = -1, None
+    with _signals_unwind():
+        try:
+            if _use_tmpfile:
+                try:
+                    fd = os.open(parent, os.O_TMPFILE | os.O_RDWR, 0o644)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                        raise
+            if fd >= 0:
+                tmp = Path(f"/proc/self/fd/{fd}")
+            else:
+                tmp = parent / _temp_name(path.name)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            os.fchmod(fd, 0o644)  # what a plain open would give under the usual umask, whatever the umask
+            yield tmp
+            os.fsync(fd)
+            if tmp.parent == parent:
+                _link_into_place(str(tmp), path, force, parent, follow=False)
+            else:
+                _link_into_place(str(tmp), path, force, parent, follow=True)
+            _fsync_folder(parent)
+        except OSError as e:
+            if e.errno not in _WRITE_ERRORS:
+                raise
+            raise CheckpointError(f"{path}: cannot write ({_WRITE_ERRORS[e.errno]})") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp is not None and tmp.parent == parent:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)

@@ -346,7 +346,7 @@ class FeatureTaps:
         path = self._path(key)
         if path is None:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from ..files import atomic_output, make_folder
         make_folder(path.parent)
@@ -354,7 +354,9 @@ class FeatureTaps:
         tensors["y"] = feats.y.contiguous()
         meta = {"key": key, "layers": feats.layers, "shapes": feats.shapes}
         with atomic_output(path, force=True) as tmp:
-            save_file(tensors, str(tmp), metadata={"weightspace_features": json.dumps(meta)})
+            # bytes, not save_file: safetensors' save_file writes a sibling temp file and renames it, which the
+            # unnamed temp file of atomic_output has no folder for
+            tmp.write_bytes(save(tensors, metadata={"weightspace_features": json.dumps(meta)}))
 
 
 def extract_features(model: nn.Module, data: TensorData, layers: str | Sequence[str] = "all", *, target: int = 8192,
