@@ -6,13 +6,6 @@ import click
 from .common import markdown_table, print_json, report_options
 
 
-def registry_entries(family: str | None = None) -> list:
-    """Every registered entry of ``family`` (all when None); imports the modules that register them (torch)."""
-    import weightspace  # noqa: F401  (the package imports every module that registers an entry)
-    from weightspace.registry import REGISTRY
-    return REGISTRY.entries(family)
-
-
 def _defaults(d: dict) -> str:
     # Nested recipe defaults would flood a table cell: name the sections, show the scalars.
     return ", ".join(f"{k}={v}" if not isinstance(v, (dict, list)) else f"{k}: …" for k, v in d.items())
@@ -27,7 +20,8 @@ def methods(family: str | None, as_json: bool, quiet: bool) -> None:
 
     docs/methods.md is this command's output.
     """
-    entries = registry_entries(family)
+    from weightspace.experiments.runner import catalogue
+    entries = catalogue(family)
     if as_json:
         print_json([e.to_dict() for e in entries])
         return

@@ -11,6 +11,7 @@ from weightspace.eval.data import load_data
 from weightspace.eval.evaluator import Evaluator, recalibrate_bn
 from weightspace.analysis.curve import barrier_height, even_alphas, interpolation_curve
 from weightspace.eval.models import build_model
+from weightspace.ops.stream import CHUNK_BYTES
 
 from evalhelpers import CNN, save_all, train_cnns
 
@@ -98,7 +99,7 @@ def test_in_place_path_equals_state_dict_path():
     spec = "weightspace.eval.zoo:mlp?hidden=1024"
     torch.manual_seed(0)
     a, b = (build_model(spec, num_classes=10).state_dict() for _ in range(2))
-    assert max(v.numel() for v in a.values()) * 4 > 2 * ws.ops.stream.CHUNK_BYTES
+    assert max(v.numel() for v in a.values()) * 4 > 2 * CHUNK_BYTES
     ev = Evaluator(build_model(spec, num_classes=10), load_data("digits:val"), device="cpu")
     in_place = interpolation_curve(a, b, ev, steps=4, progress=False)
     plain = interpolation_curve(a, b, lambda w: ev(w), steps=4, progress=False)

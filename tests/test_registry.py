@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-import weightspace  # noqa: F401  (registers every entry)
+import weightspace as ws
 from weightspace.errors import ConfigError
+from weightspace.experiments.runner import catalogue  # imports every module that registers an entry
 from weightspace.registry import REGISTRY, Entry, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_docs_methods_page_is_the_commands_output(cli):
     r = cli("methods")
     assert r.exit_code == 0, r.stderr
     table = r.stdout.strip()
-    assert table.count("\n") == len(REGISTRY.entries()) + 1
+    assert table.count("\n") == len(catalogue()) + 1
     assert table in (ROOT / "docs" / "methods.md").read_text(), "regenerate docs/methods.md with `weightspace methods`"
 
 
@@ -59,3 +60,14 @@ def test_a_recipe_kind_is_dispatched_through_the_registry(cli, tmp_path):
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert "unknown recipe kind 'soup-of-the-day'" in r.stderr and "align-barrier, transfer" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_package_root_is_lazy_and_complete():
+    import subprocess
+    import sys
+    code = "import sys, weightspace.registry, weightspace.errors; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    assert all(getattr(ws, name) is not None for name in ws.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ws.nope  # noqa: B018

@@ -9,34 +9,53 @@ A tiny surface in the spirit of safetensors::
 """
 from __future__ import annotations
 
+import importlib
+
 from ._version import __version__
 
-from .io.checkpoint import Checkpoint
-from .io.sources import load  # noqa: E402
-from .errors import (CheckpointError, ConfigError, IncompatibleCheckpoints, NonFiniteError,  # noqa: E402
-                     OutputExists, SourceError, UnsafeCheckpoint, WeightspaceError)
-from .io.outputs import StateDict, TensorStream  # noqa: E402
-from .ops.stream import (distance, lerp, task_vector, uniform_soup,  # noqa: E402
-                  weighted_average)
-from .io.save import save  # noqa: E402
-from .ops.merge import task_arithmetic, ties_merge  # noqa: E402
-from .search.align import align  # noqa: E402
-from .hub import HubError, PushResult, push_to_hub  # noqa: E402
-from .eval.evaluator import Evaluator, Metrics  # noqa: E402
-from .eval.data import TensorData, load_data  # noqa: E402
-from .eval.models import build_model  # noqa: E402
-from .analysis.curve import Curve, barrier_height, interpolation_curve  # noqa: E402
-from .search.greedy import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard  # noqa: E402
-from .eval.fixes import FixedEvaluator, Repairer, repair_model  # noqa: E402
-from .search.learned import LearnedSoupResult, learned_soup  # noqa: E402
-from .analysis.criticality import CriticalityResult, RewindResult, module_criticality, rewind  # noqa: E402
-from .analysis.similarity import SimilarityResult, linear_cka, model_similarity, rbf_cka  # noqa: E402
-from .eval.transforms import BlockShuffle, parse_transform  # noqa: E402
-from .experiments.runner import run_recipe  # noqa: E402
-from .analysis.probe import ProbeResult, probe  # noqa: E402
-from .analysis.head2toe import Head2ToeResult, head2toe  # noqa: E402
-from .analysis.saturation import SaturationFit, fit_saturation  # noqa: E402
-from .analysis.taps import FeatureTaps  # noqa: E402
+# Names are imported on first use (PEP 562), so `import weightspace.errors` or the CLI's `--help` does not pay
+# for torch; `weightspace.load` and `from weightspace import load` work as with eager imports.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("Checkpoint",), "io.checkpoint"),
+    **dict.fromkeys(("load",), "io.sources"),
+    **dict.fromkeys(("CheckpointError", "ConfigError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists",
+                     "SourceError", "UnsafeCheckpoint", "WeightspaceError"), "errors"),
+    **dict.fromkeys(("StateDict", "TensorStream"), "io.outputs"),
+    **dict.fromkeys(("distance", "lerp", "task_vector", "uniform_soup", "weighted_average"), "ops.stream"),
+    **dict.fromkeys(("save",), "io.save"),
+    **dict.fromkeys(("task_arithmetic", "ties_merge"), "ops.merge"),
+    **dict.fromkeys(("align",), "search.align"),
+    **dict.fromkeys(("HubError", "PushResult", "push_to_hub"), "hub"),
+    **dict.fromkeys(("Evaluator", "Metrics"), "eval.evaluator"),
+    **dict.fromkeys(("TensorData", "load_data"), "eval.data"),
+    **dict.fromkeys(("build_model",), "eval.models"),
+    **dict.fromkeys(("Curve", "barrier_height", "interpolation_curve"), "analysis.curve"),
+    **dict.fromkeys(("GreedyResult", "Leaderboard", "greedy_soup", "soup_leaderboard"), "search.greedy"),
+    **dict.fromkeys(("FixedEvaluator", "Repairer", "repair_model"), "eval.fixes"),
+    **dict.fromkeys(("LearnedSoupResult", "learned_soup"), "search.learned"),
+    **dict.fromkeys(("CriticalityResult", "RewindResult", "module_criticality", "rewind"), "analysis.criticality"),
+    **dict.fromkeys(("SimilarityResult", "linear_cka", "model_similarity", "rbf_cka"), "analysis.similarity"),
+    **dict.fromkeys(("BlockShuffle", "parse_transform"), "eval.transforms"),
+    **dict.fromkeys(("run_recipe",), "experiments.runner"),
+    **dict.fromkeys(("ProbeResult", "probe"), "analysis.probe"),
+    **dict.fromkeys(("Head2ToeResult", "head2toe"), "analysis.head2toe"),
+    **dict.fromkeys(("SaturationFit", "fit_saturation"), "analysis.saturation"),
+    **dict.fromkeys(("FeatureTaps",), "analysis.taps"),
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weightspace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",

@@ -1,13 +1,23 @@
-"""Run any recipe: its ``kind:`` picks the runner from the one registry (weightspace.registry, family ``recipe``)."""
+"""Run any recipe: its ``kind:`` picks the runner from the one registry (weightspace.registry, family ``recipe``).
+
+``catalogue()`` lists every registered op, merge method and recipe kind (``weightspace methods``, docs/methods.md).
+"""
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-from ..registry import REGISTRY
+from ..ops import merge as _merge, stream as _stream  # noqa: F401  (these modules register the ops and merges)
+from ..registry import REGISTRY, Entry
+from ..search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
 from . import align, recipes  # noqa: F401  (each module registers its recipe kind on import)
 
-__all__ = ["run_recipe", "recipe_kind"]
+__all__ = ["run_recipe", "recipe_kind", "catalogue"]
+
+
+def catalogue(family: str | None = None) -> list[Entry]:
+    """Every registered entry of ``family`` ('op', 'merge', 'recipe'; all when None), by family and name."""
+    return REGISTRY.entries(family)
 
 
 def recipe_kind(recipe: str | os.PathLike | dict):
