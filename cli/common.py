@@ -3,26 +3,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
 
-def output_options(f: Callable) -> Callable:
-    """-o/--output, --force and --format for verbs that write a checkpoint."""
-    f = click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default=None,
-                     help="Output format (default: from the extension; safetensors unless .pt/.pth/.bin).")(f)
-    f = click.option("--force", is_flag=True, help="Overwrite an existing output file.")(f)
-    return f
-
-
-def load_options(f: Callable) -> Callable:
-    """--ema, --precision and --allow-nonfinite for verbs that read and combine checkpoints."""
-    f = click.option("--allow-nonfinite", is_flag=True, help="Combine tensors holding NaN/Inf instead of refusing.")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
-                     help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")(f)
-    f = click.option("--ema", is_flag=True, help="Pick EMA weights where a file holds both EMA and regular weights.")(f)
-    return f
+def grouping_option(f: Callable) -> Callable:
+    """--modules SPEC: how tensors are grouped into the modules an analysis works on."""
+    return click.option("--modules", "grouping", default="tree:layer", show_default=True, metavar="SPEC",
+                        help="tree:layer (a weight layer with its norm), tree:block (residual blocks), tree:stage, "
+                             "depth:N (first N name parts) or regex:PATTERN (what group 1 captures).")(f)
 
 
 def report_options(f: Callable) -> Callable:
@@ -76,12 +66,53 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def _parse_transform(ctx: click.Context, param: click.Parameter, value: str | None):
+def require(value: Any, option: str, why: str) -> None:
+    """A usage error naming the missing option."""
     if not value:
-        return None
-    from weightspace.errors import ConfigError
-    from weightspace.eval.transforms import parse_transform
-    try:
-        return parse_transform(value)
-    except ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="--transform") from None
+        raise click.UsageError(f"{option} is required {why}")
+
+
+def refuse_existing(output: str, force: bool) -> None:
+    """Fail before any work when the output exists and --force was not given (the write checks again)."""
+    from pathlib import Path
+
+    from weightspace.errors import OutputExists
+    if Path(output).exists() and not force:
+        raise OutputExists(f"{output}: already exists (use --force to overwrite)")
+
+
+DEFAULT_SCALES = "0.2,0.4,0.6,0.8,1.0,1.2,1.5"  # the λ grid merges are searched over on --val (merge, soup --merge)
+
+
+def parse_grid(text: str, what: str) -> int | list[float]:
+    """'11' → 11 evenly spaced points; '0,0.5,1' → those values."""
+    if "," not in text:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    return parse_floats(text, what)
+
+
+def precheck(out_dir: str | None, force: bool) -> None:
+    """Refuse an existing --out run before any work (every analysis writes results.json there)."""
+    from pathlib import Path
+
+    from weightspace.errors import OutputExists
+    if out_dir and not force and (Path(out_dir) / "results.json").exists():
+        raise OutputExists(f"{Path(out_dir) / 'results.json'}: already exists (use --force to overwrite)")
+
+
+def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | None, write: Callable | None,
+         force: bool, as_json: bool, quiet: bool, notes: Sequence[str] = ()) -> None:
+    """Write --out files, then print JSON (--json) or a Markdown table (default) on stdout."""
+    if out_dir and write is not None:
+        files = write(out_dir, force=force)
+        payload = {**payload, "files": [str(f) for f in files]}
+        note(f"wrote {len(files)} files to {out_dir}", quiet)
+    for n in notes:
+        note(n, quiet)
+    if as_json:
+        print_json(payload)
+    else:
+        click.echo(markdown_table(headers, rows))

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options
-from .evalargs import model_options, out_options
+from .common import grouping_option, report_options
+from .options import DataOptions, ModelOptions, force_option, report_folder, use
 
 
 @click.command("criticality")
 @click.argument("final")
 @click.option("--init", "init", required=True, metavar="CKPT", help="The checkpoint FINAL was trained from (θ⁰).")
-@click.option("--data", "data_spec", required=True, metavar="SPEC",
-              help="TRAINING data: the definition bounds the training error.")
-@click.option("--modules", "grouping", default=None, metavar="SPEC",
-              help="tree:layer (default), tree:block, tree:stage, depth:N or regex:PATTERN.")
+@use(DataOptions, "data", only=("data", "transform"), required=("data",),
+     help={"data": "TRAINING data, evaluated: the definition bounds the training error (one dataset)."})
+@grouping_option
 @click.option("--epsilon", type=float, default=0.1, show_default=True,
               help="Bound on the mean error (or loss) under noise.")
 @click.option("--relative-epsilon", is_flag=True, help="Bound FINAL's own value + ε instead of ε.")
@@ -25,13 +24,13 @@ from .evalargs import model_options, out_options
 @click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
               help="Monte-Carlo noise draws per (α, σ).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
-@model_options
-@out_options
+@use(ModelOptions, "model")
+@report_folder("Folder for results.json, criticality.csv, criticality_grid.csv and the PNGs.")
+@force_option()
 @report_options
-def criticality(final: str, init: str, data_spec: str, grouping: str | None, epsilon: float, relative_epsilon: bool,
-                metric: str, alphas: str, sigmas: str, sigma_range: str, samples: int, seed: int,
-                model_spec: str | None, num_classes: int | None, in_chans: int | None, batch_size: int, device: str,
-                out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+def criticality(final: str, init: str, data: DataOptions, grouping: str | None, epsilon: float,
+                relative_epsilon: bool, metric: str, alphas: str, sigmas: str, sigma_range: str, samples: int,
+                seed: int, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Module criticality μ_i (Chatterji et al. 2020) per module and the network's Σμ_i.
 
     --out writes results.json, criticality.csv, criticality_grid.csv (every grid point), criticality.png and
@@ -39,15 +38,17 @@ def criticality(final: str, init: str, data_spec: str, grouping: str | None, eps
     """
     from weightspace.analysis.criticality import module_criticality
 
-    from ._analysis import emit, evaluator, load_datasets, model_factory, parse_grid, precheck
-    from .common import parse_floats
+    from weightspace.eval.build import data_transform, load_datasets, model_factory
+    from weightspace.eval.evaluator import Evaluator
+
+    from .common import emit, parse_floats, parse_grid, precheck
     precheck(out_dir, force)
     rng = parse_floats(sigma_range, "--sigma-range")
     if len(rng) != 2:
         raise click.BadParameter("expected LOW,HIGH", param_hint="--sigma-range")
-    data = load_datasets([data_spec], device)
-    factory = model_factory(model_spec, final, data, num_classes, in_chans)
-    ev = evaluator(factory, data, batch_size, device)
+    datasets = load_datasets([data.one("criticality")], device=model.device, transform=data_transform(data))
+    factory = model_factory(model, final, datasets)
+    ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
     r = module_criticality(final, init, ev, modules=grouping, epsilon=epsilon, relative_epsilon=relative_epsilon,
                            metric=metric, alphas=parse_grid(alphas, "--alphas"), sigmas=parse_grid(sigmas, "--sigmas"),
                            sigma_range=(rng[0], rng[1]), samples=samples, seed=seed, progress=not quiet)

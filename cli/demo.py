@@ -4,16 +4,16 @@ from __future__ import annotations
 import click
 
 from .common import note, print_json, report_options
+from .options import force_option, report_folder
 
 
 @click.command("demo")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for checkpoints and results.")
+@report_folder("Folder for checkpoints and results.", default="runs/demo")
 @click.option("--small", is_flag=True, help="Reduced size (fewer epochs, 3 ingredients, 5-point curves): seconds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every model and data order.")
-@click.option("--force", is_flag=True, help="Overwrite the results of an earlier run in --out.")
+@force_option("Overwrite the results of an earlier run in --out.")
 @report_options
-def demo(out: str, small: bool, seed: int, force: bool, as_json: bool, quiet: bool) -> None:
+def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet: bool) -> None:
     """The embedded default run, offline on real data (scikit-learn's handwritten digits).
 
     Pre-trains a small CNN on digits 0–4, fine-tunes ≥ 6 ingredients for all 10 digits over a grid of learning
@@ -26,7 +26,7 @@ def demo(out: str, small: bool, seed: int, force: bool, as_json: bool, quiet: bo
     from weightspace.analysis.curve import barrier_table
     from weightspace.report import jsonable, markdown_table
     t0 = time.perf_counter()
-    r = run_demo(out, small=small, seed=seed, force=force, progress=not quiet, log=lambda m: note(m, quiet))
+    r = run_demo(out_dir, small=small, seed=seed, force=force, progress=not quiet, log=lambda m: note(m, quiet))
     if as_json:
         print_json(jsonable({k: v for k, v in r.items() if k not in ("leaderboard", "curves")}
                             | {"leaderboard": r["leaderboard"].to_dict()}))

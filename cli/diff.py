@@ -6,17 +6,18 @@ import sys
 import click
 
 from .common import markdown_table, print_json, report_options
+from .options import OpOptions, use
 
 
 @click.command("diff")
 @click.argument("a")
 @click.argument("b")
-@click.option("--ema", is_flag=True, help="Compare EMA weights where files hold both.")
+@use(OpOptions, "ops", only=("ema",))
 @report_options
-def diff(a: str, b: str, ema: bool, as_json: bool, quiet: bool) -> None:
+def diff(a: str, b: str, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Keys only in A or only in B, and keys whose shape or dtype differ. Exit 1 when they differ."""
     import weightspace as ws
-    ca, cb = ws.load(a, ema=ema), ws.load(b, ema=ema)
+    ca, cb = ws.load(a, ema=ops.ema), ws.load(b, ema=ops.ema)
     ka, kb = set(ca), set(cb)
     mismatches = []
     for k in sorted(ka & kb):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import markdown_table, print_json, report_options
+from .options import OpOptions, use
 
 
 @click.command("distance")
@@ -12,11 +13,11 @@ from .common import markdown_table, print_json, report_options
 @click.option("--per-module", is_flag=True, help="Also report each module (see --depth / --regex).")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Group parameters by their first N name parts.")
 @click.option("--regex", default=None, help="Group parameters by what this regex captures (group 1, else the match).")
-@click.option("--ema", is_flag=True, help="Use EMA weights where files hold both.")
-@click.option("--allow-nonfinite", is_flag=True, help="Do not refuse tensors holding NaN/Inf.")
+@use(OpOptions, "ops", only=("ema", "allow_nonfinite"),
+     help={"allow_nonfinite": "Do not refuse tensors holding NaN/Inf."})
 @report_options
-def distance(a: str, b: str, per_module: bool, depth: int | None, regex: str | None, ema: bool,
-             allow_nonfinite: bool, as_json: bool, quiet: bool) -> None:
+def distance(a: str, b: str, per_module: bool, depth: int | None, regex: str | None, ops: OpOptions,
+             as_json: bool, quiet: bool) -> None:
     """L2 distance ‖A−B‖, relative distance ‖A−B‖/‖A‖ and cosine over floating tensors."""
     import re
 
@@ -26,8 +27,8 @@ def distance(a: str, b: str, per_module: bool, depth: int | None, regex: str | N
             re.compile(regex)
         except re.error as e:
             raise click.BadParameter(str(e), param_hint="--regex") from None
-    r = ws.distance(a, b, per_module=per_module, depth=depth, regex=regex, ema=ema,
-                    allow_nonfinite=allow_nonfinite, progress=not quiet)
+    r = ws.distance(a, b, per_module=per_module, depth=depth, regex=regex, ema=ops.ema,
+                    allow_nonfinite=ops.allow_nonfinite, progress=not quiet)
     if as_json:
         print_json(r)
         return

@@ -1,9 +1,10 @@
-"""weightspace head2toe CKPT --model M --train DATA --test DATA [--keep 0.01,0.1,0.2] [--out DIR]"""
+"""weightspace head2toe CKPT --model M --train DATA --data DATA [--keep 0.01,0.1,0.2] [--out DIR]"""
 from __future__ import annotations
 
 import click
 
 from .common import parse_floats, print_json, report_options
+from .options import DataOptions, ModelOptions
 from .probe import linear_head_options, probe_options, write_report
 
 H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.png")
@@ -25,10 +26,9 @@ H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.pn
 @click.option("--lasso-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Proximal-gradient iterations of the group-lasso head.")
 @report_options
-def head2toe(checkpoint: str, model_spec: str, train_spec: str, test_spec: str, layers: str, num_classes: int | None,
-             in_chans: int | None, batch_size: int, device: str, cache_dir: str | None, out_dir: str | None,
-             force: bool, keep: str, target: int, coef: float, folds: int, seed: int, l2: float, max_iter: int,
-             lasso_iters: int, as_json: bool, quiet: bool) -> None:
+def head2toe(checkpoint: str, model: ModelOptions, data: DataOptions, layers: str, cache_dir: str | None,
+             out_dir: str | None, force: bool, keep: str, target: int, coef: float, folds: int, seed: int, l2: float,
+             max_iter: int, lasso_iters: int, as_json: bool, quiet: bool) -> None:
     """Head2Toe (Evci et al. 2022): a linear head on features selected from every layer of CHECKPOINT.
 
     Each layer is pooled to about --target features and L2-normalised per example; a group-lasso head scores the
@@ -41,10 +41,10 @@ def head2toe(checkpoint: str, model_spec: str, train_spec: str, test_spec: str, 
     fractions = parse_floats(keep, "--keep")
     if out_dir:
         check_outputs(out_dir, H2T_FILES, force)
-    res = run_h2t(checkpoint, model_spec, train_spec, test_spec, layers=layers, keep=fractions, target=target,
-                  coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter, lasso_iters=lasso_iters, device=device,
-                  batch_size=batch_size, cache_dir=cache_dir, num_classes=num_classes, in_chans=in_chans,
-                  progress=not quiet)
+    res = run_h2t(checkpoint, model.model, data.train, data.one("head2toe"), layers=layers, keep=fractions,
+                  target=target, coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter, lasso_iters=lasso_iters,
+                  device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,
+                  num_classes=model.num_classes, in_chans=model.in_chans, progress=not quiet)
     payload = {"command": "head2toe", **res.to_json()}
     headers, rows = res.table()
     tables = {"head2toe.csv": (headers, rows), "head2toe_layers.csv": res.layer_table()}

@@ -4,17 +4,18 @@ from __future__ import annotations
 import click
 
 from .common import human_bytes, markdown_table, print_json, report_options
+from .options import OpOptions, use
 
 
 @click.command("inspect")
 @click.argument("source")
-@click.option("--ema", is_flag=True, help="Inspect the EMA weights where the file holds both.")
+@use(OpOptions, "ops", only=("ema",))
 @click.option("--limit", type=int, default=0, help="Show at most this many keys in the table (0: all).")
 @report_options
-def inspect_cmd(source: str, ema: bool, limit: int, as_json: bool, quiet: bool) -> None:
+def inspect_cmd(source: str, ops: OpOptions, limit: int, as_json: bool, quiet: bool) -> None:
     """Keys, shapes, dtypes, #params, bytes and provenance metadata of SOURCE."""
     import weightspace as ws
-    ck = ws.load(source, ema=ema)
+    ck = ws.load(source, ema=ops.ema)
     tensors = []
     for k in ck:
         dtype, shape = ck.info(k)

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import click
 
-from .common import load_options, note, output_options, parse_floats, print_json, report_options
-from .evalargs import build_evaluator, load_eval_data, model_options, require
+from .common import note, parse_floats, print_json, report_options, require
+from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
+                      output_options, report_folder, use)
 
 
 @click.command("interpolate")
 @click.argument("checkpoints", nargs=-1, metavar="[A B]")
 @click.option("--alpha", type=float, default=None, help="Write one point: the checkpoint (1−α)·A + α·B (needs -o).")
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Output checkpoint path (--alpha).")
-@model_options
-@click.option("--data", "data_specs", multiple=True, metavar="DATA",
-              help="Evaluation data (repeat for several): digits:test, mnist1d:test, x.pt/.npz, an image folder.")
+@use(ModelOptions, "model")
+@use(DataOptions, "data", only=("data", "transform"),
+     help={"data": "Evaluation data (repeat for several): digits:test, mnist1d:test, x.pt/.npz, an image folder."})
 @click.option("--steps", type=click.IntRange(min=2), default=11, show_default=True, help="Evenly spaced α in [0, 1].")
 @click.option("--alphas", default=None, help="Comma-separated α values instead of --steps (0 and 1 are always added).")
 @click.option("--pair", "pairs", nargs=2, multiple=True, metavar="A B", help="Another pair to overlay (repeatable).")
@@ -28,17 +28,16 @@ from .evalargs import build_evaluator, load_eval_data, model_options, require
               help="With --align: weight or activation matching (default: activations when --align-data is given).")
 @click.option("--align-data", "align_spec", default=None, metavar="DATA",
               help="With --align: inputs for activation matching (default: the --recalibrate-bn, else --repair data).")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Folder for curve.json, curve.csv, barriers.csv and curve.png.")
 @output_options
-@load_options
+@report_folder("Folder for curve.json, curve.csv, barriers.csv and curve.png (a point's weights go to -o).")
+@force_option()
+@op_options
 @report_options
-def interpolate(checkpoints: tuple[str, ...], alpha: float | None, output: str | None, model_spec: str | None,
-                num_classes: int | None, in_chans: int | None, batch_size: int, device: str,
-                data_specs: tuple[str, ...], steps: int, alphas: str | None, pairs: tuple[tuple[str, str], ...],
-                recal_spec: str | None, repair_spec: str | None, align_b: bool, align_method: str | None,
-                align_spec: str | None, out_dir: str | None, force: bool, fmt: str | None, ema: bool, precision: str,
-                allow_nonfinite: bool, as_json: bool, quiet: bool) -> None:
+def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelOptions, data: DataOptions,
+                steps: int, alphas: str | None, pairs: tuple[tuple[str, str], ...], recal_spec: str | None,
+                repair_spec: str | None, align_b: bool, align_method: str | None, align_spec: str | None,
+                out: OutputOptions, out_dir: str | None, force: bool, ops: OpOptions, as_json: bool,
+                quiet: bool) -> None:
     """Interpolate A and B: write one point (--alpha X -o OUT), or measure a barrier curve on data.
 
     Curve mode evaluates (1−α)·A + α·B at each α with one model instance (weights copied in place, data held
@@ -49,38 +48,34 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, output: str |
     if len(checkpoints) not in (0, 2):
         raise click.UsageError(f"expected two checkpoints A B, got {len(checkpoints)}")
     if alpha is not None:
-        if len(checkpoints) != 2 or pairs or model_spec or data_specs:
+        if len(checkpoints) != 2 or pairs or model.model or data.data:
             raise click.UsageError("--alpha writes one checkpoint from exactly A B; drop --model/--data/--pair")
-        require(output, "-o/--output", "with --alpha")
-        return _point(checkpoints[0], checkpoints[1], alpha, output, force, fmt, ema, precision, allow_nonfinite,
-                      as_json, quiet)
-    if output:
+        require(out.output, "-o/--output", "with --alpha")
+        return _point(checkpoints[0], checkpoints[1], alpha, out, force, ops, as_json, quiet)
+    if out.output:
         raise click.UsageError("-o/--output writes one point: give --alpha (curve mode writes to --out)")
-    require(model_spec, "--model", "for a barrier curve (or give --alpha X -o OUT for one point)")
-    require(data_specs, "--data", "for a barrier curve")
+    require(model.model, "--model", "for a barrier curve (or give --alpha X -o OUT for one point)")
+    require(data.data, "--data", "for a barrier curve")
     all_pairs = ([tuple(checkpoints)] if checkpoints else []) + [tuple(p) for p in pairs]
     if not all_pairs:
         raise click.UsageError("give A B or at least one --pair A B")
     if (align_method or align_spec) and not align_b:
         raise click.UsageError("--align-method/--align-data apply to --align")
-    fixes = {"repair_spec": repair_spec}
     if align_b:
         align_method = align_method or ("activations" if align_spec else "weights")
         if align_method == "activations":
             align_spec = align_spec or recal_spec or repair_spec
         if align_method == "activations" and not align_spec:
             raise click.UsageError("--align-method activations needs --align-data (or --recalibrate-bn/--repair data)")
-        fixes.update(align_method=align_method, align_spec=align_spec)
-    _curves(all_pairs, model_spec, num_classes, in_chans, batch_size, device, data_specs, steps, alphas, recal_spec,
-            out_dir, force, ema, precision, as_json, quiet, **fixes)
+    _curves(all_pairs, model, data, steps, alphas, recal_spec, repair_spec, align_method if align_b else None,
+            align_spec if align_b else None, out_dir, force, ops, as_json, quiet)
 
 
-def _point(a, b, alpha, output, force, fmt, ema, precision, allow_nonfinite, as_json, quiet) -> None:
+def _point(a, b, alpha, out: OutputOptions, force, ops: OpOptions, as_json, quiet) -> None:
     from weightspace import save
-    from weightspace.ops import stream as ops
-    stream = ops.lerp_stream(a, b, alpha, precision=precision, allow_nonfinite=allow_nonfinite,
-                             progress=not quiet, ema=ema)
-    path = save(stream, output, force=force, fmt=fmt)
+    from weightspace.ops.stream import lerp_stream
+    stream = lerp_stream(a, b, alpha, progress=not quiet, **ops.kwargs())
+    path = save(stream, out.output, force=force, fmt=out.fmt)
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; interpolated once, written as a copy", quiet)
     if as_json:
@@ -89,46 +84,34 @@ def _point(a, b, alpha, output, force, fmt, ema, precision, allow_nonfinite, as_
         click.echo(f"wrote {path} ((1−{alpha})·A + {alpha}·B)")
 
 
-def _curves(pairs, model_spec, num_classes, in_chans, batch_size, device, data_specs, steps, alphas, recal_spec,
-            out_dir, force, ema, precision, as_json, quiet, repair_spec=None, align_method=None, align_spec=None) -> None:
-    from weightspace import load
-    from weightspace.analysis.curve import barrier_table, interpolation_curve
-    from weightspace.io.sources import short_name
+def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_spec, repair_spec, align_method,
+            align_spec, out_dir, force, ops: OpOptions, as_json, quiet) -> None:
+    from pathlib import Path
+
+    from weightspace.analysis.curve import barrier_table
+    from weightspace.eval.build import build_evaluator, data_transform
+    from weightspace.eval.data import load_data
+    from weightspace.analysis.barriers import barrier_curves
     from weightspace.analysis.curve import CURVE_FILES, write_curves
-    from weightspace.report import check_outputs, jsonable, markdown_table
+    from weightspace.report import check_outputs, jsonable, markdown_table, write_json
     if out_dir:
         check_outputs(out_dir, CURVE_FILES + (("results.json",) if align_method else ()), force)
     grid = parse_floats(alphas, "--alphas") if alphas else None
-    ev = build_evaluator(model_spec, list(data_specs), num_classes=num_classes, in_chans=in_chans,
-                         batch_size=batch_size, device=device)
-    recal = load_eval_data(recal_spec, ev.model) if recal_spec else None
-    repair = load_eval_data(repair_spec, ev.model) if repair_spec else None
-    curves, alignment = [], []
-    for a, b in pairs:
-        ca, cb = load(a, ema=ema), load(b, ema=ema)
-        todo = [(cb, None)]
-        if align_method:
-            pb, info = _aligned(ca, cb, ev.model, align_method, align_spec, quiet)
-            todo.append((pb, f"{short_name(ca.source)}–P({short_name(cb.source)})"))
-        for b_, label in todo:
-            curves.append(interpolation_curve(ca, b_, ev, steps=steps, alphas=grid, recalibrate_bn=recal,
-                                              repair=repair, label=label, progress=not quiet, precision=precision))
-            note(f"{curves[-1].label}: {len(curves[-1].alphas)} points in {curves[-1].seconds:.2f} s", quiet)
-        if align_method:
-            alignment.append({"a": ca.source, "b": cb.source, "method": align_method, "align_data": align_spec,
-                              "l2_before": info["l2_before"], "l2_after": info["l2_after"],
-                              "before": curves[-2].barriers, "after": curves[-1].barriers,
-                              "labels": [curves[-2].label, curves[-1].label]})
-    results = {"command": "interpolate", "model": model_spec, "data": list(data_specs), "recalibrate_bn": recal_spec}
+    transform = data_transform(data)
+    ev = build_evaluator(model, list(data.data), transform=transform)
+    fix = {k: load_data(s, model=ev.model, transform=transform) if s else None
+           for k, s in (("recalibrate_bn", recal_spec), ("repair", repair_spec), ("align_data", align_spec))}
+    cmp = barrier_curves(pairs, ev, steps=steps, alphas=grid, align_method=align_method, ops=ops,
+                         progress=not quiet, log=lambda m: note(m, quiet), **fix)
+    curves = cmp.curves
+    alignment = [{**{k: e[k] for k in ("a", "b", "method")}, "align_data": align_spec, **e} for e in cmp.alignment]
+    results = {"command": "interpolate", "model": model.model, "data": list(data.data), "recalibrate_bn": recal_spec}
     if repair_spec:
         results["repair"] = repair_spec
     if align_method:
         results["alignment"] = alignment
     paths = write_curves(curves, out_dir, results, force=force) if out_dir else {}
     if out_dir and align_method:
-        from pathlib import Path
-
-        from weightspace.report import write_json
         paths["results"] = str(write_json(Path(out_dir) / "results.json", jsonable(results), force=force))
     if as_json:
         print_json(jsonable({**results, "curves": [c.to_dict() for c in curves], "files": paths}))
@@ -146,16 +129,3 @@ def _curves(pairs, model_spec, num_classes, in_chans, batch_size, device, data_s
                    f"(‖A−B‖ {entry['l2_before']:.4g} → ‖A−P(B)‖ {entry['l2_after']:.4g})")
     for p in paths.values():
         click.echo(f"wrote {p}")
-
-
-def _aligned(ca, cb, model, method, align_spec, quiet):
-    """B permuted to match A (on a CPU copy of the evaluation model), and align's info."""
-    import copy
-
-    from weightspace.search.align import align
-    data = load_eval_data(align_spec, model) if align_spec else None
-    net = copy.deepcopy(model).cpu()
-    pb, info = align(ca, cb, net, method=method, data=data, progress=not quiet)
-    note(f"aligned {cb.source} to {ca.source} ({method} matching): ‖A−B‖ {info['l2_before']:.4g} → "
-         f"‖A−P(B)‖ {info['l2_after']:.4g}", quiet)
-    return pb, info

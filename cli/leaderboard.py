@@ -3,40 +3,38 @@ from __future__ import annotations
 
 import click
 
-from .common import print_json, report_options
-from .evalargs import build_evaluator, model_options, require
+from .common import print_json, report_options, require
+from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 
 @click.command("leaderboard")
 @click.argument("checkpoints", nargs=-1, required=True)
-@model_options
-@click.option("--data", "data_specs", multiple=True, metavar="DATA",
-              help="Evaluation data, one column each (repeat); checkpoints are ranked on the first.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Folder for results.json, leaderboard.csv and leaderboard.png.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@click.option("--ema", is_flag=True, help="Use EMA weights where files hold both.")
+@use(ModelOptions, "model")
+@use(DataOptions, "data", only=("data", "transform"),
+     help={"data": "Evaluation data, one column each (repeat); checkpoints are ranked on the first."})
+@report_folder("Folder for results.json, leaderboard.csv and leaderboard.png.")
+@force_option()
+@use(OpOptions, "ops", only=("ema",))
 @report_options
-def leaderboard(checkpoints: tuple[str, ...], model_spec: str | None, num_classes: int | None, in_chans: int | None,
-                batch_size: int, device: str, data_specs: tuple[str, ...], out_dir: str | None, force: bool,
-                ema: bool, as_json: bool, quiet: bool) -> None:
+def leaderboard(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, out_dir: str | None,
+                force: bool, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Evaluate each of CHECKPOINTS on --data and rank them (accuracy on the first --data, ties in input order).
 
     One model instance is built; each checkpoint's weights are copied into it in place, and the data is
     decoded once and held on the device. E.g. which pre-training checkpoint transfers best.
     """
     from weightspace import load
+    from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.report import check_outputs, markdown_table
     from weightspace.search.greedy import LEADERBOARD_FILES, write_leaderboard
     from weightspace.search.greedy import leaderboard as rank_checkpoints
-    require(model_spec, "--model", "to evaluate checkpoints")
-    require(data_specs, "--data", "to evaluate checkpoints")
+    require(model.model, "--model", "to evaluate checkpoints")
+    require(data.data, "--data", "to evaluate checkpoints")
     if out_dir:
         check_outputs(out_dir, LEADERBOARD_FILES, force)
-    ev = build_evaluator(model_spec, list(data_specs), num_classes=num_classes, in_chans=in_chans,
-                         batch_size=batch_size, device=device)
-    lb = rank_checkpoints([load(c, ema=ema) for c in checkpoints], ev, progress=not quiet)
-    results = {"command": "leaderboard", "model": model_spec, "data": list(data_specs)}
+    ev = build_evaluator(model, list(data.data), transform=data_transform(data))
+    lb = rank_checkpoints([load(c, ema=ops.ema) for c in checkpoints], ev, progress=not quiet)
+    results = {"command": "leaderboard", "model": model.model, "data": list(data.data)}
     paths = write_leaderboard(lb, out_dir, results, force=force) if out_dir else {}
     if as_json:
         print_json({**results, "leaderboard": lb.to_dict(), "files": paths})

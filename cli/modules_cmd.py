@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options
-from .evalargs import model_options, out_options
+from .common import grouping_option, report_options
+from .options import ModelOptions, force_option, report_folder, use
 
 
 @click.command("modules")
 @click.argument("checkpoint", required=False)
-@click.option("--modules", "grouping", default="tree:layer", show_default=True, metavar="SPEC",
-              help="tree:layer (a weight layer with its norm), tree:block (residual blocks), tree:stage, "
-                   "depth:N (first N name parts) or regex:PATTERN (what group 1 captures).")
-@model_options
-@out_options
+@grouping_option
+@use(ModelOptions, "model", only=("model", "num_classes", "in_chans"))
+@report_folder("Folder for results.json, modules.csv and modules.png.")
+@force_option()
 @report_options
-def modules_cmd(checkpoint: str | None, grouping: str, model_spec: str | None, num_classes: int | None,
-                in_chans: int | None, batch_size: int, device: str, out_dir: str | None, force: bool,
+def modules_cmd(checkpoint: str | None, grouping: str, model: ModelOptions, out_dir: str | None, force: bool,
                 as_json: bool, quiet: bool) -> None:
     """List the modules that rewind, criticality and similarity analyse: tensors and parameters per module.
 
@@ -27,14 +25,16 @@ def modules_cmd(checkpoint: str | None, grouping: str, model_spec: str | None, n
 
     from weightspace import report
     from weightspace.io.sources import load
+    from weightspace.eval.build import model_factory
     from weightspace.eval.modules import model_units
 
-    from ._analysis import emit, model_factory, precheck
+    from .common import emit, precheck
     precheck(out_dir, force)
-    model = model_factory(model_spec, checkpoint, [], num_classes, in_chans)()
-    units = model_units(model, grouping)
-    sd = model.state_dict()
-    params = {k for k, _ in model.named_parameters()}
+    model_spec = model.model
+    net = model_factory(model, checkpoint)()
+    units = model_units(net, grouping)
+    sd = net.state_dict()
+    params = {k for k, _ in net.named_parameters()}
     ck = load(checkpoint) if checkpoint else None
 
     def numel(key: str) -> int:

@@ -1,4 +1,4 @@
-"""weightspace probe CKPT [CKPT ...] --model M --train DATA --test DATA [--layers all] [--out DIR]"""
+"""weightspace probe CKPT [CKPT ...] --model M --train DATA --data DATA [--layers all] [--out DIR]"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,27 +7,28 @@ from typing import Any, Callable
 import click
 
 from .common import note, print_json, report_options
+from .options import DataOptions, ModelOptions, force_option, report_folder, use
 
 PROBE_FILES = ("results.json", "probe.csv", "probe.png")
 
 
 def probe_options(f: Callable) -> Callable:
-    """--model, --train, --test, --layers, --num-classes, --in-chans, --device, --batch-size, --cache, --out."""
-    from .evalargs import device_options, out_options
-    f = out_options(f)
+    """--model, --train, --data (alias --test), --layers, --num-classes, --in-chans, --device, --batch-size,
+    --cache, --out, --force."""
+    f = force_option()(f)
+    f = report_folder()(f)
     f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
                      help="Folder caching pooled features on disk (keyed by checkpoint sha256, data, layers).")(f)
-    f = device_options(f, "Batch size of the backbone's forward passes.")
-    f = click.option("--in-chans", type=click.IntRange(min=1), default=None,
-                     help="Input channels of the model (default: from the checkpoint).")(f)
-    f = click.option("--num-classes", type=click.IntRange(min=1), default=None,
-                     help="Upstream classifier outputs (default: from the checkpoint).")(f)
     f = click.option("--layers", default="all", show_default=True,
                      help="all, depth:N, regex:P, or comma-separated module names (NAME:in taps a module's input).")(f)
-    f = click.option("--test", "test_spec", required=True, metavar="DATA", help="Data the probes are scored on.")(f)
-    f = click.option("--train", "train_spec", required=True, metavar="DATA", help="Data the probes are trained on.")(f)
-    f = click.option("--model", "model_spec", required=True, metavar="SPEC",
-                     help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.eval.zoo:small_cnn).")(f)
+    f = use(DataOptions, "data", only=("train", "data"), required=("train", "data"), aliases={"data": ("--test",)},
+            help={"train": "Fitting data: what the linear heads are trained on.",
+                  "data": "Evaluation data the heads are scored on (one dataset; --test is an alias)."})(f)
+    f = use(ModelOptions, "model", only=("model", "num_classes", "in_chans", "batch_size", "device"),
+            required=("model",),
+            help={"num_classes": "Upstream classifier outputs (default: from the checkpoint).",
+                  "in_chans": "Input channels of the model (default: from the checkpoint).",
+                  "batch_size": "Batch size of the backbone's forward passes."})(f)
     return f
 
 
@@ -60,22 +61,21 @@ def write_report(out_dir: str | None, payload: dict, tables: dict[str, tuple[lis
               help="Pool each layer to about this many features (Head2Toe's pooling rule).")
 @linear_head_options
 @report_options
-def probe(checkpoints: tuple[str, ...], model_spec: str, train_spec: str, test_spec: str, layers: str,
-          num_classes: int | None, in_chans: int | None, batch_size: int, device: str, cache_dir: str | None,
+def probe(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, layers: str, cache_dir: str | None,
           out_dir: str | None, force: bool, dim: int, l2: float, max_iter: int, as_json: bool, quiet: bool) -> None:
     """Linear probe accuracy at every tapped layer of each of CHECKPOINTS.
 
     Features are pooled per layer, computed once per dataset and checkpoint (one model instance, weights copied in
-    place); a linear head (L-BFGS, standardised features) is trained on --train and scored on --test. --out writes
+    place); a linear head (L-BFGS, standardised features) is trained on --train and scored on --data. --out writes
     results.json, probe.csv and probe.png (accuracy vs depth, one line per checkpoint).
     """
     from weightspace.analysis.probe import probe as run_probe
     from weightspace.report import check_outputs, markdown_table
     if out_dir:
         check_outputs(out_dir, PROBE_FILES, force)
-    res = run_probe(list(checkpoints), model_spec, train_spec, test_spec, layers=layers, dim=dim, l2=l2,
-                    max_iter=max_iter, device=device, batch_size=batch_size, cache_dir=cache_dir,
-                    num_classes=num_classes, in_chans=in_chans, progress=not quiet)
+    res = run_probe(list(checkpoints), model.model, data.train, data.one("probe"), layers=layers, dim=dim, l2=l2,
+                    max_iter=max_iter, device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,
+                    num_classes=model.num_classes, in_chans=model.in_chans, progress=not quiet)
     payload = {"command": "probe", **res.to_json()}
     headers, rows = res.table()
     payload = write_report(out_dir, payload, {"probe.csv": (headers, rows)}, "probe.png", res.plot, force=force,

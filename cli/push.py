@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import note, print_json, report_options
+from .options import ModelOptions, use
 
 
 @click.command("push")
@@ -17,17 +18,23 @@ from .common import note, print_json, report_options
               help="Write the folder that would be pushed to DIR and stop (no token needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --dry-run folder.")
 @click.option("--timm-arch", default=None, help="timm architecture, when the provenance and run folder do not name it.")
-@click.option("--num-classes", type=int, default=None, help="Classifier size for --timm-arch (default: from the weights).")
+@use(ModelOptions, "model", only=("num_classes",),
+     help={"num_classes": "Classifier size for --timm-arch (default: from the weights)."})
 @click.option("--open-clip-arch", default=None, help="open_clip architecture (e.g. ViT-B-32), when not inferred.")
-@click.option("-m", "--message", default=None, help="Commit message.")
+@click.option("--commit-message", "-m", "--message", "message", default=None, metavar="TEXT",
+              help="Commit message (as `hf upload --commit-message`; -m and --message are aliases).")
+@click.option("--token", default=None, metavar="TOKEN",
+              help="Hub token (default: HF_TOKEN, else a stored `hf auth login`); never printed.")
 @report_options
 def push(checkpoint: str, repo: str, private: bool, revision: str, card_from: str | None, dry_run: str | None,
-         force: bool, timm_arch: str | None, num_classes: int | None, open_clip_arch: str | None,
-         message: str | None, as_json: bool, quiet: bool) -> None:
+         force: bool, timm_arch: str | None, model: ModelOptions, open_clip_arch: str | None,
+         message: str | None, token: str | None, as_json: bool, quiet: bool) -> None:
     """Push CHECKPOINT to the Hub repo REPO (ORG/NAME) with a model card and a timm/open_clip config.
 
-    The token comes from HF_TOKEN or a stored `hf auth login`; it is never printed. HF_ENDPOINT picks another Hub.
+    The token comes from --token, HF_TOKEN or a stored `hf auth login`; it is never printed. HF_ENDPOINT picks
+    another Hub.
     """
+    num_classes = model.num_classes
     from weightspace.hub import push_to_hub
     if num_classes is not None and not timm_arch:
         raise click.BadParameter("--num-classes goes with --timm-arch", param_hint="--num-classes")
@@ -45,7 +52,8 @@ def push(checkpoint: str, repo: str, private: bool, revision: str, card_from: st
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()
     result = push_to_hub(checkpoint, repo, private=private, revision=revision, card_from=card_from,
-                         dry_run_dir=dry_run, model_config=model_config, commit_message=message, force=force)
+                         dry_run_dir=dry_run, model_config=model_config, commit_message=message, force=force,
+                         token=token)
     for n in result.notes:
         note(f"note: {n}", quiet)
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import report_options
+from .options import ModelOptions, force_option, report_folder, use
 
 
 @click.group("recipe")
@@ -13,26 +14,24 @@ def recipe() -> None:
 
 @recipe.command("run")
 @click.argument("recipe_file", metavar="RECIPE.yaml")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md.")
+@report_folder("Folder for checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md.", required=True)
 @click.option("--small", is_flag=True, help="Apply the recipe's 'small:' overrides (a quick reduced-size run).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.finetune.epochs=5 (repeatable; the value is YAML).")
-@click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
-@click.option("--device", default="cpu", show_default=True,
-              help="auto, cpu or cuda[:N] for the analyses' evaluations (training runs on the CPU).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Evaluation batch size of the analyses (training batch sizes are in the recipe).")
+@force_option("Overwrite an existing run in --out.")
+@use(ModelOptions, "model", only=("batch_size", "device"),
+     help={"device": "auto, cpu or cuda[:N] for the analyses' evaluations (training runs on the CPU).",
+           "batch_size": "Evaluation batch size of the analyses (training batch sizes are in the recipe)."})
 @report_options
-def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...], force: bool, device: str,
-        batch_size: int, as_json: bool, quiet: bool) -> None:
+def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...], force: bool, model: ModelOptions,
+        as_json: bool, quiet: bool) -> None:
     """Train the recipe's models, run its analyses and write REPORT.md with a verdict per finding."""
     from weightspace.eval.evaluator import resolve_device
     from weightspace.experiments.runner import run_recipe
 
     from .common import markdown_table, print_json
     r = run_recipe(recipe_file, out_dir, small=small, overrides=overrides, force=force, progress=not quiet,
-                   device=str(resolve_device(device)), batch_size=batch_size)
+                   device=str(resolve_device(model.device)), batch_size=model.batch_size)
     if as_json:
         print_json(r)
         return

@@ -3,31 +3,30 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options
-from .evalargs import model_options, out_options
+from .common import grouping_option, report_options
+from .options import DataOptions, ModelOptions, force_option, report_folder, use
 
 
 @click.command("rewind")
 @click.argument("final")
 @click.option("--init", "init", default=None, metavar="CKPT", help="The checkpoint FINAL was trained from (--to init).")
-@click.option("--data", "data_specs", multiple=True, required=True, metavar="SPEC",
-              help="Evaluation data (repeatable; the heat map shows the first).")
-@click.option("--modules", "grouping", default=None, metavar="SPEC",
-              help="tree:layer (default), tree:block, tree:stage, depth:N or regex:PATTERN.")
+@use(DataOptions, "data", only=("data", "transform"), required=("data",),
+     help={"data": "Evaluation data (repeatable; the heat map shows the first)."})
+@grouping_option
 @click.option("--to", "targets", multiple=True, metavar="TARGET",
               help="Rewind target, repeatable: init (default), random (a fresh draw from the model's own "
                    "initialiser), or a checkpoint of the trajectory.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --to random draw.")
 @click.option("--bn-stats", type=click.Choice(["final", "target"]), default="final", show_default=True,
               help="BatchNorm running statistics of a rewound module: FINAL's, or the target's.")
-@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="SPEC",
+@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="DATA",
               help="Re-estimate every BatchNorm's statistics on this data before each evaluation.")
-@model_options
-@out_options
+@use(ModelOptions, "model")
+@report_folder("Folder for results.json, rewind.csv and rewind.png.")
+@force_option()
 @report_options
-def rewind(final: str, init: str | None, data_specs: tuple[str, ...], grouping: str | None, targets: tuple[str, ...],
-           seed: int, bn_stats: str, recal_spec: str | None, model_spec: str | None,
-           num_classes: int | None, in_chans: int | None, batch_size: int, device: str, out_dir: str | None,
+def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None, targets: tuple[str, ...],
+           seed: int, bn_stats: str, recal_spec: str | None, model: ModelOptions, out_dir: str | None,
            force: bool, as_json: bool, quiet: bool) -> None:
     """Rewind one module at a time to INIT / a checkpoint / a random draw, keep the others at FINAL, evaluate.
 
@@ -36,16 +35,19 @@ def rewind(final: str, init: str | None, data_specs: tuple[str, ...], grouping: 
     """
     from weightspace.analysis.criticality import rewind as do_rewind
     from weightspace.errors import ConfigError
+    from weightspace.eval.build import data_transform, load_datasets, model_factory
+    from weightspace.eval.evaluator import Evaluator
 
-    from ._analysis import emit, evaluator, load_datasets, model_factory, precheck
+    from .common import emit, precheck
     precheck(out_dir, force)
     targets = targets or ("init",)
     if "init" in targets and not init:
         raise click.UsageError("--init is required to rewind to init (or pick --to random / --to CKPT)")
-    data = load_datasets(data_specs, device)
-    factory = model_factory(model_spec, final, data, num_classes, in_chans)
-    ev = evaluator(factory, data, batch_size, device)
-    recal = load_datasets([recal_spec], device)[0] if recal_spec else None
+    transform = data_transform(data)
+    datasets = load_datasets(data.data, device=model.device, transform=transform)
+    factory = model_factory(model, final, datasets)
+    ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
+    recal = load_datasets([recal_spec], device=model.device, transform=transform)[0] if recal_spec else None
     if recal is not None and bn_stats != "final":
         raise ConfigError("--bn-stats and --recalibrate-bn exclude each other (recalibration re-estimates all)")
     r = do_rewind(final, init, ev, modules=grouping, to=list(targets), model=factory, recalibrate_bn=recal,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import note, print_json, report_options
+from .options import force_option, report_folder
 from .probe import write_report
 
 SAT_FILES = ("results.json", "saturation.csv", "saturation.png")
@@ -17,9 +18,8 @@ SAT_FILES = ("results.json", "saturation.csv", "saturation.png")
 @click.option("--errors", is_flag=True, help="The columns hold errors (1 − accuracy), not accuracies.")
 @click.option("--points", type=click.Choice(["hull", "all"]), default="hull", show_default=True,
               help="Fit the upper convex hull of the points (the paper's choice) or every point.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Folder for results.json, saturation.csv and saturation.png.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@report_folder("Folder for results.json, saturation.csv and saturation.png.")
+@force_option()
 @report_options
 def saturation(csv_file: str, upstream: str, downstream: str, label: str | None, errors: bool, points: str,
                out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options
-from .evalargs import model_options, out_options
+from .common import grouping_option, report_options
+from .options import DataOptions, ModelOptions, force_option, report_folder, use
 
 
 @click.command("similarity")
 @click.argument("a")
 @click.argument("b")
-@click.option("--data", "data_spec", required=True, metavar="SPEC", help="Examples to compare the models on.")
-@click.option("--modules", "grouping", default=None, metavar="SPEC",
-              help="tree:layer (default), tree:block, tree:stage, depth:N or regex:PATTERN.")
+@use(DataOptions, "data", only=("data", "transform"), required=("data",),
+     help={"data": "Examples to compare the models on (one dataset)."})
+@grouping_option
 @click.option("--full-limit", type=click.IntRange(min=4), default=4096, show_default=True,
               help="Full-batch linear/RBF/debiased CKA up to this many examples; beyond, minibatch CKA only.")
 @click.option("--rbf-threshold", type=float, default=0.5, show_default=True,
@@ -22,26 +22,28 @@ from .evalargs import model_options, out_options
 @click.option("--include-buffers", is_flag=True, help="Count buffers (BatchNorm statistics) in the L2 distances.")
 @click.option("--max-indices", type=click.IntRange(min=0), default=None,
               help="Print at most this many example indices per off-diagonal cell (all are in results.json).")
-@model_options
-@out_options
+@use(ModelOptions, "model")
+@report_folder("Folder for results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png.")
+@force_option()
 @report_options
-def similarity(a: str, b: str, data_spec: str, grouping: str | None, full_limit: int, rbf_threshold: float,
-               cross: bool, include_buffers: bool, max_indices: int | None, model_spec: str | None,
-               num_classes: int | None, in_chans: int | None, batch_size: int, device: str, out_dir: str | None,
+def similarity(a: str, b: str, data: DataOptions, grouping: str | None, full_limit: int, rbf_threshold: float,
+               cross: bool, include_buffers: bool, max_indices: int | None, model: ModelOptions, out_dir: str | None,
                force: bool, as_json: bool, quiet: bool) -> None:
     """CKA (linear, RBF, debiased, minibatch) of the two models' activations at every module output, L2 per
     module, and the prediction agreement table with the indices of the examples only one model gets right.
 
     --out writes results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png.
     """
-    from ._analysis import emit, load_datasets, model_factory, precheck
-    from .common import markdown_table, note
     from weightspace.analysis.similarity import model_similarity as compare
+    from weightspace.eval.build import data_transform, load_datasets, model_factory
+
+    from .common import emit, markdown_table, note, precheck
     precheck(out_dir, force)
-    data = load_datasets([data_spec], device)
-    model = model_factory(model_spec, a, data, num_classes, in_chans)()
-    r = compare(a, b, model, data[0], modules=grouping, batch_size=batch_size, device=device, full_limit=full_limit,
-                rbf_threshold=rbf_threshold, cross=cross, include_buffers=include_buffers, progress=not quiet)
+    datasets = load_datasets([data.one("similarity")], device=model.device, transform=data_transform(data))
+    net = model_factory(model, a, datasets)()
+    r = compare(a, b, net, datasets[0], modules=grouping, batch_size=model.batch_size, device=model.device,
+                full_limit=full_limit, rbf_threshold=rbf_threshold, cross=cross, include_buffers=include_buffers,
+                progress=not quiet)
     headers, rows = r.table()
     emit(r.to_dict(), headers, rows, out_dir=out_dir, write=r.write, force=force, as_json=as_json, quiet=quiet,
          notes=r.notes)

@@ -220,3 +220,24 @@ def test_cli_leaderboard_ranks_checkpoints(cli, finetunes, tmp_path):
     assert [row["source"] for row in j["leaderboard"]["rows"]] == [finetunes[i] for i in rank(acc)[0]]
     assert [row["metrics"]["digits:test"]["accuracy"] for row in j["leaderboard"]["rows"]] == sorted(acc, reverse=True)
     assert json.loads((tmp_path / "lb" / "results.json").read_text())["leaderboard"] == j["leaderboard"]
+
+
+def test_cli_weighted_soup_is_scored_on_val_and_unsaved_soups_say_so(cli, finetunes, tmp_path):
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
+    out = tmp_path / "w.safetensors"
+    r = cli("soup", "--weights", "1,2,1", *finetunes, "--model", CNN, "--val", "digits:val", "-o", out, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    j = json.loads(r.stdout)
+    row = next(row for row in j["leaderboard"]["rows"] if row["method"] == "weighted soup")
+    api = ws.weighted_average(finetunes, [1, 2, 1])
+    saved = ws.load(out)
+    assert all(torch.equal(saved[k], api[k]) for k in api)
+    ev = Evaluator(build_model(CNN, num_classes=10), load_data("digits:val"), device="cpu")
+    assert row["metrics"]["digits:val"]["accuracy"] == pytest.approx(ev(api)["digits:val"]["accuracy"])
+    assert saved.provenance["val_score"] == row["metrics"]["digits:val"]["accuracy"]
+    # scored, not saved: said on stderr, and no file appears
+    r = cli("soup", "--greedy", *finetunes, "--model", CNN, "--val", "digits:val")
+    assert r.exit_code == 0 and "no checkpoint written" in r.stderr and "-o FILE" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -1,0 +1,83 @@
+"""Click options generated from the library's option families (weightspace.options), declared once for every verb."""
+from __future__ import annotations
+
+import functools
+from dataclasses import MISSING
+from typing import Any, Callable, Iterable, Mapping
+
+import click
+
+from weightspace.options import (DataOptions, ModelOptions, OpOptions, OutputOptions, ReportOptions,  # noqa: F401
+                                 check_report_folder, option_fields)
+
+
+def _click_type(meta: Mapping[str, Any], default: Any) -> Any:
+    if meta["choices"]:
+        return click.Choice(meta["choices"])
+    if meta["min"] is not None:
+        return click.IntRange(min=meta["min"]) if isinstance(meta["min"], int) else click.FloatRange(min=meta["min"])
+    return None
+
+
+def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: Iterable[str] = (),
+        help: Mapping[str, str] | None = None, aliases: Mapping[str, tuple[str, ...]] | None = None,
+        hidden_aliases: bool = False) -> Callable[[Callable], Callable]:
+    """Declare the fields of the option family ``cls`` (all, or ``only`` these) as click options; the command
+    receives one ``cls`` instance as the keyword ``dest``.
+
+    ``required`` names fields click should require, ``help`` replaces a field's help for this verb (same meaning,
+    more specific words), ``aliases`` adds flags to a field (e.g. ``--test`` for ``--data`` on soup).
+    """
+    chosen = [f for f in option_fields(cls) if only is None or f.name in set(only)]
+    required, help, aliases = set(required), dict(help or {}), dict(aliases or {})
+
+    def deco(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            kw[dest] = cls(**{fl.name: kw.pop(fl.name) for fl in chosen})
+            return f(*args, **kw)
+
+        for fl in reversed(chosen):
+            meta = fl.metadata
+            default = () if meta["multiple"] else (None if fl.default is MISSING else fl.default)
+            flags = (*meta["flags"], *aliases.get(fl.name, ()))
+            is_flag = isinstance(default, bool)
+            kw: dict[str, Any] = {"help": help.get(fl.name, meta["help"]), "required": fl.name in required}
+            if is_flag:
+                kw["is_flag"] = True
+            else:
+                kw.update(default=default, multiple=meta["multiple"], metavar=meta["metavar"],
+                          type=_click_type(meta, default),
+                          show_default=default not in (None, ()))
+            wrapper = click.option(*flags, fl.name, **kw)(wrapper)
+        return wrapper
+    return deco
+
+
+def _check_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    check_report_folder(value)  # a ConfigError: one line, exit 2, before any work
+    return value
+
+
+def report_folder(help: str | None = None, *, required: bool = False,
+                  default: str | None = None) -> Callable[[Callable], Callable]:
+    """--out DIR (ReportOptions.out), refusing a checkpoint's name; the command receives ``out_dir``."""
+    meta = option_fields(ReportOptions)[0].metadata
+    return click.option(*meta["flags"], "out_dir", default=default, show_default=default is not None,
+                        required=required, metavar=meta["metavar"], callback=_check_out,
+                        type=click.Path(file_okay=False), help=help or meta["help"])
+
+
+def force_option(help: str = "Overwrite existing output files.") -> Callable[[Callable], Callable]:
+    """--force."""
+    return click.option("--force", is_flag=True, help=help)
+
+
+def op_options(f: Callable) -> Callable:
+    """--ema, --precision, --allow-nonfinite as an OpOptions ``ops``."""
+    return use(OpOptions, "ops")(f)
+
+
+def output_options(f: Callable) -> Callable:
+    """-o/--output and --format as an OutputOptions ``out``."""
+    return use(OutputOptions, "out")(f)

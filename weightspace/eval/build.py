@@ -1,0 +1,103 @@
+"""What an evaluation needs, built from the option families (weightspace.options): one model instance and every
+dataset decoded once, transformed and placed on the device.
+
+Two ways to size the model: from the data (``build_evaluator``: soups, curves, leaderboards, merges, where the
+checkpoints are many and the data names the classes) or from one checkpoint's shapes (``model_factory``: the
+analyses, where a checkpoint is given and its classifier decides).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..io.checkpoint import Source
+from ..options import DataOptions, ModelOptions
+from .data import TensorData, load_data
+from .distributed import set_parallel
+from .evaluator import Evaluator, resolve_device
+from .models import build_model
+from .modules import build_model_for
+from .transforms import parse_transform
+
+__all__ = ["data_transform", "classes_in_folder", "build_evaluator", "load_datasets", "model_factory",
+           "require_model"]
+
+
+def data_transform(data: DataOptions | None) -> Callable | None:
+    """The --transform of ``data`` as a callable applied to every dataset, or None.
+
+    Raises:
+        ConfigError: the spec is not a known transform.
+    """
+    return parse_transform(data.transform) if data is not None and data.transform else None
+
+
+def classes_in_folder(spec: str) -> int | None:
+    """The number of classes of an image-folder spec (one sub-folder each), or None when ``spec`` is not a folder.
+
+    Decoding an image folder waits for the model's input transform, so its class count is read from the tree.
+    """
+    folder = Path(spec.split("?", 1)[0]).expanduser()
+    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else None
+
+
+def require_model(model: ModelOptions) -> str:
+    """The --model spec.
+
+    Raises:
+        ConfigError: none given.
+    """
+    if not model.model:
+        raise ConfigError("--model is required (timm:NAME, open_clip:ARCH or pkg.module:factory)")
+    return model.model
+
+
+def build_evaluator(model: ModelOptions, specs: Sequence[str], *, transform: Callable | None = None,
+                    keep_logits: bool = False) -> Evaluator:
+    """One model instance (sized by --num-classes, else the first dataset) and every dataset of ``specs``.
+
+    Also sets the process-wide --parallel mode that the Evaluator and the sweeps read under torchrun.
+
+    Raises:
+        ConfigError: no --model, a spec given twice, or a bad model/data spec.
+    """
+    spec = require_model(model)
+    dup = sorted({s for s in specs if list(specs).count(s) > 1})
+    if dup:
+        raise ConfigError(f"--data {dup[0]}: given more than once")
+    set_parallel(model.parallel)
+    dev = resolve_device(model.device)
+    num_classes, first = model.num_classes, None
+    if num_classes is None:
+        num_classes = classes_in_folder(specs[0])
+        if num_classes is None:
+            first = load_data(specs[0], transform=transform)
+            num_classes = first.num_classes
+    net = build_model(spec, num_classes=num_classes, in_chans=model.in_chans)
+    data = {s: first if (i == 0 and first is not None) else load_data(s, model=net, transform=transform)
+            for i, s in enumerate(specs)}
+    return Evaluator(net, data, batch_size=model.batch_size, device=dev, keep_logits=keep_logits)
+
+
+def load_datasets(specs: Sequence[str], *, device: str, transform: Callable | None = None) -> list[TensorData]:
+    """Each spec decoded once, transformed (after normalisation) and placed on ``device``."""
+    dev = resolve_device(device)
+    return [load_data(s, transform=transform, device=dev) for s in specs]
+
+
+def model_factory(model: ModelOptions, checkpoint: Source | None, data: Sequence[TensorData] = ()
+                  ) -> Callable[[], nn.Module]:
+    """A function building the model that fits ``checkpoint`` (num_classes/in_chans from it, else the data).
+
+    Raises:
+        ConfigError: no --model.
+    """
+    spec = require_model(model)
+    set_parallel(model.parallel)
+    num_classes = model.num_classes
+    if num_classes is None and checkpoint is None and data:
+        num_classes = data[0].num_classes  # with a checkpoint, its classifier's shape decides
+    return lambda: build_model_for(spec, checkpoint, num_classes=num_classes, in_chans=model.in_chans)

@@ -1,0 +1,123 @@
+"""The option families shared by the verbs, declared once: each a dataclass the library takes and the CLI turns
+into command-line options (``weightspace_cli.options.use``), as mergekit's ``MergeOptions`` is.
+
+One vocabulary across verbs: ``--val DATA`` selection data (greedy and learned soups, choosing λ), ``--data DATA``
+evaluation data shown in reports (repeatable), ``--train DATA`` fitting data (probes), ``-o FILE`` the weights
+written, ``--out DIR`` the report folder (never a checkpoint's name), ``--device auto|cpu|cuda[:N]``.
+
+Each field's metadata holds its flags, metavar, help and limits; this module imports nothing but the standard
+library, so a verb's ``--help`` stays free of torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ModelOptions", "DataOptions", "OpOptions", "OutputOptions", "ReportOptions", "option_fields",
+           "CHECKPOINT_SUFFIXES", "check_report_folder"]
+
+# Names a report folder may not take: they are what a user means as a checkpoint file.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
+
+
+def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, choices: tuple[str, ...] | None = None,
+         min: int | float | None = None, multiple: bool = False) -> Any:
+    meta = {"flags": flags, "help": help, "metavar": metavar, "choices": choices, "min": min, "multiple": multiple}
+    if multiple:
+        return field(default_factory=tuple, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelOptions:
+    """The model that evaluated checkpoints are loaded into, and where it runs."""
+
+    model: str | None = _opt(None, "--model", metavar="SPEC",
+                             help="timm:NAME, open_clip:ARCH or pkg.module:factory (e.g. weightspace.eval.zoo:small_cnn).")
+    num_classes: int | None = _opt(None, "--num-classes", min=1,
+                                   help="Classifier outputs (default: from the checkpoint, else the first dataset).")
+    in_chans: int | None = _opt(None, "--in-chans", min=1,
+                                help="Input channels of the model (timm; e.g. 1 for grey digits).")
+    batch_size: int = _opt(256, "--batch-size", min=1, help="Evaluation batch size.")
+    device: str = _opt("auto", "--device", help="auto, cpu or cuda[:N].")
+    parallel: str = _opt("data", "--parallel", choices=("data", "points"),
+                         help="Under torchrun: shard the data of every evaluation across the ranks (data), or deal "
+                              "whole sweep points (α points, checkpoints) out to the ranks (points).")
+
+
+@dataclass
+class DataOptions:
+    """The three roles data plays: selection (--val), evaluation shown in reports (--data) and fitting (--train).
+
+    A DATA spec is digits:test, mnist1d:test, a .pt/.npz file or an image folder (docs/evaluation.md).
+    """
+
+    val: str | None = _opt(None, "--val", metavar="DATA",
+                           help="Selection data: ranks ingredients, drives greedy and learned soups, picks λ.")
+    data: tuple[str, ...] = _opt((), "--data", metavar="DATA", multiple=True,
+                                 help="Evaluation data shown in the report (repeat for several).")
+    train: str | None = _opt(None, "--train", metavar="DATA", help="Fitting data: what probes and heads are trained on.")
+    transform: str | None = _opt(None, "--transform", metavar="SPEC",
+                                 help="Transform every dataset once, after its normalisation: block-shuffle:B[:SEED] "
+                                      "(B×B blocks, one fixed seeded permutation); chain with '+'.")
+
+    def one(self, verb: str) -> str:
+        """The single --data spec of a verb that compares on one dataset.
+
+        Raises:
+            ConfigError: none or several given.
+        """
+        if len(self.data) != 1:
+            raise ConfigError(f"{verb}: give exactly one --data DATA (got {len(self.data)})")
+        return self.data[0]
+
+
+@dataclass
+class OpOptions:
+    """How ops read and combine checkpoints."""
+
+    ema: bool = _opt(False, "--ema", help="Pick EMA weights where a file holds both EMA and regular weights.")
+    precision: str = _opt("fp32", "--precision", choices=("fp32", "fp64"),
+                          help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")
+    allow_nonfinite: bool = _opt(False, "--allow-nonfinite", help="Combine tensors holding NaN/Inf instead of refusing.")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the streaming ops (ops.stream, ops.merge)."""
+        return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite}
+
+
+@dataclass
+class OutputOptions:
+    """The weights a verb writes."""
+
+    output: str | None = _opt(None, "-o", "--output", metavar="FILE",
+                              help="Where the weights are written (safetensors unless .pt/.pth/.bin).")
+    fmt: str | None = _opt(None, "--format", choices=("safetensors", "pt"),
+                           help="Output format (default: from the extension; safetensors unless .pt/.pth/.bin).")
+
+
+@dataclass
+class ReportOptions:
+    """The report folder a verb writes (results.json, CSV, PNG)."""
+
+    out: str | None = _opt(None, "--out", metavar="DIR",
+                           help="Folder for the report: results.json, CSV and PNG files (weights go to -o).")
+
+
+def option_fields(cls: type) -> list:
+    """The dataclass fields of an option family (with their flags, help, metavar, choices, min, multiple)."""
+    return list(fields(cls))
+
+
+def check_report_folder(out: str | None) -> None:
+    """Refuse a report folder named like a checkpoint file (``--out soup.safetensors`` means ``-o``).
+
+    Raises:
+        ConfigError: ``out`` ends in a checkpoint suffix; the message suggests -o.
+    """
+    if out and Path(out).suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"--out {out}: --out is the report folder and never takes a checkpoint's name; "
+                          f"write the weights with -o {out}")
