@@ -11,7 +11,7 @@ from weightspace.options import (DataOptions, ModelOptions, OpOptions, OutputOpt
                                  check_report_folder, option_fields)
 
 
-def _click_type(meta: Mapping[str, Any], default: Any) -> Any:
+def _click_type(meta: Mapping[str, Any]) -> Any:
     if meta["choices"]:
         return click.Choice(meta["choices"])
     if meta["min"] is not None:
@@ -20,8 +20,7 @@ def _click_type(meta: Mapping[str, Any], default: Any) -> Any:
 
 
 def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: Iterable[str] = (),
-        help: Mapping[str, str] | None = None, aliases: Mapping[str, tuple[str, ...]] | None = None,
-        hidden_aliases: bool = False) -> Callable[[Callable], Callable]:
+        help: Mapping[str, str] | None = None, aliases: Mapping[str, tuple[str, ...]] | None = None) -> Callable[[Callable], Callable]:
     """Declare the fields of the option family ``cls`` (all, or ``only`` these) as click options; the command
     receives one ``cls`` instance as the keyword ``dest``.
 
@@ -47,7 +46,7 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
                 kw["is_flag"] = True
             else:
                 kw.update(default=default, multiple=meta["multiple"], metavar=meta["metavar"],
-                          type=_click_type(meta, default),
+                          type=_click_type(meta),
                           show_default=default not in (None, ()))
             wrapper = click.option(*flags, fl.name, **kw)(wrapper)
         return wrapper

@@ -196,3 +196,98 @@ def build_model_for(spec: str, checkpoint=None, *, num_classes: int | None = Non
         return model
     return build_model(spec, num_classes=inferred.get("num_classes", num_classes),
                        in_chans=inferred.get("in_chans", in_chans))
+
+
+# ------------------------------------------------------------------------------------------ a model's modules
+MODULES_FILES = ("results.json", "modules.csv", "modules.png")
+
+
+@dataclass
+class ModuleListing:
+    """The modules an analysis works on under one grouping: tensors and parameters per module, and how a
+    checkpoint's keys fit the model (``weightspace modules``)."""
+
+    model: str
+    grouping: str
+    modules: list[dict]
+    checkpoint: str | None = None
+    keys_not_in_model: list[str] = field(default_factory=list)
+    keys_not_in_checkpoint: list[str] = field(default_factory=list)
+    unassigned: list[str] = field(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader should know: keys that do not fit, tensors in no module."""
+        out = []
+        if self.keys_not_in_model or self.keys_not_in_checkpoint:
+            out.append(f"{self.checkpoint}: {len(self.keys_not_in_model)} keys the model lacks, "
+                       f"{len(self.keys_not_in_checkpoint)} model keys missing")
+        if self.unassigned:
+            out.append(f"{len(self.unassigned)} tensors belong to no module under {self.grouping} "
+                       f"(e.g. {self.unassigned[0]})")
+        return out
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per module: name, tensors, parameters, hooked output, the first keys."""
+        return (["module", "tensors", "parameters", "output (hooked)", "keys"],
+                [[m["name"], m["tensors"], m["parameters"], m["output"] or "",
+                  ", ".join(m["keys"][:4]) + (" …" if len(m["keys"]) > 4 else "")] for m in self.modules])
+
+    def to_dict(self) -> dict:
+        """JSON-ready (results.json)."""
+        out = {"model": self.model, "grouping": self.grouping, "checkpoint": self.checkpoint, "modules": self.modules,
+               "total_parameters": sum(m["parameters"] for m in self.modules)}
+        if self.checkpoint is not None:
+            out["keys_not_in_model"], out["keys_not_in_checkpoint"] = self.keys_not_in_model, self.keys_not_in_checkpoint
+        if self.unassigned:
+            out["unassigned"] = self.unassigned
+        return out
+
+    def plot(self):
+        """A bar chart of parameters per module."""
+        from .. import report
+        return report.bar_chart([m["name"] for m in self.modules],
+                                {"parameters": [float(m["parameters"]) for m in self.modules]},
+                                xlabel="parameters", title=f"{self.model} by {self.grouping}")
+
+    def write(self, folder: str, force: bool = False) -> list:
+        """results.json, modules.csv and modules.png in ``folder``.
+
+        Raises:
+            OutputExists: a file exists and ``force`` is False (checked before anything is written).
+        """
+        from .. import report
+        d = report.check_outputs(folder, MODULES_FILES, force)
+        return [report.write_json(d / "results.json", self.to_dict(), force=force),
+                report.write_csv(d / "modules.csv", ["module", "tensors", "parameters", "output", "keys"],
+                                 [[m["name"], m["tensors"], m["parameters"], m["output"], " ".join(m["keys"])]
+                                  for m in self.modules], force=force),
+                report.save_figure(self.plot(), d / "modules.png", force=force)]
+
+
+def list_modules(model: nn.Module, grouping: str = "tree:layer", checkpoint=None, *,
+                 model_name: str = "") -> ModuleListing:
+    """The units of ``model`` under ``grouping`` with their tensor and parameter counts; with ``checkpoint`` the
+    shapes come from it and its keys are compared with the model's.
+
+    Raises:
+        ConfigError: a bad grouping spec.
+        CheckpointError: the checkpoint cannot be read.
+    """
+    import math
+
+    from ..io.sources import load
+    units = model_units(model, grouping)
+    sd = model.state_dict()
+    params = {k for k, _ in model.named_parameters()}
+    ck = load(checkpoint) if checkpoint is not None else None
+
+    def numel(key: str) -> int:
+        return math.prod(int(s) for s in (ck.info(key)[1] if ck is not None and key in ck else sd[key].shape))
+
+    listing = [{**u.as_dict(), "tensors": len(u.keys), "parameters": sum(numel(k) for k in u.keys if k in params)}
+               for u in units]
+    assigned = {k for u in units for k in u.keys}
+    return ModuleListing(model_name, grouping, listing, ck.source if ck else None,
+                         sorted(set(ck) - set(sd)) if ck else [], sorted(set(sd) - set(ck)) if ck else [],
+                         sorted(set(sd) - assigned))
