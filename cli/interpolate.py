@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import note, parse_floats, print_json, report_options, require
-from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
+from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
 
@@ -17,11 +17,10 @@ from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force
 @click.option("--steps", type=click.IntRange(min=2), default=11, show_default=True, help="Evenly spaced α in [0, 1].")
 @click.option("--alphas", default=None, help="Comma-separated α values instead of --steps (0 and 1 are always added).")
 @click.option("--pair", "pairs", nargs=2, multiple=True, metavar="A B", help="Another pair to overlay (repeatable).")
-@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="DATA",
-              help="Re-estimate BatchNorm statistics on DATA at every α before evaluating.")
-@click.option("--repair", "repair_spec", default=None, metavar="DATA",
-              help="REPAIR at every α: rescale each channel so its activation mean/std on DATA is the ends' "
-                   "interpolation (docs/repair.md).")
+@use(FixOptions, "fix",
+     help={"recalibrate_bn": "Re-estimate BatchNorm statistics on DATA at every α before evaluating.",
+           "repair": "REPAIR at every α: rescale each channel so its activation mean/std on DATA is the ends' "
+                     "interpolation (docs/repair.md)."})
 @click.option("--align", "align_b", is_flag=True,
               help="Also draw A–P(B), B permuted to match A (Git Re-Basin): the barrier before and after alignment.")
 @click.option("--align-method", type=click.Choice(["weights", "activations"]), default=None,
@@ -34,8 +33,7 @@ from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force
 @op_options
 @report_options
 def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelOptions, data: DataOptions,
-                steps: int, alphas: str | None, pairs: tuple[tuple[str, str], ...], recal_spec: str | None,
-                repair_spec: str | None, align_b: bool, align_method: str | None, align_spec: str | None,
+                steps: int, alphas: str | None, pairs: tuple[tuple[str, str], ...], fix: FixOptions, align_b: bool, align_method: str | None, align_spec: str | None,
                 out: OutputOptions, out_dir: str | None, force: bool, ops: OpOptions, as_json: bool,
                 quiet: bool) -> None:
     """Interpolate A and B: write one point (--alpha X -o OUT), or measure a barrier curve on data.
@@ -64,10 +62,10 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelO
     if align_b:
         align_method = align_method or ("activations" if align_spec else "weights")
         if align_method == "activations":
-            align_spec = align_spec or recal_spec or repair_spec
+            align_spec = align_spec or fix.recalibrate_bn or fix.repair
         if align_method == "activations" and not align_spec:
             raise click.UsageError("--align-method activations needs --align-data (or --recalibrate-bn/--repair data)")
-    _curves(all_pairs, model, data, steps, alphas, recal_spec, repair_spec, align_method if align_b else None,
+    _curves(all_pairs, model, data, steps, alphas, fix.recalibrate_bn, fix.repair, align_method if align_b else None,
             align_spec if align_b else None, out_dir, force, ops, as_json, quiet)
 
 

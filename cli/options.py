@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import click
 
-from weightspace.options import (DataOptions, ModelOptions, OpOptions, OutputOptions, ReportOptions,  # noqa: F401
-                                 check_report_folder, option_fields)
+from weightspace.options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions,  # noqa: F401
+                                 ReportOptions, check_report_folder, option_fields)
 
 
 def _click_type(meta: Mapping[str, Any]) -> Any:

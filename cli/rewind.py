@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import grouping_option, report_options
-from .options import DataOptions, ModelOptions, force_option, report_folder, use
+from .options import DataOptions, FixOptions, ModelOptions, force_option, report_folder, use
 
 
 @click.command("rewind")
@@ -19,14 +19,14 @@ from .options import DataOptions, ModelOptions, force_option, report_folder, use
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --to random draw.")
 @click.option("--bn-stats", type=click.Choice(["final", "target"]), default="final", show_default=True,
               help="BatchNorm running statistics of a rewound module: FINAL's, or the target's.")
-@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="DATA",
-              help="Re-estimate every BatchNorm's statistics on this data before each evaluation.")
+@use(FixOptions, "fix", only=("recalibrate_bn",),
+     help={"recalibrate_bn": "Re-estimate every BatchNorm's statistics on DATA before each evaluation."})
 @use(ModelOptions, "model")
 @report_folder("Folder for results.json, rewind.csv and rewind.png.")
 @force_option()
 @report_options
 def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None, targets: tuple[str, ...],
-           seed: int, bn_stats: str, recal_spec: str | None, model: ModelOptions, out_dir: str | None,
+           seed: int, bn_stats: str, fix: FixOptions, model: ModelOptions, out_dir: str | None,
            force: bool, as_json: bool, quiet: bool) -> None:
     """Rewind one module at a time to INIT / a checkpoint / a random draw, keep the others at FINAL, evaluate.
 
@@ -47,7 +47,7 @@ def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None
     datasets = load_datasets(data.data, device=model.device, transform=transform)
     factory = model_factory(model, final, datasets)
     ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
-    recal = load_datasets([recal_spec], device=model.device, transform=transform)[0] if recal_spec else None
+    recal = load_datasets([fix.recalibrate_bn], device=model.device, transform=transform)[0] if fix.recalibrate_bn else None
     if recal is not None and bn_stats != "final":
         raise ConfigError("--bn-stats and --recalibrate-bn exclude each other (recalibration re-estimates all)")
     r = do_rewind(final, init, ev, modules=grouping, to=list(targets), model=factory, recalibrate_bn=recal,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import DEFAULT_SCALES, note, parse_floats, print_json, report_options, require
-from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
+from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
 
@@ -28,12 +28,11 @@ from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force
               help="--learned: validation examples per step (default: all of --val at every step).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="--learned: seed of the validation batches' shuffle (with --learn-batch-size).")
-@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="DATA",
-              help="Re-estimate BatchNorm statistics on DATA for every evaluated model (soups, merges, ingredients); "
-                   "-o saves the recalibrated statistics.")
-@click.option("--repair", "repair_spec", default=None, metavar="DATA",
-              help="REPAIR every evaluated model toward its ingredients' mean activation statistics on DATA; "
-                   "-o saves the repaired weights.")
+@use(FixOptions, "fix",
+     help={"recalibrate_bn": "Re-estimate BatchNorm statistics on DATA for every evaluated model (soups, merges, "
+                             "ingredients); -o saves the recalibrated statistics.",
+           "repair": "REPAIR every evaluated model toward its ingredients' mean activation statistics on DATA; "
+                     "-o saves the repaired weights."})
 @click.option("--merge", "merges", multiple=True, type=click.Choice(["task-arithmetic", "ties"]),
               help="Add a merge of the checkpoints onto --base as a leaderboard row, λ picked on --val (repeatable).")
 @click.option("--base", default=None, metavar="CKPT",
@@ -52,7 +51,7 @@ from .options import (DataOptions, ModelOptions, OpOptions, OutputOptions, force
 @report_options
 def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: bool, weights: str | None,
          by_layer: bool, learn_steps: int, learn_lr: float, learn_batch_size: int | None, seed: int,
-         recal_spec: str | None, repair_spec: str | None, merges: tuple[str, ...], base: str | None, scales: str,
+         fix: FixOptions, merges: tuple[str, ...], base: str | None, scales: str,
          keep: float | None, strict: bool, out: OutputOptions, model: ModelOptions, data: DataOptions,
          out_dir: str | None, force: bool, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Average CHECKPOINTS into one checkpoint (uniform, --weights, --greedy or --learned on validation data).
@@ -67,7 +66,7 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
     if weights is not None and modes:
         raise click.UsageError(f"--weights makes a weighted soup; drop --{modes[0]}")
     method = "weighted" if weights is not None else (modes[0] if modes else "uniform")
-    evaluating = bool(model.model or data.val or recal_spec or repair_spec or merges)
+    evaluating = bool(model.model or data.val or fix.recalibrate_bn or fix.repair or merges)
     if method in ("greedy", "learned") or evaluating:
         require(model.model, "--model", "to evaluate checkpoints (--greedy, --learned, --val, --merge, --repair)")
         require(data.val, "--val", "to rank ingredients (--greedy, --learned, --model, --merge, --repair)")
@@ -91,7 +90,7 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
         raise click.UsageError("--allow-nonfinite applies to plain averaging, not to evaluated soups")
     _evaluate(checkpoints, method, strict, w, out, model, data, out_dir, force, ops, as_json, quiet,
               learn=dict(by_layer=by_layer, steps=learn_steps, lr=learn_lr, batch_size=learn_batch_size, seed=seed),
-              recal_spec=recal_spec, repair_spec=repair_spec, merges=merges, base=base,
+              fix=fix, merges=merges, base=base,
               scales=parse_floats(scales, "--scales") if merges else None, keep=keep)
 
 
@@ -118,7 +117,7 @@ def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as
 
 
 def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: ModelOptions, data: DataOptions,
-              out_dir, force, ops: OpOptions, as_json, quiet, *, learn, recal_spec, repair_spec, merges, base,
+              out_dir, force, ops: OpOptions, as_json, quiet, *, learn, fix: FixOptions, merges, base,
               scales, keep) -> None:
     from weightspace import save
     from weightspace.eval.build import build_evaluator, data_transform
@@ -135,11 +134,11 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
         check_outputs(out_dir, LEADERBOARD_FILES, force)
     transform = data_transform(data)
     ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True)
-    fix = {k: load_data(s, model=ev.model, transform=transform) if s else None
-           for k, s in (("recalibrate_bn", recal_spec), ("repair", repair_spec))}
+    fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None
+                for k, s in (("recalibrate_bn", fix.recalibrate_bn), ("repair", fix.repair))}
     rep = evaluate_soups(checkpoints, ev, val=data.val, method=method, strict=strict, weights=weights,
                          learn=LearnOptions(**learn), merges=merges, base=base, scales=scales, keep=keep, ops=ops,
-                         progress=not quiet, **fix)
+                         progress=not quiet, **fix_data)
     saved = None
     if out.output:
         extra = {"val_score": rep.val_score} if method != "greedy" else {}
@@ -150,7 +149,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     results = {"command": "soup", "model": model.model, "val": data.val, "tests": list(data.data), **rep.to_dict(),
                "output": saved}
     if rep.fixed:
-        results.update(recalibrate_bn=recal_spec, repair=repair_spec)
+        results.update(recalibrate_bn=fix.recalibrate_bn, repair=fix.repair)
     paths = write_leaderboard(lb, out_dir, results, force=force) if out_dir else {}
     if as_json:
         print_json({**results, "leaderboard": lb.to_dict(), "files": paths})

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ModelOptions", "DataOptions", "OpOptions", "OutputOptions", "ReportOptions", "option_fields",
+__all__ = ["ModelOptions", "DataOptions", "FixOptions", "OpOptions", "OutputOptions", "ReportOptions", "option_fields",
            "CHECKPOINT_SUFFIXES", "check_report_folder"]
 
 # Names a report folder may not take: they are what a user means as a checkpoint file.
@@ -73,6 +73,17 @@ class DataOptions:
         if len(self.data) != 1:
             raise ConfigError(f"{verb}: give exactly one --data DATA (got {len(self.data)})")
         return self.data[0]
+
+
+@dataclass
+class FixOptions:
+    """Data that fixes every evaluated model first: BatchNorm statistics re-estimated, or REPAIR (docs/repair.md)."""
+
+    recalibrate_bn: str | None = _opt(None, "--recalibrate-bn", metavar="DATA",
+                                      help="Re-estimate BatchNorm statistics on DATA before every evaluation.")
+    repair: str | None = _opt(None, "--repair", metavar="DATA",
+                              help="REPAIR before every evaluation: rescale each channel so its activation mean/std "
+                                   "on DATA match the target statistics (docs/repair.md).")
 
 
 @dataclass
