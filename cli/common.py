@@ -81,9 +81,6 @@ def refuse_existing(output: str, force: bool) -> None:
         raise OutputExists(f"{output}: already exists (use --force to overwrite)")
 
 
-DEFAULT_SCALES = "0.2,0.4,0.6,0.8,1.0,1.2,1.5"  # the λ grid merges are searched over on --val (merge, soup --merge)
-
-
 def parse_grid(text: str, what: str) -> int | list[float]:
     """'11' → 11 evenly spaced points; '0,0.5,1' → those values."""
     if "," not in text:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_SCALES, note, parse_floats, print_json, refuse_existing, report_options, require
-from .options import DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
+from .common import note, parse_floats, print_json, refuse_existing, report_options, require
+from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
 
 
 @click.command("merge")
@@ -12,24 +12,23 @@ from .options import DataOptions, ModelOptions, OpOptions, OutputOptions, force_
 @click.option("--method", type=click.Choice(["task-arithmetic", "ties"]), required=True,
               help="task-arithmetic: θ_pre + λ·Σ τ_t.  ties: trim, elect sign, disjoint mean, θ_pre + λ·τ "
                    "(formulas, papers and defaults: `weightspace methods`).")
-@click.option("--base", required=True, metavar="CKPT", help="The pre-trained checkpoint the models were fine-tuned from.")
+@use(MergeOptions, "merge_opts", required=("base",),
+     help={"scales": "With --val: the grid of λ tried (--scale is then ignored)."})
 @click.option("--scale", type=float, default=1.0, show_default=True, help="λ, the scale of the merged task vector.")
-@click.option("--keep", type=float, default=None,
-              help="ties: fraction of each task vector kept (largest magnitudes over the whole model; default 0.2).")
 @click.option("--negate", multiple=True, metavar="CKPT",
               help="A fine-tuned model whose task vector is subtracted (forgetting); repeatable.")
 @use(OutputOptions, "out", required=("output",))
 @use(ModelOptions, "model")
 @use(DataOptions, "data", only=("val", "transform"),
      help={"val": "Selection data: pick λ from --scales by accuracy on DATA (needs --model); --scale is then ignored."})
-@click.option("--scales", default=DEFAULT_SCALES, show_default=True, help="With --val: the grid of λ tried.")
 @force_option("Overwrite an existing output file.")
 @op_options
 @report_options
-def merge(models: tuple[str, ...], method: str, base: str, scale: float, keep: float | None, negate: tuple[str, ...],
-          out: OutputOptions, model: ModelOptions, data: DataOptions, scales: str, force: bool, ops: OpOptions,
+def merge(models: tuple[str, ...], method: str, merge_opts: MergeOptions, scale: float, negate: tuple[str, ...],
+          out: OutputOptions, model: ModelOptions, data: DataOptions, force: bool, ops: OpOptions,
           as_json: bool, quiet: bool) -> None:
     """Merge fine-tuned MODELS that share the pre-trained --base, streamed tensor by tensor."""
+    base, keep, scales = merge_opts.base, merge_opts.keep, merge_opts.scales
     from weightspace.ops import merge as merging
     from weightspace import save
     sources = list(models) + list(negate)

@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import click
 
-from weightspace.options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions,  # noqa: F401
-                                 ReportOptions, check_report_folder, option_fields)
+from weightspace.options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions,  # noqa: F401
+                                 OutputOptions, ReportOptions, check_report_folder, option_fields)
 
 
 def _click_type(meta: Mapping[str, Any]) -> Any:
@@ -16,7 +16,7 @@ def _click_type(meta: Mapping[str, Any]) -> Any:
         return click.Choice(meta["choices"])
     if meta["min"] is not None:
         return click.IntRange(min=meta["min"]) if isinstance(meta["min"], int) else click.FloatRange(min=meta["min"])
-    return None
+    return meta["type"]
 
 
 def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: Iterable[str] = (),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_SCALES, note, parse_floats, print_json, report_options, require
-from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
+from .common import note, parse_floats, print_json, report_options, require
+from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
 
@@ -35,11 +35,10 @@ from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOp
                      "-o saves the repaired weights."})
 @click.option("--merge", "merges", multiple=True, type=click.Choice(["task-arithmetic", "ties"]),
               help="Add a merge of the checkpoints onto --base as a leaderboard row, λ picked on --val (repeatable).")
-@click.option("--base", default=None, metavar="CKPT",
-              help="--merge: the pre-trained checkpoint the checkpoints were fine-tuned from.")
-@click.option("--scales", default=DEFAULT_SCALES, show_default=True, help="--merge: the grid of λ tried on --val.")
-@click.option("--keep", type=float, default=None,
-              help="--merge ties: fraction of each task vector kept (default: the method's, see `weightspace methods`).")
+@use(MergeOptions, "merge", help={"base": "--merge: the pre-trained checkpoint the checkpoints were fine-tuned from.",
+                                  "scales": "--merge: the grid of λ tried on --val.",
+                                  "keep": "--merge ties: fraction of each task vector kept (default: the method's, "
+                                          "see `weightspace methods`)."})
 @click.option("--strict", is_flag=True, help="Greedy: keep only if val accuracy is > without (the reference code's rule).")
 @output_options
 @use(ModelOptions, "model")
@@ -51,8 +50,7 @@ from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOp
 @report_options
 def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: bool, weights: str | None,
          by_layer: bool, learn_steps: int, learn_lr: float, learn_batch_size: int | None, seed: int,
-         fix: FixOptions, merges: tuple[str, ...], base: str | None, scales: str,
-         keep: float | None, strict: bool, out: OutputOptions, model: ModelOptions, data: DataOptions,
+         fix: FixOptions, merges: tuple[str, ...], merge: MergeOptions, strict: bool, out: OutputOptions, model: ModelOptions, data: DataOptions,
          out_dir: str | None, force: bool, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Average CHECKPOINTS into one checkpoint (uniform, --weights, --greedy or --learned on validation data).
 
@@ -71,8 +69,8 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
         require(model.model, "--model", "to evaluate checkpoints (--greedy, --learned, --val, --merge, --repair)")
         require(data.val, "--val", "to rank ingredients (--greedy, --learned, --model, --merge, --repair)")
     if merges:
-        require(base, "--base", "for --merge")
-    elif base or keep is not None:
+        require(merge.base, "--base", "for --merge")
+    elif merge.base or merge.keep is not None:
         raise click.UsageError("--base and --keep apply to --merge")
     if (by_layer or seed != 0) and method != "learned":
         raise click.UsageError("--by-layer and --seed apply to --learned")
@@ -90,8 +88,8 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
         raise click.UsageError("--allow-nonfinite applies to plain averaging, not to evaluated soups")
     _evaluate(checkpoints, method, strict, w, out, model, data, out_dir, force, ops, as_json, quiet,
               learn=dict(by_layer=by_layer, steps=learn_steps, lr=learn_lr, batch_size=learn_batch_size, seed=seed),
-              fix=fix, merges=merges, base=base,
-              scales=parse_floats(scales, "--scales") if merges else None, keep=keep)
+              fix=fix, merges=merges, base=merge.base,
+              scales=parse_floats(merge.scales, "--scales") if merges else None, keep=merge.keep)
 
 
 def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as_json, quiet) -> None:

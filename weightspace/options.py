@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ModelOptions", "DataOptions", "FixOptions", "OpOptions", "OutputOptions", "ReportOptions", "option_fields",
+__all__ = ["ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
            "CHECKPOINT_SUFFIXES", "check_report_folder"]
 
 # Names a report folder may not take: they are what a user means as a checkpoint file.
@@ -24,8 +24,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 
 def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, choices: tuple[str, ...] | None = None,
-         min: int | float | None = None, multiple: bool = False) -> Any:
-    meta = {"flags": flags, "help": help, "metavar": metavar, "choices": choices, "min": min, "multiple": multiple}
+         min: int | float | None = None, multiple: bool = False, type: type | None = None) -> Any:
+    meta = {"flags": flags, "help": help, "metavar": metavar, "choices": choices, "min": min, "multiple": multiple,
+            "type": type}
     if multiple:
         return field(default_factory=tuple, metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,6 +85,22 @@ class FixOptions:
     repair: str | None = _opt(None, "--repair", metavar="DATA",
                               help="REPAIR before every evaluation: rescale each channel so its activation mean/std "
                                    "on DATA match the target statistics (docs/repair.md).")
+
+
+# The λ grid a merge is searched over on --val (merge --val, soup --merge).
+DEFAULT_SCALES = "0.2,0.4,0.6,0.8,1.0,1.2,1.5"
+
+
+@dataclass
+class MergeOptions:
+    """A merge of fine-tunes onto their base: the base, the λ grid tried on --val, TIES's kept fraction."""
+
+    base: str | None = _opt(None, "--base", metavar="CKPT",
+                            help="The pre-trained checkpoint the models were fine-tuned from.")
+    scales: str = _opt(DEFAULT_SCALES, "--scales", help="The grid of λ tried on --val.")
+    keep: float | None = _opt(None, "--keep", type=float,
+                              help="ties: fraction of each task vector kept (largest magnitudes over the whole model; "
+                                   "default: the method's, see `weightspace methods`).")
 
 
 @dataclass
