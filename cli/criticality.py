@@ -18,23 +18,27 @@ from .options import DataOptions, ModelOptions, force_option, report_folder, use
 @click.option("--relative-epsilon", is_flag=True, help="Bound FINAL's own value + ε instead of ε.")
 @click.option("--metric", type=click.Choice(["error", "loss"]), default="error", show_default=True)
 @click.option("--alphas", default="11", show_default=True, help="α grid: a count in [0, 1], or comma-separated values.")
-@click.option("--sigmas", default="8", show_default=True,
-              help="σ grid: a count (log-spaced over --sigma-range) or comma-separated scales; σ = scale · RMS(θ_i^F).")
-@click.option("--sigma-range", default="0.001,1", show_default=True, help="Low,high σ scale for a counted grid.")
+@click.option("--sigma-range", default="0.001,1", show_default=True,
+              help="Low,high σ scale searched by bisection at each α; σ = scale · RMS(θ_i^F).")
+@click.option("--bisect-steps", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Halvings of the log-σ bracket at each α (precision (high/low)^(1/2^steps)).")
 @click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Monte-Carlo noise draws per (α, σ).")
+              help="Noise draws, drawn once per module and scaled by σ (common random numbers).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
+@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="DATA",
+              help="Re-estimate every BatchNorm's statistics on this data before each evaluation.")
 @use(ModelOptions, "model")
-@report_folder("Folder for results.json, criticality.csv, criticality_grid.csv and the PNGs.")
+@report_folder("Folder for results.json, criticality.csv, criticality_search.csv and the PNGs.")
 @force_option()
 @report_options
 def criticality(final: str, init: str, data: DataOptions, grouping: str | None, epsilon: float,
-                relative_epsilon: bool, metric: str, alphas: str, sigmas: str, sigma_range: str, samples: int,
-                seed: int, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+                relative_epsilon: bool, metric: str, alphas: str, sigma_range: str, bisect_steps: int, samples: int,
+                seed: int, recal_spec: str | None, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Module criticality μ_i (Chatterji et al. 2020) per module and the network's Σμ_i.
 
-    --out writes results.json, criticality.csv, criticality_grid.csv (every grid point), criticality.png and
-    valley_<module>.png (mean error over α × σ with the ε contour).
+    At each α the largest σ with mean error ≤ ε is found by bisection on fixed noise draws. --out writes
+    results.json, criticality.csv, criticality_search.csv (every evaluation), criticality.png and
+    valley_<module>.png (the evaluated points and the frontier σ_max(α)).
     """
     from weightspace.analysis.criticality import module_criticality
 
@@ -49,9 +53,12 @@ def criticality(final: str, init: str, data: DataOptions, grouping: str | None, 
     datasets = load_datasets([data.one("criticality")], device=model.device, transform=data_transform(data))
     factory = model_factory(model, final, datasets)
     ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
+    recal = (load_datasets([recal_spec], device=model.device, transform=data_transform(data))[0]
+             if recal_spec else None)
     r = module_criticality(final, init, ev, modules=grouping, epsilon=epsilon, relative_epsilon=relative_epsilon,
-                           metric=metric, alphas=parse_grid(alphas, "--alphas"), sigmas=parse_grid(sigmas, "--sigmas"),
-                           sigma_range=(rng[0], rng[1]), samples=samples, seed=seed, progress=not quiet)
+                           metric=metric, alphas=parse_grid(alphas, "--alphas"), sigma_range=(rng[0], rng[1]),
+                           bisect_steps=bisect_steps, samples=samples, seed=seed, recalibrate_bn=recal,
+                           progress=not quiet)
     headers, rows = r.table()
     emit(r.to_dict(), headers, rows, out_dir=out_dir, write=r.write, force=force, as_json=as_json, quiet=quiet,
          notes=r.notes)

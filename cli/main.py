@@ -45,7 +45,7 @@ HELP: dict[str, str] = {
     "align": "Permute B's hidden units to match A (Git Re-Basin weight or activation matching).",
     "modules": "The modules analyses work on (tree:layer|block|stage, depth:N, regex:P) with parameter counts.",
     "rewind": "Rewind one module at a time to INIT, a checkpoint or a random draw; heat map of the damage.",
-    "criticality": "Module criticality (Chatterji et al.): μ per module, Σμ, and error valleys over α × σ.",
+    "criticality": "Module criticality (Chatterji et al.): μ per module (σ by bisection at each α), Σμ.",
     "similarity": "CKA per module output, L2 per module, and which examples only one model gets right.",
     "recipe": "Run experiment recipes (YAML) that reproduce paper findings, e.g. what-is-transferred.",
 }

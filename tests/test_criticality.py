@@ -152,26 +152,39 @@ def test_module_criticality_on_a_tiny_trained_model(mlp, tmp_path):
     ev = Evaluator(build_model(MLP), load_data("digits:train"), device="cpu")
     base = ev(final)["digits:train"]["error"]
     assert base < 0.1  # really trained, so ε = 0.1 can be met
-    r = module_criticality(final, init, ev, alphas=4, sigmas=3, sigma_range=(0.01, 1.0), samples=2, seed=0)
+    steps, lo, hi = 5, 0.01, 1.0
+    r = module_criticality(final, init, ev, alphas=4, sigma_range=(lo, hi), bisect_steps=steps, samples=2, seed=0)
     assert [m["module"] for m in r.modules] == ["layers.1", "layers.3", "layers.5"]
     for m in r.modules:
         assert math.isfinite(m["mu"]) and m["mu"] >= 0
-        assert m["mu"] == pytest.approx(m["alpha"] ** 2 * m["distance"] ** 2 / m["sigma"] ** 2)
-        i, j = r.alphas.index(m["alpha"]), m["sigmas"].index(m["sigma"])
-        assert m["grid"][i][j] <= 0.1
+        if m["alpha"]:
+            assert m["mu"] == pytest.approx(m["alpha"] ** 2 * m["distance"] ** 2 / m["sigma"] ** 2)
+        for f in m["frontier"]:
+            if f["sigma_scale_max"] is None:
+                assert f["evaluations"][0][1] > 0.1  # infeasible already at the low end
+                continue
+            values = dict((s, v) for s, v in f["evaluations"])
+            assert values[f["sigma_scale_max"]] <= 0.1  # the frontier point itself was measured feasible
+            above = [s for s, v in f["evaluations"] if v > 0.1]
+            if f["alpha"] and above:  # bisection pins σ_max to (hi/lo)^(1/2^steps) of the first infeasible σ
+                assert min(above) / f["sigma_scale_max"] <= (hi / lo) ** (1 / 2 ** steps) * (1 + 1e-9)
+            if f["mu"] is not None:
+                assert m["mu"] <= f["mu"] + 1e-12  # μ is the minimum over α
     assert r.total == pytest.approx(sum(m["mu"] for m in r.modules))
-    # a looser bound can only lower μ (the noise draws are the same for the same seed and grid)
-    loose = module_criticality(final, init, ev, alphas=4, sigmas=3, sigma_range=(0.01, 1.0), samples=2, seed=0,
-                               epsilon=0.5)
-    assert all(lo["grid"] == m["grid"] for lo, m in zip(loose.modules, r.modules))
-    assert all(lo["mu"] <= m["mu"] for lo, m in zip(loose.modules, r.modules))
-    everything = module_criticality(final, init, ev, alphas=2, sigmas=1, samples=1, epsilon=1.0)
+    # common random numbers: the same seed draws the same noise, so the search repeats exactly
+    again = module_criticality(final, init, ev, alphas=4, sigma_range=(lo, hi), bisect_steps=steps, samples=2, seed=0)
+    assert [m["frontier"] for m in again.modules] == [m["frontier"] for m in r.modules]
+    # a looser bound can only lower μ (same noise draws, value increasing in σ on them)
+    loose = module_criticality(final, init, ev, alphas=4, sigma_range=(lo, hi), bisect_steps=steps, samples=2,
+                               seed=0, epsilon=0.5)
+    assert all(lo_["mu"] <= m["mu"] for lo_, m in zip(loose.modules, r.modules))
+    everything = module_criticality(final, init, ev, alphas=2, samples=1, epsilon=1.0)
     assert all(m["mu"] == 0.0 and m["alpha"] == 0.0 for m in everything.modules)  # α=0 feasible: not critical
-    impossible = module_criticality(final, init, ev, alphas=2, sigmas=1, samples=1, epsilon=base / 2)
+    impossible = module_criticality(final, init, ev, alphas=2, samples=1, epsilon=base / 2)
     assert all(m["mu"] == math.inf for m in impossible.modules) and "exceeds" in impossible.notes[0]
     files = r.write(tmp_path / "crit")
     names = {f.name for f in files}
-    assert {"results.json", "criticality.csv", "criticality_grid.csv", "criticality.png",
+    assert {"results.json", "criticality.csv", "criticality_search.csv", "criticality.png",
             "valley_layers.1.png", "valley_layers.3.png", "valley_layers.5.png"} <= names
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files if f.suffix == ".png")
     saved = json.loads((tmp_path / "crit" / "results.json").read_text())
@@ -203,8 +216,19 @@ def test_cli_modules_rewind_criticality(cli, cnn, tmp_path):
 
     out = tmp_path / "crit"
     r = cli("criticality", final, "--init", init, "--model", CNN, "--data", "digits:train?limit=300", "--alphas", "3",
-            "--sigmas", "0.01,0.1", "--samples", "1", "--epsilon", "0.3", "--out", out, "--json", "--quiet")
+            "--sigma-range", "0.01,0.1", "--bisect-steps", "2", "--samples", "1", "--epsilon", "0.3", "--out", out,
+            "--json", "--quiet")
     assert r.exit_code == 0, r.stderr
     payload = json.loads(r.stdout)
-    assert payload["alphas"] == [0.0, 0.5, 1.0] and payload["sigma_scales"] == [0.01, 0.1]
+    assert payload["alphas"] == [0.0, 0.5, 1.0] and payload["sigma_range"] == [0.01, 0.1]
+    assert payload["settings"]["bn_stats"] == "final"
     assert len(payload["modules"]) == 4 and (out / "valley_conv1.png").exists()
+    # both BatchNorm protocols: statistics re-estimated on training data before every evaluation
+    r = cli("criticality", final, "--init", init, "--model", CNN, "--data", "digits:train?limit=300", "--alphas", "2",
+            "--sigma-range", "0.01,0.1", "--bisect-steps", "1", "--samples", "1", "--epsilon", "0.3",
+            "--recalibrate-bn", "digits:train?limit=300", "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    recal = json.loads(r.stdout)
+    assert recal["settings"]["bn_stats"] == "recalibrated"
+    # the α = 1, σ = low point differs from the stored-statistics run only through the re-estimated statistics
+    assert recal["baseline"] != payload["baseline"] or recal["modules"] != payload["modules"]

@@ -160,6 +160,17 @@ def test_soup_leaderboard_rows_from_real_evaluator(trained_mlps):
     assert lb.row("output ensemble")["metrics"]["test"]["loss"] == pytest.approx(ens["test"]["loss"])
     best = max(range(3), key=lambda i: (lb.rows[i]["metrics"]["val"]["accuracy"], -i))
     assert lb.row("best individual (val)")["metrics"] == lb.rows[best]["metrics"]
+    # each accuracy is printed beside its 95% Wilson interval over the dataset's examples
+    headers, rows = lb.table("accuracy")
+    assert headers == ["method", "val", "val 95% CI", "test", "test 95% CI"]
+    n_test = len(flat["test"])
+    for r in rows:
+        acc, text = r[3], r[4]
+        lo, hi = (float(v) for v in text.strip("[]").split(","))
+        assert lo < acc < hi and hi - lo < 0.12
+        k = round(acc * n_test)  # Wilson's bounds solve |p̂ − p| = z·sqrt(p(1 − p)/n) for p
+        for p in (lo, hi):
+            assert abs(k / n_test - p) == pytest.approx(1.959964 * (p * (1 - p) / n_test) ** 0.5, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +189,7 @@ def test_cli_soup_greedy_end_to_end(cli, finetunes, tmp_path):
     r = cli(*args)
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "| method | digits:val | digits:test |"
+    assert lines[0] == "| method | digits:val | digits:val 95% CI | digits:test | digits:test 95% CI |"
     assert [ln.split("|")[1].strip() for ln in lines[2:10]] == [
         "ft0", "ft1", "ft2", "best individual (val)", "uniform soup", "greedy soup", "output ensemble",
         "greedy ensemble"]

@@ -6,7 +6,8 @@ fresh draw from the model's own initialiser) while every other module keeps its 
 
 Module criticality: θ_i^α = (1−α)θ_i^0 + αθ_i^F, and
     μ_i = min over (α, σ) of α²‖θ_i^F − θ_i^0‖² / σ²   s.t.   E_{u~N(0,σ²I)} err(θ_i^α + u, θ_{−i}^F) ≤ ε,
-searched on a grid of α ∈ [0, 1] and σ with Monte-Carlo samples per point. The network's criticality is Σ_i μ_i.
+searched over a grid of α ∈ [0, 1], with the largest feasible σ at each α found by bisection on fixed noise
+draws (common random numbers). The network's criticality is Σ_i μ_i.
 The choices the paper leaves open are documented in docs/criticality.md.
 """
 from __future__ import annotations
@@ -273,16 +274,16 @@ def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: M
 # ---------------------------------------------------------------------------------------- module criticality
 @dataclass
 class CriticalityResult:
-    """μ_i per module, Σμ_i, and the whole (α, σ) error grid of each module."""
+    """μ_i per module, Σμ_i, and each module's feasibility frontier σ_max(α) with every evaluation made."""
 
     final: str
     init: str
     epsilon: float
     metric: str
     alphas: list[float]
-    sigma_scales: list[float]
+    sigma_range: list[float]
     baseline: float
-    modules: list[dict]  # name, mu, alpha, sigma, distance, weight_rms, sigmas, grid (α × σ), feasible
+    modules: list[dict]  # module, mu, alpha, sigma, sigma_scale, distance, weight_rms, numel, keys, frontier
     settings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -292,47 +293,52 @@ class CriticalityResult:
         return float(sum(m["mu"] for m in self.modules))
 
     def table(self) -> tuple[list[str], list[list]]:
-        """One row per module: μ, the minimising (α, σ), ‖θ^F − θ^0‖, and the rewound (α=0, σ=min) error."""
+        """One row per module: μ, the minimising (α, σ), ‖θ^F − θ^0‖, and the rewound (α=0, σ=low) value."""
         headers = ["module", "mu", "alpha", "sigma", "sigma_scale", "distance", "weight_rms", "numel",
-                   "error_at_init"]
+                   f"{self.metric}_at_init"]
         rows = [[m["module"], m["mu"], m["alpha"], m["sigma"], m["sigma_scale"], m["distance"], m["weight_rms"],
-                 m["numel"], m["grid"][0][0]] for m in self.modules]
+                 m["numel"], m["value_at_init"]] for m in self.modules]
         rows.append(["(sum)", self.total, None, None, None, None, None, sum(m["numel"] for m in self.modules), None])
         return headers, rows
 
-    def grid_table(self) -> tuple[list[str], list[list]]:
-        """Long form of every grid point: module, α, σ scale, σ, mean error, feasible."""
+    def search_table(self) -> tuple[list[str], list[list]]:
+        """Every evaluation of the bisection, long form: module, α, σ scale, σ, mean value, feasible."""
         rows = []
         for m in self.modules:
-            for i, a in enumerate(self.alphas):
-                for j, s in enumerate(self.sigma_scales):
-                    rows.append([m["module"], a, s, m["sigmas"][j], m["grid"][i][j], m["feasible"][i][j]])
+            for f in m["frontier"]:
+                for scale, value in f["evaluations"]:
+                    rows.append([m["module"], f["alpha"], scale, scale * m["weight_rms_scale"], value,
+                                 value <= self.epsilon])
         return ["module", "alpha", "sigma_scale", "sigma", self.metric, "feasible"], rows
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return {"final": self.final, "init": self.init, "epsilon": self.epsilon, "metric": self.metric,
-                "baseline": self.baseline, "alphas": self.alphas, "sigma_scales": self.sigma_scales,
+                "baseline": self.baseline, "alphas": self.alphas, "sigma_range": self.sigma_range,
                 "total_mu": self.total, "modules": self.modules, "settings": self.settings, "notes": self.notes}
 
     def plot_valley(self, module: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """The error valley of one module: mean error over α (x) and σ (y, log), the ε contour, the argmin."""
+        """One module's search: every evaluated (α, σ) coloured by its mean value, the frontier σ_max(α), the argmin."""
         from .. import report
         fig, (ax,) = report.new_figure(size=(5.2, 4.0))
-        grid = np.array(module["grid"], dtype=float).T  # σ rows × α columns
-        sig = np.array(module["sigmas"], dtype=float)
-        ys = np.log10(np.maximum(sig, 1e-300))
-        im = ax.pcolormesh(self.alphas, ys, grid, shading="nearest", cmap="magma_r", vmin=0.0,
-                           vmax=max(1e-6, float(np.nanmax(grid))))
-        if np.nanmin(grid) <= self.epsilon <= np.nanmax(grid) and len(self.alphas) > 1 and len(ys) > 1:
-            ax.contour(self.alphas, ys, grid, levels=[self.epsilon], colors="cyan", linewidths=1.2)
-        if math.isfinite(module["mu"]):
+        pts = [(f["alpha"], scale * module["weight_rms_scale"], v) for f in module["frontier"]
+               for scale, v in f["evaluations"]]
+        if pts:
+            a, s, v = (np.array(c, dtype=float) for c in zip(*pts))
+            sc = ax.scatter(a, np.log10(np.maximum(s, 1e-300)), c=v, cmap="magma_r", vmin=0.0,
+                            vmax=max(1e-6, float(np.nanmax(v))), s=18, edgecolors="none")
+            fig.colorbar(sc, ax=ax).set_label(f"mean {self.metric} ({self.settings.get('samples')} draws)")
+        front = [(f["alpha"], f["sigma_max"]) for f in module["frontier"] if f["sigma_max"]]
+        if front:
+            ax.plot([p[0] for p in front], [math.log10(p[1]) for p in front], color="cyan", linewidth=1.2,
+                    label=f"σ_max(α): {self.metric} ≤ ε")
+            ax.legend(fontsize=7, loc="lower left")
+        if math.isfinite(module["mu"]) and module["sigma"]:
             ax.plot([module["alpha"]], [math.log10(module["sigma"])], marker="*", color="lime", markersize=12,
                     markeredgecolor="black")
         ax.set_xlabel("α  (θ^α = (1−α)θ⁰ + αθ^F)")
         ax.set_ylabel("log10 σ")
-        ax.set_title(f"{module['module']}: μ = {module['mu']:.4g}  (ε = {self.epsilon})", fontsize=9)
-        fig.colorbar(im, ax=ax).set_label(f"mean {self.metric} ({self.settings.get('samples')} samples)")
+        ax.set_title(f"{module['module']}: μ = {module['mu']:.4g}  (ε = {self.epsilon:.4g})", fontsize=9)
         return report.save_figure(fig, path, force=force)
 
     def plot_mu(self, path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -344,7 +350,7 @@ class CriticalityResult:
         return report.save_figure(fig, path, force=force)
 
     def valley_files(self) -> dict[str, str]:
-        """module → the PNG file name of its error valley."""
+        """module → the PNG file name of its search plot."""
         names: dict[str, str] = {}
         for m in self.modules:
             base = f"valley_{safe_name(m['module'])}"
@@ -356,59 +362,90 @@ class CriticalityResult:
         return names
 
     def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
-        """results.json, criticality.csv, criticality_grid.csv, criticality.png and one valley PNG per module."""
+        """results.json, criticality.csv, criticality_search.csv, criticality.png and one valley PNG per module."""
         from .. import report
         files = self.valley_files()
-        folder = report.check_outputs(folder, ["results.json", "criticality.csv", "criticality_grid.csv",
+        folder = report.check_outputs(folder, ["results.json", "criticality.csv", "criticality_search.csv",
                                                "criticality.png", *files.values()], force)
         out = [report.write_json(folder / "results.json", {**self.to_dict(), "valley_png": files}, force=force),
                report.write_csv(folder / "criticality.csv", *self.table(), force=force),
-               report.write_csv(folder / "criticality_grid.csv", *self.grid_table(), force=force),
+               report.write_csv(folder / "criticality_search.csv", *self.search_table(), force=force),
                self.plot_mu(folder / "criticality.png", force=force)]
         out += [self.plot_valley(m, folder / files[m["module"]], force=force) for m in self.modules]
         return out
 
 
-def _grid(values: int | Sequence[float], lo: float, hi: float, log: bool, what: str) -> list[float]:
+def _grid(values: int | Sequence[float], lo: float, hi: float, what: str) -> list[float]:
     if isinstance(values, int):
         if values < 1:
             raise ConfigError(f"--{what} {values}: needs at least one point")
         if values == 1:
             return [hi]
-        pts = np.geomspace(lo, hi, values) if log else np.linspace(lo, hi, values)
-        return [float(v) for v in pts]
+        return [float(v) for v in np.linspace(lo, hi, values)]
     vals = sorted({float(v) for v in values})
     if not vals or any(not math.isfinite(v) for v in vals):
         raise ConfigError(f"--{what}: expected finite numbers")
     return vals
 
 
+def _frontier(value: Callable[[float], float], eps: float, lo: float, hi: float, steps: int) -> tuple[float | None, list]:
+    """The largest σ scale in [lo, hi] whose mean value is ≤ eps, by bisection in log σ; and every (scale, value).
+
+    With fixed noise draws (σ scales one fixed draw) the value grows with σ in practice, so the feasible set is
+    an interval [lo, σ_max] and bisection finds its end to a factor (hi/lo)^(1/2^steps). None: lo is infeasible.
+    """
+    evals = []
+
+    def f(s: float) -> bool:
+        v = value(s)
+        evals.append([s, v])
+        return v <= eps
+
+    if not f(lo):
+        return None, evals
+    if lo == hi or f(hi):
+        return hi, evals
+    a, b = math.log(lo), math.log(hi)  # a feasible, b infeasible
+    for _ in range(steps):
+        m = (a + b) / 2
+        if f(math.exp(m)):
+            a = m
+        else:
+            b = m
+    return math.exp(a), evals
+
+
 def module_criticality(final: Source, init: Source, evaluate: Callable, *, modules: Modules = None,
                        model: ModelLike | None = None, epsilon: float = 0.1, alphas: int | Sequence[float] = 11,
-                       sigmas: int | Sequence[float] = 8, sigma_range: tuple[float, float] = (1e-3, 1.0),
-                       samples: int = 3, metric: str = "error", relative_epsilon: bool = False, seed: int = 0,
-                       progress: bool = False) -> CriticalityResult:
-    """Module criticality μ_i (Chatterji et al. 2020) of every module, from a grid over α and σ.
+                       sigma_range: tuple[float, float] = (1e-3, 1.0), bisect_steps: int = 8, samples: int = 3,
+                       metric: str = "error", relative_epsilon: bool = False, seed: int = 0,
+                       recalibrate_bn: TensorData | None = None, progress: bool = False) -> CriticalityResult:
+    """Module criticality μ_i (Chatterji et al. 2020) of every module: σ found by bisection at each α.
 
-    ``evaluate`` should measure on the TRAINING data (the definition uses the training error). σ is searched as
-    σ = s · RMS(θ_i^F) for s in the ``sigmas`` grid (log-spaced over ``sigma_range``, or explicit scales), so
-    one grid fits modules of any scale; μ_i uses the actual σ. Noise is added to the module's floating
-    parameters (BatchNorm running statistics stay FINAL's). ε is absolute, or added to FINAL's own value with
-    ``relative_epsilon``. A module whose α=0 point is feasible has μ_i = 0; one with no feasible point has μ_i = ∞.
+    ``evaluate`` should measure on the TRAINING data (the definition uses the training error). At each α on the
+    ``alphas`` grid, the largest feasible σ (mean ``metric`` over ``samples`` noise draws ≤ ε) is found by
+    bisection in log σ over ``sigma_range`` (``bisect_steps`` halvings), with σ = s · RMS(θ_i^F), so one range fits
+    modules of any scale; μ_i(α) = α²‖θ_i^F − θ_i^0‖² / σ_max(α)², and μ_i is the minimum over α. The noise draws
+    of a module are drawn once and scaled (common random numbers), so every (α, σ) is compared on the same noise
+    and the value is a smooth function of σ. Noise goes to the module's floating parameters; BatchNorm running
+    statistics stay FINAL's, or are re-estimated on ``recalibrate_bn`` data before every evaluation (needs an
+    Evaluator). A module whose α=0 point is feasible has μ_i = 0; one with no feasible point has μ_i = ∞; a
+    frontier at the top of ``sigma_range`` is capped there (noted).
+
+    Raises ConfigError for bad settings, IncompatibleCheckpoints when INIT lacks a tensor of FINAL.
     """
     if metric not in ("error", "loss"):
         raise ConfigError(f"--metric {metric}: expected error or loss")
     if samples < 1:
         raise ConfigError(f"--samples {samples}: needs at least 1")
+    if bisect_steps < 0:
+        raise ConfigError(f"--bisect-steps {bisect_steps}: needs 0 or more")
     lo, hi = (float(v) for v in sigma_range)
     if not (0 < lo <= hi):
         raise ConfigError(f"--sigma-range {lo},{hi}: needs 0 < low ≤ high")
-    a_grid = _grid(alphas, 0.0, 1.0, False, "alphas")
+    a_grid = _grid(alphas, 0.0, 1.0, "alphas")
     if any(a < 0 or a > 1 for a in a_grid):
         raise ConfigError("--alphas: every α must lie in [0, 1]")
-    s_grid = _grid(sigmas, lo, hi, True, "sigmas")
-    if any(s <= 0 for s in s_grid):
-        raise ConfigError("--sigmas: every σ scale must be positive")
     final_sd, init_sd = _materialise(final), _materialise(init)
     missing = [k for k in final_sd if k not in init_sd]
     if missing:
@@ -416,7 +453,7 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
     structure = _structure(evaluate, model)
     params = {k for k, _ in structure.named_parameters()} if structure is not None else None
     groups = resolve_modules(modules, list(final_sd), structure)
-    base = _table(evaluate(final_sd))
+    base = _evaluate(evaluate, final_sd, recalibrate_bn)
     ds = next(iter(base))
     baseline = float(base[ds][metric])
     eps = baseline + epsilon if relative_epsilon else float(epsilon)
@@ -424,11 +461,10 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
     if baseline > eps:
         notes.append(f"FINAL's own {metric} {baseline:.4f} exceeds ε = {eps:.4f}: no point can be feasible "
                      f"(every μ is ∞); raise --epsilon or use --relative-epsilon")
-    gen = torch.Generator().manual_seed(seed)
-    bar = _progress(len(groups) * len(a_grid) * len(s_grid) * samples, "criticality", progress)
+    bar = _progress(len(groups) * len(a_grid), "criticality", progress)
     rows = []
     work = dict(final_sd)
-    for mod, keys in groups.items():
+    for index, (mod, keys) in enumerate(groups.items()):
         noisy = [k for k in keys if final_sd[k].is_floating_point()
                  and (k in params if params is not None else k.rsplit(".", 1)[-1] not in BN_STATS)]
         if not noisy:
@@ -439,38 +475,55 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
         numel = int(sum(f64[k].numel() for k in noisy))
         rms = math.sqrt(float(sum((f64[k] ** 2).sum() for k in noisy)) / max(numel, 1))
         scale = rms if rms > 0 else 1.0
-        sig = [s * scale for s in s_grid]
-        grid = [[0.0] * len(s_grid) for _ in a_grid]
-        for i, a in enumerate(a_grid):
-            # interpolate in float64, add the noise in the parameter's own dtype (as cheap as the tensor allows)
-            centre = {k: ((1 - a) * i64[k] + a * f64[k]).to(final_sd[k].dtype) for k in noisy}
-            for j, s in enumerate(sig):
+        # common random numbers: one set of unit draws per module (seeded by module position), scaled by σ
+        gen = torch.Generator().manual_seed(seed * 100_003 + index)
+        draws = [{k: torch.randn(final_sd[k].shape, generator=gen, dtype=torch.float64) for k in noisy}
+                 for _ in range(samples)]
+        frontier = []
+        best = (math.inf, None, None, None)
+        for a in a_grid:
+            centre = {k: (1 - a) * i64[k] + a * f64[k] for k in noisy}
+
+            def value(s: float) -> float:
                 total = 0.0
-                for _ in range(samples):
+                for z in draws:
                     for k in noisy:
-                        work[k] = centre[k] + torch.randn(centre[k].shape, generator=gen, dtype=centre[k].dtype) * s
-                    total += float(_table(evaluate(work))[ds][metric])
-                    if bar:
-                        bar.update()
-                grid[i][j] = total / samples
+                        work[k] = (centre[k] + z[k] * (s * scale)).to(final_sd[k].dtype)
+                    total += float(_evaluate(evaluate, work, recalibrate_bn)[ds][metric])
+                return total / samples
+
+            # at α = 0 only feasibility matters (μ is 0 for any σ > 0): one evaluation at the low end
+            s_max, evals = _frontier(value, eps, lo, hi, 0 if a == 0 else bisect_steps)
+            if a == 0 and s_max is not None:
+                s_max = lo
+            mu_a = None if s_max is None else (a * a * dist2 / (s_max * scale) ** 2)
+            frontier.append({"alpha": a, "sigma_scale_max": s_max, "sigma_max": None if s_max is None else s_max * scale,
+                             "mu": mu_a, "capped": s_max is not None and a > 0 and s_max == hi,
+                             "evaluations": evals})
+            if mu_a is not None and mu_a < best[0]:
+                best = (mu_a, a, s_max * scale, s_max)
+            if bar:
+                bar.update()
+            if a == 0 and s_max is not None:
+                break  # μ_i = 0 already: no α can do better
+        if bar and len(frontier) < len(a_grid):
+            bar.update(len(a_grid) - len(frontier))
         for k in noisy:
             work[k] = final_sd[k]
-        feasible = [[v <= eps for v in row] for row in grid]
-        best = (math.inf, None, None, None)
-        for i, a in enumerate(a_grid):
-            for j, s in enumerate(sig):
-                if feasible[i][j]:
-                    mu = a * a * dist2 / (s * s)
-                    if mu < best[0]:
-                        best = (mu, a, s, s_grid[j])
+        if best[1] is not None and any(f["capped"] and f["alpha"] == best[1] for f in frontier):
+            notes.append(f"{mod}: the largest feasible σ at the minimising α is the top of --sigma-range; "
+                         f"μ is an upper bound (raise the range's high end)")
+        first = frontier[0]["evaluations"][0][1] if frontier and frontier[0]["evaluations"] else None
         rows.append({"module": mod, "mu": best[0], "alpha": best[1], "sigma": best[2], "sigma_scale": best[3],
-                     "distance": math.sqrt(dist2), "weight_rms": rms, "numel": numel, "keys": noisy,
-                     "sigmas": sig, "grid": grid, "feasible": feasible})
+                     "distance": math.sqrt(dist2), "weight_rms": rms, "weight_rms_scale": scale, "numel": numel,
+                     "keys": noisy, "value_at_init": first if a_grid[0] == 0 else None, "frontier": frontier})
     if bar:
         bar.close()
     return CriticalityResult(final=load(final).source, init=load(init).source, epsilon=eps, metric=metric,
-                             alphas=a_grid, sigma_scales=s_grid, baseline=baseline, modules=rows, notes=notes,
+                             alphas=a_grid, sigma_range=[lo, hi], baseline=baseline, modules=rows, notes=notes,
                              settings={"samples": samples, "seed": seed, "relative_epsilon": relative_epsilon,
-                                       "epsilon_given": float(epsilon), "sigma_range": [lo, hi],
+                                       "epsilon_given": float(epsilon), "bisect_steps": int(bisect_steps),
+                                       "search": "bisection on log σ at each α, common random numbers",
+                                       "bn_stats": "recalibrated" if recalibrate_bn is not None else "final",
                                        "dataset": ds, "sigma_relative_to": "RMS of the module's FINAL parameters",
                                        "modules": modules if isinstance(modules, str) else "tree:layer"})

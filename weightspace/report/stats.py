@@ -1,0 +1,125 @@
+"""Intervals behind every verdict: Student-t intervals over seeds, Wilson intervals for accuracies, and the
+rule that turns an interval of a difference into a verdict.
+
+Pure arithmetic on Python floats (scipy only for the t quantile), so any layer may use it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["Interval", "t_interval", "difference", "wilson", "judge", "fmt_interval"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """mean ± half-width at ``level`` over ``n`` values (half is nan for n < 2: no spread can be estimated)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float = 0.95
+
+    @property
+    def half(self) -> float:
+        """Half the interval's width."""
+        return (self.high - self.low) / 2
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "level": self.level}
+
+    def __str__(self) -> str:
+        return fmt_interval(self)
+
+
+def _clean(xs: Sequence[float | None]) -> list[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
+def t_interval(xs: Sequence[float | None], level: float = 0.95) -> Interval:
+    """Mean of ``xs`` with a two-sided Student-t interval (non-finite values and None are left out).
+
+    With one value the interval is that value with nan bounds; with none, everything is nan.
+    """
+    from scipy.stats import t
+    v = _clean(xs)
+    n = len(v)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, level)
+    m = sum(v) / n
+    if n == 1:
+        return Interval(m, math.nan, math.nan, 1, level)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
+    h = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(m, m - h, m + h, n, level)
+
+
+def difference(a: Sequence[float | None], b: Sequence[float | None], *, paired: bool = False,
+               level: float = 0.95) -> Interval:
+    """Interval of mean(a) − mean(b): paired (t on the differences a_i − b_i, same seeds) or Welch's t.
+
+    Raises ValueError when ``paired`` and the two lists differ in length.
+    """
+    from scipy.stats import t
+    if paired:
+        if len(a) != len(b):
+            raise ValueError(f"paired difference: {len(a)} vs {len(b)} values")
+        return t_interval([None if x is None or y is None else x - y for x, y in zip(a, b)], level)
+    va, vb = _clean(a), _clean(b)
+    if not va or not vb:
+        return Interval(math.nan, math.nan, math.nan, 0, level)
+    ia, ib = t_interval(va, level), t_interval(vb, level)
+    m = ia.mean - ib.mean
+    if len(va) < 2 or len(vb) < 2:
+        return Interval(m, math.nan, math.nan, min(len(va), len(vb)), level)
+    sa = sum((x - ia.mean) ** 2 for x in va) / (len(va) - 1) / len(va)
+    sb = sum((x - ib.mean) ** 2 for x in vb) / (len(vb) - 1) / len(vb)
+    se = math.sqrt(sa + sb)
+    if se == 0:
+        return Interval(m, m, m, min(len(va), len(vb)), level)
+    # Welch–Satterthwaite degrees of freedom
+    df = (sa + sb) ** 2 / ((sa ** 2 / (len(va) - 1) if sa else 0.0) + (sb ** 2 / (len(vb) - 1) if sb else 0.0))
+    h = float(t.ppf(0.5 + level / 2, df)) * se
+    return Interval(m, m - h, m + h, min(len(va), len(vb)), level)
+
+
+def wilson(correct: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``correct / n`` (e.g. an accuracy over n examples)."""
+    from scipy.stats import norm
+    if n <= 0:
+        return (math.nan, math.nan)
+    z = float(norm.ppf(0.5 + level / 2))
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def judge(interval: Interval, threshold: float, direction: str) -> str:
+    """A verdict from the interval of a difference and the finding's threshold.
+
+    ``direction`` "above": reproduced when the whole interval lies above ``threshold``; "not reproduced" when it
+    lies entirely at or below it; otherwise "inconclusive" (the interval straddles the threshold, or it could not
+    be estimated). "below" mirrors it. Raises ValueError for another direction.
+    """
+    if direction not in ("above", "below"):
+        raise ValueError(f"direction {direction!r}: expected 'above' or 'below'")
+    lo, hi = interval.low, interval.high
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    if direction == "above":
+        return "reproduced" if lo > threshold else ("not reproduced" if hi <= threshold else "inconclusive")
+    return "reproduced" if hi < threshold else ("not reproduced" if lo >= threshold else "inconclusive")
+
+
+def fmt_interval(iv: Interval, digits: int = 4) -> str:
+    """'0.0123 ± 0.0045 (95% t, n=3)', or '0.0123 (n=1, no interval)'."""
+    if iv.n == 0 or not math.isfinite(iv.mean):
+        return "n/a"
+    if not math.isfinite(iv.half):
+        return f"{iv.mean:.{digits}f} (n={iv.n}, no interval)"
+    return f"{iv.mean:.{digits}f} ± {iv.half:.{digits}f} ({round(iv.level * 100)}% t, n={iv.n})"
