@@ -5,18 +5,35 @@ import torch
 from torch import nn
 
 
-class SmallCNN(nn.Module):
-    """conv-bn-relu ×3 with a linear head; works on 8×8 digits and on 28×28/32×32 images alike."""
+NORMS = ("batch", "group", "none")
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16):
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":  # no running statistics: nothing to re-estimate after interpolating or rewinding
+        return nn.GroupNorm(min(4, channels), channels)
+    return nn.Identity()
+
+
+class SmallCNN(nn.Module):
+    """conv-norm-relu ×3 with a linear head; works on 8×8 digits and on 28×28/32×32 images alike.
+
+    ``norm``: "batch" (BatchNorm, the default), "group" (GroupNorm, 4 groups) or "none" (convolutions with biases):
+    the same network without the BatchNorm confound of interpolated or rewound running statistics.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, norm: str = "batch"):
         super().__init__()
-        w = width
-        self.conv1 = nn.Conv2d(in_chans, w, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.conv2 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * w)
-        self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, stride=2, bias=False)
-        self.bn3 = nn.BatchNorm2d(4 * w)
+        if norm not in NORMS:
+            raise ValueError(f"small_cnn norm={norm!r}: expected one of {', '.join(NORMS)}")
+        w, bias = width, norm == "none"
+        self.conv1 = nn.Conv2d(in_chans, w, 3, padding=1, bias=bias)
+        self.bn1 = _norm(norm, w)
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=bias)
+        self.bn2 = _norm(norm, 2 * w)
+        self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, stride=2, bias=bias)
+        self.bn3 = _norm(norm, 4 * w)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
 
@@ -44,9 +61,10 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
-def small_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16) -> SmallCNN:
-    """Factory for `--model weightspace.eval.zoo:small_cnn`."""
-    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width)
+def small_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16, norm: str = "batch") -> SmallCNN:
+    """Factory for `--model weightspace.eval.zoo:small_cnn[?width=16&norm=batch|group|none]`; raises ValueError
+    for an unknown norm."""
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width, norm=norm)
 
 
 def mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 128, depth: int = 2, in_chans: int | None = None) -> MLP:

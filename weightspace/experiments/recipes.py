@@ -29,6 +29,8 @@ import torch
 from ..eval.data import TensorData, load_data
 from ..errors import ConfigError
 from ..registry import Entry, Paper, register
+from ..report.stats import Interval, fmt_interval, t_interval
+from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 KINDS = ("P-T", "RI-T")
 
@@ -55,11 +57,11 @@ DEFAULTS: dict[str, Any] = {
 ANALYSES = ("barriers", "similarity", "rewind", "block_shuffle", "criticality")
 ANALYSIS_DEFAULTS: dict[str, dict] = {
     "barriers": {"steps": 11, "no_barrier_below": 0.02, "recalibrate_bn": True},
-    "similarity": {"modules": "tree:layer", "batch_size": None},
+    "similarity": {"modules": "tree:layer", "batch_size": None, "cka_margin": 0.0},
     "rewind": {"modules": "tree:layer", "to": ["init", "random"], "recalibrate_bn": True},
     "block_shuffle": {"blocks": [], "seed": 0, "seeds": None, "finetune": {}},
-    "criticality": {"modules": "tree:layer", "epsilon": 0.1, "relative_epsilon": False, "alphas": 6, "sigmas": 5,
-                    "sigma_range": [0.01, 1.0], "samples": 2, "seed": 0},
+    "criticality": {"modules": "tree:layer", "epsilon": 0.1, "relative_epsilon": False, "alphas": 6,
+                    "bisect_steps": 6, "sigma_range": [0.01, 1.0], "samples": 2, "seed": 0},
 }
 
 
@@ -137,8 +139,12 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     if not cfg["data"].get("source") or not cfg["data"].get("target"):
         raise ConfigError(f"{where}: data needs a 'source' and a 'target'")
     seeds = cfg["train"]["seeds"]
-    if not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{where}: train.seeds needs at least two different seeds (models are compared in pairs)")
+    if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: train.seeds needs at least three different seeds (verdicts rest on 95% "
+                          "t-intervals over seeds)")
+    bs = (cfg["analyses"].get("block_shuffle") or {}).get("seeds")
+    if bs is not None and (not isinstance(bs, list) or len(set(bs)) < 3):
+        raise ConfigError(f"{where}: analyses.block_shuffle.seeds needs at least three different seeds")
     inits = cfg["train"]["init_seeds"]
     if not isinstance(inits, list) or not inits or len(set(inits)) != len(inits):
         raise ConfigError(f"{where}: train.init_seeds needs a list of different seeds, e.g. [7]")
@@ -210,6 +216,7 @@ class Run:
     device: str = "cpu"
     batch_size: int = 256
     force: bool = False
+    has_bn: bool = True
 
     def build(self, num_classes: int) -> torch.nn.Module:
         """A fresh model of the recipe's architecture (random weights from the global RNG)."""
@@ -322,6 +329,7 @@ def prepare(run: Run) -> None:
     run.note(f"data: source {len(src)} examples ({src.num_classes} classes), target {len(t_train)} train / "
              f"{len(t_test)} test ({t_train.num_classes} classes)")
     k_src, k_tgt = src.num_classes, t_train.num_classes
+    run.has_bn = has_batchnorm(run.build(k_tgt))
     source_model, hist = _train(run, _seeded_init(run, k_src, int(tr["pretrain"]["seed"])), src, tr["pretrain"],
                                 int(tr["pretrain"]["seed"]), None, k_src)
     run.histories["pretrain"] = {"source": hist}
@@ -362,6 +370,10 @@ def _pairs(run: Run, kind: str) -> list[tuple[str, str]]:
     return [(a, b) for a, b in itertools.combinations(run.models[kind], 2) if run.init_of[a] == run.init_of[b]]
 
 
+def _iv(d: dict) -> Interval:
+    return Interval(d["mean"], d["low"], d["high"], d["n"], d["level"])
+
+
 def _mean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -388,7 +400,7 @@ def analyse_barriers(run: Run, opts: dict) -> None:
             entry = {"pair": [a, b], "error_barrier": c.barriers["target_test"]["error"]["chord"],
                      "loss_barrier": c.barriers["target_test"]["loss"]["chord"],
                      "errors": c.series("target_test", "error")}
-            if opts["recalibrate_bn"]:
+            if opts["recalibrate_bn"] and run.has_bn:
                 cr = interpolation_curve(run.models[kind][a], run.models[kind][b], ev, steps=int(opts["steps"]),
                                          recalibrate_bn=run.data["target_train"], label=f"{kind} {a}–{b} (BN re-estimated)",
                                          progress=False)
@@ -403,26 +415,40 @@ def analyse_barriers(run: Run, opts: dict) -> None:
                      rows, force=run.force)
     plot_curves(curves, _fig(run, "barriers.png"), force=run.force)
     tol = float(opts["no_barrier_below"])
-    pt, ri = _mean([e["error_barrier"] for e in out["P-T"]]), _mean([e["error_barrier"] for e in out["RI-T"]])
-    pt_max = max(e["error_barrier"] for e in out["P-T"])
-    ri_min = min(e["error_barrier"] for e in out["RI-T"])
-    ok = pt_max <= tol and ri_min > tol
-    partly = pt < tol < ri
-    summary = {"tolerance": tol, "pt_mean": pt, "ri_mean": ri, "pt_max": pt_max, "ri_min": ri_min}
-    if opts["recalibrate_bn"]:
-        summary["pt_mean_bn_recalibrated"] = _mean([e["error_barrier_bn_recalibrated"] for e in out["P-T"]])
-        summary["ri_mean_bn_recalibrated"] = _mean([e["error_barrier_bn_recalibrated"] for e in out["RI-T"]])
+    protocols = {"stored": "error_barrier"}
+    if opts["recalibrate_bn"] and run.has_bn:
+        protocols["re-estimated"] = "error_barrier_bn_recalibrated"
+    checks = {}
+    for proto, key in protocols.items():
+        pt_b, ri_b = [e[key] for e in out["P-T"]], [e[key] for e in out["RI-T"]]
+        # P-T pair i and RI-T pair i share init seed and data-order seeds: paired differences
+        checks[proto] = check(f"barrier_{proto}", ri_b, pt_b, tol, "above",
+                              what=f"RI-T − P-T error barrier ({PROTOCOLS[proto]})")
+        checks[proto]["pt"] = t_interval(pt_b).to_dict()
+        checks[proto]["ri"] = t_interval(ri_b).to_dict()
+    summary = {"tolerance": tol, "checks": checks, "protocols": list(protocols),
+               "pt_mean": checks["stored"]["pt"]["mean"], "ri_mean": checks["stored"]["ri"]["mean"]}
+    if "re-estimated" in checks:
+        summary["pt_mean_bn_recalibrated"] = checks["re-estimated"]["pt"]["mean"]
+        summary["ri_mean_bn_recalibrated"] = checks["re-estimated"]["ri"]["mean"]
+    verdict = combine({p: c["verdict"] for p, c in checks.items()})
+    summary["verdict_by_protocol"] = {p: c["verdict"] for p, c in checks.items()}
     run.results["barriers"] = {"pairs": out, "summary": summary}
-    text = (f"Error barrier on the target test set (chord height, {opts['steps']} points, no BN re-estimation as in "
-            f"the paper): P-T pairs mean {pt:.4f} (max {pt_max:.4f}), RI-T pairs mean {ri:.4f} (min {ri_min:.4f}); "
-            f"'no barrier' means ≤ {tol}.")
-    if opts["recalibrate_bn"]:
-        text += (f" With BatchNorm statistics re-estimated at every point: P-T {summary['pt_mean_bn_recalibrated']:.4f}, "
-                 f"RI-T {summary['ri_mean_bn_recalibrated']:.4f}.")
+    n = len(out["P-T"])
+    text = (f"Error barrier on the target test set (chord height, {opts['steps']} points), {n} pairs per kind "
+            f"(P-T pair i and RI-T pair i share their seeds, so differences are paired); the finding needs the 95% "
+            f"t-interval of RI-T − P-T above the 'no barrier' line {tol}. ")
+    for proto, c in checks.items():
+        text += (f"With {PROTOCOLS[proto]}: P-T {fmt_interval(_iv(c['pt']))}, RI-T {fmt_interval(_iv(c['ri']))}; "
+                 f"{c['text']}. ")
+    if not run.has_bn:
+        text += "The model has no BatchNorm: one protocol applies."
+    elif len(checks) > 1 and len(set(summary["verdict_by_protocol"].values())) > 1:
+        text += "The two BatchNorm protocols disagree: the verdict depends on the statistics."
     run.findings.append({"id": "a", "claim": "Two P-T models show no error barrier between them; two RI-T models of "
                          "the same recipe do, even from the same random initialisation.",
-                         "verdict": "reproduced" if ok else ("partly" if partly else "not reproduced"),
-                         "numbers": text, "figures": ["barriers.png"], "table": "barriers.csv"})
+                         "verdict": verdict, "numbers": text.strip(), "figures": ["barriers.png"],
+                         "table": "barriers.csv"})
 
 
 def analyse_similarity(run: Run, opts: dict) -> None:
@@ -470,13 +496,19 @@ def analyse_similarity(run: Run, opts: dict) -> None:
     s = {f"{k}_{q}": _mean([p[q] for p in out[k]]) for k in KINDS for q in ("l2", "relative_l2", "mean_linear_cka",
                                                                              "mean_rbf_cka", "same_prediction")}
     run.results["similarity"] = {"pairs": out, "summary": s, "per_module": rows}
-    closer, more_alike = s["P-T_l2"] < s["RI-T_l2"], s["P-T_mean_linear_cka"] > s["RI-T_mean_linear_cka"]
-    verdict = "reproduced" if closer and more_alike else ("partly" if closer or more_alike else "not reproduced")
+    l2 = check("l2", [p["l2"] for p in out["RI-T"]], [p["l2"] for p in out["P-T"]], 0.0, "above",
+               what="RI-T − P-T parameter L2 within pairs")
+    cka = check("cka", [p["mean_linear_cka"] for p in out["P-T"]], [p["mean_linear_cka"] for p in out["RI-T"]],
+                float(opts["cka_margin"]), "above", what="P-T − RI-T linear CKA (mean over modules)")
+    s["checks"] = {"l2": l2, "cka": cka}
+    verdict = combine([l2["verdict"], cka["verdict"]])
     text = (f"Parameter L2 within pairs: P-T {s['P-T_l2']:.3f} vs RI-T {s['RI-T_l2']:.3f} (relative "
             f"{s['P-T_relative_l2']:.3f} vs {s['RI-T_relative_l2']:.3f}); linear CKA averaged over modules: "
             f"P-T {s['P-T_mean_linear_cka']:.4f} vs RI-T {s['RI-T_mean_linear_cka']:.4f} (RBF "
             f"{s['P-T_mean_rbf_cka']:.4f} vs {s['RI-T_mean_rbf_cka']:.4f}); same prediction on "
-            f"{100 * s['P-T_same_prediction']:.1f}% vs {100 * s['RI-T_same_prediction']:.1f}% of test examples.")
+            f"{100 * s['P-T_same_prediction']:.1f}% vs {100 * s['RI-T_same_prediction']:.1f}% of test examples. "
+            f"Paired over {len(out['P-T'])} pairs: {l2['text']}; {cka['text']}. Activations use each model's own "
+            "stored BatchNorm statistics, which match its weights (no interpolation or rewinding is involved).")
     run.findings.append({"id": "b", "claim": "P-T pairs are closer in parameter L2 and more similar in CKA than RI-T pairs.",
                          "verdict": verdict, "numbers": text, "figures": ["similarity.png"], "table": "similarity.csv"})
 
@@ -496,7 +528,7 @@ def analyse_rewind(run: Run, opts: dict) -> None:
             i = run.init_of[label]
             r = rewind(sd, run.inits[kind][i], ev, modules=opts["modules"], to=list(opts["to"]),
                        model=lambda: run.build(k), seed=i + 1000)  # 'random': a draw that is not the init itself
-            if opts["recalibrate_bn"]:  # the same rewinds with every BatchNorm's statistics re-estimated
+            if opts["recalibrate_bn"] and run.has_bn:  # the same rewinds with every BatchNorm's statistics re-estimated
                 rr = rewind(sd, run.inits[kind][i], ev, modules=opts["modules"], to="init",
                             recalibrate_bn=run.data["target_train"])
                 b = rr.baseline["target_test"]["error"]
@@ -514,7 +546,8 @@ def analyse_rewind(run: Run, opts: dict) -> None:
         mean_err = {m: {t: _mean(v) for t, v in errors[m].items()} for m in modules}
         mean_delta = {m: _mean(v) for m, v in deltas.items()}
         out[kind] = {"models": per_model, "mean_error": mean_err, "delta_error_init": mean_delta,
-                     "delta_error_init_bn_recalibrated": {m: _mean(v) for m, v in recal.items()}}
+                     "delta_error_init_bn_recalibrated": {m: _mean(v) for m, v in recal.items()},
+                     "per_model_delta": {"stored": deltas, "re-estimated": recal}}
         for m in modules:
             rows.append([kind, m, mean_err[m]["(FINAL)"], *[mean_err[m][t] for t in targets]])
         fig = report.heatmap([[mean_err[m][t] for t in targets] for m in modules], modules,
@@ -531,24 +564,35 @@ def analyse_rewind(run: Run, opts: dict) -> None:
     body = [m for m in pt if m not in reset]
     half = len(body) // 2
     lower, upper = body[:half], body[len(body) - half:]
-    lo, hi = _mean([pt[m] for m in lower]), _mean([pt[m] for m in upper])
-    monotone = all(pt[a] <= pt[b] for a, b in zip(body, body[1:]))
-    ok = bool(lower) and lo < hi
-    verdict = "reproduced" if ok and monotone else ("partly" if ok else "not reproduced")
-    ri = out["RI-T"]["delta_error_init"]
     n = len(run.models["P-T"])
-    text = (f"P-T models (mean of {n}), each module rewound to its pre-trained value, increase in test error: "
+    checks = {}
+    for proto, per in out["P-T"]["per_model_delta"].items():
+        if not per:
+            continue
+        # per P-T model: mean increase over the upper half minus over the lower half (paired within the model)
+        hi_m = [_mean([per[m][i] for m in upper]) for i in range(n)]
+        lo_m = [_mean([per[m][i] for m in lower]) for i in range(n)]
+        checks[proto] = check(f"rewind_{proto}", hi_m, lo_m, 0.0, "above",
+                              what=f"upper − lower half rewind cost ({PROTOCOLS[proto]})")
+        means = {m: _mean(per[m]) for m in body}
+        checks[proto]["monotone"] = all(means[a] <= means[b] for a, b in zip(body, body[1:]))
+    verdict = combine({p: c["verdict"] for p, c in checks.items()}) if lower else "inconclusive"
+    out["checks"] = checks
+    ri = out["RI-T"]["delta_error_init"]
+    text = (f"P-T models ({n}), each module rewound to its pre-trained value, increase in test error (mean): "
             + ", ".join(f"{m} {pt[m]:+.4f}" for m in pt)
-            + f". Lower half of the body ({', '.join(lower)}) {lo:+.4f} vs upper half ({', '.join(upper)}) {hi:+.4f}"
-            + f"; {'monotone' if monotone else 'not monotone'} in depth. Modules re-initialised for the new task "
-            + f"({', '.join(sorted(reset)) or 'none'}) are left out of the comparison: their 'initial value' is random. "
-            + f"RI-T models (mean of {n}, rewound to their random init): "
-            + ", ".join(f"{m} {ri[m]:+.4f}" for m in ri) + ".")
+            + f". Lower half of the body: {', '.join(lower)}; upper half: {', '.join(upper)}. Modules re-initialised "
+            + f"for the new task ({', '.join(sorted(reset)) or 'none'}) are left out: their 'initial value' is random. "
+            + "The finding needs the 95% t-interval (over models) of upper − lower above 0. ")
+    for proto, c in checks.items():
+        text += f"{c['text']} ({'monotone' if c['monotone'] else 'not monotone'} in depth). "
     pt_recal = out["P-T"]["delta_error_init_bn_recalibrated"]
     if pt_recal:
-        text += (" With BatchNorm statistics re-estimated on the target training data after each rewind, the P-T "
-                 "increases are " + ", ".join(f"{m} {pt_recal[m]:+.4f}" for m in pt_recal)
-                 + " (the verdict uses FINAL's statistics, the protocol above).")
+        text += ("Mean P-T increases with statistics re-estimated: " + ", ".join(f"{m} {pt_recal[m]:+.4f}"
+                                                                            for m in pt_recal) + ". ")
+    if len(checks) > 1 and len({c["verdict"] for c in checks.values()}) > 1:
+        text += "The two BatchNorm protocols disagree: the verdict depends on the statistics. "
+    text += (f"RI-T models ({n}, rewound to their random init): " + ", ".join(f"{m} {ri[m]:+.4f}" for m in ri) + ".")
     run.findings.append({"id": "c", "claim": "Rewinding lower modules (to their value before fine-tuning) hurts less "
                          "than rewinding upper ones.", "verdict": verdict, "numbers": text,
                          "figures": ["rewind_pt.png", "rewind_ri.png"], "table": "rewind.csv"})
@@ -589,9 +633,13 @@ def analyse_block_shuffle(run: Run, opts: dict) -> None:
                 curves.append(accs)
             mean_curve = [_mean(col) for col in zip(*curves)]
             entry[kind] = {"final_accuracy": _mean(finals), "mean_accuracy_over_training": _mean(aulcs),
-                           "steps": steps, "curve": mean_curve, "per_seed_final": finals}
+                           "steps": steps, "curve": mean_curve, "per_seed_final": finals,
+                           "per_seed_mean_accuracy": aulcs}
             series.append({"x": steps, "y": mean_curve, "label": kind})
         entry["benefit"] = entry["P-T"]["final_accuracy"] - entry["RI-T"]["final_accuracy"]
+        entry["per_seed_benefit"] = [p - r for p, r in zip(entry["P-T"]["per_seed_final"], entry["RI-T"]["per_seed_final"])]
+        entry["per_seed_speed_benefit"] = [p - r for p, r in zip(entry["P-T"]["per_seed_mean_accuracy"],
+                                                                 entry["RI-T"]["per_seed_mean_accuracy"])]
         entry["speed_benefit"] = (entry["P-T"]["mean_accuracy_over_training"]
                                   - entry["RI-T"]["mean_accuracy_over_training"])
         out.append(entry)
@@ -615,18 +663,23 @@ def analyse_block_shuffle(run: Run, opts: dict) -> None:
     run.results["block_shuffle"] = {"seeds": seeds, "shuffle_seed": int(opts["seed"]), "blocks": out}
     ordered = sorted(out, key=lambda e: -e["block"])  # image size first, smallest blocks last
     benefits = [e["benefit"] for e in ordered]
-    shrinks = benefits[-1] < benefits[0] if len(benefits) > 1 else False
     monotone = all(a >= b for a, b in zip(benefits, benefits[1:]))
-    positive = all(v > 0 for v in benefits)
-    faster = all(e["speed_benefit"] > 0 for e in out)
-    checks = {"benefit shrinks (smallest block < no shuffle)": shrinks, "benefit stays above zero": positive,
-              "P-T converges faster (higher mean accuracy over training) at every block size": faster}
-    verdict = "reproduced" if all(checks.values()) else ("partly" if any(checks.values()) else "not reproduced")
-    text = ("Benefit of pre-training (P-T − RI-T final test accuracy, mean of " f"{len(seeds)} seeds) by block size: "
-            + ", ".join(f"{e['block']}: {e['benefit']:+.4f}" for e in ordered)
-            + f" ({'monotone' if monotone else 'not monotone'}); P-T − RI-T mean accuracy over training: "
-            + ", ".join(f"{e['block']}: {e['speed_benefit']:+.4f}" for e in ordered) + ". Checks: "
-            + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + ".")
+    first, last = ordered[0], ordered[-1]
+    checks = {}
+    if len(ordered) > 1:  # same data-order seed at both block sizes: paired
+        checks["shrinks"] = check("shrinks", first["per_seed_benefit"], last["per_seed_benefit"], 0.0, "above",
+                                  what=f"benefit at block {first['block']} − at block {last['block']}")
+    checks["positive"] = check("positive", last["per_seed_benefit"], None, 0.0, "above",
+                               what=f"benefit (P-T − RI-T final accuracy) at block {last['block']}")
+    for e in ordered:
+        checks[f"faster_{e['block']}"] = check(f"faster_{e['block']}", e["per_seed_speed_benefit"], None, 0.0, "above",
+                                               what=f"P-T − RI-T mean accuracy over training at block {e['block']}")
+    verdict = combine([c["verdict"] for c in checks.values()])
+    run.results["block_shuffle"]["checks"] = checks
+    text = (f"Benefit of pre-training (P-T − RI-T final test accuracy, {len(seeds)} data-order seeds, paired) by block "
+            "size: " + ", ".join(f"{e['block']}: {fmt_interval(t_interval(e['per_seed_benefit']))}" for e in ordered)
+            + f" ({'monotone' if monotone else 'not monotone'} in the means). Each check needs its 95% t-interval "
+            "above 0: " + "; ".join(c["text"] for c in checks.values()) + ".")
     run.findings.append({"id": "d", "claim": "With block shuffling of decreasing block size, the benefit of pre-training "
                          "shrinks but stays above zero, and P-T still converges faster.", "verdict": verdict,
                          "numbers": text, "figures": ["block_shuffle_curves.png", "block_shuffle_benefit.png"],
@@ -634,27 +687,43 @@ def analyse_block_shuffle(run: Run, opts: dict) -> None:
 
 
 def analyse_criticality(run: Run, opts: dict) -> None:
-    """Module criticality (Chatterji et al.) of the first P-T and RI-T models on the target training data."""
+    """Module criticality (Chatterji et al.) of every P-T and RI-T model on the target training data, with stored
+    and (for BatchNorm models) re-estimated statistics; Σμ compared between kinds with a t-interval."""
     from ..analysis.criticality import module_criticality
-    ev = _evaluator(run, run.data["target_train"])
-    out = {}
-    for kind in KINDS:
-        label = next(iter(run.models[kind]))
-        r = module_criticality(run.models[kind][label], run.inits[kind][run.init_of[label]], ev, modules=opts["modules"],
-                               epsilon=float(opts["epsilon"]), relative_epsilon=bool(opts["relative_epsilon"]),
-                               alphas=opts["alphas"], sigmas=opts["sigmas"], sigma_range=tuple(opts["sigma_range"]),
-                               samples=int(opts["samples"]), seed=int(opts["seed"]))
-        sub = run.out / f"criticality_{'pt' if kind == 'P-T' else 'ri'}"
-        r.write(sub, force=run.force)
-        out[kind] = {"model": label, "total_mu": r.total, "mu": {m["module"]: m["mu"] for m in r.modules},
-                     "folder": sub.name, "notes": r.notes}
-    run.results["criticality"] = out
-    run.findings.append({"id": "criticality", "claim": "(extra, no claim checked) module criticality Σμ of a P-T and "
-                         "a RI-T model", "verdict": "measured",
-                         "numbers": "; ".join(f"{k} Σμ = {v['total_mu']:.4g} ("
-                                              + ", ".join(f"{m} {mu:.3g}" for m, mu in v["mu"].items()) + ")"
-                                              for k, v in out.items()),
-                         "figures": [f"{v['folder']}/criticality.png" for v in out.values()], "table": None})
+    train_d = run.data["target_train"]
+    ev = _evaluator(run, train_d)
+    protocols = {"stored": None, **({"re-estimated": train_d} if run.has_bn else {})}
+    out: dict[str, Any] = {}
+    for proto, recal in protocols.items():
+        out[proto] = {}
+        for kind in KINDS:
+            per = {}
+            for label, sd in run.models[kind].items():
+                r = module_criticality(sd, run.inits[kind][run.init_of[label]], ev, modules=opts["modules"],
+                                       epsilon=float(opts["epsilon"]), relative_epsilon=bool(opts["relative_epsilon"]),
+                                       alphas=opts["alphas"], sigma_range=tuple(opts["sigma_range"]),
+                                       bisect_steps=int(opts["bisect_steps"]), samples=int(opts["samples"]),
+                                       seed=int(opts["seed"]), recalibrate_bn=recal)
+                sub = run.out / f"criticality_{proto}_{label}"
+                r.write(sub, force=run.force)
+                per[label] = {"total_mu": r.total, "mu": {m["module"]: m["mu"] for m in r.modules},
+                              "folder": sub.name, "notes": r.notes}
+            out[proto][kind] = per
+    checks = {}
+    for proto in protocols:
+        # log Σμ: μ spans orders of magnitude; an infinite Σμ (no feasible point) is left out of the interval
+        logs = {k: [math.log10(v["total_mu"]) if 0 < v["total_mu"] < math.inf else None
+                    for v in out[proto][k].values()] for k in KINDS}
+        checks[proto] = check(f"criticality_{proto}", logs["RI-T"], logs["P-T"], 0.0, "above", paired=True,
+                              what=f"log10 Σμ RI-T − P-T ({PROTOCOLS[proto]})")
+    run.results["criticality"] = {"models": out, "checks": checks}
+    text = "; ".join(f"{proto}, {kind}: Σμ per model " + ", ".join(f"{v['total_mu']:.4g}" for v in out[proto][kind].values())
+                     for proto in protocols for kind in KINDS)
+    text += ". " + "; ".join(c["text"] for c in checks.values()) + "."
+    run.findings.append({"id": "criticality", "claim": "(extra, no claim of the paper checked) module criticality Σμ "
+                         "of P-T and RI-T models", "verdict": "measured", "numbers": text,
+                         "figures": [f"{v['folder']}/criticality.png" for proto in protocols
+                                     for v in out[proto]["P-T"].values()][:2], "table": None})
 
 
 RUNNERS: dict[str, Callable[[Run, dict], None]] = {
@@ -689,6 +758,11 @@ def render_report(run: Run) -> str:
               markdown_table(["model", "accuracy", "loss"],
                              [[k, v["accuracy"], v["loss"]] for k, v in run.results["models"].items()]), "",
               "## Findings", "",
+              "A finding is *reproduced* only when the 95% Student-t interval of the difference between its two "
+              "conditions (over seeds or pairs of seeds) lies entirely beyond the threshold named in its text; "
+              "*not reproduced* when it lies entirely on the other side; *inconclusive* when it straddles it. Verdicts "
+              "that involve BatchNorm statistics are drawn with the stored statistics and with statistics re-estimated "
+              "on the target training data; *partly* means the protocols (or the finding's sub-checks) disagree.", "",
               markdown_table(["finding", "verdict"], [[f["id"], f["verdict"]] for f in run.findings]), ""]
     for f in run.findings:
         lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
