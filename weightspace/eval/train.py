@@ -42,8 +42,13 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.05, weight_decay: float = 0.0,
           momentum: float = 0.9, batch_size: int = 64, seed: int = 0, augment: str = "none",
-          schedule: str = "cosine", eval_data: TensorData | None = None, eval_every: int = 0) -> list[dict]:
-    """Train with SGD + cross-entropy; returns a history of {"step", "epoch", "loss"(, "eval_accuracy")}."""
+          schedule: str = "cosine", eval_data: TensorData | None = None, eval_every: int = 0,
+          on_epoch: Callable[[int, nn.Module], bool] | None = None) -> list[dict]:
+    """Train with SGD + cross-entropy; returns a history of {"step", "epoch", "loss"(, "eval_accuracy")}.
+
+    ``on_epoch(epoch, model)`` is called after every epoch (model in eval mode); returning True stops training
+    early (the learning-rate schedule still spans ``epochs``). Raises ConfigError for an unknown augmentation.
+    """
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")
     aug = AUGMENTATIONS[augment]
@@ -71,6 +76,10 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
             if eval_every and eval_data is not None and step % eval_every == 0:
                 history.append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "eval_accuracy": accuracy(model, eval_data)})
         history.append({"step": step, "epoch": epoch, "loss": float(loss.detach())})
+        if on_epoch is not None:
+            model.eval()
+            if on_epoch(epoch, model):
+                break
     model.eval()
     return history
 

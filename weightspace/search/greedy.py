@@ -262,30 +262,30 @@ class Leaderboard:
     extra: dict = field(default_factory=dict)
 
     def interval(self, method: str | dict, column: str) -> tuple[float, float] | None:
-        """95% Wilson interval of a row's accuracy (the row, or its method name) on one column; None when the
-        example count is unknown."""
+        """95% Wilson interval of a row's accuracy (the row, or its method name) on one column, from the example
+        count its metrics carry (``n``); None when the count is unknown."""
         from ..report.stats import wilson
-        n = (self.extra.get("examples") or {}).get(column)
         row = method if isinstance(method, dict) else self.row(method)
-        acc = row["metrics"].get(column, {}).get("accuracy")
-        if not n or acc is None:
+        cell = row["metrics"].get(column, {})
+        n, acc = cell.get("n"), cell.get("accuracy")
+        if not n or acc is None or "auc" in cell:  # multi-label accuracy is a mean over labels, not a count
             return None
         return wilson(round(acc * n), int(n))
 
     def table(self, metric: str = "accuracy") -> tuple[list[str], list[list]]:
         """Method × column table of one metric (for Markdown); accuracies get a 95% Wilson interval column when
         the example counts are known (the binomial spread of an accuracy measured on n examples)."""
-        counts = self.extra.get("examples") or {}
-        with_ci = metric == "accuracy" and any(counts.get(c) for c in self.columns)
+        with_ci = {c: metric == "accuracy" and any(r["metrics"].get(c, {}).get("n") for r in self.rows)
+                   for c in self.columns}
         headers = ["method"]
         for c in self.columns:
-            headers += [c, f"{c} 95% CI"] if with_ci and counts.get(c) else [c]
+            headers += [c, f"{c} 95% CI"] if with_ci[c] else [c]
         rows = []
         for r in self.rows:
             row = [r["method"]]
             for c in self.columns:
                 row.append(r["metrics"].get(c, {}).get(metric))
-                if with_ci and counts.get(c):
+                if with_ci[c]:
                     iv = self.interval(r, c)
                     row.append(f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else None)
             rows.append(row)
@@ -338,15 +338,7 @@ def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: 
     names = _names(sources)
     rows = [{"method": names[i], "kind": "checkpoint", "rank": r + 1, "source": sources[i], "metrics": tables[i]}
             for r, i in enumerate(order)]
-    return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties],
-                                              "examples": example_counts(evaluate)})
-
-
-def example_counts(evaluate: Any) -> dict[str, int]:
-    """dataset name → number of examples, when ``evaluate`` is an Evaluator (else {}): what accuracy intervals need."""
-    if not _is_evaluator(evaluate):
-        return {}
-    return {name: len(d) for name, d in evaluate.datasets.items()}
+    return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties]})
 
 
 def _is_evaluator(obj: Any) -> bool:
@@ -415,7 +407,7 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
         rows.append({"method": "greedy ensemble", "kind": "ensemble", "detail": ", ".join(names[i] for i in kept),
                      "metrics": as_table(metrics_from_logits(ens))})
     extra = {"val": val, "greedy": res.to_dict(), "ties": [[names[i] for i in g] for g in ties],
-             "rule": ">" if strict else ">=", "examples": example_counts(evaluate)}
+             "rule": ">" if strict else ">="}
     return Leaderboard(columns, rows, title, extra), {"uniform": uniform, "greedy": greedy}, res
 
 
