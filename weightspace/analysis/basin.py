@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..io.checkpoint import Source, load
+from ..io.sources import Source, load
 
 __all__ = ["BasinResult", "pairwise_barriers"]
 
