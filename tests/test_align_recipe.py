@@ -26,17 +26,34 @@ def small_run(tmp_path_factory):
 def test_small_run_shows_the_barrier_and_its_shrinking(small_run):
     out, printed = small_run
     res = json.loads((out / "results.json").read_text())
-    (pair,) = res["results"]["pairs"]
-    assert res["results"]["fixes"] == ["none", "recalibrate_bn", "repair"]
-    for fix in ("recalibrate_bn", "repair"):
-        before = pair["curves"][fix]["B"]["error_barrier"]
-        assert before >= 0.1, fix  # a clear barrier between the unaligned models
-        for method in ("weights", "activations"):
-            after = pair["curves"][fix][f"P_{method}(B)"]["error_barrier"]
-            assert after <= 0.5 * before, (fix, method, before, after)
-            assert pair["alignment"][method]["l2_after"] < pair["alignment"][method]["l2_before"]
+    pairs = res["results"]["pairs"]
+    assert len(pairs) == 3 and res["results"]["fixes"] == ["none", "recalibrate_bn", "repair"]
+    for pair in pairs:
+        for fix in ("recalibrate_bn", "repair"):
+            before = pair["curves"][fix]["B"]["error_barrier"]
+            assert before >= 0.1, fix  # a clear barrier between the unaligned models
+            for method in ("weights", "activations"):
+                after = pair["curves"][fix][f"P_{method}(B)"]["error_barrier"]
+                assert after <= 0.5 * before, (fix, method, before, after)
+                assert pair["alignment"][method]["l2_after"] < pair["alignment"][method]["l2_before"]
     verdicts = {f["id"]: f["verdict"] for f in res["findings"]}
-    assert verdicts == {"a": "reproduced", "b": "reproduced"}
+    assert verdicts["a"] == "reproduced" and verdicts["b"] == "reproduced"
+    # (b) is judged on the 95% t-interval over pairs of shrink·before − after (recomputed with scipy)
+    from scipy import stats
+    import numpy as np
+    before = [p["curves"]["repair"]["B"]["error_barrier"] for p in pairs]
+    after = [p["curves"]["repair"]["P_weights(B)"]["error_barrier"] for p in pairs]
+    d = [0.5 * x - y for x, y in zip(before, after)]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(d), scale=stats.sem(d))
+    iv = res["results"]["summary"]["checks"]["b"]["repair+weights"]["interval"]
+    assert (iv["low"], iv["high"]) == pytest.approx((lo, hi))
+    # (c) the width sweep: widths 4 and 16 (16 is the recipe's own model, reused), verdict from its interval
+    sweep = res["results"]["width_sweep"]
+    assert list(sweep["widths"]) == ["4", "16"] and sweep["widths"]["16"]["reused"]
+    assert sweep["widths"]["16"]["after"] == [p["curves"]["recalibrate_bn"]["P_weights(B)"]["error_barrier"] for p in pairs]
+    d = [x - y for x, y in zip(sweep["widths"]["4"]["after"], sweep["widths"]["16"]["after"])]
+    lo, _ = stats.t.interval(0.95, 2, loc=np.mean(d), scale=stats.sem(d))
+    assert (verdicts["c"] == "reproduced") == (lo > 0)
     assert [f["verdict"] for f in printed["findings"]] == list(verdicts.values())
     report = (out / "REPORT.md").read_text()
     assert "**REPRODUCED.**" in report and "reduced size" in report
@@ -44,7 +61,7 @@ def test_small_run_shows_the_barrier_and_its_shrinking(small_run):
     assert f"{b:.4f}" in report  # the report's numbers are results.json's
     for fig in res["figures"]:
         assert (out / fig).read_bytes()[:4] == b"\x89PNG" and f"]({fig})" in report
-    assert (out / "barriers.csv").read_text().count("\n") == 1 + 3 * 3  # 3 curves × 3 BN treatments
+    assert (out / "barriers.csv").read_text().count("\n") == 1 + 3 * 3 * 3  # 3 pairs × 3 curves × 3 BN treatments
 
 
 def test_aligned_checkpoints_compute_b(small_run):
@@ -65,10 +82,12 @@ def test_aligned_checkpoints_compute_b(small_run):
 
 def test_recipe_checks(tmp_path, cli):
     cfg = load_align_recipe(RECIPE, small=True, overrides=["analysis.steps=3"])
-    assert cfg["train"]["epochs"] == 3 and cfg["analysis"]["steps"] == 3 and cfg["train"]["seeds"] == [1, 2]
+    assert cfg["train"]["epochs"] == 3 and cfg["analysis"]["steps"] == 3 and cfg["train"]["seeds"] == [1, 2, 3]
     with pytest.raises(ConfigError, match="unknown method/fix 'magic'"):
         load_align_recipe(RECIPE, overrides=["analysis.methods=[magic]"])
-    with pytest.raises(ConfigError, match="two different seeds"):
-        load_align_recipe(RECIPE, overrides=["train.seeds=[1]"])
+    with pytest.raises(ConfigError, match="three different seeds"):
+        load_align_recipe(RECIPE, overrides=["train.seeds=[1, 2]"])
+    with pytest.raises(ConfigError, match="two or more positive integers"):
+        load_align_recipe(RECIPE, overrides=["width_sweep.widths=[8]"])
     r = cli("recipe", "run", RECIPE, "--out", tmp_path / "x", "--set", "analysis.fixes=[sometimes]")
     assert r.exit_code == 2 and "sometimes" in r.stderr

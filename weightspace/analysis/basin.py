@@ -87,7 +87,7 @@ def pairwise_barriers(ingredients: Sequence[Source], evaluate: Callable[[Any], A
     Raises IncompatibleCheckpoints (from the soup) when two ingredients differ in keys or shapes.
     """
     from ..ops.stream import lerp
-    from ..report import as_table
+    from ..eval.contract import as_table
 
     def value(weights: Any) -> tuple[str, float]:
         t = as_table(evaluate(weights))

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..report.stats import fmt_interval, t_interval
+from .verdicts import check, combine
 from ..registry import Entry, register
 from ..search.align import REBASIN_PAPER
 
@@ -45,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
               "seeds": [1, 2]},
     "analysis": {"steps": 11, "methods": list(METHODS), "fixes": list(FIXES), "clear_barrier": 0.1, "shrink": 0.5,
                  "align_seed": 0},
+    # (c) the width sweep: the same training, alignment (first method) and barriers (first BN fix other than
+    # 'none') for the model at each width; the claim is that alignment removes more of the barrier when wider
+    "width_sweep": {"widths": [], "param": "width"},
     "small": {},
 }
 
@@ -62,8 +67,12 @@ def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
         set_path(raw, k, v, where)
     cfg = _merge(DEFAULTS, raw, where)
     seeds = cfg["train"]["seeds"]
-    if not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{where}: train.seeds needs at least two different seeds (one random init per model)")
+    if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: train.seeds needs at least three different seeds (one random init per model; "
+                          "verdicts rest on 95% t-intervals over pairs)")
+    widths = cfg["width_sweep"]["widths"]
+    if not isinstance(widths, list) or len(widths) == 1 or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ConfigError(f"{where}: width_sweep.widths needs two or more positive integers (or none)")
     an = cfg["analysis"]
     bad = [m for m in an["methods"] if m not in METHODS] + [f for f in an["fixes"] if f not in FIXES]
     if bad:
@@ -170,6 +179,11 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                     f"{f}: " + ", ".join(f"{t} {v['error_barrier']:.3f}" for t, v in entry["curves"][f].items())
                     for f in fixes))
             timings["barriers"] = time.perf_counter() - t1
+            sweep = None
+            if cfg["width_sweep"]["widths"]:
+                t2 = time.perf_counter()
+                sweep = _width_sweep(cfg, train_d, test_d, fix_d, fixes, device, batch_size, note, pairs)
+                timings["width_sweep"] = time.perf_counter() - t2
     finally:
         torch.set_num_threads(old_threads)
 
@@ -182,11 +196,16 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                                             "loss_barrier", "peak_alpha", "error_alpha0", "error_alpha1"],
                      rows, force=force)
     findings, summary = _findings(pairs, an, fixes, has_bn, figures)
+    if sweep is not None:
+        report.write_csv(out / "width_sweep.csv", ["width", "pair", "fix", "method", "before", "after"],
+                         sweep["rows"], force=force)
+        findings.append(_width_finding(sweep, cfg))
     timings["total"] = time.perf_counter() - t0
     public = {k_: v for k_, v in cfg.items() if k_ != "where"}
     results = {"recipe": public, "findings": findings,
                "results": {"models": {n: {"test_accuracy": a} for n, a in accs.items()}, "pairs": pairs,
-                           "summary": summary, "fixes": fixes},
+                           "summary": summary, "fixes": fixes,
+                           **({"width_sweep": {k_: v for k_, v in sweep.items() if k_ != "rows"}} if sweep else {})},
                "checkpoints": {k_: os.path.relpath(v, out) for k_, v in paths.items()}, "figures": figures}
     report.write_json(out / "results.json", results, force=force)
     report.write_text(out / "REPORT.md", _render(cfg, test_d, fix_d, accs, pairs, findings, fixes, has_bn), force=force)
@@ -203,45 +222,141 @@ def _save(save: Any, out: Path, name: str, sd: dict, cfg: dict, force: bool) -> 
 
 
 def _findings(pairs: list[dict], an: dict, fixes: list[str], has_bn: bool, figures: list[str]) -> tuple[list, dict]:
-    """(a) a clear barrier before alignment; (b) the barrier at least halved after it, per method and BN fix."""
+    """(a) a clear barrier before alignment; (b) the barrier at least halved after it, per method and BN fix —
+    each judged on the 95% t-interval over pairs (pairs share models, so the interval is optimistic; see text)."""
     judged = [f for f in fixes if f != "none"] or ["none"]  # interpolating BN nets without a fix is not the claim
     clear, shrink = float(an["clear_barrier"]), float(an["shrink"])
     before = {f: [p["curves"][f]["B"]["error_barrier"] for p in pairs] for f in fixes}
     after = {f: {m: [p["curves"][f][f"P_{m}(B)"]["error_barrier"] for p in pairs] for m in an["methods"]} for f in fixes}
+    checks_a = {f: check(f"a_{f}", before[f], None, clear, "above", what=f"barrier before alignment ({f})")
+                for f in judged}
+    # (b) per pair: shrink·before − after > 0 means the barrier fell to at most `shrink` of itself
+    checks_b = {f"{f}+{m}": check(f"b_{f}_{m}", [shrink * y for y in before[f]], after[f][m], 0.0, "above",
+                                  what=f"{shrink}·before − after ({f} + {m} matching)")
+                for f in judged for m in an["methods"]}
     summary = {"judged_fixes": judged, "clear_barrier": clear, "shrink": shrink, "before": before, "after": after,
                "ratio": {f: {m: [(x / y if y > 0 else None) for x, y in zip(after[f][m], before[f])]
-                             for m in an["methods"]} for f in fixes}}
-    a_ok = [b >= clear for f in judged for b in before[f]]
-    b_ok = {(f, m): [x <= shrink * y and y >= clear for x, y in zip(after[f][m], before[f])]
-            for f in judged for m in an["methods"]}
-    flat = [v for vs in b_ok.values() for v in vs]
-
-    def verdict(oks: list[bool]) -> str:
-        return "reproduced" if all(oks) else ("partly" if any(oks) else "not reproduced")
-
+                             for m in an["methods"]} for f in fixes},
+               "checks": {"a": checks_a, "b": checks_b}}
+    n = len(pairs)
+    caveat = (f" Over {n} pairs of {n_models(n)} models (pairs share models, so they are not independent and the "
+              "interval is narrower than an interval over independent pairs would be).")
     fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
-    text_a = ("Error barrier on the test set between the two unaligned models (chord height, "
-              f"{an['steps']} points; 'clear' means ≥ {clear}): "
-              + "; ".join(f"{f}: {fmt(before[f])}" for f in fixes) + ".")
+    text_a = ("Error barrier on the test set between two unaligned models (chord height, "
+              f"{an['steps']} points), per pair: " + "; ".join(f"{f}: {fmt(before[f])}" for f in fixes)
+              + f". The finding needs the 95% t-interval of the barrier above {clear}: "
+              + "; ".join(c["text"] for c in checks_a.values()) + "." + caveat)
     if not has_bn:
         text_a += " The model has no BatchNorm, so BN recalibration is not applicable."
     lines = []
     for f in fixes:
         for m in an["methods"]:
-            ratios = [f"{x / y:.2f}" if y > 0 else "n/a" for x, y in zip(after[f][m], before[f])]
-            lines.append(f"{f} + {m} matching: {fmt(before[f])} → {fmt(after[f][m])} (after/before {', '.join(ratios)})")
+            lines.append(f"{f} + {m} matching: {fmt(before[f])} → {fmt(after[f][m])}")
     text_b = ("Error barrier before → after aligning B to A, with the same BN treatment on both curves: "
-              + "; ".join(lines) + f". Judged with {', '.join(judged)}: after ≤ {shrink} × before for every pair "
-              "and method" + (" (without a BN fix the interpolated running statistics are wrong, variance "
-                              "collapse, and the 'none' rows show it)" if "none" in fixes and has_bn else "") + ".")
+              + "; ".join(lines) + f". Judged with {', '.join(judged)}: the 95% t-interval of {shrink}·before − after "
+              "must lie above 0: " + "; ".join(c["text"] for c in checks_b.values()) + "."
+              + (" Without a BN fix the interpolated running statistics are wrong (variance collapse) and the "
+                 "'none' rows show it." if "none" in fixes and has_bn else "") + caveat)
     findings = [
         {"id": "a", "claim": "Two models trained from different random initialisations show a clear error barrier.",
-         "verdict": verdict(a_ok), "numbers": text_a, "figures": figures, "table": "barriers.csv"},
+         "verdict": combine([c["verdict"] for c in checks_a.values()]), "numbers": text_a, "figures": figures,
+         "table": "barriers.csv"},
         {"id": "b", "claim": f"After permutation alignment (+ BatchNorm repair) the barrier shrinks by at least "
                              f"{round((1 - shrink) * 100)}%.",
-         "verdict": verdict(flat), "numbers": text_b, "figures": figures, "table": "barriers.csv"},
+         "verdict": combine([c["verdict"] for c in checks_b.values()]), "numbers": text_b, "figures": figures,
+         "table": "barriers.csv"},
     ]
     return findings, summary
+
+
+def n_models(pairs: int) -> int:
+    """How many models give ``pairs`` unordered pairs."""
+    n = 1
+    while n * (n - 1) // 2 < pairs:
+        n += 1
+    return n
+
+
+def _with_width(spec: str, param: str, width: int) -> str:
+    """The model spec with ``param=width`` set (added, or replacing the spec's own value)."""
+    from urllib.parse import parse_qsl, urlencode
+    base, _, query = spec.partition("?")
+    opts = dict(parse_qsl(query))
+    opts[param] = str(width)
+    return f"{base}?{urlencode(opts, safe=':,')}"
+
+
+def _width_sweep(cfg: dict, train_d: Any, test_d: Any, fix_d: Any, fixes: list[str], device: str, batch_size: int,
+                 note: Any, pairs: list[dict]) -> dict:
+    """Train the seeds' models at every width, align B to A (first method) and measure before/after barriers
+    with the first BN fix other than 'none' (or 'none' when it is the only one). The recipe's own model is not
+    trained twice: at its width the main run's barriers are reused (same seeds, same training)."""
+    from ..analysis.curve import interpolation_curve
+    from ..eval.evaluator import Evaluator
+    from ..eval.models import build_model
+    from ..eval.train import accuracy, train
+    from urllib.parse import parse_qsl
+
+    from ..search.align import align
+    an, tr, ws = cfg["analysis"], cfg["train"], cfg["width_sweep"]
+    fix = next((f for f in fixes if f != "none"), fixes[0])
+    method = an["methods"][0]
+    kw = {"none": {}, "recalibrate_bn": {"recalibrate_bn": fix_d}, "repair": {"repair": fix_d}}[fix]
+    k = train_d.num_classes
+    in_chans = int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None
+    out: dict[str, Any] = {"fix": fix, "method": method, "param": ws["param"], "widths": {}, "rows": []}
+    for w in ws["widths"]:
+        spec = _with_width(cfg["model"], ws["param"], int(w))
+        if dict(parse_qsl(cfg["model"].partition("?")[2])).get(ws["param"]) == str(w):
+            before = [p["curves"][fix]["B"]["error_barrier"] for p in pairs]
+            after = [p["curves"][fix][f"P_{method}(B)"]["error_barrier"] for p in pairs]
+            out["rows"] += [[w, f"{p['a']}–{p['b']}", fix, method, x, y] for p, x, y in zip(pairs, before, after)]
+            out["widths"][str(w)] = {"model": cfg["model"], "before": before, "after": after, "reused": True,
+                                     "removed": [x - y for x, y in zip(before, after)]}
+            continue
+        models, accs = {}, {}
+        for s in tr["seeds"]:
+            torch.manual_seed(int(s))
+            net = build_model(spec, num_classes=k, in_chans=in_chans)
+            train(net, train_d, epochs=int(tr["epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
+                  weight_decay=float(tr["weight_decay"]), momentum=float(tr["momentum"]), seed=int(s),
+                  augment=tr["augment"])
+            models[s] = {k_: v.detach().clone() for k_, v in net.state_dict().items()}
+            accs[s] = accuracy(net, test_d)
+        ev = Evaluator(build_model(spec, num_classes=k, in_chans=in_chans), test_d, device=device,
+                       batch_size=batch_size)
+        before, after = [], []
+        for a, b in itertools.combinations(models, 2):
+            pb, _ = align(models[a], models[b], build_model(spec, num_classes=k, in_chans=in_chans), method=method,
+                          data=fix_d if method == "activations" else None, seed=int(an["align_seed"]),
+                          example_input=fix_d.x[:64])
+            cb = interpolation_curve(models[a], models[b], ev, steps=int(an["steps"]), progress=False, **kw)
+            ca = interpolation_curve(models[a], pb, ev, steps=int(an["steps"]), progress=False, **kw)
+            before.append(cb.barriers[test_d.name]["error"]["chord"])
+            after.append(ca.barriers[test_d.name]["error"]["chord"])
+            out["rows"].append([w, f"model-{a}–model-{b}", fix, method, before[-1], after[-1]])
+        out["widths"][str(w)] = {"model": spec, "test_accuracy": accs, "before": before, "after": after,
+                                 "removed": [x - y for x, y in zip(before, after)]}
+        note(f"width {w}: barrier {', '.join(f'{x:.3f}' for x in before)} → {', '.join(f'{y:.3f}' for y in after)}")
+    return out
+
+
+def _width_finding(sweep: dict, cfg: dict) -> dict:
+    """(c) alignment leaves less of the barrier at the largest width than at the smallest (paired by seed pair)."""
+    ws = [str(w) for w in cfg["width_sweep"]["widths"]]
+    narrow, wide = sweep["widths"][ws[0]], sweep["widths"][ws[-1]]
+    # the barrier left after alignment, narrowest − widest: above 0 when width helps alignment
+    c = check("width", narrow["after"], wide["after"], 0.0, "above",
+              what=f"barrier after alignment at {sweep['param']} {ws[0]} − at {ws[-1]}")
+    sweep["check"] = c
+    text = (f"With {sweep['fix']} and {sweep['method']} matching, error barrier before → after alignment per width "
+            "(mean over pairs): " + "; ".join(
+                f"{w}: {fmt_interval(t_interval(sweep['widths'][w]['before']))} → "
+                f"{fmt_interval(t_interval(sweep['widths'][w]['after']))}" for w in ws)
+            + f". The finding needs the 95% t-interval of the paired difference above 0: {c['text']}.")
+    return {"id": "c", "claim": "Alignment removes more of the barrier for wider models (Ainsworth et al.: the "
+            "barrier vanishes only at sufficient width).", "verdict": c["verdict"], "numbers": text,
+            "figures": [], "table": "width_sweep.csv"}
 
 
 def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], findings: list[dict],
@@ -279,6 +394,10 @@ def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], f
               "## Findings", "", markdown_table(["finding", "verdict"], [[f["id"], f["verdict"]] for f in findings]), ""]
     for f in findings:
         lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
+    lines.insert(lines.index("## Findings") + 2, "A finding is *reproduced* only when the 95% Student-t interval of "
+                 "its difference (over pairs of seeds) lies entirely beyond the threshold its text names; *not "
+                 "reproduced* when it lies entirely on the other side; *inconclusive* when it straddles it; "
+                 "*partly* when BatchNorm treatments or methods disagree.\n")
     lines += [f"![{fig}]({fig})" for fig in findings[0]["figures"]]
     lines += ["", "Checkpoints of both models and of every aligned B are in `checkpoints/` (any `weightspace "
               "interpolate` / `soup` command accepts them); every number is in `results.json` and `barriers.csv`.", ""]
