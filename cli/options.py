@@ -73,8 +73,16 @@ def force_option(help: str = "Overwrite existing output files.") -> Callable[[Ca
 
 
 def op_options(f: Callable) -> Callable:
-    """--ema, --precision, --allow-nonfinite as an OpOptions ``ops``."""
-    return use(OpOptions, "ops")(f)
+    """--ema, --precision, --allow-nonfinite, --allow-expanded as an OpOptions ``ops``."""
+    @functools.wraps(f)
+    def with_loading(*args: Any, **kw: Any) -> Any:
+        from weightspace.io.checkpoint import allow_expanded
+        before = allow_expanded(kw["ops"].allow_expanded)  # a loading setting for this command only
+        try:
+            return f(*args, **kw)
+        finally:
+            allow_expanded(before)
+    return use(OpOptions, "ops")(with_loading)
 
 
 def output_options(f: Callable) -> Callable:

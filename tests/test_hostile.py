@@ -155,3 +155,112 @@ def test_reader_accepts_complex_and_float8_as_the_reference_does(cli, tmp_path):
     r = cli("inspect", good)
     assert r.exit_code == 0, r.stderr
     assert "complex64" in r.stdout and "float8_e4m3fn" in r.stdout
+
+
+# class 2: runaway output from a tiny file ------------------------------------------------------------------------
+
+
+def test_expanded_views_refused_unless_allowed(cli, tmp_path):
+    tiny = tmp_path / "expanded.pt"
+    torch.save({"w": torch.zeros(1).expand(10**12)}, tiny)
+    assert tiny.stat().st_size < 4000
+    out = tmp_path / "out.safetensors"
+    msg = one_line(cli("soup", tiny, tiny, "-o", out))
+    assert str(tiny) in msg and "'w'" in msg and "4,000,000,000,000 bytes" in msg and "--allow-expanded" in msg
+    msg = one_line(cli("inspect", tiny))
+    assert "--allow-expanded" in msg
+    overlapping = tmp_path / "overlap.pt"
+    torch.save({"w": torch.zeros(2000).as_strided((1000, 1000), (1, 1))}, overlapping)
+    assert "overlapping" in one_line(cli("soup", overlapping, overlapping, "-o", out))
+    # a view that does not grow when written out passes, and the flag lets a growing one through
+    ok = tmp_path / "ok.pt"
+    torch.save({"position_ids": torch.arange(8).expand((1, -1)), "w": torch.zeros(2, 3).expand(2, 2, 3)[:1]}, ok)
+    r = cli("soup", ok, ok, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert torch.equal(st.load_file(out)["position_ids"], torch.arange(8).reshape(1, 8))
+    small = tmp_path / "small-expanded.pt"
+    torch.save({"w": torch.ones(1).expand(5)}, small)
+    r = cli("soup", small, small, "-o", tmp_path / "allowed.safetensors", "--quiet", "--allow-expanded")
+    assert r.exit_code == 0, r.stderr
+    assert torch.equal(st.load_file(tmp_path / "allowed.safetensors")["w"], torch.ones(5))
+    assert not out.with_name("x").exists()
+
+
+def test_legacy_pickle_declaring_more_storage_than_the_file_holds(cli, tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, legacy, _use_new_zipfile_serialization=False)
+    data = bytearray(legacy.read_bytes())
+    # the storage's element count (4) sits in the pickle as BININT1 4 after the 'cpu' location string
+    at = data.index(b"X\x03\x00\x00\x00cpuq") + 9
+    at = data.index(b"K\x04", at)
+    data[at:at + 2] = b"J" + struct.pack("<i", 2**31 - 1)  # BININT 2^31-1 elements: 8 GB declared
+    patched = tmp_path / "patched.pt"
+    patched.write_bytes(bytes(data))
+    msg = one_line(cli("inspect", patched))
+    assert str(patched) in msg and "declares" in msg and "8,589,934,588 bytes" in msg
+
+
+# class 7: pickled tensors that are not plain dense data, and dtypes the ops cannot combine --------------------------
+
+
+@pytest.mark.parametrize("kind,tensor,words", [
+    ("sparse", lambda: torch.eye(3).to_sparse(), "sparse_coo tensor"),
+    ("meta", lambda: torch.empty(3, device="meta"), "meta tensor"),
+    ("quantised", lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8), "quantised"),
+])
+def test_pickled_tensors_that_are_not_dense_data(cli, tmp_path, kind, tensor, words):
+    bad = tmp_path / f"{kind}.pt"
+    torch.save({"w": tensor()}, bad)
+    msg = one_line(cli("inspect", bad))
+    assert str(bad) in msg and "'w'" in msg and words in msg
+
+
+def test_float8_is_combined_and_complex_is_named(cli, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    st.save_file({"w": torch.tensor([0.5, 1.0, 448.0]).to(torch.float8_e4m3fn)}, a)
+    st.save_file({"w": torch.tensor([1.5, 2.0, 448.0]).to(torch.float8_e4m3fn)}, b)
+    out = tmp_path / "out.safetensors"
+    r = cli("soup", a, b, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    got = st.load_file(out)["w"]
+    assert got.dtype == torch.float8_e4m3fn and got.float().tolist() == [1.0, 1.5, 448.0]
+    ca, cb = tmp_path / "ca.safetensors", tmp_path / "cb.safetensors"
+    st.save_file({"w": torch.ones(2, dtype=torch.complex64)}, ca)
+    st.save_file({"w": torch.ones(2, dtype=torch.complex64)}, cb)
+    msg = one_line(cli("soup", ca, cb, "-o", tmp_path / "c.safetensors"))
+    assert str(ca) in msg and "'w'" in msg and "complex64" in msg and "cannot combine" in msg
+
+
+# class 8: one line, never more ----------------------------------------------------------------------------------
+
+
+def test_a_key_with_a_newline_cannot_forge_a_second_line(cli, tmp_path, pair):
+    forged = tmp_path / "forged.safetensors"
+    st.save_file({"w\nweightspace: error: forged": torch.ones(4), "b": torch.zeros(2)}, forged)
+    msg = one_line(cli("soup", pair[0], forged, "-o", tmp_path / "out.safetensors"))
+    assert "\\n" in msg and "forged" in msg
+
+
+def test_bad_option_values_are_one_line(cli, tmp_path, pair):
+    msg = one_line(cli("soup", *pair, "--weights", "1,x", "-o", tmp_path / "out.safetensors"))
+    assert "--weights" in msg and "soup" in msg and "--help" in msg
+    assert "--alpha" in one_line(cli("interpolate", *pair, "--alpha", "zz", "-o", tmp_path / "o.safetensors"))
+
+
+def test_library_warnings_do_not_precede_the_error_line(cli, tmp_path, pair, monkeypatch):
+    import logging
+    import warnings
+
+    import weightspace.io.checkpoint as checkpoint
+    real = checkpoint.load_pickle
+
+    def noisy(path):
+        warnings.warn("a library warning", UserWarning)
+        logging.getLogger().error("a root error line, as open_clip writes it")
+        logging.getLogger("huggingface_hub").warning("a retry line")
+        return real(path)
+    monkeypatch.setattr(checkpoint, "load_pickle", noisy)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a pickle at all")
+    msg = one_line(cli("soup", pair[0], junk, "-o", tmp_path / "out.safetensors"))
+    assert str(junk) in msg

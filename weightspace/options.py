@@ -111,9 +111,13 @@ class OpOptions:
     precision: str = _opt("fp32", "--precision", choices=("fp32", "fp64"),
                           help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")
     allow_nonfinite: bool = _opt(False, "--allow-nonfinite", help="Combine tensors holding NaN/Inf instead of refusing.")
+    allow_expanded: bool = _opt(False, "--allow-expanded",
+                                help="Read pickled tensors that are larger written out than stored (stride-0 or "
+                                     "overlapping views) instead of refusing them.")
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of the streaming ops (ops.stream, ops.merge)."""
+        """The keyword arguments of the streaming ops (ops.stream, ops.merge); ``allow_expanded`` is a setting of
+        loading (io.checkpoint.allow_expanded), not of the ops."""
         return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite}
 
 

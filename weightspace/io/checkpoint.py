@@ -54,6 +54,63 @@ def _convert_hint(path: Path) -> str:
             f"sd.get('state_dict', sd).items() if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\"")
 
 
+_STORAGE_ITEMSIZE = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1,
+                     "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16}
+
+
+class _Inert:
+    """What the storage scan makes of every pickled object: nothing runs, everything is accepted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a legacy pickle's storage declarations without creating anything (every global becomes _Inert)."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self.declared = 0
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Inert,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            kind = getattr(pid[1], "qualname", "").rsplit(".", 1)[-1].replace("Storage", "")
+            self.declared += max(0, pid[4]) * _STORAGE_ITEMSIZE.get(kind, 1)
+        return _Inert()
+
+
+def _check_legacy_sizes(path: Path) -> None:
+    """A legacy (non-zip) pickle allocates each storage at the size it declares before reading its bytes: refuse
+    one that declares more bytes than the file holds (a patched size would ask for terabytes)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic number, protocol version, system info
+                _StorageScan(f).load()
+            scan = _StorageScan(f)
+            scan.load()
+    except Exception:  # noqa: BLE001 — not a legacy pickle we can scan: torch.load gives its own error
+        return
+    if scan.declared > size:
+        raise CheckpointError(f"{path}: declares {scan.declared:,} bytes of tensor storage but the file holds "
+                              f"{size:,} bytes; refused (corrupt or hostile)")
+
+
 def load_pickle(path: Path) -> Any:
     """torch.load with weights_only=True (never executes pickled code); memory-mapped where the format allows."""
     try:
@@ -64,6 +121,7 @@ def load_pickle(path: Path) -> Any:
                 raise
             if "zip" in str(e).lower() and zipfile.is_zipfile(path):
                 raise
+            _check_legacy_sizes(path)
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         # torch's text suggests allow-listing the global; we name it and say how to convert instead
@@ -76,6 +134,8 @@ def load_pickle(path: Path) -> Any:
                                f"plain containers; {_convert_hint(path)}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 — the weights-only unpickler fails on junk with any error type (IndexError, ...)
         text = " ".join(str(e).split())
         msg = re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else ""  # first sentence only
@@ -359,6 +419,43 @@ def from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str = "
     return Checkpoint(source, {k: (norm, k) for k in norm}, variant=variant, files=files, aliases=_find_aliases(norm))
 
 
+_allow_expanded = False
+
+
+def allow_expanded(on: bool = True) -> bool:
+    """Let pickled tensors that are larger as written than as stored (stride-0 or overlapping views, e.g.
+    ``torch.zeros(1).expand(10**12)``) load in this process, or stop; returns the previous setting. The CLI's
+    ``--allow-expanded`` turns it on."""
+    global _allow_expanded
+    before, _allow_expanded = _allow_expanded, bool(on)
+    return before
+
+
+def check_pickled_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors from a pickle that weightspace cannot treat as plain dense data.
+
+    Raises:
+        CheckpointError: naming the file and key, for a sparse, quantised or meta tensor, or (unless
+            ``allow_expanded`` is on) a view whose materialised size exceeds the storage it really holds. A view
+            that does not grow (a ``position_ids`` buffer expanded along a size-1 dimension) passes.
+    """
+    for key, t in tensors.items():
+        if t.layout != torch.strided:
+            raise CheckpointError(f"{path}: key {key!r} is a {str(t.layout).replace('torch.', '')} tensor; only dense "
+                                  f"tensors are read (convert it with .to_dense())")
+        if t.device.type == "meta":
+            raise CheckpointError(f"{path}: key {key!r} is a meta tensor: it has a shape but no data")
+        if t.is_quantized:
+            raise CheckpointError(f"{path}: key {key!r} is quantised ({t.dtype}); dequantise it first (.dequantize())")
+        if not _allow_expanded:
+            need = t.numel() * t.element_size()
+            held = t.untyped_storage().nbytes()
+            if need > held:
+                raise CheckpointError(f"{path}: key {key!r} is a view of {held:,} stored bytes that would be "
+                                      f"{need:,} bytes once materialised (stride 0 or overlapping); refused (use "
+                                      f"--allow-expanded to materialise it)")
+
+
 def open_resolved(res: Resolved, ema: bool = False) -> Checkpoint:
     """Open a resolved source (local files, or a library's state dict) as a lazy Checkpoint.
 
@@ -387,6 +484,7 @@ def open_resolved(res: Resolved, ema: bool = False) -> Checkpoint:
         if isinstance(obj, Mapping) and isinstance(obj.get("weightspace"), str):
             metadata["weightspace"] = obj["weightspace"]  # provenance that saving.save wrote into a .pt
         flat, variant = unwrap(obj, str(f), ema)
+        check_pickled_tensors(str(f), flat)
         merged.update(flat)
     ck = from_tensors(res.source, merged, variant, res.files)
     ck.note = res.note

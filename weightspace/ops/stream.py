@@ -81,11 +81,14 @@ def all_finite(t: torch.Tensor) -> bool:
     wide = torch.float64 if t.dtype == torch.float64 else torch.float32
     if math.isfinite(float(t.sum(dtype=wide))):
         return True
+    if t.dtype.itemsize == 1:  # float8: torch has no isfinite/isnan for most of them
+        t = t.float()
     return bool(torch.isfinite(t).all())
 
 
 def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
     if not all_finite(t):
+        t = t.float() if t.dtype.itemsize == 1 else t
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)")
 
@@ -107,6 +110,28 @@ def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
 def _progress(iterable, total: int, desc: str, enabled: bool):
     from ..progress import progress
     return progress(iterable, total=total, desc=desc, unit="tensor", enabled=enabled)
+
+
+def combinable(dtype: torch.dtype) -> bool:
+    """Whether a linear combination can take tensors of ``dtype``: real floating types that convert to float32,
+    and integer/bool buffers (passed through). Complex and packed 4-bit types cannot be."""
+    if dtype.is_complex:
+        return False
+    if not dtype.is_floating_point:
+        return True
+    try:
+        torch.zeros(1, dtype=dtype).to(torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _refuse_uncombinable(ck: Checkpoint, keys: Sequence[str], op: str) -> None:
+    for k in keys:
+        dtype = ck.info(k)[0]
+        if not combinable(dtype):
+            raise IncompatibleCheckpoints(f"{ck.source}: key {k!r} is {dtype}, which {op} cannot combine (only real "
+                                          f"floating tensors are combined; integer and bool buffers are copied)")
 
 
 def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
@@ -136,6 +161,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
     check_compatible(cks)
     ref = cks[0]
     keys = sorted(ref)
+    _refuse_uncombinable(ref, keys, op)
     entries = [(k, *ref.info(k)) for k in keys]
     tied = dict(ref.aliases)
     acc_dtype = PRECISIONS[precision]
@@ -161,6 +187,8 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         """out (flat, accumulation dtype) = Σ_j c_j·θ_j[start:stop] over the flattened tensor ``key``."""
         for j, (ck, c) in enumerate(zip(cks, coeffs)):
             t = read(ck, key, start, stop)
+            if t.dtype.itemsize == 1 and t.dtype != out.dtype:  # float8: torch does no arithmetic promotion for it
+                t = t.to(out.dtype)
             if j == 0:
                 if t.dtype == out.dtype and c != 1.0:
                     torch.mul(t, c, out=out)  # one pass instead of copy + scale
@@ -194,6 +222,8 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
                 events[j % 2].synchronize()  # the copy that last read this pinned slot is done
                 t = read(ck, key, start, stop, slot=f"pin{j % 2}").to(ex.device, non_blocking=True)
                 events[j % 2].record(stream)
+                if t.dtype.itemsize == 1 and t.dtype != wide:  # float8, as in combine()
+                    t = t.to(wide)
                 if j == 0:
                     if t.dtype == wide and c != 1.0:
                         torch.mul(t, c, out=acc)
