@@ -1,4 +1,4 @@
-"""weightspace recipe run RECIPE.yaml --out DIR [--small] [--set KEY=VALUE ...]"""
+"""weightspace recipe run RECIPE.yaml --out DIR [--small] [--set KEY=VALUE ...]; weightspace recipe summary RUN..."""
 from __future__ import annotations
 
 import click
@@ -38,3 +38,20 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
     click.echo(markdown_table(["finding", "verdict", "numbers"],
                               [[f["id"], f["verdict"], f["numbers"]] for f in r["findings"]]))
     click.echo(f"\nwrote {out_dir}/REPORT.md ({r['timings']['total']:.1f} s)")
+
+
+@recipe.command("summary")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("-o", "output", default=None, metavar="FILE.md", help="Write the page here instead of stdout.")
+@click.option("--title", default="Recipe results", show_default=True, help="The page's heading.")
+@force_option("Overwrite FILE.md.")
+def summary(runs: tuple[str, ...], output: str | None, title: str, force: bool) -> None:
+    """One Markdown page of every finding (verdict and numbers) of recipe runs, read from their results.json."""
+    from weightspace.experiments.summary import summarise
+    page = summarise(runs, title=title)
+    if output is None:
+        click.echo(page)
+        return
+    from weightspace.report import write_text
+    write_text(output, page + "\n", force=force)
+    click.echo(f"wrote {output}")

@@ -114,3 +114,16 @@ def test_recipe_format_errors(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match="no such recipe"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_summary_page_is_generated_from_results(small_run, cli, tmp_path):
+    out, _ = small_run
+    page = tmp_path / "results.md"
+    r = cli("recipe", "summary", out, "-o", page)
+    assert r.exit_code == 0, r.stderr
+    text = page.read_text()
+    for f in json.loads((out / "results.json").read_text())["findings"]:
+        assert f"| {f['verdict']} | {f['numbers']} |" in text  # numbers copied from results.json, not retyped
+    assert "reduced size" in text
+    bad = cli("recipe", "summary", tmp_path / "nowhere")
+    assert bad.exit_code == 2 and "results.json: no such file" in bad.stderr and bad.stderr.count("\n") == 1
