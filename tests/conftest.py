@@ -15,6 +15,20 @@ def make_mlp() -> torch.nn.Module:
     return nn.Sequential(OrderedDict(features=features, head=nn.Linear(32, 10)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """The decoded-data cache in a temp folder for the whole run (never the user's ~/.cache); subprocesses inherit it."""
+    import os
+    folder = tmp_path_factory.mktemp("data-cache")
+    before = os.environ.get("WEIGHTSPACE_DATA_CACHE")
+    os.environ["WEIGHTSPACE_DATA_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("WEIGHTSPACE_DATA_CACHE", None)
+    else:
+        os.environ["WEIGHTSPACE_DATA_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's 1,797 real 8×8 digits, scaled to [0, 1]."""

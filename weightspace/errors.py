@@ -38,3 +38,13 @@ def key_sample(keys: list[str], n: int = 3) -> str:
     """'2 keys (e.g. 'a', 'b')': how an error names a set of keys without flooding the line."""
     shown = ", ".join(repr(k) for k in keys[:n])
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} (e.g. {shown}{', ...' if len(keys) > n else ''})"
+
+
+class DataError(ConfigError):
+    """Evaluation data cannot be used: an unreadable image, a class map that does not fit the model.
+
+    ``path`` names the file (an image, a map file, a cache entry) where there is one."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path

@@ -243,7 +243,7 @@ class FeatureTaps:
             if len(data) == 0:
                 raise ConfigError(f"{data.name}: no examples")
             self.model.eval()
-            self.taps = resolve_taps(self.model, self.layers, data.x[:1].to(self.device))
+            self.taps = resolve_taps(self.model, self.layers, data.prepare(data.x[:1].to(self.device)))
         return self.taps
 
     def weights_id(self) -> str:

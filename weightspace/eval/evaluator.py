@@ -1,11 +1,17 @@
 """Evaluator: one model instance, weights copied in place, datasets resident on the device, metrics in one sync.
 
+Images arrive as uint8 (a quarter of float32's bytes) and are normalised per batch on the device. A dataset too
+big for the device stays in host memory (usually the data cache's memory map) and is streamed in pinned chunks,
+the copy of the next chunk overlapping the forward passes on the current one. On CUDA, 4-D inputs and the model
+are channels-last and forward passes run under bf16 autocast.
+
 Under torch.distributed (launched by torchrun, WORLD_SIZE > 1) each rank evaluates a contiguous shard of every
 dataset and the per-example results are gathered, so every rank computes exactly the single-process metrics.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,6 +21,7 @@ from torch import nn
 from ..io.checkpoint import Source
 from ..io.sources import load
 from .data import TensorData
+from .data.labels import apply_label_map
 from .distributed import parallel_mode, world
 from ..errors import ConfigError, IncompatibleCheckpoints, key_sample
 
@@ -88,8 +95,8 @@ def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = 256, de
     model.train()
     dev = device or next(model.parameters()).device
     with torch.no_grad():
-        for xb, _ in data.batches(batch_size):
-            model(xb.to(dev, non_blocking=True))
+        for xb, _ in data.batches(batch_size, dev):
+            model(xb)
     for m in bns:
         m.momentum = momenta[m]
     model.train(was_training)
@@ -114,11 +121,18 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, data: TensorData | Sequence[TensorData] | Mapping[str, TensorData], *,
                  batch_size: int = 256, device: str | torch.device = "auto", amp: bool = True,
-                 keep_logits: bool = False, parallel: str | None = None):
+                 keep_logits: bool = False, parallel: str | None = None, stream: bool | None = None,
+                 chunk_bytes: int = 256 << 20):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.amp = amp and self.device.type == "cuda"
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # None: stream only what does not fit on the device; True: always (tests the streaming path on CPU)
+        self.stream = stream
+        self.chunk_bytes = int(chunk_bytes)
         self.keep_logits = keep_logits
         # "data" (default under torchrun): shard every dataset across the ranks. "points": every rank holds all
         # the data and evaluates whole sweep points alone (distributed.sweep deals them out).
@@ -137,10 +151,16 @@ class Evaluator:
             lo, hi, n = self._shard_bounds(len(d), self.rank)
             d = d.subset(slice(lo, hi))
             d.meta = {**d.meta, "shard": (lo, hi, n)}
-        if self.device.type == "cuda":
+        if self.stream:
+            d.meta = {**d.meta, "streamed": True}
+            return d
+        if self.device.type == "cuda" and self.stream is None:
             free, _ = torch.cuda.mem_get_info(self.device)
             if d.x.numel() * d.x.element_size() > 0.5 * free:
-                return d.to("cpu", pin=True)  # too big to hold: stream pinned batches
+                # too big to hold: x stays where it is (the cache's memory map), streamed in pinned chunks
+                d = replace(d, y=d.y.to(self.device))
+                d.meta = {**d.meta, "streamed": True}
+                return d
         return d.to(self.device)
 
     def _shard_bounds(self, n: int, rank: int) -> tuple[int, int, int]:
@@ -178,11 +198,21 @@ class Evaluator:
         if callable(hook):
             hook(given)
 
+    def _inputs(self, d: TensorData):
+        """Batches of model inputs on the device: sliced from resident data, or streamed chunk by chunk."""
+        if not d.meta.get("streamed"):
+            yield from (xb for xb, _ in d.batches(self.batch_size, self.device))
+            return
+        yield from stream_batches(d, self.batch_size, self.device, self.chunk_bytes)
+
     def _logits(self, d: TensorData) -> torch.Tensor:
         outs = []
+        pool = d.meta.get("pool", "max")
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            for xb, _ in d.batches(self.batch_size):
-                outs.append(self.model(xb.to(self.device, non_blocking=True)).float())
+            for xb in self._inputs(d):
+                if self.channels_last and xb.ndim == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                outs.append(apply_label_map(self.model(xb).float(), d.label_map, pool))
         self.forward_passes += 1
         return torch.cat(outs) if outs else torch.empty(0)
 
@@ -221,6 +251,49 @@ class Evaluator:
     def recalibrate_bn(self, data: TensorData) -> None:
         """Re-estimate BatchNorm statistics of the loaded weights on ``data``."""
         recalibrate_bn(self.model, data.to(self.device), self.batch_size, self.device)
+
+
+def stream_batches(d: TensorData, batch_size: int, device: torch.device, chunk_bytes: int = 256 << 20
+                   ) -> Iterator[torch.Tensor]:
+    """Model inputs of host-resident ``d`` (e.g. memory-mapped): chunks of whole batches are copied into one of two
+    pinned buffers and sent to the device asynchronously on a side stream while the previous chunk is computed on."""
+    n = len(d)
+    if n == 0:
+        return
+    row = max(1, d.x[:1].numel() * d.x.element_size())
+    per_chunk = max(1, chunk_bytes // (row * batch_size)) * batch_size
+    cuda = device.type == "cuda"
+    bufs = [torch.empty((min(per_chunk, n), *d.x.shape[1:]), dtype=d.x.dtype, pin_memory=cuda) for _ in range(2)]
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+
+    def send(k: int, lo: int) -> tuple[torch.Tensor, Any]:
+        hi = min(lo + per_chunk, n)
+        buf = bufs[k][: hi - lo]
+        buf.copy_(d.x[lo:hi])  # page-in from the memory map into pinned memory
+        if not cuda:
+            return buf, None
+        with torch.cuda.stream(copy_stream):
+            dev = buf.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return dev, done
+
+    starts = list(range(0, n, per_chunk))
+    nxt = send(0, 0)
+    for k, lo in enumerate(starts):
+        cur, done = nxt
+        if done is not None:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_event(done)
+            cur.record_stream(compute)  # allocated on the copy stream, used on this one
+        for j, i in enumerate(range(0, len(cur), batch_size)):
+            yield d.prepare(cur[i:i + batch_size])
+            if j == 0 and k + 1 < len(starts):
+                # the device has a batch queued: fill the other pinned buffer (its last copy finished, see below)
+                # and send it while this chunk is computed on
+                nxt = send((k + 1) % 2, starts[k + 1])
+        if cuda and k + 1 < len(starts):
+            nxt[1].synchronize()  # one chunk in flight at most: a pinned buffer is refilled only once sent
 
 
 def _metrics(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> dict[str, float]:

@@ -263,7 +263,7 @@ class Repairer:
         self.data = data.to(self.device)
         self.name = data.name
         self.batch_size = int(batch_size or evaluator.batch_size)
-        self.scope = repair_scope(self.model, self.data.x[:2])
+        self.scope = repair_scope(self.model, self.data.prepare(self.data.x[:2]))
         if not self.scope.points:
             why = "; ".join(f"{n}: {w}" for n, w in self.scope.skipped[:3])
             raise ConfigError(f"repair: the model has no BatchNorm, conv or linear activation REPAIR can correct"

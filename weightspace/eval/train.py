@@ -64,7 +64,7 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            xb, yb = aug(data.x[idx], g), data.y[idx]
+            xb, yb = aug(data.prepare(data.x[idx]), g), data.y[idx]
             if schedule == "cosine":
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))

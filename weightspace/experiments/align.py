@@ -157,7 +157,7 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                 entry: dict[str, Any] = {"a": a, "b": b, "alignment": {}, "curves": {}}
                 for m in an["methods"]:
                     pb, info = align(models[a], models[b], build(), method=m, data=fix_d if m == "activations" else None,
-                                     seed=int(an["align_seed"]), example_input=fix_d.x[:64])
+                                     seed=int(an["align_seed"]), example_input=fix_d.prepare(fix_d.x[:64]))
                     aligned = f"{b}-aligned-{m}-to-{a.split('-', 1)[1]}"
                     paths[aligned] = _save(save, out, aligned, pb, cfg, force)
                     targets[f"P_{m}(B)"] = (aligned, pb)

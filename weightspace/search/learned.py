@@ -134,7 +134,7 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
     def coefficients() -> torch.Tensor:
         return torch.softmax(logits, dim=-1)
 
-    x_all, y_all = val.x.to(dev), val.y.to(dev)
+    x_all, y_all = val.prepare(val.x.to(dev)), val.y.to(dev)
     was_training = model.training
     model.eval()  # BatchNorm uses the mixed running statistics, as the saved soup will
 

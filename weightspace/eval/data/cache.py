@@ -1,0 +1,120 @@
+"""The decoded-data cache: one uint8 ``.npy`` (memory-mapped on reuse) + one ``.json`` per entry.
+
+Folder: ``$WEIGHTSPACE_DATA_CACHE`` (``off`` disables it), else ``~/.cache/weightspace/data``. An entry's key hashes
+the source's identity (each file's path, size and mtime, or a dataset fingerprint), the pixel pipeline, the class
+list and the decoder (PIL and GPU pixels differ), so a touched file or another model's transform is a miss, never
+a stale hit. The ``.npy`` is written first and the ``.json`` last, each renamed into place (``files.atomic_output``):
+an entry exists once its ``.json`` does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import ConfigError
+
+__all__ = ["cache_dir", "entry_key", "Entry", "list_entries", "remove_entries", "FORMAT"]
+
+FORMAT = 1  # bump when the entry layout or the decoding changes meaning
+
+
+def cache_dir() -> Path | None:
+    """The cache folder (created on first use), or None when ``WEIGHTSPACE_DATA_CACHE=off``."""
+    env = os.environ.get("WEIGHTSPACE_DATA_CACHE", "").strip()
+    if env.lower() in ("off", "0", "none", "false"):
+        return None
+    return Path(os.path.expanduser(env)) if env else Path.home() / ".cache" / "weightspace" / "data"
+
+
+def entry_key(identity: dict, pipeline: str, classes: list[str], decoder: str) -> str:
+    """sha256 of everything the stored bytes depend on."""
+    blob = json.dumps({"format": FORMAT, "source": identity, "pipeline": pipeline, "classes": classes,
+                       "decoder": decoder}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _slug(spec: str) -> str:
+    base = spec.split("?", 1)[0].rstrip("/")
+    name = base.rsplit("/", 1)[-1] or base
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "data"
+
+
+@dataclass
+class Entry:
+    """One cache entry: ``name`` (``SOURCE-KEY12``), its two files, and its recorded description."""
+
+    name: str
+    array: Path
+    meta_path: Path
+    meta: dict
+
+    @classmethod
+    def for_key(cls, folder: Path, spec: str, key: str) -> "Entry":
+        """Where the entry for ``key`` lives (whether or not it exists yet)."""
+        name = f"{_slug(spec)}-{key[:12]}"
+        return cls(name, folder / f"{name}.npy", folder / f"{name}.json", {})
+
+    def exists(self) -> bool:
+        """Complete: the .json (written last) is there and the array has the recorded size."""
+        if not (self.meta_path.is_file() and self.array.is_file()):
+            return False
+        try:
+            self.meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return self.array.stat().st_size == self.meta.get("file_bytes")
+
+    @property
+    def bytes(self) -> int:
+        """Size of the stored array file."""
+        return self.array.stat().st_size if self.array.exists() else 0
+
+    def summary(self) -> dict:
+        """A row for ``weightspace data ls``."""
+        m = self.meta
+        return {"name": self.name, "source": m.get("spec"), "examples": (m.get("shape") or [0])[0],
+                "shape": m.get("shape"), "bytes": self.bytes, "decoder": m.get("decoder"),
+                "transform": m.get("pipeline"), "created": m.get("created"), "path": str(self.array)}
+
+
+def list_entries(folder: Path | None = None) -> list[Entry]:
+    """Every complete entry in the cache folder, oldest first."""
+    folder = folder or cache_dir()
+    if folder is None or not folder.is_dir():
+        return []
+    out = []
+    for meta in sorted(folder.glob("*.json")):
+        e = Entry(meta.stem, meta.with_suffix(".npy"), meta, {})
+        if e.exists():
+            out.append(e)
+    return sorted(out, key=lambda e: (e.meta.get("created", ""), e.name))
+
+
+def remove_entries(names: list[str], folder: Path | None = None) -> list[Entry]:
+    """Delete the entries named (an entry's name, or a source name to delete all its entries); returns them.
+
+    Raises:
+        ConfigError: a name matches no entry (nothing is deleted then).
+    """
+    folder = folder or cache_dir()
+    entries = list_entries(folder)
+    chosen: list[Entry] = []
+    for n in names:
+        hits = [e for e in entries if e.name == n or e.name.rsplit("-", 1)[0] == n]
+        if not hits:
+            known = ", ".join(e.name for e in entries[:5]) or "the cache is empty"
+            raise ConfigError(f"data rm {n}: no such cache entry in {folder} ({known})")
+        chosen += [e for e in hits if e not in chosen]
+    for e in chosen:
+        e.meta_path.unlink(missing_ok=True)  # the .json first: a half-removed entry is then simply absent
+        e.array.unlink(missing_ok=True)
+    return chosen
+
+
+def now() -> str:
+    """The creation time recorded in an entry."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())

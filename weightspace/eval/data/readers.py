@@ -1,0 +1,376 @@
+"""Image sources read through the ecosystem's own readers: what images there are, their labels, and their identity.
+
+Each source lists its examples once in the main process (``len``, ``targets``, ``classes``), says what its bytes
+depend on (:meth:`ImageSource.identity`, the data cache's key) and opens example ``i`` as a PIL image in any worker
+process (:meth:`ImageSource.open`), so decoding can be split across processes by index.
+
+- an image folder, ``ROOT/CLASS/*.jpg`` — timm's ``ReaderImageFolder`` (classes in timm's natural order);
+- a tar archive of such a folder, ``images.tar`` — timm's ``ReaderImageTar``;
+- webdataset shards, ``shards.tar`` or ``shard-{000..009}.tar`` with ``KEY.jpg`` + ``KEY.cls`` members (the layout of
+  the ``*-wds`` sets on the Hub; a ``classnames.txt`` beside them names the classes) — samples grouped by
+  webdataset's own key rule;
+- Hugging Face ``datasets``: ``hfds/NAME[:split]`` — a folder written by ``save_to_disk`` or a dataset in the local
+  HF cache (``datasets.load_dataset``), with an image column and a ``ClassLabel`` (or integer ``label``) column;
+- torchvision's CIFAR-10/100 from a local root: ``cifar10[:test|train]?root=DIR``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import ConfigError
+
+__all__ = ["ImageSource", "FolderSource", "TarSource", "WebDatasetSource", "HFDatasetSource", "CifarSource",
+           "open_source", "is_image_source", "require_extra"]
+
+
+def require_extra(module: str, what: str) -> Any:
+    """Import an optional dependency of the ``data`` extra, or raise one line naming the extra."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{what} needs the '{module}' package: pip install 'weightspace[data]'") from None
+
+
+def _stat(path: str | os.PathLike) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _pil_rgb(fileobj) -> Any:
+    from PIL import Image
+    img = Image.open(fileobj)
+    return img.convert("RGB")  # torchvision's pil_loader: every image as RGB (grey and CMYK JPEGs included)
+
+
+class ImageSource:
+    """Examples 0..N-1 with integer ``targets``, class names ``classes`` and a ``spec`` for messages."""
+
+    spec: str
+    classes: list[str]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def identity(self) -> dict:
+        """What the examples' bytes depend on (paths, sizes, mtimes; or a dataset fingerprint)."""
+        raise NotImplementedError
+
+    def name_of(self, i: int) -> str:
+        """The file (or row) example ``i`` comes from, for error messages."""
+        raise NotImplementedError
+
+    def open(self, i: int) -> Any:
+        """Example ``i`` as an RGB PIL image (called in worker processes)."""
+        raise NotImplementedError
+
+    def raw_bytes(self, i: int) -> bytes | None:
+        """The encoded bytes of example ``i`` when it is a file (GPU decoding), else None."""
+        return None
+
+
+class FolderSource(ImageSource):
+    """``ROOT/CLASS/IMAGE``, listed by timm's ``ReaderImageFolder``."""
+
+    def __init__(self, root: Path, spec: str):
+        from timm.data.readers.reader_image_folder import ReaderImageFolder
+        self.spec, self.root = spec, root
+        try:
+            reader = ReaderImageFolder(str(root))
+        except Exception as e:  # timm raises bare exceptions/asserts for an empty or odd folder
+            raise ConfigError(f"{root}: not an image folder ({e})") from None
+        if len(reader) == 0:
+            raise ConfigError(f"{root}: no images found (expected ROOT/CLASS/IMAGE files)")
+        self.paths = [s[0] for s in reader.samples]
+        self.targets = np.asarray([s[1] for s in reader.samples], dtype=np.int64)
+        self.classes = [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])]
+
+    def identity(self) -> dict:
+        rel = [os.path.relpath(p, self.root) for p in self.paths]
+        return {"kind": "folder", "root": str(self.root.resolve()),
+                "files": [[r, *_stat(p)] for r, p in zip(rel, self.paths)]}
+
+    def name_of(self, i: int) -> str:
+        return self.paths[i]
+
+    def open(self, i: int) -> Any:
+        with open(self.paths[i], "rb") as f:
+            return _pil_rgb(f)
+
+    def raw_bytes(self, i: int) -> bytes | None:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+
+class _TarMembers(ImageSource):
+    """Examples that are members of tar files (opened lazily, once per process: tar handles do not survive fork)."""
+
+    def __init__(self):
+        self._open: dict[str, tuple[int, tarfile.TarFile]] = {}
+
+    def _member(self, i: int) -> tuple[str, tarfile.TarInfo]:
+        raise NotImplementedError
+
+    def raw_bytes(self, i: int) -> bytes | None:
+        path, info = self._member(i)
+        pid = os.getpid()
+        held = self._open.get(path)
+        if held is None or held[0] != pid:
+            held = (pid, tarfile.open(path))
+            self._open[path] = held
+        f = held[1].extractfile(info)
+        if f is None:
+            raise OSError(f"{info.name}: not a regular file")
+        return f.read()
+
+    def open(self, i: int) -> Any:
+        return _pil_rgb(io.BytesIO(self.raw_bytes(i)))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+
+class TarSource(_TarMembers):
+    """A tar archive of an image folder (``CLASS/IMAGE`` members), listed by timm's ``ReaderImageTar``."""
+
+    def __init__(self, path: Path, spec: str):
+        super().__init__()
+        from timm.data.readers.reader_image_tar import ReaderImageTar
+        self.spec, self.path = spec, path
+        try:
+            reader = ReaderImageTar(str(path))
+        except (tarfile.TarError, OSError) as e:
+            raise ConfigError(f"{path}: not a readable tar archive ({e})") from None
+        if len(reader) == 0:
+            raise ConfigError(f"{path}: no images found (expected CLASS/IMAGE members)")
+        self.members = [s[0] for s in reader.samples]
+        self.targets = np.asarray([s[1] for s in reader.samples], dtype=np.int64)
+        self.classes = [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])]
+
+    def _member(self, i: int) -> tuple[str, tarfile.TarInfo]:
+        return str(self.path), self.members[i]
+
+    def identity(self) -> dict:
+        return {"kind": "tar", "path": str(self.path.resolve()), "stat": _stat(self.path)}
+
+    def name_of(self, i: int) -> str:
+        return f"{self.path}:{self.members[i].name}"
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+
+def is_webdataset(path: Path) -> bool:
+    """A tar whose first members are ``KEY.EXT`` samples with a ``cls`` member (not ``CLASS/IMAGE`` folders)."""
+    try:
+        with tarfile.open(path) as tf:
+            for _, info in zip(range(16), tf):
+                if info.isfile() and info.name.rsplit(".", 1)[-1] in ("cls", "cls.txt", "txt"):
+                    return True
+    except (tarfile.TarError, OSError):
+        return False
+    return False
+
+
+def expand_shards(pattern: str) -> list[Path]:
+    """``shard-{000..009}.tar`` → the shard paths (webdataset's brace expansion)."""
+    if "{" not in pattern:
+        return [Path(pattern)]
+    braceexpand = require_extra("braceexpand", f"--data {pattern}")
+    return [Path(p) for p in braceexpand.braceexpand(pattern)]
+
+
+class WebDatasetSource(_TarMembers):
+    """webdataset shards: one sample per key, an image member (jpg, png, ...) and an integer ``cls`` member."""
+
+    def __init__(self, shards: list[Path], spec: str):
+        super().__init__()
+        wds_tar = require_extra("webdataset.tariterators", f"--data {spec}")
+        self.spec, self.shards = spec, shards
+        members: list[tuple[str, tarfile.TarInfo]] = []
+        targets: list[int] = []
+        for shard in shards:
+            if not shard.is_file():
+                raise ConfigError(f"{shard}: no such webdataset shard")
+            samples: dict[str, dict[str, Any]] = {}
+            order: list[str] = []
+            try:
+                with tarfile.open(shard) as tf:
+                    for info in tf:
+                        if not info.isfile():
+                            continue
+                        split = wds_tar.base_plus_ext(info.name)  # webdataset's own KEY.EXT rule
+                        if split is None or split[0] is None:
+                            continue
+                        key, ext = split
+                        if key not in samples:
+                            samples[key] = {}
+                            order.append(key)
+                        if ext.lower() in ("cls", "cls.txt"):
+                            samples[key]["cls"] = tf.extractfile(info).read()
+                        elif ext.lower() in IMAGE_EXTS:
+                            samples[key]["img"] = info
+            except tarfile.TarError as e:
+                raise ConfigError(f"{shard}: not a readable tar archive ({e})") from None
+            for key in order:
+                s = samples[key]
+                if "img" not in s or "cls" not in s:
+                    continue
+                try:
+                    targets.append(int(s["cls"].decode().strip()))
+                except ValueError:
+                    raise ConfigError(f"{shard}: sample {key} has a cls member that is not an integer") from None
+                members.append((str(shard), s["img"]))
+        if not members:
+            raise ConfigError(f"--data {spec}: no samples with an image and a cls member in {len(shards)} shard(s)")
+        self.members = members
+        self.targets = np.asarray(targets, dtype=np.int64)
+        names = shards[0].parent / "classnames.txt"
+        n = int(self.targets.max()) + 1
+        if names.is_file():
+            self.classes = [line.strip() for line in names.read_text().splitlines() if line.strip()]
+            if len(self.classes) < n:
+                raise ConfigError(f"{names}: {len(self.classes)} class names, but the shards use class {n - 1}")
+        else:
+            self.classes = [str(i) for i in range(n)]
+
+    def _member(self, i: int) -> tuple[str, tarfile.TarInfo]:
+        return self.members[i]
+
+    def identity(self) -> dict:
+        return {"kind": "webdataset", "shards": [[str(s.resolve()), *_stat(s)] for s in self.shards],
+                "classes": self.classes}
+
+    def name_of(self, i: int) -> str:
+        path, info = self.members[i]
+        return f"{path}:{info.name}"
+
+
+class HFDatasetSource(ImageSource):
+    """A Hugging Face ``datasets`` split with an image column and a class-label column (decoded here, with PIL)."""
+
+    def __init__(self, name: str, split: str | None, spec: str):
+        datasets = require_extra("datasets", f"--data {spec}")
+        self.spec = spec
+        local = Path(os.path.expanduser(name))
+        try:
+            if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()
+                                   or (local / "state.json").exists()):
+                ds = datasets.load_from_disk(str(local))
+            else:
+                ds = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--data {spec}: no such dataset in the local cache or on disk ({e})") from None
+        except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ValueError)
+            raise ConfigError(f"--data {spec}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            splits = list(ds)
+            pick = split or ("validation" if "validation" in ds else "test" if "test" in ds else None)
+            if pick not in ds:
+                raise ConfigError(f"--data {spec}: pick a split with hfds/NAME:SPLIT (it has {', '.join(splits)})")
+            ds, split = ds[pick], pick
+        feats = ds.features
+        image_cols = [k for k, f in feats.items() if isinstance(f, datasets.Image)]
+        if not image_cols:
+            raise ConfigError(f"--data {spec}: no image column (columns: {', '.join(feats)})")
+        labels = [k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)]
+        labels += [k for k in ("label", "labels", "cls", "target") if k in feats and k not in labels]
+        if not labels:
+            raise ConfigError(f"--data {spec}: no label column (a ClassLabel, or one named label/cls/target)")
+        self.image_col, self.label_col = image_cols[0], labels[0]
+        self.split = split
+        self.ds = ds.cast_column(self.image_col, datasets.Image(decode=False))  # bytes here, pixels by PIL
+        self.targets = np.asarray(ds[self.label_col], dtype=np.int64)
+        feat = feats[self.label_col]
+        if isinstance(feat, datasets.ClassLabel):
+            self.classes = list(feat.names)
+        else:
+            self.classes = [str(i) for i in range(int(self.targets.max()) + 1 if len(self.targets) else 0)]
+        self.fingerprint = getattr(ds, "_fingerprint", None)
+        self.files = [f["filename"] for f in ds.cache_files]
+
+    def identity(self) -> dict:
+        return {"kind": "hfds", "fingerprint": self.fingerprint, "split": self.split,
+                "files": [[f, *_stat(f)] for f in self.files]}
+
+    def name_of(self, i: int) -> str:
+        return f"{self.spec} row {i}"
+
+    def raw_bytes(self, i: int) -> bytes | None:
+        cell = self.ds[i][self.image_col]
+        if cell.get("bytes") is not None:
+            return cell["bytes"]
+        with open(cell["path"], "rb") as f:
+            return f.read()
+
+    def open(self, i: int) -> Any:
+        return _pil_rgb(io.BytesIO(self.raw_bytes(i)))
+
+
+class CifarSource(ImageSource):
+    """torchvision's CIFAR-10/100 from a local root (no download): 32×32 RGB arrays."""
+
+    def __init__(self, which: str, split: str, root: str | None, spec: str):
+        from torchvision import datasets as tvd
+        if not root:
+            raise ConfigError(f"--data {spec}: give the folder holding cifar-10-batches-py (or cifar-100-python) "
+                              f"with ?root=DIR")
+        if split not in ("train", "test"):
+            raise ConfigError(f"--data {spec}: unknown split '{split}' (train, test)")
+        cls = tvd.CIFAR10 if which == "cifar10" else tvd.CIFAR100
+        self.spec, self.root = spec, Path(os.path.expanduser(root))
+        try:
+            ds = cls(str(self.root), train=split == "train", download=False)
+        except RuntimeError as e:
+            raise ConfigError(f"{self.root}: {e}") from None
+        self.folder = self.root / ds.base_folder
+        self.files = sorted(self.folder / name for name, _ in (ds.train_list if split == "train" else ds.test_list))
+        self.data = ds.data
+        self.targets = np.asarray(ds.targets, dtype=np.int64)
+        self.classes = list(ds.classes)
+        self.split = split
+
+    def identity(self) -> dict:
+        return {"kind": "cifar", "split": self.split, "files": [[str(f.resolve()), *_stat(f)] for f in self.files]}
+
+    def name_of(self, i: int) -> str:
+        return f"{self.folder} example {i}"
+
+    def open(self, i: int) -> Any:
+        from PIL import Image
+        return Image.fromarray(self.data[i])
+
+
+def is_image_source(base: str) -> bool:
+    """Whether a spec (without options) names an image source rather than a tensors file or a built-in."""
+    if base.startswith("hfds/") or base.split(":")[0] in ("cifar10", "cifar100"):
+        return True
+    if "{" in base:
+        return True
+    path = Path(os.path.expanduser(base))
+    return path.is_dir() or (path.is_file() and path.suffix in (".tar", ".tgz") or base.endswith(".tar.gz"))
+
+
+def open_source(base: str, opts: dict[str, str], spec: str) -> ImageSource:
+    """The image source a spec names (see the module docstring), listed but not yet decoded."""
+    if base.startswith("hfds/"):
+        name, _, split = base[len("hfds/"):].partition(":")
+        return HFDatasetSource(name, split or None, spec)
+    which, _, split = base.partition(":")
+    if which in ("cifar10", "cifar100") and not os.path.exists(base):
+        return CifarSource(which, split or "test", opts.get("root"), spec)
+    if "{" in base:
+        return WebDatasetSource(expand_shards(os.path.expanduser(base)), spec)
+    path = Path(os.path.expanduser(base))
+    if path.is_dir():
+        return FolderSource(path, spec)
+    if is_webdataset(path):
+        return WebDatasetSource([path], spec)
+    return TarSource(path, spec)
