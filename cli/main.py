@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "criticality": "weightspace_cli.criticality:criticality",
     "similarity": "weightspace_cli.similarity:similarity",
     "recipe": "weightspace_cli.recipe:recipe",
+    "data": "weightspace_cli.data_cmd:data",
 }
 HELP: dict[str, str] = {
     "inspect": "Keys, shapes, dtypes, parameter count, bytes and provenance of a checkpoint.",
@@ -48,6 +49,7 @@ HELP: dict[str, str] = {
     "criticality": "Module criticality (Chatterji et al.): μ per module (σ by bisection at each α), Σμ.",
     "similarity": "CKA per module output, L2 per module, and which examples only one model gets right.",
     "recipe": "Run experiment recipes (YAML) that reproduce paper findings, e.g. what-is-transferred.",
+    "data": "The decoded-data cache: ls (what is cached, how big, for which transform) and rm.",
 }
 
 

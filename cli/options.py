@@ -27,13 +27,17 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
     ``required`` names fields click should require, ``help`` replaces a field's help for this verb (same meaning,
     more specific words), ``aliases`` adds flags to a field (e.g. ``--test`` for ``--data`` on soup).
     """
-    chosen = [f for f in option_fields(cls) if only is None or f.name in set(only)]
+    chosen = [f for f in option_fields(cls)
+              if only is None or f.name in set(only) or f.metadata.get("companion_of") in set(only)]
     required, help, aliases = set(required), dict(help or {}), dict(aliases or {})
 
     def deco(f: Callable) -> Callable:
         @functools.wraps(f)
         def wrapper(*args: Any, **kw: Any) -> Any:
             kw[dest] = cls(**{fl.name: kw.pop(fl.name) for fl in chosen})
+            activate = getattr(kw[dest], "activate", None)
+            if callable(activate):  # process-wide settings of the family (DataOptions: how images are decoded)
+                activate()
             return f(*args, **kw)
 
         for fl in reversed(chosen):

@@ -24,9 +24,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 
 def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, choices: tuple[str, ...] | None = None,
-         min: int | float | None = None, multiple: bool = False, type: type | None = None) -> Any:
+         min: int | float | None = None, multiple: bool = False, type: type | None = None,
+         companion_of: str | None = None) -> Any:
+    # companion_of: declared wherever that field is (decoding options go wherever data is loaded)
     meta = {"flags": flags, "help": help, "metavar": metavar, "choices": choices, "min": min, "multiple": multiple,
-            "type": type}
+            "type": type, "companion_of": companion_of}
     if multiple:
         return field(default_factory=tuple, metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,6 +66,16 @@ class DataOptions:
     transform: str | None = _opt(None, "--transform", metavar="SPEC",
                                  help="Transform every dataset once, after its normalisation: block-shuffle:B[:SEED] "
                                       "(B×B blocks, one fixed seeded permutation); chain with '+'.")
+    workers: int | None = _opt(None, "--workers", min=0, companion_of="transform",
+                               help="Processes decoding images (default: every core; 0: in this process).")
+    skip_bad: bool = _opt(False, "--skip-bad", companion_of="transform",
+                          help="Leave out images that cannot be decoded (their count is reported) instead of failing.")
+
+    def activate(self) -> None:
+        """Make --workers and --skip-bad the defaults of every later ``load_data`` in this process (the CLI calls
+        it once per command, so each verb's data loading, wherever it happens, decodes alike)."""
+        from .eval.data import set_decoding
+        set_decoding(workers=self.workers, skip_bad=self.skip_bad)
 
     def one(self, verb: str) -> str:
         """The single --data spec of a verb that compares on one dataset.

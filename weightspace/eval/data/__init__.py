@@ -6,6 +6,6 @@
 """
 from __future__ import annotations
 
-from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, load_data, mnist1d
+from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, load_data, mnist1d, set_decoding
 
-__all__ = ["TensorData", "load_data", "digits", "mnist1d", "BUILTINS", "SPLIT_SEED"]
+__all__ = ["TensorData", "load_data", "set_decoding", "digits", "mnist1d", "BUILTINS", "SPLIT_SEED"]
