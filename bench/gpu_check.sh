@@ -4,6 +4,8 @@
 #   2. with 2+ GPUs: a barrier curve on 2 ranks (torchrun, NCCL) with --parallel data and points against 1 process
 #   3. evaluation throughput of timm resnet50, dataset resident on the GPU vs a plain DataLoader loop (images/s)
 #   4. the evaluation overhead ratios of bench/eval_overhead.py (barrier curve, greedy soup), resnet50, CUDA + AMP
+#   5. image data (bench/gpu_data.py): decode images/s with PIL workers and with nvjpeg on the GPU; resnet50 images/s
+#      on a JPEG folder held as uint8 on the GPU vs a timm validate.py-style DataLoader loop
 # No internet is needed. It runs the repo's .venv/bin/python if that works here (has torch with CUDA), else python3
 # (torch, timm, scikit-learn, pytest preinstalled), always with this checkout first on PYTHONPATH.
 #
@@ -131,6 +133,11 @@ if [ -f bench/eval_overhead.py ]; then
   step "evaluation overhead (bench/eval_overhead.py)" 140 "$PY" bench/eval_overhead.py "${OVERHEAD[@]}"
 else
   echo "== evaluation overhead: bench/eval_overhead.py is not in this checkout" | tee -a "$LOG"
+fi
+if [ "$SMOKE" = 1 ]; then
+  step "image data: decode and resnet50 (CPU smoke)" 90 "$PY" bench/gpu_data.py --cpu-smoke
+else
+  step "image data: decode and resnet50 images/s" 100 "$PY" bench/gpu_data.py --images 2000
 fi
 
 echo

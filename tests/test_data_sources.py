@@ -205,3 +205,64 @@ def test_cifar_from_a_local_root_equals_the_same_images_as_pngs(tmp_path, monkey
     assert c.meta["classes"][:3] == ["airplane", "automobile", "bird"]
     with pytest.raises(ws.ConfigError, match="root"):
         load_data("cifar10:test", model=model, progress=False)
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+sys.path.insert(0, sys.argv[2])
+from test_data_sources import small_timm
+from weightspace.eval.data import load_data
+d = load_data(sys.argv[1], model=small_timm(), workers=0, progress=False)
+print(json.dumps({"rank": dist.get_rank(), "cache": d.meta["cache"], "sum": int(d.x.sum())}))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_split_decoding_into_one_entry_identical_to_a_one_process_build(imageset, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTSPACE_DATA_CACHE": str(tmp_path / "ranks")}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           imageset["folder"], os.path.dirname(__file__)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ranks = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["cache"]["hit"] is False for r in ranks)
+    monkeypatch.setenv("WEIGHTSPACE_DATA_CACHE", str(tmp_path / "alone"))
+    alone = load_data(imageset["folder"], model=small_timm(), workers=0, progress=False)
+    name = alone.meta["cache"]["entry"]
+    assert {r["cache"]["entry"] for r in ranks} == {name} and {r["sum"] for r in ranks} == {int(alone.x.sum())}
+    shared, single = tmp_path / "ranks", tmp_path / "alone"
+    assert sorted(p.name for p in shared.iterdir()) == [f"{name}.json", f"{name}.npy"]  # no temporary file left
+    assert (shared / f"{name}.npy").read_bytes() == (single / f"{name}.npy").read_bytes()
+    a, b = (json.loads((f / f"{name}.json").read_text()) for f in (shared, single))
+    assert {k: v for k, v in a.items() if k != "created"} == {k: v for k, v in b.items() if k != "created"}
+
+
+def test_shift_suites_get_a_column_each_and_avg_shifts_while_greedy_decides_on_val_only():
+    from weightspace.search.greedy import soup_leaderboard
+    ingredients = [{"w": torch.tensor([float(v)])} for v in (1.0, 2.0, 4.0)]
+
+    def metrics(w: float, val_only: bool = False) -> ws.Metrics:
+        # val prefers w near 1.5; both shift sets prefer large w (a greedy soup that peeked at them would keep 4)
+        cells = {"val": 1 - abs(w - 1.5) / 4, "test": 0.5, "shiftA": w / 8, "shiftB": w / 10}
+        out = ws.Metrics({k: {"accuracy": a, "error": 1 - a, "loss": 1 - a, "n": 10} for k, a in cells.items()})
+        return ws.Metrics({"val": out["val"]}) if val_only else out
+
+    lb, _, res = soup_leaderboard(ingredients, lambda sd: metrics(float(sd["w"])),
+                                  val_evaluate=lambda sd: metrics(float(sd["w"]), True), progress=False)
+    headers, rows = lb.table()
+    assert [h for h in headers if not h.endswith("CI")] == ["method", "val", "test", "shiftA", "shiftB", "avg shifts"]
+    assert headers[-1] == "avg shifts"  # a mean over sets has no binomial interval of its own
+    for row in rows:
+        a, b = row[headers.index("shiftA")], row[headers.index("shiftB")]
+        assert row[-1] == pytest.approx((a + b) / 2)
+    assert res.kept == [0, 1]  # w=1 and w=2 (val ties, input order; their soup w=1.5 is val's best); w=4 (best on
+    # both shift sets) refused
+    assert lb.to_dict()["columns"][-1] == "avg shifts" and {
+        "avg shifts/accuracy", "avg shifts/error", "avg shifts/loss"} <= set(lb.long_table()[0])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -65,3 +67,30 @@ def test_barrier_curve_on_gpu_matches_cpu(device, cnns):
         assert g["digits:val"]["loss"] == pytest.approx(r["digits:val"]["loss"], rel=0.03, abs=2e-3)
     for metric in ("error", "loss"):
         assert abs(got.barriers["digits:val"][metric]["chord"] - ref.barriers["digits:val"][metric]["chord"]) <= 0.02
+
+
+def test_jpeg_folder_as_uint8_on_the_device_streamed_and_gpu_decoded(device, tmp_path, monkeypatch):
+    """uint8 images resident on the device (channels-last, bf16) and streamed from the memory map in pinned chunks
+    agree with float32 on the CPU; JPEGs decoded on the device are close to PIL's pixels."""
+    import timm
+    import datahelpers as dh
+    from weightspace.eval.data import load_data
+    from weightspace.eval.data.decode import gpu_decode_into
+    from weightspace.eval.data.readers import FolderSource
+    from weightspace.eval.evaluator import Evaluator
+    monkeypatch.setenv("WEIGHTSPACE_DATA_CACHE", str(tmp_path / "cache"))
+    root = dh.write_folder(tmp_path / "set", per_class=8)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=3, pretrained_cfg_overlay={"input_size": (3, 64, 64)}).eval()
+    d = load_data(str(root), model=model, progress=False)
+    cpu = Evaluator(model, d, device="cpu", keep_logits=True)().logits[d.name]
+    resident = Evaluator(model, d, device=device, batch_size=8, keep_logits=True)
+    streamed = Evaluator(model, d, device=device, batch_size=8, keep_logits=True, stream=True, chunk_bytes=16 * 3 * 64 * 64)
+    a, b = resident().logits[d.name], streamed().logits[d.name]
+    assert torch.equal(a, b)
+    assert (a - cpu).abs().max() < 0.05 * cpu.abs().max()
+    pipe = __import__("weightspace.eval.data.decode", fromlist=["pixel_pipeline"]).pixel_pipeline(
+        timm.data.create_transform(**timm.data.resolve_data_config({}, model=model)))
+    out = np.zeros_like(d.x.numpy())
+    rep = gpu_decode_into(FolderSource(root, str(root)), pipe, out, device=device, progress=False)
+    assert rep.bad == [] and np.abs(out.astype(float) - d.x.numpy()).mean() < 1.0  # of 255: resampling differs

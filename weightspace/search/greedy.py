@@ -252,6 +252,9 @@ def mean_logits(logits: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch
     return {k: (v / len(logits)).float() for k, v in out.items()}
 
 
+AVG_SHIFTS = "avg shifts"
+
+
 @dataclass
 class Leaderboard:
     """Rows = methods, columns = datasets; each cell holds that method's metrics on that dataset."""
@@ -260,6 +263,20 @@ class Leaderboard:
     rows: list[dict]          # {"method", "kind", "metrics": {column: {metric: value}}, optional "detail"}
     title: str = "leaderboard"
     extra: dict = field(default_factory=dict)
+    shifts: list[str] = field(default_factory=list)  # distribution-shift test sets, averaged when two or more
+
+    def with_avg_shifts(self) -> tuple[list[str], list[dict]]:
+        """Columns and rows with an "avg shifts" column (the model-soups papers' summary: mean accuracy, error and
+        loss over the shift sets) when there are at least two shift sets; computed afresh, so rows added later count."""
+        if len(self.shifts) < 2:
+            return self.columns, self.rows
+        rows = []
+        for r in self.rows:
+            cells = [r["metrics"].get(c, {}) for c in self.shifts]
+            avg = {m: sum(c[m] for c in cells) / len(cells) for m in ("accuracy", "error", "loss")
+                   if all(isinstance(c.get(m), (int, float)) for c in cells)}
+            rows.append({**r, "metrics": {**r["metrics"], AVG_SHIFTS: avg}})
+        return [*self.columns, AVG_SHIFTS], rows
 
     def interval(self, method: str | dict, column: str) -> tuple[float, float] | None:
         """95% Wilson interval of a row's accuracy (the row, or its method name) on one column, from the example
@@ -275,15 +292,16 @@ class Leaderboard:
     def table(self, metric: str = "accuracy") -> tuple[list[str], list[list]]:
         """Method × column table of one metric (for Markdown); accuracies get a 95% Wilson interval column when
         the example counts are known (the binomial spread of an accuracy measured on n examples)."""
-        with_ci = {c: metric == "accuracy" and any(r["metrics"].get(c, {}).get("n") for r in self.rows)
-                   for c in self.columns}
+        columns, rows_ = self.with_avg_shifts()
+        with_ci = {c: metric == "accuracy" and any(r["metrics"].get(c, {}).get("n") for r in rows_)
+                   for c in columns}
         headers = ["method"]
-        for c in self.columns:
+        for c in columns:
             headers += [c, f"{c} 95% CI"] if with_ci[c] else [c]
         rows = []
-        for r in self.rows:
+        for r in rows_:
             row = [r["method"]]
-            for c in self.columns:
+            for c in columns:
                 row.append(r["metrics"].get(c, {}).get(metric))
                 if with_ci[c]:
                     iv = self.interval(r, c)
@@ -293,13 +311,14 @@ class Leaderboard:
 
     def long_table(self) -> tuple[list[str], list[list]]:
         """Every metric of every column, one row per method (for CSV)."""
+        columns, rows_ = self.with_avg_shifts()
         names: list[str] = []
-        for r in self.rows:
-            for c in self.columns:
+        for r in rows_:
+            for c in columns:
                 names += [m for m in r["metrics"].get(c, {}) if m not in names]
-        headers = ["method", "kind"] + [f"{c}/{m}" for c in self.columns for m in names]
-        rows = [[r["method"], r.get("kind", "")] + [r["metrics"].get(c, {}).get(m) for c in self.columns for m in names]
-                for r in self.rows]
+        headers = ["method", "kind"] + [f"{c}/{m}" for c in columns for m in names]
+        rows = [[r["method"], r.get("kind", "")] + [r["metrics"].get(c, {}).get(m) for c in columns for m in names]
+                for r in rows_]
         return headers, rows
 
     def row(self, method: str) -> dict:
@@ -311,7 +330,8 @@ class Leaderboard:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"title": self.title, "columns": self.columns, "rows": self.rows, **self.extra}
+        columns, rows = self.with_avg_shifts()
+        return {"title": self.title, "columns": columns, "rows": rows, **self.extra}
 
 
 def _names(sources: Sequence[str]) -> list[str]:
@@ -338,7 +358,8 @@ def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: 
     names = _names(sources)
     rows = [{"method": names[i], "kind": "checkpoint", "rank": r + 1, "source": sources[i], "metrics": tables[i]}
             for r, i in enumerate(order)]
-    return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties]})
+    # ranked on the first data set; the others are its distribution shifts
+    return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties]}, shifts=columns[1:])
 
 
 def _is_evaluator(obj: Any) -> bool:
@@ -408,7 +429,8 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
                      "metrics": as_table(metrics_from_logits(ens))})
     extra = {"val": val, "greedy": res.to_dict(), "ties": [[names[i] for i in g] for g in ties],
              "rule": ">" if strict else ">="}
-    return Leaderboard(columns, rows, title, extra), {"uniform": uniform, "greedy": greedy}, res
+    lb = Leaderboard(columns, rows, title, extra, shifts=columns[2:])  # val, then the test set, then its shifts
+    return lb, {"uniform": uniform, "greedy": greedy}, res
 
 
 def tell_members(evaluate: Any, members: Sequence[int], weights: Sequence[float] | None = None) -> None:

@@ -174,15 +174,27 @@ def check_bad(report: DecodeReport, spec: str, skip_bad: bool) -> None:
                         path=name)
 
 
-def gpu_decode_into(source: ImageSource, size: tuple[int, int], crop_pct: float, out: np.ndarray, *,
-                    device: torch.device, batch: int = 256, progress: bool = True) -> DecodeReport:
-    """Decode JPEGs on the GPU in batches (nvjpeg via ``torchvision.io.decode_jpeg``), resize (antialiased bilinear)
-    and centre-crop there, and write uint8 rows into ``out``. Pixels differ from PIL's, so the cache key names it."""
+def _resize_of(pipe: PixelPipeline) -> tuple[int, str]:
+    """The shorter-side size and the interpolation of the pipeline's Resize (the crop alone when it has none)."""
+    from torchvision import transforms as T
+    resize = next((t for t in getattr(pipe.pil, "transforms", []) if isinstance(t, T.Resize)), None)
+    if resize is None:
+        return min(pipe.size), "bilinear"
+    size = resize.size if isinstance(resize.size, int) else min(resize.size)
+    mode = getattr(resize.interpolation, "value", str(resize.interpolation))
+    return int(size), mode if mode in ("bilinear", "bicubic") else "bilinear"
+
+
+def gpu_decode_into(source: ImageSource, pipe: PixelPipeline, out: np.ndarray, *, device: torch.device,
+                    batch: int = 256, progress: bool = True) -> DecodeReport:
+    """Decode JPEGs on the GPU in batches (nvjpeg via ``torchvision.io.decode_jpeg``), resize the shorter side with
+    the pipeline's interpolation (antialiased) and centre-crop there, and write uint8 rows into ``out``.
+    Pixels differ from PIL's, so the cache key names the decoder."""
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
     from ...progress import progress as bar
-    h, w = size
-    short = int(round(min(h, w) / crop_pct))
+    h, w = pipe.size
+    short, mode = _resize_of(pipe)
     bad: list[tuple[int, str, str]] = []
     pbar = bar(total=len(source), desc=f"decode (gpu) {source.spec}", unit="img", enabled=progress)
     for lo in range(0, len(source), batch):
@@ -202,10 +214,10 @@ def gpu_decode_into(source: ImageSource, size: tuple[int, int], crop_pct: float,
             if img is None:
                 continue
             ih, iw = img.shape[-2:]
-            scale = short / min(ih, iw)
-            nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
-            r = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            top, left = (nh - h) // 2, (nw - w) // 2
+            # torchvision's Resize(int) and CenterCrop arithmetic, so only the resampling itself differs
+            nh, nw = (short, int(short * iw / ih)) if ih <= iw else (int(short * ih / iw), short)
+            r = F.interpolate(img[None].float(), size=(nh, nw), mode=mode, antialias=True, align_corners=False)
+            top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
             crop = r[0, :, top:top + h, left:left + w].round_().clamp_(0, 255).to(torch.uint8)
             out[i] = crop.cpu().numpy()
         pbar.update(len(idx))

@@ -109,8 +109,8 @@ def _build(source: ImageSource, pipe: PixelPipeline, decoder: str, target: Path,
             _barrier()  # the header is on disk before any rank maps the file
         if decoder == "gpu":
             arr = np.load(shared, mmap_mode="r+")
-            rep = gpu_decode_into(_SliceSource(source, lo, hi), pipe.size, _crop_pct(pipe), arr[lo:hi],
-                                  device=device, progress=progress and leader)
+            rep = gpu_decode_into(_SliceSource(source, lo, hi), pipe, arr[lo:hi], device=device,
+                                  progress=progress and leader)
             rep = DecodeReport([(i + lo, name, why) for i, name, why in rep.bad])
             arr.flush()
             del arr
@@ -134,15 +134,6 @@ class _SliceSource(ImageSource):
 
     def name_of(self, i: int) -> str:
         return self.src.name_of(i + self.lo)
-
-
-def _crop_pct(pipe: PixelPipeline) -> float:
-    from torchvision import transforms as T
-    resize = next((t for t in pipe.pil.transforms if isinstance(t, T.Resize)), None)
-    if resize is None:
-        return 1.0
-    s = resize.size if isinstance(resize.size, int) else min(resize.size)
-    return min(pipe.size) / s
 
 
 @contextlib.contextmanager
