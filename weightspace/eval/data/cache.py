@@ -78,7 +78,7 @@ class Entry:
         m = self.meta
         return {"name": self.name, "source": m.get("spec"), "examples": (m.get("shape") or [0])[0],
                 "shape": m.get("shape"), "bytes": self.bytes, "decoder": m.get("decoder"),
-                "transform": m.get("pipeline"), "created": m.get("created"), "path": str(self.array)}
+                "transform": m.get("transform") or m.get("pipeline"), "created": m.get("created"), "path": str(self.array)}
 
 
 def list_entries(folder: Path | None = None) -> list[Entry]:

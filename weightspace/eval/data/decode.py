@@ -32,6 +32,7 @@ class PixelPipeline:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     description: str                 # what the cache key records
+    summary: str = ""                # the same, short, for `weightspace data ls`
 
     def __call__(self, img: Any) -> np.ndarray:
         """A PIL image → uint8 (C, H, W)."""
@@ -73,7 +74,19 @@ def pixel_pipeline(transform: Callable) -> PixelPipeline:
     if size != _output_size(pil, (190, 133)):
         raise ConfigError(f"transform {transform!r}: its output size depends on the input (add a crop)")
     desc = repr(pil).replace("\n", " ") + f" mean={mean} std={std}"
-    return PixelPipeline(pil, size, mean, std, desc)
+    return PixelPipeline(pil, size, mean, std, desc, _summary(steps[:cut], mean, std))
+
+
+def _summary(steps: list, mean: tuple | None, std: tuple | None) -> str:
+    parts = []
+    for t in steps:
+        name = type(t).__name__
+        size = getattr(t, "size", None)
+        interp = getattr(getattr(t, "interpolation", None), "value", None)
+        parts.append(f"{name}({', '.join(str(a) for a in (size, interp) if a is not None)})" if size else name)
+    if mean is not None:
+        parts.append(f"mean={tuple(round(m, 3) for m in mean)} std={tuple(round(s, 3) for s in std)}")
+    return " ".join(parts)
 
 
 def default_workers() -> int:

@@ -215,6 +215,6 @@ def _meta(spec: str, source: ImageSource, pipe: PixelPipeline, decoder: str, key
     bad = set(b[0] for b in rep.bad)
     y = [int(t) for i, t in enumerate(source.targets) if i not in bad]
     return {"format": 1, "key": key, "spec": spec, "source": source.identity().get("kind"),
-            "shape": [len(y), 3, *pipe.size], "pipeline": pipe.description, "decoder": _decoder_id(decoder),
+            "shape": [len(y), 3, *pipe.size], "pipeline": pipe.description, "transform": pipe.summary, "decoder": _decoder_id(decoder),
             "mean": pipe.mean, "std": pipe.std, "classes": source.classes, "y": y,
             "bad": [list(b) for b in rep.bad], "created": now(), "file_bytes": array.stat().st_size}
