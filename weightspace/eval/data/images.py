@@ -76,18 +76,30 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _compact(src: Path, bad: list[int], n: int) -> Path:
-    """A copy of the array at ``src`` without the rows ``bad``, written chunk by chunk beside it."""
-    arr = np.load(src, mmap_mode="r")
+def _compact(path: str, bad: list[int], n: int) -> None:
+    """Drop the rows ``bad`` from the uint8 ``.npy`` at ``path`` in place: good rows move down chunk by chunk, the
+    header's shape is rewritten at its old length and the file is truncated (the path may be an unnamed file's
+    /proc/self/fd link, which cannot be replaced by a sibling)."""
+    arr = np.load(path, mmap_mode="r+")
     keep = np.setdiff1d(np.arange(n), np.asarray(bad, dtype=np.int64))
-    dst = src.with_name(src.name + ".compact")
-    out = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(len(keep), *arr.shape[1:]))
-    for a in range(0, len(keep), 1024):
-        out[a:a + 1024] = arr[keep[a:a + 1024]]
-    out.flush()
-    del out, arr
-    os.replace(dst, src)
-    return src
+    for a in range(0, len(keep), 256):  # destination rows never overtake source rows: safe in place
+        idx = keep[a:a + 256]
+        arr[a:a + len(idx)] = arr[idx]
+    arr.flush()
+    offset, row = arr.offset, int(np.prod(arr.shape[1:]))
+    del arr
+    header = repr({"descr": "|u1", "fortran_order": False, "shape": (len(keep), *_shape(path)[1:])}).encode()
+    pad = offset - 10 - len(header) - 1  # magic (6) + version (2) + header length (2), then the dict, spaces, \n
+    with open(path, "r+b") as f:
+        f.seek(10)
+        f.write(header + b" " * pad + b"\n")
+        f.truncate(offset + len(keep) * row)
+
+
+def _shape(path: str) -> tuple[int, ...]:
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        return np.lib.format.read_array_header_1_0(f)[0]
 
 
 def _build(source: ImageSource, pipe: PixelPipeline, decoder: str, target: Path, *, workers: int | None,
@@ -103,9 +115,10 @@ def _build(source: ImageSource, pipe: PixelPipeline, decoder: str, target: Path,
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
         if alone:
             shared = str(tmp)
-        else:  # every rank learns its node leader's temporary file
+        else:  # every rank learns its node leader's temporary file (an unnamed file: through the leader's fd)
+            mine = str(tmp).replace("/proc/self/", f"/proc/{os.getpid()}/") if leader else None
             host = socket.gethostname()
-            shared = [t for h, t in _all_gather((host, str(tmp) if leader else None)) if h == host and t][0]
+            shared = [t for h, t in _all_gather((host, mine)) if h == host and t][0]
             _barrier()  # the header is on disk before any rank maps the file
         if decoder == "gpu":
             arr = np.load(shared, mmap_mode="r+")
@@ -120,7 +133,7 @@ def _build(source: ImageSource, pipe: PixelPipeline, decoder: str, target: Path,
         if not alone:
             _barrier()  # every slice is written before the leader renames the file into place
         if leader and bad:
-            _compact(Path(shared), [b[0] for b in bad], n)
+            _compact(shared, [b[0] for b in bad], n)
     return DecodeReport(bad) if leader else None
 
 
