@@ -35,9 +35,9 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
         @functools.wraps(f)
         def wrapper(*args: Any, **kw: Any) -> Any:
             kw[dest] = cls(**{fl.name: kw.pop(fl.name) for fl in chosen})
-            activate = getattr(kw[dest], "activate", None)
-            if callable(activate):  # process-wide settings of the family (DataOptions: how images are decoded)
-                activate()
+            if cls is DataOptions:  # how images are decoded, for every load_data of this command wherever it is
+                from weightspace.eval.data import set_decoding
+                set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad)
             return f(*args, **kw)
 
         for fl in reversed(chosen):

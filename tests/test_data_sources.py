@@ -183,9 +183,11 @@ def test_an_unreadable_image_is_named_and_skipped_on_request(tmp_path, cli):
     with pytest.raises(ws.ConfigError, match="broken.jpg") as e:
         load_data(str(root), model=model, progress=False)
     assert e.value.path == str(bad)
-    d = load_data(str(root), model=model, skip_bad=True, progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        d = load_data(str(root), model=model, skip_bad=True, progress=False)
     assert len(d) == 6 and d.meta["skipped"] == [str(bad)] and d.y.tolist() == [0, 0, 1, 1, 2, 2]
-    good = load_data(str(root), model=model, skip_bad=True, progress=False)  # a hit keeps the skip
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        good = load_data(str(root), model=model, skip_bad=True, progress=False)  # a hit keeps the skip
     assert torch.equal(good.x, d.x)
     zoo = "weightspace.eval.zoo:small_cnn"
     r = cli("leaderboard", str(tmp_path / "a.safetensors"), "--model", zoo, "--data", str(root), "--device", "cpu", "--quiet")

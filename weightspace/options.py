@@ -71,12 +71,6 @@ class DataOptions:
     skip_bad: bool = _opt(False, "--skip-bad", companion_of="transform",
                           help="Leave out images that cannot be decoded (their count is reported) instead of failing.")
 
-    def activate(self) -> None:
-        """Make --workers and --skip-bad the defaults of every later ``load_data`` in this process (the CLI calls
-        it once per command, so each verb's data loading, wherever it happens, decodes alike)."""
-        from .eval.data import set_decoding
-        set_decoding(workers=self.workers, skip_bad=self.skip_bad)
-
     def one(self, verb: str) -> str:
         """The single --data spec of a verb that compares on one dataset.
 

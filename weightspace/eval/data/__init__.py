@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
-from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, load_data, mnist1d, set_decoding
+from .load import load_data, set_decoding
+from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, mnist1d
 
 __all__ = ["TensorData", "load_data", "set_decoding", "digits", "mnist1d", "BUILTINS", "SPLIT_SEED"]

@@ -215,6 +215,9 @@ def load_images(spec: str, base: str, opts: dict[str, str], *, model: torch.nn.M
         cached = {"entry": None, "hit": False}
     bad = [tuple(b) for b in meta.get("bad", [])]
     check_bad(DecodeReport(bad), spec, skip_bad)
+    if bad:
+        import warnings
+        warnings.warn(f"{spec}: skipped {len(bad)} unreadable image(s), e.g. {bad[0][1]} ({bad[0][2]})", stacklevel=2)
     y = torch.tensor(meta["y"], dtype=torch.long)
     info = {"classes": list(meta["classes"]), "cache": cached, "skipped": [b[1] for b in bad],
             "pipeline": pipe.description}

@@ -1,0 +1,64 @@
+"""``load_data``: one entry point from a spec string to TensorData (built-ins, tensor files, image sources)."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qsl
+
+import torch
+
+from ...errors import ConfigError
+from .tensors import BUILTINS, TensorData, _apply_options, _from_file
+
+__all__ = ["load_data", "set_decoding"]
+
+_decoding: dict = {"workers": None, "skip_bad": False}  # process-wide defaults, set by the CLI's --workers/--skip-bad
+
+
+def set_decoding(*, workers: int | None = None, skip_bad: bool = False) -> None:
+    """Defaults for ``load_data``'s ``workers`` and ``skip_bad`` in this process (reset by every CLI command)."""
+    _decoding.update(workers=workers, skip_bad=bool(skip_bad))
+
+
+def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Callable | None = None,
+              device: str | torch.device = "cpu", workers: int | None = None, skip_bad: bool | None = None,
+              decoder: str = "pil", progress: bool = True) -> TensorData:
+    """Load a dataset spec into tensors on ``device``; images are decoded once (cached) into uint8.
+
+    Specs: a built-in (``digits[:split]``, ``mnist1d[:split]``), a tensors file (``.pt``/``.npz`` with x, y), or an
+    image source (a folder ``ROOT/CLASS/IMAGE``, a ``.tar`` of one, webdataset shards, ``hfds/NAME[:split]``,
+    ``cifar10|cifar100[:split]?root=DIR``) decoded with ``model``'s eval transform by ``workers`` processes (default:
+    every core; ``set_decoding`` changes the default) through the data cache (``WEIGHTSPACE_DATA_CACHE``); an
+    unreadable image raises unless ``skip_bad``. Options after ``?``: ``size``, ``channels``,
+    ``limit``, ``root`` (CIFAR), ``classes=FILE`` (label map), ``pool=max|mean``.
+    ``transform`` (e.g. ``parse_transform('block-shuffle:4')``) is applied to x once, after decoding.
+
+    Raises:
+        ConfigError: the spec names nothing readable, or an option is wrong.
+        DataError: an image cannot be decoded (unless ``skip_bad``), or the class map does not fit.
+    """
+    from .readers import is_image_source
+    base, opts = (spec.split("?", 1)[0], dict(parse_qsl(spec.split("?", 1)[1]))) if "?" in spec else (spec, {})
+    name, _, split = base.partition(":")
+    if name in BUILTINS and not os.path.exists(base):
+        d = BUILTINS[name](split or ("all" if name == "digits" else "train"), spec)
+    elif is_image_source(base):
+        from .images import load_images
+        d = load_images(spec, base, opts, model=model, decoder=decoder, device=device, progress=progress,
+                        workers=_decoding["workers"] if workers is None else workers,
+                        skip_bad=_decoding["skip_bad"] if skip_bad is None else skip_bad)
+    else:
+        path = Path(os.path.expanduser(base))
+        if not path.exists():
+            raise ConfigError(f"--data {spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})")
+        d = _from_file(path, spec)
+    d = _apply_options(d, opts, spec)
+    d.name = spec
+    if "classes" in opts or (model is not None and d.meta.get("classes")):
+        from .labels import attach_label_map
+        d = attach_label_map(d, model, opts.get("classes"), opts.get("pool", "max"), spec)
+    if transform is not None:
+        d = replace(d, x=transform(d.x).contiguous())
+    return d.to(device)
