@@ -217,7 +217,8 @@ sys.path.insert(0, sys.argv[2])
 from test_data_sources import small_timm
 from weightspace.eval.data import load_data
 d = load_data(sys.argv[1], model=small_timm(), workers=0, progress=False)
-print(json.dumps({"rank": dist.get_rank(), "cache": d.meta["cache"], "sum": int(d.x.sum())}))
+with open(os.path.join(sys.argv[3], f"rank{dist.get_rank()}.json"), "w") as f:  # not stdout: ranks interleave there
+    json.dump({"rank": dist.get_rank(), "cache": d.meta["cache"], "sum": int(d.x.sum())}, f)
 dist.destroy_process_group()
 """
 
@@ -230,10 +231,10 @@ def test_two_ranks_split_decoding_into_one_entry_identical_to_a_one_process_buil
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTSPACE_DATA_CACHE": str(tmp_path / "ranks")}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           imageset["folder"], os.path.dirname(__file__)]
+           imageset["folder"], os.path.dirname(__file__), str(tmp_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
-    ranks = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["cache"]["hit"] is False for r in ranks)
     monkeypatch.setenv("WEIGHTSPACE_DATA_CACHE", str(tmp_path / "alone"))
     alone = load_data(imageset["folder"], model=small_timm(), workers=0, progress=False)
