@@ -104,7 +104,7 @@ def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | 
          force: bool, as_json: bool, quiet: bool, notes: Sequence[str] = ()) -> None:
     """Write --out files, then print JSON (--json) or a Markdown table (default) on stdout."""
     if out_dir and write is not None:
-        files = write(out_dir, force=force)
+        files = list(write(out_dir, force=force).values())
         payload = {**payload, "files": [str(f) for f in files]}
         note(f"wrote {len(files)} files to {out_dir}", quiet)
     for n in notes:

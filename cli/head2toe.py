@@ -45,10 +45,8 @@ def head2toe(checkpoint: str, model: ModelOptions, data: DataOptions, layers: st
                   target=target, coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter, lasso_iters=lasso_iters,
                   device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,
                   num_classes=model.num_classes, in_chans=model.in_chans, progress=not quiet)
-    payload = {"command": "head2toe", **res.to_json()}
+    payload = write_report(out_dir, "head2toe", res, force=force, quiet=quiet)
     headers, rows = res.table()
-    tables = {"head2toe.csv": (headers, rows), "head2toe_layers.csv": res.layer_table()}
-    payload = write_report(out_dir, payload, tables, "head2toe.png", res.plot, force=force, quiet=quiet)
     if as_json:
         print_json(payload)
         return

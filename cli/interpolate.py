@@ -90,10 +90,10 @@ def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_
     from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.eval.data import load_data
     from weightspace.analysis.barriers import barrier_curves
-    from weightspace.analysis.curve import CURVE_FILES, write_curves
+    from weightspace.analysis.curve import CurveSet
     from weightspace.report import check_outputs, jsonable, markdown_table, write_json
     if out_dir:
-        check_outputs(out_dir, CURVE_FILES + (("results.json",) if align_method else ()), force)
+        check_outputs(out_dir, CurveSet.FILES + (("results.json",) if align_method else ()), force)
     grid = parse_floats(alphas, "--alphas") if alphas else None
     transform = data_transform(data)
     ev = build_evaluator(model, list(data.data), transform=transform)
@@ -108,7 +108,8 @@ def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_
         results["repair"] = repair_spec
     if align_method:
         results["alignment"] = alignment
-    paths = write_curves(curves, out_dir, results, force=force) if out_dir else {}
+    paths = ({k: str(v) for k, v in CurveSet(curves).write(out_dir, force=force, extra=results).items()}
+             if out_dir else {})
     if out_dir and align_method:
         paths["results"] = str(write_json(Path(out_dir) / "results.json", jsonable(results), force=force))
     if as_json:

@@ -26,16 +26,16 @@ def leaderboard(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOpt
     from weightspace import load
     from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.report import check_outputs, markdown_table
-    from weightspace.search.greedy import LEADERBOARD_FILES, write_leaderboard
+    from weightspace.search.greedy import Leaderboard
     from weightspace.search.greedy import leaderboard as rank_checkpoints
     require(model.model, "--model", "to evaluate checkpoints")
     require(data.data, "--data", "to evaluate checkpoints")
     if out_dir:
-        check_outputs(out_dir, LEADERBOARD_FILES, force)
+        check_outputs(out_dir, Leaderboard.FILES, force)
     ev = build_evaluator(model, list(data.data), transform=data_transform(data))
     lb = rank_checkpoints([load(c, ema=ops.ema) for c in checkpoints], ev, progress=not quiet)
     results = {"command": "leaderboard", "model": model.model, "data": list(data.data)}
-    paths = write_leaderboard(lb, out_dir, results, force=force) if out_dir else {}
+    paths = {k: str(v) for k, v in lb.write(out_dir, force=force, extra=results).items()} if out_dir else {}
     if as_json:
         print_json({**results, "leaderboard": lb.to_dict(), "files": paths})
         return

@@ -1,7 +1,6 @@
 """weightspace probe CKPT [CKPT ...] --model M --train DATA --data DATA [--layers all] [--out DIR]"""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -40,16 +39,13 @@ def linear_head_options(f: Callable) -> Callable:
                         help="Weight decay of the linear heads (on the mean cross-entropy, standardised features).")(f)
 
 
-def write_report(out_dir: str | None, payload: dict, tables: dict[str, tuple[list, list]], png: str,
-                 plot: Callable[..., Any], *, force: bool, quiet: bool) -> dict:
-    """--out DIR: results.json, one CSV per table and the PNG; returns the payload with the files it wrote."""
+def write_report(out_dir: str | None, command: str, result: Any, *, force: bool, quiet: bool) -> dict:
+    """The JSON payload ({"command", **result.to_dict()}); with --out DIR, the result's files written there too
+    (results.json holds the same payload) and listed under "files"."""
+    payload = {"command": command, **result.to_dict()}
     if not out_dir:
         return payload
-    from weightspace.report import write_csv, write_json
-    d = Path(out_dir)
-    files = [write_json(d / "results.json", payload, force=force)]
-    files += [write_csv(d / name, headers, rows, force=force) for name, (headers, rows) in tables.items()]
-    files.append(plot(d / png, force=force))
+    files = list(result.write(out_dir, force=force, extra={"command": command}).values())
     note(f"wrote {', '.join(map(str, files))}", quiet)
     return {**payload, "files": [str(f) for f in files]}
 
@@ -76,10 +72,8 @@ def probe(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, 
     res = run_probe(list(checkpoints), model.model, data.train, data.one("probe"), layers=layers, dim=dim, l2=l2,
                     max_iter=max_iter, device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,
                     num_classes=model.num_classes, in_chans=model.in_chans, progress=not quiet)
-    payload = {"command": "probe", **res.to_json()}
+    payload = write_report(out_dir, "probe", res, force=force, quiet=quiet)
     headers, rows = res.table()
-    payload = write_report(out_dir, payload, {"probe.csv": (headers, rows)}, "probe.png", res.plot, force=force,
-                           quiet=quiet)
     if as_json:
         print_json(payload)
     else:

@@ -38,10 +38,7 @@ def saturation(csv_file: str, upstream: str, downstream: str, label: str | None,
         note("the columns hold percentages: divided by 100", quiet)
     if fit.config.get("skipped_rows"):
         note(f"skipped {fit.config['skipped_rows']} row(s) with an empty cell", quiet)
-    payload = {"command": "saturation", **fit.to_json()}
-    headers, rows = fit.table()
-    payload = write_report(out_dir, payload, {"saturation.csv": (headers, rows)}, "saturation.png", fit.plot,
-                           force=force, quiet=quiet)
+    payload = write_report(out_dir, "saturation", fit, force=force, quiet=quiet)
     if as_json:
         print_json(payload)
         return

@@ -121,7 +121,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.eval.data import load_data
     from weightspace.report import check_outputs, markdown_table
-    from weightspace.search.greedy import LEADERBOARD_FILES, write_leaderboard
+    from weightspace.search.greedy import Leaderboard
     from weightspace.search.soups import LearnOptions, evaluate_soups
 
     from .common import refuse_existing
@@ -129,7 +129,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     if out.output:
         refuse_existing(out.output, force)
     if out_dir:
-        check_outputs(out_dir, LEADERBOARD_FILES, force)
+        check_outputs(out_dir, Leaderboard.FILES, force)
     transform = data_transform(data)
     ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True)
     fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None
@@ -148,7 +148,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
                "output": saved}
     if rep.fixed:
         results.update(recalibrate_bn=fix.recalibrate_bn, repair=fix.repair)
-    paths = write_leaderboard(lb, out_dir, results, force=force) if out_dir else {}
+    paths = {k: str(v) for k, v in lb.write(out_dir, force=force, extra=results).items()} if out_dir else {}
     if as_json:
         print_json({**results, "leaderboard": lb.to_dict(), "files": paths})
         return

@@ -182,7 +182,7 @@ def test_module_criticality_on_a_tiny_trained_model(mlp, tmp_path):
     assert all(m["mu"] == 0.0 and m["alpha"] == 0.0 for m in everything.modules)  # α=0 feasible: not critical
     impossible = module_criticality(final, init, ev, alphas=2, samples=1, epsilon=base / 2)
     assert all(m["mu"] == math.inf for m in impossible.modules) and "exceeds" in impossible.notes[0]
-    files = r.write(tmp_path / "crit")
+    files = list(r.write(tmp_path / "crit").values())
     names = {f.name for f in files}
     assert {"results.json", "criticality.csv", "criticality_search.csv", "criticality.png",
             "valley_layers.1.png", "valley_layers.3.png", "valley_layers.5.png"} <= names

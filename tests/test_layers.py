@@ -116,10 +116,13 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 
 def layer(mod: str, bottom=BOTTOM, layers=LAYERS) -> tuple[int, str]:
-    """(rank, unit) of a module: the bottom modules are rank 0; otherwise the longest matching layer prefix."""
+    """(rank, unit) of a module: the bottom modules are rank 0; otherwise the longest matching layer prefix. A
+    package root listed as a layer ("weightspace") is that one module only: a new top-level module must be placed."""
     if any(mod == b or mod.startswith(b + ".") for b in bottom):
         return 0, "bottom"
-    best = max((p for p, _ in layers if mod == p or mod.startswith(p + ".")), key=len, default=None)
+    roots = {p for p, _ in layers if "." not in p and any(q.startswith(p + ".") for q, _ in layers)}
+    best = max((p for p, _ in layers if mod == p or (mod.startswith(p + ".") and p not in roots)), key=len,
+               default=None)
     if best is None:
         raise AssertionError(f"{mod}: in no layer; add it to LAYERS in tests/test_layers.py")
     return dict(layers)[best], best
@@ -199,3 +202,5 @@ def test_importing_the_package_root_or_a_sibling_unit_is_a_violation(tmp_path):
     assert violations(graph, bottom=("pkg.base",), layers=layers) == [
         "pkg.exp (line 1) imports pkg.hub: pkg.exp may not import pkg.hub",
         "pkg.hub (line 1) imports pkg: pkg.hub may not import pkg"]
+    with pytest.raises(AssertionError, match="pkg.new: in no layer"):  # a new top-level module must be placed
+        layer("pkg.new", bottom=("pkg.base",), layers=layers)

@@ -14,7 +14,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from ..io.sources import Source, load
 
@@ -32,6 +32,8 @@ class BasinResult:
     metric: str = "error"
     dataset: str = ""
     extra: dict = field(default_factory=dict)
+
+    FILES: ClassVar[tuple[str, ...]] = ("basin.json", "basin.csv", "basin.png")
 
     @property
     def medians(self) -> list[float]:
@@ -68,13 +70,12 @@ class BasinResult:
                              cbar_label=f"{self.metric} barrier")
         return report.save_figure(fig, path, force=force)
 
-    def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
-        """basin.json, basin.csv and basin.png in ``folder``."""
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """basin.json (``extra`` and the result), basin.csv and basin.png in ``folder``; role → path."""
         from .. import report
-        folder = report.check_outputs(folder, ["basin.json", "basin.csv", "basin.png"], force)
-        return [report.write_json(folder / "basin.json", self.to_dict(), force=force),
-                report.write_csv(folder / "basin.csv", *self.table(), force=force),
-                self.plot(folder / "basin.png", force=force)]
+        return report.write_files(folder, {"json": (self.FILES[0], {**(extra or {}), **self.to_dict()}),
+                                           "csv": (self.FILES[1], self.table()), "png": (self.FILES[2], self.plot)},
+                                  force=force)
 
 
 def pairwise_barriers(ingredients: Sequence[Source], evaluate: Callable[[Any], Any], *, tolerance: float = 0.03,

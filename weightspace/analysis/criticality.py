@@ -175,13 +175,12 @@ class RewindResult:
                              cbar_label=f"{metric} on {ds}", fmt="{:.3f}", cmap="magma")
         return report.save_figure(fig, path, force=force)
 
-    def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
-        """results.json, rewind.csv and rewind.png into a folder."""
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json (``extra`` and the result), rewind.csv and rewind.png into a folder; role → path."""
         from .. import report
-        folder = report.check_outputs(folder, ["results.json", "rewind.csv", "rewind.png"], force)
-        return [report.write_json(folder / "results.json", self.to_dict(), force=force),
-                report.write_csv(folder / "rewind.csv", *self.table(), force=force),
-                self.plot(folder / "rewind.png", force=force)]
+        return report.write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
+                                           "csv": ("rewind.csv", self.table()), "png": ("rewind.png", self.plot)},
+                                  force=force)
 
 
 def _delta(r: Mapping, b: Mapping, metric: str) -> float | None:
@@ -341,7 +340,7 @@ class CriticalityResult:
         ax.set_title(f"{module['module']}: μ = {module['mu']:.4g}  (ε = {self.epsilon:.4g})", fontsize=9)
         return report.save_figure(fig, path, force=force)
 
-    def plot_mu(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Bar chart of μ_i per module (infinite μ drawn as empty)."""
         from .. import report
         vals = [m["mu"] if math.isfinite(m["mu"]) else None for m in self.modules]
@@ -361,18 +360,19 @@ class CriticalityResult:
             names[m["module"]] = f"{name}.png"
         return names
 
-    def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
-        """results.json, criticality.csv, criticality_search.csv, criticality.png and one valley PNG per module."""
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json, criticality.csv, criticality_search.csv, criticality.png (μ per module) and one valley PNG
+        per module (role "valley:MODULE"); role → path."""
+        from functools import partial
+
         from .. import report
         files = self.valley_files()
-        folder = report.check_outputs(folder, ["results.json", "criticality.csv", "criticality_search.csv",
-                                               "criticality.png", *files.values()], force)
-        out = [report.write_json(folder / "results.json", {**self.to_dict(), "valley_png": files}, force=force),
-               report.write_csv(folder / "criticality.csv", *self.table(), force=force),
-               report.write_csv(folder / "criticality_search.csv", *self.search_table(), force=force),
-               self.plot_mu(folder / "criticality.png", force=force)]
-        out += [self.plot_valley(m, folder / files[m["module"]], force=force) for m in self.modules]
-        return out
+        return report.write_files(folder, {
+            "results": ("results.json", {**(extra or {}), **self.to_dict(), "valley_png": files}),
+            "csv": ("criticality.csv", self.table()), "search": ("criticality_search.csv", self.search_table()),
+            "png": ("criticality.png", self.plot),
+            **{f"valley:{m['module']}": (files[m["module"]], partial(self.plot_valley, m)) for m in self.modules}},
+            force=force)
 
 
 def _grid(values: int | Sequence[float], lo: float, hi: float, what: str) -> list[float]:

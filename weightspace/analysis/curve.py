@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load, short_name
@@ -116,10 +116,88 @@ class Curve:
                 "points": [{"alpha": a, "metrics": m} for a, m in zip(self.alphas, self.metrics)],
                 "barriers": self.barriers, **self.extra}
 
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """curve.png: accuracy and loss vs α per dataset, the chord barrier in the legend, its peak circled."""
+        return CurveSet([self]).plot(path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """curve.json, curve.csv, barriers.csv and curve.png in ``folder`` (as CurveSet.write)."""
+        return CurveSet([self]).write(folder, force=force, extra=extra)
+
 
 def barrier_table(curves: Sequence[Curve]) -> tuple[list[str], list[list]]:
     """Barrier heights of several curves in one table (one row per pair, dataset and metric)."""
     return curves[0].barrier_rows()[0], [r for c in curves for r in c.barrier_rows()[1]]
+
+
+@dataclass
+class CurveSet:
+    """Several barrier curves reported together (pairs overlaid in one figure, one table): what ``interpolate``
+    writes. A single Curve's ``plot`` and ``write`` go through a set of one."""
+
+    curves: list[Curve]
+
+    FILES: ClassVar[tuple[str, ...]] = ("curve.json", "curve.csv", "barriers.csv", "curve.png")
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """Every point of every curve, one row per (pair, α, dataset); the curves must report the same metrics.
+
+        Raises:
+            ConfigError: the curves report different metrics.
+        """
+        headers, rows = self.curves[0].table()
+        for c in self.curves[1:]:
+            h, r = c.table()
+            if h != headers:
+                raise ConfigError("curves report different metrics")
+            rows += r
+        return headers, rows
+
+    def barrier_table(self) -> tuple[list[str], list[list]]:
+        """Barrier heights of every curve (one row per pair, dataset and metric)."""
+        return barrier_table(self.curves)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: {"curves": [each curve's to_dict()]}."""
+        return {"curves": [c.to_dict() for c in self.curves]}
+
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """curve.png: accuracy and loss vs α, one line per (pair, dataset); each line's chord barrier (error on the
+        accuracy panel, loss on the loss panel) is in its legend and its peak α is circled."""
+        panels = {m: {"series": [], "annotations": []} for m in ("accuracy", "loss")}
+        barrier_of = {"accuracy": "error", "loss": "loss"}
+        for i, c in enumerate(self.curves):
+            color = report.COLORS[i % len(report.COLORS)]
+            for j, ds in enumerate(c.datasets):
+                tag = f"{c.label} · {ds}" if len(c.datasets) > 1 or len(self.curves) > 1 else ds
+                for m, p in panels.items():
+                    if not c.has(ds, m):
+                        continue
+                    ys = c.series(ds, m)
+                    b = c.barriers.get(ds, {}).get(barrier_of[m])
+                    label = tag
+                    if b is not None and b["chord_alpha"] is not None:
+                        label += f"  ({barrier_of[m]} barrier {b['chord']:.3f})"
+                        k = c.alphas.index(b["chord_alpha"])
+                        if b["chord"] > 0:  # circle the peak only where there is a barrier
+                            p["annotations"].append({"x": b["chord_alpha"], "y": ys[k], "text": "", "color": color})
+                    p["series"].append({"x": c.alphas, "y": ys, "label": label, "color": color,
+                                        "linestyle": report.LINESTYLES[j % len(report.LINESTYLES)]})
+        xlabel = "α  ((1−α)·A + α·B)"
+        shown = [{"xlabel": xlabel, "ylabel": m, "title": m, **p} for m, p in panels.items() if p["series"]]
+        if not shown:  # a user's evaluate returned neither accuracy nor loss: plot its first metric
+            ds = self.curves[0].datasets[0]
+            m = next(iter(self.curves[0].metrics[0][ds]))
+            shown = [{"xlabel": xlabel, "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
+                                                              for c in self.curves]}]
+        return report.save_figure(report.line_panels(shown, title="interpolation barrier curve"), path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """curve.json (``extra`` and the curves), curve.csv (every point), barriers.csv and curve.png (all pairs
+        overlaid) in ``folder``; returns {"json", "csv", "barriers", "png"} → path."""
+        return report.write_files(folder, {
+            "json": (self.FILES[0], {**(extra or {}), **self.to_dict()}), "csv": (self.FILES[1], self.table()),
+            "barriers": (self.FILES[2], self.barrier_table()), "png": (self.FILES[3], self.plot)}, force=force)
 
 
 def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:
@@ -222,57 +300,3 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     seconds = time.perf_counter() - t0
     return Curve(grid, points, a=ca.source, b=cb.source, label=label, recalibrate_bn=recal_name, seconds=seconds,
                  extra={"repair": repairer.name} if repairer is not None else {})
-
-
-CURVE_FILES = ("curve.json", "curve.csv", "barriers.csv", "curve.png")
-
-
-def plot_curves(curves: Sequence[Curve], path: str | os.PathLike, *, force: bool = False) -> Path:
-    """curve.png: accuracy and loss vs α, one line per (pair, dataset); each line's chord barrier (error on the
-    accuracy panel, loss on the loss panel) is in its legend and its peak α is circled."""
-    panels = {m: {"series": [], "annotations": []} for m in ("accuracy", "loss")}
-    barrier_of = {"accuracy": "error", "loss": "loss"}
-    for i, c in enumerate(curves):
-        color = report.COLORS[i % len(report.COLORS)]
-        for j, ds in enumerate(c.datasets):
-            tag = f"{c.label} · {ds}" if len(c.datasets) > 1 or len(curves) > 1 else ds
-            for m, p in panels.items():
-                if not c.has(ds, m):
-                    continue
-                ys = c.series(ds, m)
-                b = c.barriers.get(ds, {}).get(barrier_of[m])
-                label = tag
-                if b is not None and b["chord_alpha"] is not None:
-                    label += f"  ({barrier_of[m]} barrier {b['chord']:.3f})"
-                    k = c.alphas.index(b["chord_alpha"])
-                    if b["chord"] > 0:  # circle the peak only where there is a barrier
-                        p["annotations"].append({"x": b["chord_alpha"], "y": ys[k], "text": "", "color": color})
-                p["series"].append({"x": c.alphas, "y": ys, "label": label, "color": color,
-                                    "linestyle": report.LINESTYLES[j % len(report.LINESTYLES)]})
-    xlabel = "α  ((1−α)·A + α·B)"
-    shown = [{"xlabel": xlabel, "ylabel": m, "title": m, **p} for m, p in panels.items() if p["series"]]
-    if not shown:  # a user's evaluate returned neither accuracy nor loss: plot its first metric
-        ds = curves[0].datasets[0]
-        m = next(iter(curves[0].metrics[0][ds]))
-        shown = [{"xlabel": xlabel, "ylabel": m, "series": [{"x": c.alphas, "y": c.series(ds, m), "label": c.label}
-                                                          for c in curves]}]
-    return report.save_figure(report.line_panels(shown, title="interpolation barrier curve"), path, force=force)
-
-
-def write_curves(curves: Sequence[Curve], folder: str | os.PathLike, results: dict | None = None, *,
-                 force: bool = False) -> dict:
-    """curve.json, curve.csv (every point), barriers.csv and curve.png (all pairs overlaid) in ``folder``."""
-    folder = Path(folder)
-    paths = {"json": folder / "curve.json", "csv": folder / "curve.csv", "barriers": folder / "barriers.csv",
-             "png": folder / "curve.png"}
-    report.write_json(paths["json"], {**(results or {}), "curves": [c.to_dict() for c in curves]}, force=force)
-    headers, rows = curves[0].table()
-    for c in curves[1:]:
-        h, r = c.table()
-        if h != headers:
-            raise ValueError("curves report different metrics")
-        rows += r
-    report.write_csv(paths["csv"], headers, rows, force=force)
-    report.write_csv(paths["barriers"], *barrier_table(curves), force=force)
-    plot_curves(curves, paths["png"], force=force)
-    return {k: str(v) for k, v in paths.items()}

@@ -126,8 +126,8 @@ class Head2ToeResult:
                 [[i, r["layer"], r["features"], r["kept"], r["kept"] / max(1, r["features"])]
                  for i, r in enumerate(self.layers)])
 
-    def to_json(self) -> dict:
-        """A JSON-able summary."""
+    def to_dict(self) -> dict:
+        """JSON-ready form: settings, chosen fraction, accuracies vs the last-layer probe, features per layer."""
         return {**self.config, "chosen_keep": self.chosen, "test_accuracy": self.accuracy,
                 "baseline": self.baseline, "gain_over_baseline": self.accuracy - self.baseline["test_accuracy"],
                 "cv_accuracy": {str(k): v for k, v in self.cv.items()},
@@ -164,6 +164,15 @@ class Head2ToeResult:
         fig.suptitle(f"Head2Toe {self.accuracy:.4f} vs last-layer probe {self.baseline['test_accuracy']:.4f}",
                      fontsize=10)
         return save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json (``extra`` and the result), head2toe.csv, head2toe_layers.csv and head2toe.png in ``folder``;
+        role → path."""
+        from ..report import write_files
+        return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
+                                    "csv": ("head2toe.csv", self.table()),
+                                    "layers": ("head2toe_layers.csv", self.layer_table()),
+                                    "png": ("head2toe.png", self.plot)}, force=force)
 
 
 def check_keep(keep: Sequence[float]) -> list[float]:

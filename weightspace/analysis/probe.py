@@ -116,8 +116,8 @@ class ProbeResult:
         headers = ["checkpoint", "depth", "layer", "features", "train_accuracy", "test_accuracy"]
         return headers, [[r[h] for h in headers] for r in self.rows]
 
-    def to_json(self) -> dict:
-        """A JSON-able summary."""
+    def to_dict(self) -> dict:
+        """JSON-ready form: the settings, every row and each checkpoint's best layer."""
         return {**self.config, "rows": self.rows,
                 "best": {k: {"layer": v["layer"], "test_accuracy": v["test_accuracy"]} for k, v in self.best().items()}}
 
@@ -140,6 +140,12 @@ class ProbeResult:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         return save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json (``extra`` and the result), probe.csv and probe.png in ``folder``; role → path."""
+        from ..report import write_files
+        return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
+                                    "csv": ("probe.csv", self.table()), "png": ("probe.png", self.plot)}, force=force)
 
 
 def probe_features(train: Features, test: Features, *, layers: Sequence[str] | None = None, l2: float = L2,

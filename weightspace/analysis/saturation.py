@@ -83,8 +83,8 @@ class SaturationFit:
             rows.append([self.labels[i] if self.labels else str(i), u, d, i in used, float(self.predict(u))])
         return ["point", "upstream_accuracy", "downstream_accuracy", "fitted", "predicted_downstream"], rows
 
-    def to_json(self) -> dict:
-        """A JSON-able summary."""
+    def to_dict(self) -> dict:
+        """JSON-ready form: settings, the fitted k, α, e_∞, goodness of fit and the points fitted."""
         return {**self.config, "k": self.k, "alpha": self.alpha, "e_inf": self.e_inf,
                 "predicted_downstream_accuracy_at_upstream_1": self.predicted_downstream_at_saturation,
                 "points": len(self.upstream), "points_fitted": len(self.used), "rmse": self.rmse, "r2": self.r2,
@@ -111,6 +111,14 @@ class SaturationFit:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         return save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json (``extra`` and the fit), saturation.csv (every point) and saturation.png in ``folder``;
+        role → path."""
+        from ..report import write_files
+        return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
+                                    "csv": ("saturation.csv", self.table()), "png": ("saturation.png", self.plot)},
+                           force=force)
 
 
 def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, points: str = "hull",

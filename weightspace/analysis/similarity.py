@@ -240,21 +240,23 @@ class SimilarityResult:
         return ["", "B right", "B wrong"], [["A right", c["both_right"], c["a_right_b_wrong"]],
                                             ["A wrong", c["a_wrong_b_right"], c["both_wrong"]]]
 
-    def write(self, folder: str | os.PathLike, *, force: bool = False) -> list[Path]:
-        """results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png into a folder."""
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json, similarity.csv, agreement.csv, cka.png and (with a minibatch CKA matrix) cka_matrix.png
+        into a folder; role → path."""
         from .. import report
-        folder = report.check_outputs(folder, ["results.json", "similarity.csv", "agreement.csv", "cka.png",
-                                               "cka_matrix.png"], force)
-        out = [report.write_json(folder / "results.json", self.to_dict(), force=force)]
-        out.append(report.write_csv(folder / "similarity.csv", *self.table(), force=force))
-        out.append(report.write_csv(folder / "agreement.csv", *self.agreement_table(), force=force))
-        out.append(self.plot(folder / "cka.png", force=force))
+        files = {"results": ("results.json", {**(extra or {}), **self.to_dict()}), "csv": ("similarity.csv", self.table()),
+                 "agreement": ("agreement.csv", self.agreement_table()), "png": ("cka.png", self.plot)}
         if self.matrix:
-            fig = report.heatmap(self.matrix, [f"A {m}" for m in self.matrix_modules],
-                                 [f"B {m}" for m in self.matrix_modules], title="minibatch linear CKA",
-                                 cbar_label="CKA", cmap="magma")
-            out.append(report.save_figure(fig, folder / "cka_matrix.png", force=force))
-        return out
+            files["matrix"] = ("cka_matrix.png", self.plot_matrix)
+        return report.write_files(folder, files, force=force)
+
+    def plot_matrix(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Heat map of minibatch linear CKA between every module of A and every module of B."""
+        from .. import report
+        fig = report.heatmap(self.matrix, [f"A {m}" for m in self.matrix_modules],
+                             [f"B {m}" for m in self.matrix_modules], title="minibatch linear CKA",
+                             cbar_label="CKA", cmap="magma")
+        return report.save_figure(fig, path, force=force)
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """CKA per module (one line per variant) beside relative L2 per module."""

@@ -1,7 +1,9 @@
 """Group parameter names into modules: by prefix depth, by a regular expression, or by the nn.Module tree."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from torch import nn
@@ -243,26 +245,26 @@ class ModuleListing:
             out["unassigned"] = self.unassigned
         return out
 
-    def plot(self):
-        """A bar chart of parameters per module."""
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """modules.png: a bar chart of parameters per module."""
         from .. import report
-        return report.bar_chart([m["name"] for m in self.modules],
-                                {"parameters": [float(m["parameters"]) for m in self.modules]},
-                                xlabel="parameters", title=f"{self.model} by {self.grouping}")
+        fig = report.bar_chart([m["name"] for m in self.modules],
+                               {"parameters": [float(m["parameters"]) for m in self.modules]},
+                               xlabel="parameters", title=f"{self.model} by {self.grouping}")
+        return report.save_figure(fig, path, force=force)
 
-    def write(self, folder: str, force: bool = False) -> list:
-        """results.json, modules.csv and modules.png in ``folder``.
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json, modules.csv (every key) and modules.png in ``folder``; role → path.
 
         Raises:
             OutputExists: a file exists and ``force`` is False (checked before anything is written).
         """
         from .. import report
-        d = report.check_outputs(folder, MODULES_FILES, force)
-        return [report.write_json(d / "results.json", self.to_dict(), force=force),
-                report.write_csv(d / "modules.csv", ["module", "tensors", "parameters", "output", "keys"],
-                                 [[m["name"], m["tensors"], m["parameters"], m["output"], " ".join(m["keys"])]
-                                  for m in self.modules], force=force),
-                report.save_figure(self.plot(), d / "modules.png", force=force)]
+        keys = (["module", "tensors", "parameters", "output", "keys"],
+                [[m["name"], m["tensors"], m["parameters"], m["output"], " ".join(m["keys"])] for m in self.modules])
+        return report.write_files(folder, {"results": (MODULES_FILES[0], {**(extra or {}), **self.to_dict()}),
+                                           "csv": (MODULES_FILES[1], keys), "png": (MODULES_FILES[2], self.plot)},
+                                  force=force)
 
 
 def list_modules(model: nn.Module, grouping: str = "tree:layer", checkpoint=None, *,

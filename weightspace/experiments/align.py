@@ -100,7 +100,7 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
     from ..search.align import align
     from ..eval.data import load_data
     from ..eval.evaluator import Evaluator
-    from ..analysis.curve import interpolation_curve, plot_curves
+    from ..analysis.curve import CurveSet, interpolation_curve
     from ..eval.models import build_model
     from ..io.save import save
     from ..eval.train import accuracy, train
@@ -190,7 +190,7 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
     figures = []
     for f, cs in curves_by_fix.items():
         name = f"barriers_{f}.png"
-        plot_curves(cs, out / name, force=force)
+        CurveSet(cs).plot(out / name, force=force)
         figures.append(name)
     report.write_csv(out / "barriers.csv", ["pair", "curve", "fix", "error_barrier", "error_barrier_midpoint",
                                             "loss_barrier", "peak_alpha", "error_alpha0", "error_alpha1"],

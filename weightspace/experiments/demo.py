@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .._version import __version__
-from ..analysis.basin import pairwise_barriers
+from ..analysis.basin import BasinResult, pairwise_barriers
 from ..analysis.curve import interpolation_curve
 from ..errors import OutputExists
 from ..eval.data import TensorData, load_data
@@ -37,10 +37,10 @@ from ..eval.models import build_model
 from ..eval.train import train
 from ..io.save import save
 from ..ops.stream import single_thread
-from ..analysis.curve import CURVE_FILES, write_curves
+from ..analysis.curve import CurveSet
 from ..report import check_outputs
 from ..report.stats import difference, fmt_interval, judge, t_interval
-from ..search.greedy import LEADERBOARD_FILES, write_leaderboard
+from ..search.greedy import Leaderboard
 from ..search.greedy import soup_leaderboard
 
 MODEL = "weightspace.eval.zoo:small_cnn?width=16"
@@ -124,7 +124,7 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     out = Path(out)
     ckdir, soupdir = out / "ckpts", out / "soups"
     names = checkpoint_names(size)
-    check_outputs(out, [*LEADERBOARD_FILES, *CURVE_FILES, "basin.json", "basin.csv", "basin.png"], force)
+    check_outputs(out, [*Leaderboard.FILES, *CurveSet.FILES, *BasinResult.FILES], force)
     for p in [ckdir / n for n in names] + [soupdir / "greedy.safetensors", soupdir / "uniform.safetensors"]:
         if p.exists() and not force:
             raise OutputExists(f"{p}: already exists (use --force to overwrite)")
@@ -238,10 +238,10 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
                "training": runs_info, "regime": regime, "basin": basin.to_dict(),
                "soups": soup_paths, "greedy": greedy.to_dict(),
                "barriers": {c.label: c.barriers for c in curves}}
-    files = write_leaderboard(lb, out, results, force=force)
-    files.update({f"basin_{Path(p).stem}": str(p) for p in basin.write(out, force=force)})
-    files.update({f"curve_{k}": v for k, v in write_curves(curves, out, {"command": "demo", "seed": seed},
-                                                           force=force).items()})
+    files = {k: str(v) for k, v in lb.write(out, force=force, extra=results).items()}
+    files.update({f"basin_{k}": str(v) for k, v in basin.write(out, force=force).items()})
+    files.update({f"curve_{k}": str(v) for k, v in CurveSet(curves).write(out, force=force, extra={
+        "command": "demo", "seed": seed}).items()})
     return {**results, "leaderboard": lb, "curves": curves, "files": files, "timings": timings}
 
 

@@ -388,7 +388,7 @@ def _fig(run: Run, name: str) -> Path:
 def analyse_barriers(run: Run, opts: dict) -> None:
     """(a) Error barriers along the line between two models, for every pair of each kind."""
     from .. import report
-    from ..analysis.curve import interpolation_curve, plot_curves
+    from ..analysis.curve import CurveSet, interpolation_curve
     test = run.data["target_test"]
     ev = _evaluator(run, test)
     curves, rows, out = [], [], {}
@@ -413,7 +413,7 @@ def analyse_barriers(run: Run, opts: dict) -> None:
     report.write_csv(run.out / "barriers.csv", ["kind", "pair", "error_barrier", "loss_barrier",
                                                 "error_barrier_bn_recalibrated", "loss_barrier_bn_recalibrated"],
                      rows, force=run.force)
-    plot_curves(curves, _fig(run, "barriers.png"), force=run.force)
+    CurveSet(curves).plot(_fig(run, "barriers.png"), force=run.force)
     tol = float(opts["no_barrier_below"])
     protocols = {"stored": "error_barrier"}
     if opts["recalibrate_bn"] and run.has_bn:

@@ -12,9 +12,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Protocol, Sequence
 
-from ..files import atomic_output, make_folder
+from ..files import atomic_output, make_folder, writes_discarded
 
 Row = Sequence[Any]
 
@@ -83,9 +84,14 @@ def write_csv(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[Ro
 
 
 def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) -> Path:
-    """Create ``folder`` and make sure none of ``names`` exists in it unless ``force`` (fail before any work)."""
+    """Create ``folder`` and make sure none of ``names`` exists in it unless ``force`` (fail before any work).
+
+    While writes are discarded (``files.discard_writes``, another process writes the same files) it checks and
+    creates nothing: that process may already have written them."""
     from ..errors import OutputExists
     folder = Path(folder)
+    if writes_discarded():
+        return folder
     if folder.exists() and not folder.is_dir():
         raise OutputExists(f"{folder}: exists and is not a folder")
     if not force:
@@ -93,6 +99,46 @@ def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) 
             if (folder / n).exists():
                 raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)")
     return make_folder(folder)
+
+
+class Result(Protocol):
+    """What every result type offers (Curve, Leaderboard, GreedyResult, RewindResult, ...): report renders it
+    without knowing which one it is."""
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """Headers and rows: the result as one table."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Draw the result's main figure as a PNG at ``path``."""
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False) -> dict[str, Path]:
+        """Write the result's files (JSON, CSV, PNG) into ``folder``; role → path."""
+
+
+def write_files(folder: str | os.PathLike, files: Mapping[str, tuple[str, Any]], *, force: bool = False) -> dict[str, Path]:
+    """Write a result folder: ``files`` maps a role to (file name, content), written in order, and the same roles
+    map to the paths written. Content: a dict → JSON, a (headers, rows) pair → CSV, a function ``f(path, force=)``
+    → whatever it writes (a plot).
+
+    Raises:
+        OutputExists: one of the files exists and ``force`` is false (checked before anything is written), or
+            ``folder`` is a file.
+    """
+    root = check_outputs(folder, [name for name, _ in files.values()], force)
+    out: dict[str, Path] = {}
+    for role, (name, content) in files.items():
+        path = root / name
+        if isinstance(content, Mapping):
+            out[role] = write_json(path, content, force=force)
+        elif callable(content):
+            out[role] = Path(content(path, force=force))
+        else:
+            headers, rows = content
+            out[role] = write_csv(path, headers, rows, force=force)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- plotting

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -135,6 +135,26 @@ class GreedyResult:
                              "kept": i in self.kept} for r, i in enumerate(self.order)],
                 "kept": self.kept_sources, "steps": self.steps,
                 "ties": [[self.sources[i] for i in g] for g in self.ties]}
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """The ranking: one row per ingredient, best first, with its validation score and whether it was kept."""
+        return (["rank", "source", "val_score", "kept"],
+                [[r + 1, self.sources[i], self.scores[i], i in self.kept] for r, i in enumerate(self.order)])
+
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """greedy.png: each ingredient's validation score, best first; the kept ones in bold."""
+        names = [short_name(self.sources[i]) for i in self.order]
+        kept = [short_name(self.sources[i]) for i in self.kept]
+        fig = report.bar_chart(names, {"val score": [self.scores[i] for i in self.order]}, xlabel="validation score",
+                               title=f"greedy soup ({'>' if self.strict else '>='}): {len(self.kept)} of "
+                                     f"{len(self.sources)} kept, score {self.score:.4f}", highlight=kept)
+        return report.save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """greedy.json (``extra`` plus the decisions), greedy.csv (the ranking) and greedy.png in ``folder``."""
+        return report.write_files(folder, {
+            "json": ("greedy.json", {**(extra or {}), **self.to_dict()}), "csv": ("greedy.csv", self.table()),
+            "png": ("greedy.png", self.plot)}, force=force)
 
 
 def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bool = False, progress: bool = True,
@@ -278,6 +298,8 @@ class Leaderboard:
             rows.append({**r, "metrics": {**r["metrics"], AVG_SHIFTS: avg}})
         return [*self.columns, AVG_SHIFTS], rows
 
+    FILES: ClassVar[tuple[str, ...]] = ("results.json", "leaderboard.csv", "leaderboard.png")
+
     def interval(self, method: str | dict, column: str) -> tuple[float, float] | None:
         """95% Wilson interval of a row's accuracy (the row, or its method name) on one column, from the example
         count its metrics carry (``n``); None when the count is unknown."""
@@ -332,6 +354,21 @@ class Leaderboard:
         """JSON-ready form."""
         columns, rows = self.with_avg_shifts()
         return {"title": self.title, "columns": columns, "rows": rows, **self.extra}
+
+    def plot(self, path: str | os.PathLike, *, force: bool = False, metric: str = "accuracy") -> Path:
+        """leaderboard.png: one bar per method and dataset column (soups and ensembles in bold)."""
+        cats = [r["method"] for r in self.rows]
+        groups = {col: [r["metrics"].get(col, {}).get(metric) for r in self.rows] for col in self.columns}
+        hl = [r["method"] for r in self.rows if r.get("kind") in ("soup", "ensemble")]
+        fig = report.bar_chart(cats, groups, xlabel=metric, title=self.title, highlight=hl)
+        return report.save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """results.json (``extra`` plus the leaderboard), leaderboard.csv (every metric) and leaderboard.png in
+        ``folder``; returns {"results", "csv", "png"} → path."""
+        return report.write_files(folder, {
+            "results": (self.FILES[0], {**(extra or {}), "leaderboard": self.to_dict()}),
+            "csv": (self.FILES[1], self.long_table()), "png": (self.FILES[2], self.plot)}, force=force)
 
 
 def _names(sources: Sequence[str]) -> list[str]:
@@ -459,25 +496,3 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
                      "scale": res.scale, "scale_scores": [list(p) for p in res.scores],
                      "metrics": as_table(evaluate(res.state_dict))})
     return rows, merged
-
-
-LEADERBOARD_FILES = ("results.json", "leaderboard.csv", "leaderboard.png")
-
-
-def plot_leaderboard(lb: Leaderboard, path: str | os.PathLike, *, force: bool = False,
-                     metric: str = "accuracy") -> Path:
-    """leaderboard.png: one bar per method and dataset column."""
-    cats = [r["method"] for r in lb.rows]
-    groups = {col: [r["metrics"].get(col, {}).get(metric) for r in lb.rows] for col in lb.columns}
-    hl = [r["method"] for r in lb.rows if r.get("kind") in ("soup", "ensemble")]
-    return report.save_figure(report.bar_chart(cats, groups, xlabel=metric, title=lb.title, highlight=hl), path, force=force)
-
-
-def write_leaderboard(lb: Leaderboard, folder: str | os.PathLike, results: dict, *, force: bool = False) -> dict:
-    """results.json (``results`` plus the leaderboard), leaderboard.csv and leaderboard.png in ``folder``."""
-    folder = Path(folder)
-    paths = {"results": folder / "results.json", "csv": folder / "leaderboard.csv", "png": folder / "leaderboard.png"}
-    report.write_json(paths["results"], {**results, "leaderboard": lb.to_dict()}, force=force)
-    report.write_csv(paths["csv"], *lb.long_table(), force=force)
-    plot_leaderboard(lb, paths["png"], force=force)
-    return {k: str(v) for k, v in paths.items()}

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,25 @@ class LearnedSoupResult:
                 "val_uniform": self.val_uniform, "val_learned": self.val_learned,
                 "loss_first": self.history[0]["loss"] if self.history else None,
                 "loss_last": self.history[-1]["loss"] if self.history else None, "steps": len(self.history)}
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per ingredient: its source and learned coefficient."""
+        return ["source", "coefficient"], [[s, c] for s, c in zip(self.sources, self.coefficients)]
+
+    def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """learned.png: the training loss of every step's batch."""
+        from .. import report
+        fig = report.line_panels([{"xlabel": "step", "ylabel": "loss", "title": "learned soup",
+                                   "series": [{"x": [h["step"] for h in self.history],
+                                               "y": [h["loss"] for h in self.history], "marker": ""}]}])
+        return report.save_figure(fig, path, force=force)
+
+    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
+        """learned.json (``extra`` and the result), learned.csv (coefficients) and learned.png (loss) in ``folder``."""
+        from .. import report
+        return report.write_files(folder, {"json": ("learned.json", {**(extra or {}), **self.to_dict()}),
+                                           "csv": ("learned.csv", self.table()), "png": ("learned.png", self.plot)},
+                                  force=force)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
