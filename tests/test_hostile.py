@@ -264,3 +264,25 @@ def test_library_warnings_do_not_precede_the_error_line(cli, tmp_path, pair, mon
     junk.write_bytes(b"not a pickle at all")
     msg = one_line(cli("soup", pair[0], junk, "-o", tmp_path / "out.safetensors"))
     assert str(junk) in msg
+
+
+# class 11: the same inputs give the same bytes wherever the run lives ----------------------------------------------
+
+
+def test_outputs_in_different_folders_are_identical(cli, tmp_path, pair):
+    outs = []
+    for name in ("run-one", "deeper/run-two"):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        # the ingredients sit beside each run's output, as a demo's do
+        for p in pair:
+            (run / p.name).write_bytes(p.read_bytes())
+        out = run / "soup.safetensors"
+        r = cli("soup", run / "a.safetensors", run / "b.safetensors", "-o", out, "--quiet")
+        assert r.exit_code == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    with st.safe_open(str(tmp_path / "runs" / "run-one" / "soup.safetensors"), "pt") as f:
+        prov = json.loads(f.metadata()["weightspace"])
+    assert [i["source"] for i in prov["ingredients"]] == ["a.safetensors", "b.safetensors"]
+    assert all(len(i["sha256"]) == 64 for i in prov["ingredients"])

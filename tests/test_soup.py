@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,7 +113,7 @@ def test_greedy_soup_equals_uniform_soup_of_kept_files(tmp_path, trained_mlps):
     with safe_open(str(out), "pt") as f:
         prov = json.loads(f.metadata()["weightspace"])
     assert prov["op"] == "greedy_soup"
-    assert [i["source"] for i in prov["ingredients"]] == [paths[1], paths[0], paths[2]]
+    assert [i["source"] for i in prov["ingredients"]] == [os.path.relpath(p, out.parent) for p in (paths[1], paths[0], paths[2])]
     assert all(len(i["sha256"]) == 64 for i in prov["ingredients"])
 
 
@@ -196,7 +198,7 @@ def test_cli_soup_greedy_end_to_end(cli, finetunes, tmp_path):
     results = json.loads((out / "results.json").read_text())
     kept = results["greedy"]["kept"]
     prov = ws.load(soup_file).provenance
-    assert [i["source"] for i in prov["ingredients"]] == kept
+    assert [i["source"] for i in prov["ingredients"]] == [os.path.relpath(k, Path(soup_file).parent) for k in kept]
     ranking = {row["source"]: row["val_score"] for row in results["greedy"]["ranking"]}
     assert [i["val_score"] for i in prov["ingredients"]] == [ranking[k] for k in kept]
     # the saved soup is the API's greedy soup, and its leaderboard row is its own evaluation

@@ -31,7 +31,20 @@ def _format(path: Path, fmt: str | None) -> str:
     return "pt" if path.suffix in PICKLE_SUFFIXES else "safetensors"
 
 
-def _dump(prov: dict) -> str:
+def _portable_source(source: str, out: Path) -> str:
+    """A local ingredient path as seen from the output's folder, so that the same inputs give the same bytes
+    wherever the run lives (the sha256 beside it still identifies the file); other sources unchanged."""
+    if "://" in source or source.startswith(("<", "hf-hub:", "timm:", "open_clip:")) or not os.path.exists(source):
+        return source
+    return os.path.relpath(os.path.abspath(source), os.path.abspath(out.parent if str(out.parent) else "."))
+
+
+def _dump(prov: dict, out: Path) -> str:
+    ingredients = prov.get("ingredients")
+    if isinstance(ingredients, list):
+        prov = dict(prov, ingredients=[dict(i, source=_portable_source(i["source"], out))
+                                       if isinstance(i, dict) and isinstance(i.get("source"), str) else i
+                                       for i in ingredients])
     return json.dumps(prov, sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
@@ -58,11 +71,11 @@ def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = Non
         prov["tied"] = dict(sorted(tied.items()))
     with atomic_output(path, force) as tmp:
         if kind == "pt":
-            torch.save({"state_dict": {k: v.detach().cpu() for k, v in sd.items()}, "weightspace": _dump(prov)}, tmp)
+            torch.save({"state_dict": {k: v.detach().cpu() for k, v in sd.items()}, "weightspace": _dump(prov, path)}, tmp)
         else:
             keys = sorted(sd)
             entries = [(k, sd[k].dtype, tuple(sd[k].shape)) for k in keys]
-            write_safetensors(tmp, entries, ((k, sd[k]) for k in keys), {"weightspace": _dump(prov)})
+            write_safetensors(tmp, entries, ((k, sd[k]) for k in keys), {"weightspace": _dump(prov, path)})
     return path
 
 
@@ -80,15 +93,15 @@ def _save_stream(stream: TensorStream, path: Path, kind: str, provenance: dict |
             placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
             placeholder.update(extra)
             data = stream.pieces() if stream.pieces is not None else iter(stream)
-            write_safetensors(tmp, stream.entries, data, {"weightspace": _dump(placeholder)})
+            write_safetensors(tmp, stream.entries, data, {"weightspace": _dump(placeholder, path)})
             final = finish_provenance(stream.provenance, stream.ingredients, [f.result() for f in futures])
         except BaseException:
             for f in futures:  # bad input: report it now, not after hashing every remaining ingredient
                 f.cancel()
             raise
         final.update(extra)
-        head_old, _ = header_for(stream.entries, {"weightspace": _dump(placeholder)})
-        head_new, _ = header_for(stream.entries, {"weightspace": _dump(final)})
+        head_old, _ = header_for(stream.entries, {"weightspace": _dump(placeholder, path)})
+        head_new, _ = header_for(stream.entries, {"weightspace": _dump(final, path)})
         if len(head_old) != len(head_new):
             raise CheckpointError(f"{path}: internal error: provenance changed size while patching")
         with open(tmp, "r+b") as f:
