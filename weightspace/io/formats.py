@@ -43,7 +43,9 @@ class SafetensorsReader:
         try:
             self.tensors, self.metadata, self.header_bytes = self._parse()
         except Exception:
-            os.close(self._fd)
+            # -1 at once: else __del__ would close this number again later, when it may be another file's fd
+            fd, self._fd = self._fd, -1
+            os.close(fd)
             raise
 
     def _parse(self) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
