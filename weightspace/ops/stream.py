@@ -93,20 +93,6 @@ def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
         raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)")
 
 
-CHUNK_BYTES = 1 << 20  # accumulator bytes per piece: fits a core's L2 cache, bounds extra memory, and is
-# large enough that Python's per-piece overhead stays small (measured: 1 MiB beat 256 KiB and 4 MiB)
-
-
-def _chunk_elems(dtype: torch.dtype) -> int:
-    return max(1, CHUNK_BYTES // torch.empty((), dtype=dtype).element_size())
-
-
-def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
-    step = _chunk_elems(dtype)
-    for start in range(0, numel, step):
-        yield start, min(numel, start + step)
-
-
 def _progress(iterable, total: int, desc: str, enabled: bool):
     from ..progress import progress
     return progress(iterable, total=total, desc=desc, unit="tensor", enabled=enabled)

@@ -25,7 +25,8 @@ from ..eval.distributed import sweep
 from .. import report
 from ..errors import ConfigError
 from ..io.outputs import StateDict, finish_provenance
-from ..ops.stream import CHUNK_BYTES, PRECISIONS, SOUPS_PAPER, check_compatible, single_thread, uniform_soup
+from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratch
+from ..ops.stream import PRECISIONS, SOUPS_PAPER, check_compatible, uniform_soup
 from ..registry import Entry, register
 from ..eval.contract import as_table, model_tensors
 
@@ -60,32 +61,38 @@ def _accepts(new: float, old: float, strict: bool) -> bool:
     return new > old if strict else new >= old
 
 
-def _ranges(numel: int, dtype: torch.dtype) -> Iterator[tuple[int, int]]:
-    """[start, stop) pieces of CHUNK_BYTES of ``dtype``: one piece of each input stays in the CPU cache."""
-    step = max(1, CHUNK_BYTES // dtype.itemsize)
-    for start in range(0, numel, step):
-        yield start, min(numel, start + step)
+def _for_pieces(ex: Execution, total: Mapping[str, torch.Tensor], floats: Sequence[str],
+                fn: Callable[[str, int, int], None]) -> None:
+    """fn(key, start, stop) for every piece of the floating keys, on the worker threads (each piece is written by
+    one worker: disjoint slices, so the result does not depend on the thread count)."""
+    def run(task: tuple[str, int, int]) -> None:
+        with torch.no_grad():  # grad mode is per thread: targets may be a model's parameters
+            fn(*task)
+
+    tasks = ((k, a, b) for k in floats for a, b in ex.ranges(total[k].numel()))
+    for _ in ordered_map(run, tasks, ex.threads, ex.depth):
+        pass
 
 
 def _write_trial(targets: Mapping[str, torch.Tensor], total: Mapping[str, torch.Tensor], cand: Checkpoint,
-                 count: int, floats: Sequence[str], keys: Sequence[str], scratch: torch.Tensor) -> None:
+                 count: int, floats: Sequence[str], keys: Sequence[str], ex: Execution) -> None:
     """targets ← (total + cand) / count, cast to each target's dtype; integer buffers ← total's (the best's)."""
     floating = set(floats)
     with torch.no_grad():
         for k in keys:
             dst = targets[k]
-            if k not in floating:
-                if dst is not total[k]:
-                    dst.copy_(total[k])
-                continue
-            src, out = total[k].view(-1), dst.view(-1)
-            direct = dst.dtype == src.dtype and dst.device == src.device
-            for a, b in _ranges(src.numel(), src.dtype):
-                piece = cand.read_range(k, a, b, scratch)
-                if direct:
-                    torch.add(src[a:b], piece, out=out[a:b]).div_(count)
-                else:  # accumulate in the wide dtype, then cast (and move) into the target
-                    out[a:b].copy_(torch.add(src[a:b], piece).div_(count), non_blocking=True)
+            if k not in floating and dst is not total[k]:
+                dst.copy_(total[k])
+
+    def piece(k: str, a: int, b: int) -> None:
+        src, out = total[k].view(-1), targets[k].view(-1)
+        read = cand.read_range(k, a, b, thread_scratch("read", (b - a) * cand.info(k)[0].itemsize))
+        if out.dtype == src.dtype and out.device == src.device:
+            torch.add(src[a:b], read, out=out[a:b]).div_(count)
+        else:  # accumulate in the wide dtype, then cast (and move) into the target
+            out[a:b].copy_(torch.add(src[a:b], read).div_(count), non_blocking=True)
+
+    _for_pieces(ex, total, floats, piece)
 
 
 class LazyProvenanceDict(StateDict):
@@ -195,15 +202,15 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
         evaluate.load(best)  # one copy that checks the fit (the scores may have come from elsewhere)
     else:
         targets = StateDict({k: torch.empty_like(total[k], dtype=dtypes[k]) if k in acc else total[k] for k in keys})
-    scratch = torch.empty(CHUNK_BYTES * 2, dtype=torch.uint8)
+    # pieces on every core; each worker reads one piece of the candidate and writes one piece of the targets
+    ex = plan_execution(model_bytes=best.nbytes, worker_bytes_per_elem=16, held_bytes_per_elem=0)
     kept = [order[0]]
     current = scores[order[0]]
     steps = []
     bar = _bar(order[1:], len(order) - 1, "greedy soup", progress)
     for i in bar:
         cand, n = cks[i], len(kept)
-        with single_thread():
-            _write_trial(targets, total, cand, n + 1, floats, keys, scratch)
+        _write_trial(targets, total, cand, n + 1, floats, keys, ex)
         tell_members(evaluate, [*kept, i])
         s = _score(evaluate() if in_model else evaluate(targets))
         evaluations += 1
@@ -211,11 +218,11 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
         steps.append({"source": cand.source, "val_score": scores[i], "soup_score_before": current,
                       "soup_score_with": s, "kept": keep})
         if keep:
-            with single_thread():
-                for k in floats:
-                    flat = total[k].view(-1)
-                    for a, b in _ranges(flat.numel(), acc[k]):
-                        flat[a:b].add_(cand.read_range(k, a, b, scratch))
+            def add(k: str, a: int, b: int, cand: Checkpoint = cand) -> None:
+                nbytes = (b - a) * cand.info(k)[0].itemsize
+                total[k].view(-1)[a:b].add_(cand.read_range(k, a, b, thread_scratch("read", nbytes)))
+
+            _for_pieces(ex, total, floats, add)
             kept.append(i)
             current = s
         if progress and hasattr(bar, "set_postfix"):
