@@ -49,7 +49,7 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelO
         if len(checkpoints) != 2 or pairs or model.model or data.data:
             raise click.UsageError("--alpha writes one checkpoint from exactly A B; drop --model/--data/--pair")
         require(out.output, "-o/--output", "with --alpha")
-        return _point(checkpoints[0], checkpoints[1], alpha, out, force, ops, as_json, quiet)
+        return _point(checkpoints[0], checkpoints[1], alpha, out, force, ops, as_json, quiet, device=model.device)
     if out.output:
         raise click.UsageError("-o/--output writes one point: give --alpha (curve mode writes to --out)")
     require(model.model, "--model", "for a barrier curve (or give --alpha X -o OUT for one point)")
@@ -69,10 +69,10 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelO
             align_spec if align_b else None, out_dir, force, ops, as_json, quiet)
 
 
-def _point(a, b, alpha, out: OutputOptions, force, ops: OpOptions, as_json, quiet) -> None:
+def _point(a, b, alpha, out: OutputOptions, force, ops: OpOptions, as_json, quiet, device="auto") -> None:
     from weightspace import save
     from weightspace.ops.stream import lerp_stream
-    stream = lerp_stream(a, b, alpha, progress=not quiet, **ops.kwargs())
+    stream = lerp_stream(a, b, alpha, progress=not quiet, device=device, **ops.kwargs())
     path = save(stream, out.output, force=force, fmt=out.fmt)
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; interpolated once, written as a copy", quiet)

@@ -44,7 +44,7 @@ def merge(models: tuple[str, ...], method: str, merge_opts: MergeOptions, scale:
         return _search(method, base, models, negate, options, out, force, ops, as_json, quiet, model, data,
                        parse_floats(scales, "--scales"))
     stream = merging.merge(method, base, sources, scale=scale, negate=[False] * len(models) + [True] * len(negate),
-                           progress=not quiet, **ops.kwargs(), **options)
+                           progress=not quiet, device=model.device, **ops.kwargs(), **options)
     path = save(stream, out.output, force=force, fmt=out.fmt)
     prov = stream.provenance
     result = {"output": str(path), "method": method, "scale": scale, "base": stream.ingredients[0].source,

@@ -83,7 +83,7 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
         raise click.BadParameter(f"{len(w)} weights for {len(checkpoints)} checkpoints", param_hint="--weights")
     if not evaluating:
         require(out.output, "-o/--output", "when nothing is evaluated")
-        return _average(checkpoints, w, out, force, ops, as_json, quiet)
+        return _average(checkpoints, w, out, force, ops, as_json, quiet, device=model.device)
     if ops.allow_nonfinite:
         raise click.UsageError("--allow-nonfinite applies to plain averaging, not to evaluated soups")
     _evaluate(checkpoints, method, strict, w, out, model, data, out_dir, force, ops, as_json, quiet,
@@ -92,10 +92,10 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
               scales=parse_floats(merge.scales, "--scales") if merges else None, keep=merge.keep)
 
 
-def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as_json, quiet) -> None:
+def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as_json, quiet, device="auto") -> None:
     from weightspace import save
     from weightspace.ops import stream as streams
-    kw = dict(progress=not quiet, **ops.kwargs())
+    kw = dict(progress=not quiet, device=device, **ops.kwargs())  # auto: the CPU (ops.parallel.ops_device)
     if weights is not None:
         stream = streams.weighted_average_stream(list(checkpoints), weights, **kw)
     else:

@@ -126,3 +126,26 @@ def test_merges_and_distance_are_the_same_across_threads_and_budgets(real_files,
     assert torch.equal(ta["big"], expect.to(torch.float32))
     dists = {repr(ops.distance(real_files[0], real_files[1], per_module=True, threads=t)) for t in (1, 2, 4)}
     assert len(dists) == 1  # repr: the empty tensor's cosine is NaN, which == would never match
+
+
+def test_cli_memory_and_device_options(real_files, tmp_path, cli):
+    out = tmp_path / "soup.safetensors"
+    r = cli("soup", *real_files, "-o", out, "--max-memory", "1M", "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.stderr
+    ref = reference(real_files, [1 / 3] * 3)
+    back = st.load_file(out)
+    assert all(torch.equal(back[k], ref[k]) for k in ref)
+    for args, msg in ((["--max-memory", "lots"], "--max-memory lots: expected a size"),
+                      (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
+                       "--device")):
+        r = cli("soup", *real_files, "-o", tmp_path / "no.safetensors", *args)
+        assert r.exit_code == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "no.safetensors").exists()
+    r = cli("merge", "--method", "ties", "--base", real_files[0], *real_files[1:], "-o", tmp_path / "t.safetensors",
+            "--max-memory", "64K", "-q")
+    assert r.exit_code == 0, r.stderr
+    r = cli("interpolate", *real_files[:2], "--alpha", "0.5", "-o", tmp_path / "mid.safetensors", "--max-memory",
+            "2M", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert all(torch.equal(v, reference(real_files[:2], [0.5, 0.5])[k])
+               for k, v in st.load_file(tmp_path / "mid.safetensors").items())

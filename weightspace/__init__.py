@@ -4,8 +4,8 @@ A tiny surface in the spirit of safetensors::
 
     import weightspace as ws
     ck = ws.load("model.safetensors")                 # lazy Checkpoint: name -> tensor
-    soup = ws.uniform_soup(["a.pt", "b.safetensors"])  # a state dict that remembers its provenance
-    ws.save(soup, "soup.safetensors")
+    ws.save(ws.uniform_soup_stream(["a.pt", "b.safetensors"]), "soup.safetensors")  # streamed: flat memory, all cores
+    soup = ws.uniform_soup(["a.pt", "b.safetensors"])  # or in memory: a state dict that remembers its provenance
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("CheckpointError", "ConfigError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists",
                      "SourceError", "UnsafeCheckpoint", "WeightspaceError"), "errors"),
     **dict.fromkeys(("StateDict", "TensorStream"), "io.outputs"),
-    **dict.fromkeys(("distance", "lerp", "task_vector", "uniform_soup", "weighted_average"), "ops.stream"),
+    **dict.fromkeys(("distance", "lerp", "task_vector", "uniform_soup", "weighted_average", "uniform_soup_stream",
+                     "weighted_average_stream", "lerp_stream", "task_vector_stream"), "ops.stream"),
     **dict.fromkeys(("save",), "io.save"),
-    **dict.fromkeys(("task_arithmetic", "ties_merge"), "ops.merge"),
+    **dict.fromkeys(("task_arithmetic", "ties_merge", "merge"), "ops.merge"),
     **dict.fromkeys(("align",), "search.align"),
     **dict.fromkeys(("HubError", "PushResult", "push_to_hub"), "hub"),
     **dict.fromkeys(("Evaluator", "Metrics"), "eval.evaluator"),
@@ -59,6 +60,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Checkpoint", "load", "save", "uniform_soup", "weighted_average", "lerp", "task_vector", "distance",
+    "uniform_soup_stream", "weighted_average_stream", "lerp_stream", "task_vector_stream", "merge",
     "StateDict", "TensorStream",
     "task_arithmetic", "ties_merge", "align",
     "push_to_hub", "PushResult", "HubError",

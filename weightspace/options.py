@@ -120,11 +120,16 @@ class OpOptions:
     allow_expanded: bool = _opt(False, "--allow-expanded",
                                 help="Read pickled tensors that are larger written out than stored (stride-0 or "
                                      "overlapping views) instead of refusing them.")
+    max_memory: str | None = _opt(None, "--max-memory", metavar="SIZE",
+                                  help="Memory for the pieces being combined, e.g. 256M or 4G (default: an eighth of "
+                                       "one checkpoint, 4 MiB to 1 GiB); every core combines pieces, and the output "
+                                       "is the same whatever the size.")
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the streaming ops (ops.stream, ops.merge); ``allow_expanded`` is a setting of
         loading (io.checkpoint.allow_expanded), not of the ops."""
-        return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite}
+        return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite,
+                "max_memory": self.max_memory}
 
 
 @dataclass
