@@ -87,7 +87,10 @@ def _save_stream(stream: TensorStream, path: Path, kind: str, provenance: dict |
         return save(sd, path, force=force, fmt="pt")
     # The header holds the ingredients' sha256; hash them in a thread while tensors stream, then patch the
     # placeholders in place (same length, so no data moves).
-    with ThreadPoolExecutor(max_workers=1) as pool, atomic_output(path, force) as tmp:
+    # One hashing thread per core (hashlib releases the GIL): cold, hashing is the slowest part of a soup.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(len(stream.ingredients), cores))
+    with ThreadPoolExecutor(max_workers=workers) as pool, atomic_output(path, force) as tmp:
         futures = [pool.submit(c.sha256) for c in stream.ingredients]
         try:
             placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
