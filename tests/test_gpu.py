@@ -94,3 +94,24 @@ def test_jpeg_folder_as_uint8_on_the_device_streamed_and_gpu_decoded(device, tmp
     out = np.zeros_like(d.x.numpy())
     rep = gpu_decode_into(FolderSource(root, str(root)), pipe, out, device=device, progress=False)
     assert rep.bad == [] and np.abs(out.astype(float) - d.x.numpy()).mean() < 1.0  # of 255: resampling differs
+
+
+def test_ops_on_the_device_match_the_cpu(device, tmp_path):
+    """--device for ops: a soup and a TIES merge combined on the device equal the CPU's up to a fused multiply-add
+    (one rounding), and are the same across thread counts."""
+    import safetensors.torch as st
+
+    import weightspace as ws
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        st.save_file({"w": torch.randn(300, 1001, generator=g), "b": torch.randn(77, generator=g).bfloat16(),
+                      "n": torch.tensor([i])}, paths[-1])
+    for make in (lambda **kw: ws.uniform_soup_stream(paths, **kw),
+                 lambda **kw: ws.merge("ties", paths[0], paths[1:], keep=0.3, **kw)):
+        cpu = make(device="cpu", threads=2).to_dict()
+        runs = [make(device=str(device), threads=t, max_memory=1).to_dict() for t in (1, 3)]
+        for k in cpu:
+            assert torch.equal(runs[0][k], runs[1][k]), k
+            assert torch.allclose(runs[0][k].float(), cpu[k].float(), rtol=1e-5, atol=1e-6), k
