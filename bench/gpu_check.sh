@@ -6,6 +6,8 @@
 #   4. the evaluation overhead ratios of bench/eval_overhead.py (barrier curve, greedy soup), resnet50, CUDA + AMP
 #   5. image data (bench/gpu_data.py): decode images/s with PIL workers and with nvjpeg on the GPU; resnet50 images/s
 #      on a JPEG folder held as uint8 on the GPU vs a timm validate.py-style DataLoader loop
+#   6. weight-space ops on the GPU: bench/soup_io.py (e), TIES over a base + 4 fine-tunes of ~0.9 GB bf16 with
+#      --device cuda against the CPU (wall times and max |GPU − CPU|)
 # No internet is needed. It runs the repo's .venv/bin/python if that works here (has torch with CUDA), else python3
 # (torch, timm, scikit-learn, pytest preinstalled), always with this checkout first on PYTHONPATH.
 #
@@ -140,7 +142,13 @@ else
   step "image data: decode and resnet50 images/s" 100 "$PY" bench/gpu_data.py --images 2000
 fi
 
+if [ "$SMOKE" = 1 ]; then
+  step "ops on the device (bench/soup_io.py e, CPU smoke)" 120 "$PY" bench/soup_io.py --only e --dtypes bf16 --reps 1 --device cpu
+else
+  step "ops on the GPU (bench/soup_io.py e)" 120 "$PY" bench/soup_io.py --only e --dtypes bf16 --reps 2 --scale 4.5 --device cuda
+fi
+
 echo
 echo "== summary ($((SECONDS - START)) s)"
-grep -E "images/s|speed-up|barrier curve|greedy soup|bare pass|passed|failed|error|2 ranks|== .*: (FAILED|not run)" "$LOG"
+grep -E "images/s|speed-up|barrier curve|greedy soup|bare pass|passed|failed|error|2 ranks|\(e\)|== .*: (FAILED|not run)" "$LOG"
 exit $FAIL
