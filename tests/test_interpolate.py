@@ -99,7 +99,7 @@ def test_in_place_path_equals_state_dict_path():
     torch.manual_seed(0)
     a, b = (build_model(spec, num_classes=10).state_dict() for _ in range(2))
     big = max(a, key=lambda k: a[k].numel())
-    assert sum(1 for k, _ in ws.ops.stream.lerp_stream(a, b, 0.5).pieces() if k == big) > 1  # really in pieces
+    assert sum(1 for k, _ in ws.lerp_stream(a, b, 0.5).pieces() if k == big) > 1  # really in pieces
     ev = Evaluator(build_model(spec, num_classes=10), load_data("digits:val"), device="cpu")
     in_place = interpolation_curve(a, b, ev, steps=4, progress=False)
     plain = interpolation_curve(a, b, lambda w: ev(w), steps=4, progress=False)

@@ -116,7 +116,7 @@ def test_memory_and_device_options_are_checked():
 def test_merges_and_distance_are_the_same_across_threads_and_budgets(real_files, tmp_path):
     base, models = real_files[0], real_files[1:]
     for method, extra in (("ties", {"keep": 0.2}), ("task-arithmetic", {"negate": [False, True]})):
-        blobs = {ws.save(ws.ops.merge.merge(method, base, models, scale=0.7, threads=t, max_memory=m, **extra),
+        blobs = {ws.save(ws.merge(method, base, models, scale=0.7, threads=t, max_memory=m, **extra),
                          tmp_path / f"{method}{t}.safetensors").read_bytes() for t, m in SETTINGS}
         assert len(blobs) == 1, method
     ta = ws.task_arithmetic(base, models, negate=[False, True], threads=2, max_memory=1)
