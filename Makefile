@@ -17,8 +17,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# pytest's temp folders (hundreds of MB of checkpoints a run) go to a fresh temp dir that is removed afterwards.
 test: install
-	$(BIN)/python -m pytest -q -m "not gpu" tests
+	@tmp=$$(mktemp -d); $(BIN)/python -m pytest -q -p no:cacheprovider -m "not gpu" --basetemp="$$tmp/pytest" tests; \
+	rc=$$?; rm -rf "$$tmp"; exit $$rc
 
 demo: install
 	$(BIN)/weightspace demo --out runs/demo --force

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import markdown_table, note, print_json, refuse_existing, report_options
-from .options import DataOptions, ModelOptions, OutputOptions, force_option, use
+from .options import DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, use
 
 
 @click.command("align")
@@ -23,8 +23,9 @@ from .options import DataOptions, ModelOptions, OutputOptions, force_option, use
 @use(OutputOptions, "out", required=("output",), help={"output": "Where B, permuted, is written."})
 @force_option("Overwrite an existing output file.")
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def align(a: str, b: str, model: ModelOptions, data: DataOptions, method: str | None, seed: int, max_rounds: int,
-          out: OutputOptions, force: bool, as_json: bool, quiet: bool) -> None:
+          out: OutputOptions, force: bool, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:
     """Permute B's hidden units to match A (Git Re-Basin); B's function is unchanged. Writes B aligned."""
     from weightspace import save
     from weightspace.search.align import align as align_fn
@@ -56,7 +57,7 @@ def align(a: str, b: str, model: ModelOptions, data: DataOptions, method: str | 
         raise
     if not info["groups"]:
         note(f"{model_spec}: no permutation symmetry found in the graph; B is written unchanged", quiet)
-    path = save(permuted, out.output, force=force, fmt=out.fmt)
+    path = save(permuted, out.output, force=force, **out.save_kwargs())
     summary = {k: info[k] for k in ("method", "seed", "rounds", "converged", "batches", "l2_before", "l2_after",
                                     "max_abs_output_change", "identity", "groups", "fixed") if k in info}
     if as_json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import grouping_option, report_options
-from .options import DataOptions, ModelOptions, force_option, report_folder, use
+from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 
 @click.command("criticality")
@@ -31,9 +31,11 @@ from .options import DataOptions, ModelOptions, force_option, report_folder, use
 @report_folder("Folder for results.json, criticality.csv, criticality_search.csv and the PNGs.")
 @force_option()
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def criticality(final: str, init: str, data: DataOptions, grouping: str | None, epsilon: float,
                 relative_epsilon: bool, metric: str, alphas: str, sigma_range: str, bisect_steps: int, samples: int,
-                seed: int, recal_spec: str | None, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+                seed: int, recal_spec: str | None, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool,
+                sources: OpOptions | None = None) -> None:
     """Module criticality μ_i (Chatterji et al. 2020) per module and the network's Σμ_i.
 
     At each α the largest σ with mean error ≤ ε is found by bisection on fixed noise draws. --out writes

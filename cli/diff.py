@@ -12,7 +12,7 @@ from .options import OpOptions, use
 @click.command("diff")
 @click.argument("a")
 @click.argument("b")
-@use(OpOptions, "ops", only=("ema",))
+@use(OpOptions, "ops", only=("ema", "strip_prefix"))
 @report_options
 def diff(a: str, b: str, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Keys only in A or only in B, and keys whose shape or dtype differ. Exit 1 when they differ."""

@@ -13,7 +13,7 @@ from .options import OpOptions, use
 @click.option("--per-module", is_flag=True, help="Also report each module (see --depth / --regex).")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Group parameters by their first N name parts.")
 @click.option("--regex", default=None, help="Group parameters by what this regex captures (group 1, else the match).")
-@use(OpOptions, "ops", only=("ema", "allow_nonfinite"),
+@use(OpOptions, "ops", only=("ema", "strip_prefix", "allow_nonfinite"),
      help={"allow_nonfinite": "Do not refuse tensors holding NaN/Inf."})
 @report_options
 def distance(a: str, b: str, per_module: bool, depth: int | None, regex: str | None, ops: OpOptions,

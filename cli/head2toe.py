@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import parse_floats, print_json, report_options
-from .options import DataOptions, ModelOptions
+from .options import DataOptions, ModelOptions, OpOptions, use
 from .probe import linear_head_options, probe_options, write_report
 
 H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.png")
@@ -26,9 +26,10 @@ H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.pn
 @click.option("--lasso-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Proximal-gradient iterations of the group-lasso head.")
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def head2toe(checkpoint: str, model: ModelOptions, data: DataOptions, layers: str, cache_dir: str | None,
              out_dir: str | None, force: bool, keep: str, target: int, coef: float, folds: int, seed: int, l2: float,
-             max_iter: int, lasso_iters: int, as_json: bool, quiet: bool) -> None:
+             max_iter: int, lasso_iters: int, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:
     """Head2Toe (Evci et al. 2022): a linear head on features selected from every layer of CHECKPOINT.
 
     Each layer is pooled to about --target features and L2-normalised per example; a group-lasso head scores the

@@ -9,7 +9,7 @@ from .options import OpOptions, use
 
 @click.command("inspect")
 @click.argument("source")
-@use(OpOptions, "ops", only=("ema",))
+@use(OpOptions, "ops", only=("ema", "strip_prefix"))
 @click.option("--limit", type=int, default=0, help="Show at most this many keys in the table (0: all).")
 @report_options
 def inspect_cmd(source: str, ops: OpOptions, limit: int, as_json: bool, quiet: bool) -> None:

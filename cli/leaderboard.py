@@ -14,7 +14,7 @@ from .options import DataOptions, ModelOptions, OpOptions, force_option, report_
      help={"data": "Evaluation data, one column each (repeat); checkpoints are ranked on the first."})
 @report_folder("Folder for results.json, leaderboard.csv and leaderboard.png.")
 @force_option()
-@use(OpOptions, "ops", only=("ema",))
+@use(OpOptions, "ops", only=("ema", "strip_prefix"))
 @report_options
 def leaderboard(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, out_dir: str | None,
                 force: bool, ops: OpOptions, as_json: bool, quiet: bool) -> None:

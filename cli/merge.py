@@ -1,4 +1,5 @@
-"""weightspace merge --method task-arithmetic|ties --base PRE FT... --scale λ -o OUT  |  ... --model M --val DATA"""
+"""weightspace merge --method task-arithmetic|ties --base PRE FT... --scale λ -o OUT  |  ... --model M --val DATA
+|  --config merge.yaml -o OUT (a mergekit file)"""
 from __future__ import annotations
 
 import click
@@ -9,11 +10,14 @@ from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputO
 
 @click.command("merge")
 @click.argument("models", nargs=-1)
-@click.option("--method", type=click.Choice(["task-arithmetic", "ties"]), required=True,
+@click.option("--config", "config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="A mergekit YAML file (linear, task_arithmetic, ties) instead of --method/--base/MODELS.")
+@click.option("--method", type=click.Choice(["task-arithmetic", "ties"]), default=None,
               help="task-arithmetic: θ_pre + λ·Σ τ_t.  ties: trim, elect sign, disjoint mean, θ_pre + λ·τ "
                    "(formulas, papers and defaults: `weightspace methods`).")
-@use(MergeOptions, "merge_opts", required=("base",),
-     help={"scales": "With --val: the grid of λ tried (--scale is then ignored)."})
+@use(MergeOptions, "merge_opts", help={"scales": "With --val: the grid of λ tried (--scale is then ignored)."})
+@click.option("--density", type=float, default=None,
+              help="ties: fraction kept of every tensor separately, as mergekit's density (instead of --keep).")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="λ, the scale of the merged task vector.")
 @click.option("--negate", multiple=True, metavar="CKPT",
               help="A fine-tuned model whose task vector is subtracted (forgetting); repeatable.")
@@ -24,20 +28,34 @@ from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputO
 @force_option("Overwrite an existing output file.")
 @op_options
 @report_options
-def merge(models: tuple[str, ...], method: str, merge_opts: MergeOptions, scale: float, negate: tuple[str, ...],
+def merge(models: tuple[str, ...], config: str | None, method: str | None, merge_opts: MergeOptions,
+          density: float | None, scale: float, negate: tuple[str, ...],
           out: OutputOptions, model: ModelOptions, data: DataOptions, force: bool, ops: OpOptions,
           as_json: bool, quiet: bool) -> None:
     """Merge fine-tuned MODELS that share the pre-trained --base, streamed tensor by tensor."""
     base, keep, scales = merge_opts.base, merge_opts.keep, merge_opts.scales
     from weightspace.ops import merge as merging
     from weightspace import save
+    if config:
+        given = [o for o, v in (("MODELS", models), ("--method", method), ("--base", base), ("--negate", negate),
+                                ("--keep", keep), ("--density", density), ("--val", data.val)) if v]
+        if given:
+            raise click.UsageError(f"--config describes the whole merge; drop {given[0]}")
+        refuse_existing(out.output, force)
+        return _from_config(config, out, force, ops, as_json, quiet)
+    require(method, "--method", "(or --config FILE)")
+    require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
     sources = list(models) + list(negate)
     if not sources:
         raise click.UsageError("give at least one fine-tuned model (positionally or with --negate)")
     refuse_existing(out.output, force)
-    options = {"keep": keep} if method == "ties" and keep is not None else {}
-    if method != "ties" and keep is not None:
-        note("--keep only applies to --method ties; ignored", quiet)
+    if keep is not None and density is not None:
+        raise click.UsageError("--keep (global top-k) and --density (per tensor) are two TIES trims: give one")
+    options = {}
+    if method == "ties":
+        options = {"density": density} if density is not None else ({"keep": keep} if keep is not None else {})
+    elif keep is not None or density is not None:
+        note("--keep/--density only apply to --method ties; ignored", quiet)
     if model.model or data.val:
         require(model.model, "--model", "to pick λ on --val")
         require(data.val, "--val", "to pick λ (with --model)")
@@ -45,17 +63,50 @@ def merge(models: tuple[str, ...], method: str, merge_opts: MergeOptions, scale:
                        parse_floats(scales, "--scales"))
     stream = merging.merge(method, base, sources, scale=scale, negate=[False] * len(models) + [True] * len(negate),
                            progress=not quiet, device=model.device, **ops.kwargs(), **options)
-    path = save(stream, out.output, force=force, fmt=out.fmt)
+    path = save(stream, out.output, force=force, **out.save_kwargs())
     prov = stream.provenance
     result = {"output": str(path), "method": method, "scale": scale, "base": stream.ingredients[0].source,
               "models": [{"source": c.source, "sign": i["sign"]}
                          for c, i in zip(stream.ingredients[1:], prov["ingredients"][1:])]}
     if method == "ties":
-        result.update(keep=prov["keep"], kept_per_task=prov["kept_per_task"], thresholds=prov["thresholds"])
+        result["trim"] = prov["trim"]
+        result.update({k: prov[k] for k in ("keep", "kept_per_task", "thresholds", "density") if k in prov})
     if as_json:
         print_json(result)
     else:
-        click.echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {scale})")
+        trim = f", {_trim(prov)}" if method == "ties" else ""
+        click.echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {scale}{trim})")
+
+
+def _trim(prov: dict) -> str:
+    """Which TIES trim a run used, in words."""
+    if prov.get("trim") == "per-tensor":
+        return "trimmed per tensor to density " + ", ".join(f"{d:g}" for d in sorted(set(prov["density"])))
+    return f"trimmed to the top {prov['keep']:g} of each task vector over the whole model"
+
+
+def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, quiet) -> None:
+    """A mergekit YAML merge, streamed and saved (its out_dtype unless --dtype says otherwise)."""
+    from weightspace import save
+    from weightspace.ops.mergekit import merge_from_config, read_mergekit_config
+    cfg = read_mergekit_config(config)
+    for line in cfg.notes:
+        note(f"{config}: {line}", quiet)
+    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite)
+    kwargs = out.save_kwargs()
+    kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
+    path = save(stream, out.output, force=force, **kwargs)
+    prov = stream.provenance
+    result = {"output": str(path), "config": config, "merge_method": cfg.method, "base": cfg.base,
+              "models": cfg.models, "weights": cfg.weights, "normalize": cfg.normalize, "scale": cfg.scale,
+              "precision": cfg.precision, "dtype": kwargs["dtype"]}
+    if cfg.method == "ties":
+        result.update(trim=prov["trim"], density=prov["density"])
+    if as_json:
+        print_json(result)
+    else:
+        what = f", {_trim(prov)}" if cfg.method == "ties" else ""
+        click.echo(f"wrote {path} ({cfg.method} of {len(cfg.models)} models from {config}{what})")
 
 
 def _search(method, base, models, negate, options, out: OutputOptions, force, ops: OpOptions, as_json, quiet,
@@ -71,7 +122,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
                        allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
-    path = save(res.state_dict, out.output, force=force, fmt=out.fmt, provenance={"val": val_spec})
+    path = save(res.state_dict, out.output, force=force, **out.save_kwargs(), provenance={"val": val_spec})
     result = {"output": str(path), "method": method, "scale": res.scale, "val": val_spec,
               "scores": [{"scale": lam, "val_accuracy": acc} for lam, acc in res.scores],
               "base": base, "models": [c.source for c in sources]}

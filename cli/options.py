@@ -38,6 +38,12 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
             if cls is DataOptions:  # how images are decoded, for every load_data of this command wherever it is
                 from weightspace.eval.data import set_decoding
                 set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad)
+            if cls is OpOptions:  # every checkpoint the verb opens, however deep in the library, reads them
+                from weightspace.io.sources import SourceOptions, default_options_for
+                opts = kw[dest]
+                with default_options_for(SourceOptions(ema="prefer" if opts.ema else "off",
+                                                       prefix=opts.strip_prefix or None)):
+                    return f(*args, **kw)
             return f(*args, **kw)
 
         for fl in reversed(chosen):

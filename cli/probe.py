@@ -6,7 +6,7 @@ from typing import Any, Callable
 import click
 
 from .common import note, print_json, report_options
-from .options import DataOptions, ModelOptions, force_option, report_folder, use
+from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 PROBE_FILES = ("results.json", "probe.csv", "probe.png")
 
@@ -57,8 +57,9 @@ def write_report(out_dir: str | None, command: str, result: Any, *, force: bool,
               help="Pool each layer to about this many features (Head2Toe's pooling rule).")
 @linear_head_options
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def probe(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, layers: str, cache_dir: str | None,
-          out_dir: str | None, force: bool, dim: int, l2: float, max_iter: int, as_json: bool, quiet: bool) -> None:
+          out_dir: str | None, force: bool, dim: int, l2: float, max_iter: int, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:
     """Linear probe accuracy at every tapped layer of each of CHECKPOINTS.
 
     Features are pooled per layer, computed once per dataset and checkpoint (one model instance, weights copied in

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import note, print_json, report_options
-from .options import ModelOptions, use
+from .options import ModelOptions, OpOptions, use
 
 
 @click.command("push")
@@ -23,12 +23,17 @@ from .options import ModelOptions, use
 @click.option("--open-clip-arch", default=None, help="open_clip architecture (e.g. ViT-B-32), when not inferred.")
 @click.option("--commit-message", "-m", "--message", "message", default=None, metavar="TEXT",
               help="Commit message (as `hf upload --commit-message`; -m and --message are aliases).")
+@click.option("--license", "license_id", default=None, metavar="ID",
+              help="License of the weights for the card's front matter (e.g. apache-2.0, mit, cc-by-4.0; default: "
+                   "that of timm pretrained ingredients, else none, with a note).")
 @click.option("--token", default=None, metavar="TOKEN",
               help="Hub token (default: HF_TOKEN, else a stored `hf auth login`); never printed.")
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def push(checkpoint: str, repo: str, private: bool, revision: str, card_from: str | None, dry_run: str | None,
          force: bool, timm_arch: str | None, model: ModelOptions, open_clip_arch: str | None,
-         message: str | None, token: str | None, as_json: bool, quiet: bool) -> None:
+         message: str | None, license_id: str | None, token: str | None, as_json: bool, quiet: bool,
+         sources: OpOptions | None = None) -> None:
     """Push CHECKPOINT to the Hub repo REPO (ORG/NAME) with a model card and a timm/open_clip config.
 
     The token comes from --token, HF_TOKEN or a stored `hf auth login`; it is never printed. HF_ENDPOINT picks
@@ -53,7 +58,7 @@ def push(checkpoint: str, repo: str, private: bool, revision: str, card_from: st
         disable_progress_bars()
     result = push_to_hub(checkpoint, repo, private=private, revision=revision, card_from=card_from,
                          dry_run_dir=dry_run, model_config=model_config, commit_message=message, force=force,
-                         token=token)
+                         token=token, license=license_id)
     for n in result.notes:
         note(f"note: {n}", quiet)
     if as_json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import grouping_option, report_options
-from .options import DataOptions, FixOptions, ModelOptions, force_option, report_folder, use
+from .options import DataOptions, FixOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 
 @click.command("rewind")
@@ -25,9 +25,10 @@ from .options import DataOptions, FixOptions, ModelOptions, force_option, report
 @report_folder("Folder for results.json, rewind.csv and rewind.png.")
 @force_option()
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None, targets: tuple[str, ...],
            seed: int, bn_stats: str, fix: FixOptions, model: ModelOptions, out_dir: str | None,
-           force: bool, as_json: bool, quiet: bool) -> None:
+           force: bool, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:
     """Rewind one module at a time to INIT / a checkpoint / a random draw, keep the others at FINAL, evaluate.
 
     Prints module × target error and loss beside FINAL's baseline; --out writes results.json, rewind.csv and

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import grouping_option, report_options
-from .options import DataOptions, ModelOptions, force_option, report_folder, use
+from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 
 @click.command("similarity")
@@ -26,9 +26,10 @@ from .options import DataOptions, ModelOptions, force_option, report_folder, use
 @report_folder("Folder for results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png.")
 @force_option()
 @report_options
+@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def similarity(a: str, b: str, data: DataOptions, grouping: str | None, full_limit: int, rbf_threshold: float,
                cross: bool, include_buffers: bool, max_indices: int | None, model: ModelOptions, out_dir: str | None,
-               force: bool, as_json: bool, quiet: bool) -> None:
+               force: bool, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:
     """CKA (linear, RBF, debiased, minibatch) of the two models' activations at every module output, L2 per
     module, and the prediction agreement table with the indices of the examples only one model gets right.
 

@@ -100,7 +100,7 @@ def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as
         stream = streams.weighted_average_stream(list(checkpoints), weights, **kw)
     else:
         stream = streams.uniform_soup_stream(list(checkpoints), **kw)
-    path = save(stream, out.output, force=force, fmt=out.fmt)
+    path = save(stream, out.output, force=force, **out.save_kwargs())
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; averaged once, written as a copy", quiet)
     for ing in stream.ingredients:
@@ -140,7 +140,8 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     saved = None
     if out.output:
         extra = {"val_score": rep.val_score} if method != "greedy" else {}
-        saved = str(save(rep.chosen, out.output, force=force, fmt=out.fmt, provenance={**extra, "val": data.val}))
+        saved = str(save(rep.chosen, out.output, force=force, **out.save_kwargs(),
+                         provenance={**extra, "val": data.val}))
     else:
         note(f"no checkpoint written: the {method} soup was scored, not saved (add -o FILE to save it)", quiet)
     lb = rep.leaderboard

@@ -71,7 +71,8 @@ def test_save_plain_dicts_noncontiguous_and_pt(tmp_path):
     assert ws.load(p).provenance["note"] == "hand-made"
     pt = ws.save(sd, tmp_path / "x.pt", provenance={"note": "hand-made"})
     raw = torch.load(pt, weights_only=True)
-    assert torch.equal(raw["state_dict"]["t"], w.t())
+    assert sorted(raw) == ["e", "s", "t"] and torch.equal(raw["t"], w.t())  # a plain state dict ...
+    assert json.loads((tmp_path / "x.pt.weightspace.json").read_text())["note"] == "hand-made"  # ... provenance beside
     ck = ws.load(pt)
     same(ck, {k: v for k, v in sd.items()})
     assert ck.provenance["note"] == "hand-made"  # provenance survives the .pt format too
@@ -202,8 +203,9 @@ def test_ema_prefixed_keys(tmp_path, trained_mlps):
     assert ema.variant.startswith("EMA")
     no_ema = tmp_path / "plain.safetensors"
     st.save_file(sd, no_ema)
+    same(ws.load(no_ema, ema=True), sd)  # ema=True prefers EMA weights (timm's use_ema): none here, so the weights
     with pytest.raises(ws.CheckpointError, match="no EMA weights"):
-        ws.load(no_ema, ema=True)
+        ws.load(f"{no_ema}?ema=1")  # ?ema=1 requires them
 
 
 # --- tied tensors -------------------------------------------------------------------------------------------------
@@ -285,3 +287,24 @@ def test_hash_cache_remembers_unchanged_files_only(tmp_path, monkeypatch, traine
     monkeypatch.setenv("WEIGHTSPACE_HASH_CACHE", "off")
     cache.unlink()
     assert digest() == sha(a) and not cache.exists()
+
+
+def test_a_refused_file_never_closes_another_files_descriptor(tmp_path, trained_mlps):
+    """A reader that fails on a corrupt header closes its descriptor once; when the failed object is collected later
+    it must not close the same number again, which by then belongs to another open file."""
+    import gc
+
+    from weightspace.io.formats import SafetensorsReader
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 3)
+    good = tmp_path / "good.safetensors"
+    st.save_file({k: v.contiguous() for k, v in trained_mlps[0].items()}, good)
+    err = None
+    try:
+        SafetensorsReader(bad)
+    except ws.CheckpointError as e:
+        err = e  # the traceback keeps the failed reader alive until the error is dropped
+    reader = SafetensorsReader(good)
+    del err
+    gc.collect()
+    assert torch.equal(reader.read("head.bias"), trained_mlps[0]["head.bias"])

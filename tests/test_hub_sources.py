@@ -69,6 +69,9 @@ def test_hub_repo_revision_file_and_hf_hub_alias(hub_cache, trained_mlps, tmp_pa
     # the sha256 recorded in provenance is the blob's (the Hub's own content address)
     blob = (snap / "model.safetensors").resolve()
     assert ws.load("hf://org/mlp").sha256() == blob.name
+    # ... and so is the commit "main" resolved to, so the ingredient can be fetched again exactly
+    soup = ws.uniform_soup(["hf://org/mlp", "hf://org/mlp"])
+    assert [i["commit"] for i in soup.provenance["ingredients"]] == [COMMIT, COMMIT]
 
 
 def test_hub_sharded_repo(hub_cache, trained_mlps, tmp_path):
@@ -142,6 +145,7 @@ def test_timm_pretrained_name_from_offline_hub_cache(hub_cache, tmp_path):
     hub_cache("timm/resnet18.a1_in1k", {"model.safetensors": st_bytes(sd, tmp_path)})
     ck = ws.load("timm:resnet18.a1_in1k")
     assert ck.note.startswith("timm")
+    assert ck.resolved_commit == COMMIT
     assert_same(ck, sd)
     with pytest.raises(ws.SourceError) as e:
         ws.load("timm:resnet34.a1_in1k")  # a real timm name whose weights are not in the cache
@@ -175,3 +179,28 @@ def test_open_clip_tiny_custom_config_and_local_weights(tmp_path):
     with pytest.raises(ws.SourceError) as e:
         ws.load("open_clip:ws-tiny-clip")
     assert "ARCH/TAG" in str(e.value)
+
+
+def test_unreachable_hub_fails_fast_in_one_line_without_offline_mode(hub_cache, monkeypatch, cli):
+    """No HF_HUB_OFFLINE and a Hub that refuses connections: timm:/open_clip:/hf:// names give one line at once
+    (huggingface_hub alone retries with back-off for tens of seconds and logs every retry)."""
+    import socket
+    import time
+
+    import huggingface_hub.constants as constants
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for name in ["timm:resnet34.a1_in1k", "hf://org/absent", "open_clip:RN50/openai"]:
+        t0 = time.perf_counter()
+        r = cli("inspect", name)
+        took = time.perf_counter() - t0
+        assert r.exit_code == 2, (name, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0] and "unreachable" in lines[0], (name, r.stderr)
+        assert "Retrying" not in r.stderr
+        assert took < 30, (name, took)  # a generous bound: the libraries' own back-off takes 20-50 s
+    assert constants.HF_HUB_OFFLINE is False  # offline mode was switched on for the calls only

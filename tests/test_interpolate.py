@@ -21,16 +21,16 @@ def test_barrier_height_both_conventions():
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
     # A bump over a line from 0.1 to 0.3: chord line at 0.5 is 0.2, ends' mean is 0.2.
     b = barrier_height(alphas, [0.1, 0.3, 0.5, 0.2, 0.3])
-    assert b["chord"] == pytest.approx(0.3) and b["chord_alpha"] == 0.5
-    assert b["midpoint"] == pytest.approx(0.3) and b["midpoint_alpha"] == 0.5
+    assert b["chord"] == pytest.approx(0.3) and b["chord_peak_alpha"] == 0.5
+    assert b["midpoint"] == pytest.approx(0.3) and b["midpoint_peak_alpha"] == 0.5
     # A monotone curve from 0 to 1 that bends below its chord: no chord barrier, but the midpoint-mean
     # convention reports max f − mean(ends) = 1 − 0.5 at α = 1.
     b = barrier_height(alphas, [0.0, 0.0, 0.1, 0.5, 1.0])
-    assert b["chord"] == 0.0 and b["chord_alpha"] == 0.0
-    assert b["midpoint"] == pytest.approx(0.5) and b["midpoint_alpha"] == 1.0
+    assert b["chord"] == 0.0 and b["chord_peak_alpha"] == 0.0
+    assert b["midpoint"] == pytest.approx(0.5) and b["midpoint_peak_alpha"] == 1.0
     # points outside [0, 1] (extrapolation) are plotted but do not count towards the barrier
     b = barrier_height([-0.5, 0.0, 0.5, 1.0, 1.5], [9.0, 1.0, 1.5, 1.0, 9.0])
-    assert b["chord"] == pytest.approx(0.5) and b["chord_alpha"] == 0.5
+    assert b["chord"] == pytest.approx(0.5) and b["chord_peak_alpha"] == 0.5
     with pytest.raises(ws.ConfigError):
         barrier_height([0.0, 0.5], [1.0, 2.0])
 
@@ -148,7 +148,7 @@ def test_cli_curve_mode_overlays_pairs(cli, cnn_pair, tmp_path):
     assert j["curves"][1]["points"][2]["metrics"]["digits:test"]["loss"] == ev(ft[1])["digits:test"]["loss"]
     assert j["curves"][0]["barriers"]["digits:val"]["error"]["chord"] > 0.1  # independent inits: a real barrier
     rows = (out / "barriers.csv").read_text().splitlines()
-    assert rows[0] == "pair,dataset,metric,chord,chord_alpha,midpoint,midpoint_alpha" and len(rows) == 1 + 2 * 2 * 2
+    assert rows[0] == "pair,dataset,metric,chord,chord_peak_alpha,midpoint,midpoint_peak_alpha" and len(rows) == 1 + 2 * 2 * 2
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # explicit alphas and BN recalibration; JSON on stdout
     r = cli("interpolate", c, d, "--model", CNN, "--data", "digits:val", "--alphas", "0.5",

@@ -26,7 +26,7 @@ from ._version import __version__
 from .io.checkpoint import Checkpoint, load_pickle
 from .io.sources import load
 from .errors import OutputExists, WeightspaceError
-from .report import markdown_table
+from .report.card import CardData, render_card
 from .registry import REGISTRY, Entry
 # Each op registers its title, formula and paper beside its code: importing these modules fills the registry.
 from .ops import merge as _merge_methods, stream as _stream  # noqa: F401
@@ -183,6 +183,9 @@ def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
         raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
     n = cfg.get("num_classes") or timm_classifier_classes(ck.files[0], arch)
     kwargs = {"num_classes": int(n)} if n is not None else {}
+    chans = cfg.get("in_chans") or ((cfg.get("pretrained_cfg") or {}).get("input_size") or [3])[0]
+    if chans != 3:  # e.g. a grey-input model: its stem has one input channel
+        kwargs["in_chans"] = int(chans)
     with torch.device("meta"):  # no memory, no init time: only names, shapes and the pretrained_cfg are needed
         model = timm.create_model(arch, pretrained=False, **kwargs)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -336,106 +339,100 @@ def _scores_from_results(results: Any, source: str) -> dict[str, float]:
     return found
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return str(v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _ingredient_table(prov: Mapping, run: RunFolder) -> str:
+def _ingredient_rows(prov: Mapping, run: RunFolder) -> list[dict]:
+    """One {column: value} row per ingredient: display name, sha256, coefficient, role/variant, scores."""
     ings = [i for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
     coeffs = prov.get("coefficients") or []
-    rows, score_cols = [], []
-    per = []
+    rows = []
     for i, ing in enumerate(ings):
         source = str(ing.get("source", "?"))
         scores = _flat_scores(ing)
         if run.results is not None:
             scores.update({k: v for k, v in _scores_from_results(run.results, source).items() if k not in scores})
-        per.append(scores)
-        score_cols += [k for k in scores if k not in score_cols]
-    extra_cols = [c for c in ("role", "variant") if any(c in ing for ing in ings)]
-    headers = ["#", "source", "sha256"] + (["coefficient"] if coeffs else []) + extra_cols + score_cols
-    for i, ing in enumerate(ings):
-        row: list[Any] = [i + 1, f"`{_display(str(ing.get('source', '?')))}`", f"`{ing.get('sha256', '')}`"]
+        row: dict[str, Any] = {"#": i + 1, "source": f"`{_display(source)}`", "sha256": f"`{ing.get('sha256', '')}`"}
         if coeffs:
-            row.append(float(coeffs[i]) if i < len(coeffs) else "")
-        row += [ing.get(c, "") for c in extra_cols]
-        row += [per[i].get(c, "") for c in score_cols]
+            row["coefficient"] = float(coeffs[i]) if i < len(coeffs) else ""
+        row.update({c: ing[c] for c in ("role", "variant", "commit") if c in ing})
+        row.update(scores)
         rows.append(row)
-    return markdown_table(headers, rows)
+    return rows
 
 
-def _front_matter(library: str, base: list[str], op: str) -> str:
-    import yaml
-    meta: dict[str, Any] = {"library_name": library, "tags": ["weightspace", "model-soup"]}
-    if library == "timm":
-        meta["tags"] += ["timm", "image-classification"]
-        meta["pipeline_tag"] = "image-classification"
-    elif library == "open_clip":
-        meta["tags"] += ["open_clip", "clip"]
-        meta["pipeline_tag"] = "zero-shot-image-classification"
-    if base:
-        meta["base_model"] = base[0] if len(base) == 1 else base
-        entry = method_entry(op)
-        if entry is not None and entry.name != "align":  # a permutation of one checkpoint is not a merge
-            meta["base_model_relation"] = "merge"
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+def _run_settings(results: Mapping) -> dict:
+    """The run's scalar settings, local paths shown by file name (a reader cannot open them)."""
+    out = {}
+    for k, v in results.items():
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            continue
+        out[k] = _display(v) if isinstance(v, str) and _looks_local(v) else v
+        if len(out) == 20:
+            break
+    return out
 
 
-def model_card(repo_id: str, prov: Mapping, library: str, run: RunFolder, base: list[str],
-               config_source: str, weights_name: str) -> str:
-    """README.md: front matter, method and paper, ingredients, scores, leaderboard, curve, usage, raw provenance."""
-    op = str(prov.get("op", ""))
+def _looks_local(value: str) -> bool:
+    name, _ = _spec_query(value)
+    if ":" in name.split("/")[0]:  # a scheme (hf://, timm:, digits:val)
+        return False
+    return "/" in value or os.sep in value or Path(value).suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _public(obj: Any) -> Any:
+    """The provenance as the card shows it: every local path shortened to its file name (readers cannot open the
+    uploader's paths, and they say where someone keeps their files); the weights file itself keeps it whole."""
+    if isinstance(obj, Mapping):
+        return {k: _public(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_public(v) for v in obj]
+    if isinstance(obj, str) and _looks_local(obj):
+        return _display(obj)
+    return obj
+
+
+def _license_of(prov: Mapping) -> str | None:
+    """The license of timm pretrained ingredients (timm's pretrained config names it), when they all agree."""
+    found = set()
+    for ing in prov.get("ingredients", []) or []:
+        source = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
+        if not source.startswith("timm:") or "file" in _spec_query(source[5:])[1]:
+            return None
+        try:
+            import timm
+            cfg = timm.models.get_pretrained_cfg(_spec_query(source[5:])[0])
+        except Exception:  # noqa: BLE001 — an unknown name has no license to report
+            return None
+        found.add(getattr(cfg, "license", None))
+    return found.pop() if len(found) == 1 and None not in found else None
+
+
+def model_card(repo_id: str, prov: Mapping | None, library: str, run: RunFolder, base: list[str],
+               config_source: str, weights_name: str, license: str | None = None) -> str:
+    """README.md: front matter, method and paper, ingredients, scores, leaderboard, curve, usage, raw provenance
+    (gathered here, rendered by weightspace.report.card). ``prov`` None: weights not made by weightspace."""
+    op = str((prov or {}).get("op", ""))
     entry = method_entry(op)
-    title = entry.title if entry else (op.replace("_", " ").capitalize() or "Checkpoint")
-    what, paper = (entry.summary, entry.paper) if entry else ("", None)
-    n = len(prov.get("ingredients", []) or [])
-    out = [_front_matter(library, base, op), f"# {repo_id.split('/')[-1]}", ""]
-    made = f"{title} of {n} checkpoint{'s' if n != 1 else ''}" if n else title
-    out += [f"{made}, made with weightspace {prov.get('weightspace_version', __version__)}.", "", "## Method", ""]
-    if what:
-        out.append(f"**{title}**: {what}.")
-    if paper:
-        out.append(f"Paper: {paper.cite()}.")
-    details = {k: prov[k] for k in ("alpha", "rule", "keep", "lambda", "scale", "precision", "soup_val_score")
-               if k in prov}
-    if details:
-        out += ["", ", ".join(f"{k}: `{_fmt(v)}`" for k, v in details.items())]
-    if prov.get("ingredients"):
-        out += ["", "## Ingredients", "", _ingredient_table(prov, run)]
-    cands = [c for c in prov.get("candidates", []) if isinstance(c, Mapping)]
-    if cands:
-        out += ["", "Greedy decisions, best validation score first:", "",
-                markdown_table(["candidate", "val score", "kept"],
-                       [[f"`{_display(str(c.get('source')))}`", c.get("val_score", ""), "yes" if c.get("kept") else "no"]
-                        for c in cands])]
-    if run.leaderboard:
-        out += ["", "## Leaderboard", "", markdown_table(run.leaderboard[0], run.leaderboard[1:])]
-    if run.results is not None:
-        scalars = {k: v for k, v in run.results.items()
-                   if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
-        if scalars:
-            out += ["", "## Run", "", markdown_table(["setting", "value"], [[k, v] for k, v in list(scalars.items())[:20]])]
-    if run.curve is not None:
-        out += ["", "## Barrier curve", "", "![barrier curve: accuracy and loss along the interpolation](curve.png)"]
-    out += ["", "## Usage", ""]
-    if library == "timm":
-        out += ["```python", "import timm", f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)', "```"]
-    elif library == "open_clip":
-        out += ["```python", "import open_clip",
-                f'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{repo_id}")', "```"]
-    else:
-        out += ["```python", "from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file",
-                f'state_dict = load_file(hf_hub_download("{repo_id}", "{weights_name}"))', "```"]
-    out += ["", "or with weightspace: `weightspace inspect hf://" + repo_id + "`"]
-    if config_source:
-        out += ["", f"The {library} config was derived from the {config_source}."]
-    out += ["", "<details><summary>Provenance (the <code>weightspace</code> metadata of the weights file)</summary>",
-            "", "```json", json.dumps(prov, indent=1, sort_keys=True, default=str), "```", "", "</details>", ""]
-    return "\n".join(out)
+    data = CardData(repo_id, library, weights_name, str((prov or {}).get("weightspace_version", __version__)),
+                    provenance=_public(dict(prov)) if prov else None, license=license, base_models=list(base),
+                    leaderboard=[[(_display(c) if isinstance(c, str) and _looks_local(c) else c) for c in r]
+                                 for r in run.leaderboard] if run.leaderboard else None,
+                    run=_run_settings(run.results) if isinstance(run.results, Mapping) else {},
+                    curve=run.curve is not None, config_source=config_source)
+    if prov:
+        data.title = entry.title if entry else (op.replace("_", " ").capitalize() or "Checkpoint")
+        data.summary = entry.summary if entry else ""
+        data.citation = entry.paper.cite() if entry and entry.paper else ""
+        data.details = {k: prov[k] for k in ("alpha", "rule", "keep", "density", "trim", "lambda", "scale",
+                                             "precision", "dtype", "soup_val_score") if k in prov}
+        data.merge_relation = bool(base) and entry is not None and entry.name != "align"
+        data.ingredients = _ingredient_rows(prov, run)
+        cands = [c for c in prov.get("candidates", []) if isinstance(c, Mapping)]
+        data.candidates = [[f"`{_display(str(c.get('source')))}`", c.get("val_score", ""),
+                            "yes" if c.get("kept") else "no"] for c in cands]
+        if op == "greedy_soup":
+            kept = len(prov.get("ingredients", []) or [])
+            first = (prov.get("ingredients") or [{}])[0]
+            data.greedy = (kept, len(cands) or kept, _display(str(first.get("source", "?"))))
+    return render_card(data)
 
 
 # --- folder and push ----------------------------------------------------------------------------------------------
@@ -450,19 +447,46 @@ def _validate_repo_id(repo_id: str) -> None:
         raise HubError(f"{repo_id}: invalid repository name ({str(e).splitlines()[0]})") from None
 
 
+def _folder_config(source: Any) -> dict | None:
+    """The timm config.json (or open_clip_config.json) of a Hugging Face folder being pushed, if it has one."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        return None
+    for name, kind in (("open_clip_config.json", "open_clip"), ("config.json", "timm")):
+        p = Path(source) / name
+        if p.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                cfg = json.loads(p.read_text())
+                if isinstance(cfg, dict) and (kind == "open_clip" or "architecture" in cfg):
+                    return {**cfg, "library": kind}
+    return None
+
+
 def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLike, *,
-                 card_from: str | os.PathLike | None = None, model_config: Mapping | None = None) -> PushResult:
-    """Write what would be pushed into an existing empty ``folder``: weights, config, README.md, curve.png."""
+                 card_from: str | os.PathLike | None = None, model_config: Mapping | None = None,
+                 license: str | None = None) -> PushResult:
+    """Write what would be pushed into an existing empty ``folder``: weights, config, README.md, curve.png.
+
+    A Hugging Face folder's own config.json (timm) or open_clip_config.json decides the library unless
+    ``model_config`` is given. ``license`` (an SPDX-like id such as apache-2.0) goes into the card's front matter;
+    without it, timm ingredients' common license is used. Raises HubError when the config does not fit."""
     folder = Path(folder)
     run = read_run_folder(card_from)
     notes = list(run.notes)
     tmp_weights = folder / "weights.safetensors"
+    own = _folder_config(checkpoint_or_path)
     ck = _write_weights(checkpoint_or_path, tmp_weights)
     prov = ck.provenance or {}
     if not prov:
         notes.append("the checkpoint carries no weightspace provenance: the card lists no method or ingredients")
+    license = license or _license_of(prov)
+    if not license:
+        notes.append("no license in the card: give one with --license (e.g. apache-2.0, mit, cc-by-4.0)")
     explicit = dict(model_config) if model_config else None
-    cfg, config_source = (explicit, "given model config") if explicit else infer_model_config(prov, run.results)
+    from_folder = explicit is None and own is not None
+    if from_folder:
+        explicit = dict(own)
+    source_of = "folder's own config" if from_folder else "given model config"
+    cfg, config_source = (explicit, source_of) if explicit else infer_model_config(prov, run.results)
     library = "pytorch"
     configs: dict[str, dict] = {}
     base_tag = None
@@ -478,6 +502,8 @@ def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLik
                     from timm.models import split_model_name_tag
                     base_tag = split_model_name_tag(_spec_query(srcs[0][5:])[0])[1] or None
                 configs["config.json"] = timm_config(cfg, ck, base_tag)
+                if from_folder:  # checked against the weights above; the folder's own file is pushed as it is
+                    configs["config.json"] = {k: v for k, v in own.items() if k != "library"}
             elif kind == "open_clip":
                 configs["open_clip_config.json"] = open_clip_config(cfg, ck)
             else:
@@ -495,8 +521,8 @@ def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLik
         (folder / name).write_text(json.dumps(data, indent=2) + "\n")
     if run.curve is not None:
         shutil.copyfile(run.curve, folder / "curve.png")
-    card = model_card(repo_id, prov, library, run, base, config_source if library != "pytorch" else "",
-                      weights_name)
+    card = model_card(repo_id, prov or None, library, run, base, config_source if library != "pytorch" else "",
+                      weights_name, license=license)
     (folder / "README.md").write_text(card, encoding="utf-8")
     files = sorted(p.name for p in folder.iterdir())
     return PushResult(repo_id, "main", library, files, dry_run=True, notes=notes)
@@ -530,7 +556,7 @@ def _hub_error(repo_id: str, e: Exception, token: str | None) -> HubError:
 def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False, revision: str = "main",
                 card_from: str | os.PathLike | None = None, token: str | None = None,
                 dry_run_dir: str | os.PathLike | None = None, model_config: Mapping | None = None,
-                commit_message: str | None = None, force: bool = False) -> PushResult:
+                commit_message: str | None = None, force: bool = False, license: str | None = None) -> PushResult:
     """Push a checkpoint with its model card (and timm/open_clip config) to ``repo_id``; or write it to dry_run_dir.
 
     ``model_config`` overrides what is inferred from the provenance and the run folder: for timm
@@ -550,7 +576,8 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
             raise HubError(f"{target}: folder {parent} does not exist")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
         try:
-            result = build_folder(checkpoint_or_path, repo_id, staging, card_from=card_from, model_config=model_config)
+            result = build_folder(checkpoint_or_path, repo_id, staging, card_from=card_from, model_config=model_config,
+                                  license=license)
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             os.replace(staging, target)  # the folder appears whole or not at all
@@ -569,7 +596,8 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
         raise HubError(f"{repo_id}: no Hugging Face token found: set HF_TOKEN or run `hf auth login` "
                        f"(or use --dry-run DIR to see what would be pushed)")
     with tempfile.TemporaryDirectory(prefix="ws-push-") as d:
-        result = build_folder(checkpoint_or_path, repo_id, d, card_from=card_from, model_config=model_config)
+        result = build_folder(checkpoint_or_path, repo_id, d, card_from=card_from, model_config=model_config,
+                              license=license)
         api = HfApi(token=token)
         message = commit_message or f"Upload {result.library} checkpoint with weightspace {__version__}"
         try:

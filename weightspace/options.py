@@ -113,7 +113,12 @@ class MergeOptions:
 class OpOptions:
     """How ops read and combine checkpoints."""
 
-    ema: bool = _opt(False, "--ema", help="Pick EMA weights where a file holds both EMA and regular weights.")
+    ema: bool = _opt(False, "--ema", help="Take EMA weights wherever a file holds them (default: the regular weights, "
+                                          "with a note when EMA weights are present); per source: PATH?ema=1 (EMA "
+                                          "required) or PATH?ema=0.")
+    strip_prefix: str | None = _opt(None, "--strip-prefix", metavar="PREFIX",
+                                    help="Keep only keys starting with PREFIX, with it removed (e.g. 'model.' of a "
+                                         "Lightning checkpoint); per source: PATH?prefix=PREFIX.")
     precision: str = _opt("fp32", "--precision", choices=("fp32", "fp64"),
                           help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")
     allow_nonfinite: bool = _opt(False, "--allow-nonfinite", help="Combine tensors holding NaN/Inf instead of refusing.")
@@ -137,9 +142,23 @@ class OutputOptions:
     """The weights a verb writes."""
 
     output: str | None = _opt(None, "-o", "--output", metavar="FILE",
-                              help="Where the weights are written (safetensors unless .pt/.pth/.bin).")
+                              help="Where the weights are written: FILE.safetensors, FILE.pt|.pth|.bin (a plain state "
+                                   "dict, provenance in FILE.weightspace.json), or DIR/ (a Hugging Face folder).")
     fmt: str | None = _opt(None, "--format", choices=("safetensors", "pt"),
                            help="Output format (default: from the extension; safetensors unless .pt/.pth/.bin).")
+    dtype: str | None = _opt(None, "--dtype", choices=("bf16", "fp16", "fp32"),
+                             help="Output dtype of floating tensors (default: each tensor's stored dtype).")
+    max_shard_size: str = _opt("5GB", "--max-shard-size", metavar="SIZE",
+                               help="Shard a folder output past SIZE (5GB, 500MB, 2GiB); a single file past it is "
+                                    "refused.")
+    hf_folder: bool = _opt(False, "--hf-folder",
+                           help="Write -o as a Hugging Face folder (as a path ending in '/' does): model.safetensors "
+                                "or shards with their index, plus config.json and tokenizer files of the first input.")
+
+    def save_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``weightspace.save`` these options set (besides the path and --format)."""
+        return {"fmt": self.fmt, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
+                "folder": True if self.hf_folder else None}
 
 
 @dataclass

@@ -15,5 +15,22 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
             return tqdm(total=total, disable=True)
         return iterable
     from tqdm.auto import tqdm
+    if "ncols" not in kw and _reported_columns() == 0:
+        kw["ncols"] = FALLBACK_COLUMNS
     # disable=None: tqdm shows the bar only on a terminal, so CI logs and pipes stay clean.
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=None, **kw)
+
+
+FALLBACK_COLUMNS = 80
+
+
+def _reported_columns() -> int | None:
+    """The width stderr's terminal reports (None when it is not a terminal). Some terminals (serial consoles,
+    containers without a size, some CI runners with a pty) report 0, which tqdm takes literally: a bar of width 0
+    squeezed out of the line."""
+    import os
+    import sys
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -38,7 +38,8 @@ def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str
 
     chord:    max_α f(α) − ((1−α)·f(0) + α·f(1))   (height above the straight line between the ends)
     midpoint: max_α f(α) − ½(f(0) + f(1))          (height above the ends' mean, as the git-re-basin code does)
-    Returns the heights and the α where each maximum is reached (first one on ties).
+    Returns the heights and, as ``chord_peak_alpha`` / ``midpoint_peak_alpha``, the α at which each height is
+    reached (the first on ties): where the barrier peaks, not the α of the path's midpoint.
     """
     pts = dict(zip((float(a) for a in alphas), (float(v) for v in values)))
     if 0.0 not in pts or 1.0 not in pts:
@@ -56,7 +57,7 @@ def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str
         return h, next(a for hh, a in finite if hh == h)
 
     (hc, ac), (hm, am) = best(chord), best(mid)
-    return {"chord": hc, "chord_alpha": ac, "midpoint": hm, "midpoint_alpha": am}
+    return {"chord": hc, "chord_peak_alpha": ac, "midpoint": hm, "midpoint_peak_alpha": am}
 
 
 @dataclass
@@ -104,8 +105,8 @@ class Curve:
 
     def barrier_rows(self) -> tuple[list[str], list[list]]:
         """One row per (dataset, metric): chord and midpoint-mean barrier heights and where they peak."""
-        headers = ["pair", "dataset", "metric", "chord", "chord_alpha", "midpoint", "midpoint_alpha"]
-        rows = [[self.label, ds, m, b["chord"], b["chord_alpha"], b["midpoint"], b["midpoint_alpha"]]
+        headers = ["pair", "dataset", "metric", "chord", "chord_peak_alpha", "midpoint", "midpoint_peak_alpha"]
+        rows = [[self.label, ds, m, b["chord"], b["chord_peak_alpha"], b["midpoint"], b["midpoint_peak_alpha"]]
                 for ds, per in self.barriers.items() for m, b in per.items()]
         return headers, rows
 
@@ -176,11 +177,11 @@ class CurveSet:
                     ys = c.series(ds, m)
                     b = c.barriers.get(ds, {}).get(barrier_of[m])
                     label = tag
-                    if b is not None and b["chord_alpha"] is not None:
+                    if b is not None and b["chord_peak_alpha"] is not None:
                         label += f"  ({barrier_of[m]} barrier {b['chord']:.3f})"
-                        k = c.alphas.index(b["chord_alpha"])
+                        k = c.alphas.index(b["chord_peak_alpha"])
                         if b["chord"] > 0:  # circle the peak only where there is a barrier
-                            p["annotations"].append({"x": b["chord_alpha"], "y": ys[k], "text": "", "color": color})
+                            p["annotations"].append({"x": b["chord_peak_alpha"], "y": ys[k], "text": "", "color": color})
                     p["series"].append({"x": c.alphas, "y": ys, "label": label, "color": color,
                                         "linestyle": report.LINESTYLES[j % len(report.LINESTYLES)]})
         xlabel = "α  ((1−α)·A + α·B)"
@@ -240,6 +241,8 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     """
     grid = _alphas(steps, alphas)
     ca, cb = load(a), load(b)
+    if callable(getattr(evaluate, "fit", None)):  # in-place writes go by key: unwrap prefixed keys first
+        ca, cb = evaluate.fit(ca), evaluate.fit(cb)
     check_compatible([ca, cb])
     label = label or f"{short_name(ca.source)}–{short_name(cb.source)}"
     # Both ends are read once and checked for NaN/Inf once: every α then combines them from memory, with no

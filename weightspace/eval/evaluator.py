@@ -10,6 +10,7 @@ dataset and the per-example results are gathered, so every rank computes exactly
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -24,6 +25,9 @@ from .data import TensorData
 from .data.labels import apply_label_map
 from .distributed import parallel_mode, world
 from ..errors import ConfigError, IncompatibleCheckpoints, key_sample
+
+
+_said: set[tuple[str, str]] = set()  # (source, prefix) pairs already reported on stderr
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -169,16 +173,47 @@ class Evaluator:
         hi = min((rank + 1) * nb // self.world_size * self.batch_size, n)
         return lo, hi, n
 
-    def load(self, weights: Source) -> None:
-        """Copy a checkpoint's tensors into the model in place (no re-instantiation)."""
-        if isinstance(weights, Mapping) and not hasattr(weights, "info") and all(torch.is_tensor(v) for v in weights.values()):
-            src, name = weights, getattr(weights, "source", "<state dict>")
-        else:
-            ck = load(weights)
-            src, name = ck, ck.source
-        given = set(src)
+    def _misfit(self, given: set[str]) -> tuple[list[str], list[str]]:
         missing = sorted(k for k in set(self._targets) - given if not (self._optional and k.startswith(self._optional)))
-        unexpected = sorted(given - set(self._targets))
+        return missing, sorted(given - set(self._targets))
+
+    def fit(self, weights: Source) -> Any:
+        """``weights`` as they fit the model: when its keys do not fit but all do once one common leading prefix
+        (a Lightning module's 'model.', a wrapper's name) is removed, a view without it, said once on stderr.
+        Anything else is returned as it is (load() then names the keys that do not fit)."""
+        in_memory = (isinstance(weights, Mapping) and not hasattr(weights, "info")
+                     and all(torch.is_tensor(v) for v in weights.values()))
+        src = weights if in_memory else load(weights)
+        keys = set(src)
+        if not keys or not any(self._misfit(keys)):
+            return src
+        heads = {k.split(".", 1)[0] for k in keys}
+        if len(heads) != 1 or not all("." in k for k in keys):
+            return src
+        prefix = next(iter(heads)) + "."
+        stripped = {k[len(prefix):] for k in keys}
+        if any(self._misfit(stripped)):
+            return src
+        name = getattr(src, "source", "<state dict>")
+        if (name, prefix) not in _said:
+            _said.add((name, prefix))
+            print(f"weightspace: {name}: its keys fit the model once the prefix '{prefix}' is removed; removed it "
+                  f"(?prefix={prefix} or --strip-prefix {prefix} says so explicitly)", file=sys.stderr)
+        if in_memory:
+            out = type(src)() if isinstance(src, dict) else {}
+            out.update({k[len(prefix):]: v for k, v in src.items()})
+            return out
+        return src.strip_prefix(prefix, why=" (found by fitting the model)")
+
+    def load(self, weights: Source) -> None:
+        """Copy a checkpoint's tensors into the model in place (no re-instantiation).
+
+        Keys wrapped in one common prefix are unwrapped first (see fit). Raises IncompatibleCheckpoints when
+        keys or shapes do not fit the model."""
+        src = self.fit(weights)
+        name = getattr(src, "source", "<state dict>")
+        given = set(src)
+        missing, unexpected = self._misfit(given)
         if missing or unexpected:
             parts = []
             if missing:

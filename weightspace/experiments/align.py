@@ -87,7 +87,7 @@ def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
 def _curve_entry(c: Any, test: str) -> dict:
     e, loss = c.barriers[test]["error"], c.barriers[test]["loss"]
     ends = c.series(test, "error")
-    return {"error_barrier": e["chord"], "error_barrier_midpoint": e["midpoint"], "peak_alpha": e["chord_alpha"],
+    return {"error_barrier": e["chord"], "error_barrier_midpoint": e["midpoint"], "peak_alpha": e["chord_peak_alpha"],
             "loss_barrier": loss["chord"], "error_at_ends": [ends[0], ends[-1]], "errors": ends}
 
 

@@ -1,6 +1,8 @@
 """Checkpoint: a lazy, read-only mapping name → tensor over any source, with keys normalised once on load."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -14,9 +16,10 @@ from typing import Any, Iterator, Union
 
 import torch
 
-from ..errors import CheckpointError, UnsafeCheckpoint
+from ..errors import CheckpointError, UnsafeCheckpoint, key_sample
 from .formats import SafetensorsReader, file_sha256
 
+PROVENANCE_SUFFIX = ".weightspace.json"  # beside a pickled output: x.pt → x.pt.weightspace.json
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
 EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema")
@@ -34,6 +37,8 @@ class Resolved:
     weight_map: dict[str, str] | None = None               # key -> file name, for sharded checkpoints
     state_dict: dict | None = None                         # for library loaders (timm, open_clip)
     note: str = ""                                         # how it was resolved, for reports
+    variant: str = ""                                      # which weights of a file were taken (EMA or not)
+    commit: str | None = None                              # the Hub commit the files came from
 
 
 def normalise_key(key: str) -> str:
@@ -49,9 +54,18 @@ def normalise_key(key: str) -> str:
 
 
 def _convert_hint(path: Path) -> str:
+    # EMA weights are kept under 'ema.' keys, which load() reads back as the EMA variant.
     return (f"if you trust this file, convert it once: python -c \"import torch, safetensors.torch as s; "
-            f"sd = torch.load('{path}', weights_only=False); s.save_file({{k: v.contiguous() for k, v in "
-            f"sd.get('state_dict', sd).items() if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\"")
+            f"c = torch.load('{path}', weights_only=False); w = c.get('state_dict', c); e = c.get('state_dict_ema') "
+            f"or {{}}; s.save_file({{**{{k: v.clone() for k, v in w.items() if torch.is_tensor(v)}}, "
+            f"**{{'ema.' + k: v.clone() for k, v in e.items() if torch.is_tensor(v)}}}}, "
+            f"'{path.with_suffix('.safetensors')}')\"")
+
+
+# The one class allowed beyond what weights_only=True loads: timm's CheckpointSaver stores its training arguments
+# as an argparse.Namespace (timm's own loader allowlists exactly this). Rebuilding a Namespace sets attributes on
+# a plain object and calls nothing else, so no pickled code runs.
+SAFE_GLOBALS = (argparse.Namespace,)
 
 
 _STORAGE_ITEMSIZE = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1,
@@ -112,17 +126,21 @@ def _check_legacy_sizes(path: Path) -> None:
 
 
 def load_pickle(path: Path) -> Any:
-    """torch.load with weights_only=True (never executes pickled code); memory-mapped where the format allows."""
+    """torch.load with weights_only=True (never executes pickled code); memory-mapped where the format allows.
+
+    Only tensors, plain containers and ``SAFE_GLOBALS`` (argparse.Namespace, as timm's checkpoints hold) are
+    rebuilt. Raises UnsafeCheckpoint for a pickle that needs anything else, CheckpointError for unreadable files."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e).lower():
-                raise
-            if "zip" in str(e).lower() and zipfile.is_zipfile(path):
-                raise
-            _check_legacy_sizes(path)
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e).lower():
+                    raise
+                if "zip" in str(e).lower() and zipfile.is_zipfile(path):
+                    raise
+                _check_legacy_sizes(path)
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         # torch's text suggests allow-listing the global; we name it and say how to convert instead
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -182,8 +200,15 @@ def _all_tensors(obj: Mapping) -> bool:
     return len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
-def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """Find the state dict inside a loaded pickle; returns it and a description of the chosen variant."""
+def _wants_ema(ema: str | bool) -> bool:
+    return ema in ("prefer", "require") or ema is True
+
+
+def unwrap(obj: Any, path: str, ema: str | bool = "off") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the state dict inside a loaded pickle; returns it and a description of the chosen variant.
+
+    ``ema``: "off" (regular weights), "prefer" (EMA where present) or "require" (True is "require").
+    Raises CheckpointError when it holds no tensors, or no EMA weights under "require"."""
     if torch.is_tensor(obj) or not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     chain: list[str] = []
@@ -195,11 +220,12 @@ def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str
         present = [n for n in EMA_CONTAINERS + REGULAR_CONTAINERS if isinstance(obj.get(n), Mapping) and len(obj[n]) > 0]
         ema_hit = next((n for n in present if n in EMA_CONTAINERS), None)
         reg_hit = next((n for n in present if n in REGULAR_CONTAINERS), None)
-        if ema and ema_hit:
+        if _wants_ema(ema) and ema_hit:
             chain.append(f"'{ema_hit}' (EMA)")
             obj, took_ema = obj[ema_hit], True
         elif reg_hit:
-            chain.append(f"'{reg_hit}'" + (f" (EMA weights '{ema_hit}' ignored; --ema picks them)" if ema_hit else ""))
+            chain.append(f"'{reg_hit}'" + (f" (EMA weights '{ema_hit}' ignored; ?ema=1 or --ema picks them)"
+                                           if ema_hit else ""))
             obj = obj[reg_hit]
         elif ema_hit:  # only EMA weights are present: use them rather than keys prefixed with the container's name
             chain.append(f"'{ema_hit}' (EMA, the only weights present)")
@@ -218,19 +244,19 @@ def unwrap(obj: Any, path: str, ema: bool) -> tuple[dict[str, torch.Tensor], str
     return flat, " / ".join(chain + ([note] if note else []))
 
 
-def _pick_prefixed(flat: dict, path: str, ema: bool) -> tuple[dict, str]:
+def _pick_prefixed(flat: dict, path: str, ema: str | bool) -> tuple[dict, str]:
     """Handle EMA copies stored beside the weights under a key prefix (e.g. 'ema.')."""
     prefix = next((p for p in EMA_PREFIXES if any(k.startswith(p) for k in flat)), None)
     if prefix is None:
-        if ema:
-            raise CheckpointError(f"{path}: --ema was asked for but the file holds no EMA weights")
+        if ema == "require" or ema is True:
+            raise CheckpointError(f"{path}: EMA weights were asked for (ema=1) but the file holds no EMA weights")
         return flat, ""
-    if ema:
+    if _wants_ema(ema):
         return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, f"EMA weights ('{prefix}*')"
     rest = {k: v for k, v in flat.items() if not k.startswith(prefix)}
     if not rest:
         return {k[len(prefix):]: v for k, v in flat.items()}, f"EMA weights ('{prefix}*', the only ones present)"
-    return rest, f"non-EMA weights ('{prefix}*' ignored; --ema picks them)"
+    return rest, f"non-EMA weights ('{prefix}*' ignored; ?ema=1 or --ema picks them)"
 
 
 def _find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -263,6 +289,8 @@ class Checkpoint(Mapping):
         self.metadata = metadata or {}
         self.note = note
         self._sha: str | None = None
+        self.resolved_commit: str | None = None  # the Hub commit a hf:// or timm: source resolved to
+        self.stripped_prefix: str | None = None
         self._flat: tuple[str | None, torch.Tensor | None] = (None, None)
 
     # Mapping protocol
@@ -369,6 +397,25 @@ class Checkpoint(Mapping):
                 self._sha = h.hexdigest()
         return self._sha
 
+    def strip_prefix(self, prefix: str, *, why: str = "") -> "Checkpoint":
+        """A view keeping only the keys that start with ``prefix``, with it removed (no tensor is read).
+
+        Raises CheckpointError when no key starts with it."""
+        kept = {k[len(prefix):]: v for k, v in self._entries.items() if k.startswith(prefix) and len(k) > len(prefix)}
+        if not kept:
+            raise CheckpointError(f"{self.source}: no key starts with the prefix '{prefix}' "
+                                  f"(keys look like {key_sample(sorted(self._entries), 2)})")
+        dropped = len(self._entries) - len(kept)
+        note = f"keys under '{prefix}'" + (f" ({dropped} other keys dropped)" if dropped else "") + why
+        ck = Checkpoint(self.source, kept, variant=" / ".join(v for v in (self.variant, note) if v), files=self.files,
+                        aliases={a[len(prefix):]: c[len(prefix):] for a, c in self.aliases.items()
+                                 if a.startswith(prefix) and c.startswith(prefix)},
+                        metadata=self.metadata, note=self.note)
+        ck._sha = self._sha
+        ck.resolved_commit = self.resolved_commit
+        ck.stripped_prefix = (self.stripped_prefix or "") + prefix
+        return ck
+
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Materialise every tensor (one model in memory)."""
         return {k: self[k] for k in self}
@@ -390,7 +437,7 @@ def _normalised(source: str, raw_keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: bool) -> Checkpoint:
+def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: str) -> Checkpoint:
     readers = {str(f): SafetensorsReader(f) for f in files}
     raw: dict[str, tuple[Any, str]] = {}
     for f, r in readers.items():
@@ -456,37 +503,39 @@ def check_pickled_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> Non
                                       f"--allow-expanded to materialise it)")
 
 
-def open_resolved(res: Resolved, ema: bool = False) -> Checkpoint:
+def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:
     """Open a resolved source (local files, or a library's state dict) as a lazy Checkpoint.
 
-    Raises:
-        CheckpointError: a file is unreadable, corrupt or holds no tensors.
+    ``ema``: "off", "prefer" or "require" (see unwrap). Raises:
+        CheckpointError: a file is unreadable, corrupt or holds no tensors (or no EMA weights under "require").
         UnsafeCheckpoint: a pickle needs more than tensors to load.
     """
     if res.state_dict is not None:
-        flat, variant = unwrap(res.state_dict, res.source, ema)
-        ck = from_tensors(res.source, flat, variant, [])
-        ck.note = res.note
-        return ck
-    if all(f.name.endswith(".safetensors") for f in res.files):
+        flat, variant = unwrap(res.state_dict, res.source, ema if not res.variant else "off")
+        ck = from_tensors(res.source, flat, res.variant or variant, [])
+    elif all(f.name.endswith(".safetensors") for f in res.files):
         ck = _from_safetensors(res.source, res.files, res.weight_map, ema)
-        ck.note = res.note
-        return ck
-    merged: dict[str, torch.Tensor] = {}
-    variant = ""
-    metadata: dict[str, str] = {}
-    for f in res.files:
-        if f.name.endswith(".safetensors"):
-            reader = SafetensorsReader(f)
-            merged.update({k: reader.read(k) for k in reader.tensors})
-            continue
-        obj = load_pickle(f)
-        if isinstance(obj, Mapping) and isinstance(obj.get("weightspace"), str):
-            metadata["weightspace"] = obj["weightspace"]  # provenance that saving.save wrote into a .pt
-        flat, variant = unwrap(obj, str(f), ema)
-        check_pickled_tensors(str(f), flat)
-        merged.update(flat)
-    ck = from_tensors(res.source, merged, variant, res.files)
+    else:
+        merged: dict[str, torch.Tensor] = {}
+        variant = ""
+        metadata: dict[str, str] = {}
+        for f in res.files:
+            if f.name.endswith(".safetensors"):
+                reader = SafetensorsReader(f)
+                merged.update({k: reader.read(k) for k in reader.tensors})
+                continue
+            obj = load_pickle(f)
+            if isinstance(obj, Mapping) and isinstance(obj.get("weightspace"), str):
+                metadata["weightspace"] = obj["weightspace"]  # provenance an older weightspace wrote into a .pt
+            side = f.with_name(f.name + PROVENANCE_SUFFIX)
+            if side.is_file():  # provenance weightspace writes beside a plain pickled state dict
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    metadata["weightspace"] = side.read_text()
+            flat, variant = unwrap(obj, str(f), ema)
+            check_pickled_tensors(str(f), flat)
+            merged.update(flat)
+        ck = from_tensors(res.source, merged, variant, res.files)
+        ck.metadata = metadata
     ck.note = res.note
-    ck.metadata = metadata
+    ck.resolved_commit = res.commit
     return ck

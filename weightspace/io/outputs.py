@@ -46,8 +46,10 @@ class TensorStream:
 
 
 def finish_provenance(prov: dict, ingredients: Sequence[Checkpoint], hashes: Sequence[str] | None = None) -> dict:
-    """Fill in each ingredient's sha256 (computed now unless given)."""
+    """Fill in each ingredient's sha256 (computed now unless given) and, for Hub sources, the commit it resolved to."""
     prov = dict(prov)
     hs = list(hashes) if hashes is not None else [c.sha256() for c in ingredients]
-    prov["ingredients"] = [dict(i, sha256=h) for i, h in zip(prov.get("ingredients", []), hs)]
+    commits = [getattr(c, "resolved_commit", None) for c in ingredients]
+    prov["ingredients"] = [dict(i, sha256=h, **({"commit": c} if c else {}))
+                           for i, h, c in zip(prov.get("ingredients", []), hs, commits)]
     return prov

@@ -1,24 +1,48 @@
-"""Save state dicts and streamed op results: safetensors by default, atomically, with provenance metadata."""
+"""Save state dicts and streamed op results: safetensors by default, atomically, with provenance metadata.
+
+Three shapes of output, each what other tools load directly:
+- ``x.safetensors``: one file; provenance in its ``weightspace`` metadata key.
+- ``x.pt|.pth|.bin``: a plain state dict (``model.load_state_dict(torch.load(x))`` works); provenance beside it in
+  ``x.pt.weightspace.json``.
+- ``DIR/`` (or ``folder=True``): a Hugging Face folder as ``save_pretrained`` writes it: ``model.safetensors``, or
+  shards ``model-00001-of-0000N.safetensors`` past ``max_shard_size`` with ``model.safetensors.index.json`` written
+  last; config.json, tokenizer and other non-weight files of the first ingredient's folder or Hub repo copied.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Union
+from typing import Callable, Iterator, Union
 
 import torch
 
 from .._version import __version__
-from .checkpoint import Checkpoint, _find_aliases
-from ..errors import CheckpointError, ConfigError
+from .checkpoint import PROVENANCE_SUFFIX, Checkpoint, _find_aliases
+from ..errors import CheckpointError, ConfigError, OutputExists
 from .outputs import TensorStream, finish_provenance
-from ..files import atomic_output
+from ..files import atomic_output, make_folder
 from .formats import header_for, write_safetensors
+from .sources import WEIGHT_SUFFIXES, resolve, split_options
+
+__all__ = ["save", "parse_size", "OUTPUT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_SUFFIX", "INDEX_NAME"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 PLACEHOLDER = "0" * 64
+OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files of an ingredient's folder that are not copied into an output folder: weights, and what describes the
+# ingredient rather than the result (its model card, its provenance).
+_NOT_COPIED = re.compile(r"(\.(safetensors|pt|pth|bin|ckpt|h5|msgpack|onnx|gguf)|\.index\.json|"
+                         + re.escape(PROVENANCE_SUFFIX) + r"|^README\.md)$")
 
 Savable = Union[TensorStream, Mapping, torch.nn.Module]
 
@@ -48,65 +72,289 @@ def _dump(prov: dict, out: Path) -> str:
     return json.dumps(prov, sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
-def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = None, force: bool = False,
-         fmt: str | None = None) -> Path:
-    """Write a state dict (or a streamed op result) to ``path`` atomically; safetensors unless it ends in .pt/.pth/.bin."""
-    path = Path(path)
-    kind = _format(path, fmt)
+def _meta(prov: dict, out: Path) -> dict[str, str]:
+    # "format": "pt" is what save_pretrained writes and what transformers and huggingface_hub require to load
+    return {"format": "pt", "weightspace": _dump(prov, out)}
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' → 5·10⁹ bytes ('GiB' → 2³⁰; a plain number is bytes), as transformers reads --max-shard-size.
+
+    Raises ConfigError on anything else."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size {size}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _human(n: int) -> str:
+    for unit, f in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{n} B"
+
+
+def _nbytes(entry: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
+    n = entry[1].itemsize
+    for s in entry[2]:
+        n *= s
+    return n
+
+
+def _as_stream(obj: Savable, where: Path) -> TensorStream:
+    """A state dict as a TensorStream (keys sorted), so that every output shape is written by one writer."""
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, TensorStream):
-        return _save_stream(obj, path, kind, provenance, force)
+        return obj
     if not isinstance(obj, Mapping):
         raise TypeError(f"cannot save a {type(obj).__name__}")
     sd = {k: obj[k] for k in obj}
     for k, v in sd.items():
         if not torch.is_tensor(v):
-            raise ConfigError(f"{path}: value of key '{k}' is a {type(v).__name__}, not a tensor")
+            raise ConfigError(f"{where}: value of key '{k}' is a {type(v).__name__}, not a tensor")
     prov = dict(getattr(obj, "provenance", None) or (obj.provenance or {} if isinstance(obj, Checkpoint) else {}))
-    prov.update(provenance or {})
     prov.setdefault("weightspace_version", __version__)
     tied = _find_aliases(sd)
     if tied:
         prov["tied"] = dict(sorted(tied.items()))
-    with atomic_output(path, force) as tmp:
-        if kind == "pt":
-            torch.save({"state_dict": {k: v.detach().cpu() for k, v in sd.items()}, "weightspace": _dump(prov, path)}, tmp)
-        else:
-            keys = sorted(sd)
-            entries = [(k, sd[k].dtype, tuple(sd[k].shape)) for k in keys]
-            write_safetensors(tmp, entries, ((k, sd[k]) for k in keys), {"weightspace": _dump(prov, path)})
-    return path
+    keys = sorted(sd)
+    return TensorStream([(k, sd[k].dtype, tuple(sd[k].shape)) for k in keys],
+                        lambda: ((k, sd[k].detach()) for k in keys), prov, [], tied)
 
 
-def _save_stream(stream: TensorStream, path: Path, kind: str, provenance: dict | None, force: bool) -> Path:
-    extra = provenance or {}
-    if kind == "pt":
-        sd = stream.to_dict()
-        sd.provenance.update(extra)
-        return save(sd, path, force=force, fmt="pt")
-    # The header holds the ingredients' sha256; hash them in a thread while tensors stream, then patch the
-    # placeholders in place (same length, so no data moves).
-    # One hashing thread per core (hashlib releases the GIL): cold, hashing is the slowest part of a soup.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(len(stream.ingredients), cores))
-    with ThreadPoolExecutor(max_workers=workers) as pool, atomic_output(path, force) as tmp:
+def _cast(stream: TensorStream, dtype: str) -> TensorStream:
+    """Floating tensors cast to ``dtype`` as they stream (integer and bool buffers as they are)."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    to = OUTPUT_DTYPES[dtype]
+
+    def cast(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for k, t in items:
+            yield k, (t.to(to) if t.dtype.is_floating_point else t)
+
+    entries = [(k, to if d.is_floating_point else d, s) for k, d, s in stream.entries]
+    pieces = stream.pieces
+    return replace(stream, entries=entries, produce=lambda: cast(stream.produce()),
+                   pieces=(lambda: cast(pieces())) if pieces is not None else None,
+                   provenance={**stream.provenance, "dtype": dtype})
+
+
+class _Pushback:
+    """An iterator of (key, piece) that a shard writer can stop at the first key of the next shard."""
+
+    def __init__(self, it: Iterator[tuple[str, torch.Tensor]]):
+        self._it, self._held = it, None
+
+    def take(self, keys: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Pieces while their key is in ``keys``; the first other piece is kept for the next call."""
+        while True:
+            if self._held is None:
+                self._held = next(self._it, None)
+                if self._held is None:
+                    return
+            if self._held[0] not in keys:
+                return
+            item, self._held = self._held, None
+            yield item
+
+
+def _finished(stream: TensorStream, hashes: list[str]) -> dict:
+    # weights in memory carry their provenance complete already (ingredients hashed when it was made)
+    if not stream.ingredients:
+        return dict(stream.provenance)
+    return finish_provenance(stream.provenance, stream.ingredients, hashes)
+
+
+def _write_safetensors_files(stream: TensorStream, files: list[tuple[Path, list]], extra: dict, force: bool) -> None:
+    """Stream the tensors into one or more safetensors files (consecutive runs of the stream's entries), each
+    written to a temp file beside it and renamed into place only when all are complete.
+
+    Every header holds the provenance with the ingredients' sha256: they are hashed in a thread while tensors
+    stream, and the placeholders are patched in place at the end (same length, so no data moves)."""
+    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
+        temps = [stack.enter_context(atomic_output(path, force)) for path, _ in files]
         futures = [pool.submit(c.sha256) for c in stream.ingredients]
         try:
-            placeholder = finish_provenance(stream.provenance, stream.ingredients, [PLACEHOLDER] * len(futures))
+            placeholder = _finished(stream, [PLACEHOLDER] * len(futures))
             placeholder.update(extra)
-            data = stream.pieces() if stream.pieces is not None else iter(stream)
-            write_safetensors(tmp, stream.entries, data, {"weightspace": _dump(placeholder, path)})
-            final = finish_provenance(stream.provenance, stream.ingredients, [f.result() for f in futures])
+            data = _Pushback(stream.pieces() if stream.pieces is not None else iter(stream))
+            for tmp, (_, entries) in zip(temps, files):
+                write_safetensors(tmp, entries, data.take({e[0] for e in entries}),
+                                  _meta(placeholder, files[0][0]))
+            final = _finished(stream, [f.result() for f in futures])
         except BaseException:
             for f in futures:  # bad input: report it now, not after hashing every remaining ingredient
                 f.cancel()
             raise
         final.update(extra)
-        head_old, _ = header_for(stream.entries, {"weightspace": _dump(placeholder, path)})
-        head_new, _ = header_for(stream.entries, {"weightspace": _dump(final, path)})
-        if len(head_old) != len(head_new):
-            raise CheckpointError(f"{path}: internal error: provenance changed size while patching")
-        with open(tmp, "r+b") as f:
-            f.write(head_new)
+        for tmp, (path, entries) in zip(temps, files):
+            head_old, _ = header_for(entries, _meta(placeholder, files[0][0]))
+            head_new, _ = header_for(entries, _meta(final, files[0][0]))
+            if len(head_old) != len(head_new):
+                raise CheckpointError(f"{path}: internal error: provenance changed size while patching")
+            if str(tmp) != os.devnull:
+                with open(tmp, "r+b") as f:
+                    f.write(head_new)
+
+
+def _write_pickle(stream: TensorStream, path: Path, extra: dict, force: bool) -> None:
+    """A plain state dict (what load_state_dict takes), provenance in PATH.weightspace.json beside it."""
+    sidecar = path.with_name(path.name + PROVENANCE_SUFFIX)
+    if sidecar.exists() and not force:
+        raise OutputExists(f"{sidecar}: already exists (use --force to overwrite)")
+    sd = dict(stream.produce())
+    prov = {**_finished(stream, [c.sha256() for c in stream.ingredients]), **extra}
+    with atomic_output(path, force) as tmp, atomic_output(sidecar, True) as tmp_side:
+        torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
+        Path(tmp_side).write_text(json.dumps(prov, indent=1, sort_keys=True, allow_nan=True) + "\n")
+
+
+def _first_source(stream: TensorStream) -> str | None:
+    if stream.ingredients:
+        return stream.ingredients[0].source
+    ings = stream.provenance.get("ingredients") or []
+    first = ings[0] if ings and isinstance(ings[0], Mapping) else {}
+    return first.get("source") if isinstance(first.get("source"), str) else None
+
+
+def companion_files(source: str | None) -> list[Path]:
+    """The non-weight files (config.json, tokenizer, preprocessor, ...) of a source that is a folder or a Hub
+    repo; none for a single file (its folder may hold anything) or a library name."""
+    if not source:
+        return []
+    rest, _ = split_options(source)
+    hub = rest.startswith(("hf://", "hf-hub:"))
+    if not hub and not Path(os.path.expanduser(rest)).is_dir():
+        return []
+    try:
+        res = resolve(rest)
+    except Exception:  # noqa: BLE001 — the weights were read already; a missing folder only means nothing to copy
+        return []
+    if not res.files:
+        return []
+    folder = res.files[0].parent
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".") and not _NOT_COPIED.search(p.name)]
+
+
+def _old_weight_files(folder: Path) -> list[Path]:
+    """The weight files a previous save into ``folder`` wrote: its index's shards and the index, or the single file."""
+    out = []
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid shard index; remove the folder's old weights by hand") from None
+        out += [folder / n for n in sorted(names) if "/" not in n and (folder / n).is_file()]
+        out.append(index)
+    if (folder / SINGLE_NAME).is_file():
+        out.append(folder / SINGLE_NAME)
+    return out
+
+
+def _shards(entries: list, limit: int) -> list[list]:
+    """Consecutive runs of entries of at most ``limit`` bytes each (a larger tensor alone in its shard)."""
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        n = _nbytes(e)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, force: bool, limit: int) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise OutputExists(f"{folder}: exists and is not a folder")
+    if kind == "pt":
+        raise ConfigError(f"{folder}: an output folder holds safetensors weights (drop --format pt, or name a file)")
+    old = _old_weight_files(folder) if folder.is_dir() else []
+    if old and not force:
+        raise OutputExists(f"{folder}: already holds weights ({old[0].name}); use --force to replace them")
+    shards = _shards(stream.entries, limit)
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    companions = companion_files(_first_source(stream))
+    created = not folder.exists()
+    make_folder(folder)
+    try:
+        for src in companions:
+            with atomic_output(folder / src.name, force=True) as tmp:
+                shutil.copyfile(src, tmp)
+        _write_safetensors_files(stream, [(folder / name, s) for name, s in zip(names, shards)], extra, force)
+        if n > 1:  # the index last: a reader that finds it finds every shard complete
+            index = {"metadata": {"total_size": sum(_nbytes(e) for e in stream.entries)},
+                     "weight_map": {e[0]: name for name, s in zip(names, shards) for e in s}}
+            with atomic_output(folder / INDEX_NAME, force=True) as tmp:
+                Path(tmp).write_text(json.dumps(index, indent=2) + "\n")
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                for p in companions:
+                    (folder / p.name).unlink(missing_ok=True)
+                folder.rmdir()
+        raise
+    for p in old:  # exactly what the previous save wrote and this one did not overwrite
+        if p.name not in names and not (n > 1 and p.name == INDEX_NAME):
+            p.unlink(missing_ok=True)
+    return folder
+
+
+def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = None, force: bool = False,
+         fmt: str | None = None, dtype: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+         folder: bool | None = None) -> Path:
+    """Write a state dict, module or streamed op result atomically, with provenance; returns the path written.
+
+    Args:
+        obj: the weights (a streamed op result is written tensor by tensor, never held whole).
+        path: ``x.safetensors`` (default format), ``x.pt|.pth|.bin`` (a plain pickled state dict, provenance in
+            ``x.pt.weightspace.json``), or a folder (a path ending in '/' or an existing folder, or ``folder=True``):
+            a Hugging Face folder, sharded past ``max_shard_size``. A missing parent folder is created.
+        provenance: extra provenance entries. force: replace an existing output (in a folder: exactly the weight
+            files of the previous save, nothing else). fmt: "safetensors" or "pt" instead of the extension's.
+        dtype: "bf16", "fp16" or "fp32": floating tensors are cast to it (integer buffers are kept).
+        max_shard_size: bytes or '5GB'; a single file past it is refused (write a folder).
+
+    Raises:
+        OutputExists: the output exists and ``force`` is false. ConfigError: bad options, a non-tensor value,
+        or a single file past ``max_shard_size``.
+    """
+    is_folder = folder if folder is not None else (str(path).endswith(("/", os.sep)) or Path(path).is_dir())
+    path = Path(path)
+    kind = _format(path, fmt)
+    stream = _as_stream(obj, path)
+    if dtype:
+        stream = _cast(stream, dtype)
+    extra = dict(provenance or {})
+    limit = parse_size(max_shard_size)
+    if is_folder:
+        return _save_folder(stream, path, kind, extra, force, limit)
+    total = sum(_nbytes(e) for e in stream.entries)
+    if total > limit:
+        raise ConfigError(f"{path}: {_human(total)} of weights exceeds the maximum shard size of {_human(limit)}; "
+                          f"write a folder of shards with -o {path.with_suffix('')}/ (or raise --max-shard-size)")
+    created = not path.parent.exists()
+    make_folder(path.parent)
+    try:
+        if kind == "pt":
+            _write_pickle(stream, path, extra, force)
+        else:
+            _write_safetensors_files(stream, [(path, stream.entries)], extra, force)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        raise
     return path

@@ -5,15 +5,17 @@ for timm and open_clip names, an in-memory state dict produced by the library's 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from pathlib import Path
 from collections.abc import Mapping
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import parse_qsl
 
 import torch
-from urllib.parse import parse_qsl
 
 from ..errors import SourceError
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
@@ -26,6 +28,78 @@ PREFERRED_FILES = (
     "pytorch_model.bin", "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin",
     "model.pt", "model.pth",
 )
+
+
+# Options any source string may carry after '?', e.g. ckpt.pth.tar?ema=1 or lightning.ckpt?prefix=model.
+SOURCE_OPTIONS = ("ema", "prefix")
+EMA_CHOICES = ("off", "prefer", "require")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read the weights of one source: which EMA variant, and which key prefix to strip.
+
+    ``ema``: "off" takes the regular weights (the default, noted when EMA weights are present), "prefer" takes EMA
+    weights where a file holds them and the regular ones elsewhere, "require" fails when a file holds none.
+    ``prefix``: keep only keys starting with it, with it removed (a Lightning module's 'model.')."""
+
+    ema: str = "off"
+    prefix: str | None = None
+
+
+_defaults = SourceOptions()
+
+
+def set_default_options(options: SourceOptions) -> None:
+    """Set the options of sources that do not carry their own (the CLI's --ema and --strip-prefix)."""
+    global _defaults
+    if options.ema not in EMA_CHOICES:
+        raise ValueError(f"ema must be one of {EMA_CHOICES}")
+    _defaults = options
+
+
+@contextlib.contextmanager
+def default_options_for(options: SourceOptions) -> Iterator[None]:
+    """``set_default_options`` for the duration of a block (a command), restored afterwards."""
+    before = _defaults
+    set_default_options(options)
+    try:
+        yield
+    finally:
+        set_default_options(before)
+
+
+def default_options() -> SourceOptions:
+    """The options of sources that carry none of their own (SourceOptions() unless the CLI set them)."""
+    return _defaults
+
+
+def split_options(source: str, defaults: SourceOptions | None = None) -> tuple[str, SourceOptions]:
+    """Take '?ema=0|1' and '?prefix=P' off a source string; returns the rest and the options in force.
+
+    Other query parameters stay in place for the scheme that reads them (timm's file= and num_classes=).
+    An existing local file whose name holds '?' is taken as it is. Raises SourceError on a bad value."""
+    base = defaults or _defaults
+    if "?" not in source or Path(os.path.expanduser(source)).exists():
+        return source, base
+    head, query = source.split("?", 1)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    ours = {k: v for k, v in pairs if k in SOURCE_OPTIONS}
+    rest = [(k, v) for k, v in pairs if k not in SOURCE_OPTIONS]
+    is_local = not any(source.startswith(p) for p in SCHEMES)
+    if rest and (is_local or source.startswith(("hf://", "hf-hub:"))):
+        raise SourceError(f"{source}: unknown source option '{rest[0][0]}' (known: ema=0|1, prefix=P)")
+    ema = base.ema
+    if "ema" in ours:
+        value = ours["ema"].lower()
+        if value not in ("0", "1", "true", "false", "yes", "no"):
+            raise SourceError(f"{source}: ema={ours['ema']}: expected 0 or 1")
+        ema = "require" if value in ("1", "true", "yes") else "off"
+    prefix = ours.get("prefix", base.prefix)
+    if prefix == "":
+        prefix = None
+    rebuilt = head + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+    return rebuilt, SourceOptions(ema=ema, prefix=prefix)
 
 
 def _local(source: str) -> Resolved:
@@ -94,9 +168,63 @@ def _from_folder(source: str, folder: Path) -> Resolved:
 
 def _offline_hint() -> str:
     from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:  # what huggingface_hub itself obeys (read from the environment at import)
+    if constants.HF_HUB_OFFLINE and not _forced_offline:  # the user's own setting, read by huggingface_hub
         return " (HF_HUB_OFFLINE is set and it is not in the cache)"
     return " (not in the cache and the Hub is unreachable)"
+
+
+_reachable: dict[str, bool] = {}
+_forced_offline = False  # offline mode switched on by _quiet_hub (the Hub did not answer), not by the user
+PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub's endpoint (HF_ENDPOINT) accepts a TCP connection within a few seconds; asked once per
+    process. huggingface_hub itself retries an unreachable Hub with back-off for tens of seconds per file."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+    endpoint = constants.ENDPOINT
+    if endpoint not in _reachable:
+        url = urlsplit(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=PROBE_TIMEOUT_S).close()
+            _reachable[endpoint] = True
+        except OSError:
+            _reachable[endpoint] = False
+    return _reachable[endpoint]
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Hub downloads (ours, timm's, open_clip's) that answer in seconds when the Hub is unreachable: offline
+    mode is switched on for the call (files then come from the cache or fail at once), and the libraries'
+    retry and download-progress chatter is silenced; the outcome is reported as one error line instead."""
+    import logging
+
+    from huggingface_hub import constants
+    global _forced_offline
+    logs = [logging.getLogger(n) for n in ("huggingface_hub", "timm", "open_clip")] + [logging.getLogger()]
+    levels = [lg.level for lg in logs]
+    offline = constants.HF_HUB_OFFLINE
+    # open_clip reports a failed download with logging.error on the root logger, which would also install a
+    # handler there for good; a NullHandler for the call keeps both from happening.
+    null = logging.NullHandler()
+    logging.getLogger().addHandler(null)
+    try:
+        for lg in logs:
+            lg.setLevel(logging.CRITICAL)
+        if not offline and not hub_reachable():
+            constants.HF_HUB_OFFLINE = _forced_offline = True
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        _forced_offline = False
+        logging.getLogger().removeHandler(null)
+        for lg, level in zip(logs, levels):
+            lg.setLevel(level)
 
 
 def _hub_error(source: str, e: Exception) -> SourceError:
@@ -115,6 +243,30 @@ def _hub_error(source: str, e: Exception) -> SourceError:
     return SourceError(f"{source}: Hub download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def commit_of(path: str | os.PathLike | None) -> str | None:
+    """The commit of a file in the Hub cache (…/snapshots/<commit>/file), else None."""
+    if path is None:
+        return None
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1] == "snapshots" and _COMMIT_RE.match(parts[i]):
+            return parts[i]
+    return None
+
+
+def cached_commit(repo_id: str, filename: str = "model.safetensors") -> str | None:
+    """The commit of the cached snapshot a library (timm, open_clip) loaded ``repo_id`` from, if it is cached."""
+    from huggingface_hub import try_to_load_from_cache
+    for name in (filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo_id, name)
+        if isinstance(hit, str):
+            return commit_of(hit)
+    return None
+
+
 def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
     """Split 'org/repo[@rev][/file]' into (repo_id, revision, filename)."""
     parts = spec.strip("/").split("/")
@@ -127,7 +279,12 @@ def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
     return f"{parts[0]}/{repo}", revision or None, filename
 
 
-def _hub(source: str, spec: str) -> Resolved:
+def _with_commit(res: Resolved, path: Path) -> Resolved:
+    res.commit = commit_of(path)
+    return res
+
+
+def _hub(source: str, spec: str, options: SourceOptions | None = None) -> Resolved:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
     repo_id, revision, filename = parse_hub(spec)
@@ -137,41 +294,35 @@ def _hub(source: str, spec: str) -> Resolved:
     def fetch(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=cache_only))
 
-    import logging
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    # Retries against an unreachable Hub are logged line by line; the outcome is reported in one error instead.
-    hub_log.setLevel(logging.ERROR)
-    try:
-        if filename:
-            path = fetch(filename)
-            if filename.endswith(".index.json"):
-                return _from_index(source, path, fetch=fetch)
-            return Resolved(source, files=[path], note=f"{repo_id}/{filename}")
-        tried = []
-        local_misses = 0
-        for name in PREFERRED_FILES:
-            try:
-                path = fetch(name)
-            except (EntryNotFoundError, LocalEntryNotFoundError) as e:
-                tried.append(name)
-                # LocalEntryNotFoundError subclasses EntryNotFoundError: a cache miss, not proof the repo lacks the file
-                local_misses += isinstance(e, LocalEntryNotFoundError)
-                if isinstance(e, LocalEntryNotFoundError):
-                    cache_only = True  # the Hub is unreachable: look for the other candidates in the cache only
-                continue
-            if name.endswith(".index.json"):
-                return _from_index(source, path, fetch=fetch)
-            return Resolved(source, files=[path], note=f"{repo_id}/{name}")
-        where = "found locally" if local_misses == len(tried) else "in the repository"
-        hint = _offline_hint() if local_misses == len(tried) else ""
-        raise SourceError(f"{source}: no weights file {where} (tried {', '.join(tried[:4])}, ...){hint}")
-    except SourceError:
-        raise
-    except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
-    finally:
-        hub_log.setLevel(level)
+    with _quiet_hub():
+        try:
+            if filename:
+                path = fetch(filename)
+                if filename.endswith(".index.json"):
+                    return _with_commit(_from_index(source, path, fetch=fetch), path)
+                return Resolved(source, files=[path], note=f"{repo_id}/{filename}", commit=commit_of(path))
+            tried = []
+            local_misses = 0
+            for name in PREFERRED_FILES:
+                try:
+                    path = fetch(name)
+                except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+                    tried.append(name)
+                    # LocalEntryNotFoundError subclasses EntryNotFoundError: a cache miss, not proof the repo lacks the file
+                    local_misses += isinstance(e, LocalEntryNotFoundError)
+                    if isinstance(e, LocalEntryNotFoundError):
+                        cache_only = True  # the Hub is unreachable: look for the other candidates in the cache only
+                    continue
+                if name.endswith(".index.json"):
+                    return _with_commit(_from_index(source, path, fetch=fetch), path)
+                return Resolved(source, files=[path], note=f"{repo_id}/{name}", commit=commit_of(path))
+            where = "found locally" if local_misses == len(tried) else "in the repository"
+            hint = _offline_hint() if local_misses == len(tried) else ""
+            raise SourceError(f"{source}: no weights file {where} (tried {', '.join(tried[:4])}, ...){hint}")
+        except SourceError:
+            raise
+        except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
+            raise _hub_error(source, e) from None
 
 
 def _query(spec: str) -> tuple[str, dict[str, str]]:
@@ -181,8 +332,9 @@ def _query(spec: str) -> tuple[str, dict[str, str]]:
     return spec, {}
 
 
-def timm_classifier_classes(path: Path, name: str) -> int | None:
-    """Number of classes of the classifier stored in a weights file, found via timm's pretrained config."""
+def timm_classifier_classes(path: "Path | Mapping", name: str) -> int | None:
+    """Number of classes of the classifier stored in a weights file (or an open Checkpoint), found via timm's
+    pretrained config of model ``name``; None when no classifier key is found."""
     import timm
     try:
         cfg = timm.models.get_pretrained_cfg(name) or {}
@@ -190,35 +342,67 @@ def timm_classifier_classes(path: Path, name: str) -> int | None:
     except Exception:
         classifier = None
     heads = [classifier] if isinstance(classifier, str) else list(classifier or [])  # some nets have two heads
-    ck = load(str(path))
+    opened = not isinstance(path, (str, os.PathLike))
+    ck = path if opened else load(str(path))
     try:
         for key in [f"{h}.weight" for h in heads] + ["fc.weight", "head.fc.weight", "head.weight", "classifier.weight"]:
             if key in ck:
-                return int(ck.info(key)[1][0])
+                return int(ck.info(key)[1][0] if hasattr(ck, "info") else ck[key].shape[0])
     finally:
-        ck.close()
+        if not opened:
+            ck.close()
     return None
 
 
-def _timm(source: str, spec: str) -> Resolved:
+def _timm_in_chans(sd: Mapping, name: str) -> int | None:
+    """Input channels of the stem stored in a state dict, via timm's pretrained config (first_conv)."""
+    import timm
+    try:
+        first = getattr(timm.models.get_pretrained_cfg(name), "first_conv", None)
+    except Exception:
+        first = None
+    for conv in ([first] if isinstance(first, str) else list(first or [])):
+        w = sd.get(f"{conv}.weight")
+        if w is not None and w.dim() == 4:
+            return int(w.shape[1])
+    return None
+
+
+def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resolved:
     import timm
     name, opts = _query(spec)
     overlay: dict = {}
     kwargs: dict = {}
+    variant = ""
     if "file" in opts:
         path = Path(os.path.expanduser(opts["file"])).absolute()
         if not path.exists():
             raise SourceError(f"{source}: weights file {path} does not exist")
-        overlay["file"] = str(path)
+        # Read with our own loader (weights-only, our EMA choice and prefix), then hand timm the state dict so
+        # that its checkpoint filter and classifier handling still apply.
+        ck = open_source(str(path), options or SourceOptions())
+        variant = ck.variant
+        overlay["state_dict"] = ck.to_dict()
+        ck.close()
         # Without num_classes in the overlay timm silently re-initialises a mismatched classifier.
-        n = opts.get("num_classes") or timm_classifier_classes(path, name)
+        n = opts.get("num_classes") or timm_classifier_classes(overlay["state_dict"], name)
         if n is not None:
             overlay["num_classes"] = int(n)
             kwargs["num_classes"] = int(n)
+        chans = _timm_in_chans(overlay["state_dict"], name)
+        if chans is not None and chans != 3:  # e.g. grey inputs: timm would try to adapt a 3-channel stem
+            cfg = timm.models.get_pretrained_cfg(name)
+            size = tuple(getattr(cfg, "input_size", None) or (3, 224, 224))
+            overlay["input_size"] = (chans, *size[1:])
+            kwargs["in_chans"] = chans
     elif "num_classes" in opts:
         kwargs["num_classes"] = int(opts["num_classes"])
+    unknown = sorted(set(opts) - {"file", "num_classes"})
+    if unknown:
+        raise SourceError(f"{source}: unknown option '{unknown[0]}' (timm: names take file=, num_classes=, ema=, prefix=)")
     try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+        with _quiet_hub():
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise SourceError(f"{source}: unknown timm model '{name}'") from None
@@ -227,24 +411,36 @@ def _timm(source: str, spec: str) -> Resolved:
         if type(e).__module__.startswith("huggingface_hub"):
             raise _hub_error(source, e) from None
         raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return Resolved(source, state_dict=model.state_dict(), note=f"timm {name}")
+    hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if "file" not in opts else None
+    return Resolved(source, state_dict=model.state_dict(), note=f"timm {name}", variant=variant,
+                    commit=cached_commit(hub_id.rstrip("/")) if hub_id else None)
 
 
-def _open_clip(source: str, spec: str) -> Resolved:
+def _open_clip(source: str, spec: str, options: SourceOptions | None = None) -> Resolved:
     import open_clip
     if "/" not in spec:
         raise SourceError(f"{source}: open_clip sources are open_clip:ARCH/TAG (a pretrained tag or a weights file path)")
     arch, tag = spec.split("/", 1)
     try:
-        model = open_clip.create_model(arch, pretrained=tag, device="cpu")
+        with _quiet_hub():
+            model = open_clip.create_model(arch, pretrained=tag, device="cpu")
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
             raise _hub_error(source, e) from None
+        if "Failed to download" in str(e):  # open_clip wraps the Hub's error in a paragraph of its own
+            raise SourceError(f"{source}: weights not found locally{_offline_hint()}") from None
         raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return Resolved(source, state_dict=model.state_dict(), note=f"open_clip {arch}/{tag}")
+    try:
+        hub_id = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or ""
+    except Exception:  # a file path or an unknown tag: no Hub repo to name
+        hub_id = ""
+    if tag.startswith("hf-hub:"):
+        hub_id = tag[len("hf-hub:"):]
+    return Resolved(source, state_dict=model.state_dict(), note=f"open_clip {arch}/{tag}",
+                    commit=cached_commit(hub_id.strip("/")) if hub_id else None)
 
 
-SCHEMES: dict[str, Callable[[str, str], Resolved]] = {
+SCHEMES: dict[str, Callable[[str, str, SourceOptions], Resolved]] = {
     "hf://": _hub,
     "hf-hub:": _hub,
     "timm:": _timm,
@@ -253,11 +449,14 @@ SCHEMES: dict[str, Callable[[str, str], Resolved]] = {
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+_.-]*):(//)?")
 
 
-def resolve(source: str) -> Resolved:
-    """Turn a source string into local files (or an in-memory state dict for timm/open_clip names)."""
+def resolve(source: str, options: SourceOptions | None = None) -> Resolved:
+    """Turn a source string into local files (or an in-memory state dict for timm/open_clip names).
+
+    ``options`` matter where a library loads a file for us (timm:NAME?file=P reads P with them).
+    Raises SourceError when the string names nothing loadable."""
     for prefix, fn in SCHEMES.items():
         if source.startswith(prefix):
-            return fn(source, source[len(prefix):])
+            return fn(source, source[len(prefix):], options or SourceOptions())
     m = _SCHEME_RE.match(source)
     if m and not Path(source).exists() and len(m.group(1)) > 1:
         known = ", ".join(SCHEMES)
@@ -273,22 +472,51 @@ def short_name(source: str) -> str:
     return p.stem if p.suffix else p.name or source
 
 
-def load(src: Source, *, ema: bool = False) -> Checkpoint:
+def _options(ema: bool | None, strip_prefix: str | None) -> SourceOptions:
+    base = default_options()
+    return SourceOptions(ema=base.ema if ema is None else ("prefer" if ema else "off"),
+                         prefix=base.prefix if strip_prefix is None else (strip_prefix or None))
+
+
+def open_source(source: str, options: SourceOptions) -> Checkpoint:
+    """Open a source string (its own '?ema=' and '?prefix=' win over ``options``) as a lazy Checkpoint."""
+    rest, opts = split_options(source, options)
+    ck = open_resolved(resolve(rest, opts), opts.ema)
+    if opts.prefix:
+        ck = ck.strip_prefix(opts.prefix)
+    if rest != source:
+        ck.source = source  # reports name the source as the user wrote it, options included
+    return ck
+
+
+def load(src: Source, *, ema: bool | None = None, strip_prefix: str | None = None) -> Checkpoint:
     """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint.
+
+    Args:
+        src: a path or source string (``x.safetensors``, ``x.pt``, a folder, ``hf://org/repo``, ``timm:NAME``,
+            ``open_clip:ARCH/TAG``; any of them may end in ``?ema=0|1`` and ``?prefix=P``), or weights in memory.
+        ema: True takes EMA weights where the file holds them (as timm's ``use_ema``), False the regular ones;
+            None (default) follows the process default (regular weights; the CLI's ``--ema`` sets True).
+            ``?ema=1`` on a source requires EMA weights of it, ``?ema=0`` takes its regular ones.
+        strip_prefix: keep only keys starting with it, with it removed (None: the process default, usually none).
 
     Raises:
         SourceError: the source string cannot be resolved (unknown scheme, missing file, Hub failure).
-        CheckpointError: a file is unreadable, corrupt or holds no tensors.
+        CheckpointError: a file is unreadable, corrupt, holds no tensors, or lacks what was asked (EMA weights,
+            the prefix).
         UnsafeCheckpoint: a pickle needs more than tensors to load.
         TypeError: ``src`` is none of the above.
     """
     if isinstance(src, Checkpoint):
         return src
+    opts = _options(ema, strip_prefix)
     if isinstance(src, torch.nn.Module):
         return from_tensors(f"<{type(src).__name__}>", dict(src.state_dict()), "", [])
     if isinstance(src, Mapping):
-        flat, variant = unwrap(src, "<state dict>", ema)
-        return from_tensors("<state dict>", flat, variant, [])
+        flat, variant = unwrap(src, "<state dict>", opts.ema)
+        ck = from_tensors("<state dict>", flat, variant, [])
+        # only an explicit prefix: weights in memory are usually an op's result, already in the model's names
+        return ck.strip_prefix(strip_prefix) if strip_prefix else ck
     if isinstance(src, (str, os.PathLike)):
-        return open_resolved(resolve(os.fspath(src)), ema)
+        return open_source(os.fspath(src), opts)
     raise TypeError(f"cannot load a {type(src).__name__} as a checkpoint")

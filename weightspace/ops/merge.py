@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import torch
@@ -86,25 +86,49 @@ class TaskArithmetic(MergeMethod):
                 "each task vector trimmed to its largest magnitudes, signs elected per parameter, then a disjoint "
                 "mean added to the base", TIES_PAPER, {"scale": 1.0, "keep": 0.2}))
 class Ties(MergeMethod):
-    """TIES-merging (Yadav et al. 2023): trim each τ_t to its top-k magnitudes, elect signs, disjoint mean."""
+    """TIES-merging (Yadav et al. 2023): trim each τ_t to its top-k magnitudes, elect signs, disjoint mean.
 
-    def __init__(self, keep: float | None = None):
-        keep = float(self.entry.defaults["keep"] if keep is None else keep)
-        if not (0.0 < keep <= 1.0) or not math.isfinite(keep):
-            raise ConfigError(f"--keep {keep}: must be a fraction in (0, 1]")
-        self.keep = keep
+    Two trims: ``keep`` (the default) keeps the top fraction of each task vector over the whole model, as the
+    paper's code does; ``density`` (one fraction, or one per model) keeps the top fraction of every tensor
+    separately, as mergekit's ``ties`` does. Provenance says which (``trim``: "global" or "per-tensor")."""
+
+    def __init__(self, keep: float | None = None, density: float | Sequence[float] | None = None):
+        if density is not None and keep is not None:
+            raise ConfigError("ties: give keep (global top-k) or density (per tensor), not both")
+        if density is not None:
+            self.densities: list[float] | None = ([float(density)] if isinstance(density, (int, float))
+                                                  else [float(d) for d in density])
+            for d in self.densities:
+                if not (0.0 < d <= 1.0) or not math.isfinite(d):
+                    raise ConfigError(f"ties: density {d}: must be a fraction in (0, 1]")
+            self.keep = None
+        else:
+            self.densities = None
+            keep = float(self.entry.defaults["keep"] if keep is None else keep)
+            if not (0.0 < keep <= 1.0) or not math.isfinite(keep):
+                raise ConfigError(f"--keep {keep}: must be a fraction in (0, 1]")
+            self.keep = keep
         self.thresholds: list[float] = []
+        self.per_key: dict[str, list[float]] = {}
+        self.weights: list[float] = []
 
     def prepare(self, plan: "MergePlan") -> dict:
+        self.weights = list(plan.weights)
+        if self.densities is not None:
+            dens = self.densities * len(plan.models) if len(self.densities) == 1 else self.densities
+            if len(dens) != len(plan.models):
+                raise ConfigError(f"ties: {len(dens)} densities for {len(plan.models)} models")
+            self.per_key = per_tensor_thresholds(plan, dens)
+            return {"trim": "per-tensor", "density": dens}
         n_total = plan.num_float_elements()
         n_keep = min(n_total, max(1, round(self.keep * n_total)))
         self.thresholds = kth_largest_magnitudes(plan, n_keep) if n_total else [0.0] * len(plan.models)
-        return {"keep": self.keep, "kept_per_task": n_keep, "float_elements": n_total,
+        return {"trim": "global", "keep": self.keep, "kept_per_task": n_keep, "float_elements": n_total,
                 "thresholds": self.thresholds}
 
     def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
         # Trim, in place: magnitudes are compared in float32, the precision the thresholds were selected in.
-        for tau, thr in zip(taus, self.thresholds):
+        for tau, thr in zip(taus, self.per_key.get(key, self.thresholds)):
             tau.mul_(tau.abs().float() >= thr)  # 3× faster than masked_fill_ on a CPU
         # Elect: the sign of the summed mass per entry (an exact tie, sum 0, elects nothing and gives 0).
         elected = taus[0].clone()
@@ -113,13 +137,16 @@ class Ties(MergeMethod):
         elected.sign_()
         # Disjoint mean over the kept entries that agree with the elected sign: τ·sign > 0 exactly there, so
         # clamp(τ·sign, min=0) is the agreeing magnitude and (τ·sign > 0) counts it.
+        # With model weights w_t (τ_t arrives scaled by w_t) the mean is weighted: Σ w_t·τ_t / Σ w_t over agreeing
+        # entries, as mergekit normalises; with every w_t = 1 it is the plain disjoint mean.
         total = torch.zeros_like(elected)
         count = torch.zeros_like(elected)
-        for tau in taus:
+        weights = self.weights or [1.0] * len(taus)
+        for tau, w in zip(taus, weights):
             tau.mul_(elected)
-            count.add_(tau > 0)
+            count.add_(tau > 0, alpha=w) if w != 1.0 else count.add_(tau > 0)
             total.add_(tau.clamp_(min=0))
-        return total.div_(count.clamp_(min=1)).mul_(elected)
+        return total.div_(torch.where(count > 0, count, torch.ones_like(count))).mul_(elected)
 
 
 @dataclass
@@ -136,6 +163,7 @@ class MergePlan:
     progress: bool = False
     checked: bool = False  # set once a full pass has checked every input for NaN/Inf
     ex: Execution | None = None
+    weights: list[float] = field(default_factory=list)  # per-model weights w_t (τ_t is scaled by them); [] = all 1
 
     def __post_init__(self) -> None:
         if self.ex is None:
@@ -195,9 +223,12 @@ class MergePlan:
         fresh tensors in the wide dtype, on the plan's device)."""
         base = self._read(self.base, key, start, stop).to(self.wide(key), copy=True)
         taus = []
-        for i, (ck, s) in enumerate(zip(self.models, self.signs)):
+        weights = self.weights or [1.0] * len(self.models)
+        for i, (ck, s, w) in enumerate(zip(self.models, self.signs, weights)):
             tau = torch.sub(self._read(ck, key, start, stop, slot=(i + 1) % 2), base)
-            taus.append(tau.neg_() if s < 0 else tau)
+            if s * w != 1.0:
+                tau.mul_(s * w)
+            taus.append(tau)
         return base, taus
 
     def map_pieces(self, fn: Callable[[str, int, int, torch.Tensor, list[torch.Tensor]], T],
@@ -276,6 +307,41 @@ def kth_largest_magnitudes(plan: MergePlan, k: int) -> list[float]:
     return out
 
 
+def per_tensor_thresholds(plan: MergePlan, densities: Sequence[float]) -> dict[str, list[float]]:
+    """For each floating key and task vector, the magnitude of its k-th largest |τ| with k = int(density·numel)
+    (mergekit's rule), over that tensor alone. One pass; holds one tensor per model at a time."""
+    def mags(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]):
+        return key, [tau.abs_().to(torch.float32).cpu() for tau in taus]
+
+    out: dict[str, list[float]] = {}
+
+    def finish(key: str, parts: list[list[torch.Tensor]]) -> None:
+        numel = math.prod(plan.base.info(key)[1])
+        thr = []
+        for i, d in enumerate(densities):
+            k = int(d * numel)
+            if k <= 0:
+                thr.append(math.inf)  # keeps nothing of this tensor
+            elif k >= numel:
+                thr.append(0.0)
+            else:
+                thr.append(float(torch.topk(torch.cat(parts[i]), k, sorted=False).values.min()))
+        out[key] = thr
+
+    current, parts = None, []
+    for key, pieces in plan.map_pieces(mags, "ties: per-tensor thresholds"):
+        if key != current:
+            if current is not None:
+                finish(current, parts)
+            current, parts = key, [[] for _ in plan.models]
+        for i, t in enumerate(pieces):
+            parts[i].append(t)
+    if current is not None:
+        finish(current, parts)
+    plan.checked = True
+    return out
+
+
 def _signs(n_models: int, negate: Sequence[bool] | None) -> list[float]:
     if negate is None:
         return [1.0] * n_models
@@ -298,10 +364,12 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
 
 def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
                negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-               progress: bool = False, ema: bool = False, threads: int | None = None,
+               progress: bool = False, ema: bool | None = None, threads: int | None = None,
                max_memory: int | str | None = None, device: str | torch.device | None = None,
-               **options) -> tuple[MergeMethod, MergePlan, dict]:
+               weights: Sequence[float] | None = None, **options) -> tuple[MergeMethod, MergePlan, dict]:
     """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
+
+    ``weights`` scale each model's task vector (default 1 each; TIES then takes a weighted disjoint mean).
 
     Raises:
         ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device.
@@ -316,15 +384,18 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     base_ck = load(base, ema=ema)
     cks = [load(s, ema=ema) for s in models]
     check_compatible([base_ck, *cks])
+    if weights is not None and len(weights) != len(cks):
+        raise ConfigError(f"merge: {len(weights)} weights for {len(cks)} models")
     plan = MergePlan(base_ck, cks, _signs(len(cks), negate), sorted(base_ck), PRECISIONS[precision],
-                     allow_nonfinite, progress)
+                     allow_nonfinite, progress, weights=[float(w) for w in weights] if weights is not None else [])
     plan.ex = plan.execution(threads, max_memory, device)
     prov = {
         "op": m.name.replace("-", "_"),
         "method": m.name,
         "precision": precision,
         "ingredients": [{"source": base_ck.source, "role": "base"}]
-        + [{"source": c.source, "role": "task", "sign": int(s)} for c, s in zip(cks, plan.signs)],
+        + [{"source": c.source, "role": "task", "sign": int(s), **({"weight": w} if weights is not None else {})}
+           for c, s, w in zip(cks, plan.signs, plan.weights or [1.0] * len(cks))],
         "weightspace_version": __version__,
     }
     prov.update(m.prepare(plan))
@@ -360,7 +431,7 @@ def _whole(m: MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Ten
 
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-          progress: bool = False, ema: bool = False, threads: int | None = None,
+          progress: bool = False, ema: bool | None = None, threads: int | None = None,
           max_memory: int | str | None = None, device: str | torch.device | None = None,
           **options) -> TensorStream:
     """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``.
@@ -425,7 +496,7 @@ class ScaleSearch:
 def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
                  evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float],
                  maximize: bool = True, negate: Sequence[bool] | None = None, precision: str = "fp32",
-                 allow_nonfinite: bool = False, progress: bool = False, ema: bool = False,
+                 allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
                  threads: int | None = None, max_memory: int | str | None = None, **options) -> ScaleSearch:
     """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value.
 

@@ -122,7 +122,7 @@ def _refuse_uncombinable(ck: Checkpoint, keys: Sequence[str], op: str) -> None:
 
 def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
                        precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
-                       ema: bool = False, extra: dict | None = None, threads: int | None = None,
+                       ema: bool | None = None, extra: dict | None = None, threads: int | None = None,
                        max_memory: int | str | None = None, device: str | torch.device | None = None) -> TensorStream:
     """Σ_j c_j·θ_j over floating tensors, streamed; integer/bool buffers come from the first source.
 
@@ -427,7 +427,7 @@ def _key_distance(ca: Checkpoint, cb: Checkpoint, key: str, allow_nonfinite: boo
 
 
 def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | None = None, regex: str | None = None,
-             allow_nonfinite: bool = False, progress: bool = False, ema: bool = False,
+             allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
              threads: int | None = None) -> dict:
     """L2 distance, relative distance and cosine over floating tensors, in total and (optionally) per module.
 

@@ -176,6 +176,8 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     cks: list[Checkpoint] = [load(s) for s in ingredients]
+    if callable(getattr(evaluate, "fit", None)):  # in-place writes below go by key: unwrap prefixed keys first
+        cks = [evaluate.fit(c) for c in cks]
     check_compatible(cks)
     evaluations = 0
     if scores is None:  # independent evaluations: split across ranks under torchrun --parallel points

@@ -1,0 +1,162 @@
+"""Read a mergekit YAML file (the methods both tools have: linear, task_arithmetic, ties) into a weightspace merge.
+
+A file means what it means in mergekit: ``dtype`` is the compute dtype and ``out_dtype`` the output's (``dtype``
+when absent); ``weight`` scales each model's contribution; ``density`` is a per-tensor fraction (TIES trimmed
+tensor by tensor); ``normalize`` defaults to true for linear and ties, false for task_arithmetic; ``lambda``
+scales the merged task vector. Differences that remain are listed in docs/merge.md.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .stream import TensorStream, linear_combination
+
+__all__ = ["MergekitConfig", "read_mergekit_config", "merge_from_config"]
+
+METHODS = ("linear", "task_arithmetic", "ties")
+# mergekit's dtype names → ours. Compute happens in float32 at least (float64 when asked): a bfloat16 compute
+# dtype is honoured for the output only (see docs/merge.md).
+_COMPUTE = {"float32": "fp32", "fp32": "fp32", "float64": "fp64", "fp64": "fp64",
+            "bfloat16": "fp32", "bf16": "fp32", "float16": "fp32", "fp16": "fp32", "half": "fp32"}
+_OUTPUT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16",
+           "fp16": "fp16", "half": "fp16", "float64": None, "fp64": None}
+_IGNORED_KEYS = {"tokenizer_source", "tokenizer", "chat_template", "name"}  # nothing to merge: reported only
+
+
+@dataclass
+class MergekitConfig:
+    """A mergekit merge, as weightspace runs it."""
+
+    path: str
+    method: str
+    models: list[str]
+    weights: list[float]
+    densities: list[float | None]
+    base: str | None
+    normalize: bool
+    scale: float
+    precision: str
+    out_dtype: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _source(ref: Any, where: str, folder: Path) -> str:
+    """A mergekit model reference (local path or Hub id org/name[@rev]) as a weightspace source string."""
+    if isinstance(ref, dict):
+        ref = ref.get("model")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{where}: a model must be a path or a Hub id")
+    if "+" in ref:
+        raise ConfigError(f"{where}: {ref}: LoRA adapters (model+lora) are not supported")
+    local = Path(os.path.expanduser(ref))
+    if not local.is_absolute() and not local.exists() and (folder / local).exists():
+        local = folder / local
+    if local.exists() or ref.startswith((".", "/", "~")) or "://" in ref or ref.startswith(("timm:", "open_clip:")):
+        return str(local) if local.exists() else ref
+    return f"hf://{ref}"
+
+
+def _number(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {name} must be one number (per-layer gradients and filters are not supported)")
+    return float(value)
+
+
+def read_mergekit_config(path: str | os.PathLike) -> MergekitConfig:
+    """Parse a mergekit YAML file. Raises ConfigError, naming the file, on anything it cannot run as written."""
+    import yaml
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: not a readable YAML file ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a mergekit config is a mapping (merge_method, models, ...)")
+    method = str(raw.get("merge_method", "")).replace("-", "_")
+    if method not in METHODS:
+        raise ConfigError(f"{p}: merge_method {raw.get('merge_method')!r}: weightspace runs {', '.join(METHODS)}")
+    if "slices" in raw:
+        raise ConfigError(f"{p}: 'slices' (layer ranges) are not supported; list whole models under 'models'")
+    unknown = set(raw) - {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"} - _IGNORED_KEYS
+    if unknown:
+        raise ConfigError(f"{p}: unknown key {sorted(unknown)[0]!r}")
+    glob = raw.get("parameters") or {}
+    if not isinstance(glob, dict):
+        raise ConfigError(f"{p}: 'parameters' must be a mapping")
+    base = _source(raw["base_model"], f"{p}: base_model", p.parent) if raw.get("base_model") else None
+    if method != "linear" and base is None:
+        raise ConfigError(f"{p}: {method} needs a base_model")
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{p}: 'models' must list at least one model")
+    models, weights, densities = [], [], []
+    for i, entry in enumerate(entries):
+        where = f"{p}: models[{i}]"
+        src = _source(entry, where, p.parent)
+        params = (entry.get("parameters") or {}) if isinstance(entry, dict) else {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: 'parameters' must be a mapping")
+        if src == base and method != "linear":
+            continue  # mergekit lists the base among the models too; its task vector is zero
+        w = params.get("weight", glob.get("weight", 1.0 if method != "linear" else None))
+        if w is None:
+            raise ConfigError(f"{where}: linear needs a weight for every model")
+        weights.append(_number(w, where, "weight"))
+        d = params.get("density", glob.get("density"))
+        densities.append(None if d is None else _number(d, where, "density"))
+        models.append(src)
+    if not models:
+        raise ConfigError(f"{p}: no model besides the base_model")
+    if method == "ties" and any(d is None for d in densities):
+        densities = [1.0 if d is None else d for d in densities]  # mergekit keeps everything without a density
+    normalize = bool(glob.get("normalize", method != "task_arithmetic"))
+    scale = _number(glob.get("lambda", 1.0), f"{p}: parameters", "lambda")
+    dtype = str(raw.get("dtype") or "float32").lower()
+    out = str(raw.get("out_dtype") or dtype).lower()
+    if dtype not in _COMPUTE or out not in _OUTPUT:
+        raise ConfigError(f"{p}: dtype {dtype!r}/out_dtype {out!r}: expected float32, bfloat16, float16 or float64")
+    notes = []
+    if dtype in ("bfloat16", "bf16", "float16", "fp16", "half"):
+        notes.append(f"dtype {dtype}: computed in float32 (more precise than mergekit's {dtype} arithmetic)")
+    for k in sorted(set(raw) & _IGNORED_KEYS):
+        notes.append(f"{k}: ignored (non-weight files come from the first model's folder)")
+    if method == "ties" and not normalize:
+        raise ConfigError(f"{p}: ties with normalize: false is not supported (weightspace's disjoint mean divides)")
+    if method == "task_arithmetic" and normalize:
+        notes.append("normalize: weights divided by their sum")
+    return MergekitConfig(str(p), method, models, weights, densities, base, normalize, scale, _COMPUTE[dtype],
+                          _OUTPUT[out], notes)
+
+
+def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: bool = False,
+                      allow_nonfinite: bool = False) -> TensorStream:
+    """The streamed merge a mergekit config describes (save it with ``weightspace.save(..., dtype=cfg.out_dtype)``).
+
+    Raises ConfigError for a bad config and the loaders' errors for bad checkpoints."""
+    from .merge import merge
+    cfg = config if isinstance(config, MergekitConfig) else read_mergekit_config(config)
+    weights = list(cfg.weights)
+    if cfg.normalize:
+        total = sum(weights)
+        if abs(total) < 1e-12:
+            raise ConfigError(f"{cfg.path}: weights sum to zero and normalize is on")
+        weights = [w / total for w in weights]
+    extra = {"config": {"format": "mergekit", "path": cfg.path, "merge_method": cfg.method}}
+    if cfg.method == "linear":
+        stream = linear_combination(cfg.models, weights, op="linear", precision=cfg.precision,
+                                    allow_nonfinite=allow_nonfinite, progress=progress, extra=extra)
+        return stream
+    options: dict = {"weights": weights}
+    if cfg.method == "ties":
+        options["density"] = cfg.densities
+    stream = merge("task-arithmetic" if cfg.method == "task_arithmetic" else "ties", cfg.base, cfg.models,
+                   scale=cfg.scale, precision=cfg.precision, allow_nonfinite=allow_nonfinite, progress=progress,
+                   **options)
+    stream.provenance.update(extra)
+    return stream
