@@ -51,3 +51,26 @@ def test_make_test_keeps_pytest_temp_folders_in_a_removed_temp_dir():
     recipe = dry.stdout
     assert "mktemp -d" in recipe and '--basetemp="$tmp/pytest"' in recipe
     assert re.search(r'rc=\$\?; rm -rf "\$tmp"; exit \$rc', recipe), recipe
+
+
+def test_force_replaces_exactly_the_previous_runs_files(cli, tmp_path):
+    """A full demo run, then a small one with --force into the same folder: the full run's extra checkpoints go, a
+    user's own files stay. The full run is stood in for by its manifest and files (training it takes minutes)."""
+    import json
+
+    from weightspace.report.manifest import MANIFEST_NAME, read_manifest
+    out = tmp_path / "demo"
+    (out / "ckpts").mkdir(parents=True)
+    leftovers = [f"ckpts/ft{i}-lr0.03-wd0.001-shift.safetensors" for i in range(3, 8)]
+    for rel in leftovers:
+        (out / rel).write_bytes(b"weights of a full run")
+    (out / "ckpts" / "my-notes.txt").write_text("mine")          # never listed: never touched
+    (out / MANIFEST_NAME).write_text(json.dumps({"files": leftovers + ["../outside.txt"]}))
+    (tmp_path / "outside.txt").write_text("a manifest may not point outside its folder")
+    r = cli("demo", "--small", "--out", out, "--force", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert not any((out / rel).exists() for rel in leftovers)
+    assert (out / "ckpts" / "my-notes.txt").read_text() == "mine" and (tmp_path / "outside.txt").exists()
+    listed = read_manifest(out)
+    assert "leaderboard.csv" in listed and any(rel.startswith("ckpts/") for rel in listed)
+    assert all((out / rel).is_file() for rel in listed)
