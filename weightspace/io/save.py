@@ -331,7 +331,10 @@ def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = Non
         OutputExists: the output exists and ``force`` is false. ConfigError: bad options, a non-tensor value,
         or a single file past ``max_shard_size``.
     """
-    is_folder = folder if folder is not None else (str(path).endswith(("/", os.sep)) or Path(path).is_dir())
+    # An existing folder is written into only when its name is not a weights file's: '-o x.safetensors' naming a
+    # folder is a mistake to report, not a folder output. os.path.isdir is False (not an error) for a name too long.
+    is_folder = folder if folder is not None else (
+        str(path).endswith(("/", os.sep)) or (os.path.isdir(path) and Path(path).suffix not in WEIGHT_SUFFIXES))
     path = Path(path)
     kind = _format(path, fmt)
     stream = _as_stream(obj, path)
