@@ -39,6 +39,7 @@ from ..io.save import save
 from ..ops.stream import single_thread
 from ..analysis.curve import CurveSet
 from ..report import check_outputs
+from ..report.manifest import record_run
 from ..report.stats import difference, fmt_interval, judge, t_interval
 from ..search.greedy import Leaderboard
 from ..search.greedy import soup_leaderboard
@@ -246,6 +247,8 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     files.update({f"basin_{k}": str(v) for k, v in basin.write(out, force=force).items()})
     files.update({f"curve_{k}": str(v) for k, v in CurveSet(curves).write(out, force=force, extra={
         "command": "demo", "seed": seed}).items()})
+    # the manifest lets the next --force remove exactly this run's files (a full run's ft3-ft7 after a small one)
+    record_run(out, [ckdir / n for n in names] + list(soup_paths.values()) + list(files.values()), force=force)
     return {**results, "leaderboard": lb, "curves": curves, "files": files, "timings": timings}
 
 
