@@ -179,7 +179,10 @@ def _write_safetensors_files(stream: TensorStream, files: list[tuple[Path, list]
 
     Every header holds the provenance with the ingredients' sha256: they are hashed in a thread while tensors
     stream, and the placeholders are patched in place at the end (same length, so no data moves)."""
-    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as stack:
+    # One hashing thread per core (hashlib releases the GIL): cold, hashing is the slowest part of a soup.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(len(stream.ingredients), cores))
+    with ThreadPoolExecutor(max_workers=workers) as pool, contextlib.ExitStack() as stack:
         temps = [stack.enter_context(atomic_output(path, force)) for path, _ in files]
         futures = [pool.submit(c.sha256) for c in stream.ingredients]
         try:
