@@ -25,7 +25,7 @@ from .options import DataOptions, ModelOptions, OpOptions, force_option, report_
 @click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True,
               help="Noise draws, drawn once per module and scaled by σ (common random numbers).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
-@click.option("--recalibrate-bn", "recal_spec", default=None, metavar="DATA",
+@click.option("--recalibrate-bn", "recalibrate_bn", default=None, metavar="DATA",
               help="Re-estimate every BatchNorm's statistics on this data before each evaluation.")
 @use(ModelOptions, "model")
 @report_folder("Folder for results.json, criticality.csv, criticality_search.csv and the PNGs.")
@@ -34,7 +34,7 @@ from .options import DataOptions, ModelOptions, OpOptions, force_option, report_
 @use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
 def criticality(final: str, init: str, data: DataOptions, grouping: str | None, epsilon: float,
                 relative_epsilon: bool, metric: str, alphas: str, sigma_range: str, bisect_steps: int, samples: int,
-                seed: int, recal_spec: str | None, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool,
+                seed: int, recalibrate_bn: str | None, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool,
                 sources: OpOptions | None = None) -> None:
     """Module criticality μ_i (Chatterji et al. 2020) per module and the network's Σμ_i.
 
@@ -55,8 +55,8 @@ def criticality(final: str, init: str, data: DataOptions, grouping: str | None, 
     datasets = load_datasets([data.one("criticality")], device=model.device, transform=data_transform(data))
     factory = model_factory(model, final, datasets)
     ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
-    recal = (load_datasets([recal_spec], device=model.device, transform=data_transform(data))[0]
-             if recal_spec else None)
+    recal = (load_datasets([recalibrate_bn], device=model.device, transform=data_transform(data))[0]
+             if recalibrate_bn else None)
     r = module_criticality(final, init, ev, modules=grouping, epsilon=epsilon, relative_epsilon=relative_epsilon,
                            metric=metric, alphas=parse_grid(alphas, "--alphas"), sigma_range=(rng[0], rng[1]),
                            bisect_steps=bisect_steps, samples=samples, seed=seed, recalibrate_bn=recal,

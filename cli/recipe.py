@@ -42,9 +42,10 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
 
 @recipe.command("summary")
 @click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
-@click.option("-o", "output", default=None, metavar="FILE.md", help="Write the page here instead of stdout.")
+@click.option("-o", "--output", "output", default=None, metavar="FILE",
+              help="Write the page (Markdown) to FILE instead of stdout.")
 @click.option("--title", default="Recipe results", show_default=True, help="The page's heading.")
-@force_option("Overwrite FILE.md.")
+@force_option("Overwrite FILE.")
 def summary(runs: tuple[str, ...], output: str | None, title: str, force: bool) -> None:
     """One Markdown page of every finding (verdict and numbers) of recipe runs, read from their results.json."""
     from weightspace.experiments.summary import summarise

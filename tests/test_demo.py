@@ -78,7 +78,7 @@ def test_demo_regime_conditions(demo_run):
     import numpy as np
     from scipy import stats
 
-    from weightspace.eval.data import _mnist, mnist_indices
+    from weightspace.eval.data.tensors import _mnist, mnist_indices
     out, _ = demo_run
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["source"].startswith("mnist:pretrain") and res["data"]["target"].startswith("mnist:train")
