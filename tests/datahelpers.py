@@ -1,5 +1,5 @@
 """One small real image set (sklearn digits as JPEGs) written as an image folder, a tar of it, webdataset shards,
-a Hugging Face ``datasets`` folder (save_to_disk) and a CIFAR-style batch folder."""
+a Hugging Face ``datasets`` folder (save_to_disk), a local HF datasets cache entry and a CIFAR-style batch folder."""
 from __future__ import annotations
 
 import io
@@ -75,14 +75,40 @@ def write_wds(root: Path, folder: Path, shards: int = 2) -> str:
 
 def write_hfds(root: Path, out: Path) -> Path:
     """A `datasets` Dataset (image bytes + ClassLabel) saved with save_to_disk."""
+    hfds_dataset(root).save_to_disk(str(out))
+    return out
+
+
+def hfds_dataset(root: Path):
+    """The folder's images as a `datasets` Dataset: image bytes + a ClassLabel named after the class folders."""
     import datasets
     samples = folder_samples(root)
     names = [n for _, n in sorted({(t, n) for _, t, n in samples})]
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": None} for p, _, _ in samples],
-                                     "label": [t for _, t, _ in samples]}, features=feats)
-    ds.save_to_disk(str(out))
-    return out
+    return datasets.Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": None} for p, _, _ in samples],
+                                       "label": [t for _, t, _ in samples]}, features=feats)
+
+
+def write_hf_datasets_cache(root: Path, cache: Path, repo_id: str, split: str = "test") -> Path:
+    """Lay the folder's images out in ``cache`` (an HF_DATASETS_CACHE) as ``load_dataset(repo_id)`` leaves a Hub
+    dataset there after its first download: ``ORG___NAME/default/0.0.0/HASH/`` with dataset_info.json and the
+    prepared Arrow file of ``split``. Built by `datasets`' own Parquet builder from a parquet file (the Hub's format),
+    so the files are what the library writes; offline, load_dataset finds them by the repo id alone."""
+    import shutil
+
+    from datasets.packaged_modules.parquet.parquet import Parquet
+    org, name = repo_id.split("/")
+    src = cache.parent / f"{name}-parquet"
+    src.mkdir(parents=True, exist_ok=True)
+    parquet = src / f"{split}-00000-of-00001.parquet"
+    ds = hfds_dataset(root)
+    ds.to_parquet(str(parquet))
+    # the builder's own layout is NAME/default/...; a Hub download puts the namespace in front (ORG___NAME)
+    builder = Parquet(cache_dir=str(cache), dataset_name=name, config_name="default", config_id="default",
+                      data_files={split: [str(parquet)]}, features=ds.features, hash="0123456789abcdef")
+    builder.download_and_prepare()
+    shutil.move(str(cache / name), str(cache / f"{org}___{name}"))
+    return cache / f"{org}___{name}"
 
 
 def write_cifar(root: Path, png_folder: Path, n: int = 12) -> Path:

@@ -269,3 +269,36 @@ def test_shift_suites_get_a_column_each_and_avg_shifts_while_greedy_decides_on_v
     # both shift sets) refused
     assert lb.to_dict()["columns"][-1] == "avg shifts" and {
         "avg shifts/accuracy", "avg shifts/error", "avg shifts/loss"} <= set(lb.long_table()[0])
+
+
+@pytest.fixture
+def hf_datasets_offline(tmp_path, monkeypatch):
+    """An empty HF datasets cache, offline; `datasets` reads both settings once, at import, so they are patched too."""
+    import datasets.config
+    import huggingface_hub.constants as constants
+    cache = tmp_path / "hf-datasets"
+    cache.mkdir()
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hfds_from_the_local_hf_datasets_cache_equals_the_folder(imageset, hf_datasets_offline):
+    dh.write_hf_datasets_cache(dh.Path(imageset["folder"]), hf_datasets_offline, "wsorg/digits-jpeg", split="test")
+    model = small_timm()
+    folder = load_data(imageset["folder"], model=model, workers=0, progress=False)
+    for spec in ("hfds/wsorg/digits-jpeg:test", "hfds/wsorg/digits-jpeg"):  # without a name, the test split
+        d = load_data(spec, model=model, workers=2, progress=False)
+        assert torch.equal(d.x, folder.x) and torch.equal(d.y, folder.y), spec
+        assert d.meta["classes"] == ["digit0", "digit3", "digit7"]
+    both = ws.Evaluator(model, [folder, d], device="cpu", batch_size=8)()
+    assert both[folder.name] == both[d.name] and both[d.name]["n"] == 18
+    with pytest.raises(ws.ConfigError, match=r"hfds/wsorg/digits-jpeg:train") as e:
+        load_data("hfds/wsorg/digits-jpeg:train", model=model, progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ws.ConfigError, match=r"hfds/wsorg/no-such-set: not in the local HF datasets cache") as e:
+        load_data("hfds/wsorg/no-such-set", model=model, progress=False)
+    assert "\n" not in str(e.value)

@@ -54,3 +54,42 @@ def test_a_stored_head_is_used_and_a_broken_tower_is_refused(tiny_clip):
     sd.pop("visual.conv1.weight")
     with pytest.raises(ws.IncompatibleCheckpoints, match="visual.conv1.weight"):
         ev(sd)
+
+
+def _named_folder(root, names: dict[str, str]):
+    """Real digit images (three classes) in folders named by ``names`` (digit folder → class name)."""
+    import datahelpers as dh
+    for cls, i, arr in dh.digit_images(4, (40, 40)):
+        (root / names[cls]).mkdir(parents=True, exist_ok=True)
+        (root / names[cls] / f"{i:04d}.jpg").write_bytes(dh.jpeg(arr))
+    return root
+
+
+def test_zero_shot_head_is_built_from_the_datasets_class_names(tiny_clip, tmp_path, cli):
+    clip, path, tok = tiny_clip
+    words = _named_folder(tmp_path / "words", {"digit0": "zero", "digit3": "three", "digit7": "seven"})
+    other = _named_folder(tmp_path / "other", {"digit0": "a_circle", "digit3": "a_hook", "digit7": "a_line"})
+    heads, metrics = {}, {}
+    for folder, names in ((words, ["seven", "three", "zero"]), (other, ["a circle", "a hook", "a line"])):
+        model = build_model("open_clip:ws-eval-clip", num_classes=3)
+        data = load_data(str(folder), model=model, progress=False)
+        assert model.class_names == names  # the folder names (timm's class order), as the text tower reads them
+        assert data.x.shape[1:] == (3, 32, 32)  # open_clip's own eval transform (the tower's 32-pixel input)
+        r = ws.Evaluator(model, data, device="cpu", keep_logits=True)(str(path))
+        assert model.head.weight.shape == (3, 32)
+        with torch.no_grad():
+            txt = torch.nn.functional.normalize(clip.encode_text(tok([ZERO_SHOT_TEMPLATE.format(n) for n in names])), dim=-1)
+            img = torch.nn.functional.normalize(clip.encode_image(data.prepare(data.x)), dim=-1)
+        assert torch.allclose(model.head.weight, clip.logit_scale.exp() * txt, atol=1e-5)
+        assert torch.allclose(r.logits[data.name], clip.logit_scale.exp() * img @ txt.T, atol=1e-4)
+        assert r[data.name]["n"] == 12 and 0.0 <= r[data.name]["accuracy"] <= 1.0
+        heads[folder.name] = model.head.weight.clone()
+        metrics[folder.name] = r[data.name]
+    assert not torch.allclose(heads["words"], heads["other"], atol=1e-3)  # other names, another head
+    # the CLI sizes the head from the folder and names it the same way
+    res = cli("leaderboard", str(path), "--model", "open_clip:ws-eval-clip", "--data", str(words), "--device", "cpu",
+              "--quiet", "--json")
+    assert res.exit_code == 0, res.stderr
+    got = json.loads(res.stdout)["leaderboard"]["rows"][0]["metrics"][str(words)]
+    assert got["n"] == 12 and got["accuracy"] == metrics["words"]["accuracy"]
+    assert abs(got["loss"] - metrics["words"]["loss"]) < 1e-6

@@ -30,9 +30,8 @@ def model_transform(model: torch.nn.Module | None) -> Callable:
     visual = getattr(model, "visual", None)
     cfg = getattr(visual, "preprocess_cfg", None)
     if cfg:
-        import open_clip
-        from open_clip.transform import PreprocessCfg
-        return open_clip.image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+        from open_clip.transform import PreprocessCfg, image_transform_v2  # not re-exported by the package root
+        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
     if model is not None:
         import timm.data
         return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model), is_training=False)

@@ -268,6 +268,9 @@ class HFDatasetSource(ImageSource):
                 ds = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
         except FileNotFoundError as e:
             raise ConfigError(f"--data {spec}: no such dataset in the local cache or on disk ({e})") from None
+        except ConnectionError:  # offline (HF_HUB_OFFLINE=1) or no network, and load_dataset found no cached copy
+            raise ConfigError(f"--data {spec}: not in the local HF datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                              f"and the Hub cannot be reached") from None
         except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ValueError)
             raise ConfigError(f"--data {spec}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         if isinstance(ds, datasets.DatasetDict):
