@@ -53,7 +53,7 @@ def align(a: str, b: str, model: ModelOptions, data: DataOptions, method: str | 
                                   progress=not quiet)
     except IncompatibleCheckpoints as e:
         if num_classes is None and "has shape" in str(e):
-            raise IncompatibleCheckpoints(f"{e} (does --num-classes need setting?)") from None
+            raise IncompatibleCheckpoints(f"{e} (does --num-classes need setting?)", path=e.path, key=e.key) from None
         raise
     if not info["groups"]:
         note(f"{model_spec}: no permutation symmetry found in the graph; B is written unchanged", quiet)

@@ -78,7 +78,7 @@ def refuse_existing(output: str, force: bool) -> None:
 
     from weightspace.errors import OutputExists
     if Path(output).exists() and not force:
-        raise OutputExists(f"{output}: already exists (use --force to overwrite)")
+        raise OutputExists(f"{output}: already exists (use --force to overwrite)", path=output)
 
 
 def parse_grid(text: str, what: str) -> int | list[float]:
@@ -97,7 +97,8 @@ def precheck(out_dir: str | None, force: bool) -> None:
 
     from weightspace.errors import OutputExists
     if out_dir and not force and (Path(out_dir) / "results.json").exists():
-        raise OutputExists(f"{Path(out_dir) / 'results.json'}: already exists (use --force to overwrite)")
+        raise OutputExists(f"{Path(out_dir) / 'results.json'}: already exists (use --force to overwrite)",
+                           path=Path(out_dir) / 'results.json')
 
 
 def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | None, write: Callable | None,

@@ -1,9 +1,50 @@
-"""One exception family: every user-facing failure names the file and, where there is one, the key."""
+"""One exception family: every user-facing failure names the file and, where there is one, the key.
+
+Every class carries ``.path`` (the file, folder or source string the error is about) and ``.key`` (the tensor
+name), each None where it does not apply, and subclasses the built-in a caller would reach for, so that
+``except FileNotFoundError`` or ``except ValueError`` catches ours too::
+
+    WeightspaceError
+    ├── CheckpointError                     a checkpoint cannot be read
+    │   ├── CheckpointNotFound              + SourceError, FileNotFoundError
+    │   ├── UnsafeCheckpoint                a pickle that needs more than tensors
+    │   └── OutputError                     + OSError: an output cannot be written
+    ├── SourceError                         a source string cannot be resolved
+    │   └── HubDownloadError                + HubError: a Hub download failed
+    ├── HubError                            + OSError: the Hub refused or could not be reached (.repo_id)
+    ├── IncompatibleCheckpoints             + ValueError: keys, shapes or dtype kinds disagree
+    ├── NonFiniteError                      + ValueError: NaN or Inf in an input or a result
+    ├── OutputExists                        + FileExistsError: the output exists and --force was not given
+    ├── AlignmentError                      + ValueError: two models cannot be aligned
+    └── ConfigError                         + ValueError: bad options, model spec, data spec or recipe
+        └── DataError                       evaluation data cannot be used
+
+``hub_error`` is the one place where huggingface_hub's exceptions become ours, for downloads and pushes alike.
+"""
 from __future__ import annotations
+
+import os
+
+__all__ = [
+    "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
+    "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists", "AlignmentError",
+    "ConfigError", "DataError", "key_sample", "hub_error",
+]
 
 
 class WeightspaceError(Exception):
-    """Base class of every error weightspace raises on bad input."""
+    """Base class of every error weightspace raises on bad input.
+
+    ``str(e)`` is the one-line message; ``e.path`` and ``e.key`` name the file and the tensor where known."""
+
+    path: str | None
+    key: str | None
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None):
+        # One positional argument only: OSError subclasses then keep str(e) == message (no "[Errno ...]").
+        super().__init__(message)
+        self.path = os.fspath(path) if path is not None else None
+        self.key = key
 
 
 class CheckpointError(WeightspaceError):
@@ -14,24 +55,62 @@ class SourceError(WeightspaceError):
     """A source string cannot be resolved: unknown scheme, missing Hub file, offline cache miss."""
 
 
+class CheckpointNotFound(CheckpointError, SourceError, FileNotFoundError):
+    """The checkpoint file (or a shard of it, or the folder named) does not exist."""
+
+
 class UnsafeCheckpoint(CheckpointError):
     """A pickle needs more than tensors to load and was refused."""
 
 
-class IncompatibleCheckpoints(WeightspaceError):
+class OutputError(CheckpointError, OSError):
+    """An output cannot be written: its folder is missing, the disk is full, the name is too long."""
+
+
+class HubError(WeightspaceError, OSError):
+    """Talking to the Hub failed: no token, token refused, bad repo name, Hub unreachable.
+
+    ``repo_id`` names the repository (or the source string) where known."""
+
+    repo_id: str | None
+
+    def __init__(self, message: str, *, repo_id: str | None = None, path: str | os.PathLike | None = None,
+                 key: str | None = None):
+        super().__init__(message, path=path, key=key)
+        self.repo_id = repo_id
+
+
+class HubDownloadError(SourceError, HubError):
+    """A Hub source could not be downloaded: repository, revision or file not found, gated, cache miss."""
+
+
+class IncompatibleCheckpoints(WeightspaceError, ValueError):
     """Checkpoints disagree on keys, shapes or dtype kinds."""
 
 
-class NonFiniteError(WeightspaceError):
+class NonFiniteError(WeightspaceError, ValueError):
     """An input tensor holds NaN or Inf."""
 
 
-class OutputExists(WeightspaceError):
+class OutputExists(WeightspaceError, FileExistsError):
     """The output path exists and --force was not given."""
 
 
-class ConfigError(WeightspaceError):
+class AlignmentError(WeightspaceError, ValueError):
+    """Two models cannot be aligned: the graph cannot be traced, no data, or the aligned model changed."""
+
+
+class ConfigError(WeightspaceError, ValueError):
     """Bad options or configuration (a model spec, a data spec, a recipe)."""
+
+
+class DataError(ConfigError):
+    """Evaluation data cannot be used: an unreadable image, a class map that does not fit the model.
+
+    ``path`` names the file (an image, a map file, a cache entry) where there is one."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, *, key: str | None = None):
+        super().__init__(message, path=path, key=key)
 
 
 def key_sample(keys: list[str], n: int = 3) -> str:
@@ -40,11 +119,62 @@ def key_sample(keys: list[str], n: int = 3) -> str:
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} (e.g. {shown}{', ...' if len(keys) > n else ''})"
 
 
-class DataError(ConfigError):
-    """Evaluation data cannot be used: an unreadable image, a class map that does not fit the model.
+def _first_line(text: object) -> str:
+    s = str(text).strip()
+    return s.splitlines()[0] if s else ""
 
-    ``path`` names the file (an image, a map file, a cache entry) where there is one."""
 
-    def __init__(self, message: str, path: str | None = None):
-        super().__init__(message)
-        self.path = path
+def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,
+              cache_hint: str = "") -> HubError:
+    """Turn an exception of huggingface_hub (or its HTTP transport) into one line naming ``target``.
+
+    ``target`` is the source string of a download or the repo id of a push. A download gives a
+    ``HubDownloadError`` (a ``SourceError`` too); a push gives a ``HubError`` whose message says what to do about
+    the token. ``cache_hint`` ends the message of a cache miss (why the file could not be fetched). ``token`` never
+    appears in the message. Returns the error; raises nothing."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    def scrub(text: str) -> str:
+        return text.replace(token, "***") if token else text
+
+    if not push:
+        if isinstance(e, LocalEntryNotFoundError):
+            msg = f"file not found locally{cache_hint}"
+        elif isinstance(e, GatedRepoError):
+            msg = "gated repository; accept its terms on the Hub and log in (hf auth login)"
+        elif isinstance(e, RepositoryNotFoundError):
+            msg = "repository not found on the Hub (or private: log in with hf auth login)"
+        elif isinstance(e, RevisionNotFoundError):
+            msg = "revision not found on the Hub"
+        elif isinstance(e, EntryNotFoundError):
+            msg = "file not found in the repository"
+        else:
+            msg = f"Hub download failed ({type(e).__name__}: {scrub(_first_line(e))})"
+        return HubDownloadError(f"{target}: {msg}", path=target, repo_id=_repo_of(target))
+    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
+    server = scrub(_first_line(getattr(e, "server_message", None) or ""))
+    if status == 401:
+        msg = ("the Hub refused the token (401 Unauthorized): set a valid write token in HF_TOKEN or log in with "
+               "`hf auth login`")
+    elif status == 403:
+        msg = f"the token may not write there (403 Forbidden{': ' + server if server else ''})"
+    elif status == 400:
+        msg = f"the Hub rejected the request (400{': ' + server if server else ''}); is the repository name valid?"
+    elif status is not None:
+        msg = f"the Hub answered {status}{': ' + server if server else ''}"
+    elif isinstance(e, ValueError):  # the client's own checks, before any request
+        msg = scrub(_first_line(e))
+    else:
+        msg = f"cannot reach the Hub ({type(e).__name__}: {scrub(_first_line(e))})"
+    return HubError(f"{target}: {msg}", repo_id=target)
+
+
+def _repo_of(source: str) -> str | None:
+    """'org/name' of a Hub source string (hf://org/name@rev/file, hf-hub:org/name), else None."""
+    for scheme in ("hf://", "hf-hub:"):
+        if source.startswith(scheme):
+            parts = source[len(scheme):].split("/")
+            if len(parts) >= 2:
+                return f"{parts[0]}/{parts[1].split('@')[0].split('?')[0]}"
+    return None

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CheckpointError, OutputExists
+from .errors import OutputError, OutputExists
 
 __all__ = ["atomic_output", "discard_writes", "writes_discarded", "make_folder", "TEMP_MARK"]
 
@@ -57,13 +57,13 @@ def make_folder(folder: str | os.PathLike) -> Path:
     """``mkdir -p folder`` (nothing while writes are discarded); returns the folder as a Path.
 
     Raises:
-        CheckpointError: the folder cannot be made (read-only filesystem, a file in the way, no permission)."""
+        OutputError: the folder cannot be made (read-only filesystem, a file in the way, no permission)."""
     folder = Path(folder)
     if not _discarding:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CheckpointError(f"{folder}: cannot make the folder ({e.strerror or e})") from None
+            raise OutputError(f"{folder}: cannot make the folder ({e.strerror or e})", path=folder) from None
     return folder
 
 
@@ -104,13 +104,13 @@ def _check_target(path: Path, force: bool) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write here ({e.strerror or e})") from None
+        raise OutputError(f"{path}: cannot write here ({e.strerror or e})", path=path) from None
     if stat.S_ISDIR(st.st_mode):
-        raise OutputExists(f"{path}: is a directory")
+        raise OutputExists(f"{path}: is a directory", path=path)
     if not force:
-        raise OutputExists(f"{path}: already exists (use --force to overwrite)")
+        raise OutputExists(f"{path}: already exists (use --force to overwrite)", path=path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        raise OutputExists(f"{path}: exists and is not a regular file; not replaced, even with --force")
+        raise OutputExists(f"{path}: exists and is not a regular file; not replaced, even with --force", path=path)
 
 
 class _Interrupted(BaseException):
@@ -178,7 +178,7 @@ def _link_into_place(src: str, path: Path, force: bool, parent: Path, follow: bo
         try:
             _link(src, path, follow)
         except FileExistsError:
-            raise OutputExists(f"{path}: already exists (use --force to overwrite)") from None
+            raise OutputExists(f"{path}: already exists (use --force to overwrite)", path=path) from None
         return
     side = parent / _temp_name(path.name)
     _link(src, side, follow)
@@ -206,7 +206,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     Raises:
         OutputExists: ``path`` exists and ``force`` is false (also when another run created it meanwhile), or
             ``path`` is a folder, FIFO, device or socket (never replaced, even with ``force``).
-        CheckpointError: the folder of ``path`` does not exist, or writing fails (full disk, read-only
+        OutputError: the folder of ``path`` does not exist, or writing fails (full disk, read-only
             filesystem, name too long, no permission).
 
     While writes are discarded (``discard_writes``) it yields ``os.devnull`` and checks nothing: another process
@@ -217,11 +217,11 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if len(path.name.encode()) > _NAME_MAX:
-        raise CheckpointError(f"{path}: cannot write (file name too long: {len(path.name.encode())} bytes, at most "
-                              f"{_NAME_MAX})")
+        raise OutputError(f"{path}: cannot write (file name too long: {len(path.name.encode())} bytes, at most "
+                              f"{_NAME_MAX})", path=path)
     _check_target(path, force)
     if not parent.is_dir():
-        raise CheckpointError(f"{path}: folder {parent} does not exist")
+        raise OutputError(f"{path}: folder {parent} does not exist", path=path)
     _remove_stale(parent)
     fd, tmp = -1, None
     with _signals_unwind():
@@ -248,7 +248,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         except OSError as e:
             if e.errno not in _WRITE_ERRORS:
                 raise
-            raise CheckpointError(f"{path}: cannot write ({_WRITE_ERRORS[e.errno]})") from None
+            raise OutputError(f"{path}: cannot write ({_WRITE_ERRORS[e.errno]})", path=path) from None
         finally:
             if fd >= 0:
                 os.close(fd)

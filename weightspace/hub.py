@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from ._version import __version__
 from .io.checkpoint import Checkpoint, load_pickle
 from .io.sources import load
-from .errors import OutputExists, WeightspaceError
+from .errors import HubError, OutputExists, WeightspaceError, hub_error
 from .report.card import CardData, render_card
 from .registry import REGISTRY, Entry
 # Each op registers its title, formula and paper beside its code: importing these modules fills the registry.
@@ -43,10 +43,6 @@ def method_entry(op: str) -> Entry | None:
 
 _SCORE_SKIP = {"source", "sha256", "variant", "role", "n", "rank", "error"}  # counts, ranks and 1 − accuracy add columns, not information
 _RESULT_KEYS = ("source", "path", "checkpoint", "file")
-
-
-class HubError(WeightspaceError):
-    """Pushing to the Hub failed: no token, token refused, bad repo name, Hub unreachable."""
 
 
 @dataclass
@@ -282,7 +278,7 @@ def read_run_folder(path: str | os.PathLike | None) -> RunFolder:
         return RunFolder()
     p = Path(path)
     if not p.is_dir():
-        raise HubError(f"{p}: --card-from must be a run folder (written by --out DIR)")
+        raise HubError(f"{p}: --card-from must be a run folder (written by --out DIR)", path=p)
     run = RunFolder(p)
     if (p / "results.json").is_file():
         try:
@@ -440,11 +436,11 @@ def model_card(repo_id: str, prov: Mapping | None, library: str, run: RunFolder,
 def _validate_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     if not isinstance(repo_id, str) or repo_id.count("/") > 1:
-        raise HubError(f"{repo_id}: invalid repository name (expected NAME or ORG/NAME)")
+        raise HubError(f"{repo_id}: invalid repository name (expected NAME or ORG/NAME)", repo_id=repo_id)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HubError(f"{repo_id}: invalid repository name ({str(e).splitlines()[0]})") from None
+        raise HubError(f"{repo_id}: invalid repository name ({str(e).splitlines()[0]})", repo_id=repo_id) from None
 
 
 def _folder_config(source: Any) -> dict | None:
@@ -511,7 +507,7 @@ def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLik
             library = kind
         except HubError as e:
             if explicit:
-                raise HubError(f"{repo_id}: {e}") from None
+                raise HubError(f"{repo_id}: {e}", repo_id=repo_id, path=e.path) from None
             # An inferred config that does not fit (e.g. an image tower + head) is only a missed convenience.
             notes.append(f"no {kind} config written ({config_source}): {e}")
     ck.close()
@@ -528,31 +524,6 @@ def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLik
     return PushResult(repo_id, "main", library, files, dry_run=True, notes=notes)
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
-
-
-def _hub_error(repo_id: str, e: Exception, token: str | None) -> HubError:
-    """One line naming the repo and what to do; the token never appears in it."""
-    from huggingface_hub.errors import HfHubHTTPError
-    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
-    server = getattr(e, "server_message", None) or ""
-    server = _scrub(str(server).strip().splitlines()[0] if str(server).strip() else "", token)
-    if status == 401:
-        msg = ("the Hub refused the token (401 Unauthorized): set a valid write token in HF_TOKEN or log in with "
-               "`hf auth login`")
-    elif status == 403:
-        msg = f"the token may not write there (403 Forbidden{': ' + server if server else ''})"
-    elif status == 400:
-        msg = f"the Hub rejected the request (400{': ' + server if server else ''}); is the repository name valid?"
-    elif status is not None:
-        msg = f"the Hub answered {status}{': ' + server if server else ''}"
-    else:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        msg = f"cannot reach the Hub ({type(e).__name__}: {_scrub(first, token)})"
-    return HubError(f"{repo_id}: {msg}")
-
-
 def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False, revision: str = "main",
                 card_from: str | os.PathLike | None = None, token: str | None = None,
                 dry_run_dir: str | os.PathLike | None = None, model_config: Mapping | None = None,
@@ -566,14 +537,14 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
     """
     _validate_repo_id(repo_id)
     if not revision or not isinstance(revision, str):
-        raise HubError(f"{repo_id}: --revision must be a branch name")
+        raise HubError(f"{repo_id}: --revision must be a branch name", repo_id=repo_id)
     if dry_run_dir is not None:
         target = Path(dry_run_dir)
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-            raise OutputExists(f"{target}: already exists and is not empty (use --force to replace it)")
+            raise OutputExists(f"{target}: already exists and is not empty (use --force to replace it)", path=target)
         parent = target.parent if str(target.parent) else Path(".")
         if not parent.is_dir():
-            raise HubError(f"{target}: folder {parent} does not exist")
+            raise HubError(f"{target}: folder {parent} does not exist", path=target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
         try:
             result = build_folder(checkpoint_or_path, repo_id, staging, card_from=card_from, model_config=model_config,
@@ -590,11 +561,12 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     if constants.HF_HUB_OFFLINE:
-        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or use --dry-run DIR)")
+        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or use --dry-run DIR)",
+                       repo_id=repo_id)
     token = token or get_token()
     if not token:
         raise HubError(f"{repo_id}: no Hugging Face token found: set HF_TOKEN or run `hf auth login` "
-                       f"(or use --dry-run DIR to see what would be pushed)")
+                       f"(or use --dry-run DIR to see what would be pushed)", repo_id=repo_id)
     with tempfile.TemporaryDirectory(prefix="ws-push-") as d:
         result = build_folder(checkpoint_or_path, repo_id, d, card_from=card_from, model_config=model_config,
                               license=license)
@@ -610,10 +582,9 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
         except Exception as e:
             # huggingface_hub's HTTP client (httpx) raises its own transport errors, not OSError.
             transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2")
-            if isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError)) or transport:
-                raise _hub_error(repo_id, e, token) from None
-            if isinstance(e, ValueError):  # the client's own checks (e.g. README metadata the Hub calls invalid)
-                raise HubError(f"{repo_id}: {_scrub(str(e).strip().splitlines()[0], token)}") from None
+            # ValueError: the client's own checks (e.g. README metadata the Hub calls invalid).
+            if isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError)) or transport:
+                raise hub_error(repo_id, e, push=True, token=token) from None
             raise
     result.repo_id, result.revision, result.dry_run = full_id, revision, False
     result.url, result.commit = str(url), info.oid

@@ -90,7 +90,7 @@ def resolve_modules(modules: Modules, names: Sequence[str], model: nn.Module | N
     for name, keys in out.items():
         bad = [k for k in keys if k not in known]
         if bad:
-            raise IncompatibleCheckpoints(f"module '{name}': key '{bad[0]}' is not in the checkpoint")
+            raise IncompatibleCheckpoints(f"module '{name}': key '{bad[0]}' is not in the checkpoint", key=bad[0])
     return {k: v for k, v in out.items() if v}
 
 
@@ -235,12 +235,12 @@ def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: M
             sd = _materialise(t)
         missing = [k for ks in groups.values() for k in ks if k not in sd]
         if missing:
-            raise IncompatibleCheckpoints(f"rewind target {name}: has no tensor '{missing[0]}'")
+            raise IncompatibleCheckpoints(f"rewind target {name}: has no tensor '{missing[0]}'", key=missing[0])
         for ks in groups.values():
             for k in ks:
                 if tuple(sd[k].shape) != tuple(final_sd[k].shape):
                     raise IncompatibleCheckpoints(f"rewind target {name}: key '{k}' has shape {list(sd[k].shape)}, "
-                                                  f"FINAL has {list(final_sd[k].shape)}")
+                                                  f"FINAL has {list(final_sd[k].shape)}", key=k)
         sources[name] = sd
         names.append(name)
     bar = _progress(len(groups) * len(names) + 1, "rewind", progress)
@@ -449,7 +449,9 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
     final_sd, init_sd = _materialise(final), _materialise(init)
     missing = [k for k in final_sd if k not in init_sd]
     if missing:
-        raise IncompatibleCheckpoints(f"{load(init).source}: has no tensor '{missing[0]}' (FINAL has it)")
+        source = load(init).source
+        raise IncompatibleCheckpoints(f"{source}: has no tensor '{missing[0]}' (FINAL has it)", path=source,
+                                      key=missing[0])
     structure = _structure(evaluate, model)
     params = {k for k, _ in structure.named_parameters()} if structure is not None else None
     groups = resolve_modules(modules, list(final_sd), structure)

@@ -221,7 +221,7 @@ def _resident(ck: Checkpoint) -> Checkpoint:
     for k in mem:
         t = mem[k]
         if not all_finite(t):
-            raise NonFiniteError(f"{ck.source}: key '{k}' holds NaN or Inf values")
+            raise NonFiniteError(f"{ck.source}: key '{k}' holds NaN or Inf values", path=ck.source, key=k)
     return mem
 
 

@@ -220,14 +220,15 @@ class Evaluator:
                 parts.append(f"missing {key_sample(missing, 4)}")
             if unexpected:
                 parts.append(f"unexpected {key_sample(unexpected, 4)}")
-            raise IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts))
+            raise IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts), path=name)
         with torch.no_grad():
             for k, target in self._targets.items():
                 if k not in given:  # an optional key (e.g. a CLIP classifier's head, built after loading)
                     continue
                 t = src[k]
                 if tuple(t.shape) != tuple(target.shape):
-                    raise IncompatibleCheckpoints(f"{name}: key '{k}' has shape {list(t.shape)}, the model expects {list(target.shape)}")
+                    raise IncompatibleCheckpoints(f"{name}: key '{k}' has shape {list(t.shape)}, the model expects {list(target.shape)}",
+                                                  path=name, key=k)
                 target.copy_(t, non_blocking=True)
         hook = getattr(self.model, "after_load", None)
         if callable(hook):

@@ -130,7 +130,7 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     check_outputs(out, [*Leaderboard.FILES, *CurveSet.FILES, *BasinResult.FILES], force)
     for p in [ckdir / n for n in names] + [soupdir / "greedy.safetensors", soupdir / "uniform.safetensors"]:
         if p.exists() and not force:
-            raise OutputExists(f"{p}: already exists (use --force to overwrite)")
+            raise OutputExists(f"{p}: already exists (use --force to overwrite)", path=p)
     ckdir.mkdir(parents=True, exist_ok=True)
     soupdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

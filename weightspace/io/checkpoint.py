@@ -16,7 +16,7 @@ from typing import Any, Iterator, Union
 
 import torch
 
-from ..errors import CheckpointError, UnsafeCheckpoint, key_sample
+from ..errors import CheckpointError, CheckpointNotFound, UnsafeCheckpoint, key_sample
 from .formats import SafetensorsReader, file_sha256
 
 PROVENANCE_SUFFIX = ".weightspace.json"  # beside a pickled output: x.pt → x.pt.weightspace.json
@@ -122,7 +122,7 @@ def _check_legacy_sizes(path: Path) -> None:
         return
     if scan.declared > size:
         raise CheckpointError(f"{path}: declares {scan.declared:,} bytes of tensor storage but the file holds "
-                              f"{size:,} bytes; refused (corrupt or hostile)")
+                              f"{size:,} bytes; refused (corrupt or hostile)", path=path)
 
 
 def load_pickle(path: Path) -> Any:
@@ -146,12 +146,13 @@ def load_pickle(path: Path) -> Any:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         operand = re.search(r"Unsupported operand \d+", str(e))
         if operand and not found:  # not a pickle at all: converting would not help
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a pickle: {operand.group(0)})") from None
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a pickle: {operand.group(0)})",
+                                  path=path) from None
         detail = f"it needs {found.group(1)}" if found else "it needs objects beyond tensors"
         raise UnsafeCheckpoint(f"{path}: refused to unpickle: {detail}, and weights_only=True loads only tensors and "
-                               f"plain containers; {_convert_hint(path)}") from None
+                               f"plain containers; {_convert_hint(path)}", path=path) from None
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        raise CheckpointNotFound(f"{path}: no such file", path=path) from None
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 — the weights-only unpickler fails on junk with any error type (IndexError, ...)
@@ -159,7 +160,7 @@ def load_pickle(path: Path) -> Any:
         msg = re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else ""  # first sentence only
         if not isinstance(e, (RuntimeError, OSError)):
             msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})", path=path) from None
 
 
 MAX_NESTING = 64  # containers inside containers; real checkpoints nest a handful deep
@@ -179,16 +180,16 @@ def _flatten(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
             visited += 1
             if visited > MAX_ENTRIES:
                 raise CheckpointError(f"{path}: holds more than {MAX_ENTRIES:,} nested entries (shared or "
-                                      f"repeated containers); refused")
+                                      f"repeated containers); refused", path=path)
             name = f"{prefix}{k}"
             if torch.is_tensor(v):
                 out[name] = v
             elif isinstance(v, Mapping):
                 if id(v) in above:
-                    raise CheckpointError(f"{path}: the container at {name!r} contains itself; refused")
+                    raise CheckpointError(f"{path}: the container at {name!r} contains itself; refused", path=path)
                 if len(stack) >= MAX_NESTING:
                     raise CheckpointError(f"{path}: containers nested deeper than {MAX_NESTING} levels at "
-                                          f"{name[:80]!r}...; refused")
+                                          f"{name[:80]!r}...; refused", path=path)
                 stack.append((name + ".", iter(v.items()), above | {id(v)}))
                 break
         else:
@@ -210,13 +211,13 @@ def unwrap(obj: Any, path: str, ema: str | bool = "off") -> tuple[dict[str, torc
     ``ema``: "off" (regular weights), "prefer" (EMA where present) or "require" (True is "require").
     Raises CheckpointError when it holds no tensors, or no EMA weights under "require"."""
     if torch.is_tensor(obj) or not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict", path=path)
     chain: list[str] = []
     took_ema = False
     seen = {id(obj)}
     while not _all_tensors(obj):
         if len(chain) >= MAX_NESTING:
-            raise CheckpointError(f"{path}: state dict wrapped more than {MAX_NESTING} levels deep; refused")
+            raise CheckpointError(f"{path}: state dict wrapped more than {MAX_NESTING} levels deep; refused", path=path)
         present = [n for n in EMA_CONTAINERS + REGULAR_CONTAINERS if isinstance(obj.get(n), Mapping) and len(obj[n]) > 0]
         ema_hit = next((n for n in present if n in EMA_CONTAINERS), None)
         reg_hit = next((n for n in present if n in REGULAR_CONTAINERS), None)
@@ -233,11 +234,11 @@ def unwrap(obj: Any, path: str, ema: str | bool = "off") -> tuple[dict[str, torc
         else:
             break
         if id(obj) in seen:
-            raise CheckpointError(f"{path}: container {chain[-1]} contains itself; refused")
+            raise CheckpointError(f"{path}: container {chain[-1]} contains itself; refused", path=path)
         seen.add(id(obj))
     flat = _flatten(obj, path)
     if not flat:
-        raise CheckpointError(f"{path}: holds no tensors")
+        raise CheckpointError(f"{path}: holds no tensors", path=path)
     note = ""
     if not took_ema:
         flat, note = _pick_prefixed(flat, path, ema)
@@ -249,7 +250,8 @@ def _pick_prefixed(flat: dict, path: str, ema: str | bool) -> tuple[dict, str]:
     prefix = next((p for p in EMA_PREFIXES if any(k.startswith(p) for k in flat)), None)
     if prefix is None:
         if ema == "require" or ema is True:
-            raise CheckpointError(f"{path}: EMA weights were asked for (ema=1) but the file holds no EMA weights")
+            raise CheckpointError(f"{path}: EMA weights were asked for (ema=1) but the file holds no EMA weights",
+                                  path=path)
         return flat, ""
     if _wants_ema(ema):
         return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, f"EMA weights ('{prefix}*')"
@@ -404,7 +406,7 @@ class Checkpoint(Mapping):
         kept = {k[len(prefix):]: v for k, v in self._entries.items() if k.startswith(prefix) and len(k) > len(prefix)}
         if not kept:
             raise CheckpointError(f"{self.source}: no key starts with the prefix '{prefix}' "
-                                  f"(keys look like {key_sample(sorted(self._entries), 2)})")
+                                  f"(keys look like {key_sample(sorted(self._entries), 2)})", path=self.source)
         dropped = len(self._entries) - len(kept)
         note = f"keys under '{prefix}'" + (f" ({dropped} other keys dropped)" if dropped else "") + why
         ck = Checkpoint(self.source, kept, variant=" / ".join(v for v in (self.variant, note) if v), files=self.files,
@@ -432,7 +434,7 @@ def _normalised(source: str, raw_keys: list[str]) -> dict[str, str]:
     for raw in raw_keys:
         k = normalise_key(raw)
         if k in out:
-            raise CheckpointError(f"{source}: keys '{out[k]}' and '{raw}' both normalise to '{k}'")
+            raise CheckpointError(f"{source}: keys '{out[k]}' and '{raw}' both normalise to '{k}'", path=source)
         out[k] = raw
     return out
 
@@ -448,9 +450,10 @@ def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str]
     if weight_map is not None:
         missing = [k for k in weight_map if k not in raw]
         if missing:
-            raise CheckpointError(f"{source}: shard index names keys missing from the shards (e.g. '{missing[0]}')")
+            raise CheckpointError(f"{source}: shard index names keys missing from the shards (e.g. '{missing[0]}')",
+                                  path=source)
     if not raw:
-        raise CheckpointError(f"{files[0]}: holds no tensors")
+        raise CheckpointError(f"{files[0]}: holds no tensors", path=files[0])
     picked, variant = _pick_prefixed({k: k for k in raw}, str(files[0]), ema)
     mapping = _normalised(source, list(picked))
     entries = {k: raw[picked[r]] for k, r in mapping.items()}
@@ -489,18 +492,20 @@ def check_pickled_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> Non
     for key, t in tensors.items():
         if t.layout != torch.strided:
             raise CheckpointError(f"{path}: key {key!r} is a {str(t.layout).replace('torch.', '')} tensor; only dense "
-                                  f"tensors are read (convert it with .to_dense())")
+                                  f"tensors are read (convert it with .to_dense())", path=path, key=key)
         if t.device.type == "meta":
-            raise CheckpointError(f"{path}: key {key!r} is a meta tensor: it has a shape but no data")
+            raise CheckpointError(f"{path}: key {key!r} is a meta tensor: it has a shape but no data",
+                                  path=path, key=key)
         if t.is_quantized:
-            raise CheckpointError(f"{path}: key {key!r} is quantised ({t.dtype}); dequantise it first (.dequantize())")
+            raise CheckpointError(f"{path}: key {key!r} is quantised ({t.dtype}); dequantise it first (.dequantize())",
+                                  path=path, key=key)
         if not _allow_expanded:
             need = t.numel() * t.element_size()
             held = t.untyped_storage().nbytes()
             if need > held:
                 raise CheckpointError(f"{path}: key {key!r} is a view of {held:,} stored bytes that would be "
                                       f"{need:,} bytes once materialised (stride 0 or overlapping); refused (use "
-                                      f"--allow-expanded to materialise it)")
+                                      f"--allow-expanded to materialise it)", path=path, key=key)
 
 
 def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:

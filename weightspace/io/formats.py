@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFound
 
 from .header import DTYPE_NAMES, DTYPES, MAX_HEADER, TensorInfo, parse_header  # noqa: F401 (re-exported)
 
@@ -37,9 +37,9 @@ class SafetensorsReader:
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: no such file") from None
+            raise CheckpointNotFound(f"{self.path}: no such file", path=self.path) from None
         except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})", path=self.path) from None
         try:
             self.tensors, self.metadata, self.header_bytes = self._parse()
         except Exception:
@@ -52,13 +52,14 @@ class SafetensorsReader:
         size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 8, 0)
         if len(head) < 8:
-            raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)", path=self.path)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or n + 8 > size:
-            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
+            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)",
+                                  path=self.path)
         raw = os.pread(self._fd, n, 8)
         if len(raw) != n:
-            raise CheckpointError(f"{self.path}: truncated while reading the safetensors header")
+            raise CheckpointError(f"{self.path}: truncated while reading the safetensors header", path=self.path)
         tensors, meta = parse_header(raw, size - 8 - n, str(self.path))
         base = 8 + n
         tensors = {k: TensorInfo(i.dtype, i.shape, base + i.begin, base + i.end) for k, i in tensors.items()}
@@ -90,7 +91,7 @@ class SafetensorsReader:
         while got < n:
             k = os.preadv(self._fd, [view[got:]], begin + got)
             if k <= 0:
-                raise CheckpointError(f"{self.path}: truncated while reading key '{key}'")
+                raise CheckpointError(f"{self.path}: truncated while reading key '{key}'", path=self.path, key=key)
             got += k
         t = raw.view(info.dtype)
         return t if ranged else t.reshape(info.shape)
@@ -202,7 +203,7 @@ def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], meta
         n = numel * element_size(dtype)
         name = DTYPE_NAMES.get(dtype)
         if name is None:
-            raise CheckpointError(f"key {key!r}: safetensors cannot store {dtype}")
+            raise CheckpointError(f"key {key!r}: safetensors cannot store {dtype}", key=key)
         dims = list(shape)
         if name == "F4" and dims:  # torch packs two 4-bit values per element; safetensors counts values
             dims[-1] *= 2

@@ -168,19 +168,19 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise CheckpointError(f"{where}: corrupt safetensors header (not UTF-8)") from None
+        raise CheckpointError(f"{where}: corrupt safetensors header (not UTF-8)", path=where) from None
     if _too_deep(text):
-        raise CheckpointError(f"{where}: corrupt safetensors header (JSON nested deeper than {_MAX_DEPTH})")
+        raise CheckpointError(f"{where}: corrupt safetensors header (JSON nested deeper than {_MAX_DEPTH})", path=where)
     try:
         header = json.loads(text, object_pairs_hook=_Obj, parse_float=_float, parse_int=_int, parse_constant=_no_constant)
     except _Reject as e:
-        raise CheckpointError(f"{where}: corrupt safetensors header ({e})") from None
+        raise CheckpointError(f"{where}: corrupt safetensors header ({e})", path=where) from None
     except (ValueError, RecursionError):  # JSONDecodeError, or an integer too long for int()
-        raise CheckpointError(f"{where}: corrupt safetensors header (not valid JSON)") from None
+        raise CheckpointError(f"{where}: corrupt safetensors header (not valid JSON)", path=where) from None
     if not isinstance(header, _Obj):
-        raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
+        raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)", path=where)
     if not _strings_ok(header):
-        raise CheckpointError(f"{where}: corrupt safetensors header (a string holds a lone surrogate)")
+        raise CheckpointError(f"{where}: corrupt safetensors header (a string holds a lone surrogate)", path=where)
     metadata: dict[str, str] = {}
     entries: dict[str, tuple[str, list[int], tuple[int, int]]] = {}
     seen_meta = False
@@ -202,7 +202,8 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
             else:
                 entries[key] = _entry(value)  # a repeated key: the last one counts, as in the reference
         except _Reject as e:
-            raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({e})") from None
+            raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({e})",
+                                  path=where, key=key) from None
     return _validate(entries, data_size, where), metadata
 
 
@@ -214,37 +215,41 @@ def _validate(entries: dict[str, tuple[str, list[int], tuple[int, int]]], data_s
     for key, (name, dims, (b, e)) in sorted(entries.items(), key=lambda kv: kv[1][2]):
         if b != pos or e < b:
             raise CheckpointError(f"{where}: corrupt safetensors file: data of key {key!r} does not follow the "
-                                  f"previous tensor (offsets [{b}, {e}], expected to start at {pos})")
+                                  f"previous tensor (offsets [{b}, {e}], expected to start at {pos})",
+                                  path=where, key=key)
         pos = e
         numel = 1
         for d in dims:
             numel *= d
             if numel >= _U64:
                 raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has a shape too large "
-                                      f"to count ({dims[:8]})")
+                                      f"to count ({dims[:8]})", path=where, key=key)
         dtype, bits = _ALL_DTYPES[name]
         nbits = numel * bits
         if nbits >= _U64 or nbits % 8:
             raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has a shape that does not "
-                                  f"fill whole bytes or is too large ({dims[:8]})")
+                                  f"fill whole bytes or is too large ({dims[:8]})", path=where, key=key)
         if e - b != nbits // 8:
             raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has {e - b} bytes for "
-                                  f"shape {dims[:8]} of {name}")
+                                  f"shape {dims[:8]} of {name}", path=where, key=key)
         if dtype is None:
-            raise CheckpointError(f"{where}: key {key!r} has dtype {name}, which torch cannot hold")
+            raise CheckpointError(f"{where}: key {key!r} has dtype {name}, which torch cannot hold",
+                                  path=where, key=key)
         try:
             shape = torch_shape(name, dims)
             if numel == 0:  # what the reference makes of an empty tensor; torch refuses some shapes (2^63)
                 torch.empty(shape, dtype=dtype)
         except _Reject as e:
-            raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({e})") from None
+            raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({e})",
+                                  path=where, key=key) from None
         except (RuntimeError, TypeError, ValueError, OverflowError):
             raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has a shape torch cannot "
-                                  f"hold ({dims[:8]})") from None
+                                  f"hold ({dims[:8]})", path=where, key=key) from None
         tensors[key] = TensorInfo(dtype, shape, base + b, base + e)
     if pos != data_size:
         if pos > data_size:
             raise CheckpointError(f"{where}: truncated safetensors file: the header needs {pos} bytes of data, "
-                                  f"the file has {data_size}")
-        raise CheckpointError(f"{where}: corrupt safetensors file: {data_size - pos} trailing bytes after the data")
+                                  f"the file has {data_size}", path=where)
+        raise CheckpointError(f"{where}: corrupt safetensors file: {data_size - pos} trailing bytes after the data",
+                              path=where)
     return tensors

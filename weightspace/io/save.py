@@ -202,7 +202,7 @@ def _write_safetensors_files(stream: TensorStream, files: list[tuple[Path, list]
             head_old, _ = header_for(entries, _meta(placeholder, files[0][0]))
             head_new, _ = header_for(entries, _meta(final, files[0][0]))
             if len(head_old) != len(head_new):
-                raise CheckpointError(f"{path}: internal error: provenance changed size while patching")
+                raise CheckpointError(f"{path}: internal error: provenance changed size while patching", path=path)
             if str(tmp) != os.devnull:
                 with open(tmp, "r+b") as f:
                     f.write(head_new)
@@ -212,7 +212,7 @@ def _write_pickle(stream: TensorStream, path: Path, extra: dict, force: bool) ->
     """A plain state dict (what load_state_dict takes), provenance in PATH.weightspace.json beside it."""
     sidecar = path.with_name(path.name + PROVENANCE_SUFFIX)
     if sidecar.exists() and not force:
-        raise OutputExists(f"{sidecar}: already exists (use --force to overwrite)")
+        raise OutputExists(f"{sidecar}: already exists (use --force to overwrite)", path=sidecar)
     sd = dict(stream.produce())
     prov = {**_finished(stream, [c.sha256() for c in stream.ingredients]), **extra}
     with atomic_output(path, force) as tmp, atomic_output(sidecar, True) as tmp_side:
@@ -256,7 +256,8 @@ def _old_weight_files(folder: Path) -> list[Path]:
         try:
             names = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid shard index; remove the folder's old weights by hand") from None
+            raise CheckpointError(f"{index}: not a valid shard index; remove the folder's old weights by hand",
+                                  path=index) from None
         out += [folder / n for n in sorted(names) if "/" not in n and (folder / n).is_file()]
         out.append(index)
     if (folder / SINGLE_NAME).is_file():
@@ -280,12 +281,12 @@ def _shards(entries: list, limit: int) -> list[list]:
 
 def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, force: bool, limit: int) -> Path:
     if folder.exists() and not folder.is_dir():
-        raise OutputExists(f"{folder}: exists and is not a folder")
+        raise OutputExists(f"{folder}: exists and is not a folder", path=folder)
     if kind == "pt":
         raise ConfigError(f"{folder}: an output folder holds safetensors weights (drop --format pt, or name a file)")
     old = _old_weight_files(folder) if folder.is_dir() else []
     if old and not force:
-        raise OutputExists(f"{folder}: already holds weights ({old[0].name}); use --force to replace them")
+        raise OutputExists(f"{folder}: already holds weights ({old[0].name}); use --force to replace them", path=folder)
     shards = _shards(stream.entries, limit)
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

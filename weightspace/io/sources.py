@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from ..errors import SourceError
+from ..errors import CheckpointNotFound, SourceError, WeightspaceError, hub_error
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -88,12 +88,12 @@ def split_options(source: str, defaults: SourceOptions | None = None) -> tuple[s
     rest = [(k, v) for k, v in pairs if k not in SOURCE_OPTIONS]
     is_local = not any(source.startswith(p) for p in SCHEMES)
     if rest and (is_local or source.startswith(("hf://", "hf-hub:"))):
-        raise SourceError(f"{source}: unknown source option '{rest[0][0]}' (known: ema=0|1, prefix=P)")
+        raise SourceError(f"{source}: unknown source option '{rest[0][0]}' (known: ema=0|1, prefix=P)", path=source)
     ema = base.ema
     if "ema" in ours:
         value = ours["ema"].lower()
         if value not in ("0", "1", "true", "false", "yes", "no"):
-            raise SourceError(f"{source}: ema={ours['ema']}: expected 0 or 1")
+            raise SourceError(f"{source}: ema={ours['ema']}: expected 0 or 1", path=source)
         ema = "require" if value in ("1", "true", "yes") else "off"
     prefix = ours.get("prefix", base.prefix)
     if prefix == "":
@@ -105,7 +105,7 @@ def split_options(source: str, defaults: SourceOptions | None = None) -> tuple[s
 def _local(source: str) -> Resolved:
     path = Path(os.path.expanduser(source))
     if not path.exists():
-        raise SourceError(f"{source}: no such file or directory")
+        raise CheckpointNotFound(f"{source}: no such file or directory", path=source)
     if path.is_dir():
         return _from_folder(source, path)
     if path.name.endswith(".index.json"):
@@ -118,12 +118,13 @@ def _shard_inside(index: Path, name: str) -> Path:
     '..', and no symlink leading out of the folder (as huggingface_hub enforces for Hub snapshots)."""
     parts = Path(name).parts
     if not name or os.path.isabs(name) or ".." in parts or "\0" in name:
-        raise SourceError(f"{index}: shard name {name!r} points outside the index's folder; refused")
+        raise SourceError(f"{index}: shard name {name!r} points outside the index's folder; refused", path=index)
     folder = index.parent.resolve()
     shard = folder / name
     real = shard.resolve()
     if real != folder and folder not in real.parents:
-        raise SourceError(f"{index}: shard {name!r} is a link to {real}, outside the index's folder; refused")
+        raise SourceError(f"{index}: shard {name!r} is a link to {real}, outside the index's folder; refused",
+                          path=index)
     return shard
 
 
@@ -132,18 +133,19 @@ def _from_index(source: str, index: Path, fetch: Callable[[str], Path] | None = 
         data = json.loads(index.read_text())
         weight_map = dict(data["weight_map"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise SourceError(f"{index}: not a valid shard index (needs a 'weight_map' object)") from None
+        raise SourceError(f"{index}: not a valid shard index (needs a 'weight_map' object)", path=index) from None
     if not weight_map:
-        raise SourceError(f"{index}: shard index has an empty 'weight_map' (no tensors)")
+        raise SourceError(f"{index}: shard index has an empty 'weight_map' (no tensors)", path=index)
     bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
     if bad is not None:
-        raise SourceError(f"{index}: 'weight_map' entry {bad!r} is {weight_map[bad]!r}, not a shard file name")
+        raise SourceError(f"{index}: 'weight_map' entry {bad!r} is {weight_map[bad]!r}, not a shard file name",
+                          path=index)
     names = sorted(set(weight_map.values()))
     files = []
     for name in names:
         shard = fetch(name) if fetch else _shard_inside(index, name)
         if not Path(shard).is_file():
-            raise SourceError(f"{index}: shard {name!r} is missing")
+            raise CheckpointNotFound(f"{index}: shard {name!r} is missing", path=index)
         files.append(Path(shard))
     by_name = {name: str(f) for name, f in zip(names, files)}
     return Resolved(source, files=files, weight_map={k: by_name[v] for k, v in weight_map.items()},
@@ -162,8 +164,10 @@ def _from_folder(source: str, folder: Path) -> Resolved:
     if len(weights) == 1:
         return Resolved(source, files=weights)
     if not weights:
-        raise SourceError(f"{source}: folder holds no weights file (looked for {', '.join(PREFERRED_FILES[:3])}, *.index.json, *.safetensors, *.pt, *.bin)")
-    raise SourceError(f"{source}: folder holds several weight files ({', '.join(p.name for p in weights[:4])}); name one")
+        raise SourceError(f"{source}: folder holds no weights file (looked for {', '.join(PREFERRED_FILES[:3])}, *.index.json, *.safetensors, *.pt, *.bin)",
+                          path=source)
+    raise SourceError(f"{source}: folder holds several weight files ({', '.join(p.name for p in weights[:4])}); name one",
+                      path=source)
 
 
 def _offline_hint() -> str:
@@ -227,22 +231,6 @@ def _quiet_hub() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _hub_error(source: str, e: Exception) -> SourceError:
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-    if isinstance(e, LocalEntryNotFoundError):
-        return SourceError(f"{source}: file not found locally{_offline_hint()}")
-    if isinstance(e, GatedRepoError):
-        return SourceError(f"{source}: gated repository; accept its terms on the Hub and log in (hf auth login)")
-    if isinstance(e, RepositoryNotFoundError):
-        return SourceError(f"{source}: repository not found on the Hub (or private: log in with hf auth login)")
-    if isinstance(e, RevisionNotFoundError):
-        return SourceError(f"{source}: revision not found on the Hub")
-    if isinstance(e, EntryNotFoundError):
-        return SourceError(f"{source}: file not found in the repository")
-    return SourceError(f"{source}: Hub download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-
-
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -271,7 +259,7 @@ def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
     """Split 'org/repo[@rev][/file]' into (repo_id, revision, filename)."""
     parts = spec.strip("/").split("/")
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise SourceError(f"{spec}: a Hub source needs org/repo")
+        raise SourceError(f"{spec}: a Hub source needs org/repo", path=spec)
     repo, revision = parts[1], None
     if "@" in repo:
         repo, revision = repo.split("@", 1)
@@ -318,11 +306,12 @@ def _hub(source: str, spec: str, options: SourceOptions | None = None) -> Resolv
                 return Resolved(source, files=[path], note=f"{repo_id}/{name}", commit=commit_of(path))
             where = "found locally" if local_misses == len(tried) else "in the repository"
             hint = _offline_hint() if local_misses == len(tried) else ""
-            raise SourceError(f"{source}: no weights file {where} (tried {', '.join(tried[:4])}, ...){hint}")
-        except SourceError:
+            raise SourceError(f"{source}: no weights file {where} (tried {', '.join(tried[:4])}, ...){hint}",
+                              path=source)
+        except WeightspaceError:  # ours (some are OSError or ValueError too) already name the source
             raise
         except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
-            raise _hub_error(source, e) from None
+            raise hub_error(source, e, cache_hint=_offline_hint()) from None
 
 
 def _query(spec: str) -> tuple[str, dict[str, str]]:
@@ -377,7 +366,7 @@ def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resol
     if "file" in opts:
         path = Path(os.path.expanduser(opts["file"])).absolute()
         if not path.exists():
-            raise SourceError(f"{source}: weights file {path} does not exist")
+            raise CheckpointNotFound(f"{source}: weights file {path} does not exist", path=source)
         # Read with our own loader (weights-only, our EMA choice and prefix), then hand timm the state dict so
         # that its checkpoint filter and classifier handling still apply.
         ck = open_source(str(path), options or SourceOptions())
@@ -399,18 +388,20 @@ def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resol
         kwargs["num_classes"] = int(opts["num_classes"])
     unknown = sorted(set(opts) - {"file", "num_classes"})
     if unknown:
-        raise SourceError(f"{source}: unknown option '{unknown[0]}' (timm: names take file=, num_classes=, ema=, prefix=)")
+        raise SourceError(f"{source}: unknown option '{unknown[0]}' (timm: names take file=, num_classes=, ema=, prefix=)",
+                          path=source)
     try:
         with _quiet_hub():
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise SourceError(f"{source}: unknown timm model '{name}'") from None
-        raise SourceError(f"{source}: timm could not load weights ({str(e).splitlines()[0]})") from None
+            raise SourceError(f"{source}: unknown timm model '{name}'", path=source) from None
+        raise SourceError(f"{source}: timm could not load weights ({str(e).splitlines()[0]})", path=source) from None
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
-            raise _hub_error(source, e) from None
-        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise hub_error(source, e, cache_hint=_offline_hint()) from None
+        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          path=source) from None
     hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if "file" not in opts else None
     return Resolved(source, state_dict=model.state_dict(), note=f"timm {name}", variant=variant,
                     commit=cached_commit(hub_id.rstrip("/")) if hub_id else None)
@@ -419,17 +410,19 @@ def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resol
 def _open_clip(source: str, spec: str, options: SourceOptions | None = None) -> Resolved:
     import open_clip
     if "/" not in spec:
-        raise SourceError(f"{source}: open_clip sources are open_clip:ARCH/TAG (a pretrained tag or a weights file path)")
+        raise SourceError(f"{source}: open_clip sources are open_clip:ARCH/TAG (a pretrained tag or a weights file path)",
+                          path=source)
     arch, tag = spec.split("/", 1)
     try:
         with _quiet_hub():
             model = open_clip.create_model(arch, pretrained=tag, device="cpu")
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
-            raise _hub_error(source, e) from None
+            raise hub_error(source, e, cache_hint=_offline_hint()) from None
         if "Failed to download" in str(e):  # open_clip wraps the Hub's error in a paragraph of its own
-            raise SourceError(f"{source}: weights not found locally{_offline_hint()}") from None
-        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise SourceError(f"{source}: weights not found locally{_offline_hint()}", path=source) from None
+        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          path=source) from None
     try:
         hub_id = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or ""
     except Exception:  # a file path or an unknown tag: no Hub repo to name
@@ -460,7 +453,7 @@ def resolve(source: str, options: SourceOptions | None = None) -> Resolved:
     m = _SCHEME_RE.match(source)
     if m and not Path(source).exists() and len(m.group(1)) > 1:
         known = ", ".join(SCHEMES)
-        raise SourceError(f"{source}: unknown scheme '{m.group(1)}:' (known: {known}, or a local path)")
+        raise SourceError(f"{source}: unknown scheme '{m.group(1)}:' (known: {known}, or a local path)", path=source)
     return _local(source)
 
 

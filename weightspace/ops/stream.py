@@ -49,13 +49,15 @@ def check_compatible(cks: Sequence[Checkpoint]) -> None:
                 parts.append(f"{key_sample(only_a)} only in {ref.source}")
             if only_b:
                 parts.append(f"{key_sample(only_b)} only in {ck.source}")
-            raise IncompatibleCheckpoints(f"{ck.source}: key sets differ: " + "; ".join(parts))
+            raise IncompatibleCheckpoints(f"{ck.source}: key sets differ: " + "; ".join(parts), path=ck.source)
         for k in sorted(ref_keys):
             (da, sa), (db, sb) = ref.info(k), ck.info(k)
             if sa != sb:
-                raise IncompatibleCheckpoints(f"{ck.source}: key '{k}' has shape {list(sb)}, {ref.source} has {list(sa)}")
+                raise IncompatibleCheckpoints(f"{ck.source}: key '{k}' has shape {list(sb)}, {ref.source} has {list(sa)}",
+                                              path=ck.source, key=k)
             if _kind(da) != _kind(db):
-                raise IncompatibleCheckpoints(f"{ck.source}: key '{k}' is {db}, {ref.source} has {da} (different kinds)")
+                raise IncompatibleCheckpoints(f"{ck.source}: key '{k}' is {db}, {ref.source} has {da} (different kinds)",
+                                              path=ck.source, key=k)
 
 
 @contextlib.contextmanager
@@ -90,7 +92,8 @@ def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
     if not all_finite(t):
         t = t.float() if t.dtype.itemsize == 1 else t
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)")
+        raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)",
+                             path=ck.source, key=key)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -117,7 +120,8 @@ def _refuse_uncombinable(ck: Checkpoint, keys: Sequence[str], op: str) -> None:
         dtype = ck.info(k)[0]
         if not combinable(dtype):
             raise IncompatibleCheckpoints(f"{ck.source}: key {k!r} is {dtype}, which {op} cannot combine (only real "
-                                          f"floating tensors are combined; integer and bool buffers are copied)")
+                                          f"floating tensors are combined; integer and bool buffers are copied)",
+                                          path=ck.source, key=k)
 
 
 def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
@@ -194,7 +198,8 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         for ck in cks:
             _check_finite(read(ck, key, start, stop, slot="check"), ck, key)
         raise NonFiniteError(f"{ref.source}: key {key!r}: {op} of finite inputs overflows {result.dtype} "
-                             f"(the result holds Inf); use --allow-nonfinite to write it anyway")
+                             f"(the result holds Inf); use --allow-nonfinite to write it anyway",
+                             path=ref.source, key=key)
 
     def combine_on_device(key: str, start: int, stop: int, out: torch.Tensor) -> None:
         """combine() on the GPU: each input piece is read into pinned memory and copied to the device on this

@@ -93,11 +93,11 @@ def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) 
     if writes_discarded():
         return folder
     if folder.exists() and not folder.is_dir():
-        raise OutputExists(f"{folder}: exists and is not a folder")
+        raise OutputExists(f"{folder}: exists and is not a folder", path=folder)
     if not force:
         for n in names:
             if (folder / n).exists():
-                raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)")
+                raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)", path=folder / n)
     return make_folder(folder)
 
 

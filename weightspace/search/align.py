@@ -30,14 +30,10 @@ from torch import fx, nn
 
 from ..io.checkpoint import Source
 from ..io.sources import load
-from ..errors import IncompatibleCheckpoints, WeightspaceError
+from ..errors import AlignmentError, IncompatibleCheckpoints
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.stream import _progress, single_thread
 from ..registry import Entry, Paper, register
-
-
-class AlignmentError(WeightspaceError):
-    """The model cannot be traced or aligned, or the aligned model stopped computing B's function."""
 
 
 @dataclass
@@ -631,11 +627,11 @@ def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", da
         missing = [k for k in want if k not in ck]
         if missing:
             raise IncompatibleCheckpoints(f"{ck.source}: {len(missing)} keys of the model are missing "
-                                          f"(e.g. {', '.join(repr(k) for k in missing[:3])})")
+                                          f"(e.g. {', '.join(repr(k) for k in missing[:3])})", path=ck.source)
         bad = [k for k in want if tuple(ck.info(k)[1]) != tuple(want[k].shape)]
         if bad:
             raise IncompatibleCheckpoints(f"{ck.source}: key '{bad[0]}' has shape {list(ck.info(bad[0])[1])}, "
-                                          f"the model has {list(want[bad[0]].shape)}")
+                                          f"the model has {list(want[bad[0]].shape)}", path=ck.source, key=bad[0])
     sa, sb = ca.to_dict(), cb.to_dict()
     if method == "weights":
         perms, extra = weight_matching(sa, sb, spec, seed=seed, max_rounds=max_rounds, progress=progress)

@@ -181,6 +181,8 @@ def _apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData
                 x = x.repeat(1, c, *([1] * (x.ndim - 2)))
             elif x.shape[1] != c:
                 raise ConfigError(f"--data {spec}: cannot turn {x.shape[1]} channels into {c}")
+    except ConfigError:  # a ValueError too, but already the right message
+        raise
     except ValueError:
         raise ConfigError(f"--data {spec}: options size, channels and limit take integers") from None
     unknown = set(opts) - {"size", "channels", "limit"}
