@@ -80,7 +80,8 @@ def test_sizes_not_divisible_by_the_block_are_refused(digits):
 @pytest.mark.parametrize("spec,msg", [("block-shuffle:x", "block size must be an integer"),
                                       ("block-shuffle", "expected block-shuffle:B"),
                                       ("block-shuffle:0", "positive"),
-                                      ("rotate:90", "unknown transform 'rotate'")])
+                                      ("rotate:90", "unknown transform 'rotate'"),
+                                      ("invert:2", "unknown transform 'invert'")])
 def test_bad_specs_are_one_clear_error(spec, msg):
     with pytest.raises(ConfigError, match=msg):
         parse_transform(spec)
@@ -92,6 +93,16 @@ def test_none_and_chains():
     chained = parse_transform("block-shuffle:2:1+block-shuffle:1:2")
     assert torch.equal(chained(x), BlockShuffle(1, 2)(BlockShuffle(2, 1)(x)))
     assert chained.spec == "block-shuffle:2:1+block-shuffle:1:2"
+
+
+def test_invert_swaps_ink_and_background_of_real_digits():
+    from weightspace.eval.data import load_data
+    d = load_data("digits:test")
+    inv = parse_transform("invert")(d.x)
+    assert torch.equal(inv, -d.x) and parse_transform("invert").spec == "invert"
+    # digits lie in [-1, 1] with background at -1: after inversion the background is +1 and the range is kept
+    assert float(inv.max()) == 1.0 and float(inv.min()) == -1.0
+    assert float((d.x == -1).float().mean()) == float((inv == 1).float().mean()) > 0.3
 
 
 @settings(max_examples=40, deadline=None)

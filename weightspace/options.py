@@ -65,7 +65,7 @@ class DataOptions:
     train: str | None = _opt(None, "--train", metavar="DATA", help="Fitting data: what probes and heads are trained on.")
     transform: str | None = _opt(None, "--transform", metavar="SPEC",
                                  help="Transform every dataset once, after its normalisation: block-shuffle:B[:SEED] "
-                                      "(B×B blocks, one fixed seeded permutation); chain with '+'.")
+                                      "(B×B blocks, one fixed seeded permutation) or invert (x ↦ −x); chain with '+'.")
     workers: int | None = _opt(None, "--workers", min=0, companion_of="transform",
                                help="Processes decoding images (default: every core; 0: in this process).")
     skip_bad: bool = _opt(False, "--skip-bad", companion_of="transform",

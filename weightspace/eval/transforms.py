@@ -6,6 +6,7 @@ Spec strings (``--transform SPEC``, ``load_data(spec, transform=parse_transform(
   permutation of block positions (the same for every image, train and test; SEED defaults to 0). Works on
   images (N, C, H, W) with H and W divisible by B, and on 1-D signals (N, C, L) with L divisible by B.
   B equal to the image size is the identity. Neyshabur et al. 2020, section 3.1.
+- ``invert`` — x ↦ −x: inverted pixels for data scaled to [−1, 1] (the built-in ``digits`` and ``mnist``).
 - ``none`` — the identity.
 - Several transforms chain with ``+``: ``block-shuffle:4+block-shuffle:2:1``.
 """
@@ -70,6 +71,20 @@ class BlockShuffle:
 
 
 @dataclass(frozen=True)
+class Invert:
+    """x ↦ −x: ink becomes background for data scaled to [−1, 1] (a far target domain with the same labels)."""
+
+    @property
+    def spec(self) -> str:
+        """The spec string that rebuilds this transform."""
+        return "invert"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The negated batch (a new tensor)."""
+        return -x
+
+
+@dataclass(frozen=True)
 class Chain:
     """Several transforms applied in order."""
 
@@ -102,11 +117,13 @@ def _parse_one(part: str, spec: str):
         block = _int(args[0], spec, "the block size")
         seed = _int(args[1], spec, "the seed") if len(args) == 2 else 0
         return BlockShuffle(block, seed)
-    raise ConfigError(f"--transform {spec}: unknown transform '{name}' (known: block-shuffle:B[:SEED], none)")
+    if name == "invert" and not args:
+        return Invert()
+    raise ConfigError(f"--transform {spec}: unknown transform '{name}' (known: block-shuffle:B[:SEED], invert, none)")
 
 
 def parse_transform(spec: str | None) -> Chain:
-    """Parse a transform spec ('block-shuffle:4[:seed]', 'none', parts joined by '+') into a callable."""
+    """Parse a transform spec ('block-shuffle:4[:seed]', 'invert', 'none', parts joined by '+') into a callable."""
     if spec is None or spec.strip() in ("", "none", "identity"):
         return Chain(())
     return Chain(tuple(_parse_one(p, spec) for p in spec.split("+")))

@@ -1,0 +1,204 @@
+"""What the smaller recipe kinds share: reading a recipe of one kind, building target tasks from data specs and
+input transforms, training a model from given weights, saving checkpoints and writing results.json + REPORT.md.
+
+The kinds built on it (``head2toe-targets``, ``trajectory``, ``cross-domain``, ``saturation-pairs``) each live in
+their own module and register themselves in the one registry (family ``recipe``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..eval.data import TensorData
+
+__all__ = ["load_kind_recipe", "Session", "task", "train_from", "state_of", "fresh_state", "render_report",
+           "VERDICT_RULE", "rank_correlation", "mean"]
+
+VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
+                "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
+                "side; *inconclusive* when it straddles it; *partly* when BatchNorm protocols or sub-checks disagree.")
+
+TRAIN_DEFAULTS = {"epochs": 10, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9,
+                  "augment": "none"}
+
+
+def load_kind_recipe(source: str | os.PathLike | dict, kind: str, defaults: dict, *, small: bool = False,
+                     overrides: Sequence[str | tuple[str, Any]] = (), seeds_key: str = "seeds") -> dict:
+    """Read a recipe of ``kind``: its ``small:`` overrides (when asked), then KEY=VALUE overrides, over ``defaults``.
+
+    Raises:
+        ConfigError: unreadable file, another kind, an unknown key, or fewer than three different ``seeds_key``
+            seeds (verdicts rest on 95% t-intervals over seeds).
+    """
+    from .recipes import _merge, parse_override, read_recipe, set_path
+    raw, where = read_recipe(source)
+    if raw.get("kind") != kind:
+        raise ConfigError(f"{where}: not a {kind} recipe (kind: {kind})")
+    pending = list((raw.get("small") or {}).items()) if small else []
+    pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    for k, v in pending:
+        set_path(raw, k, v, where)
+    cfg = _merge(defaults, raw, where)
+    seeds = cfg[seeds_key]
+    if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds) \
+            or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{where}: {seeds_key} needs at least three different integer seeds (verdicts rest on "
+                          "95% t-intervals over seeds)")
+    cfg["where"] = where
+    cfg["small_run"] = small
+    return cfg
+
+
+class Session:
+    """One recipe run: output folder, progress notes, timings, checkpoints, the thread setting."""
+
+    def __init__(self, cfg: dict, out: str | os.PathLike, *, force: bool, progress: bool, device: str,
+                 batch_size: int):
+        self.cfg, self.out, self.force, self.progress = cfg, Path(out), force, progress
+        self.device, self.batch_size = device, batch_size
+        self.timings: dict[str, float] = {}
+        self.checkpoints: dict[str, str] = {}
+        self.figures: list[str] = []
+        self.t0 = time.perf_counter()
+
+    def note(self, msg: str) -> None:
+        """A progress line on stderr (silent with ``--quiet``)."""
+        if self.progress:
+            print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def threads(self) -> Iterator[None]:
+        """torch's thread count set to the recipe's ``threads`` (when given) and restored afterwards, with the
+        global RNG forked so a run leaves the caller's random state alone."""
+        old = torch.get_num_threads()
+        if self.cfg.get("threads"):
+            torch.set_num_threads(int(self.cfg["threads"]))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.cfg.get("seed", 0)))
+                yield
+        finally:
+            torch.set_num_threads(old)
+
+    def lap(self, name: str, since: float) -> float:
+        """Record the seconds since ``since`` under ``name``; returns them."""
+        self.timings[name] = time.perf_counter() - since
+        return self.timings[name]
+
+    def save(self, name: str, sd: dict) -> str:
+        """Save a state dict as checkpoints/NAME.safetensors (with provenance); returns the path."""
+        from ..files import make_folder
+        from ..io.save import save
+        path = self.out / "checkpoints" / f"{name}.safetensors"
+        make_folder(path.parent)
+        save(sd, path, force=self.force, provenance={"op": "recipe", "recipe": self.cfg["name"], "model": name})
+        self.checkpoints[name] = os.path.relpath(path, self.out)
+        return str(path)
+
+    def figure(self, name: str) -> Path:
+        """The path of a figure in the run folder (listed in results.json)."""
+        self.figures.append(name)
+        return self.out / name
+
+    def finish(self, findings: list[dict], results: dict, report: str) -> dict:
+        """Write results.json, REPORT.md and timing.json; returns {"findings", "timings", "out"}."""
+        from .. import report as rep
+        self.timings["total"] = time.perf_counter() - self.t0
+        public = {k: v for k, v in self.cfg.items() if k != "where"}
+        rep.write_json(self.out / "results.json", {"recipe": public, "findings": findings, "results": results,
+                                                   "checkpoints": self.checkpoints, "figures": self.figures},
+                       force=self.force)
+        rep.write_text(self.out / "REPORT.md", report, force=self.force)
+        rep.write_json(self.out / "timing.json", {"seconds": self.timings, "threads": torch.get_num_threads()
+                                                  if not self.cfg.get("threads") else int(self.cfg["threads"])},
+                       force=True)
+        return {"findings": findings, "timings": self.timings, "out": str(self.out)}
+
+
+def task(entry: dict, name: str, where: str) -> tuple[TensorData, TensorData]:
+    """A target task's (train, test): ``spec`` (one or a list), optional ``classes``/``relabel``, ``train_per_class``
+    images per class for training (the rest is the test set) and an input ``transform`` (weightspace.eval.transforms
+    spec, e.g. ``invert`` or ``block-shuffle:2``) applied to both.
+
+    Raises ConfigError for a missing spec, an unknown key or transform, or a missing train_per_class.
+    """
+    from ..eval.transforms import parse_transform
+    from .recipes import build_task, split_per_class
+    e = dict(entry)
+    transform = parse_transform(e.pop("transform", None))
+    e.pop("name", None)
+    if not e.get("train_per_class"):
+        raise ConfigError(f"{where}: {name} needs train_per_class (the rest of its data is its test set)")
+    d = build_task(e, name, where)
+    tr, te = split_per_class(d, int(e["train_per_class"]), name)
+    from dataclasses import replace
+    return (replace(tr, x=transform(tr.x).contiguous(), name=f"{name}:train"),
+            replace(te, x=transform(te.x).contiguous(), name=f"{name}:test"))
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a model's state dict."""
+    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
+def fresh_state(spec: str, num_classes: int, in_chans: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """The random initialisation of ``spec`` drawn with ``seed`` (the global RNG is left as it was)."""
+    from ..eval.modules import build_model_for
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return state_of(build_model_for(spec, num_classes=num_classes, in_chans=in_chans))
+
+
+def train_from(spec: str, init: dict | None, data: TensorData, opts: dict, seed: int, *,
+               in_chans: int | None = None, on_epoch: Any = None) -> tuple[torch.nn.Module, list]:
+    """Build ``spec`` for ``data``'s classes, load ``init`` (a random init drawn with ``seed`` when None) and train
+    it with ``opts`` (epochs, lr, batch_size, weight_decay, momentum, augment) and data order ``seed``.
+    Returns (the trained model in eval mode, its history)."""
+    from ..eval.modules import build_model_for
+    from ..eval.train import train
+    o = {**TRAIN_DEFAULTS, **opts}
+    net = build_model_for(spec, num_classes=data.num_classes, in_chans=in_chans)
+    net.load_state_dict(init if init is not None else fresh_state(spec, data.num_classes, in_chans, seed))
+    hist = train(net, data, epochs=int(o["epochs"]), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
+                 momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(seed),
+                 augment=o["augment"], on_epoch=on_epoch)
+    return net, hist
+
+
+def mean(xs: Sequence[float | None]) -> float:
+    """Mean of the finite values (nan when there are none)."""
+    v = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan when either side is constant."""
+    from scipy.stats import spearmanr
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def render_report(cfg: dict, setup: Sequence[str], body: Sequence[str], findings: Sequence[dict]) -> str:
+    """REPORT.md: title, description, setup bullets, the body (tables), then every finding with its verdict."""
+    from ..report import markdown_table
+    lines = [f"# {cfg['name']}", ""]
+    if cfg.get("description"):
+        lines += [str(cfg["description"]).strip(), ""]
+    size = " (reduced size: --small)" if cfg.get("small_run") else ""
+    lines += ["## Setup", "", f"- Recipe `{cfg['where']}`, kind `{cfg['kind']}`{size}; model `{cfg['model']}`.",
+              *[f"- {s}" for s in setup], "", *body, "", "## Findings", "", VERDICT_RULE, "",
+              markdown_table(["finding", "verdict"], [[f["id"], f["verdict"]] for f in findings]), ""]
+    for f in findings:
+        lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
+        lines += [f"![{fig}]({fig})" for fig in f.get("figures", [])] + ([""] if f.get("figures") else [])
+    lines += ["Every number is in `results.json`; checkpoints are in `checkpoints/`.", ""]
+    return "\n".join(lines)
