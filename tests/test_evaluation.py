@@ -63,6 +63,43 @@ def test_missing_and_unexpected_keys_are_one_line(trained):
     assert "fc.bias" in str(e.value) and "extra.weight" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_evaluator_contract_is_checked_with_protocols_not_duck_tests(trained):
+    from weightspace.eval.contract import FitsKeys, LoadsWeights, MultiDataset, TellsMembers
+    from weightspace.eval.fixes import FixedEvaluator
+    ev = Evaluator(build_model("weightspace.eval.zoo:small_cnn", num_classes=10),
+                   [load_data("digits:val"), load_data("digits:test")], device="cpu")
+    assert isinstance(ev, LoadsWeights) and isinstance(ev, FitsKeys) and isinstance(ev, MultiDataset)
+    assert not isinstance(ev, TellsMembers)
+
+    def score(weights):
+        return 0.5
+    assert not any(isinstance(score, p) for p in (LoadsWeights, FitsKeys, MultiDataset, TellsMembers))
+    fixed = FixedEvaluator.wrap(ev, recalibrate_bn=load_data("digits:train"))
+    assert isinstance(fixed, TellsMembers) and isinstance(fixed, LoadsWeights)
+
+
+def test_derive_shares_model_and_placed_data(trained):
+    """derive builds a variant from the evaluator's own options: same model, same tensors, a subset of datasets."""
+    from weightspace.eval.fixes import FixedEvaluator
+    model = build_model("weightspace.eval.zoo:small_cnn", num_classes=10)
+    ev = Evaluator(model, [load_data("digits:val"), load_data("digits:test")], batch_size=64, device="cpu",
+                   keep_logits=True)
+    view = ev.derive(datasets=["digits:val"], keep_logits=False)
+    assert type(view) is Evaluator and view.model is model and list(view.datasets) == ["digits:val"]
+    assert view.datasets["digits:val"].x.data_ptr() == ev.datasets["digits:val"].x.data_ptr()
+    assert view.batch_size == 64 and not view.keep_logits and ev.keep_logits
+    full = ev(trained.state_dict())
+    assert view()["digits:val"] == full["digits:val"]  # the weights loaded through ev are the view's too
+    with pytest.raises(ws.ConfigError, match="digits:nope"):
+        ev.derive(datasets=["digits:nope"])
+    # A FixedEvaluator's variant keeps its fixes (the same recalibration data, no new measurement).
+    fixed = FixedEvaluator.wrap(ev, recalibrate_bn=load_data("digits:train"))
+    assert fixed.model is model and fixed.datasets["digits:test"].x.data_ptr() == ev.datasets["digits:test"].x.data_ptr()
+    fview = fixed.derive(datasets=["digits:val"])
+    assert type(fview) is FixedEvaluator and fview.recal_data is fixed.recal_data and fview.model is model
+    assert fview(trained.state_dict())["digits:val"] == fixed(trained.state_dict())["digits:val"]
+
+
 def test_recalibrate_bn_matches_update_bn(trained):
     data = load_data("digits:train")
     a, b = copy.deepcopy(trained), copy.deepcopy(trained)

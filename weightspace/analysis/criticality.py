@@ -27,6 +27,7 @@ from torch import nn
 
 from ..io.checkpoint import Source
 from ..io.sources import load
+from ..eval.contract import LoadsWeights, as_table
 from ..eval.data import TensorData
 from ..errors import ConfigError, IncompatibleCheckpoints
 from ..eval.modules import ModuleUnit, grouping
@@ -67,7 +68,7 @@ def _structure(evaluate: Any, model: ModelLike | None) -> nn.Module | None:
     """An nn.Module to read the module tree from (the Evaluator's model, the given model, or a built one)."""
     if isinstance(model, nn.Module):
         return model
-    if getattr(evaluate, "model", None) is not None and isinstance(evaluate.model, nn.Module):
+    if isinstance(evaluate, LoadsWeights) and isinstance(evaluate.model, nn.Module):
         return evaluate.model
     if callable(model):
         return model()
@@ -94,19 +95,14 @@ def resolve_modules(modules: Modules, names: Sequence[str], model: nn.Module | N
     return {k: v for k, v in out.items() if v}
 
 
-def _table(result: Any) -> dict[str, dict[str, float]]:
-    from ..eval.contract import as_table
-    return as_table(result)
-
-
 def _evaluate(evaluate: Callable, weights: Mapping, recalibrate: TensorData | None) -> dict[str, dict[str, float]]:
     if recalibrate is None:
-        return _table(evaluate(weights))
-    if not (callable(getattr(evaluate, "load", None)) and callable(getattr(evaluate, "recalibrate_bn", None))):
+        return as_table(evaluate(weights))
+    if not isinstance(evaluate, LoadsWeights):
         raise ConfigError("--recalibrate-bn needs an Evaluator as evaluate")
     evaluate.load(weights)
     evaluate.recalibrate_bn(recalibrate)
-    return _table(evaluate())
+    return as_table(evaluate())
 
 
 def _progress(total: int, desc: str, enabled: bool):

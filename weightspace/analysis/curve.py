@@ -20,7 +20,7 @@ from ..eval.distributed import sweep
 from .. import report
 from ..errors import ConfigError, NonFiniteError
 from ..ops.stream import all_finite, check_compatible, lerp_stream
-from ..eval.contract import as_table, is_evaluator, model_tensors, write_stream
+from ..eval.contract import FitsKeys, LoadsWeights, as_table, model_tensors, write_stream
 
 BARRIER_METRICS = ("error", "loss")
 HOLD_BYTES = 2 << 30  # a curve holds both ends in memory (read once) when together they take at most this
@@ -241,7 +241,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     """
     grid = _alphas(steps, alphas)
     ca, cb = load(a), load(b)
-    if callable(getattr(evaluate, "fit", None)):  # in-place writes go by key: unwrap prefixed keys first
+    if isinstance(evaluate, FitsKeys):  # in-place writes go by key: unwrap prefixed keys first
         ca, cb = evaluate.fit(ca), evaluate.fit(cb)
     check_compatible([ca, cb])
     label = label or f"{short_name(ca.source)}–{short_name(cb.source)}"
@@ -252,12 +252,12 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     lazy = ca.files or cb.files
     recal_name = None
     if recalibrate_bn is not None:
-        if not callable(recalibrate_bn) and not is_evaluator(evaluate):
+        if not callable(recalibrate_bn) and not isinstance(evaluate, LoadsWeights):
             raise ConfigError("recalibrate_bn: pass a function weights → weights, or use an Evaluator as evaluate")
         recal_name = getattr(recalibrate_bn, "name", None) or getattr(recalibrate_bn, "__name__", "custom")
     repairer = None
     if repair is not None:
-        if not is_evaluator(evaluate):
+        if not isinstance(evaluate, LoadsWeights):
             raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
         from ..eval.fixes import Repairer
         repairer = Repairer(evaluate, repair)

@@ -128,6 +128,10 @@ class Evaluator:
                  keep_logits: bool = False, parallel: str | None = None, stream: bool | None = None,
                  chunk_bytes: int = 256 << 20):
         self.device = resolve_device(device)
+        # What derive() builds a variant from: the same options, this device, the model and data as placed here.
+        self.options: dict[str, Any] = dict(batch_size=batch_size, device=self.device, amp=amp,
+                                            keep_logits=keep_logits, parallel=parallel, stream=stream,
+                                            chunk_bytes=chunk_bytes)
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.amp = amp and self.device.type == "cuda"
@@ -148,7 +152,32 @@ class Evaluator:
         self._optional = tuple(getattr(self.model, "optional_prefixes", ()))  # keys a checkpoint may lack
         self.forward_passes = 0  # full passes over a dataset, for overhead accounting
 
+    def derive(self, *, datasets: Sequence[str] | None = None, keep_logits: bool | None = None) -> "Evaluator":
+        """A variant of this evaluator on some of its datasets (``datasets``: their names, default all) and/or
+        with another ``keep_logits``, built with the same constructor options. It shares this one's model and its
+        device-resident data: nothing is copied, re-placed or re-decoded.
+
+        Raises:
+            ConfigError: a name is not one of this evaluator's datasets."""
+        names = list(self.datasets) if datasets is None else list(datasets)
+        unknown = [n for n in names if n not in self.datasets]
+        if unknown:
+            raise ConfigError(f"dataset {unknown[0]}: not one of the evaluator's ({', '.join(self.datasets)})")
+        options = dict(self.options, **({} if keep_logits is None else {"keep_logits": keep_logits}))
+        return self._variant({n: self.datasets[n] for n in names}, options)
+
+    def _variant(self, datasets: Mapping[str, TensorData], options: dict[str, Any]) -> "Evaluator":
+        """The constructor call derive makes; a subclass with constructor arguments of its own passes them on."""
+        return Evaluator(self.model, datasets, **options)
+
     def _place(self, d: TensorData) -> TensorData:
+        if d.meta.get("placed") == (self.device, self.rank, self.world_size):
+            return d  # placed by the evaluator this one derives from
+        d = self._placed(d)
+        d.meta = {**d.meta, "placed": (self.device, self.rank, self.world_size)}
+        return d
+
+    def _placed(self, d: TensorData) -> TensorData:
         if self.world_size > 1:
             # Shard by whole global batches so every example meets exactly the batch it meets in a
             # single process: the logits, and so the metrics, are then bit-identical.

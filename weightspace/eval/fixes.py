@@ -38,6 +38,7 @@ from ..io.checkpoint import Source
 from ..io.sources import load
 from .data import TensorData
 from ..errors import ConfigError
+from .contract import LoadsWeights
 from .evaluator import Evaluator
 from ..io.outputs import StateDict
 
@@ -253,7 +254,7 @@ class Repairer:
     """REPAIR for an Evaluator's model: statistics of the end points measured once, then any mixture repaired."""
 
     def __init__(self, evaluator: Evaluator, data: TensorData, *, batch_size: int | None = None):
-        if not isinstance(getattr(evaluator, "model", None), nn.Module) or not callable(getattr(evaluator, "load", None)):
+        if not isinstance(evaluator, LoadsWeights) or not isinstance(evaluator.model, nn.Module):
             raise ConfigError("repair: needs an Evaluator (its model is measured and repaired in place)")
         if len(data) == 0:
             raise ConfigError(f"repair data {data.name}: empty")
@@ -300,26 +301,42 @@ class FixedEvaluator(Evaluator):
     ingredients is recognised by its source; anything else (a uniform soup, a merge) mixes all of them.
     """
 
+    def __init__(self, model: nn.Module, data: Any, *, recal_data: TensorData | None = None,
+                 repairer: Repairer | None = None, ingredients: Sequence[Source] = (), **options: Any):
+        """An Evaluator (``options`` as Evaluator's) that recalibrates BatchNorm on ``recal_data`` (already on the
+        device) and REPAIRs with ``repairer`` (its ingredients' statistics measured). ``wrap`` builds one from an
+        Evaluator."""
+        super().__init__(model, data, **options)
+        self.recal_data = recal_data
+        self.repairer = repairer
+        self.ingredients = [load(s) for s in ingredients]  # Checkpoints stay the same objects (member_of)
+        self._members: tuple[list[int], list[float] | None] | None = None
+
     @classmethod
     def wrap(cls, evaluator: Evaluator, ingredients: Sequence[Source] = (), *, recalibrate_bn: TensorData | None = None,
              repair: TensorData | None = None, progress: bool = False) -> "FixedEvaluator":
-        """Share ``evaluator``'s model and data; measure each ingredient's statistics when REPAIR is asked for."""
-        new = cls.__new__(cls)
-        new.__dict__.update(evaluator.__dict__)
-        new.recal_data = recalibrate_bn.to(evaluator.device) if recalibrate_bn is not None else None
-        new.repairer = Repairer(evaluator, repair) if repair is not None else None
-        new.ingredients = [load(s) for s in ingredients]
-        new._members = None
-        if new.repairer is not None:
-            if not ingredients:
-                raise ConfigError("repair: a soup's REPAIR target needs its ingredients")
-            items = ingredients
+        """Share ``evaluator``'s model and data; measure each ingredient's statistics when REPAIR is asked for.
+
+        Raises:
+            ConfigError: REPAIR is asked for without ingredients, or the model has nothing REPAIR can correct."""
+        repairer = Repairer(evaluator, repair) if repair is not None else None
+        if repairer is not None and not ingredients:
+            raise ConfigError("repair: a soup's REPAIR target needs its ingredients")
+        recal = recalibrate_bn.to(evaluator.device) if recalibrate_bn is not None else None
+        new = cls(evaluator.model, evaluator.datasets, recal_data=recal, repairer=repairer, ingredients=ingredients,
+                  **evaluator.options)
+        if repairer is not None:
+            items = new.ingredients
             if progress:
                 from ..progress import progress as _progress_bar
-                items = _progress_bar(ingredients, desc="repair statistics")
-            for s in items:
-                new.repairer.add(s)
+                items = _progress_bar(items, desc="repair statistics")
+            for ck in items:
+                repairer.add(ck)
         return new
+
+    def _variant(self, datasets: Mapping[str, TensorData], options: dict[str, Any]) -> "FixedEvaluator":
+        return FixedEvaluator(self.model, datasets, recal_data=self.recal_data, repairer=self.repairer,
+                              ingredients=self.ingredients, **options)
 
     @property
     def fixes(self) -> dict:

@@ -8,7 +8,6 @@ are read lazily, one tensor at a time.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Mapping
@@ -28,9 +27,7 @@ from ..io.outputs import StateDict, finish_provenance
 from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratch
 from ..ops.stream import PRECISIONS, SOUPS_PAPER, check_compatible, uniform_soup
 from ..registry import Entry, register
-from ..eval.contract import as_table, model_tensors
-
-Evaluate = Callable[[Mapping], Any]
+from ..eval.contract import Evaluate, FitsKeys, MultiDataset, TellsMembers, as_table, model_tensors
 
 
 def _score(x: Any) -> float:
@@ -99,21 +96,22 @@ class LazyProvenanceDict(StateDict):
     """A StateDict whose provenance is computed when first read (by ``save``, say): hashing every kept
     ingredient's file costs as much as reading it, and a soup that is only evaluated never needs it."""
 
+    _make: Callable[[], dict] | None = None
+    _provenance: dict
+
     def provenance_from(self, make: Callable[[], dict]) -> None:
         """Compute the provenance with ``make()`` on first access."""
         self._make = make
 
     @property
     def provenance(self) -> dict:  # type: ignore[override]
-        make = self.__dict__.pop("_make", None)
-        if make is not None:
-            self.__dict__["_provenance"] = make()
-        return self.__dict__.get("_provenance", {})
+        if self._make is not None:
+            self._provenance, self._make = self._make(), None
+        return self._provenance
 
     @provenance.setter
     def provenance(self, value: dict) -> None:
-        self.__dict__.pop("_make", None)
-        self.__dict__["_provenance"] = value
+        self._make, self._provenance = None, value
 
 
 @dataclass
@@ -176,7 +174,7 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     cks: list[Checkpoint] = [load(s) for s in ingredients]
-    if callable(getattr(evaluate, "fit", None)):  # in-place writes below go by key: unwrap prefixed keys first
+    if isinstance(evaluate, FitsKeys):  # in-place writes below go by key: unwrap prefixed keys first
         cks = [evaluate.fit(c) for c in cks]
     check_compatible(cks)
     evaluations = 0
@@ -408,17 +406,9 @@ def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: 
     return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties]}, shifts=columns[1:])
 
 
-def _is_evaluator(obj: Any) -> bool:
-    return hasattr(obj, "metrics_from_logits") and isinstance(getattr(obj, "datasets", None), Mapping)
-
-
-def validation_view(evaluator: Any) -> Any:
+def validation_view(evaluator: MultiDataset) -> Any:
     """The same Evaluator (same model instance, same device-resident tensors) restricted to its first dataset."""
-    view = copy.copy(evaluator)  # shallow: shares the model and the data, so nothing is re-placed or re-built
-    first = next(iter(evaluator.datasets))
-    view.datasets = {first: evaluator.datasets[first]}
-    view.keep_logits = False
-    return view
+    return evaluator.derive(datasets=[next(iter(evaluator.datasets))], keep_logits=False)
 
 
 def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_evaluate: Evaluate | None = None,
@@ -435,7 +425,7 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
     """
     if not ingredients:
         raise ConfigError("soup leaderboard: needs at least one ingredient")
-    if _is_evaluator(evaluate):
+    if isinstance(evaluate, MultiDataset):
         if metrics_from_logits is None and evaluate.keep_logits:
             metrics_from_logits = evaluate.metrics_from_logits
         if val_evaluate is None and len(evaluate.datasets) > 1:
@@ -482,9 +472,8 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
 def tell_members(evaluate: Any, members: Sequence[int], weights: Sequence[float] | None = None) -> None:
     """Tell a member-aware evaluate (``repair.FixedEvaluator``, whose REPAIR target is the mean statistics of the
     ingredients mixed) which ingredients the next evaluated weights mix; other evaluate functions ignore it."""
-    f = getattr(evaluate, "set_members", None)
-    if callable(f):
-        f(list(members), None if weights is None else list(weights))
+    if isinstance(evaluate, TellsMembers):
+        evaluate.set_members(list(members), None if weights is None else list(weights))
 
 
 def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, methods: Sequence[str], *,
@@ -494,7 +483,7 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
     by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
     from ..ops.merge import search_scale
     if val_evaluate is None:
-        val_evaluate = validation_view(evaluate) if _is_evaluator(evaluate) and len(evaluate.datasets) > 1 else evaluate
+        val_evaluate = validation_view(evaluate) if isinstance(evaluate, MultiDataset) and len(evaluate.datasets) > 1 else evaluate
     rows, merged = [], {}
     for m in methods:
         res = search_scale(m, base, ingredients, evaluate=lambda sd: _score(val_evaluate(sd)), grid=grid,
