@@ -58,7 +58,7 @@ def test_a_recipe_kind_is_dispatched_through_the_registry(cli, tmp_path):
     bad.write_text("kind: soup-of-the-day\n")
     r = cli("recipe", "run", bad, "--out", tmp_path / "run")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
-    assert "unknown recipe kind 'soup-of-the-day'" in r.stderr and "align-barrier, head2toe-targets, transfer" in r.stderr
+    assert "unknown recipe kind 'soup-of-the-day'" in r.stderr and all(k in r.stderr for k in REGISTRY.names("recipe"))
     assert not (tmp_path / "run").exists()
 
 
