@@ -78,6 +78,30 @@ def test_shards_inside_the_folder_still_load(cli, tmp_path, pair):
     assert torch.equal(st.load_file(out)["w"], torch.full((4,), 2.0))
 
 
+def test_a_hub_cache_snapshot_folder_given_as_a_local_path_loads(cli, tmp_path, pair):
+    """A snapshot's files are links into the cache repo's blobs/: that is where they belong, not an escape."""
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / ("c0" * 20)
+    snap.mkdir(parents=True)
+    st.save_file({"w": torch.full((4,), 3.0)}, repo / "blobs" / "1111")
+    st.save_file({"b": torch.ones(2)}, repo / "blobs" / "2222")
+    (repo / "blobs" / "3333").write_text(json.dumps({"weight_map": {"w": "m-1.safetensors", "b": "m-2.safetensors"}}))
+    for name, blob in (("m-1.safetensors", "1111"), ("m-2.safetensors", "2222"), ("model.safetensors.index.json", "3333")):
+        (snap / name).symlink_to(f"../../blobs/{blob}")
+    out = tmp_path / "out.safetensors"
+    r = cli("soup", pair[0], snap, "-o", out, "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert torch.equal(st.load_file(out)["w"], torch.full((4,), 2.0))
+    # a snapshot's link that leaves the cache repo is still an escape
+    outside = tmp_path / "x.safetensors"
+    st.save_file({"b": torch.full((2,), 100.0)}, outside)
+    (snap / "m-2.safetensors").unlink()
+    (snap / "m-2.safetensors").symlink_to(outside)
+    msg = one_line(cli("soup", pair[0], snap, "-o", tmp_path / "out2.safetensors"))
+    assert "outside the index's folder" in msg and not (tmp_path / "out2.safetensors").exists()
+
+
 # class 5: denial of service from pickles ------------------------------------------------------------------------
 
 
@@ -207,6 +231,8 @@ def test_legacy_pickle_declaring_more_storage_than_the_file_holds(cli, tmp_path)
     ("sparse", lambda: torch.eye(3).to_sparse(), "sparse_coo tensor"),
     ("meta", lambda: torch.empty(3, device="meta"), "meta tensor"),
     ("quantised", lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8), "quantised"),
+    ("nested", lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested tensor"),
+    ("csr", lambda: torch.eye(3).to_sparse_csr(), "sparse_csr tensor"),
 ])
 def test_pickled_tensors_that_are_not_dense_data(cli, tmp_path, kind, tensor, words):
     bad = tmp_path / f"{kind}.pt"

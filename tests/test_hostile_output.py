@@ -81,18 +81,33 @@ def test_long_output_name_works(cli, tmp_path, pair, temp_kind):
     assert "file name too long" in msg
 
 
-def test_write_errors_are_one_line(cli, tmp_path, pair):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
+def test_write_errors_are_one_line(cli, tmp_path, pair, monkeypatch):
+    import errno
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a folder it may not write: refuse at the syscall, as the kernel would
+        real_open = os.open
+
+        def denied(path, flags, *a, **k):
+            if flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0)) and str(path).startswith(str(ro)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *a, **k)
+        monkeypatch.setattr(os, "open", denied)
     try:
         msg = one_line(cli("soup", *pair, "-o", ro / "out.safetensors"))
         assert str(ro / "out.safetensors") in msg and "permission denied" in msg
     finally:
+        monkeypatch.undo()
         ro.chmod(0o755)
     assert os.listdir(ro) == []
+
+
+def test_a_place_that_cannot_hold_a_file_is_one_line(cli, tmp_path, pair, temp_kind):
+    """/proc takes no new files (ENOENT, not one of the usual write errors): still one line, nothing written."""
+    msg = one_line(cli("soup", *pair, "-o", "/proc/out.safetensors"))
+    assert "/proc/out.safetensors: cannot write (no such file or directory)" in msg
+    assert not os.path.exists("/proc/out.safetensors")
 
 
 def test_read_only_filesystem_is_one_line(cli, tmp_path, pair, monkeypatch, temp_kind):

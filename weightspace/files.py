@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError, OutputExists
+from .errors import OutputError, OutputExists, WeightspaceError
 
 __all__ = ["atomic_output", "discard_writes", "writes_discarded", "make_folder", "TEMP_MARK"]
 
@@ -224,6 +224,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         raise OutputError(f"{path}: folder {parent} does not exist", path=path)
     _remove_stale(parent)
     fd, tmp = -1, None
+    writing = False  # inside the caller's block: an OSError there may be the caller's own, not the output's
     with _signals_unwind():
         try:
             if _use_tmpfile:
@@ -238,17 +239,25 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
                 tmp = parent / _temp_name(path.name)
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             os.fchmod(fd, 0o644)  # what a plain open would give under the usual umask, whatever the umask
+            writing = True
             yield tmp
+            writing = False
             os.fsync(fd)
             if tmp.parent == parent:
                 _link_into_place(str(tmp), path, force, parent, follow=False)
             else:
                 _link_into_place(str(tmp), path, force, parent, follow=True)
             _fsync_folder(parent)
+        except WeightspaceError:  # ours are OSErrors too (OutputExists is a FileExistsError): already one line
+            raise
         except OSError as e:
-            if e.errno not in _WRITE_ERRORS:
+            if e.errno in _WRITE_ERRORS:
+                raise OutputError(f"{path}: cannot write ({_WRITE_ERRORS[e.errno]})", path=path) from None
+            if writing:
                 raise
-            raise OutputError(f"{path}: cannot write ({_WRITE_ERRORS[e.errno]})", path=path) from None
+            # making, syncing or linking the output failed: the place given cannot hold a file (e.g. under /proc)
+            why = (e.strerror or type(e).__name__).lower()
+            raise OutputError(f"{path}: cannot write ({why})", path=path) from None
         finally:
             if fd >= 0:
                 os.close(fd)

@@ -485,11 +485,14 @@ def check_pickled_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> Non
     """Refuse tensors from a pickle that weightspace cannot treat as plain dense data.
 
     Raises:
-        CheckpointError: naming the file and key, for a sparse, quantised or meta tensor, or (unless
+        CheckpointError: naming the file and key, for a nested, sparse, quantised or meta tensor, or (unless
             ``allow_expanded`` is on) a view whose materialised size exceeds the storage it really holds. A view
             that does not grow (a ``position_ids`` buffer expanded along a size-1 dimension) passes.
     """
     for key, t in tensors.items():
+        if t.is_nested:  # its layout reads as strided, yet it has no single shape
+            raise CheckpointError(f"{path}: key {key!r} is a nested tensor; only dense tensors are read (convert it "
+                                  f"with .to_padded_tensor(0) or unbind it into separate keys)")
         if t.layout != torch.strided:
             raise CheckpointError(f"{path}: key {key!r} is a {str(t.layout).replace('torch.', '')} tensor; only dense "
                                   f"tensors are read (convert it with .to_dense())", path=path, key=key)

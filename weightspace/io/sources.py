@@ -122,10 +122,20 @@ def _shard_inside(index: Path, name: str) -> Path:
     folder = index.parent.resolve()
     shard = folder / name
     real = shard.resolve()
-    if real != folder and folder not in real.parents:
+    if not any(real == root or root in real.parents for root in (folder, *_cache_blobs(index.parent))):
         raise SourceError(f"{index}: shard {name!r} is a link to {real}, outside the index's folder; refused",
                           path=index)
     return shard
+
+
+def _cache_blobs(folder: Path) -> list[Path]:
+    """The blobs folder of the Hugging Face cache repo whose snapshot holds ``folder``, if it is one: a snapshot's
+    files are links to ``../../blobs/<sha256>``, which is where they belong, not an escape."""
+    here = Path(os.path.abspath(folder))
+    for up in (here, *here.parents):
+        if up.parent.name == "snapshots" and (up.parent.parent / "blobs").is_dir():
+            return [(up.parent.parent / "blobs").resolve()]
+    return []
 
 
 def _from_index(source: str, index: Path, fetch: Callable[[str], Path] | None = None) -> Resolved:
