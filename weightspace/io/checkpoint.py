@@ -492,7 +492,7 @@ def check_pickled_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> Non
     for key, t in tensors.items():
         if t.is_nested:  # its layout reads as strided, yet it has no single shape
             raise CheckpointError(f"{path}: key {key!r} is a nested tensor; only dense tensors are read (convert it "
-                                  f"with .to_padded_tensor(0) or unbind it into separate keys)")
+                                  f"with .to_padded_tensor(0) or unbind it into separate keys)", path=path, key=key)
         if t.layout != torch.strided:
             raise CheckpointError(f"{path}: key {key!r} is a {str(t.layout).replace('torch.', '')} tensor; only dense "
                                   f"tensors are read (convert it with .to_dense())", path=path, key=key)
