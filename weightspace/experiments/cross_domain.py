@@ -1,0 +1,252 @@
+"""Recipe kind ``cross-domain``: are P-T models fine-tuned on different domains of one task in one basin?
+
+Neyshabur, Sedghi & Zhang (2020) find that models fine-tuned from one pre-trained model on one target task lie in
+one basin (no barrier between them). This recipe asks what happens across target *domains* that share a label
+set (e.g. digits and inverted digits, ten classes each): from one pre-trained model and one random head, a model is
+fine-tuned on each domain with every data-order seed. Barriers are measured on each domain's test set:
+
+- within a domain: between models of that domain fine-tuned with seeds i and i+1 (cyclically, so each seed pairs
+  once as the first model);
+- across domains: between the domain-A and the domain-B model of seed i, evaluated on A's test set and on B's.
+
+Findings, each on a 95% t-interval over seeds, under stored and (with BatchNorm) re-estimated statistics (the
+statistics re-estimated on the training data of the domain being evaluated): (a) within each domain the barrier
+lies below ``no_barrier_below``; (b) on each domain's test set, cross-domain − within-domain barrier (paired by
+seed) lies above ``margin``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+from ..registry import Entry, register
+from ..report.stats import Interval, fmt_interval, t_interval
+from .kit import Session, fresh_state, load_kind_recipe, render_report, state_of, task, train_from
+from .recipes import TRANSFER_PAPER
+from .verdicts import PROTOCOLS, check, combine, has_batchnorm
+
+__all__ = ["KIND", "load_cross_domain_recipe", "run_cross_domain_recipe"]
+
+KIND = "cross-domain"
+DEFAULTS: dict[str, Any] = {
+    "kind": KIND,
+    "name": KIND,
+    "description": "",
+    "seed": 0,
+    "threads": None,
+    "model": "weightspace.eval.zoo:small_cnn",
+    "source": {"train": "digits:train", "test": "digits:test"},
+    "target": {"spec": ["digits:val", "digits:test"], "train_per_class": 20},
+    "domains": [],
+    "pretrain": {"epochs": 20, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0005, "momentum": 0.9,
+                 "augment": "none", "seed": 0},
+    "finetune": {"epochs": 20, "lr": 0.02, "batch_size": 16, "weight_decay": 0.0005, "momentum": 0.9,
+                 "augment": "none"},
+    "reset": ["fc"],
+    "head_seed": 7,
+    "seeds": [1, 2, 3],
+    "analysis": {"steps": 11, "no_barrier_below": 0.02, "margin": 0.02, "recalibrate_bn": True},
+    "small": {},
+}
+
+
+def load_cross_domain_recipe(source: str | os.PathLike | dict, *, small: bool = False,
+                             overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
+    """Read a cross-domain recipe (``small:`` and KEY=VALUE overrides applied).
+
+    Raises ConfigError: not exactly two named domains, fewer than three seeds, or an unknown key.
+    """
+    cfg = load_kind_recipe(source, KIND, DEFAULTS, small=small, overrides=overrides)
+    doms = cfg["domains"]
+    if not isinstance(doms, list) or len(doms) != 2 or not all(isinstance(d, dict) and d.get("name") for d in doms) \
+            or doms[0]["name"] == doms[1]["name"]:
+        raise ConfigError(f"{cfg['where']}: domains needs exactly two entries with different names (name, transform, "
+                          "optional spec), one label set")
+    return cfg
+
+
+def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
+                            overrides: Sequence[str] = (), force: bool = False, progress: bool = True,
+                            device: str = "cpu", batch_size: int = 256) -> dict:
+    """Pre-train once, fine-tune on both domains with every seed, measure within- and cross-domain barriers on each
+    domain's test set; write checkpoints/, results.json, cross_domain.csv, cross_domain.png and REPORT.md.
+    Returns {"findings", "timings", "out"}.
+
+    Raises:
+        ConfigError: a malformed recipe or data spec, or domains with different label sets.
+        OutputExists: ``out`` holds an earlier run and ``force`` is False.
+    """
+    import time
+
+    from .. import report
+    from ..analysis.curve import interpolation_curve
+    from ..eval.data import load_data
+    from ..eval.evaluator import Evaluator
+    from ..eval.modules import build_model_for
+    from ..eval.train import accuracy
+    from ..ops.stream import distance
+    from .recipes import pt_init
+
+    cfg = load_cross_domain_recipe(recipe, small=small, overrides=overrides)
+    report.check_outputs(out, ["results.json", "REPORT.md"], force)
+    s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
+    an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
+    seeds = [int(x) for x in cfg["seeds"]]
+    with s.threads():
+        t0 = time.perf_counter()
+        src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
+        in_chans = int(src.x.shape[1])
+        doms: dict[str, tuple] = {}
+        for d in cfg["domains"]:
+            entry = {**cfg["target"], **{k: v for k, v in d.items() if k != "name"}}
+            doms[d["name"]] = task(entry, d["name"], cfg["where"])
+        (na, (a_tr, _)), (nb, (b_tr, _)) = doms.items()
+        if a_tr.num_classes != b_tr.num_classes:
+            raise ConfigError(f"{cfg['where']}: domains '{na}' and '{nb}' have {a_tr.num_classes} and "
+                              f"{b_tr.num_classes} classes; cross-domain interpolation needs one label set")
+        k = a_tr.num_classes
+        source_net, _ = train_from(spec, None, src, pre, int(pre["seed"]), in_chans=in_chans)
+        source_acc = accuracy(source_net, src_test)
+        s.save("source", source_net.state_dict())
+        template = build_model_for(spec, num_classes=k, in_chans=in_chans)
+        start = pt_init(state_of(source_net), fresh_state(spec, k, in_chans, int(cfg["head_seed"])), cfg["reset"],
+                        template)
+        s.save("pt-init", start)
+        s.lap("pretrain", t0)
+        t1 = time.perf_counter()
+        models: dict[str, dict[int, dict]] = {n: {} for n in doms}
+        acc: dict[str, dict[int, dict]] = {n: {} for n in doms}
+        for n, (tr, _) in doms.items():
+            for seed in seeds:
+                m, _ = train_from(spec, start, tr, cfg["finetune"], seed, in_chans=in_chans)
+                models[n][seed] = state_of(m)
+                acc[n][seed] = {f"on {d}": accuracy(m, te) for d, (_, te) in doms.items()}
+                s.save(f"{n}-seed-{seed}".replace(" ", "_").replace("/", "_"), models[n][seed])
+        s.lap("finetune", t1)
+        s.note(f"fine-tuned {len(seeds)} models per domain from one pre-trained model (source accuracy "
+               f"{source_acc:.3f}): " + "; ".join(
+                   f"{n} on its test set " + ", ".join(f"{acc[n][x][f'on {n}']:.3f}" for x in seeds) for n in doms))
+
+        t2 = time.perf_counter()
+        has_bn = has_batchnorm(template)
+        protocols = ["stored"] + (["re-estimated"] if an["recalibrate_bn"] and has_bn else [])
+        evs = {n: Evaluator(build_model_for(spec, num_classes=k, in_chans=in_chans), te, device=device,
+                            batch_size=batch_size) for n, (_, te) in doms.items()}
+
+        def barrier(x: dict, y: dict, on: str, p: str) -> float:
+            c = interpolation_curve(x, y, evs[on], steps=int(an["steps"]), progress=False,
+                                    recalibrate_bn=doms[on][0] if p == "re-estimated" else None)
+            return c.barriers[doms[on][1].name]["error"]["chord"]
+
+        within: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
+        cross: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
+        l2 = {"within " + n: [] for n in doms} | {"cross": []}
+        for i, seed in enumerate(seeds):
+            nxt = seeds[(i + 1) % len(seeds)]
+            for n in doms:
+                for p in protocols:
+                    within[n][p].append(barrier(models[n][seed], models[n][nxt], n, p))
+                    cross[n][p].append(barrier(models[na][seed], models[nb][seed], n, p))
+                l2["within " + n].append(distance(models[n][seed], models[n][nxt])["total"]["l2"])
+            l2["cross"].append(distance(models[na][seed], models[nb][seed])["total"]["l2"])
+        s.lap("barriers", t2)
+
+    findings, summary = _findings(within, cross, seeds, an, protocols, na, nb)
+    rows = [[i, seeds[i], n, p, within[n][p][i], cross[n][p][i]] for n in doms for p in protocols
+            for i in range(len(seeds))]
+    report.write_csv(s.out / "cross_domain.csv", ["pair", "seed", "evaluated_on", "protocol", "within_barrier",
+                                                  "cross_barrier"], rows, force=force)
+    _plot(within, cross, protocols, s.figure("cross_domain.png"), force)
+    for f in findings:
+        f["figures"] = list(s.figures)
+    results = {"source_accuracy": source_acc, "has_batchnorm": has_bn, "protocols": protocols,
+               "domains": {n: {"train": len(tr), "test": len(te),
+                               "accuracy": {str(x): acc[n][x] for x in seeds}} for n, (tr, te) in doms.items()},
+               "within": within, "cross": cross, "l2": l2, "l2_interval": {
+                   kk: t_interval(v).to_dict() for kk, v in l2.items()}, **summary}
+    return s.finish(findings, results, _render(cfg, results, findings))
+
+
+def _findings(within: dict, cross: dict, seeds: list[int], an: dict, protocols: list[str], na: str,
+              nb: str) -> tuple[list, dict]:
+    tol, margin = float(an["no_barrier_below"]), float(an["margin"])
+    checks_a = {f"{n}/{p}": check(f"within_{n}_{p}", within[n][p], None, tol, "below",
+                                  what=f"within-domain barrier on {n} ({PROTOCOLS[p]})")
+                for n in within for p in protocols}
+    checks_b = {f"{n}/{p}": check(f"cross_minus_within_{n}_{p}", cross[n][p], within[n][p], margin, "above",
+                                  what=f"cross − within barrier on {n} ({PROTOCOLS[p]})")
+                for n in within for p in protocols}
+    text_a = (f"Error barrier between two models fine-tuned on the same domain with different seeds (chord, test set "
+              f"of that domain), {len(seeds)} pairs per domain. Needs the 95% t-interval below {tol:g}: "
+              + "; ".join(c["text"] for c in checks_a.values()) + ".")
+    means = "; ".join(f"on {n} ({p}): within {fmt_interval(t_interval(within[n][p]))}, cross "
+                      f"{fmt_interval(t_interval(cross[n][p]))}" for n in within for p in protocols)
+    text_b = (f"Error barrier between the {na} and the {nb} model of each seed, evaluated on each domain's test set, "
+              f"vs the within-domain barrier of that domain: {means}. Paired by seed, cross − within needs its 95% "
+              f"t-interval above {margin:g}: " + "; ".join(c["text"] for c in checks_b.values()) + ".")
+    findings = [
+        {"id": "a", "claim": "P-T models fine-tuned on one domain share a basin (no barrier between them).",
+         "verdict": combine([c["verdict"] for c in checks_a.values()]), "numbers": text_a,
+         "table": "cross_domain.csv"},
+        {"id": "b", "claim": f"P-T models fine-tuned on different domains ({na}, {nb}; one label set) are separated "
+                             "by a barrier larger than the within-domain one, on either domain's test set.",
+         "verdict": combine([c["verdict"] for c in checks_b.values()]), "numbers": text_b,
+         "table": "cross_domain.csv"},
+    ]
+    return findings, {"checks": {"a": checks_a, "b": checks_b}, "no_barrier_below": tol, "margin": margin}
+
+
+def _plot(within: dict, cross: dict, protocols: list[str], path: Any, force: bool) -> None:
+    from ..report import COLORS, new_figure, save_figure
+    fig, (ax,) = new_figure(size=(6, 4))
+    labels, pos = [], 0
+    for n in within:
+        for p in protocols:
+            for j, (what, vals) in enumerate((("within", within[n][p]), ("cross", cross[n][p]))):
+                iv = t_interval(vals)
+                ax.bar(pos, iv.mean, color=COLORS[j], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]]
+                       if iv.n > 1 and iv.high == iv.high else None, capsize=3)
+                ax.scatter([pos] * len(vals), vals, s=8, color="black", zorder=3)
+                labels.append(f"{what}\non {n}\n({p})")
+                pos += 1
+        pos += 0.5
+    ax.set_xticks([i + 0.5 * (i // (2 * len(protocols))) for i in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_ylabel("error barrier (test set of the domain)")
+    ax.set_title("within- vs cross-domain barriers (mean ± 95% t-interval, dots: pairs)", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    save_figure(fig, path, force=force)
+
+
+def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
+    from ..report import markdown_table
+    pre, ft = cfg["pretrain"], cfg["finetune"]
+    doms = results["domains"]
+    setup = [f"Source: `{cfg['source']['train']}`, pre-trained once (seed {pre['seed']}, {pre['epochs']} epochs, lr "
+             f"{pre['lr']}); source test accuracy {results['source_accuracy']:.4f}.",
+             "Domains (one label set): " + "; ".join(
+                 f"{d['name']} (transform {d.get('transform') or 'none'}, {doms[d['name']]['train']} train / "
+                 f"{doms[d['name']]['test']} test)" for d in cfg["domains"]) + f", from `{cfg['target']['spec']}`.",
+             f"Fine-tuning: from the pre-trained model with {cfg['reset']} replaced by one random head (seed "
+             f"{cfg['head_seed']}), {ft['epochs']} epochs, lr {ft['lr']}, batch {ft['batch_size']}; seeds "
+             f"{cfg['seeds']}.",
+             f"Barriers: chord error barrier, {cfg['analysis']['steps']} points, "
+             + " and ".join(PROTOCOLS[p] for p in results["protocols"]) + " (re-estimated on the training data of "
+             "the domain evaluated)."]
+    names = list(doms)
+    rows = [[n, str(x), *[a[f"on {m}"] for m in names]] for n in names for x, a in doms[n]["accuracy"].items()]
+    iv = lambda x: fmt_interval(Interval(x["mean"], x["low"], x["high"], x["n"], x["level"]))  # noqa: E731
+    body = ["## Models", "", "Test accuracy of every fine-tuned model on each domain:", "",
+            markdown_table(["fine-tuned on", "seed", *[f"on {m}" for m in names]], rows), "",
+            "Parameter L2 distance between paired models: " + "; ".join(
+                f"{kk} {iv(v)}" for kk, v in results["l2_interval"].items()) + "."]
+    return render_report(cfg, setup, body, findings)
+
+
+register(Entry("recipe", KIND, "Interpolation across target domains",
+               "barrier(P-T on domain A, P-T on domain B) on each domain vs barrier within a domain",
+               "P-T models fine-tuned from one pre-trained model on two domains with one label set; within- and "
+               "cross-domain barriers on each domain's test set under both BatchNorm protocols",
+               TRANSFER_PAPER, {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
+               target=run_cross_domain_recipe))
