@@ -6,6 +6,8 @@ import click
 from .common import markdown_table, note, print_json, refuse_existing, report_options
 from .options import DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, use
 
+__all__ = ["align"]
+
 
 @click.command("align")
 @click.argument("a")

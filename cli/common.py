@@ -7,6 +7,9 @@ from typing import Any, Callable, Sequence
 
 import click
 
+__all__ = ["grouping_option", "report_options", "print_json", "note", "markdown_table", "parse_floats", "human_bytes",
+           "require", "refuse_existing", "parse_grid", "precheck", "emit"]
+
 
 def grouping_option(f: Callable) -> Callable:
     """--modules SPEC: how tensors are grouped into the modules an analysis works on."""

@@ -5,6 +5,8 @@ import click
 
 from .common import human_bytes, markdown_table, print_json
 
+__all__ = ["data", "ls", "rm"]
+
 
 @click.group("data")
 def data() -> None:

@@ -6,6 +6,8 @@ import click
 from .common import note, print_json, report_options
 from .options import force_option, report_folder
 
+__all__ = ["demo"]
+
 
 @click.command("demo")
 @report_folder("Folder for checkpoints and results.", default="runs/demo")

@@ -8,6 +8,8 @@ import click
 from .common import markdown_table, print_json, report_options
 from .options import OpOptions, use
 
+__all__ = ["diff"]
+
 
 @click.command("diff")
 @click.argument("a")

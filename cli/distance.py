@@ -6,6 +6,8 @@ import click
 from .common import markdown_table, print_json, report_options
 from .options import OpOptions, use
 
+__all__ = ["distance"]
+
 
 @click.command("distance")
 @click.argument("a")

@@ -7,6 +7,8 @@ from .common import parse_floats, print_json, report_options
 from .options import DataOptions, ModelOptions, OpOptions, use
 from .probe import linear_head_options, probe_options, write_report
 
+__all__ = ["H2T_FILES", "head2toe"]
+
 H2T_FILES = ("results.json", "head2toe.csv", "head2toe_layers.csv", "head2toe.png")
 
 

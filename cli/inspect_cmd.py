@@ -6,6 +6,8 @@ import click
 from .common import human_bytes, markdown_table, print_json, report_options
 from .options import OpOptions, use
 
+__all__ = ["inspect_cmd"]
+
 
 @click.command("inspect")
 @click.argument("source")

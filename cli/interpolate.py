@@ -7,6 +7,8 @@ from .common import note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
+__all__ = ["interpolate"]
+
 
 @click.command("interpolate")
 @click.argument("checkpoints", nargs=-1, metavar="[A B]")

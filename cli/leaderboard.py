@@ -6,6 +6,8 @@ import click
 from .common import print_json, report_options, require
 from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
+__all__ = ["leaderboard"]
+
 
 @click.command("leaderboard")
 @click.argument("checkpoints", nargs=-1, required=True)

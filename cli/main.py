@@ -6,6 +6,8 @@ import sys
 
 import click
 
+__all__ = ["COMMANDS", "HELP", "LazyGroup", "main"]
+
 # verb -> "module:function"; each verb lives in its own file and is imported only when run.
 COMMANDS: dict[str, str] = {
     "inspect": "weightspace_cli.inspect_cmd:inspect_cmd",

@@ -7,6 +7,8 @@ import click
 from .common import note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
 
+__all__ = ["merge"]
+
 
 @click.command("merge")
 @click.argument("models", nargs=-1)

@@ -5,6 +5,8 @@ import click
 
 from .common import markdown_table, print_json, report_options
 
+__all__ = ["methods"]
+
 
 def _defaults(d: dict) -> str:
     # Nested recipe defaults would flood a table cell: name the sections, show the scalars.

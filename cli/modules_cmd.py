@@ -6,6 +6,8 @@ import click
 from .common import grouping_option, report_options
 from .options import ModelOptions, force_option, report_folder, use
 
+__all__ = ["modules_cmd"]
+
 
 @click.command("modules")
 @click.argument("checkpoint", required=False)

@@ -10,6 +10,8 @@ import click
 from weightspace.options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions,  # noqa: F401
                                  OutputOptions, ReportOptions, check_report_folder, option_fields)
 
+__all__ = ["use", "report_folder", "force_option", "op_options", "output_options"]
+
 
 def _click_type(meta: Mapping[str, Any]) -> Any:
     if meta["choices"]:

@@ -8,6 +8,8 @@ import click
 from .common import note, print_json, report_options
 from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
+__all__ = ["PROBE_FILES", "probe_options", "linear_head_options", "write_report", "probe"]
+
 PROBE_FILES = ("results.json", "probe.csv", "probe.png")
 
 

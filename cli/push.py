@@ -6,6 +6,8 @@ import click
 from .common import note, print_json, report_options
 from .options import ModelOptions, OpOptions, use
 
+__all__ = ["push"]
+
 
 @click.command("push")
 @click.argument("checkpoint")

@@ -6,6 +6,8 @@ import click
 from .common import report_options
 from .options import ModelOptions, force_option, report_folder, use
 
+__all__ = ["recipe", "run", "summary"]
+
 
 @click.group("recipe")
 def recipe() -> None:

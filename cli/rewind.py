@@ -6,6 +6,8 @@ import click
 from .common import grouping_option, report_options
 from .options import DataOptions, FixOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
+__all__ = ["rewind"]
+
 
 @click.command("rewind")
 @click.argument("final")

@@ -7,6 +7,8 @@ from .common import note, print_json, report_options
 from .options import force_option, report_folder
 from .probe import write_report
 
+__all__ = ["SAT_FILES", "saturation"]
+
 SAT_FILES = ("results.json", "saturation.csv", "saturation.png")
 
 

@@ -6,6 +6,8 @@ import click
 from .common import grouping_option, report_options
 from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
+__all__ = ["similarity"]
+
 
 @click.command("similarity")
 @click.argument("a")

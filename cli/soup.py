@@ -8,6 +8,8 @@ from .common import note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
+__all__ = ["soup"]
+
 
 @click.command("soup")
 @click.argument("checkpoints", nargs=-1, required=True)

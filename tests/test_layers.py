@@ -152,6 +152,34 @@ def test_every_import_follows_the_layer_order():
     assert violations(import_graph(PACKAGES)) == []
 
 
+def declared_all(path: Path) -> list[str] | None:
+    """The module's literal ``__all__`` (None when it declares none)."""
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "__all__" and getattr(node, "value", None) is not None:
+            return list(ast.literal_eval(node.value))
+    return None
+
+
+def test_every_module_declares_all_and_every_name_in_it_exists():
+    """A newcomer reads a module's offer at its top; a name listed there that the module lacks is a lie."""
+    import importlib
+    undeclared, wrong = [], []
+    for mod, (path, _) in modules(PACKAGES).items():
+        names = declared_all(path)
+        if names is None:
+            undeclared.append(mod)
+            continue
+        if len(set(names)) != len(names) or any(n.startswith("_") and n != "__version__" for n in names):
+            wrong.append(f"{mod}: duplicate or private names in __all__")
+        if mod.endswith(".__main__"):  # importing it runs the CLI
+            continue
+        module = importlib.import_module(mod)
+        wrong += [f"{mod}.{n}: listed in __all__ but missing" for n in names if not hasattr(module, n)]
+    assert undeclared == []
+    assert wrong == []
+
+
 # ------------------------------------------------------------------------------- the checker on a planted tree
 def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
     for name, text in files.items():

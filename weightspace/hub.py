@@ -32,6 +32,9 @@ from .registry import REGISTRY, Entry
 from .ops import merge as _merge_methods, stream as _stream  # noqa: F401
 from .search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
 
+__all__ = ["HubError", "WEIGHTS_NAME", "method_entry", "PushResult", "infer_model_config", "timm_config", "open_clip_config",
+           "base_models", "RunFolder", "read_run_folder", "model_card", "build_folder", "push_to_hub"]
+
 
 WEIGHTS_NAME = {"timm": "model.safetensors", "pytorch": "model.safetensors",
                 "open_clip": "open_clip_model.safetensors"}

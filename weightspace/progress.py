@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable, TypeVar
 
+__all__ = ["progress", "FALLBACK_COLUMNS"]
+
 T = TypeVar("T")
 
 

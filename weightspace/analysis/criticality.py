@@ -32,6 +32,9 @@ from ..eval.data import TensorData
 from ..errors import ConfigError, IncompatibleCheckpoints
 from ..eval.modules import ModuleUnit, grouping
 
+__all__ = ["BN_STATS", "ModelLike", "Modules", "random_init", "resolve_modules", "safe_name", "RewindResult", "rewind",
+           "CriticalityResult", "module_criticality"]
+
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 ModelLike = Union[nn.Module, Callable[[], nn.Module]]
 Modules = Union[str, None, Mapping[str, Sequence[str]], Sequence[ModuleUnit]]

@@ -22,6 +22,9 @@ from ..errors import ConfigError, NonFiniteError
 from ..ops.stream import all_finite, check_compatible, lerp_stream
 from ..eval.contract import FitsKeys, LoadsWeights, as_table, model_tensors, write_stream
 
+__all__ = ["BARRIER_METRICS", "HOLD_BYTES", "even_alphas", "barrier_height", "Curve", "barrier_table", "CurveSet",
+           "interpolation_curve"]
+
 BARRIER_METRICS = ("error", "loss")
 HOLD_BYTES = 2 << 30  # a curve holds both ends in memory (read once) when together they take at most this
 

@@ -22,6 +22,9 @@ from ..errors import ConfigError
 from .probe import L2, MAX_ITER, fit_linear, load_weights, num_classes_of, setup
 from .taps import Features, FeatureTaps
 
+__all__ = ["TARGET", "COEF", "KEEP", "FOLDS", "LASSO_ITERS", "concat_features", "group_lasso_scores", "top_fraction",
+           "stratified_folds", "Head2ToeResult", "check_keep", "head2toe_features", "head2toe"]
+
 TARGET = 8192     # pooled features per layer (the paper's default)
 COEF = 1e-5       # group-lasso coefficient on the mean cross-entropy (the paper's default)
 KEEP = (0.01, 0.1, 0.2)

@@ -17,6 +17,9 @@ from ..eval.data import TensorData
 from ..errors import ConfigError
 from .taps import Features, FeatureTaps
 
+__all__ = ["L2", "MAX_ITER", "LinearHead", "fit_linear", "num_classes_of", "ProbeResult", "probe_features",
+           "checkpoint_labels", "probe", "build_net", "setup", "load_weights"]
+
 L2 = 1e-3        # weight decay on the mean cross-entropy (≈ scikit-learn's C=1 at N=1000); scale-free on z-scores
 MAX_ITER = 50    # L-BFGS iterations (strong-Wolfe line search); digits probes reach their final test accuracy by ~25
 

@@ -22,6 +22,9 @@ import numpy as np
 
 from ..errors import ConfigError
 
+__all__ = ["ALPHA_MAX", "saturation_curve", "upper_hull", "SaturationFit", "fit_saturation", "read_points",
+           "saturation_from_csv"]
+
 ALPHA_MAX = 20.0
 
 

@@ -27,6 +27,10 @@ from ..eval.data import TensorData
 from ..errors import ConfigError
 from ..eval.modules import ModuleUnit, model_units
 
+__all__ = ["BN_STATS", "gram_linear", "gram_rbf", "rbf_from_linear", "center_gram", "cka_from_grams", "linear_cka",
+           "rbf_cka", "hsic1", "MinibatchCKA", "minibatch_cka", "Activations", "SimilarityResult", "module_distances",
+           "prediction_agreement", "model_similarity"]
+
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 

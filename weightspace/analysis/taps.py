@@ -29,6 +29,9 @@ from torch import nn
 from ..eval.data import TensorData
 from ..errors import ConfigError
 
+__all__ = ["PASS_THROUGH", "pool_features", "Tap", "Features", "resolve_taps", "data_fingerprint", "FeatureTaps",
+           "extract_features"]
+
 PASS_THROUGH = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
                 "DropPath", "DropBlock2d", "Flatten", "Unflatten")
 

@@ -22,6 +22,10 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from ..errors import ConfigError
 
+__all__ = ["PARALLEL_MODES", "env_world_size", "world", "is_main", "init_from_env", "barrier", "teardown",
+           "set_parallel", "parallel_mode", "splits_points", "split", "all_gather_objects", "sweep",
+           "silence_other_ranks", "restore_output"]
+
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -26,6 +26,8 @@ from .data.labels import apply_label_map
 from .distributed import parallel_mode, world
 from ..errors import ConfigError, IncompatibleCheckpoints, key_sample
 
+__all__ = ["resolve_device", "Metrics", "macro_auc", "recalibrate_bn", "as_datasets", "Evaluator", "stream_batches"]
+
 
 _said: set[tuple[str, str]] = set()  # (source, prefix) pairs already reported on stderr
 

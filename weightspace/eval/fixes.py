@@ -42,6 +42,9 @@ from .contract import LoadsWeights
 from .evaluator import Evaluator
 from ..io.outputs import StateDict
 
+__all__ = ["FLOOR", "Stats", "RepairPoint", "RepairScope", "repair_scope", "channel_stats", "mix_stats",
+           "repair_model", "Repairer", "FixedEvaluator", "fix_evaluator", "stats_table"]
+
 FLOOR = 1e-6  # relative: a σ below FLOOR × the largest σ at its point counts as zero (constant channel)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # repair point → (per-channel mean, per-channel std), float64

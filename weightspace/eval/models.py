@@ -14,6 +14,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
+__all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model", "model_spec_classes"]
+
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 

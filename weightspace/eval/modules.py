@@ -11,6 +11,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.grouping import group_names, parse_grouping
 
+__all__ = ["TREE_LEVELS", "ModuleUnit", "tree_units", "model_units", "grouping", "infer_shape_options",
+           "build_model_for", "MODULES_FILES", "ModuleListing", "list_modules"]
+
 
 # ------------------------------------------------------------------------------------------ the nn.Module tree
 # Grouping by the model's own module tree (needs a model, not only names). Three levels:

@@ -11,6 +11,8 @@ from torch import nn
 from .data import TensorData
 from ..errors import ConfigError
 
+__all__ = ["AUGMENTATIONS", "train", "accuracy"]
+
 
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random translation by up to one pixel (zero padded), the same shift for a whole batch."""

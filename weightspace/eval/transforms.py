@@ -20,6 +20,9 @@ import torch
 
 from ..errors import ConfigError
 
+__all__ = ["Transform", "block_permutation", "BlockShuffle", "Invert", "Chain", "parse_transform", "block_shuffle",
+           "blocks_of"]
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 

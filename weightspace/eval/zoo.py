@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+__all__ = ["NORMS", "SmallCNN", "MLP", "small_cnn", "mlp"]
+
 
 NORMS = ("batch", "group", "none")
 

@@ -32,6 +32,8 @@ from .verdicts import check, combine
 from ..registry import Entry, register
 from ..search.align import REBASIN_PAPER
 
+__all__ = ["KIND", "FIXES", "METHODS", "DEFAULTS", "load_align_recipe", "run_align_recipe", "n_models"]
+
 KIND = "align-barrier"
 FIXES = ("none", "recalibrate_bn", "repair")
 METHODS = ("weights", "activations")
@@ -57,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
 def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                       overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
     """Read an align-barrier recipe, apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
-    from .recipes import _merge, parse_override, read_recipe, set_path
+    from .recipes import merge_config, parse_override, read_recipe, set_path
     raw, where = read_recipe(source)
     if raw.get("kind") != KIND:
         raise ConfigError(f"{where}: not an {KIND} recipe (kind: {KIND})")
@@ -65,7 +67,7 @@ def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
     for k, v in pending:
         set_path(raw, k, v, where)
-    cfg = _merge(DEFAULTS, raw, where)
+    cfg = merge_config(DEFAULTS, raw, where)
     seeds = cfg["train"]["seeds"]
     if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: train.seeds needs at least three different seeds (one random init per model; "

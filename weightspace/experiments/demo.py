@@ -44,6 +44,9 @@ from ..report.stats import difference, fmt_interval, judge, t_interval
 from ..search.greedy import Leaderboard
 from ..search.greedy import soup_leaderboard
 
+__all__ = ["MODEL", "SIZE", "DATA", "GRID", "WITHIN", "BASIN_TOLERANCE", "DemoSize", "SIZES", "shifted",
+           "checkpoint_names", "run_demo"]
+
 MODEL = "weightspace.eval.zoo:small_cnn?width=16"
 SIZE = 14  # MNIST averaged over 2×2 blocks: 4× fewer pixels, the same digits (CPU time is the demo's budget)
 DATA = {role: f"mnist:{split}?size={SIZE}" for role, split in

@@ -32,6 +32,12 @@ from ..registry import Entry, Paper, register
 from ..report.stats import Interval, fmt_interval, t_interval
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
+__all__ = ["KINDS", "DEFAULTS", "ANALYSES", "ANALYSIS_DEFAULTS", "merge_config", "set_path", "parse_override",
+           "read_recipe", "load_recipe", "build_task", "split_per_class", "Run", "InputTransform", "pt_init",
+           "model_label", "prepare", "init_seeds", "analyse_barriers", "analyse_similarity", "analyse_rewind",
+           "analyse_block_shuffle", "analyse_criticality", "RUNNERS", "render_report", "run_transfer_recipe",
+           "TRANSFER_PAPER"]
+
 KINDS = ("P-T", "RI-T")
 
 DEFAULTS: dict[str, Any] = {
@@ -66,13 +72,17 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
 
 
 # --------------------------------------------------------------------------------------------- the config
-def _merge(base: dict, extra: dict, where: str, strict: bool = True) -> dict:
+def merge_config(base: dict, extra: dict, where: str, strict: bool = True) -> dict:
+    """``base`` updated by ``extra``, nested dicts merged key by key (``base`` itself is not changed).
+
+    Raises:
+        ConfigError: with ``strict``, a key of ``extra`` that ``base`` lacks (named with ``where``)."""
     out = copy.deepcopy(base)
     for k, v in extra.items():
         if strict and k not in base:
             raise ConfigError(f"{where}: unknown key '{k}' (known: {', '.join(base)})")
         if isinstance(v, dict) and isinstance(base.get(k), dict) and base[k]:
-            out[k] = _merge(base[k], v, f"{where}.{k}", strict)
+            out[k] = merge_config(base[k], v, f"{where}.{k}", strict)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -131,11 +141,11 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
         pending.append(parse_override(o) if isinstance(o, str) else tuple(o))
     for k, v in pending:
         set_path(raw, k, v, where)
-    cfg = _merge(DEFAULTS, raw, where)
+    cfg = merge_config(DEFAULTS, raw, where)
     for name, opts in list(cfg["analyses"].items()):
         if name not in ANALYSES:
             raise ConfigError(f"{where}: unknown analysis '{name}' (known: {', '.join(ANALYSES)})")
-        cfg["analyses"][name] = _merge(ANALYSIS_DEFAULTS[name], opts or {}, f"{where}: analyses.{name}")
+        cfg["analyses"][name] = merge_config(ANALYSIS_DEFAULTS[name], opts or {}, f"{where}: analyses.{name}")
     if not cfg["data"].get("source") or not cfg["data"].get("target"):
         raise ConfigError(f"{where}: data needs a 'source' and a 'target'")
     seeds = cfg["train"]["seeds"]

@@ -19,6 +19,10 @@ import torch
 from ..errors import CheckpointError, CheckpointNotFound, UnsafeCheckpoint, key_sample
 from .formats import SafetensorsReader, file_sha256
 
+__all__ = ["PROVENANCE_SUFFIX", "STRIP_PREFIXES", "REGULAR_CONTAINERS", "EMA_CONTAINERS", "EMA_PREFIXES", "Source",
+           "Resolved", "normalise_key", "SAFE_GLOBALS", "load_pickle", "MAX_NESTING", "MAX_ENTRIES", "unwrap",
+           "find_aliases", "Checkpoint", "from_tensors", "allow_expanded", "check_pickled_tensors", "open_resolved"]
+
 PROVENANCE_SUFFIX = ".weightspace.json"  # beside a pickled output: x.pt → x.pt.weightspace.json
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
@@ -261,7 +265,7 @@ def _pick_prefixed(flat: dict, path: str, ema: str | bool) -> tuple[dict, str]:
     return rest, f"non-EMA weights ('{prefix}*' ignored; ?ema=1 or --ema picks them)"
 
 
-def _find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Keys whose tensors share memory with an earlier key (tied weights): alias -> canonical."""
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
@@ -466,7 +470,7 @@ def from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str = "
     files = files or []
     mapping = _normalised(source, list(tensors))
     norm = {k: tensors[r] for k, r in mapping.items()}
-    return Checkpoint(source, {k: (norm, k) for k in norm}, variant=variant, files=files, aliases=_find_aliases(norm))
+    return Checkpoint(source, {k: (norm, k) for k in norm}, variant=variant, files=files, aliases=find_aliases(norm))
 
 
 _allow_expanded = False

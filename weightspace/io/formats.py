@@ -23,6 +23,9 @@ from ..errors import CheckpointError, CheckpointNotFound
 
 from .header import DTYPE_NAMES, DTYPES, MAX_HEADER, TensorInfo, parse_header  # noqa: F401 (re-exported)
 
+__all__ = ["element_size", "SafetensorsReader", "HASH_CACHE_ENV", "RACY_WINDOW_S", "hash_cache_path", "file_sha256",
+           "tensor_bytes", "header_for", "write_safetensors", "SYNC_EVERY"]
+
 
 def element_size(dtype: torch.dtype) -> int:
     """Bytes per element of a dtype."""

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Union
 import torch
 
 from .._version import __version__
-from .checkpoint import PROVENANCE_SUFFIX, Checkpoint, _find_aliases
+from .checkpoint import PROVENANCE_SUFFIX, Checkpoint, find_aliases
 from ..errors import CheckpointError, ConfigError, OutputExists
 from .outputs import TensorStream, finish_provenance
 from ..files import atomic_output, make_folder
@@ -122,7 +122,7 @@ def _as_stream(obj: Savable, where: Path) -> TensorStream:
             raise ConfigError(f"{where}: value of key '{k}' is a {type(v).__name__}, not a tensor")
     prov = dict(getattr(obj, "provenance", None) or (obj.provenance or {} if isinstance(obj, Checkpoint) else {}))
     prov.setdefault("weightspace_version", __version__)
-    tied = _find_aliases(sd)
+    tied = find_aliases(sd)
     if tied:
         prov["tied"] = dict(sorted(tied.items()))
     keys = sorted(sd)

@@ -20,6 +20,11 @@ import torch
 from ..errors import CheckpointNotFound, SourceError, WeightspaceError, hub_error
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 
+__all__ = ["WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
+           "set_default_options", "default_options_for", "default_options", "split_options", "PROBE_TIMEOUT_S",
+           "hub_reachable", "commit_of", "cached_commit", "parse_hub", "timm_classifier_classes", "SCHEMES", "resolve",
+           "short_name", "open_source", "load"]
+
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Preference order inside a folder or a Hub repo: safetensors first (no pickle), single file before shards.
 PREFERRED_FILES = (

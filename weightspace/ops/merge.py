@@ -24,7 +24,11 @@ from ..registry import REGISTRY, Entry, Paper, register as register_entry
 from .parallel import (Execution, ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events,
                        thread_scratch)
 from ..io.outputs import StateDict, TensorStream, finish_provenance
-from .stream import PRECISIONS, TASK_ARITHMETIC_PAPER, _check_finite, _progress, check_compatible
+from .stream import PRECISIONS, TASK_ARITHMETIC_PAPER, check_finite, tensor_progress, check_compatible
+
+__all__ = ["TIES_PAPER", "MergeMethod", "register", "method_names", "TaskArithmetic", "Ties", "MergePlan",
+           "kth_largest_magnitudes", "per_tensor_thresholds", "plan_merge", "merge", "task_arithmetic", "ties_merge",
+           "ScaleSearch", "search_scale"]
 
 TIES_PAPER = Paper("Yadav et al.", 2023, "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
                    "https://arxiv.org/abs/2306.01708")
@@ -215,7 +219,7 @@ class MergePlan:
             t = host.to(self.ex.device, non_blocking=True)
             events[slot].record(thread_cuda_stream(self.ex.device))
         if not (self.allow_nonfinite or self.checked):
-            _check_finite(t, ck, key)
+            check_finite(t, ck, key)
         return t
 
     def task_vectors(self, key: str, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -237,7 +241,7 @@ class MergePlan:
         threads (on the device's streams with a GPU); results in piece order."""
         def tasks() -> Iterator[tuple[str, int, int]]:
             keys = self.float_keys()
-            for key in _progress(keys, len(keys), desc, self.progress):
+            for key in tensor_progress(keys, len(keys), desc, self.progress):
                 for start, stop in self.ranges(key):
                     yield key, start, stop
 
@@ -468,7 +472,7 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, 
     split = {k for k in plan.float_keys() if k not in tied.values()}
     pieces, produce = piece_streams(
         plan.keys, plan.base.info, split, lambda k, a, b, out: _merged_piece(m, plan, scale, k, a, b, out), whole,
-        plan.ex, lambda ks: _progress(ks, len(ks), m.name, plan.progress))
+        plan.ex, lambda ks: tensor_progress(ks, len(ks), m.name, plan.progress))
     return TensorStream(entries, produce, prov, [plan.base, *plan.models], tied, pieces)
 
 

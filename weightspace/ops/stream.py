@@ -9,7 +9,7 @@ import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -21,6 +21,11 @@ from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_s
 from ..registry import Entry, Paper, register
 from .grouping import module_of
 from .parallel import ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events, thread_scratch
+
+__all__ = ["PRECISIONS", "check_compatible", "single_thread", "all_finite", "check_finite", "tensor_progress",
+           "combinable", "linear_combination", "normalised_weights", "uniform_soup_stream", "weighted_average_stream",
+           "lerp_stream", "task_vector_stream", "uniform_soup", "weighted_average", "lerp", "task_vector",
+           "SOUPS_PAPER", "LMC_PAPER", "TASK_ARITHMETIC_PAPER", "Distance", "DIST_BLOCK", "distance"]
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -88,7 +93,8 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
+def check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
+    """Raise NonFiniteError (naming ``ck``'s source and ``key``) when ``t`` holds NaN or Inf."""
     if not all_finite(t):
         t = t.float() if t.dtype.itemsize == 1 else t
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
@@ -96,7 +102,11 @@ def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
                              path=ck.source, key=key)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+T = TypeVar("T")
+
+
+def tensor_progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
+    """``iterable`` with a progress bar counted in tensors on stderr (``iterable`` itself when not ``enabled``)."""
     from ..progress import progress
     return progress(iterable, total=total, desc=desc, unit="tensor", enabled=enabled)
 
@@ -196,7 +206,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         if allow_nonfinite or all_finite(result):
             return
         for ck in cks:
-            _check_finite(read(ck, key, start, stop, slot="check"), ck, key)
+            check_finite(read(ck, key, start, stop, slot="check"), ck, key)
         raise NonFiniteError(f"{ref.source}: key {key!r}: {op} of finite inputs overflows {result.dtype} "
                              f"(the result holds Inf); use --allow-nonfinite to write it anyway",
                              path=ref.source, key=key)
@@ -266,7 +276,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
 
     split = {k for k in floats if k not in tied and k not in set(tied.values())}
     pieces, produce = piece_streams(keys, ref.info, split, run_piece, whole, ex,
-                                    lambda ks: _progress(ks, len(ks), op, progress))
+                                    lambda ks: tensor_progress(ks, len(ks), op, progress))
 
     prov = {
         "op": op,
@@ -426,8 +436,8 @@ def _key_distance(ca: Checkpoint, cb: Checkpoint, key: str, allow_nonfinite: boo
         tb = cb.read_range(key, start, stop, thread_scratch("b", (stop - start) * dtype_b.itemsize))
         part.add(ta, tb)
     if not allow_nonfinite and not all(math.isfinite(x) for x in (part.a_sq, part.b_sq)):
-        _check_finite(ca[key], ca, key)  # a sum of squares is finite only if every element is: check exactly now
-        _check_finite(cb[key], cb, key)
+        check_finite(ca[key], ca, key)  # a sum of squares is finite only if every element is: check exactly now
+        check_finite(cb[key], cb, key)
     return part
 
 
@@ -450,7 +460,7 @@ def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | Non
     groups: dict[str, Distance] = {}
     keys = [k for k in sorted(ca) if k not in ca.aliases and ca.info(k)[0].is_floating_point]
     parts = ordered_map(lambda k: _key_distance(ca, cb, k, allow_nonfinite),
-                        _progress(keys, len(keys), "distance", progress), ex.threads, ex.depth)
+                        tensor_progress(keys, len(keys), "distance", progress), ex.threads, ex.depth)
     for k, part in zip(keys, parts):
         total.merge(part)
         if per_module or depth or regex:

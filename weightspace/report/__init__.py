@@ -17,6 +17,10 @@ from typing import Any, Protocol, Sequence
 
 from ..files import atomic_output, make_folder, writes_discarded
 
+__all__ = ["Row", "jsonable", "fmt_cell", "markdown_table", "csv_text", "write_text", "write_json", "write_csv",
+           "check_outputs", "Result", "write_files", "COLORS", "LINESTYLES", "new_figure", "save_figure",
+           "line_panels", "bar_chart", "heatmap"]
+
 Row = Sequence[Any]
 
 

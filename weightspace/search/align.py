@@ -32,8 +32,11 @@ from ..io.checkpoint import Source
 from ..io.sources import load
 from ..errors import AlignmentError, IncompatibleCheckpoints
 from ..io.outputs import StateDict, finish_provenance
-from ..ops.stream import _progress, single_thread
+from ..ops.stream import tensor_progress, single_thread
 from ..registry import Entry, Paper, register
+
+__all__ = ["AlignmentError", "PermGroup", "PermutationSpec", "trace", "permutation_spec", "apply_permutations",
+           "random_permutations", "weight_matching", "activation_matching", "align", "REBASIN_PAPER"]
 
 
 @dataclass
@@ -452,7 +455,7 @@ def _weight_matching(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
     bp = _PermutedB(b, spec)
     rng = np.random.default_rng(seed)
     rounds, converged = 0, not spec.groups
-    bar = _progress(range(max_rounds), max_rounds, "weight matching", progress)
+    bar = tensor_progress(range(max_rounds), max_rounds, "weight matching", progress)
     for _ in bar:
         if not spec.groups:
             break
@@ -551,7 +554,7 @@ def activation_matching(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
     stats: dict[str, dict[str, torch.Tensor | int]] = {}
     n_batches = 0
     with torch.no_grad():
-        for x in _progress(_batches(data), None, "activation matching", progress):
+        for x in tensor_progress(_batches(data), None, "activation matching", progress):
             ra, rb = _Recorder(models[0], wanted), _Recorder(models[1], wanted)
             ra.run(x)
             rb.run(x)

@@ -29,6 +29,10 @@ from ..ops.stream import PRECISIONS, SOUPS_PAPER, check_compatible, uniform_soup
 from ..registry import Entry, register
 from ..eval.contract import Evaluate, FitsKeys, MultiDataset, TellsMembers, as_table, model_tensors
 
+__all__ = ["rank", "LazyProvenanceDict", "GreedyResult", "greedy_soup", "greedy_ensemble", "mean_logits", "AVG_SHIFTS",
+           "Leaderboard", "evaluate_each", "leaderboard", "validation_view", "soup_leaderboard", "tell_members",
+           "merge_rows"]
+
 
 def _score(x: Any) -> float:
     """A scalar score from whatever evaluate returned (a float, or Metrics: accuracy on the first dataset)."""

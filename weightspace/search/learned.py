@@ -39,6 +39,8 @@ from ..io.outputs import StateDict, finish_provenance
 from ..ops.stream import SOUPS_PAPER, check_compatible
 from ..registry import Entry, register
 
+__all__ = ["LearnedSoupResult", "differentiable_batchnorm", "learned_soup"]
+
 
 @dataclass
 class LearnedSoupResult:

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 import torch
 
 from ...errors import ConfigError
-from .tensors import BUILTINS, TensorData, _apply_options, _from_file
+from .tensors import BUILTINS, TensorData, apply_options, read_tensor_file
 
 __all__ = ["load_data", "set_decoding"]
 
@@ -53,8 +53,8 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
         path = Path(os.path.expanduser(base))
         if not path.exists():
             raise ConfigError(f"--data {spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})")
-        d = _from_file(path, spec)
-    d = _apply_options(d, opts, spec)
+        d = read_tensor_file(path, spec)
+    d = apply_options(d, opts, spec)
     d.name = spec
     if "classes" in opts or (model is not None and d.meta.get("classes")):
         from .labels import attach_label_map

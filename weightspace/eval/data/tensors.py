@@ -19,6 +19,9 @@ import torch
 
 from ...errors import ConfigError
 
+__all__ = ["SPLIT_SEED", "TensorData", "digits", "mnist1d", "read_tensor_file", "SOURCE_OPTIONS", "apply_options",
+           "MNIST_SPLITS", "mnist_indices", "mnist", "BUILTINS"]
+
 SPLIT_SEED = 0
 
 
@@ -136,7 +139,12 @@ def mnist1d(split: str = "train", spec: str = "mnist1d") -> TensorData:
     return TensorData(f"mnist1d:{split}", xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), num_classes=10)
 
 
-def _from_file(path: Path, spec: str) -> TensorData:
+def read_tensor_file(path: Path, spec: str) -> TensorData:
+    """A ``.npz`` (arrays x, y) or ``.pt`` tensor file as TensorData named ``spec``.
+
+    Raises:
+        ConfigError: the file cannot be read or lacks x and y.
+        CheckpointError: a ``.pt`` file is not a readable weights-only pickle."""
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -162,7 +170,12 @@ def _from_file(path: Path, spec: str) -> TensorData:
 SOURCE_OPTIONS = ("root", "classes", "pool")  # read by the image sources and the label map, not here
 
 
-def _apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
+def apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
+    """``d`` with a data spec's options applied: ``limit`` (first N examples), ``size`` (resample to N×N),
+    ``channels`` (repeat grey to N channels).
+
+    Raises:
+        ConfigError: an unknown option, a value that is not an integer, channels that cannot be converted."""
     opts = {k: v for k, v in opts.items() if k not in SOURCE_OPTIONS}
     if "size" in opts and d.is_uint8:
         d = d.normalized()  # resampling needs floats: the old float path, at 4× the memory
