@@ -127,7 +127,9 @@ class SaturationFit:
 def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, points: str = "hull",
                    labels: Sequence[str] | None = None) -> SaturationFit:
     """Fit e_DS = k·e_US^α + e_∞ to (upstream, downstream) accuracies; ``points`` is "hull" or "all"."""
-    from scipy.optimize import curve_fit
+    import warnings
+
+    from scipy.optimize import OptimizeWarning, curve_fit
     us = np.asarray(upstream, dtype=float)
     ds = np.asarray(downstream, dtype=float)
     if us.shape != ds.shape or us.ndim != 1:
@@ -150,7 +152,10 @@ def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, po
             scale = float(np.max(x ** alpha0))
             k0 = max(float(y.max() - e0) / scale, 1e-6) if scale > 0 else 1.0
             try:
-                p, _ = curve_fit(saturation_curve, x, y, p0=[k0, alpha0, e0], bounds=(lower, upper), maxfev=20000)
+                with warnings.catch_warnings():  # an undefined covariance (e.g. 3 points, 3 parameters) is unused
+                    warnings.simplefilter("ignore", OptimizeWarning)
+                    p, _ = curve_fit(saturation_curve, x, y, p0=[k0, alpha0, e0], bounds=(lower, upper),
+                                     maxfev=20000)
             except (RuntimeError, ValueError):
                 continue
             sse = float(np.sum((saturation_curve(x, *p) - y) ** 2))

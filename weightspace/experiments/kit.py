@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..eval.data import TensorData
 
 __all__ = ["load_kind_recipe", "Session", "task", "train_from", "state_of", "fresh_state", "render_report",
-           "VERDICT_RULE", "rank_correlation", "mean"]
+           "VERDICT_RULE", "rank_correlation", "mean", "with_option"]
 
 VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
                 "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
@@ -171,6 +171,15 @@ def train_from(spec: str, init: dict | None, data: TensorData, opts: dict, seed:
                  momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(seed),
                  augment=o["augment"], on_epoch=on_epoch)
     return net, hist
+
+
+def with_option(spec: str, param: str, value: int) -> str:
+    """The model spec with ``param=value`` set in its query (added, or replacing the spec's own value)."""
+    from urllib.parse import parse_qsl, urlencode
+    base, _, query = spec.partition("?")
+    opts = dict(parse_qsl(query))
+    opts[param] = str(value)
+    return f"{base}?{urlencode(opts, safe=':,')}"
 
 
 def mean(xs: Sequence[float | None]) -> float:

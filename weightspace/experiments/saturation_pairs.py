@@ -1,0 +1,216 @@
+"""Recipe kind ``saturation-pairs``: real upstream/downstream accuracy pairs for the saturation law.
+
+Abnar, Dehghani, Neyshabur & Sedghi (2022) fit e_DS = k·e_US^α + e_∞ to (upstream, downstream) accuracies of many
+pre-trained models and find that downstream accuracy saturates: as upstream accuracy approaches 1, downstream
+accuracy approaches 1 − e_∞ < 1. This recipe generates the pairs: for every width and pre-training length in its
+grid and every seed it trains an upstream model (cosine schedule over exactly that many epochs), scores it on the
+upstream test set, and scores its last-layer features on a downstream task with a few-shot linear probe
+(weightspace.analysis.probe). Each seed's points are fitted with :func:`weightspace.analysis.saturation.fit_saturation`
+(upper hull; all points when the hull has fewer than three), and so are all points together (the figure).
+
+Findings, each on a 95% t-interval over the seeds' fits: (a) downstream saturates below 1: e_∞ lies above
+``min_gap``; (b) little is left to gain: the predicted saturation accuracy 1 − e_∞ minus the best downstream
+accuracy reached lies below ``headroom``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+from ..registry import Entry, Paper, register
+from ..report.stats import Interval, fmt_interval, t_interval
+from .kit import Session, load_kind_recipe, render_report, task, train_from, with_option
+from .verdicts import check
+
+__all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe"]
+
+KIND = "saturation-pairs"
+SATURATION_PAPER = Paper("Abnar, Dehghani, Neyshabur & Sedghi", 2022, "Exploring the Limits of Large Scale "
+                         "Pre-training", "ICLR", "https://arxiv.org/abs/2110.02095")
+DEFAULTS: dict[str, Any] = {
+    "kind": KIND,
+    "name": KIND,
+    "description": "",
+    "seed": 0,
+    "threads": None,
+    "model": "weightspace.eval.zoo:small_cnn",
+    "upstream": {"train": "digits:train", "test": "digits:test"},
+    "downstream": {"spec": "mnist:val?size=8", "train_per_class": 10},
+    "grid": {"param": "width", "widths": [2, 4, 8, 16], "epochs": [1, 2, 4, 8]},
+    "pretrain": {"lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9, "augment": "none"},
+    "probe": {"layer": "fc:in"},
+    "seeds": [1, 2, 3],
+    "analysis": {"min_gap": 0.01, "headroom": 0.05},
+    "small": {},
+}
+
+
+def load_saturation_pairs_recipe(source: str | os.PathLike | dict, *, small: bool = False,
+                                 overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
+    """Read a saturation-pairs recipe (``small:`` and KEY=VALUE overrides applied).
+
+    Raises ConfigError: a grid with fewer than three configurations or non-positive entries, fewer than three
+    seeds, or an unknown key.
+    """
+    cfg = load_kind_recipe(source, KIND, DEFAULTS, small=small, overrides=overrides)
+    g = cfg["grid"]
+    ok = all(isinstance(v, list) and v and all(isinstance(x, int) and x > 0 for x in v)
+             for v in (g["widths"], g["epochs"]))
+    if not ok or len(g["widths"]) * len(g["epochs"]) < 3:
+        raise ConfigError(f"{cfg['where']}: grid needs positive integer widths and epochs giving at least three "
+                          "configurations (the fit has three parameters)")
+    return cfg
+
+
+def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool = False,
+                                overrides: Sequence[str] = (), force: bool = False, progress: bool = True,
+                                device: str = "cpu", batch_size: int = 256) -> dict:
+    """Train the upstream grid for every seed, score each model upstream and downstream, fit the saturation law
+    per seed and pooled; write pairs.csv (every point), saturation.png, results.json and REPORT.md.
+    Returns {"findings", "timings", "out"}.
+
+    Raises:
+        ConfigError: a malformed recipe or data spec.
+        OutputExists: ``out`` holds an earlier run and ``force`` is False.
+    """
+    import time
+
+    from .. import report
+    from ..analysis.probe import fit_linear
+    from ..analysis.saturation import fit_saturation
+    from ..analysis.taps import FeatureTaps
+    from ..eval.data import load_data
+    from ..eval.train import accuracy
+
+    cfg = load_saturation_pairs_recipe(recipe, small=small, overrides=overrides)
+    report.check_outputs(out, ["results.json", "REPORT.md"], force)
+    s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
+    g, seeds = cfg["grid"], [int(x) for x in cfg["seeds"]]
+    points: list[dict] = []
+    with s.threads():
+        t0 = time.perf_counter()
+        up_train, up_test = load_data(cfg["upstream"]["train"]), load_data(cfg["upstream"]["test"])
+        ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"])
+        in_chans = int(up_train.x.shape[1])
+        for seed in seeds:
+            for w in g["widths"]:
+                spec = with_option(cfg["model"], g["param"], int(w))
+                for e in g["epochs"]:
+                    net, _ = train_from(spec, None, up_train, {**cfg["pretrain"], "epochs": e}, seed,
+                                        in_chans=in_chans)
+                    taps = FeatureTaps(net, cfg["probe"]["layer"], device=device, batch_size=batch_size)
+                    ftr, fte = taps(ds_train), taps(ds_test)
+                    layer = ftr.layers[-1]
+                    head = fit_linear(ftr.x[layer], ftr.y, ds_train.num_classes, device=taps.device)
+                    points.append({"seed": seed, "width": int(w), "epochs": int(e), "label": f"w{w}-e{e}-s{seed}",
+                                   "upstream": accuracy(net, up_test),
+                                   "downstream": head.accuracy(fte.x[layer], fte.y)})
+            s.note(f"seed {seed}: " + ", ".join(f"{p['label']} {p['upstream']:.3f}/{p['downstream']:.3f}"
+                                                for p in points if p["seed"] == seed))
+        s.lap("train", t0)
+
+    fits: dict[str, dict | None] = {}
+    for seed in seeds:
+        pts = [p for p in points if p["seed"] == seed]
+        fits[str(seed)] = _fit(fit_saturation, pts)
+    pooled_fit = None
+    for mode in ("hull", "all"):
+        try:
+            pooled_fit = fit_saturation([p["upstream"] for p in points], [p["downstream"] for p in points],
+                                        points=mode, labels=[p["label"] for p in points])
+            pooled_fit.config.update({"upstream": cfg["upstream"]["test"], "downstream": ds_test.name})
+            break
+        except ConfigError:
+            continue
+    report.write_csv(s.out / "pairs.csv", ["seed", "width", "epochs", "upstream_accuracy", "downstream_accuracy"],
+                     [[p["seed"], p["width"], p["epochs"], p["upstream"], p["downstream"]] for p in points],
+                     force=force)
+    if pooled_fit is not None:
+        pooled_fit.plot(s.figure("saturation.png"), force=force)
+    findings, summary = _findings(fits, points, seeds, cfg["analysis"])
+    for f in findings:
+        f["figures"] = list(s.figures)
+    results = {"points": points, "fits": fits, "pooled_fit": pooled_fit.to_dict() if pooled_fit else None,
+               "data": {"upstream_train": len(up_train), "upstream_test": len(up_test),
+                        "downstream_train": len(ds_train), "downstream_test": len(ds_test)}, **summary}
+    return s.finish(findings, results, _render(cfg, results, findings))
+
+
+def _fit(fit_saturation: Any, pts: list[dict]) -> dict | None:
+    """One seed's fit: on the upper hull, or on all points when the hull has fewer than three; None when neither
+    converges."""
+    for mode in ("hull", "all"):
+        try:
+            f = fit_saturation([p["upstream"] for p in pts], [p["downstream"] for p in pts],
+                             points=mode, labels=[p["label"] for p in pts])
+        except ConfigError:
+            continue
+        return {"points_mode": mode, "k": f.k, "alpha": f.alpha, "e_inf": f.e_inf,
+                "saturation_accuracy": f.predicted_downstream_at_saturation, "rmse": f.rmse, "r2": f.r2,
+                "points_fitted": len(f.used), "best_downstream": max(p["downstream"] for p in pts)}
+    return None
+
+
+def _findings(fits: dict, points: list[dict], seeds: list[int], an: dict) -> tuple[list, dict]:
+    gap, room = float(an["min_gap"]), float(an["headroom"])
+    e_inf = [f["e_inf"] if f else None for f in fits.values()]
+    left = [f["saturation_accuracy"] - f["best_downstream"] if f else None for f in fits.values()]
+    c_a = check("e_inf", e_inf, None, gap, "above", what="e_∞ per seed")
+    c_b = check("headroom", left, None, room, "below", what="(1 − e_∞) − best downstream accuracy per seed")
+    failed = [s for s, f in fits.items() if f is None]
+    per = "; ".join(f"seed {s}: " + (f"k {f['k']:.3g}, α {f['alpha']:.3g}, e_∞ {f['e_inf']:.4f} ({f['points_mode']}, "
+                                     f"{f['points_fitted']} points, R² {f['r2']:.3f})" if f else "no fit")
+                    for s, f in fits.items())
+    text_a = (f"Per-seed fits of e_DS = k·e_US^α + e_∞ to {len(points) // len(seeds)} models each: {per}. "
+              f"Needs the 95% t-interval of e_∞ above {gap:g}: {c_a['text']}."
+              + (f" Seeds without a fit ({', '.join(failed)}) are left out." if failed else ""))
+    text_b = ("Predicted saturation accuracy 1 − e_∞ minus the best downstream accuracy reached, per seed: "
+              + ", ".join(f"{x:+.4f}" if x is not None else "n/a" for x in left)
+              + f". Needs the 95% t-interval below {room:g}: {c_b['text']}.")
+    findings = [
+        {"id": "a", "claim": "Downstream accuracy saturates below 1 as upstream accuracy grows (e_∞ > 0).",
+         "verdict": c_a["verdict"], "numbers": text_a, "table": "pairs.csv"},
+        {"id": "b", "claim": "Little downstream accuracy is left to gain from better upstream models (the "
+                             "saturation level lies close to the best model reached).",
+         "verdict": c_b["verdict"], "numbers": text_b, "table": "pairs.csv"},
+    ]
+    return findings, {"checks": {"a": c_a, "b": c_b}, "min_gap": gap, "headroom": room}
+
+
+def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
+    from ..report import markdown_table
+    g, d, pre = cfg["grid"], results["data"], cfg["pretrain"]
+    setup = [f"Upstream: `{cfg['upstream']['train']}` ({d['upstream_train']} images), scored on "
+             f"`{cfg['upstream']['test']}` ({d['upstream_test']}); a model for every {g['param']} in {g['widths']} × "
+             f"pre-training length in {g['epochs']} epochs × seed in {cfg['seeds']} (SGD lr {pre['lr']}, cosine over "
+             f"the model's own epochs, batch {pre['batch_size']}).",
+             f"Downstream: `{cfg['downstream']['spec']}`, {cfg['downstream']['train_per_class']} training images per "
+             f"class ({d['downstream_train']}), {d['downstream_test']} test images; a linear probe on the features "
+             f"at `{cfg['probe']['layer']}`.",
+             "Fit: e = 1 − accuracy, e_DS = k·e_US^α + e_∞ by weightspace.analysis.saturation.fit_saturation on the "
+             "upper hull of each seed's points (all points when the hull has fewer than three)."]
+    rows = []
+    for w in g["widths"]:
+        for e in g["epochs"]:
+            ps = [p for p in results["points"] if p["width"] == w and p["epochs"] == e]
+            rows.append([w, e, fmt_interval(t_interval([p["upstream"] for p in ps])),
+                         fmt_interval(t_interval([p["downstream"] for p in ps]))])
+    body = ["## Upstream/downstream pairs", "", "Mean ± 95% t-interval over seeds (every point is in `pairs.csv`):", "",
+            markdown_table([g["param"], "epochs", "upstream accuracy", "downstream accuracy"], rows)]
+    pf = results["pooled_fit"]
+    if pf:
+        body += ["", f"All points together: k {pf['k']:.4g}, α {pf['alpha']:.4g}, e_∞ {pf['e_inf']:.4f} "
+                     f"(saturation accuracy {pf['predicted_downstream_accuracy_at_upstream_1']:.4f}), "
+                     f"{pf['points_fitted']} of {pf['points']} points fitted ({pf['points_mode']}), R² {pf['r2']:.3f}."]
+    iv = lambda x: fmt_interval(Interval(x["mean"], x["low"], x["high"], x["n"], x["level"]))  # noqa: E731
+    body += ["", f"e_∞ over seeds: {iv(results['checks']['a']['interval'])}."]
+    return render_report(cfg, setup, body, findings)
+
+
+register(Entry("recipe", KIND, "Upstream/downstream pairs for the saturation law",
+               "e_DS = k·e_US^α + e_∞ fitted per seed to models of several widths and pre-training lengths",
+               "upstream models over a grid of widths and pre-training lengths, each scored upstream and by a "
+               "few-shot linear probe downstream; the saturation law fitted per seed", SATURATION_PAPER,
+               {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
+               target=run_saturation_pairs_recipe))
