@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/soup_io.py
+	$(BIN)/python bench/pt_memory.py
 	$(BIN)/python bench/eval_overhead.py
 
 clean:

@@ -292,6 +292,60 @@ def test_library_warnings_do_not_precede_the_error_line(cli, tmp_path, pair, mon
     assert str(junk) in msg
 
 
+# class 10: memory that grows with N for .pt ingredients --------------------------------------------------------------
+
+
+def test_legacy_pickles_soup_exactly_as_zip_pickles(cli, tmp_path):
+    """Legacy (non-zip) pickles are moved out of the process's memory on load: views, offsets, tied weights and
+    integer buffers come back as they were stored."""
+    outs = []
+    for fmt in ("zip", "legacy"):
+        paths = []
+        for i in range(2):
+            base = torch.arange(24, dtype=torch.float32) * (i + 1)
+            sd = {"w": base.view(4, 6), "w_t": base.view(4, 6).t(), "part": base[5:9], "h": base[:3].half(),
+                  "steps": torch.tensor(7 + i), "empty": torch.zeros(0, 3)}
+            paths.append(tmp_path / f"{fmt}{i}.pt")
+            torch.save({"state_dict": sd}, paths[-1], _use_new_zipfile_serialization=(fmt == "zip"))
+        out = tmp_path / f"{fmt}.safetensors"
+        r = cli("soup", *paths, "-o", out, "--quiet")
+        assert r.exit_code == 0, r.stderr
+        outs.append(st.load_file(out))
+    assert sorted(outs[0]) == sorted(outs[1])
+    for k in outs[0]:
+        assert outs[0][k].dtype == outs[1][k].dtype and torch.equal(outs[0][k], outs[1][k]), k
+    assert torch.equal(outs[1]["w_t"], (torch.arange(24.0) * 1.5).view(4, 6).t())
+
+
+MEASURE_ANON = """
+import sys, torch
+from weightspace.io.sources import load
+def anon():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) * 1024
+before = anon()
+held = [load(p) for p in sys.argv[1:]]  # every ingredient open at once, as a soup holds them
+print(anon() - before)
+"""
+
+
+def test_pickled_ingredients_do_not_stay_in_anonymous_memory(tmp_path):
+    """N open legacy pickles cost about one file of anonymous memory (the one being loaded), not N: measured as
+    RssAnon (mapped pages of files do not count) in a fresh process. bench/pt_memory.py prints the figures."""
+    import subprocess
+    n, mb = 12, 8
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        paths.append(tmp_path / f"legacy{i}.pt")
+        torch.save({f"layer{j}": torch.randn(mb << 16, generator=g) for j in range(4)}, paths[-1],
+                   _use_new_zipfile_serialization=False)
+    r = subprocess.run([sys.executable, "-c", MEASURE_ANON, *map(str, paths)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.split()[-1])
+    assert grew < 3 * (mb << 20), f"{grew / 2**20:.0f} MiB of anonymous memory for {n} files of {mb} MiB"
+
+
 # class 11: the same inputs give the same bytes wherever the run lives ----------------------------------------------
 
 

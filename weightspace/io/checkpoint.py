@@ -18,6 +18,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointNotFound, UnsafeCheckpoint, key_sample
 from .formats import SafetensorsReader, file_sha256
+from .spill import release_freed, spill
 
 __all__ = ["PROVENANCE_SUFFIX", "STRIP_PREFIXES", "REGULAR_CONTAINERS", "EMA_CONTAINERS", "EMA_PREFIXES", "Source",
            "Resolved", "normalise_key", "SAFE_GLOBALS", "load_pickle", "MAX_NESTING", "MAX_ENTRIES", "unwrap",
@@ -534,7 +535,9 @@ def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:
         for f in res.files:
             if f.name.endswith(".safetensors"):
                 reader = SafetensorsReader(f)
-                merged.update({k: reader.read(k) for k in reader.tensors})
+                merged.update(spill({k: reader.read(k) for k in reader.tensors}, f.parent))
+                reader.close()
+                release_freed()
                 continue
             obj = load_pickle(f)
             if isinstance(obj, Mapping) and isinstance(obj.get("weightspace"), str):
@@ -545,6 +548,9 @@ def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:
                     metadata["weightspace"] = side.read_text()
             flat, variant = unwrap(obj, str(f), ema)
             check_pickled_tensors(str(f), flat)
+            if not zipfile.is_zipfile(f):  # legacy format: loaded into our own memory, not mapped (bench/pt_memory.py)
+                obj, flat = None, spill(flat, f.parent)
+                release_freed()
             merged.update(flat)
         ck = from_tensors(res.source, merged, variant, res.files)
         ck.metadata = metadata
