@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.ops import stream as ops
 from weightspace.ops.stream import single_thread
 
@@ -77,7 +78,7 @@ def test_save_plain_dicts_noncontiguous_and_pt(tmp_path):
     ck = ws.load(pt)
     same(ck, {k: v for k, v in sd.items()})
     assert ck.provenance["note"] == "hand-made"  # provenance survives the .pt format too
-    with pytest.raises(ws.OutputExists):
+    with pytest.raises(errors.OutputExists):
         ws.save(sd, p)
     ws.save({"t": w}, p, force=True)
     assert sorted(st.load_file(p)) == ["t"]
@@ -109,7 +110,7 @@ def test_safetensors_shards_with_index(tmp_path, trained_mlps):
     same(ws.load(folder / "model.safetensors.index.json"), sd)
     # a shard named in the index but absent is one clear error
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ws.SourceError, match="'model-00002-of-00002.safetensors' is missing"):
+    with pytest.raises(errors.SourceError, match="'model-00002-of-00002.safetensors' is missing"):
         ws.load(folder)
 
 
@@ -136,7 +137,7 @@ def test_folder_resolution(tmp_path, trained_mlps):
     many.mkdir()
     st.save_file(trained_mlps[0], many / "a.safetensors")
     st.save_file(trained_mlps[1], many / "b.safetensors")
-    with pytest.raises(ws.SourceError, match="several weight files"):
+    with pytest.raises(errors.SourceError, match="several weight files"):
         ws.load(many)
 
 
@@ -161,7 +162,7 @@ def test_prefixed_safetensors_and_key_collisions(tmp_path, trained_mlps):
     same(ws.load(p), sd)
     clash = tmp_path / "clash.safetensors"
     st.save_file({"head.bias": sd["head.bias"], "module.head.bias": sd["head.bias"].clone()}, clash)
-    with pytest.raises(ws.CheckpointError, match="both normalise to 'head.bias'"):
+    with pytest.raises(errors.CheckpointError, match="both normalise to 'head.bias'"):
         ws.load(clash)
 
 
@@ -205,7 +206,7 @@ def test_ema_prefixed_keys(tmp_path, trained_mlps):
     no_ema = tmp_path / "plain.safetensors"
     st.save_file(sd, no_ema)
     same(ws.load(no_ema, ema=True), sd)  # ema=True prefers EMA weights (timm's use_ema): none here, so the weights
-    with pytest.raises(ws.CheckpointError, match="no EMA weights"):
+    with pytest.raises(errors.CheckpointError, match="no EMA weights"):
         ws.load(f"{no_ema}?ema=1")  # ?ema=1 requires them
 
 
@@ -303,7 +304,7 @@ def test_a_refused_file_never_closes_another_files_descriptor(tmp_path, trained_
     err = None
     try:
         SafetensorsReader(bad)
-    except ws.CheckpointError as e:
+    except errors.CheckpointError as e:
         err = e  # the traceback keeps the failed reader alive until the error is dropped
     reader = SafetensorsReader(good)
     del err

@@ -13,6 +13,8 @@ import torch
 
 import datahelpers as dh
 import weightspace as ws
+from weightspace import errors
+from weightspace.eval import Metrics
 from weightspace.eval.data import load_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,7 +142,7 @@ def test_subset_classes_equal_hand_masked_logits(imageset, tmp_path):
     lg = ws.Evaluator(model, pooled, device="cpu", keep_logits=True)().logits[pooled.name]
     assert torch.equal(lg, torch.stack([full[:, [0, 8]].amax(1), full[:, 3], full[:, 7]], 1))
     cmap.write_text("digit0 0\ndigit3 3\n")
-    with pytest.raises(ws.ConfigError, match="digit7"):
+    with pytest.raises(errors.ConfigError, match="digit7"):
         load_data(imageset["folder"] + f"?classes={cmap}", model=model, progress=False)
 
 
@@ -160,7 +162,7 @@ def test_imagenet_wnid_folders_are_matched_to_a_1000_class_model(tmp_path):
     assert torch.equal(ev().logits[d.name], plain().logits[d.name][:, [1, 207, 980]])
     (root / "not_a_wnid").mkdir()
     (root / "not_a_wnid" / "x.jpg").write_bytes(dh.jpeg(dh.digit_images(1)[0][2]))
-    with pytest.raises(ws.ConfigError, match="not_a_wnid"):
+    with pytest.raises(errors.ConfigError, match="not_a_wnid"):
         load_data(str(root), model=model, progress=False)
 
 
@@ -180,7 +182,7 @@ def test_an_unreadable_image_is_named_and_skipped_on_request(tmp_path, cli):
     bad = root / "digit3" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     model = small_timm()
-    with pytest.raises(ws.ConfigError, match="broken.jpg") as e:
+    with pytest.raises(errors.ConfigError, match="broken.jpg") as e:
         load_data(str(root), model=model, progress=False)
     assert e.value.path == str(bad)
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
@@ -205,7 +207,7 @@ def test_cifar_from_a_local_root_equals_the_same_images_as_pngs(tmp_path, monkey
     f = load_data(str(tmp_path / "pngs"), model=model, progress=False)
     assert torch.equal(c.x, f.x) and torch.equal(c.y, f.y) and len(c) == 12
     assert c.meta["classes"][:3] == ["airplane", "automobile", "bird"]
-    with pytest.raises(ws.ConfigError, match="root"):
+    with pytest.raises(errors.ConfigError, match="root"):
         load_data("cifar10:test", model=model, progress=False)
 
 
@@ -251,11 +253,11 @@ def test_shift_suites_get_a_column_each_and_avg_shifts_while_greedy_decides_on_v
     from weightspace.search.greedy import soup_leaderboard
     ingredients = [{"w": torch.tensor([float(v)])} for v in (1.0, 2.0, 4.0)]
 
-    def metrics(w: float, val_only: bool = False) -> ws.Metrics:
+    def metrics(w: float, val_only: bool = False) -> Metrics:
         # val prefers w near 1.5; both shift sets prefer large w (a greedy soup that peeked at them would keep 4)
         cells = {"val": 1 - abs(w - 1.5) / 4, "test": 0.5, "shiftA": w / 8, "shiftB": w / 10}
-        out = ws.Metrics({k: {"accuracy": a, "error": 1 - a, "loss": 1 - a, "n": 10} for k, a in cells.items()})
-        return ws.Metrics({"val": out["val"]}) if val_only else out
+        out = Metrics({k: {"accuracy": a, "error": 1 - a, "loss": 1 - a, "n": 10} for k, a in cells.items()})
+        return Metrics({"val": out["val"]}) if val_only else out
 
     lb, _, res = soup_leaderboard(ingredients, lambda sd: metrics(float(sd["w"])),
                                   val_evaluate=lambda sd: metrics(float(sd["w"]), True), progress=False)
@@ -296,9 +298,9 @@ def test_hfds_from_the_local_hf_datasets_cache_equals_the_folder(imageset, hf_da
         assert d.meta["classes"] == ["digit0", "digit3", "digit7"]
     both = ws.Evaluator(model, [folder, d], device="cpu", batch_size=8)()
     assert both[folder.name] == both[d.name] and both[d.name]["n"] == 18
-    with pytest.raises(ws.ConfigError, match=r"hfds/wsorg/digits-jpeg:train") as e:
+    with pytest.raises(errors.ConfigError, match=r"hfds/wsorg/digits-jpeg:train") as e:
         load_data("hfds/wsorg/digits-jpeg:train", model=model, progress=False)
     assert "\n" not in str(e.value)
-    with pytest.raises(ws.ConfigError, match=r"hfds/wsorg/no-such-set: not in the local HF datasets cache") as e:
+    with pytest.raises(errors.ConfigError, match=r"hfds/wsorg/no-such-set: not in the local HF datasets cache") as e:
         load_data("hfds/wsorg/no-such-set", model=model, progress=False)
     assert "\n" not in str(e.value)

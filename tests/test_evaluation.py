@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.eval.data import load_data
 from weightspace.eval.evaluator import Evaluator, macro_auc, recalibrate_bn
 from weightspace.eval.models import build_model
@@ -58,7 +59,7 @@ def test_missing_and_unexpected_keys_are_one_line(trained):
     sd = dict(trained.state_dict())
     sd.pop("fc.bias")
     sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ws.IncompatibleCheckpoints) as e:
+    with pytest.raises(errors.IncompatibleCheckpoints) as e:
         ev(sd)
     assert "fc.bias" in str(e.value) and "extra.weight" in str(e.value) and "\n" not in str(e.value)
 
@@ -90,7 +91,7 @@ def test_derive_shares_model_and_placed_data(trained):
     assert view.batch_size == 64 and not view.keep_logits and ev.keep_logits
     full = ev(trained.state_dict())
     assert view()["digits:val"] == full["digits:val"]  # the weights loaded through ev are the view's too
-    with pytest.raises(ws.ConfigError, match="digits:nope"):
+    with pytest.raises(errors.ConfigError, match="digits:nope"):
         ev.derive(datasets=["digits:nope"])
     # A FixedEvaluator's variant keeps its fixes (the same recalibration data, no new measurement).
     fixed = FixedEvaluator.wrap(ev, recalibrate_bn=load_data("digits:train"))
@@ -132,9 +133,9 @@ def test_data_specs(tmp_path):
     assert torch.equal(back.x, te.x) and torch.equal(back.y, te.y)
     torch.save({"x": te.x, "y": te.y}, tmp_path / "d.pt")
     assert torch.equal(load_data(str(tmp_path / "d.pt")).y, te.y)
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         load_data("digits:nope")
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         load_data(str(tmp_path / "missing.pt"))
 
 
@@ -144,9 +145,9 @@ def test_timm_model_spec_and_custom_factory():
     ev = Evaluator(m, load_data("digits:test?limit=64"), device="cpu")
     r = ev()
     assert 0.0 <= r["digits:test?limit=64"]["accuracy"] <= 1.0 and r["digits:test?limit=64"]["n"] == 64
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         build_model("nosuchpkg.mod:factory")
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         build_model("weightspace.eval.zoo:nope")
 
 

@@ -13,6 +13,7 @@ import safetensors.torch as st
 import torch
 
 import weightspace as ws
+from weightspace import errors
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -90,11 +91,11 @@ def test_hub_sharded_repo(hub_cache, trained_mlps, tmp_path):
 
 def test_hub_missing_file_and_repo_are_one_line_errors(hub_cache, trained_mlps, tmp_path):
     hub_cache("org/mlp", {"model.safetensors": st_bytes(trained_mlps[0], tmp_path)})
-    with pytest.raises(ws.SourceError) as e:
+    with pytest.raises(errors.SourceError) as e:
         ws.load("hf://org/mlp/nothere.safetensors")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("hf://org/mlp/nothere.safetensors:") and "HF_HUB_OFFLINE" in msg
-    with pytest.raises(ws.SourceError) as e:
+    with pytest.raises(errors.SourceError) as e:
         ws.load("hf://org/never-downloaded")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("hf://org/never-downloaded:")
@@ -147,10 +148,10 @@ def test_timm_pretrained_name_from_offline_hub_cache(hub_cache, tmp_path):
     assert ck.note.startswith("timm")
     assert ck.resolved_commit == COMMIT
     assert_same(ck, sd)
-    with pytest.raises(ws.SourceError) as e:
+    with pytest.raises(errors.SourceError) as e:
         ws.load("timm:resnet34.a1_in1k")  # a real timm name whose weights are not in the cache
     assert "\n" not in str(e.value) and str(e.value).startswith("timm:resnet34.a1_in1k:")
-    with pytest.raises(ws.SourceError, match="unknown timm model"):
+    with pytest.raises(errors.SourceError, match="unknown timm model"):
         ws.load("timm:no_such_net_42")
 
 
@@ -176,7 +177,7 @@ def test_open_clip_tiny_custom_config_and_local_weights(tmp_path):
     st.save_file({k: v.contiguous() for k, v in sd.items()}, path)
     ck = ws.load(f"open_clip:ws-tiny-clip/{path}")
     assert_same(ck, sd)
-    with pytest.raises(ws.SourceError) as e:
+    with pytest.raises(errors.SourceError) as e:
         ws.load("open_clip:ws-tiny-clip")
     assert "ARCH/TAG" in str(e.value)
 

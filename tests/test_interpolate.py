@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.eval.data import load_data
 from weightspace.eval.evaluator import Evaluator, recalibrate_bn
 from weightspace.analysis.curve import barrier_height, even_alphas, interpolation_curve
@@ -31,7 +32,7 @@ def test_barrier_height_both_conventions():
     # points outside [0, 1] (extrapolation) are plotted but do not count towards the barrier
     b = barrier_height([-0.5, 0.0, 0.5, 1.0, 1.5], [9.0, 1.0, 1.5, 1.0, 9.0])
     assert b["chord"] == pytest.approx(0.5) and b["chord_peak_alpha"] == 0.5
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         barrier_height([0.0, 0.5], [1.0, 2.0])
 
 
@@ -58,13 +59,13 @@ def test_curve_evaluates_lerp_weights_at_each_alpha():
     assert curve.alphas == [0.0, 0.5, 1.0, 1.5]
     assert curve.series("data", "accuracy") == [0.0, 2.0, 4.0, 6.0]
     # NaN in an end is refused once, naming the key (the ends are checked once, not at every α)
-    with pytest.raises(ws.NonFiniteError, match="'w'"):
+    with pytest.raises(errors.NonFiniteError, match="'w'"):
         interpolation_curve(a, {**b, "w": torch.tensor([float("nan"), 1.0])}, evaluate, steps=3, progress=False)
 
 
 def test_even_alphas():
     assert even_alphas(11)[1] == 0.1 and even_alphas(11)[-1] == 1.0 and len(even_alphas(11)) == 11
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         even_alphas(1)
 
 

@@ -180,6 +180,18 @@ def test_every_module_declares_all_and_every_name_in_it_exists():
     assert wrong == []
 
 
+def test_no_package_exports_a_name_that_is_also_its_submodule():
+    """``from weightspace.ops import merge`` must keep meaning the module: a package exporting a function of the same
+    name would hide it (and ``mock.patch("weightspace.ops.merge.x")`` would patch the function)."""
+    clashes = []
+    for mod, (path, init) in modules(PACKAGES).items():
+        if init:
+            subs = {f.stem for f in path.parent.glob("*.py")} | {d.name for d in path.parent.iterdir()
+                                                                if (d / "__init__.py").is_file()}
+            clashes += [f"{mod}.{n}" for n in declared_all(path) or [] if n in subs]
+    assert clashes == []
+
+
 # ------------------------------------------------------------------------------- the checker on a planted tree
 def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
     for name, text in files.items():

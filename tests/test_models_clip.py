@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.eval.data import load_data
 from weightspace.eval.models import ZERO_SHOT_TEMPLATE, build_model
 
@@ -52,7 +53,7 @@ def test_a_stored_head_is_used_and_a_broken_tower_is_refused(tiny_clip):
     logits = ev(sd).logits[data.name]
     assert torch.equal(logits.argmax(1), torch.full((40,), 9))  # the bias alone decides: class 9
     sd.pop("visual.conv1.weight")
-    with pytest.raises(ws.IncompatibleCheckpoints, match="visual.conv1.weight"):
+    with pytest.raises(errors.IncompatibleCheckpoints, match="visual.conv1.weight"):
         ev(sd)
 
 

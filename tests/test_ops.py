@@ -10,6 +10,7 @@ import torch
 from conftest import make_mlp
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.ops import stream as ops
 
 
@@ -54,7 +55,7 @@ def test_weighted_average_normalises_weights(mlp_files, trained_mlps):
         assert_matches(out[k], ref)
     assert out.provenance["coefficients"] == pytest.approx([0.2, 0.3, 0.5])
     assert out.provenance["weights_given"] == w
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         ws.weighted_average(mlp_files, [1.0, -1.0, 0.0])  # sums to zero
 
 
@@ -84,7 +85,7 @@ def test_integer_buffers_come_from_the_first_ingredient(trained_mlps):
     assert soup["mask"].dtype == torch.bool and soup["mask"].tolist() == [True, True, False]
     # a shape mismatch in an integer buffer is still an error
     sds[1]["features.1.num_batches_tracked"] = torch.tensor([20])
-    with pytest.raises(ws.IncompatibleCheckpoints, match="num_batches_tracked"):
+    with pytest.raises(errors.IncompatibleCheckpoints, match="num_batches_tracked"):
         ws.uniform_soup(sds)
 
 
@@ -128,7 +129,7 @@ def test_fp64_precision_is_exactly_rounded(tmp_path):
     # a float64 tensor stays float64 and is accumulated in float64 even at precision fp32
     assert fp32["d"].dtype == torch.float64
     np.testing.assert_allclose(fp32["d"].numpy(), np.mean([sd["d"].numpy() for sd in sds], axis=0), rtol=1e-12)
-    with pytest.raises(ws.ConfigError):
+    with pytest.raises(errors.ConfigError):
         ws.uniform_soup(sds, precision="fp8")
 
 
@@ -217,7 +218,7 @@ def test_large_tensors_are_combined_in_pieces_exactly(tmp_path):
     bad["big"] = bad["big"].clone()
     bad["big"][-1, -1] = float("nan")
     st.save_file(bad, paths[2])
-    with pytest.raises(ws.NonFiniteError, match=f"{paths[2]}: key 'big' holds NaN"):
+    with pytest.raises(errors.NonFiniteError, match=f"{paths[2]}: key 'big' holds NaN"):
         ws.save(ops.weighted_average_stream(paths, w), tmp_path / "never.safetensors")
     assert not (tmp_path / "never.safetensors").exists()
 

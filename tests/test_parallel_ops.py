@@ -7,6 +7,7 @@ import safetensors.torch as st
 import torch
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.ops import parallel
 from weightspace.ops import stream as ops
 
@@ -95,7 +96,7 @@ def test_a_bad_piece_is_named_and_nothing_is_written(real_files, tmp_path):
     bad["big"][60, 5] = float("inf")
     path = tmp_path / "bad.safetensors"
     st.save_file(bad, path)
-    with pytest.raises(ws.NonFiniteError, match=f"{path}: key 'big' holds Inf"):
+    with pytest.raises(errors.NonFiniteError, match=f"{path}: key 'big' holds Inf"):
         ws.save(ops.uniform_soup_stream([real_files[0], path], threads=3, max_memory=1), tmp_path / "o.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
 
@@ -104,12 +105,12 @@ def test_memory_and_device_options_are_checked():
     assert parallel.parse_size("512M") == 512 << 20 and parallel.parse_size("1.5GiB") == 3 << 29
     assert parallel.parse_size("300MB") == 300_000_000 and parallel.parse_size("4096") == 4096
     for bad in ("lots", "-1G", "0", "5 parsecs"):
-        with pytest.raises(ws.ConfigError, match="--max-memory"):
+        with pytest.raises(errors.ConfigError, match="--max-memory"):
             parallel.parse_size(bad)
     if not torch.cuda.is_available():
-        with pytest.raises(ws.ConfigError, match="CUDA is not available"):
+        with pytest.raises(errors.ConfigError, match="CUDA is not available"):
             ops.uniform_soup_stream([{"w": torch.ones(3)}], device="cuda")
-    with pytest.raises(ws.ConfigError, match="--device tpu"):
+    with pytest.raises(errors.ConfigError, match="--device tpu"):
         ops.uniform_soup_stream([{"w": torch.ones(3)}], device="tpu")
 
 

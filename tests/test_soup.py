@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 import weightspace as ws
+from weightspace import errors
 from weightspace.search.greedy import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
 
 from evalhelpers import CNN, save_all, train_cnns
@@ -120,7 +121,7 @@ def test_greedy_soup_equals_uniform_soup_of_kept_files(tmp_path, trained_mlps):
 def test_incompatible_ingredients_are_refused(trained_mlps):
     bad = dict(trained_mlps[1])
     bad.pop("head.bias")
-    with pytest.raises(ws.IncompatibleCheckpoints):
+    with pytest.raises(errors.IncompatibleCheckpoints):
         greedy_soup([trained_mlps[0], bad], lambda w: 0.5, progress=False)
 
 

@@ -1,2 +1,12 @@
+"""ops: weights → weights, streamed tensor by tensor, no data — soups, interpolation, task vectors, distances and
+the merge methods of a registry. ``merge`` itself is ``weightspace.merge`` (or ``weightspace.ops.merge.merge``):
+the name ``weightspace.ops.merge`` is its module."""
+from __future__ import annotations
 
-__all__: list[str] = []
+from .merge import method_names, task_arithmetic, ties_merge
+from .stream import (distance, lerp, lerp_stream, task_vector, task_vector_stream, uniform_soup, uniform_soup_stream,
+                     weighted_average, weighted_average_stream)
+
+__all__ = ["uniform_soup", "weighted_average", "lerp", "task_vector", "distance", "uniform_soup_stream",
+           "weighted_average_stream", "lerp_stream", "task_vector_stream", "method_names",
+           "task_arithmetic", "ties_merge"]

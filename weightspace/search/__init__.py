@@ -1,2 +1,11 @@
+"""search: weights + an evaluator → chosen weights — greedy soups and leaderboards, learned soups, and permutation
+alignment (Git Re-Basin). ``align`` itself is ``weightspace.align`` (or ``weightspace.search.align.align``): the
+name ``weightspace.search.align`` is its module."""
+from __future__ import annotations
 
-__all__: list[str] = []
+from .align import AlignmentError
+from .greedy import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard
+from .learned import LearnedSoupResult, learned_soup
+
+__all__ = ["greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard", "learned_soup", "LearnedSoupResult",
+           "AlignmentError"]
