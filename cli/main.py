@@ -74,12 +74,14 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         from .oneline import held_output, one_line
+        # the verb, for usage errors that click raises without a context (an option missing its value)
+        verb = next(iter([*getattr(ctx, "_protected_args", []), *ctx.args]), None)
         with held_output() as state:  # library logs and warnings are shown after success, never before an error line
             try:
                 return super().invoke(ctx)
             except click.UsageError as e:  # bad options: one line too, naming the verb and where help is
                 state["failed"] = True
-                where = e.ctx.command_path if e.ctx else "weightspace"
+                where = e.ctx.command_path if e.ctx else " ".join([ctx.command_path] + [verb] * (verb in COMMANDS))
                 click.echo(f"weightspace: error{_speak()}: {one_line(where)}: {one_line(e.format_message())} "
                            f"(see {where} --help)", err=True)
                 sys.exit(2)

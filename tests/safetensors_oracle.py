@@ -18,7 +18,7 @@ import torch
 from weightspace.errors import WeightspaceError
 from weightspace.io.formats import SafetensorsReader
 
-__all__ = ["reference_read", "our_read", "agree", "render", "Raw", "Obj", "file_bytes", "alarm", "mutate", "seed_files"]
+__all__ = ["reference_read", "our_read", "agree", "render", "Raw", "Obj", "file_bytes", "Timeout", "alarm", "mutate", "seed_files"]
 
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
               "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
@@ -101,7 +101,7 @@ def file_bytes(header_text: str | bytes, data: bytes, length: int | None = None)
 
 
 class Timeout(Exception):
-    pass
+    """A file took longer than the alarm allows."""
 
 
 @contextmanager

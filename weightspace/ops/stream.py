@@ -298,20 +298,21 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     """Weights scaled to sum to 1, computed without overflow or underflow (1e308,1e308 and 1e-300,1e-300 both give
     0.5,0.5). Raises ConfigError for non-finite weights, or weights whose sum is zero relative to their size."""
     w = [float(x) for x in weights]
+    shown = ",".join(f"{x:g}" for x in w[:8]) + (",..." if len(w) > 8 else "")
     if any(not math.isfinite(x) for x in w):
-        raise ConfigError("weights must be finite numbers")
+        raise ConfigError(f"weights {shown}: must be finite numbers")
     # Scale by the largest magnitude first: the scaled weights lie in [-1, 1], so their exact sum (fsum) neither
     # overflows nor underflows, and "sums to zero" means cancellation, not small weights.
     m = max((abs(x) for x in w), default=0.0)
     if m == 0.0:
-        raise ConfigError("weights sum to zero")
+        raise ConfigError(f"weights {shown}: they sum to zero, so they cannot be normalised")
     scaled = [x / m for x in w]
     s = math.fsum(scaled)
     if abs(s) < 1e-12:
-        raise ConfigError("weights sum to zero")
+        raise ConfigError(f"weights {shown}: they sum to zero, so they cannot be normalised")
     out = [x / s for x in scaled]
     if not all(math.isfinite(x) for x in out):
-        raise ConfigError("weights nearly cancel: normalising them overflows")
+        raise ConfigError(f"weights {shown}: they nearly cancel, so normalising them overflows")
     return out
 
 
