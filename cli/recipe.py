@@ -22,7 +22,7 @@ def recipe() -> None:
               help="Override a recipe value, e.g. --set train.finetune.epochs=5 (repeatable; the value is YAML).")
 @force_option("Overwrite an existing run in --out.")
 @use(ModelOptions, "model", only=("batch_size", "device"),
-     help={"device": "auto, cpu or cuda[:N] for the analyses' evaluations (training runs on the CPU).",
+     help={"device": "auto, cpu or cuda[:N]: where the recipe trains and evaluates.",
            "batch_size": "Evaluation batch size of the analyses (training batch sizes are in the recipe)."})
 @report_options
 def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...], force: bool, model: ModelOptions,

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_family_is_filled_and_every_entry_is_complete():
     assert set(REGISTRY.names("merge")) == {"task-arithmetic", "ties"}
-    assert {"transfer", "align-barrier"} <= set(REGISTRY.names("recipe"))
+    assert {"transfer", "align-barrier", "soup"} <= set(REGISTRY.names("recipe"))
     assert {"uniform-soup", "weighted-average", "greedy-soup", "learned-soup", "lerp"} <= set(REGISTRY.names("op"))
     for e in REGISTRY:
         assert e.title and e.formula and e.summary and e.target is not None, e.name

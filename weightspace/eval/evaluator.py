@@ -205,7 +205,9 @@ class Evaluator:
         return lo, hi, n
 
     def _misfit(self, given: set[str]) -> tuple[list[str], list[str]]:
-        missing = sorted(k for k in set(self._targets) - given if not (self._optional and k.startswith(self._optional)))
+        # a BatchNorm's num_batches_tracked is never read in evaluation, and published files often leave it out
+        missing = sorted(k for k in set(self._targets) - given if not (self._optional and k.startswith(self._optional))
+                         and not k.endswith("num_batches_tracked"))
         return missing, sorted(given - set(self._targets))
 
     def fit(self, weights: Source) -> Any:

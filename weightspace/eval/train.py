@@ -45,16 +45,21 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.05, weight_decay: float = 0.0,
           momentum: float = 0.9, batch_size: int = 64, seed: int = 0, augment: str = "none",
           schedule: str = "cosine", eval_data: TensorData | None = None, eval_every: int = 0,
-          on_epoch: Callable[[int, nn.Module], bool] | None = None) -> list[dict]:
+          on_epoch: Callable[[int, nn.Module], bool] | None = None,
+          device: str | torch.device | None = None) -> list[dict]:
     """Train with SGD + cross-entropy; returns a history of {"step", "epoch", "loss"(, "eval_accuracy")}.
 
     ``on_epoch(epoch, model)`` is called after every epoch (model in eval mode); returning True stops training
-    early (the learning-rate schedule still spans ``epochs``). Raises ConfigError for an unknown augmentation.
+    early (the learning-rate schedule still spans ``epochs``). With ``device`` the model is moved there and each
+    batch crosses as stored (uint8 images are normalised on the device); the model stays on ``device``.
+    Raises ConfigError for an unknown augmentation.
     """
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")
     aug = AUGMENTATIONS[augment]
     g = torch.Generator().manual_seed(seed)
+    if device is not None:
+        model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = len(data)
     steps_per_epoch = max(1, math.ceil(n / batch_size))
@@ -66,7 +71,10 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            xb, yb = aug(data.prepare(data.x[idx]), g), data.y[idx]
+            xb, yb = data.x[idx], data.y[idx]
+            if device is not None:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            xb = aug(data.prepare(xb), g)
             if schedule == "cosine":
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -76,7 +84,8 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
             opt.step()
             step += 1
             if eval_every and eval_data is not None and step % eval_every == 0:
-                history.append({"step": step, "epoch": epoch, "loss": float(loss.detach()), "eval_accuracy": accuracy(model, eval_data)})
+                history.append({"step": step, "epoch": epoch, "loss": float(loss.detach()),
+                                "eval_accuracy": accuracy(model, eval_data, device=device)})
         history.append({"step": step, "epoch": epoch, "loss": float(loss.detach())})
         if on_epoch is not None:
             model.eval()
@@ -86,13 +95,15 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
     return history
 
 
-def accuracy(model: nn.Module, data: TensorData, batch_size: int = 512) -> float:
-    """Top-1 accuracy of a model on a dataset (eval mode restored afterwards as it was)."""
+def accuracy(model: nn.Module, data: TensorData, batch_size: int = 512,
+             device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy of a model on a dataset (eval mode restored afterwards as it was); batches go to ``device``
+    (the model must already be there)."""
     was = model.training
     model.eval()
     correct = 0
     with torch.inference_mode():
-        for xb, yb in data.batches(batch_size):
-            correct += int((model(xb).argmax(1) == yb).sum())
+        for xb, yb in data.batches(batch_size, device):
+            correct += int((model(xb).argmax(1) == yb.to(xb.device)).sum())
     model.train(was)
     return correct / max(len(data), 1)

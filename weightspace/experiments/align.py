@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": None,
     "model": "weightspace.eval.zoo:small_cnn",
+    # source strings of published models of the recipe's architecture (hf-hub:timm/resnet50.tv_in1k, files, ...),
+    # each trained from its own random initialisation: used as they are instead of training (train: is unused)
+    "models": [],
     "data": {"train": "digits:train", "test": "digits:test", "fix": None},
     "train": {"epochs": 20, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0, "momentum": 0.9, "augment": "none",
               "seeds": [1, 2]},
@@ -69,7 +72,17 @@ def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
         set_path(raw, k, v, where)
     cfg = merge_config(DEFAULTS, raw, where)
     seeds = cfg["train"]["seeds"]
-    if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds):
+    models = cfg["models"]
+    if models:
+        if not isinstance(models, list) or len(set(map(str, models))) < 3 or len(set(models)) != len(models):
+            raise ConfigError(f"{where}: models needs at least three different sources (verdicts rest on 95% "
+                              "t-intervals over pairs)")
+        if cfg["width_sweep"]["widths"]:
+            raise ConfigError(f"{where}: width_sweep trains models at each width; it cannot be run on published "
+                              "models (set width_sweep.widths: [])")
+        if not (cfg["data"]["fix"] or cfg["data"]["train"]):
+            raise ConfigError(f"{where}: data.fix is needed (BN recalibration, REPAIR, activation matching)")
+    elif not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: train.seeds needs at least three different seeds (one random init per model; "
                           "verdicts rest on 95% t-intervals over pairs)")
     widths = cfg["width_sweep"]["widths"]
@@ -126,17 +139,21 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
-            train_d, test_d = load_data(cfg["data"]["train"]), load_data(cfg["data"]["test"])
-            fix_d = load_data(cfg["data"]["fix"]) if cfg["data"]["fix"] else train_d
-            k = train_d.num_classes
+            models, paths, accs = {}, {}, {}
+            if cfg["models"]:  # published models: sized by the first one, data decoded with its eval transform
+                train_d, test_d, fix_d, build = _published(cfg, models)
+            else:
+                train_d, test_d = load_data(cfg["data"]["train"]), load_data(cfg["data"]["test"])
+                fix_d = load_data(cfg["data"]["fix"]) if cfg["data"]["fix"] else train_d
+                k = train_d.num_classes
 
-            def build() -> torch.nn.Module:
-                return build_model(cfg["model"], num_classes=k, in_chans=int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None)
+                def build() -> torch.nn.Module:
+                    return build_model(cfg["model"], num_classes=k,
+                                       in_chans=int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None)
 
             has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build().modules())
             fixes = [f for f in an["fixes"] if has_bn or f != "recalibrate_bn"]
-            models, paths, accs = {}, {}, {}
-            for s in tr["seeds"]:
+            for s in ([] if cfg["models"] else tr["seeds"]):
                 torch.manual_seed(int(s))  # a different random initialisation per model
                 net = build()
                 train(net, train_d, epochs=int(tr["epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
@@ -147,11 +164,14 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                 accs[name] = accuracy(net, test_d)
                 paths[name] = _save(save, out, name, models[name], cfg, force)
             timings["train"] = time.perf_counter() - t0
-            note(f"trained {len(models)} models from random inits ({timings['train']:.1f} s): "
-                 + ", ".join(f"{n} test accuracy {a:.4f}" for n, a in accs.items()))
+            ev = Evaluator(build(), test_d, device=device, batch_size=batch_size)
+            for name in models:
+                if name not in accs:
+                    accs[name] = ev(models[name])[test_d.name]["accuracy"]
+            note(f"{'loaded' if cfg['models'] else 'trained'} {len(models)} models from random inits "
+                 f"({timings['train']:.1f} s): " + ", ".join(f"{n} test accuracy {a:.4f}" for n, a in accs.items()))
 
             t1 = time.perf_counter()
-            ev = Evaluator(build(), test_d, device=device, batch_size=batch_size)
             fix_kw = {"none": {}, "recalibrate_bn": {"recalibrate_bn": fix_d}, "repair": {"repair": fix_d}}
             pairs, rows, curves_by_fix = [], [], {f: [] for f in fixes}
             for a, b in itertools.combinations(models, 2):
@@ -160,7 +180,7 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                 for m in an["methods"]:
                     pb, info = align(models[a], models[b], build(), method=m, data=fix_d if m == "activations" else None,
                                      seed=int(an["align_seed"]), example_input=fix_d.prepare(fix_d.x[:64]))
-                    aligned = f"{b}-aligned-{m}-to-{a.split('-', 1)[1]}"
+                    aligned = f"{b}-aligned-{m}-to-{a.split('-', 1)[-1]}"
                     paths[aligned] = _save(save, out, aligned, pb, cfg, force)
                     targets[f"P_{m}(B)"] = (aligned, pb)
                     entry["alignment"][m] = {k_: info[k_] for k_ in ("l2_before", "l2_after", "max_abs_output_change")
@@ -214,6 +234,35 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
     report.write_json(out / "timing.json", {"seconds": timings, "threads": torch.get_num_threads()
                                             if not cfg.get("threads") else int(cfg["threads"])}, force=True)
     return {"findings": findings, "timings": timings, "out": str(out)}
+
+
+def _published(cfg: dict, models: dict) -> tuple[Any, Any, Any, Any]:
+    """Load ``cfg['models']`` into ``models`` (name → state dict) and the data for them: (train, test, fix, build).
+
+    The model is sized by the first checkpoint (e.g. 1,000 ImageNet classes); image sources are decoded with its
+    eval transform, and a test set with a subset of its classes (wnid folders) is scored on those classes."""
+    from ..eval.data import load_data
+    from ..eval.modules import build_model_for
+    from ..io.sources import load
+    names = {}
+    for src in cfg["models"]:
+        name = str(src).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or str(src)
+        names[name if name not in names else f"{name}-{len(names)}"] = src
+    for name, src in names.items():
+        ck = load(src)
+        try:
+            models[name] = ck.to_dict()
+        finally:
+            ck.close()
+    first = cfg["models"][0]
+
+    def build() -> torch.nn.Module:
+        return build_model_for(cfg["model"], first)
+
+    shaper = build()
+    test_d = load_data(cfg["data"]["test"], model=shaper)
+    fix_d = load_data(cfg["data"]["fix"] or cfg["data"]["train"], model=shaper, map_labels=False)  # labels unused
+    return None, test_d, fix_d, build
 
 
 def _save(save: Any, out: Path, name: str, sd: dict, cfg: dict, force: bool) -> str:
@@ -365,17 +414,20 @@ def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], f
             fixes: list[str], has_bn: bool) -> str:
     from ..report import markdown_table
     tr, an = cfg["train"], cfg["analysis"]
+    trained_on = "" if cfg["models"] else f"trained on `{cfg['data']['train']}`, "
     lines = [f"# {cfg['name']}", ""]
     if cfg["description"]:
         lines += [cfg["description"].strip(), ""]
     lines += ["## Setup", "",
               f"- Model: `{cfg['model']}`{' (with BatchNorm)' if has_bn else ' (no BatchNorm)'}; recipe "
               f"`{cfg['where']}`{' (reduced size: --small)' if cfg.get('small_run') else ''}.",
-              f"- Data: trained on `{cfg['data']['train']}`, barriers on `{test_d.name}` ({len(test_d)} examples); "
-              f"BN recalibration, REPAIR and activation matching use `{fix_d.name}` ({len(fix_d)} examples).",
-              f"- Training: {tr['epochs']} epochs, SGD lr {tr['lr']} (cosine), momentum {tr['momentum']}, batch "
-              f"{tr['batch_size']}, weight decay {tr['weight_decay']}, augment {tr['augment']}; one model per seed "
-              f"({', '.join(str(s) for s in tr['seeds'])}), the seed setting both the random init and the data order.",
+              f"- Data: {trained_on}barriers on `{test_d.name}` ({len(test_d)} examples); BN recalibration, REPAIR "
+              f"and activation matching use `{fix_d.name}` ({len(fix_d)} examples).",
+              (f"- Models: the published weights {', '.join(f'`{m}`' for m in cfg['models'])}, each trained from its "
+               "own random initialisation (not trained here)." if cfg["models"] else
+               f"- Training: {tr['epochs']} epochs, SGD lr {tr['lr']} (cosine), momentum {tr['momentum']}, batch "
+               f"{tr['batch_size']}, weight decay {tr['weight_decay']}, augment {tr['augment']}; one model per seed "
+               f"({', '.join(str(s) for s in tr['seeds'])}), the seed setting both the random init and the data order."),
               f"- Alignment: {', '.join(an['methods'])} matching (Git Re-Basin), B permuted to match A; curves of "
               f"{an['steps']} points; barrier = chord error barrier (max over α of the test error above the line "
               "between the ends; the midpoint convention is in barriers.csv).", "",

@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": None,
     "model": "weightspace.eval.zoo:small_cnn",
+    # a source string (hf-hub:timm/resnet50.a1_in1k, a file, ...): the source model's weights, instead of
+    # pre-training on data.source (which may then be left out)
+    "pretrained": None,
     "data": {"source": {}, "target": {}},
     "train": {
         "pretrain": {"epochs": 10, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "augment": "none",
@@ -146,8 +149,9 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
         if name not in ANALYSES:
             raise ConfigError(f"{where}: unknown analysis '{name}' (known: {', '.join(ANALYSES)})")
         cfg["analyses"][name] = merge_config(ANALYSIS_DEFAULTS[name], opts or {}, f"{where}: analyses.{name}")
-    if not cfg["data"].get("source") or not cfg["data"].get("target"):
-        raise ConfigError(f"{where}: data needs a 'source' and a 'target'")
+    if not cfg["data"].get("target") or not (cfg["data"].get("source") or cfg["pretrained"]):
+        raise ConfigError(f"{where}: data needs a 'target', and a 'source' unless 'pretrained' names the source "
+                          "model's weights")
     seeds = cfg["train"]["seeds"]
     if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: train.seeds needs at least three different seeds (verdicts rest on 95% "
@@ -167,8 +171,11 @@ def _take(d: TensorData, idx: torch.Tensor, y: torch.Tensor | None = None, name:
     return TensorData(name or d.name, d.x[idx].contiguous(), (d.y if y is None else y)[idx], d.num_classes)
 
 
-def build_task(entry: dict, name: str, where: str) -> TensorData:
-    """One task's examples: concatenated specs, optionally filtered to ``classes`` and ``relabel``-ed."""
+def build_task(entry: dict, name: str, where: str, model: Callable[[], torch.nn.Module] | None = None) -> TensorData:
+    """One task's examples: concatenated specs, optionally filtered to ``classes`` and ``relabel``-ed. Image
+    sources (folders, ``hfds/``, shards) are decoded with the eval transform of ``model()`` (built on first need);
+    the task keeps its own classes whatever the model's head."""
+    from ..eval.data.readers import is_image_source
     known = {"spec", "classes", "relabel", "train_per_class"}
     bad = set(entry) - known
     if bad:
@@ -176,7 +183,8 @@ def build_task(entry: dict, name: str, where: str) -> TensorData:
     specs = entry.get("spec")
     if not specs:
         raise ConfigError(f"{where}: data.{name} needs a 'spec' (e.g. digits:train)")
-    parts = [load_data(s) for s in (specs if isinstance(specs, list) else [specs])]
+    parts = [load_data(s, model=model() if model is not None and is_image_source(s.split("?", 1)[0]) else None,
+                       map_labels=False) for s in (specs if isinstance(specs, list) else [specs])]
     x, y = torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])
     if entry.get("classes") is not None:
         classes = [int(c) for c in entry["classes"]]
@@ -264,7 +272,8 @@ def _train(run: Run, init: dict, data: TensorData, opts: dict, seed: int, eval_d
     model = net if transform is None else InputTransform(transform, net)
     hist = train(model, data, epochs=int(opts["epochs"]), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]),
                  momentum=float(opts["momentum"]), batch_size=int(opts["batch_size"]), seed=int(seed),
-                 augment=opts["augment"], eval_data=eval_data, eval_every=int(opts.get("eval_every") or 0))
+                 augment=opts["augment"], eval_data=eval_data, eval_every=int(opts.get("eval_every") or 0),
+                 device=run.device)
     return _state(net), hist
 
 
@@ -284,7 +293,7 @@ def pt_init(source: dict, random: dict, reset: Sequence[str], model: torch.nn.Mo
     fresh = {k for r in reset for k in groups[r]}
     out = {}
     for k, v in random.items():
-        if k in fresh:
+        if k in fresh or (k not in source and not v.is_floating_point()):  # e.g. num_batches_tracked, not published
             out[k] = v
         elif k not in source or tuple(source[k].shape) != tuple(v.shape):
             raise ConfigError(f"train.reset: '{k}' differs between the source and target models; reset its module")
@@ -325,27 +334,47 @@ def prepare(run: Run) -> None:
     """Data, pre-training, the two initialisations and the fine-tuned models of both kinds."""
     cfg, tr = run.cfg, run.cfg["train"]
     t0 = time.perf_counter()
-    src = build_task(cfg["data"]["source"], "source", cfg["where"])
-    run.in_chans = int(src.x.shape[1])
+    shaper: list[torch.nn.Module] = []
+
+    def transform_model() -> torch.nn.Module:  # whose eval transform decodes image sources (one, built once)
+        if not shaper:
+            from ..eval.models import build_model
+            shaper.append(build_model(cfg["model"]))
+        return shaper[0]
+
+    src = build_task(cfg["data"]["source"], "source", cfg["where"], transform_model) if cfg["data"].get("source") \
+        else None
     tgt_entry = cfg["data"]["target"]
-    tgt = build_task(tgt_entry, "target", cfg["where"])
+    tgt = build_task(tgt_entry, "target", cfg["where"], transform_model)
+    run.in_chans = int((src if src is not None and not cfg["pretrained"] else tgt).x.shape[1])
     per_class = tgt_entry.get("train_per_class")
     if not per_class:
         raise ConfigError(f"{cfg['where']}: data.target needs train_per_class (the rest of the target is its test set)")
     t_train, t_test = split_per_class(tgt, int(per_class), "target")
-    run.data = {"source": src, "target_train": t_train, "target_test": t_test}
+    run.data = {**({"source": src} if src is not None else {}), "target_train": t_train, "target_test": t_test}
     for d in run.data.values():
         _save_data(run, d)
-    run.note(f"data: source {len(src)} examples ({src.num_classes} classes), target {len(t_train)} train / "
-             f"{len(t_test)} test ({t_train.num_classes} classes)")
-    k_src, k_tgt = src.num_classes, t_train.num_classes
+    run.note(f"data: {f'source {len(src)} examples ({src.num_classes} classes), ' if src is not None else ''}"
+             f"target {len(t_train)} train / {len(t_test)} test ({t_train.num_classes} classes)")
+    k_tgt = t_train.num_classes
     run.has_bn = has_batchnorm(run.build(k_tgt))
-    source_model, hist = _train(run, _seeded_init(run, k_src, int(tr["pretrain"]["seed"])), src, tr["pretrain"],
-                                int(tr["pretrain"]["seed"]), None, k_src)
-    run.histories["pretrain"] = {"source": hist}
-    _save(run, "source", source_model)
+    if cfg["pretrained"]:  # published weights (e.g. ImageNet): no pre-training here, nothing to save again
+        from ..io.sources import load
+        ck = load(cfg["pretrained"])
+        try:
+            source_model = ck.to_dict()
+        finally:
+            ck.close()
+        run.histories["pretrain"] = {}
+        run.note(f"source model: {cfg['pretrained']}")
+    else:
+        k_src = src.num_classes
+        source_model, hist = _train(run, _seeded_init(run, k_src, int(tr["pretrain"]["seed"])), src,
+                                    tr["pretrain"], int(tr["pretrain"]["seed"]), None, k_src)
+        run.histories["pretrain"] = {"source": hist}
+        _save(run, "source", source_model)
+        run.note(f"pre-trained the source model ({time.perf_counter() - t0:.1f} s)")
     run.timings["pretrain"] = time.perf_counter() - t0
-    run.note(f"pre-trained the source model ({run.timings['pretrain']:.1f} s)")
     run.inits = {"RI-T": {}, "P-T": {}}
     for i in init_seeds(cfg):
         random = _seeded_init(run, k_tgt, i)
@@ -754,8 +783,10 @@ def render_report(run: Run) -> str:
     d = run.data
     lines += ["## Setup", "",
               f"- Model: `{cfg['model']}`; recipe `{cfg['where']}`{' (reduced size: --small)' if cfg.get('small_run') else ''}.",
-              f"- Source task: {len(d['source'])} examples, {d['source'].num_classes} classes "
-              f"(`{cfg['data']['source'].get('spec')}`); pre-trained {tr['pretrain']['epochs']} epochs.",
+              (f"- Source model: the published weights `{cfg['pretrained']}` (not pre-trained here)."
+               if cfg["pretrained"] else
+               f"- Source task: {len(d['source'])} examples, {d['source'].num_classes} classes "
+               f"(`{cfg['data']['source'].get('spec')}`); pre-trained {tr['pretrain']['epochs']} epochs."),
               f"- Target task: {len(d['target_train'])} training / {len(d['target_test'])} test examples, "
               f"{d['target_train'].num_classes} classes (`{cfg['data']['target'].get('spec')}`, relabelled "
               f"{cfg['data']['target'].get('relabel')}); fine-tuned {tr['finetune']['epochs']} epochs, lr "

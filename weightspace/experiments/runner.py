@@ -10,7 +10,7 @@ from typing import Sequence
 from ..ops import merge as _merge, stream as _stream  # noqa: F401  (these modules register the ops and merges)
 from ..registry import REGISTRY, Entry
 from ..search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
-from . import align, cross_domain, head2toe_targets, recipes, saturation_pairs, trajectory  # noqa: F401  (each module registers its recipe kind on import)
+from . import align, cross_domain, head2toe_targets, recipes, saturation_pairs, soup, trajectory  # noqa: F401  (each module registers its recipe kind on import)
 
 __all__ = ["run_recipe", "recipe_kind", "catalogue"]
 

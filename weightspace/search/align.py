@@ -627,11 +627,12 @@ def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", da
     gm, analysis, spec = _spec_and_graph(model)
     want = gm.state_dict()
     for ck in (ca, cb):
-        missing = [k for k in want if k not in ck]
+        # a BatchNorm's num_batches_tracked is neither permuted nor read: published files may leave it out
+        missing = [k for k in want if k not in ck and not k.endswith("num_batches_tracked")]
         if missing:
             raise IncompatibleCheckpoints(f"{ck.source}: {len(missing)} keys of the model are missing "
                                           f"(e.g. {', '.join(repr(k) for k in missing[:3])})", path=ck.source)
-        bad = [k for k in want if tuple(ck.info(k)[1]) != tuple(want[k].shape)]
+        bad = [k for k in want if k in ck and tuple(ck.info(k)[1]) != tuple(want[k].shape)]
         if bad:
             raise IncompatibleCheckpoints(f"{ck.source}: key '{bad[0]}' has shape {list(ck.info(bad[0])[1])}, "
                                           f"the model has {list(want[bad[0]].shape)}", path=ck.source, key=bad[0])

@@ -24,7 +24,7 @@ def set_decoding(*, workers: int | None = None, skip_bad: bool = False) -> None:
 
 def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Callable | None = None,
               device: str | torch.device = "cpu", workers: int | None = None, skip_bad: bool | None = None,
-              decoder: str = "pil", progress: bool = True) -> TensorData:
+              decoder: str = "pil", progress: bool = True, map_labels: bool = True) -> TensorData:
     """Load a dataset spec into tensors on ``device``; images are decoded once (cached) into uint8.
 
     Specs: a built-in (``digits[:split]``, ``mnist1d[:split]``), a tensors file (``.pt``/``.npz`` with x, y), or an
@@ -34,6 +34,8 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
     unreadable image raises unless ``skip_bad``. Options after ``?``: ``size``, ``channels``,
     ``limit``, ``root`` (CIFAR), ``classes=FILE`` (label map), ``pool=max|mean``.
     ``transform`` (e.g. ``parse_transform('block-shuffle:4')``) is applied to x once, after decoding.
+    ``map_labels=False`` keeps the dataset's own classes even when they are not ``model``'s outputs (a new task
+    whose head is fitted to it): ``model`` then only chooses the decoding transform.
 
     Raises:
         ConfigError: the spec names nothing readable, or an option is wrong.
@@ -56,7 +58,7 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
         d = read_tensor_file(path, spec)
     d = apply_options(d, opts, spec)
     d.name = spec
-    if "classes" in opts or (model is not None and d.meta.get("classes")):
+    if map_labels and ("classes" in opts or (model is not None and d.meta.get("classes"))):
         from .labels import attach_label_map
         d = attach_label_map(d, model, opts.get("classes"), opts.get("pool", "max"), spec)
     if transform is not None:

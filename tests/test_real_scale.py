@@ -1,0 +1,176 @@
+"""The real-scale recipes (recipes/real-scale/*.yaml) run end to end, unchanged but for --small, with every Hub id
+they name resolved through an offline stand-in HF cache laid out here: each repo's config.json names a tiny timm
+model of the same family (test_resnet, test_vit) with random weights, as the Hub's config.json names resnet50.
+The data paths they name (~/data/...) are ImageNet-style folders of real digit images under a temporary HOME."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch as st
+import torch
+
+import datahelpers as dh
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, not two fighting over busy cores
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "real-scale"
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+# the Hub repo's architecture → a tiny member of its family, with the arguments that keep what the recipe relies on
+STAND_INS = {
+    "resnet50": ("test_resnet", {}),
+    "resnet50_gn": ("test_resnet", {"norm_layer": "groupnorm1"}),  # GroupNorm: no running statistics, like the real one
+    "vit_base_patch16_clip_224": ("test_vit", {"img_size": 32}),
+}
+WNIDS = (1, 207, 980)  # ImageNet classes the digits 0, 3 and 7 are filed under
+FOLDERS = ["imagenet/val", "imagenet/train-subset", "imagenet/heldout", "imagenet-r", "imagenet-sketch", "imagenet-a"]
+
+
+def hub_ids() -> set[str]:
+    """Every hf-hub:ORG/NAME the real-scale recipes name."""
+    return {m for p in RECIPES.glob("*.yaml") for m in re.findall(r"hf-hub:([\w.-]+/[\w.-]+)", p.read_text())}
+
+
+def put(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Lay a repo out as huggingface_hub does: refs/main, blobs/<sha256>, snapshots/<commit>/FILE → blob."""
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = root / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return root / "snapshots" / COMMIT
+
+
+def stand_in(repo_id: str, tmp: Path) -> dict[str, bytes]:
+    """config.json + model.safetensors of a tiny model of the repo's family. Models of one pre-training (the tag's
+    first word: openai, laion2b, tv, a1, ...) share a random base, each with its own small perturbation, so
+    fine-tunes of one start sit in one basin; num_batches_tracked is left out, as in published timm files."""
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    family, tag = repo_id.split("/", 1)[1].split(".", 1)
+    arch, args = STAND_INS[family]
+    seed = int(hashlib.sha256(tag.split("_")[0].encode()).hexdigest()[:8], 16)
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=1000, **args)
+    g = torch.Generator().manual_seed(seed + int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16))
+    sd = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v).contiguous()
+          for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp / f"{family}.{tag}.safetensors"
+    st.save_file(sd, path)
+    own = model.pretrained_cfg
+    cfg = {"architecture": arch, "num_classes": 1000, "num_features": model.num_features, "model_args": args,
+           "pretrained_cfg": {"tag": tag, "num_classes": 1000, "input_size": [3, 32, 32], "crop_pct": 0.875,
+                              "interpolation": "bicubic", "mean": list(IMAGENET_DEFAULT_MEAN),
+                              "std": list(IMAGENET_DEFAULT_STD), "first_conv": own["first_conv"],
+                              "classifier": own["classifier"]}}
+    return {"config.json": json.dumps(cfg).encode(), "model.safetensors": path.read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def stand_in_hub(tmp_path_factory):
+    """HOME with ~/data/... image folders, and an offline HF cache holding a stand-in for every Hub id."""
+    import huggingface_hub.constants as constants
+    from timm.data import ImageNetInfo
+    base = tmp_path_factory.mktemp("real-scale")
+    cache, home = base / "hub", base / "home"
+    weights = {rid: stand_in(rid, base) for rid in sorted(hub_ids())}
+    snaps = {rid: put(cache, rid, files) for rid, files in weights.items()}
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    for k, folder in enumerate(FOLDERS):  # a few real digits per wnid class, each folder its own images
+        for cls, i, arr in dh.digit_images(4, (40 + 4 * k, 40)):
+            d = home / "data" / folder / wnids[WNIDS[dh.CLASSES.index(int(cls[-1]))]]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:04d}.jpg").write_bytes(dh.jpeg(arr))
+    dh.write_folder(home / "data" / "target", per_class=10)  # the transfer target: digit0/3/7, 10 images each
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("HF_HUB_CACHE", str(cache))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        # huggingface_hub reads these two from the environment once, at import time
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield {"snapshots": snaps, "home": home}
+
+
+def run(cli, name: str, out: Path) -> dict:
+    r = cli("recipe", "run", RECIPES / name, "--out", out, "--small", "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def stand_in_tensors(hub: dict, repo_id: str) -> dict[str, torch.Tensor]:
+    return st.load_file(hub["snapshots"][repo_id] / "model.safetensors")
+
+
+def test_every_hub_id_of_the_real_scale_recipes_has_a_stand_in():
+    assert {p.name for p in RECIPES.glob("*.yaml")} == {"what-is-transferred.yaml", "what-is-transferred-groupnorm.yaml",
+                                                      "align-barrier.yaml", "soup.yaml"}
+    assert {rid.split("/")[1].split(".")[0] for rid in hub_ids()} <= set(STAND_INS)
+
+
+@pytest.mark.parametrize("name,repo", [("what-is-transferred.yaml", "timm/resnet50.a1_in1k"),
+                                       ("what-is-transferred-groupnorm.yaml", "timm/resnet50_gn.a1h_in1k")])
+def test_transfer_from_a_hub_model(stand_in_hub, cli, tmp_path, name, repo):
+    res = run(cli, name, tmp_path / "run")
+    assert [f["id"] for f in res["findings"]] == ["a", "b", "c", "d"]
+    assert all(f["verdict"] in ("reproduced", "not reproduced", "inconclusive", "partly", "measured")
+               for f in res["findings"])
+    # P-T starts from the Hub weights (the stand-in's file), with a fresh 3-class head
+    pub = stand_in_tensors(stand_in_hub, repo)
+    init = st.load_file(tmp_path / "run" / "checkpoints" / "pt-init-7.safetensors")
+    assert init["fc.weight"].shape == (3, 96) and pub["fc.weight"].shape == (1000, 96)
+    body = [k for k in pub if not k.startswith("fc.")]
+    assert body and all(torch.equal(init[k], pub[k]) for k in body)
+    assert not (tmp_path / "run" / "checkpoints" / "source.safetensors").exists()  # nothing pre-trained here
+    # the target images were decoded with the Hub config's eval transform (32 px) and split 5 + 5 per class
+    test = torch.load(tmp_path / "run" / "data" / "target_test.pt", weights_only=True)
+    assert test["x"].dtype == torch.uint8 and test["x"].shape == (15, 3, 32, 32)
+    assert len(res["results"]["models"]) == 6
+    protocols = res["results"]["barriers"]["summary"]["protocols"]
+    assert protocols == (["stored"] if "groupnorm" in name else ["stored", "re-estimated"])
+    assert "Source model: the published weights `hf-hub:" + repo in (tmp_path / "run" / "REPORT.md").read_text()
+
+
+def test_align_published_models(stand_in_hub, cli, tmp_path):
+    res = run(cli, "align-barrier.yaml", tmp_path / "run")
+    names = ["resnet50.tv_in1k", "resnet50.tv2_in1k", "resnet50.a1_in1k"]
+    assert list(res["results"]["models"]) == names
+    assert [f["id"] for f in res["findings"]] == ["a", "b"]
+    assert len(res["results"]["pairs"]) == 3 and res["results"]["fixes"] == ["none", "recalibrate_bn", "repair"]
+    # B aligned to A is a permutation of B: the same multiset of values in every tensor
+    b = stand_in_tensors(stand_in_hub, "timm/resnet50.tv2_in1k")
+    pb = st.load_file(tmp_path / "run" / "checkpoints" / "resnet50.tv2_in1k-aligned-weights-to-resnet50.tv_in1k.safetensors")
+    assert all(torch.equal(torch.sort(pb[k].flatten()).values, torch.sort(b[k].flatten()).values) for k in b)
+    assert any(not torch.equal(pb[k], b[k]) for k in b)
+    # the 3 wnid folders of ~/data/imagenet/val are scored on those 3 of the model's 1,000 classes
+    report = (tmp_path / "run" / "REPORT.md").read_text()
+    assert "barriers on `~/data/imagenet/val` (12 examples)" in report
+
+
+def test_soup_of_hub_fine_tunes(stand_in_hub, cli, tmp_path):
+    out = tmp_path / "run"
+    res = run(cli, "soup.yaml", out)
+    lb = res["leaderboard"]
+    tests = ["~/data/imagenet/val", "~/data/imagenet-r", "~/data/imagenet-sketch", "~/data/imagenet-a"]
+    assert lb["columns"] == ["~/data/imagenet/heldout", *tests, "avg shifts"]
+    methods = [r["method"] for r in lb["rows"]]
+    assert {"uniform soup", "greedy soup", "best individual (val)", "output ensemble", "greedy ensemble"} <= set(methods)
+    assert all(r["metrics"][c]["n"] == 12 for r in lb["rows"] for c in lb["columns"][:-1])
+    # the greedy soup is the mean of the ingredients it kept, read from the stand-in files
+    kept = res["greedy"]["kept"]
+    assert kept and set(kept) <= set(res["recipe"]["ingredients"])
+    parts = [stand_in_tensors(stand_in_hub, s.split(":", 1)[1]) for s in kept]
+    greedy = st.load_file(out / "soups" / "greedy.safetensors")
+    for k in ("head.weight", "blocks.0.attn.qkv.weight"):
+        assert torch.allclose(greedy[k], sum(p[k] for p in parts) / len(parts), atol=1e-6)
+    assert len(res["basin"]["names"]) == 4 and [f["id"] for f in res["findings"]] == ["a", "b"]
+    assert (out / "curve.png").exists() and (out / "REPORT.md").read_text().count("avg shifts") >= 1
