@@ -101,3 +101,14 @@ def test_recipe_checks(tmp_path, cli):
         load_trajectory_recipe(RECIPE, overrides=["seeds=[1, 2]"])
     r = cli("recipe", "run", RECIPE, "--out", tmp_path / "x", "--set", "pretrain.epochz=3")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "epochz" in r.stderr
+    r = cli("recipe", "run", RECIPE, "--out", tmp_path / "y", "--small", "--set", "target.spec=nosuch:data")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "nosuch" in r.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_an_existing_run_is_not_overwritten(small_run, cli):
+    out, _ = small_run
+    before = (out / "results.json").read_bytes()
+    r = cli("recipe", "run", RECIPE, "--out", out, "--small")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "results.json" in r.stderr
+    assert (out / "results.json").read_bytes() == before

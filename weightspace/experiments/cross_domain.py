@@ -89,7 +89,6 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
     from .recipes import pt_init
 
     cfg = load_cross_domain_recipe(recipe, small=small, overrides=overrides)
-    report.check_outputs(out, ["results.json", "REPORT.md"], force)
     s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
     an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
     seeds = [int(x) for x in cfg["seeds"]]
@@ -106,6 +105,7 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
             raise ConfigError(f"{cfg['where']}: domains '{na}' and '{nb}' have {a_tr.num_classes} and "
                               f"{b_tr.num_classes} classes; cross-domain interpolation needs one label set")
         k = a_tr.num_classes
+        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
         source_net, _ = train_from(spec, None, src, pre, int(pre["seed"]), in_chans=in_chans)
         source_acc = accuracy(source_net, src_test)
         s.save("source", source_net.state_dict())

@@ -91,7 +91,6 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
     from ..eval.train import accuracy
 
     cfg = load_head2toe_targets_recipe(recipe, small=small, overrides=overrides)
-    report.check_outputs(out, ["results.json", "REPORT.md"], force)
     s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
     h = cfg["head2toe"]
     with s.threads():
@@ -102,6 +101,7 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
             entry = {**cfg["target"], **{k: v for k, v in t.items() if k != "name"}}
             tasks[t["name"]] = task(entry, t["name"], cfg["where"])
         in_chans = int(src.x.shape[1])
+        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
         s.note("targets: " + "; ".join(f"{n} {len(tr)} train / {len(te)} test" for n, (tr, te) in tasks.items()))
         per: dict[str, dict[int, dict]] = {n: {} for n in tasks}
         sources = {}

@@ -84,7 +84,6 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
     from ..eval.train import accuracy
 
     cfg = load_saturation_pairs_recipe(recipe, small=small, overrides=overrides)
-    report.check_outputs(out, ["results.json", "REPORT.md"], force)
     s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
     g, seeds = cfg["grid"], [int(x) for x in cfg["seeds"]]
     points: list[dict] = []
@@ -93,6 +92,7 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
         up_train, up_test = load_data(cfg["upstream"]["train"]), load_data(cfg["upstream"]["test"])
         ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"])
         in_chans = int(up_train.x.shape[1])
+        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
         for seed in seeds:
             for w in g["widths"]:
                 spec = with_option(cfg["model"], g["param"], int(w))

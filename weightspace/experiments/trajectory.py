@@ -93,7 +93,6 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     from .recipes import pt_init
 
     cfg = load_trajectory_recipe(recipe, small=small, overrides=overrides)
-    report.check_outputs(out, ["results.json", "REPORT.md"], force)
     s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
     an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
     seeds = [int(x) for x in cfg["seeds"]]
@@ -102,6 +101,7 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
         src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
         tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"])
         in_chans = int(src.x.shape[1])
+        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
         states: dict[int, dict] = {}
         init = fresh_state(spec, src.num_classes, in_chans, int(pre["seed"]))
         if 0 in cfg["checkpoints"]:
@@ -238,7 +238,7 @@ def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: li
 
 def _plot(starts: dict, summary: dict, protocols: list[str], path: Any, force: bool) -> None:
     from ..report import COLORS, new_figure, save_figure
-    fig, (ax1, ax2, ax3) = new_figure(ncols=3, size=(12, 3.8))
+    fig, (ax1, ax2, ax3) = new_figure(ncols=3, size=(4.5, 3.8))
     epochs = list(starts)
     xs = list(range(len(epochs)))
 
