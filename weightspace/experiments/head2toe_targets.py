@@ -45,7 +45,8 @@ DEFAULTS: dict[str, Any] = {
                  "augment": "none"},
     "scratch": {"epochs": 30, "lr": 0.05, "batch_size": 16, "weight_decay": 0.0005, "momentum": 0.9,
                 "augment": "none"},
-    "head2toe": {"layers": "all", "target": 1024, "keep": [0.01, 0.1, 0.2], "folds": 3, "lasso_iters": 100},
+    "head2toe": {"layers": "all", "target": 1024, "keep": [0.01, 0.1, 0.2], "folds": 3, "lasso_iters": 100,
+                 "max_iter": 50},
     "seeds": [1, 2, 3],
     "analysis": {"margin": 0.0},
     "small": {},
@@ -113,7 +114,8 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
             taps = FeatureTaps(net, h["layers"], target=int(h["target"]), device=device, batch_size=batch_size)
             for name, (tr, te) in tasks.items():
                 res = head2toe_features(taps(tr), taps(te), keep=h["keep"], folds=int(h["folds"]), seed=int(seed),
-                                        lasso_iters=int(h["lasso_iters"]), device=taps.device)
+                                        lasso_iters=int(h["lasso_iters"]), max_iter=int(h["max_iter"]),
+                                        device=taps.device)
                 scratch_net, _ = train_from(cfg["model"], None, tr, cfg["scratch"], seed, in_chans=in_chans)
                 row = {"probe": res.baseline["test_accuracy"], "head2toe": res.accuracy,
                        "scratch": accuracy(scratch_net, te), "chosen_keep": res.chosen}
@@ -208,8 +210,8 @@ def _render(cfg: dict, targets: dict, summary: dict, findings: list[dict], sourc
              f"Targets from `{cfg['target']['spec']}` (unless a target names its own spec), "
              f"{cfg['target']['train_per_class']} training images per class, the rest for testing.",
              f"Head2Toe: layers `{h['layers']}`, ≤ {h['target']} pooled features per layer, keep {h['keep']} chosen "
-             f"by {h['folds']}-fold cross-validation, {h['lasso_iters']} group-lasso iterations; the probe is the "
-             "last layer's features with the same linear head.",
+             f"by {h['folds']}-fold cross-validation, {h['lasso_iters']} group-lasso iterations, linear heads by "
+             f"{h['max_iter']} L-BFGS iterations; the probe is the last layer's features with the same linear head.",
              f"Scratch: the same architecture from a random init per seed, {sc['epochs']} epochs, lr {sc['lr']}, batch "
              f"{sc['batch_size']}.",
              "Domain affinity = probe − scratch accuracy; gain = Head2Toe − probe accuracy (test sets)."]
