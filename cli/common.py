@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Callable, Sequence
 
 import click
@@ -25,19 +24,10 @@ def report_options(f: Callable) -> Callable:
     return f
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def print_json(obj: Any) -> None:
-    """Print strict JSON (NaN becomes null) on stdout."""
-    click.echo(json.dumps(_clean(obj), indent=2, sort_keys=False))
+    """Print strict JSON (NaN becomes null, ±inf "inf"/"-inf": weightspace.report.jsonable) on stdout."""
+    from weightspace.report import jsonable
+    click.echo(json.dumps(jsonable(obj), indent=2, sort_keys=False))
 
 
 def note(msg: str, quiet: bool = False) -> None:

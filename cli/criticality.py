@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import grouping_option, report_options
-from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
+from .common import grouping_option
+from .options import DataOptions, ModelOptions, OpOptions, analysis_outputs, use
 
 __all__ = ["criticality"]
 
@@ -29,11 +29,7 @@ __all__ = ["criticality"]
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
 @click.option("--recalibrate-bn", "recalibrate_bn", default=None, metavar="DATA",
               help="Re-estimate every BatchNorm's statistics on this data before each evaluation.")
-@use(ModelOptions, "model")
-@report_folder("Folder for results.json, criticality.csv, criticality_search.csv and the PNGs.")
-@force_option()
-@report_options
-@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
+@analysis_outputs("Folder for results.json, criticality.csv, criticality_search.csv and the PNGs.")
 def criticality(final: str, init: str, data: DataOptions, grouping: str | None, epsilon: float,
                 relative_epsilon: bool, metric: str, alphas: str, sigma_range: str, bisect_steps: int, samples: int,
                 seed: int, recalibrate_bn: str | None, model: ModelOptions, out_dir: str | None, force: bool, as_json: bool, quiet: bool,

@@ -10,7 +10,7 @@ import click
 from weightspace.options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions,  # noqa: F401
                                  OutputOptions, ReportOptions, check_report_folder, option_fields)
 
-__all__ = ["use", "report_folder", "force_option", "op_options", "output_options"]
+__all__ = ["use", "report_folder", "force_option", "op_options", "output_options", "analysis_outputs"]
 
 
 def _click_type(meta: Mapping[str, Any]) -> Any:
@@ -100,3 +100,18 @@ def op_options(f: Callable) -> Callable:
 def output_options(f: Callable) -> Callable:
     """-o/--output and --format as an OutputOptions ``out``."""
     return use(OutputOptions, "out")(f)
+
+
+def analysis_outputs(report_help: str) -> Callable[[Callable], Callable]:
+    """The options every analysis verb ends with, in this order: the model family (--model ...), --out DIR (its
+    files named in ``report_help``), --force, --json and --quiet, and --ema/--strip-prefix (read by every
+    checkpoint the verb opens)."""
+    from .common import report_options
+    decorators = [use(ModelOptions, "model"), report_folder(report_help), force_option(), report_options,
+                  use(OpOptions, "sources", only=("ema", "strip_prefix"))]
+
+    def apply(f: Callable) -> Callable:
+        for decorate in reversed(decorators):  # as if written one above the other, the first on top
+            f = decorate(f)
+        return f
+    return apply

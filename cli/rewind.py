@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import grouping_option, report_options
-from .options import DataOptions, FixOptions, ModelOptions, OpOptions, force_option, report_folder, use
+from .common import grouping_option
+from .options import DataOptions, FixOptions, ModelOptions, OpOptions, analysis_outputs, use
 
 __all__ = ["rewind"]
 
@@ -23,11 +23,7 @@ __all__ = ["rewind"]
               help="BatchNorm running statistics of a rewound module: FINAL's, or the target's.")
 @use(FixOptions, "fix", only=("recalibrate_bn",),
      help={"recalibrate_bn": "Re-estimate every BatchNorm's statistics on DATA before each evaluation."})
-@use(ModelOptions, "model")
-@report_folder("Folder for results.json, rewind.csv and rewind.png.")
-@force_option()
-@report_options
-@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
+@analysis_outputs("Folder for results.json, rewind.csv and rewind.png.")
 def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None, targets: tuple[str, ...],
            seed: int, bn_stats: str, fix: FixOptions, model: ModelOptions, out_dir: str | None,
            force: bool, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:

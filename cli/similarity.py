@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import grouping_option, report_options
-from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
+from .common import grouping_option
+from .options import DataOptions, ModelOptions, OpOptions, analysis_outputs, use
 
 __all__ = ["similarity"]
 
@@ -24,11 +24,7 @@ __all__ = ["similarity"]
 @click.option("--include-buffers", is_flag=True, help="Count buffers (BatchNorm statistics) in the L2 distances.")
 @click.option("--max-indices", type=click.IntRange(min=0), default=None,
               help="Print at most this many example indices per off-diagonal cell (all are in results.json).")
-@use(ModelOptions, "model")
-@report_folder("Folder for results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png.")
-@force_option()
-@report_options
-@use(OpOptions, "sources", only=("ema", "strip_prefix"))  # read by every checkpoint the verb opens
+@analysis_outputs("Folder for results.json, similarity.csv, agreement.csv, cka.png and cka_matrix.png.")
 def similarity(a: str, b: str, data: DataOptions, grouping: str | None, full_limit: int, rbf_threshold: float,
                cross: bool, include_buffers: bool, max_indices: int | None, model: ModelOptions, out_dir: str | None,
                force: bool, as_json: bool, quiet: bool, sources: OpOptions | None = None) -> None:

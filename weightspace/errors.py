@@ -28,7 +28,7 @@ import os
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
     "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists", "AlignmentError",
-    "ConfigError", "DataError", "key_sample", "hub_error",
+    "ConfigError", "DataError", "key_sample", "misfit", "hub_error",
 ]
 
 
@@ -122,6 +122,14 @@ def key_sample(keys: list[str], n: int = 3) -> str:
 def _first_line(text: object) -> str:
     s = str(text).strip()
     return s.splitlines()[0] if s else ""
+
+
+def misfit(name: str, missing: list[str], unexpected: list[str] = ()) -> IncompatibleCheckpoints:
+    """The error for a checkpoint ``name`` whose keys do not fit a model: 'NAME: does not fit the model: missing
+    2 keys (e.g. 'a', 'b'); unexpected 1 key (e.g. 'c')'. Returns it; raises nothing."""
+    parts = [f"missing {key_sample(missing, 4)}"] if missing else []
+    parts += [f"unexpected {key_sample(list(unexpected), 4)}"] if unexpected else []
+    return IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts), path=name)
 
 
 def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,

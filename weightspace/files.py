@@ -126,7 +126,7 @@ def _signals_unwind() -> Iterator[None]:
         return
     caught: list[int] = []
 
-    def handler(signum, frame):
+    def handler(signum, _frame):
         caught.append(signum)
         raise _Interrupted()
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from ._version import __version__
 from .io.checkpoint import Checkpoint, load_pickle
-from .io.sources import load
+from .io.sources import load, split_query
 from .errors import HubError, OutputExists, WeightspaceError, hub_error
 from .report.card import CardData, render_card
 from .registry import REGISTRY, Entry
@@ -105,12 +105,6 @@ def _write_weights(source: Any, dest: Path) -> Checkpoint:
 
 # --- which library can load it ------------------------------------------------------------------------------------
 
-def _spec_query(spec: str) -> tuple[str, dict[str, str]]:
-    from urllib.parse import parse_qsl
-    name, _, q = spec.partition("?")
-    return name, dict(parse_qsl(q))
-
-
 def _find_key(obj: Any, key: str) -> list[Any]:
     """Every value stored under ``key`` anywhere in a JSON document."""
     out = []
@@ -130,7 +124,7 @@ def infer_model_config(prov: Mapping, results: Mapping | None) -> tuple[dict | N
     sources = [str(i.get("source", "")) for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
     for s in sources:
         if s.startswith("timm:"):
-            name, q = _spec_query(s[5:])
+            name, q = split_query(s[5:])
             cfg: dict = {"architecture": name}
             if "num_classes" in q:
                 cfg["num_classes"] = int(q["num_classes"])
@@ -144,7 +138,7 @@ def infer_model_config(prov: Mapping, results: Mapping | None) -> tuple[dict | N
                 continue
             n = next((int(v) for v in _find_key(results, "num_classes") if isinstance(v, int)), None)
             if spec.startswith("timm:"):
-                name, q = _spec_query(spec[5:])
+                name, q = split_query(spec[5:])
                 cfg = {"architecture": name}
                 if n or "num_classes" in q:
                     cfg["num_classes"] = int(q.get("num_classes", n))
@@ -249,9 +243,9 @@ def base_models(prov: Mapping) -> list[str]:
             from .io.sources import parse_hub
             with contextlib.suppress(WeightspaceError):
                 repo = parse_hub(s.split(":", 1)[1].lstrip("/"))[0]
-        elif s.startswith("timm:") and "file" not in _spec_query(s[5:])[1]:
+        elif s.startswith("timm:") and "file" not in split_query(s[5:])[1]:
             import timm
-            cfg = timm.models.get_pretrained_cfg(_spec_query(s[5:])[0])
+            cfg = timm.models.get_pretrained_cfg(split_query(s[5:])[0])
             repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         elif s.startswith("open_clip:") and "/" in s:
             import open_clip
@@ -301,7 +295,7 @@ def read_run_folder(path: str | os.PathLike | None) -> RunFolder:
 
 def _display(source: str) -> str:
     """How a source appears on the card: local paths shortened to the file name (a reader cannot open them)."""
-    name, q = _spec_query(source)
+    name, q = split_query(source)
     if "file" in q:
         return f"{name} (weights {Path(q['file']).name})"
     if ":" in source.split("/")[0] and not Path(source).exists():
@@ -370,7 +364,7 @@ def _run_settings(results: Mapping) -> dict:
 
 
 def _looks_local(value: str) -> bool:
-    name, _ = _spec_query(value)
+    name, _ = split_query(value)
     if ":" in name.split("/")[0]:  # a scheme (hf://, timm:, digits:val)
         return False
     return "/" in value or os.sep in value or Path(value).suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -393,11 +387,11 @@ def _license_of(prov: Mapping) -> str | None:
     found = set()
     for ing in prov.get("ingredients", []) or []:
         source = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
-        if not source.startswith("timm:") or "file" in _spec_query(source[5:])[1]:
+        if not source.startswith("timm:") or "file" in split_query(source[5:])[1]:
             return None
         try:
             import timm
-            cfg = timm.models.get_pretrained_cfg(_spec_query(source[5:])[0])
+            cfg = timm.models.get_pretrained_cfg(split_query(source[5:])[0])
         except Exception:  # noqa: BLE001 — an unknown name has no license to report
             return None
         found.add(getattr(cfg, "license", None))
@@ -497,9 +491,9 @@ def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLik
                 if "architecture" not in cfg:
                     raise HubError("a timm model config needs 'architecture'")
                 srcs = [str(i.get("source", "")) for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
-                if srcs and all(s.startswith("timm:") and "file" not in _spec_query(s[5:])[1] for s in srcs):
+                if srcs and all(s.startswith("timm:") and "file" not in split_query(s[5:])[1] for s in srcs):
                     from timm.models import split_model_name_tag
-                    base_tag = split_model_name_tag(_spec_query(srcs[0][5:])[0])[1] or None
+                    base_tag = split_model_name_tag(split_query(srcs[0][5:])[0])[1] or None
                 configs["config.json"] = timm_config(cfg, ck, base_tag)
                 if from_folder:  # checked against the weights above; the folder's own file is pushed as it is
                     configs["config.json"] = {k: v for k, v in own.items() if k != "library"}

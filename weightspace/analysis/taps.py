@@ -29,8 +29,7 @@ from torch import nn
 from ..eval.data import TensorData
 from ..errors import ConfigError
 
-__all__ = ["PASS_THROUGH", "pool_features", "Tap", "Features", "resolve_taps", "data_fingerprint", "FeatureTaps",
-           "extract_features"]
+__all__ = ["PASS_THROUGH", "pool_features", "Tap", "Features", "resolve_taps", "data_fingerprint", "FeatureTaps"]
 
 PASS_THROUGH = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
                 "DropPath", "DropBlock2d", "Flatten", "Unflatten")
@@ -360,9 +359,3 @@ class FeatureTaps:
             # bytes, not save_file: safetensors' save_file writes a sibling temp file and renames it, which the
             # unnamed temp file of atomic_output has no folder for
             tmp.write_bytes(save(tensors, metadata={"weightspace_features": json.dumps(meta)}))
-
-
-def extract_features(model: nn.Module, data: TensorData, layers: str | Sequence[str] = "all", *, target: int = 8192,
-                     device: str | torch.device = "auto", batch_size: int = 256) -> Features:
-    """Pooled features of ``data`` at ``layers`` in one forward pass (no cache kept)."""
-    return FeatureTaps(model, layers, target=target, device=device, batch_size=batch_size)(data)

@@ -24,7 +24,7 @@ from ..io.sources import load
 from .data import TensorData
 from .data.labels import apply_label_map
 from .distributed import parallel_mode, world
-from ..errors import ConfigError, IncompatibleCheckpoints, key_sample
+from ..errors import ConfigError, IncompatibleCheckpoints, misfit
 
 __all__ = ["resolve_device", "Metrics", "macro_auc", "recalibrate_bn", "as_datasets", "Evaluator", "stream_batches"]
 
@@ -248,12 +248,7 @@ class Evaluator:
         given = set(src)
         missing, unexpected = self._misfit(given)
         if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {key_sample(missing, 4)}")
-            if unexpected:
-                parts.append(f"unexpected {key_sample(unexpected, 4)}")
-            raise IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts), path=name)
+            raise misfit(name, missing, unexpected)
         with torch.no_grad():
             for k, target in self._targets.items():
                 if k not in given:  # an optional key (e.g. a CLIP classifier's head, built after loading)

@@ -43,7 +43,7 @@ from .evaluator import Evaluator
 from ..io.outputs import StateDict
 
 __all__ = ["FLOOR", "Stats", "RepairPoint", "RepairScope", "repair_scope", "channel_stats", "mix_stats",
-           "repair_model", "Repairer", "FixedEvaluator", "fix_evaluator", "stats_table"]
+           "repair_model", "Repairer", "FixedEvaluator", "fix_evaluator"]
 
 FLOOR = 1e-6  # relative: a σ below FLOOR × the largest σ at its point counts as zero (constant channel)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -402,8 +402,3 @@ def fix_evaluator(evaluator: Evaluator, ingredients: Sequence[Source] = (), *,
     if recalibrate_bn is None and repair is None:
         return evaluator
     return FixedEvaluator.wrap(evaluator, ingredients, recalibrate_bn=recalibrate_bn, repair=repair, progress=progress)
-
-
-def stats_table(stats: Stats) -> Mapping[str, dict[str, list[float]]]:
-    """JSON-ready form of channel statistics."""
-    return {n: {"mean": m.tolist(), "std": s.tolist()} for n, (m, s) in stats.items()}

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from urllib.parse import parse_qsl
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..io.sources import split_query
 
-__all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model", "model_spec_classes"]
+__all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model"]
 
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -66,13 +66,6 @@ class ClipImageClassifier(nn.Module):
             self.zero_shot_head()
 
 
-def _query(spec: str) -> tuple[str, dict[str, str]]:
-    if "?" in spec:
-        base, q = spec.split("?", 1)
-        return base, dict(parse_qsl(q))
-    return spec, {}
-
-
 def _coerce(v: str):
     for cast in (int, float):
         try:
@@ -84,7 +77,7 @@ def _coerce(v: str):
 
 def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
     """Build a randomly initialised nn.Module from a model spec (weights are loaded separately)."""
-    base, opts = _query(spec)
+    base, opts = split_query(spec)
     kwargs = {k: _coerce(v) for k, v in opts.items()}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -131,12 +124,3 @@ def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | No
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
-
-
-def model_spec_classes(spec: str) -> str:
-    """The family of a model spec: 'timm', 'open_clip' or 'custom' (used for Hub configs and cards)."""
-    if spec.startswith("timm:"):
-        return "timm"
-    if spec.startswith("open_clip:"):
-        return "open_clip"
-    return "custom"

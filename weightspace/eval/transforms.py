@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Transform", "block_permutation", "BlockShuffle", "Invert", "Chain", "parse_transform", "block_shuffle",
+__all__ = ["Transform", "block_permutation", "BlockShuffle", "Invert", "Chain", "parse_transform",
            "blocks_of"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -130,11 +130,6 @@ def parse_transform(spec: str | None) -> Chain:
     if spec is None or spec.strip() in ("", "none", "identity"):
         return Chain(())
     return Chain(tuple(_parse_one(p, spec) for p in spec.split("+")))
-
-
-def block_shuffle(x: torch.Tensor, block: int, seed: int = 0) -> torch.Tensor:
-    """Functional form of :class:`BlockShuffle`."""
-    return BlockShuffle(block, seed)(x)
 
 
 def blocks_of(x: torch.Tensor, block: int) -> list[torch.Tensor]:

@@ -62,15 +62,11 @@ DEFAULTS: dict[str, Any] = {
 def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                       overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
     """Read an align-barrier recipe, apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
-    from .recipes import merge_config, parse_override, read_recipe, set_path
+    from .recipes import overlay_recipe, read_recipe
     raw, where = read_recipe(source)
     if raw.get("kind") != KIND:
         raise ConfigError(f"{where}: not an {KIND} recipe (kind: {KIND})")
-    pending = list((raw.get("small") or {}).items()) if small else []
-    pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
-    for k, v in pending:
-        set_path(raw, k, v, where)
-    cfg = merge_config(DEFAULTS, raw, where)
+    cfg = overlay_recipe(raw, where, DEFAULTS, small=small, overrides=overrides)
     seeds = cfg["train"]["seeds"]
     models = cfg["models"]
     if models:

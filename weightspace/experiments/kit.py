@@ -38,15 +38,11 @@ def load_kind_recipe(source: str | os.PathLike | dict, kind: str, defaults: dict
         ConfigError: unreadable file, another kind, an unknown key, or fewer than three different ``seeds_key``
             seeds (verdicts rest on 95% t-intervals over seeds).
     """
-    from .recipes import merge_config, parse_override, read_recipe, set_path
+    from .recipes import overlay_recipe, read_recipe
     raw, where = read_recipe(source)
     if raw.get("kind") != kind:
         raise ConfigError(f"{where}: not a {kind} recipe (kind: {kind})")
-    pending = list((raw.get("small") or {}).items()) if small else []
-    pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
-    for k, v in pending:
-        set_path(raw, k, v, where)
-    cfg = merge_config(defaults, raw, where)
+    cfg = overlay_recipe(raw, where, defaults, small=small, overrides=overrides)
     seeds = cfg[seeds_key]
     if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds) \
             or not all(isinstance(s, int) for s in seeds):

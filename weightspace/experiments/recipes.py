@@ -32,7 +32,7 @@ from ..registry import Entry, Paper, register
 from ..report.stats import Interval, fmt_interval, t_interval
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
-__all__ = ["KINDS", "DEFAULTS", "ANALYSES", "ANALYSIS_DEFAULTS", "merge_config", "set_path", "parse_override",
+__all__ = ["overlay_recipe", "KINDS", "DEFAULTS", "ANALYSES", "ANALYSIS_DEFAULTS", "merge_config", "set_path", "parse_override",
            "read_recipe", "load_recipe", "build_task", "split_per_class", "Run", "InputTransform", "pt_init",
            "model_label", "prepare", "init_seeds", "analyse_barriers", "analyse_similarity", "analyse_rewind",
            "analyse_block_shuffle", "analyse_criticality", "RUNNERS", "render_report", "run_transfer_recipe",
@@ -130,21 +130,27 @@ def read_recipe(source: str | os.PathLike | dict) -> tuple[dict, str]:
     return raw, where
 
 
+def overlay_recipe(raw: dict, where: str, defaults: dict, *, small: bool = False,
+                   overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
+    """``defaults`` overlaid with the recipe ``raw`` once its ``small:`` overrides (when asked) and then the
+    KEY=VALUE ``overrides`` are set in it; every recipe kind's loader reads its file this way.
+
+    Raises:
+        ConfigError: a malformed override, or a key that ``defaults`` does not know (named with ``where``)."""
+    pending = list((raw.get("small") or {}).items()) if small else []
+    pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    for k, v in pending:
+        set_path(raw, k, v, where)
+    return merge_config(defaults, raw, where)
+
+
 def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                 overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
     """Read a recipe (file or dict), apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
     raw, where = read_recipe(source)
     if raw.get("kind", "transfer") != "transfer":
         raise ConfigError(f"{where}: not a transfer recipe (kind: {raw.get('kind')}); run it with run_recipe")
-    pending = []
-    if small:
-        for k, v in (raw.get("small") or {}).items():
-            pending.append((k, v))
-    for o in overrides:
-        pending.append(parse_override(o) if isinstance(o, str) else tuple(o))
-    for k, v in pending:
-        set_path(raw, k, v, where)
-    cfg = merge_config(DEFAULTS, raw, where)
+    cfg = overlay_recipe(raw, where, DEFAULTS, small=small, overrides=overrides)
     for name, opts in list(cfg["analyses"].items()):
         if name not in ANALYSES:
             raise ConfigError(f"{where}: unknown analysis '{name}' (known: {', '.join(ANALYSES)})")

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -345,33 +346,23 @@ class Checkpoint(Mapping):
         t = backend[raw]
         return t.dtype, tuple(t.shape)
 
+    def _sizes(self) -> Iterator[tuple[int, int]]:
+        """(elements, bytes) of every tensor, tied ones counted once; read from the headers, no data."""
+        for k in self:
+            if k not in self.aliases:
+                dtype, shape = self.info(k)
+                n = math.prod(shape)
+                yield n, n * dtype.itemsize
+
     @property
     def num_params(self) -> int:
         """Total number of elements over all tensors (tied ones counted once)."""
-        n = 0
-        for k in self:
-            if k in self.aliases:
-                continue
-            _, shape = self.info(k)
-            c = 1
-            for s in shape:
-                c *= s
-            n += c
-        return n
+        return sum(n for n, _ in self._sizes())
 
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data (tied ones counted once)."""
-        total = 0
-        for k in self:
-            if k in self.aliases:
-                continue
-            dtype, shape = self.info(k)
-            c = 1
-            for s in shape:
-                c *= s
-            total += c * dtype.itemsize
-        return total
+        return sum(b for _, b in self._sizes())
 
     @property
     def provenance(self) -> dict | None:

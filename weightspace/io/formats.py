@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -99,15 +100,6 @@ class SafetensorsReader:
         t = raw.view(info.dtype)
         return t if ranged else t.reshape(info.shape)
 
-    def nbytes(self, key: str) -> int:
-        """Bytes of one tensor's data."""
-        info = self.tensors[key]
-        return info.end - info.begin
-
-    def read_raw(self, begin: int, end: int) -> bytes:
-        """Read a byte range (used to hash a file in offset order)."""
-        return os.pread(self._fd, end - begin, begin)
-
     def close(self) -> None:
         """Close the file descriptor."""
         if self._fd >= 0:
@@ -193,17 +185,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, int]]]:
-    """Build a safetensors header for tensors written in the given order; returns header bytes and sizes."""
+    """Build a safetensors header for tensors written in the given order; returns header bytes and sizes.
+
+    Raises:
+        CheckpointError: a dtype safetensors cannot store (naming the key)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     pos = 0
     sizes = []
     for key, dtype, shape in entries:
-        numel = 1
-        for s in shape:
-            numel *= s
-        n = numel * element_size(dtype)
+        n = math.prod(shape) * element_size(dtype)
         name = DTYPE_NAMES.get(dtype)
         if name is None:
             raise CheckpointError(f"key {key!r}: safetensors cannot store {dtype}", key=key)
@@ -220,7 +212,12 @@ def header_for(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], meta
 
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                       tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> None:
-    """Write tensors in header order as they arrive, so only one tensor need be in memory at a time."""
+    """Write tensors in header order as they arrive, so only one tensor need be in memory at a time.
+
+    Raises:
+        CheckpointError: a dtype safetensors cannot store.
+        OSError: the file cannot be written (``atomic_output`` around it turns that into OutputError).
+        RuntimeError: tensors that do not arrive as the header announced them (a bug of the caller)."""
     head, sizes = header_for(entries, metadata)
     i, written = 0, 0
     # Written synchronously: a writer thread was measured slower (each hand-over waits for the GIL, and on a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -102,10 +103,7 @@ def _human(n: int) -> str:
 
 
 def _nbytes(entry: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
-    n = entry[1].itemsize
-    for s in entry[2]:
-        n *= s
-    return n
+    return entry[1].itemsize * math.prod(entry[2])
 
 
 def _as_stream(obj: Savable, where: Path) -> TensorStream:

@@ -20,7 +20,7 @@ import torch
 from ..errors import CheckpointNotFound, SourceError, WeightspaceError, hub_error
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 
-__all__ = ["WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
+__all__ = ["split_query", "WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
            "set_default_options", "default_options_for", "default_options", "split_options", "PROBE_TIMEOUT_S",
            "hub_reachable", "commit_of", "cached_commit", "parse_hub", "timm_classifier_classes", "SCHEMES", "resolve",
            "short_name", "open_source", "load"]
@@ -56,7 +56,10 @@ _defaults = SourceOptions()
 
 
 def set_default_options(options: SourceOptions) -> None:
-    """Set the options of sources that do not carry their own (the CLI's --ema and --strip-prefix)."""
+    """Set the options of sources that do not carry their own (the CLI's --ema and --strip-prefix).
+
+    Raises:
+        ValueError: ``options.ema`` is not one of EMA_CHOICES (a programming error: the CLI validates it)."""
     global _defaults
     if options.ema not in EMA_CHOICES:
         raise ValueError(f"ema must be one of {EMA_CHOICES}")
@@ -271,7 +274,10 @@ def cached_commit(repo_id: str, filename: str = "model.safetensors") -> str | No
 
 
 def parse_hub(spec: str) -> tuple[str, str | None, str | None]:
-    """Split 'org/repo[@rev][/file]' into (repo_id, revision, filename)."""
+    """Split 'org/repo[@rev][/file]' into (repo_id, revision, filename).
+
+    Raises:
+        SourceError: ``spec`` does not name org/repo."""
     parts = spec.strip("/").split("/")
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise SourceError(f"{spec}: a Hub source needs org/repo", path=spec)
@@ -329,11 +335,10 @@ def _hub(source: str, spec: str, options: SourceOptions | None = None) -> Resolv
             raise hub_error(source, e, cache_hint=_offline_hint()) from None
 
 
-def _query(spec: str) -> tuple[str, dict[str, str]]:
-    if "?" in spec:
-        name, q = spec.split("?", 1)
-        return name, dict(parse_qsl(q))
-    return spec, {}
+def split_query(spec: str) -> tuple[str, dict[str, str]]:
+    """'name?a=1&b=2' → ('name', {'a': '1', 'b': '2'}): how source and model specs carry their options."""
+    name, _, q = spec.partition("?")
+    return name, dict(parse_qsl(q))
 
 
 def timm_classifier_classes(path: "Path | Mapping", name: str) -> int | None:
@@ -374,7 +379,7 @@ def _timm_in_chans(sd: Mapping, name: str) -> int | None:
 
 def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resolved:
     import timm
-    name, opts = _query(spec)
+    name, opts = split_query(spec)
     overlay: dict = {}
     kwargs: dict = {}
     variant = ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -370,7 +370,7 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
                negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
                progress: bool = False, ema: bool | None = None, threads: int | None = None,
                max_memory: int | str | None = None, device: str | torch.device | None = None,
-               weights: Sequence[float] | None = None, **options) -> tuple[MergeMethod, MergePlan, dict]:
+               weights: Sequence[float] | None = None, **options: Any) -> tuple[MergeMethod, MergePlan, dict]:
     """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
 
     ``weights`` scale each model's task vector (default 1 each; TIES then takes a weighted disjoint mean).
@@ -437,7 +437,7 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, 
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
           progress: bool = False, ema: bool | None = None, threads: int | None = None,
           max_memory: int | str | None = None, device: str | torch.device | None = None,
-          **options) -> TensorStream:
+          **options: Any) -> TensorStream:
     """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``.
 
     Pieces are computed on ``threads`` workers (default: every core) under ``max_memory`` bytes (see
@@ -477,14 +477,16 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, 
 
 
 def task_arithmetic(base: Source, models: Sequence[Source], *, scale: float = 1.0,
-                    negate: Sequence[bool] | None = None, **kw) -> StateDict:
-    """Task arithmetic (Ilharco et al. 2023): θ_pre + λ·Σ_t s_t·(θ_t − θ_pre); s_t = −1 where negated."""
+                    negate: Sequence[bool] | None = None, **kw: Any) -> StateDict:
+    """Task arithmetic (Ilharco et al. 2023): θ_pre + λ·Σ_t s_t·(θ_t − θ_pre); s_t = −1 where negated. In memory;
+    ``kw`` and what it raises as ``merge``."""
     return merge("task-arithmetic", base, models, scale=scale, negate=negate, **kw).to_dict()
 
 
 def ties_merge(base: Source, models: Sequence[Source], *, scale: float = 1.0, keep: float = 0.2,
-               negate: Sequence[bool] | None = None, **kw) -> StateDict:
-    """TIES-merging (Yadav et al. 2023): trim to the top ``keep`` fraction, elect signs, disjoint mean, θ_pre + λ·τ."""
+               negate: Sequence[bool] | None = None, **kw: Any) -> StateDict:
+    """TIES-merging (Yadav et al. 2023): trim to the top ``keep`` fraction, elect signs, disjoint mean, θ_pre + λ·τ.
+    In memory; ``kw`` and what it raises as ``merge``."""
     return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).to_dict()
 
 
@@ -501,11 +503,15 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
                  evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float],
                  maximize: bool = True, negate: Sequence[bool] | None = None, precision: str = "fp32",
                  allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
-                 threads: int | None = None, max_memory: int | str | None = None, **options) -> ScaleSearch:
+                 threads: int | None = None, max_memory: int | str | None = None, **options: Any) -> ScaleSearch:
     """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value.
 
     The merged task vector does not depend on λ, so it is computed once (θ_pre and δ held in memory, two models'
     worth) and each candidate costs one axpy and one call of ``evaluate``.
+
+    Raises:
+        ConfigError: an empty grid or a non-finite value in it; otherwise as ``plan_merge``.
+        IncompatibleCheckpoints, NonFiniteError: as ``plan_merge``.
     """
     grid = [float(x) for x in grid]
     if not grid or not all(math.isfinite(x) for x in grid):

@@ -258,41 +258,39 @@ def piece_streams(keys: list[str], info: Callable[[str], tuple[torch.dtype, tupl
         run_piece(key, start, stop, out)
         return key, out, buf, final
 
+    def tasks(split_tasks: Callable[[str, torch.dtype, tuple[int, ...], int], Iterator[tuple]]) -> Iterator[tuple]:
+        """One task per whole tensor, or ``split_tasks``' pieces of a split one; lazily, as ordered_map asks."""
+        for key in iterate_keys(keys):
+            dtype, shape = info(key)
+            n = math.prod(shape)
+            if key not in split or n == 0:
+                yield key, 0, n, None, None, None
+            else:
+                yield from split_tasks(key, dtype, shape, n)
+
     def pieces() -> Iterator[tuple[str, torch.Tensor]]:
         pool = BufferPool(ex.piece * out_size, pin=ex.device.type == "cuda")
 
-        def tasks() -> Iterator[tuple]:
-            for key in iterate_keys(keys):
-                dtype, shape = info(key)
-                n = math.prod(shape)
-                if key not in split or n == 0:
-                    yield key, 0, n, None, None, None
-                    continue
-                for start, stop in ex.ranges(n):
-                    buf = pool.take()
-                    yield key, start, stop, buf[: (stop - start) * dtype.itemsize].view(dtype), buf, None
+        def into_buffers(key: str, dtype: torch.dtype, shape: tuple[int, ...], n: int) -> Iterator[tuple]:
+            for start, stop in ex.ranges(n):
+                buf = pool.take()
+                yield key, start, stop, buf[: (stop - start) * dtype.itemsize].view(dtype), buf, None
 
         held: list[torch.Tensor] = []
-        for key, t, buf, _ in ordered_map(work, tasks(), ex.threads, ex.depth):
+        for key, t, buf, _ in ordered_map(work, tasks(into_buffers), ex.threads, ex.depth):
             yield key, t
             for old in held:  # the consumer asked for the piece after this one: the one before is free
                 pool.give(old)
             held = [buf] if buf is not None else []
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        def tasks() -> Iterator[tuple]:
-            for key in iterate_keys(keys):
-                dtype, shape = info(key)
-                n = math.prod(shape)
-                if key not in split or n == 0:
-                    yield key, 0, n, None, None, None
-                    continue
-                result = torch.empty(shape, dtype=dtype)
-                flat = result.view(-1)
-                for start, stop in ex.ranges(n):
-                    yield key, start, stop, flat[start:stop], None, (result if stop == n else None)
+        def into_tensor(key: str, dtype: torch.dtype, shape: tuple[int, ...], n: int) -> Iterator[tuple]:
+            result = torch.empty(shape, dtype=dtype)
+            flat = result.view(-1)
+            for start, stop in ex.ranges(n):
+                yield key, start, stop, flat[start:stop], None, (result if stop == n else None)
 
-        for key, t, _, final in ordered_map(work, tasks(), ex.threads, ex.depth):
+        for key, t, _, final in ordered_map(work, tasks(into_tensor), ex.threads, ex.depth):
             if final is True:
                 yield key, t
             elif final is not None:  # the last piece of a tensor is done (its earlier pieces were due before it)

@@ -9,7 +9,7 @@ import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -316,50 +316,79 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     return out
 
 
-def uniform_soup_stream(sources: Sequence[Source], **kw) -> TensorStream:
-    """Streaming uniform soup: the plain mean of all ingredients."""
+def uniform_soup_stream(sources: Sequence[Source], **kw: Any) -> TensorStream:
+    """Streaming uniform soup: the plain mean of all ingredients.
+
+    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
+    device, ...).
+
+    Raises:
+        CheckpointError, SourceError: a source cannot be read.
+        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``."""
     n = len(sources)
     return linear_combination(sources, [1.0 / n] * n if n else [], op="uniform_soup", **kw)
 
 
-def weighted_average_stream(sources: Sequence[Source], weights: Sequence[float], **kw) -> TensorStream:
-    """Streaming weighted average; weights are normalised to sum to 1 (the raw ones are recorded)."""
+def weighted_average_stream(sources: Sequence[Source], weights: Sequence[float], **kw: Any) -> TensorStream:
+    """Streaming weighted average; weights are normalised to sum to 1 (the raw ones are recorded).
+
+    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
+    device, ...).
+
+    Raises:
+        CheckpointError, SourceError: a source cannot be read.
+        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``; also one weight per
+            source is needed, and weights that sum to zero or overflow are refused."""
     if len(weights) != len(sources):
         raise ConfigError(f"weighted average: {len(weights)} weights for {len(sources)} checkpoints")
     return linear_combination(sources, normalised_weights(weights), op="weighted_average",
                               extra={"weights_given": [float(x) for x in weights]}, **kw)
 
 
-def lerp_stream(a: Source, b: Source, alpha: float, **kw) -> TensorStream:
-    """Streaming linear interpolation (1−α)·a + α·b."""
+def lerp_stream(a: Source, b: Source, alpha: float, **kw: Any) -> TensorStream:
+    """Streaming linear interpolation (1−α)·a + α·b.
+
+    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
+    device, ...).
+
+    Raises:
+        CheckpointError, SourceError: a source cannot be read.
+        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``; also a non-finite ``alpha``."""
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ConfigError(f"--alpha {alpha}: must be a finite number")
     return linear_combination([a, b], [1.0 - alpha, alpha], op="lerp", extra={"alpha": alpha}, **kw)
 
 
-def task_vector_stream(a: Source, base: Source, **kw) -> TensorStream:
-    """Streaming task vector a − base over floating tensors (integer buffers are a's)."""
+def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
+    """Streaming task vector a − base over floating tensors (integer buffers are a's).
+
+    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
+    device, ...).
+
+    Raises:
+        CheckpointError, SourceError: a source cannot be read.
+        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``."""
     return linear_combination([a, base], [1.0, -1.0], op="task_vector", **kw)
 
 
-def uniform_soup(sources: Sequence[Source], **kw) -> StateDict:
-    """Uniform soup (Wortsman et al. 2022): the mean of the ingredients' weights."""
+def uniform_soup(sources: Sequence[Source], **kw: Any) -> StateDict:
+    """Uniform soup (Wortsman et al. 2022): the mean of the ingredients' weights. In memory; raises what ``uniform_soup_stream`` raises."""
     return uniform_soup_stream(sources, **kw).to_dict()
 
 
-def weighted_average(sources: Sequence[Source], weights: Sequence[float], **kw) -> StateDict:
-    """Weighted average of checkpoints; weights are normalised to sum to 1."""
+def weighted_average(sources: Sequence[Source], weights: Sequence[float], **kw: Any) -> StateDict:
+    """Weighted average of checkpoints; weights are normalised to sum to 1. In memory; raises what ``weighted_average_stream`` raises."""
     return weighted_average_stream(sources, weights, **kw).to_dict()
 
 
-def lerp(a: Source, b: Source, alpha: float, **kw) -> StateDict:
-    """Linear interpolation (1−α)·a + α·b."""
+def lerp(a: Source, b: Source, alpha: float, **kw: Any) -> StateDict:
+    """Linear interpolation (1−α)·a + α·b. In memory; raises what ``lerp_stream`` raises."""
     return lerp_stream(a, b, alpha, **kw).to_dict()
 
 
-def task_vector(a: Source, base: Source, **kw) -> StateDict:
-    """Task vector τ = a − base (Ilharco et al. 2023)."""
+def task_vector(a: Source, base: Source, **kw: Any) -> StateDict:
+    """Task vector τ = a − base (Ilharco et al. 2023). In memory; raises what ``task_vector_stream`` raises."""
     return task_vector_stream(a, base, **kw).to_dict()
 
 

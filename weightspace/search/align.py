@@ -30,7 +30,7 @@ from torch import fx, nn
 
 from ..io.checkpoint import Source
 from ..io.sources import load
-from ..errors import AlignmentError, IncompatibleCheckpoints
+from ..errors import AlignmentError, IncompatibleCheckpoints, misfit
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.stream import tensor_progress, single_thread
 from ..registry import Entry, Paper, register
@@ -618,7 +618,13 @@ def _verify(gm: fx.GraphModule, before: Mapping[str, torch.Tensor], after: Mappi
 def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", data: Iterable | Callable | None = None,
           seed: int = 0, max_rounds: int = 100, example_input: torch.Tensor | None = None,
           progress: bool = False) -> tuple[StateDict, dict]:
-    """Permute B's hidden units to match A (Git Re-Basin); returns (B permuted, info). B's function is unchanged."""
+    """Permute B's hidden units to match A (Git Re-Basin); returns (B permuted, info). B's function is unchanged.
+
+    Raises:
+        AlignmentError: an unknown ``method``, activation matching without ``data``, a model torch.fx cannot
+            trace, or an aligned model whose outputs differ from B's.
+        IncompatibleCheckpoints: A or B lacks keys of ``model`` or holds another shape.
+        CheckpointError, SourceError: A or B cannot be read."""
     if method not in ("weights", "activations"):
         raise AlignmentError(f"method '{method}': expected 'weights' or 'activations'")
     if method == "activations" and data is None:
@@ -630,8 +636,7 @@ def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", da
         # a BatchNorm's num_batches_tracked is neither permuted nor read: published files may leave it out
         missing = [k for k in want if k not in ck and not k.endswith("num_batches_tracked")]
         if missing:
-            raise IncompatibleCheckpoints(f"{ck.source}: {len(missing)} keys of the model are missing "
-                                          f"(e.g. {', '.join(repr(k) for k in missing[:3])})", path=ck.source)
+            raise misfit(ck.source, missing)
         bad = [k for k in want if k in ck and tuple(ck.info(k)[1]) != tuple(want[k].shape)]
         if bad:
             raise IncompatibleCheckpoints(f"{ck.source}: key '{bad[0]}' has shape {list(ck.info(bad[0])[1])}, "

@@ -172,6 +172,11 @@ def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bo
 
     ``evaluate(weights)`` returns a float or anything ``float()`` accepts (Metrics: accuracy on its first dataset);
     ``scores`` (the ingredients' own validation scores, if already known) saves their evaluation.
+
+    Raises:
+        ConfigError: no ingredients or an unknown ``precision``.
+        IncompatibleCheckpoints: the ingredients differ in keys, shapes or dtype kinds.
+        CheckpointError, SourceError: an ingredient cannot be read.
     """
     if not ingredients:
         raise ConfigError("greedy soup: needs at least one ingredient")
@@ -426,6 +431,11 @@ def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_e
     ensemble rows are computed from those cached logits without further forward passes. ``val_evaluate``
     (defaults to ``evaluate``) scores greedy candidates on validation only. Returns the leaderboard, the soups
     {"uniform", "greedy"} and the greedy soup's decisions.
+
+    Raises:
+        ConfigError: no ingredients, an unknown ``precision``, or ensembles asked for without cached logits.
+        IncompatibleCheckpoints, NonFiniteError: as the uniform and greedy soups.
+        CheckpointError, SourceError: an ingredient cannot be read.
     """
     if not ingredients:
         raise ConfigError("soup leaderboard: needs at least one ingredient")

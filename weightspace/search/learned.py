@@ -34,7 +34,7 @@ from .._version import __version__
 from ..io.checkpoint import Source
 from ..io.sources import load
 from ..eval.data import TensorData
-from ..errors import ConfigError
+from ..errors import ConfigError, misfit
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.stream import SOUPS_PAPER, check_compatible
 from ..registry import Entry, register
@@ -120,6 +120,11 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
     ``model`` is the architecture (its own weights are not used or changed); the ingredients' tensors are moved
     to its device. ``batch_size`` None (default) optimises on the whole validation set at every step; else each
     step takes the next batch of a seeded shuffle. ``steps`` Adam steps at learning rate ``lr``.
+
+    Raises:
+        ConfigError: no ingredients, empty ``val``, or negative ``steps`` or a learning rate that is not positive.
+        IncompatibleCheckpoints: the ingredients differ from each other or lack keys of ``model``.
+        CheckpointError, SourceError: an ingredient cannot be read.
     """
     if not ingredients:
         raise ConfigError("learned soup: needs at least one ingredient")
@@ -136,7 +141,7 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
     want = model.state_dict()
     missing = sorted(set(want) - set(cks[0]))
     if missing:
-        raise ConfigError(f"{cks[0].source}: does not fit the model: missing {len(missing)} keys ({', '.join(missing[:3])})")
+        raise misfit(cks[0].source, missing)
     keys = [k for k in want]
     dtypes = {k: cks[0].info(k)[0] for k in keys}
     floats = [k for k in keys if dtypes[k].is_floating_point]

@@ -29,6 +29,13 @@ __all__ = ["ImageSource", "FolderSource", "TarSource", "WebDatasetSource", "HFDa
            "open_source", "is_image_source", "require_extra"]
 
 
+def _timm_samples(reader: Any) -> tuple[list, np.ndarray, list[str]]:
+    """What a timm reader listed: each sample (a path or a tar member), the targets, the class names by index."""
+    items = [s[0] for s in reader.samples]
+    targets = np.asarray([s[1] for s in reader.samples], dtype=np.int64)
+    return items, targets, [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])]
+
+
 def require_extra(module: str, what: str) -> Any:
     """Import an optional dependency of the ``data`` extra, or raise one line naming the extra."""
     import importlib
@@ -88,9 +95,7 @@ class FolderSource(ImageSource):
             raise ConfigError(f"{root}: not an image folder ({e})") from None
         if len(reader) == 0:
             raise ConfigError(f"{root}: no images found (expected ROOT/CLASS/IMAGE files)")
-        self.paths = [s[0] for s in reader.samples]
-        self.targets = np.asarray([s[1] for s in reader.samples], dtype=np.int64)
-        self.classes = [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])]
+        self.paths, self.targets, self.classes = _timm_samples(reader)
 
     def identity(self) -> dict:
         rel = [os.path.relpath(p, self.root) for p in self.paths]
@@ -150,9 +155,7 @@ class TarSource(_TarMembers):
             raise ConfigError(f"{path}: not a readable tar archive ({e})") from None
         if len(reader) == 0:
             raise ConfigError(f"{path}: no images found (expected CLASS/IMAGE members)")
-        self.members = [s[0] for s in reader.samples]
-        self.targets = np.asarray([s[1] for s in reader.samples], dtype=np.int64)
-        self.classes = [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])]
+        self.members, self.targets, self.classes = _timm_samples(reader)
 
     def _member(self, i: int) -> tuple[str, tarfile.TarInfo]:
         return str(self.path), self.members[i]
