@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -45,7 +45,7 @@ from ..search.greedy import Leaderboard
 from ..search.greedy import soup_leaderboard
 
 __all__ = ["MODEL", "SIZE", "DATA", "GRID", "WITHIN", "BASIN_TOLERANCE", "DemoSize", "SIZES", "shifted",
-           "checkpoint_names", "run_demo"]
+           "checkpoint_names", "run_demo", "basin_verdict"]
 
 MODEL = "weightspace.eval.zoo:small_cnn?width=16"
 SIZE = 14  # MNIST averaged over 2×2 blocks: 4× fewer pixels, the same digits (CPU time is the demo's budget)
@@ -219,7 +219,7 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
         basin = pairwise_barriers(ingredients, val_ev, tolerance=BASIN_TOLERANCE,
                                   names=[Path(p).stem for p in ingredients],
                                   ends=[m[val.name]["error"] for m in individual])
-        verdict = _basin_verdict(lb, basin, val.name)
+        verdict = basin_verdict(lb, basin, val.name)
         lb.extra["basin"] = verdict
         for row in lb.rows:
             if row["method"] == "uniform soup" and verdict["uniform_loses"]:
@@ -276,7 +276,9 @@ def _regime(ft_m: list, sc_m: list, val: str, test: str, runs: dict) -> dict:
     }
 
 
-def _basin_verdict(lb, basin, val: str) -> dict:
+def basin_verdict(lb: Any, basin: Any, val: str) -> dict:
+    """Whether the uniform soup loses to the best ingredient on ``val`` (a soup leaderboard ``lb``), and which
+    ingredients the basin check (``basin``, a BasinResult) flags as outside the others' basin."""
     uni = lb.row("uniform soup")["metrics"][val]["accuracy"]
     best = lb.row("best individual (val)")["metrics"][val]["accuracy"]
     return {"uniform_val_accuracy": uni, "best_individual_val_accuracy": best, "uniform_loses": uni < best,

@@ -48,15 +48,11 @@ def load_soup_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     Raises:
         ConfigError: unreadable or malformed recipe (no model, fewer than two ingredients, no val or test data).
     """
-    from .recipes import merge_config, parse_override, read_recipe, set_path
+    from .recipes import overlay_recipe, read_recipe
     raw, where = read_recipe(source)
     if raw.get("kind") != KIND:
         raise ConfigError(f"{where}: not a {KIND} recipe (kind: {KIND})")
-    pending = list((raw.get("small") or {}).items()) if small else []
-    pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
-    for k, v in pending:
-        set_path(raw, k, v, where)
-    cfg = merge_config(DEFAULTS, raw, where)
+    cfg = overlay_recipe(raw, where, DEFAULTS, small=small, overrides=overrides)
     if not cfg["model"]:
         raise ConfigError(f"{where}: model is required (timm:NAME, timm:hf-hub:ORG/NAME, open_clip:ARCH, ...)")
     ingredients = cfg["ingredients"]
@@ -94,7 +90,7 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
     from ..eval.modules import build_model_for
     from ..io.save import save
     from ..search.greedy import Leaderboard, soup_leaderboard
-    from .demo import _basin_verdict
+    from .demo import basin_verdict
 
     cfg = load_soup_recipe(recipe, small=small, overrides=overrides)
     cfg["small_run"] = small
@@ -128,7 +124,7 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
     val_ev = Evaluator(ev.model, [val], device=device, batch_size=batch_size)  # the same model instance
     basin = pairwise_barriers(ingredients, val_ev, tolerance=float(an["basin_tolerance"]), names=names,
                               ends=[m[val.name]["error"] for m in individual])
-    verdict = _basin_verdict(lb, basin, val.name)
+    verdict = basin_verdict(lb, basin, val.name)
     lb.extra["basin"] = verdict
     timings["basin"] = time.perf_counter() - t2
 
