@@ -174,3 +174,36 @@ def test_soup_of_hub_fine_tunes(stand_in_hub, cli, tmp_path):
         assert torch.allclose(greedy[k], sum(p[k] for p in parts) / len(parts), atol=1e-6)
     assert len(res["basin"]["names"]) == 4 and [f["id"] for f in res["findings"]] == ["a", "b"]
     assert (out / "curve.png").exists() and (out / "REPORT.md").read_text().count("avg shifts") >= 1
+
+
+def test_a_hub_id_missing_from_the_offline_cache_is_one_line(stand_in_hub, cli, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))
+    for name, repo in (("soup.yaml", "timm/vit_base_patch16_clip_224.openai_ft_in1k"),
+                       ("what-is-transferred.yaml", "timm/resnet50.a1_in1k")):
+        out = tmp_path / name
+        r = cli("recipe", "run", RECIPES / name, "--out", out, "--small", "--quiet")
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert repo in r.stderr and "HF_HUB_OFFLINE is set and it is not in the cache" in r.stderr
+        assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+@pytest.mark.gpu
+def test_transfer_trains_and_evaluates_on_the_gpu(stand_in_hub, tmp_path):
+    """The configuration as a GPU machine runs it (--device cuda): training, analyses and report on the device.
+    bench/gpu_check.sh runs it (pytest -m gpu); WEIGHTSPACE_TEST_DEVICE=cpu checks the plumbing without a GPU."""
+    from weightspace.experiments.runner import run_recipe
+    device = os.environ.get("WEIGHTSPACE_TEST_DEVICE", "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail("GPU tests need CUDA: run them with bench/gpu_check.sh on a GPU machine (make test deselects them)")
+    r = run_recipe(RECIPES / "what-is-transferred.yaml", tmp_path / "run", small=True, progress=False, device=device)
+    assert [f["id"] for f in r["findings"]] == ["a", "b", "c", "d"]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    accs = [m["accuracy"] for m in res["results"]["models"].values()]
+    assert len(accs) == 6 and all(0.0 <= a <= 1.0 for a in accs)
+    init = st.load_file(tmp_path / "run" / "checkpoints" / "pt-init-7.safetensors")
+    tuned = st.load_file(tmp_path / "run" / "checkpoints" / "pt-7-1.safetensors")
+    assert sorted(init) == sorted(tuned) and not torch.equal(init["fc.weight"], tuned["fc.weight"])  # trained there

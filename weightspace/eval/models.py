@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..io.sources import split_query
+from ..io.sources import hub_call, split_query
 
 __all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model"]
 
@@ -87,7 +87,8 @@ def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | No
         import timm
         name = base[len("timm:"):]
         try:
-            model = timm.create_model(name, pretrained=False, **kwargs)
+            with hub_call(f"--model {spec}"):  # an hf-hub:ORG/NAME name reads the repo's config.json
+                model = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as e:
             raise ConfigError(f"--model {spec}: {str(e).splitlines()[0]}") from None
         except TypeError as e:
@@ -98,7 +99,8 @@ def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | No
         classes = kwargs.pop("classes", None)
         names = [c.strip() for c in str(classes).split(",")] if classes else None
         try:
-            clip = open_clip.create_model(arch, pretrained=None, device="cpu")
+            with hub_call(f"--model {spec}"):  # an hf-hub:ORG/NAME architecture reads open_clip_config.json
+                clip = open_clip.create_model(arch, pretrained=None, device="cpu")
         except RuntimeError as e:
             raise ConfigError(f"--model {spec}: {str(e).splitlines()[0]}") from None
         n = kwargs.get("num_classes") or (len(names) if names else None)

@@ -96,8 +96,8 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
     cfg["small_run"] = small
     out = Path(out)
     soupdir = out / "soups"
-    report.check_outputs(out, [*Leaderboard.FILES, *BasinResult.FILES, *CurveSet.FILES, "REPORT.md"], force)
-    report.check_outputs(soupdir, ["uniform.safetensors", "greedy.safetensors"], force)
+    report.check_outputs(out, [*Leaderboard.FILES, *BasinResult.FILES, *CurveSet.FILES, "REPORT.md",
+                               "soups/uniform.safetensors", "soups/greedy.safetensors"], force)
     an, ingredients = cfg["analysis"], [str(s) for s in cfg["ingredients"]]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

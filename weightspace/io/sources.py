@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolve
 
 __all__ = ["split_query", "WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
            "set_default_options", "default_options_for", "default_options", "split_options", "PROBE_TIMEOUT_S",
-           "hub_reachable", "commit_of", "cached_commit", "parse_hub", "timm_classifier_classes", "SCHEMES", "resolve",
+           "hub_reachable", "hub_call", "commit_of", "cached_commit", "parse_hub", "timm_classifier_classes", "SCHEMES", "resolve",
            "short_name", "open_source", "load"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -247,6 +247,24 @@ def _quiet_hub() -> Iterator[None]:
         logging.getLogger().removeHandler(null)
         for lg, level in zip(logs, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def hub_call(target: str) -> Iterator[None]:
+    """A call into a library that may download from the Hub (e.g. timm building an ``hf-hub:ORG/NAME`` model from
+    its config.json): quick and quiet when the Hub is unreachable, and huggingface_hub's errors as one line naming
+    ``target``.
+
+    Raises:
+        HubDownloadError: the download failed (not in the cache while offline, gated, no such repo or file, ...).
+    """
+    try:
+        with _quiet_hub():
+            yield
+    except Exception as e:
+        if type(e).__module__.startswith("huggingface_hub"):
+            raise hub_error(target, e, cache_hint=_offline_hint()) from None
+        raise
 
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
