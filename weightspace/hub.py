@@ -531,6 +531,12 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
     ``{"architecture": "resnet18", "num_classes": 10[, "pretrained_cfg": {...}]}``, for open_clip
     ``{"open_clip_arch": "ViT-B-32"}`` or ``{"model_cfg": {...}[, "preprocess_cfg": {...}]}``.
     The token comes from ``token``, else from huggingface_hub's usual places (HF_TOKEN, stored login).
+
+    Raises:
+        HubError: a bad repository name or revision, offline mode, no token, a config that does not fit the
+            weights, or the Hub's refusal (401, 403, 400, ...) or silence, mapped by ``errors.hub_error``.
+        OutputExists: ``dry_run_dir`` is not empty and ``force`` is False.
+        CheckpointError, SourceError: the checkpoint cannot be read.
     """
     _validate_repo_id(repo_id)
     if not revision or not isinstance(revision, str):

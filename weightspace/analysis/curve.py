@@ -241,6 +241,13 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
     ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.fixes) at every α: each channel's
     activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
+
+    Raises:
+        ConfigError: fewer than two points or non-finite α; ``recalibrate_bn`` or ``repair`` data without an
+            Evaluator to apply it to.
+        IncompatibleCheckpoints: A and B differ in keys, shapes or dtype kinds, or do not fit the Evaluator's model.
+        NonFiniteError: A or B holds NaN or Inf.
+        CheckpointError, SourceError: A or B cannot be read.
     """
     grid = _alphas(steps, alphas)
     ca, cb = load(a), load(b)
