@@ -20,6 +20,7 @@ Everything is seeded and runs on one CPU thread, so the same seed gives the same
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -235,6 +236,9 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
                                       label="random-init pair", progress=progress)]
         timings["curves"] = time.perf_counter() - t4
 
+    # paths inside the run folder are recorded relative to it: the same run gives the same bytes wherever it lives
+    for c in curves:
+        c.a, c.b = _in_run(c.a, out), _in_run(c.b, out)
     results = {"command": "demo", "weightspace_version": __version__, "seed": seed,
                "size": "small" if small else "full", "config": asdict(size), "model": MODEL,
                "grid": [{"lr": lr, "augment": aug} for lr, aug in GRID[:size.ingredients]],
@@ -246,13 +250,26 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
                "training": runs_info, "regime": regime, "basin": basin.to_dict(),
                "soups": soup_paths, "greedy": greedy.to_dict(),
                "barriers": {c.label: c.barriers for c in curves}}
-    files = {k: str(v) for k, v in lb.write(out, force=force, extra=results).items()}
+    portable = replace(lb, rows=_in_run(lb.rows, out), extra=_in_run(lb.extra, out))
+    files = {k: str(v) for k, v in portable.write(out, force=force, extra=_in_run(results, out)).items()}
     files.update({f"basin_{k}": str(v) for k, v in basin.write(out, force=force).items()})
     files.update({f"curve_{k}": str(v) for k, v in CurveSet(curves).write(out, force=force, extra={
         "command": "demo", "seed": seed}).items()})
     # the manifest lets the next --force remove exactly this run's files (a full run's ft3-ft7 after a small one)
     record_run(out, [ckdir / n for n in names] + list(soup_paths.values()) + list(files.values()), force=force)
     return {**results, "leaderboard": lb, "curves": curves, "files": files, "timings": timings}
+
+
+def _in_run(value: Any, out: Path) -> Any:
+    """``value`` with every string that is a path inside the run folder ``out`` made relative to it (recursively
+    through dicts and lists); other strings unchanged."""
+    if isinstance(value, dict):
+        return {k: _in_run(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_run(v, out) for v in value]
+    if isinstance(value, str) and (value.startswith(str(out) + os.sep)):
+        return os.path.relpath(value, out)
+    return value
 
 
 def _regime(ft_m: list, sc_m: list, val: str, test: str, runs: dict) -> dict:

@@ -65,11 +65,12 @@ def _portable_source(source: str, out: Path) -> str:
 
 
 def _dump(prov: dict, out: Path) -> str:
-    ingredients = prov.get("ingredients")
-    if isinstance(ingredients, list):
-        prov = dict(prov, ingredients=[dict(i, source=_portable_source(i["source"], out))
-                                       if isinstance(i, dict) and isinstance(i.get("source"), str) else i
-                                       for i in ingredients])
+    for field in ("ingredients", "candidates"):  # a greedy soup records the candidates it tried beside the kept
+        listed = prov.get(field)
+        if isinstance(listed, list):
+            prov = dict(prov, **{field: [dict(i, source=_portable_source(i["source"], out))
+                                         if isinstance(i, dict) and isinstance(i.get("source"), str) else i
+                                         for i in listed]})
     return json.dumps(prov, sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
