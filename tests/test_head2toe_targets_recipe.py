@@ -79,7 +79,7 @@ def test_small_run_derives_affinity_gain_and_verdicts(small_run):
 def test_recipe_checks(tmp_path, cli):
     cfg = load_head2toe_targets_recipe(RECIPE, small=True)
     assert cfg["seeds"] == [1, 2, 3] and len(cfg["targets"]) == 4
-    assert len(load_head2toe_targets_recipe(RECIPE)["targets"]) == 5
+    assert len(load_head2toe_targets_recipe(RECIPE)["targets"]) == 6
     with pytest.raises(ConfigError, match="at least four entries"):
         load_head2toe_targets_recipe(RECIPE, overrides=["targets=[{name: a}, {name: b}, {name: c}]"])
     with pytest.raises(ConfigError, match="three different integer seeds"):

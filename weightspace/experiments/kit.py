@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -135,7 +136,6 @@ def task(entry: dict, name: str, where: str) -> tuple[TensorData, TensorData]:
         raise ConfigError(f"{where}: {name} needs train_per_class (the rest of its data is its test set)")
     d = build_task(e, name, where)
     tr, te = split_per_class(d, int(e["train_per_class"]), name)
-    from dataclasses import replace
     return (replace(tr, x=transform(tr.x).contiguous(), name=f"{name}:train"),
             replace(te, x=transform(te.x).contiguous(), name=f"{name}:test"))
 
