@@ -66,7 +66,10 @@ DEFAULTS: dict[str, Any] = {
 ANALYSES = ("barriers", "similarity", "rewind", "block_shuffle", "criticality")
 ANALYSIS_DEFAULTS: dict[str, dict] = {
     "barriers": {"steps": 11, "no_barrier_below": 0.02, "recalibrate_bn": True},
-    "similarity": {"modules": "tree:layer", "batch_size": None, "cka_margin": 0.0},
+    # full_limit: test sets larger than this get the minibatch estimate of linear CKA only: the activations of a
+    # big model on a whole test set do not fit in memory (ResNet-50's stem and stages at 224 px: ~9 MB per image
+    # and model in float32)
+    "similarity": {"modules": "tree:layer", "batch_size": None, "cka_margin": 0.0, "full_limit": 4096},
     "rewind": {"modules": "tree:layer", "to": ["init", "random"], "recalibrate_bn": True},
     "block_shuffle": {"blocks": [], "seed": 0, "seeds": None, "finetune": {}},
     "criticality": {"modules": "tree:layer", "epsilon": 0.1, "relative_epsilon": False, "alphas": 6,
@@ -496,6 +499,11 @@ def analyse_barriers(run: Run, opts: dict) -> None:
                          "table": "barriers.csv"})
 
 
+def _linear_cka(m: dict) -> float | None:
+    """A module's linear CKA on the full test set, else its minibatch estimate (sets above full_limit)."""
+    return m["linear_cka"] if m.get("linear_cka") is not None else m.get("minibatch_cka")
+
+
 def analyse_similarity(run: Run, opts: dict) -> None:
     """(b) L2 distance (parameters) and CKA (activations on the target test set) within each kind's pairs."""
     from .. import report
@@ -509,8 +517,9 @@ def analyse_similarity(run: Run, opts: dict) -> None:
         per_module[kind] = {}
         for a, b in _pairs(run, kind):
             r = model_similarity(run.models[kind][a], run.models[kind][b], model, test, modules=opts["modules"],
-                           batch_size=int(opts["batch_size"] or run.batch_size), device=run.device)
-            cka = [m["linear_cka"] for m in r.modules if m.get("linear_cka") is not None]
+                                 batch_size=int(opts["batch_size"] or run.batch_size), device=run.device,
+                                 full_limit=int(opts["full_limit"]))
+            cka = [_linear_cka(m) for m in r.modules if _linear_cka(m) is not None]
             out[kind].append({"pair": [a, b], "l2": r.total["l2"], "relative_l2": r.total["relative"],
                               "mean_linear_cka": _mean(cka),
                               "mean_rbf_cka": _mean([m.get("rbf_cka") for m in r.modules]),
@@ -523,7 +532,7 @@ def analyse_similarity(run: Run, opts: dict) -> None:
     for kind in KINDS:
         for m in modules:
             ms = per_module[kind][m]
-            rows.append([kind, m, _mean([x.get("linear_cka") for x in ms]), _mean([x.get("rbf_cka") for x in ms]),
+            rows.append([kind, m, _mean([_linear_cka(x) for x in ms]), _mean([x.get("rbf_cka") for x in ms]),
                          _mean([x["l2"] for x in ms]), _mean([x["relative_l2"] for x in ms])])
     report.write_csv(run.out / "similarity.csv", ["kind", "module", "linear_cka", "rbf_cka", "l2", "relative_l2"],
                      rows, force=run.force)
@@ -548,7 +557,8 @@ def analyse_similarity(run: Run, opts: dict) -> None:
     s["checks"] = {"l2": l2, "cka": cka}
     verdict = combine([l2["verdict"], cka["verdict"]])
     text = (f"Parameter L2 within pairs: P-T {s['P-T_l2']:.3f} vs RI-T {s['RI-T_l2']:.3f} (relative "
-            f"{s['P-T_relative_l2']:.3f} vs {s['RI-T_relative_l2']:.3f}); linear CKA averaged over modules: "
+            f"{s['P-T_relative_l2']:.3f} vs {s['RI-T_relative_l2']:.3f}); linear CKA averaged over modules"
+            f"{'' if len(test) <= int(opts['full_limit']) else ' (minibatch estimate: the test set is above full_limit)'}: "
             f"P-T {s['P-T_mean_linear_cka']:.4f} vs RI-T {s['RI-T_mean_linear_cka']:.4f} (RBF "
             f"{s['P-T_mean_rbf_cka']:.4f} vs {s['RI-T_mean_rbf_cka']:.4f}); same prediction on "
             f"{100 * s['P-T_same_prediction']:.1f}% vs {100 * s['RI-T_same_prediction']:.1f}% of test examples. "
