@@ -135,6 +135,8 @@ def test_transfer_from_a_hub_model(stand_in_hub, cli, tmp_path, name, repo):
     test = torch.load(tmp_path / "run" / "data" / "target_test.pt", weights_only=True)
     assert test["x"].dtype == torch.uint8 and test["x"].shape == (15, 3, 32, 32)
     assert len(res["results"]["models"]) == 6
+    cka = res["results"]["similarity"]["summary"]  # full_limit 0: the minibatch estimate, a number in [−1, 1]
+    assert all(-1.0 <= cka[f"{k}_mean_linear_cka"] <= 1.0 for k in ("P-T", "RI-T"))
     protocols = res["results"]["barriers"]["summary"]["protocols"]
     assert protocols == (["stored"] if "groupnorm" in name else ["stored", "re-estimated"])
     assert "Source model: the published weights `hf-hub:" + repo in (tmp_path / "run" / "REPORT.md").read_text()
