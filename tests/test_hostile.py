@@ -40,7 +40,7 @@ def _index(folder, weight_map) -> os.PathLike:
     return p
 
 
-@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "empty", "nonstring"])
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "empty", "nonstring", "folder"])
 def test_shards_stay_inside_the_index_folder(cli, tmp_path, pair, how):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -52,7 +52,8 @@ def test_shards_stay_inside_the_index_folder(cli, tmp_path, pair, how):
             "absolute": {"w": "part1.safetensors", "b": str(outside / "x.safetensors")},
             "symlink": {"w": "part1.safetensors", "b": "link.safetensors"},
             "empty": {},
-            "nonstring": {"w": "part1.safetensors", "b": 7}}
+            "nonstring": {"w": "part1.safetensors", "b": 7},
+            "folder": {"w": "part1.safetensors", "b": "."}}
     if how == "symlink":
         (folder / "link.safetensors").symlink_to(outside / "x.safetensors")
     index = _index(folder, maps[how])
@@ -61,7 +62,7 @@ def test_shards_stay_inside_the_index_folder(cli, tmp_path, pair, how):
         assert str(index) in msg
         assert {"dotdot": "outside the index's folder", "absolute": "outside the index's folder",
                 "symlink": "outside the index's folder", "empty": "empty 'weight_map'",
-                "nonstring": "not a shard file name"}[how] in msg
+                "nonstring": "not a shard file name", "folder": "shard '.' is not a file"}[how] in msg
     assert not (tmp_path / "out.safetensors").exists()
 
 

@@ -172,3 +172,27 @@ def test_killed_run_leaves_nothing(tmp_path, temp_kind, sig):
         assert sorted(os.listdir(tmp_path)) == ["out.bin"]
     else:
         assert left == []
+
+
+def test_a_report_folder_is_written_whole_or_not_at_all(tmp_path):
+    """The disk fills up at the plot: the results.json and CSV written before it go too, and the new folder."""
+    import errno
+
+    from weightspace import report
+    from weightspace.errors import OutputError
+
+    def plot(path, force=False):
+        with files.atomic_output(path, force) as tmp:
+            tmp.write_bytes(b"partial png")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    folder = tmp_path / "report"
+    with pytest.raises(OutputError, match="no space left"):
+        report.write_files(folder, {"results": ("results.json", {"a": 1}), "csv": ("t.csv", (["x"], [[1]])),
+                                    "png": ("t.png", plot)})
+    assert os.listdir(tmp_path) == []
+    # a folder that was there before stays, emptied of this call's files only
+    folder.mkdir()
+    (folder / "mine.txt").write_text("kept")
+    with pytest.raises(OutputError):
+        report.write_files(folder, {"results": ("results.json", {"a": 1}), "png": ("t.png", plot)})
+    assert os.listdir(folder) == ["mine.txt"]

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from ..errors import CheckpointNotFound, SourceError, WeightspaceError, hub_error
+from ..errors import CheckpointError, CheckpointNotFound, SourceError, WeightspaceError, hub_error
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 
 __all__ = ["split_query", "WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
@@ -163,6 +163,8 @@ def _from_index(source: str, index: Path, fetch: Callable[[str], Path] | None = 
     for name in names:
         shard = fetch(name) if fetch else _shard_inside(index, name)
         if not Path(shard).is_file():
+            if Path(shard).exists():  # '.', a sub-folder, a FIFO: there, but not a file to read tensors from
+                raise CheckpointError(f"{index}: shard {name!r} is not a file", path=index)
             raise CheckpointNotFound(f"{index}: shard {name!r} is missing", path=index)
         files.append(Path(shard))
     by_name = {name: str(f) for name, f in zip(names, files)}

@@ -6,6 +6,7 @@ Report renders what it is given — plain rows, series and numbers — and impor
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -130,18 +131,33 @@ def write_files(folder: str | os.PathLike, files: Mapping[str, tuple[str, Any]],
     Raises:
         OutputExists: one of the files exists and ``force`` is false (checked before anything is written), or
             ``folder`` is a file.
+        OutputError: a file cannot be written (full disk, read-only filesystem); the files this call wrote
+            before it are removed, and the folder too when this call made it.
     """
+    made = not Path(folder).exists()
     root = check_outputs(folder, [name for name, _ in files.values()], force)
     out: dict[str, Path] = {}
-    for role, (name, content) in files.items():
-        path = root / name
-        if isinstance(content, Mapping):
-            out[role] = write_json(path, content, force=force)
-        elif callable(content):
-            out[role] = Path(content(path, force=force))
-        else:
-            headers, rows = content
-            out[role] = write_csv(path, headers, rows, force=force)
+    try:
+        for role, (name, content) in files.items():
+            path = root / name
+            if isinstance(content, Mapping):
+                out[role] = write_json(path, content, force=force)
+            elif callable(content):
+                out[role] = Path(content(path, force=force))
+            else:
+                headers, rows = content
+                out[role] = write_csv(path, headers, rows, force=force)
+    except BaseException:
+        # all or nothing: a results.json without its table and plot (say the disk filled up before the plot)
+        # would read as a whole result
+        if not writes_discarded():
+            for p in out.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)
+        raise
     return out
 
 
