@@ -99,12 +99,13 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
                 for e in g["epochs"]:
                     net, _ = train_from(spec, None, up_train, {**cfg["pretrain"], "epochs": e}, seed,
                                         in_chans=in_chans)
+                    up_acc = accuracy(net, up_test)  # before the taps move the model to --device
                     taps = FeatureTaps(net, cfg["probe"]["layer"], device=device, batch_size=batch_size)
                     ftr, fte = taps(ds_train), taps(ds_test)
                     layer = ftr.layers[-1]
                     head = fit_linear(ftr.x[layer], ftr.y, ds_train.num_classes, device=taps.device)
                     points.append({"seed": seed, "width": int(w), "epochs": int(e), "label": f"w{w}-e{e}-s{seed}",
-                                   "upstream": accuracy(net, up_test),
+                                   "upstream": up_acc,
                                    "downstream": head.accuracy(fte.x[layer], fte.y)})
             s.note(f"seed {seed}: " + ", ".join(f"{p['label']} {p['upstream']:.3f}/{p['downstream']:.3f}"
                                                 for p in points if p["seed"] == seed))
