@@ -94,3 +94,13 @@ def test_zero_shot_head_is_built_from_the_datasets_class_names(tiny_clip, tmp_pa
     got = json.loads(res.stdout)["leaderboard"]["rows"][0]["metrics"][str(words)]
     assert got["n"] == 12 and got["accuracy"] == metrics["words"]["accuracy"]
     assert abs(got["loss"] - metrics["words"]["loss"]) < 1e-6
+
+
+def test_imagenet_wnid_folders_give_the_zero_shot_head_readable_class_names(tiny_clip, tmp_path):
+    _, path, _ = tiny_clip
+    folder = _named_folder(tmp_path / "inet", {"digit0": "n01440764", "digit3": "n02099601", "digit7": "n09472597"})
+    model = build_model("open_clip:ws-eval-clip", num_classes=3)
+    data = load_data(str(folder), model=model, progress=False)
+    assert model.class_names == ["tench", "golden retriever", "volcano"]  # not "a photo of a n01440764."
+    r = ws.Evaluator(model, data, device="cpu")(str(path))
+    assert r[data.name]["n"] == 12

@@ -19,7 +19,7 @@ import torch
 from ...errors import DataError
 from .tensors import TensorData
 
-__all__ = ["model_classes", "model_outputs", "read_class_map", "attach_label_map", "apply_label_map"]
+__all__ = ["model_classes", "model_outputs", "read_class_map", "readable_names", "attach_label_map", "apply_label_map"]
 
 POOLS = ("max", "mean")
 
@@ -63,6 +63,22 @@ def model_classes(model: torch.nn.Module | None) -> list[list[str]] | None:
 
 def _norm(name: str) -> str:
     return name.strip().lower().replace("_", " ")
+
+
+def readable_names(names: list[str]) -> list[str]:
+    """Class names as a text tower should read them: when every name is an ImageNet wnid (the folder names of
+    ImageNet and its shifts, ``n01440764``), its first WordNet name (``tench``); otherwise each name normalised
+    (lower case, ``_`` → space)."""
+    import re
+    if names and all(re.fullmatch(r"n\d{8}", n.strip()) for n in names):
+        try:
+            from timm.data import ImageNetInfo
+            descr = ImageNetInfo("imagenet-1k").label_descriptions(as_dict=True)
+        except Exception:  # older timm without ImageNetInfo: keep the wnids
+            descr = {}
+        if all(n.strip() in descr for n in names):
+            return [descr[n.strip()].split(",")[0].strip() for n in names]
+    return [_norm(n) for n in names]
 
 
 def _resolve(cls: str, index: dict[str, int], n: int | None, where: str) -> int:
@@ -124,7 +140,7 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
     known = model_classes(model)
     if model is not None and hasattr(model, "zero_shot_head") and getattr(model, "class_names", None) is None \
             and n_out == len(names) and not classes_file:
-        model.class_names = [_norm(c) for c in names]  # an open_clip zero-shot head speaks the dataset's classes
+        model.class_names = readable_names(names)  # an open_clip zero-shot head speaks the dataset's classes
         return d
     index = {_norm(a): i for i, aliases in enumerate(known or []) for a in aliases}
     if classes_file:
