@@ -103,9 +103,11 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
     t0 = time.perf_counter()
     # one model, sized by the first ingredient's classifier (e.g. 1,000 ImageNet classes); every set is decoded
     # with its eval transform, and a set with a subset of its classes (wnid folders) is scored on those classes
+    # (the sets stay memory-mapped from the data cache: the Evaluator holds them on the device when they fit, else
+    # streams them)
     model = build_model_for(cfg["model"], ingredients[0])
-    val = load_data(cfg["data"]["val"], model=model, device=device)
-    tests = [load_data(s, model=model, device=device) for s in cfg["data"]["test"]]
+    val = load_data(cfg["data"]["val"], model=model)
+    tests = [load_data(s, model=model) for s in cfg["data"]["test"]]
     ev = Evaluator(model, [val, *tests], device=device, batch_size=batch_size, keep_logits=bool(an["ensembles"]))
     timings["data"] = time.perf_counter() - t0
 
