@@ -18,8 +18,9 @@ __all__ = ["criticality"]
 @click.option("--epsilon", type=float, default=0.1, show_default=True,
               help="Bound on the mean error (or loss) under noise.")
 @click.option("--relative-epsilon", is_flag=True, help="Bound FINAL's own value + ε instead of ε.")
-@click.option("--metric", type=click.Choice(["error", "loss"]), default="error", show_default=True)
-@click.option("--alphas", default="11", show_default=True, help="α grid: a count in [0, 1], or comma-separated values.")
+@click.option("--metric", type=click.Choice(["error", "loss"]), default="error", show_default=True,
+              help="What ε bounds: the mean top-1 error or the mean cross-entropy loss under noise.")
+@click.option("--alphas", default="11", show_default=True, help="α grid: a number of evenly spaced α in [0, 1], or comma-separated α values.")
 @click.option("--sigma-range", default="0.001,1", show_default=True,
               help="Low,high σ scale searched by bisection at each α; σ = scale · RMS(θ_i^F).")
 @click.option("--bisect-steps", type=click.IntRange(min=0), default=8, show_default=True,

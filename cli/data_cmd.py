@@ -17,7 +17,7 @@ def data() -> None:
     """
 
 
-@data.command("ls")
+@data.command("ls", short_help="List the cached entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 def ls(as_json: bool) -> None:
     """List the cached entries: name, source, examples, size, decoder and transform."""
@@ -35,8 +35,8 @@ def ls(as_json: bool) -> None:
                                 r["transform"]] for r in rows]))
 
 
-@data.command("rm")
-@click.argument("names", nargs=-1, required=True)
+@data.command("rm", short_help="Delete cached entries by name or source.")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
 def rm(names: tuple[str, ...]) -> None:
     """Delete cache entries by NAME (as `data ls` shows it), or every entry of a source name."""
     from weightspace.eval.data.cache import remove_entries

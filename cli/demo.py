@@ -11,7 +11,7 @@ __all__ = ["demo"]
 
 @click.command("demo")
 @report_folder("Folder for checkpoints and results.", default="runs/demo")
-@click.option("--small", is_flag=True, help="Reduced size (fewer epochs, 3 ingredients, 3-point curves): seconds.")
+@click.option("--small", is_flag=True, help="Reduced size: fewer epochs, 3 ingredients, 3-point curves (what the tests run).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every model and data order.")
 @force_option("Overwrite the results of an earlier run in --out.")
 @report_options

@@ -12,7 +12,9 @@ __all__ = ["modules_cmd"]
 @click.command("modules")
 @click.argument("checkpoint", required=False)
 @grouping_option
-@use(ModelOptions, "model", only=("model", "num_classes", "in_chans"))
+@use(ModelOptions, "model", only=("model", "num_classes", "in_chans"),
+     help={"num_classes": "Classifier outputs (default: from CHECKPOINT, else the model's own).",
+           "in_chans": "Input channels of the model (default: from CHECKPOINT, else the model's own)."})
 @report_folder("Folder for results.json, modules.csv and modules.png.")
 @force_option()
 @report_options

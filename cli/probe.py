@@ -17,7 +17,7 @@ def probe_options(f: Callable) -> Callable:
     """--model, --train, --data (alias --test), --layers, --num-classes, --in-chans, --device, --batch-size,
     --cache, --out, --force."""
     f = force_option()(f)
-    f = report_folder()(f)
+    f = report_folder("Folder for the report: results.json, a CSV and a PNG of the accuracies.")(f)
     f = click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
                      help="Folder caching pooled features on disk (keyed by checkpoint sha256, data, layers).")(f)
     f = click.option("--layers", default="all", show_default=True,

@@ -13,16 +13,16 @@ __all__ = ["push"]
 @click.argument("checkpoint")
 @click.argument("repo")
 @click.option("--private", is_flag=True, help="Create the repository as private (an existing one keeps its visibility).")
-@click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if missing).")
+@click.option("--revision", default="main", show_default=True, metavar="BRANCH", help="Branch to commit to (created from main if missing).")
 @click.option("--card-from", "card_from", type=click.Path(file_okay=False), default=None,
               help="Run folder (--out DIR of soup/interpolate/leaderboard): scores, leaderboard and curve.png for the card.")
-@click.option("--dry-run", "dry_run", type=click.Path(), default=None,
+@click.option("--dry-run", "dry_run", type=click.Path(), default=None, metavar="DIR",
               help="Write the folder that would be pushed to DIR and stop (no token needed).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --dry-run folder.")
-@click.option("--timm-arch", default=None, help="timm architecture, when the provenance and run folder do not name it.")
+@click.option("--timm-arch", default=None, metavar="NAME", help="timm architecture, when the provenance and run folder do not name it.")
 @use(ModelOptions, "model", only=("num_classes",),
      help={"num_classes": "Classifier size for --timm-arch (default: from the weights)."})
-@click.option("--open-clip-arch", default=None, help="open_clip architecture (e.g. ViT-B-32), when not inferred.")
+@click.option("--open-clip-arch", default=None, metavar="ARCH", help="open_clip architecture (e.g. ViT-B-32), when not inferred.")
 @click.option("--commit-message", "-m", "--message", "message", default=None, metavar="TEXT",
               help="Commit message (as `hf upload --commit-message`; -m and --message are aliases).")
 @click.option("--license", "license_id", default=None, metavar="ID",

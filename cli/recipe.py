@@ -14,7 +14,7 @@ def recipe() -> None:
     """Run experiment recipes (small YAML files: data, model, training schedule, analyses)."""
 
 
-@recipe.command("run")
+@recipe.command("run", short_help="Train a recipe's models, run its analyses, write REPORT.md.")
 @click.argument("recipe_file", metavar="RECIPE.yaml")
 @report_folder("Folder for checkpoints/, data/, results.json, CSVs, PNGs and REPORT.md.", required=True)
 @click.option("--small", is_flag=True, help="Apply the recipe's 'small:' overrides (a quick reduced-size run).")
@@ -42,7 +42,7 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
     click.echo(f"\nwrote {out_dir}/REPORT.md ({r['timings']['total']:.1f} s)")
 
 
-@recipe.command("summary")
+@recipe.command("summary", short_help="One Markdown page of the findings of several runs.")
 @click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
 @click.option("-o", "--output", "output", default=None, metavar="FILE",
               help="Write the page (Markdown) to FILE instead of stdout.")
