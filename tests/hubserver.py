@@ -11,7 +11,7 @@ Writes need ``Authorization: Bearer <token>`` with a known token whose user may 
 without a token or with a wrong one gets 401 and stores nothing. Every request is recorded in ``requests`` and any
 request the server does not know in ``unhandled``, so a test can see what the client asked for.
 
-Run it by hand:  python tests/hubserver.py --root /tmp/hub --token SECRET:alice [--port 8765]
+Run it by hand:  python tests/hubserver.py --root runs/hub --token SECRET:alice [--port 8765]
 then:            HF_ENDPOINT=http://127.0.0.1:8765 HF_TOKEN=SECRET weightspace push soup.safetensors alice/soup
 """
 from __future__ import annotations
