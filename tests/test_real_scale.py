@@ -113,7 +113,7 @@ def stand_in_tensors(hub: dict, repo_id: str) -> dict[str, torch.Tensor]:
 
 def test_every_hub_id_of_the_real_scale_recipes_has_a_stand_in():
     assert {p.name for p in RECIPES.glob("*.yaml")} == {"what-is-transferred.yaml", "what-is-transferred-groupnorm.yaml",
-                                                      "align-barrier.yaml", "soup.yaml"}
+                                                      "align-barrier.yaml", "soup.yaml", "trajectory.yaml"}
     assert {rid.split("/")[1].split(".")[0] for rid in hub_ids()} <= set(STAND_INS)
 
 
@@ -176,6 +176,28 @@ def test_soup_of_hub_fine_tunes(stand_in_hub, cli, tmp_path):
         assert torch.allclose(greedy[k], sum(p[k] for p in parts) / len(parts), atol=1e-6)
     assert len(res["basin"]["names"]) == 4 and [f["id"] for f in res["findings"]] == ["a", "b"]
     assert (out / "curve.png").exists() and (out / "REPORT.md").read_text().count("avg shifts") >= 1
+
+
+def test_trajectory_from_published_start_points(stand_in_hub, cli, tmp_path):
+    out = tmp_path / "run"
+    res = run(cli, "trajectory.yaml", out)
+    assert [f["id"] for f in res["findings"]] == ["a", "b"]
+    assert list(res["results"]["starts"]) == ["100", "300", "600"] and res["results"]["protocols"] == ["stored", "re-estimated"]
+    assert res["results"]["data"] == {"source": None, "source_test": 12, "target_train": 15, "target_test": 15}
+    final = res["results"]["starts"]["600"]
+    assert final["barrier_to_final"] == 0.0 and 0.0 <= final["source_accuracy"] <= 1.0
+    assert all(len(st["accuracy"]) == 3 and len(st["pairs"]) == 3 for st in res["results"]["starts"].values())
+    # every start point is the published file's body with the one random 3-class head
+    heads = []
+    for epochs, tag in (("100", "a3"), ("300", "a2"), ("600", "a1")):
+        pub = stand_in_tensors(stand_in_hub, f"timm/resnet50.{tag}_in1k")
+        start = st.load_file(out / "checkpoints" / f"start-epoch-{epochs}.safetensors")
+        assert all(torch.equal(start[k], pub[k]) for k in pub if not k.startswith("fc."))
+        assert start["fc.weight"].shape == (3, 96)
+        heads.append(start["fc.weight"])
+    assert all(torch.equal(h, heads[0]) for h in heads)
+    assert not (out / "checkpoints" / "pretrain-epoch-600.safetensors").exists()  # nothing pre-trained here
+    assert "`hf-hub:timm/resnet50.a3_in1k` (100 epochs)" in (out / "REPORT.md").read_text()
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_one_line(stand_in_hub, cli, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..eval.data import TensorData
 
 __all__ = ["load_kind_recipe", "Session", "task", "train_from", "state_of", "fresh_state", "render_report",
-           "VERDICT_RULE", "rank_correlation", "mean", "with_option"]
+           "VERDICT_RULE", "rank_correlation", "mean", "with_option", "published", "hub_model_spec"]
 
 VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
                 "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
@@ -120,10 +120,11 @@ class Session:
         return {"findings": findings, "timings": self.timings, "out": str(self.out)}
 
 
-def task(entry: dict, name: str, where: str) -> tuple[TensorData, TensorData]:
+def task(entry: dict, name: str, where: str, model: Any = None) -> tuple[TensorData, TensorData]:
     """A target task's (train, test): ``spec`` (one or a list), optional ``classes``/``relabel``, ``train_per_class``
     images per class for training (the rest is the test set) and an input ``transform`` (weightspace.eval.transforms
-    spec, e.g. ``invert`` or ``block-shuffle:2``) applied to both.
+    spec, e.g. ``invert`` or ``block-shuffle:2``) applied to both. Image sources (folders, shards, ``hfds/``) are
+    decoded with the eval transform of ``model()`` (a callable returning the model, built on first need).
 
     Raises ConfigError for a missing spec, an unknown key or transform, or a missing train_per_class.
     """
@@ -134,7 +135,7 @@ def task(entry: dict, name: str, where: str) -> tuple[TensorData, TensorData]:
     e.pop("name", None)
     if not e.get("train_per_class"):
         raise ConfigError(f"{where}: {name} needs train_per_class (the rest of its data is its test set)")
-    d = build_task(e, name, where)
+    d = build_task(e, name, where, model)
     tr, te = split_per_class(d, int(e["train_per_class"]), name)
     return (replace(tr, x=transform(tr.x).contiguous(), name=f"{name}:train"),
             replace(te, x=transform(te.x).contiguous(), name=f"{name}:test"))
@@ -154,10 +155,13 @@ def fresh_state(spec: str, num_classes: int, in_chans: int | None, seed: int) ->
 
 
 def train_from(spec: str, init: dict | None, data: TensorData, opts: dict, seed: int, *,
-               in_chans: int | None = None, on_epoch: Any = None) -> tuple[torch.nn.Module, list]:
+               in_chans: int | None = None, on_epoch: Any = None,
+               device: str | None = None) -> tuple[torch.nn.Module, list]:
     """Build ``spec`` for ``data``'s classes, load ``init`` (a random init drawn with ``seed`` when None) and train
-    it with ``opts`` (epochs, lr, batch_size, weight_decay, momentum, augment) and data order ``seed``.
-    Returns (the trained model in eval mode, its history)."""
+    it with ``opts`` (epochs, lr, batch_size, weight_decay, momentum, augment) and data order ``seed``, on
+    ``device`` when given (the model stays there). Returns (the trained model in eval mode, its history).
+
+    Raises ConfigError for an unknown augmentation."""
     from ..eval.modules import build_model_for
     from ..eval.train import train
     o = {**TRAIN_DEFAULTS, **opts}
@@ -165,8 +169,33 @@ def train_from(spec: str, init: dict | None, data: TensorData, opts: dict, seed:
     net.load_state_dict(init if init is not None else fresh_state(spec, data.num_classes, in_chans, seed))
     hist = train(net, data, epochs=int(o["epochs"]), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
                  momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(seed),
-                 augment=o["augment"], on_epoch=on_epoch)
+                 augment=o["augment"], on_epoch=on_epoch, device=device)
     return net, hist
+
+
+def published(source: str) -> dict[str, torch.Tensor]:
+    """The weights of a published checkpoint (``hf-hub:ORG/NAME``, a file, ...) as a state dict.
+
+    Raises:
+        ConfigError: the source names nothing readable.
+        HubError: a Hub id that is neither reachable nor in the local HF cache.
+    """
+    from ..io.sources import load
+    ck = load(source)
+    try:
+        return ck.to_dict()
+    finally:
+        ck.close()
+
+
+def hub_model_spec(source: str) -> str:
+    """The model spec that builds a published Hub checkpoint's architecture: ``timm:hf-hub:ORG/NAME`` for
+    ``hf-hub:ORG/NAME`` (timm reads the repo's config.json: architecture and eval transform).
+
+    Raises ConfigError for a source that is not an hf-hub: id."""
+    if source.startswith("hf-hub:"):
+        return "timm:" + source
+    raise ConfigError(f"{source}: name a published model by its Hub id, hf-hub:ORG/NAME")
 
 
 def with_option(spec: str, param: str, value: int) -> str:

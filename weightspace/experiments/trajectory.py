@@ -8,6 +8,11 @@ shared random head). Per start point it reports the downstream test accuracy, th
 distance between every pair of its fine-tuned models, and the source-task barrier between the checkpoint and the
 final pre-trained model (is the checkpoint already in the final basin?).
 
+With ``checkpoints`` a mapping of pre-training epochs to published checkpoints (e.g. timm's ResNet-50 recipes of
+100, 300 and 600 epochs, ``hf-hub:timm/resnet50.a3_in1k`` ...), nothing is pre-trained: the start points are those
+weights, ``model`` names their architecture (``timm:hf-hub:...``), image sources are decoded with its eval
+transform, and ``source.test`` (e.g. an ImageNet validation folder) scores each start point on the source task.
+
 Findings, each on 95% t-intervals over fine-tuning seeds:
 
 - (a) some start point before the last suffices: the first one from which on every start point's shortfall,
@@ -25,7 +30,7 @@ from ..errors import ConfigError
 from ..registry import Entry, register
 from ..report.stats import Interval, fmt_interval, t_interval
 from .recipes import TRANSFER_PAPER
-from .kit import Session, fresh_state, load_kind_recipe, render_report, state_of, task, train_from
+from .kit import Session, fresh_state, load_kind_recipe, published, render_report, state_of, task, train_from
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_trajectory_recipe", "run_trajectory_recipe"]
@@ -59,10 +64,17 @@ def load_trajectory_recipe(source: str | os.PathLike | dict, *, small: bool = Fa
     """Read a trajectory recipe (``small:`` and KEY=VALUE overrides applied).
 
     Raises ConfigError: checkpoints not an increasing list of at least two epochs within 0..pretrain.epochs whose
-    last is pretrain.epochs, fewer than three seeds, or an unknown key.
+    last is pretrain.epochs (nor a mapping of two or more increasing epochs to checkpoint sources), fewer than
+    three seeds, or an unknown key.
     """
     cfg = load_kind_recipe(source, KIND, DEFAULTS, small=small, overrides=overrides)
     cps, last = cfg["checkpoints"], cfg["pretrain"]["epochs"]
+    if isinstance(cps, dict):  # published checkpoints along pre-training: epochs → source
+        ok = len(cps) >= 2 and all(isinstance(e, int) and e >= 0 and isinstance(v, str) and v for e, v in cps.items())
+        if not ok or sorted(cps) != list(cps):
+            raise ConfigError(f"{cfg['where']}: checkpoints needs two or more increasing pre-training epochs, each "
+                              "mapped to a checkpoint (e.g. {100: hf-hub:timm/resnet50.a3_in1k, 600: ...})")
+        return cfg
     if not isinstance(cps, list) or len(cps) < 2 or not all(isinstance(e, int) for e in cps) \
             or sorted(set(cps)) != cps or cps[0] < 0 or cps[-1] != last:
         raise ConfigError(f"{cfg['where']}: checkpoints needs two or more increasing epochs from 0 (the random init) "
@@ -98,32 +110,44 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     seeds = [int(x) for x in cfg["seeds"]]
     with s.threads():
         t0 = time.perf_counter()
-        src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
-        tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"])
-        in_chans = int(src.x.shape[1])
-        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
         states: dict[int, dict] = {}
-        init = fresh_state(spec, src.num_classes, in_chans, int(pre["seed"]))
-        if 0 in cfg["checkpoints"]:
-            states[0] = init
+        if isinstance(cfg["checkpoints"], dict):  # published start points: nothing pre-trained here
+            first = next(iter(cfg["checkpoints"].values()))
+            shaper = build_model_for(spec, first)  # sized by the checkpoint (e.g. 1,000 ImageNet classes)
+            src, src_test = None, load_data(cfg["source"]["test"], model=shaper)
+            tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"], lambda: shaper)
+            in_chans = int(tgt_train.x.shape[1])
+            report.check_outputs(s.out, ["results.json", "REPORT.md"], force)
+            states = {int(e): published(c) for e, c in cfg["checkpoints"].items()}
+            src_ev = Evaluator(shaper, src_test, device=device, batch_size=batch_size)
+        else:
+            src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
+            tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"])
+            in_chans = int(src.x.shape[1])
+            report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
+            init = fresh_state(spec, src.num_classes, in_chans, int(pre["seed"]))
+            if 0 in cfg["checkpoints"]:
+                states[0] = init
 
-        def keep(epoch: int, model: Any) -> bool:
-            if epoch + 1 in cfg["checkpoints"]:
-                states[epoch + 1] = state_of(model)
-            return False
+            def keep(epoch: int, model: Any) -> bool:
+                if epoch + 1 in cfg["checkpoints"]:
+                    states[epoch + 1] = state_of(model)
+                return False
 
-        net, _ = train_from(spec, init, src, pre, int(pre["seed"]), in_chans=in_chans, on_epoch=keep)
-        src_ev = Evaluator(build_model_for(spec, num_classes=src.num_classes, in_chans=in_chans), src_test,
-                           device=device, batch_size=batch_size)
-        final = states[cfg["checkpoints"][-1]]
+            train_from(spec, init, src, pre, int(pre["seed"]), in_chans=in_chans, on_epoch=keep)
+            src_ev = Evaluator(build_model_for(spec, num_classes=src.num_classes, in_chans=in_chans), src_test,
+                               device=device, batch_size=batch_size)
+            for e, sd in states.items():
+                s.save(f"pretrain-epoch-{e}", sd)
+        final = states[list(cfg["checkpoints"])[-1]]
         pre_rows = {}
         for e, sd in states.items():
-            s.save(f"pretrain-epoch-{e}", sd)
             c = interpolation_curve(sd, final, src_ev, steps=int(an["steps"]), progress=False)
             pre_rows[e] = {"source_accuracy": c.series(src_test.name, "accuracy")[0],
                            "barrier_to_final": c.barriers[src_test.name]["error"]["chord"]}
         s.lap("pretrain", t0)
-        s.note(f"pre-trained {pre['epochs']} epochs; source accuracy by epoch: "
+        s.note(("published start points" if src is None else f"pre-trained {pre['epochs']} epochs")
+               + "; source accuracy by epoch: "
                + ", ".join(f"{e}: {r['source_accuracy']:.3f}" for e, r in pre_rows.items()))
 
         t1 = time.perf_counter()
@@ -139,12 +163,14 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
         starts: dict[int, dict] = {}
         for e, sd in states.items():
             start = pt_init(sd, head, cfg["reset"], template)
+            if src is None:
+                s.save(f"start-epoch-{e}", start)  # the published weights with the one random head
             tuned = {}
             accs = {}
             for seed in seeds:
-                m, _ = train_from(spec, start, tgt_train, cfg["finetune"], seed, in_chans=in_chans)
+                m, _ = train_from(spec, start, tgt_train, cfg["finetune"], seed, in_chans=in_chans, device=device)
                 tuned[seed] = state_of(m)
-                accs[seed] = accuracy(m, tgt_test)
+                accs[seed] = accuracy(m, tgt_test, device=device)
                 s.save(f"finetuned-from-{e}-seed-{seed}", tuned[seed])
             pairs = []
             for a, b in itertools.combinations(seeds, 2):
@@ -172,7 +198,8 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     _plot(starts, summary, list(protocols), s.figure("trajectory.png"), force)
     for f in findings:
         f["figures"] = list(s.figures)
-    results = {"data": {"source": len(src), "target_train": len(tgt_train), "target_test": len(tgt_test)},
+    results = {"data": {"source": len(src) if src is not None else None, "source_test": len(src_test),
+                        "target_train": len(tgt_train), "target_test": len(tgt_test)},
                "has_batchnorm": has_bn, "protocols": list(protocols),
                "starts": {str(e): st for e, st in starts.items()}, **summary}
     return s.finish(findings, results, _render(cfg, results, findings))
@@ -273,9 +300,13 @@ def _plot(starts: dict, summary: dict, protocols: list[str], path: Any, force: b
 def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     from ..report import markdown_table
     pre, ft, d = cfg["pretrain"], cfg["finetune"], results["data"]
-    setup = [f"Source: `{cfg['source']['train']}` ({d['source']} images), pre-trained once (seed {pre['seed']}) for "
-             f"{pre['epochs']} epochs, SGD lr {pre['lr']} (cosine over all epochs), batch {pre['batch_size']}; "
-             f"checkpoints after epochs {cfg['checkpoints']} (0: the random initialisation).",
+    cps = cfg["checkpoints"]
+    setup = [(f"Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
+              + f" (not pre-trained here); source task scored on `{cfg['source']['test']}` ({d['source_test']} "
+              "images)." if isinstance(cps, dict) else
+              f"Source: `{cfg['source']['train']}` ({d['source']} images), pre-trained once (seed {pre['seed']}) for "
+              f"{pre['epochs']} epochs, SGD lr {pre['lr']} (cosine over all epochs), batch {pre['batch_size']}; "
+              f"checkpoints after epochs {cps} (0: the random initialisation)."),
              f"Target: `{cfg['target']['spec']}`" + (f", relabelled {cfg['target']['relabel']}"
                                                     if cfg['target'].get('relabel') else "")
              + f", {d['target_train']} training / {d['target_test']} test images.",
