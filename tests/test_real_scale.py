@@ -22,7 +22,10 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "real-scale"
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 # the Hub repo's architecture → a tiny member of its family, with the arguments that keep what the recipe relies on
 STAND_INS = {
+    "resnet18": ("test_resnet", {}),
+    "resnet34": ("test_resnet", {}),
     "resnet50": ("test_resnet", {}),
+    "resnet101": ("test_resnet", {}),
     "resnet50_gn": ("test_resnet", {"norm_layer": "groupnorm1"}),  # GroupNorm: no running statistics, like the real one
     "vit_base_patch16_clip_224": ("test_vit", {"img_size": 32}),
 }
@@ -113,7 +116,8 @@ def stand_in_tensors(hub: dict, repo_id: str) -> dict[str, torch.Tensor]:
 
 def test_every_hub_id_of_the_real_scale_recipes_has_a_stand_in():
     assert {p.name for p in RECIPES.glob("*.yaml")} == {"what-is-transferred.yaml", "what-is-transferred-groupnorm.yaml",
-                                                      "align-barrier.yaml", "soup.yaml", "trajectory.yaml"}
+                                                      "align-barrier.yaml", "soup.yaml", "trajectory.yaml",
+                                                      "saturation-pairs.yaml"}
     assert {rid.split("/")[1].split(".")[0] for rid in hub_ids()} <= set(STAND_INS)
 
 
@@ -198,6 +202,42 @@ def test_trajectory_from_published_start_points(stand_in_hub, cli, tmp_path):
     assert all(torch.equal(h, heads[0]) for h in heads)
     assert not (out / "checkpoints" / "pretrain-epoch-600.safetensors").exists()  # nothing pre-trained here
     assert "`hf-hub:timm/resnet50.a3_in1k` (100 epochs)" in (out / "REPORT.md").read_text()
+
+
+def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
+    out = tmp_path / "run"
+    res = run(cli, "saturation-pairs.yaml", out)
+    assert [f["id"] for f in res["findings"]] == ["a", "b"]
+    points = res["results"]["points"]
+    ids = [m for g in ("a1", "a2", "a3") for m in res["recipe"]["published"][g]]
+    assert [p["model"] for p in points] == ids and len(ids) == 12
+    assert [p["seed"] for p in points] == ["a1"] * 4 + ["a2"] * 4 + ["a3"] * 4
+    assert set(res["results"]["fits"]) == {"a1", "a2", "a3"}
+    assert res["results"]["data"] == {"upstream_train": None, "upstream_test": 12, "downstream_train": 15,
+                                      "downstream_test": 15}
+    # every upstream accuracy is the stand-in's own, on the 3 wnid classes of ~/data/imagenet/val
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.analysis.probe import fit_linear
+    from weightspace.analysis.taps import FeatureTaps
+    from weightspace.eval.models import build_model
+    from weightspace.experiments.kit import task
+    for p in points[:2]:
+        net = build_model("timm:" + p["model"])
+        ev = Evaluator(net, load_data("~/data/imagenet/val", model=net), device="cpu")
+        sd = stand_in_tensors(stand_in_hub, p["model"].split(":", 1)[1])
+        assert p["upstream"] == float(ev(sd))
+        # and the downstream probe read the stand-in's features: the same probe on them scores the same
+        net = build_model("timm:" + p["model"])
+        net.load_state_dict({**net.state_dict(), **sd})
+        tr, te = task({"spec": "~/data/target", "train_per_class": 5}, "downstream", "test", lambda: net)
+        taps = FeatureTaps(net, "fc:in", device="cpu")
+        ftr, fte = taps(tr), taps(te)
+        layer = ftr.layers[-1]
+        assert p["downstream"] == fit_linear(ftr.x[layer], ftr.y, 3, device="cpu").accuracy(fte.x[layer], fte.y)
+    rows = (out / "pairs.csv").read_text().splitlines()
+    assert rows[0] == "group,model,upstream_accuracy,downstream_accuracy" and len(rows) == 13
+    assert "`hf-hub:timm/resnet101.a3_in1k`" in (out / "REPORT.md").read_text()
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_one_line(stand_in_hub, cli, tmp_path, monkeypatch):

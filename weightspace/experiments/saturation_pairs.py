@@ -8,6 +8,12 @@ upstream test set, and scores its last-layer features on a downstream task with 
 (weightspace.analysis.probe). Each seed's points are fitted with :func:`weightspace.analysis.saturation.fit_saturation`
 (upper hull; all points when the hull has fewer than three), and so are all points together (the figure).
 
+With ``published`` (groups of published upstream models, e.g. ``{a1: [hf-hub:timm/resnet18.a1_in1k, ...],
+a2: [...], a3: [...]}``) nothing is trained: each model is built from its Hub config (architecture and eval
+transform), scored on ``upstream.test`` (e.g. an ImageNet validation folder; a subset of its classes is scored on
+those classes) and probed on the downstream images decoded with its own transform. Each group (one training
+recipe over several architectures) plays the part of a seed: one fit per group, intervals over groups.
+
 Findings, each on a 95% t-interval over the seeds' fits: (a) downstream saturates below 1: e_∞ lies above
 ``min_gap``; (b) little is left to gain: the predicted saturation accuracy 1 − e_∞ minus the best downstream
 accuracy reached lies below ``headroom``.
@@ -20,7 +26,7 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 from ..registry import Entry, Paper, register
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import Session, load_kind_recipe, render_report, task, train_from, with_option
+from .kit import Session, hub_model_spec, load_kind_recipe, published, render_report, task, train_from, with_option
 from .verdicts import check
 
 __all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe"]
@@ -41,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "pretrain": {"lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9, "augment": "none"},
     "probe": {"layer": "fc:in"},
     "seeds": [1, 2, 3],
+    "published": {},
     "analysis": {"min_gap": 0.01, "headroom": 0.05},
     "small": {},
 }
@@ -51,9 +58,18 @@ def load_saturation_pairs_recipe(source: str | os.PathLike | dict, *, small: boo
     """Read a saturation-pairs recipe (``small:`` and KEY=VALUE overrides applied).
 
     Raises ConfigError: a grid with fewer than three configurations or non-positive entries, fewer than three
-    seeds, or an unknown key.
+    seeds, ``published`` with fewer than three groups of three or more Hub ids, or an unknown key.
     """
     cfg = load_kind_recipe(source, KIND, DEFAULTS, small=small, overrides=overrides)
+    pub = cfg["published"]
+    if pub:
+        if not isinstance(pub, dict) or len(pub) < 3 or not all(
+                isinstance(v, list) and len(v) >= 3 and all(isinstance(m, str) and m.startswith("hf-hub:") for m in v)
+                for v in pub.values()):
+            raise ConfigError(f"{cfg['where']}: published needs three or more groups (one per training recipe), each "
+                              "a list of three or more Hub ids hf-hub:ORG/NAME (the fit has three parameters)")
+        cfg["model"] = "timm:HUB_ID (each published model's own Hub config)"
+        return cfg
     g = cfg["grid"]
     ok = all(isinstance(v, list) and v and all(isinstance(x, int) and x > 0 for x in v)
              for v in (g["widths"], g["epochs"]))
@@ -89,11 +105,15 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
     points: list[dict] = []
     with s.threads():
         t0 = time.perf_counter()
-        up_train, up_test = load_data(cfg["upstream"]["train"]), load_data(cfg["upstream"]["test"])
-        ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"])
-        in_chans = int(up_train.x.shape[1])
-        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
-        for seed in seeds:
+        if cfg["published"]:  # nothing trained: each group of published models is one fit
+            seeds = list(cfg["published"])
+            up_train, (up_test, ds_train, ds_test) = None, _published_points(cfg, s, points)
+        else:
+            up_train, up_test = load_data(cfg["upstream"]["train"]), load_data(cfg["upstream"]["test"])
+            ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"])
+            in_chans = int(up_train.x.shape[1])
+            report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
+        for seed in ([] if cfg["published"] else seeds):
             for w in g["widths"]:
                 spec = with_option(cfg["model"], g["param"], int(w))
                 for e in g["epochs"]:
@@ -124,18 +144,53 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
             break
         except ConfigError:
             continue
-    report.write_csv(s.out / "pairs.csv", ["seed", "width", "epochs", "upstream_accuracy", "downstream_accuracy"],
-                     [[p["seed"], p["width"], p["epochs"], p["upstream"], p["downstream"]] for p in points],
-                     force=force)
+    if cfg["published"]:
+        report.write_csv(s.out / "pairs.csv", ["group", "model", "upstream_accuracy", "downstream_accuracy"],
+                         [[p["seed"], p["model"], p["upstream"], p["downstream"]] for p in points], force=force)
+    else:
+        report.write_csv(s.out / "pairs.csv", ["seed", "width", "epochs", "upstream_accuracy", "downstream_accuracy"],
+                         [[p["seed"], p["width"], p["epochs"], p["upstream"], p["downstream"]] for p in points],
+                         force=force)
     if pooled_fit is not None:
         pooled_fit.plot(s.figure("saturation.png"), force=force)
     findings, summary = _findings(fits, points, seeds, cfg["analysis"])
     for f in findings:
         f["figures"] = list(s.figures)
     results = {"points": points, "fits": fits, "pooled_fit": pooled_fit.to_dict() if pooled_fit else None,
-               "data": {"upstream_train": len(up_train), "upstream_test": len(up_test),
+               "data": {"upstream_train": len(up_train) if up_train is not None else None, "upstream_test": len(up_test),
                         "downstream_train": len(ds_train), "downstream_test": len(ds_test)}, **summary}
     return s.finish(findings, results, _render(cfg, results, findings))
+
+
+def _published_points(cfg: dict, s: Session, points: list[dict]) -> tuple[Any, Any, Any]:
+    """Score every published model upstream (its Hub config's eval transform, its own classes) and by the
+    few-shot probe downstream, appending to ``points``; returns the last model's (upstream test, downstream
+    train, downstream test) data."""
+    from .. import report
+    from ..analysis.probe import fit_linear
+    from ..analysis.taps import FeatureTaps
+    from ..eval.data import load_data
+    from ..eval.evaluator import Evaluator
+    from ..eval.modules import build_model_for
+    for group, ids in cfg["published"].items():
+        for hub_id in ids:
+            net = build_model_for(hub_model_spec(hub_id), hub_id)  # sized by the checkpoint (1,000 classes)
+            up_test = load_data(cfg["upstream"]["test"], model=net)
+            ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)
+            if not points:  # after the first model's data: bad specs leave no folder
+                report.check_outputs(s.out, ["results.json", "REPORT.md"], s.force)
+            weights = published(hub_id)
+            up_acc = float(Evaluator(net, up_test, device=s.device, batch_size=s.batch_size)(weights))
+            net.load_state_dict({**net.state_dict(), **weights})  # the taps read this module
+            taps = FeatureTaps(net, cfg["probe"]["layer"], device=s.device, batch_size=s.batch_size)
+            ftr, fte = taps(ds_train), taps(ds_test)
+            layer = ftr.layers[-1]
+            head = fit_linear(ftr.x[layer], ftr.y, ds_train.num_classes, device=taps.device)
+            points.append({"seed": group, "model": hub_id, "label": hub_id.rsplit("/", 1)[-1],
+                           "upstream": up_acc, "downstream": head.accuracy(fte.x[layer], fte.y)})
+        s.note(f"{group}: " + ", ".join(f"{p['label']} {p['upstream']:.3f}/{p['downstream']:.3f}"
+                                        for p in points if p["seed"] == group))
+    return up_test, ds_train, ds_test
 
 
 def _fit(fit_saturation: Any, pts: list[dict]) -> dict | None:
@@ -182,6 +237,8 @@ def _findings(fits: dict, points: list[dict], seeds: list[int], an: dict) -> tup
 def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     from ..report import markdown_table
     g, d, pre = cfg["grid"], results["data"], cfg["pretrain"]
+    if cfg["published"]:
+        return _render_published(cfg, results, findings)
     setup = [f"Upstream: `{cfg['upstream']['train']}` ({d['upstream_train']} images), scored on "
              f"`{cfg['upstream']['test']}` ({d['upstream_test']}); a model for every {g['param']} in {g['widths']} × "
              f"pre-training length in {g['epochs']} epochs × seed in {cfg['seeds']} (SGD lr {pre['lr']}, cosine over "
@@ -206,6 +263,25 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
                      f"{pf['points_fitted']} of {pf['points']} points fitted ({pf['points_mode']}), R² {pf['r2']:.3f}."]
     iv = lambda x: fmt_interval(Interval(x["mean"], x["low"], x["high"], x["n"], x["level"]))  # noqa: E731
     body += ["", f"e_∞ over seeds: {iv(results['checks']['a']['interval'])}."]
+    return render_report(cfg, setup, body, findings)
+
+
+def _render_published(cfg: dict, results: dict, findings: list[dict]) -> str:
+    from ..report import markdown_table
+    d = results["data"]
+    setup = [f"Upstream: the published models of {len(cfg['published'])} training recipes ("
+             + "; ".join(f"{g}: " + ", ".join(f"`{m}`" for m in ids) for g, ids in cfg["published"].items())
+             + f"), not trained here; each scored on `{cfg['upstream']['test']}` ({d['upstream_test']} images) with "
+             "its Hub config's eval transform.",
+             f"Downstream: `{cfg['downstream']['spec']}`, {cfg['downstream']['train_per_class']} training images per "
+             f"class ({d['downstream_train']}), {d['downstream_test']} test images; a linear probe on the features "
+             f"at `{cfg['probe']['layer']}`.",
+             "Fit: e = 1 − accuracy, e_DS = k·e_US^α + e_∞ by weightspace.analysis.saturation.fit_saturation on the "
+             "upper hull of each group's points (all points when the hull has fewer than three); a group plays the "
+             "part of a seed."]
+    rows = [[p["seed"], f"`{p['model']}`", f"{p['upstream']:.4f}", f"{p['downstream']:.4f}"] for p in results["points"]]
+    body = ["## Upstream/downstream pairs", "", markdown_table(["group", "model", "upstream accuracy",
+                                                               "downstream accuracy"], rows)]
     return render_report(cfg, setup, body, findings)
 
 
