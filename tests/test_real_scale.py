@@ -94,6 +94,8 @@ def stand_in_hub(tmp_path_factory):
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{i:04d}.jpg").write_bytes(dh.jpeg(arr))
     dh.write_folder(home / "data" / "target", per_class=10)  # the transfer target: digit0/3/7, 10 images each
+    for folder in ("dtd/images", "eurosat"):  # targets whose classes are not ImageNet's
+        dh.write_folder(home / "data" / folder, per_class=4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(home))
         mp.setenv("HF_HUB_CACHE", str(cache))
@@ -117,7 +119,7 @@ def stand_in_tensors(hub: dict, repo_id: str) -> dict[str, torch.Tensor]:
 def test_every_hub_id_of_the_real_scale_recipes_has_a_stand_in():
     assert {p.name for p in RECIPES.glob("*.yaml")} == {"what-is-transferred.yaml", "what-is-transferred-groupnorm.yaml",
                                                       "align-barrier.yaml", "soup.yaml", "trajectory.yaml",
-                                                      "saturation-pairs.yaml"}
+                                                      "saturation-pairs.yaml", "head2toe-targets.yaml"}
     assert {rid.split("/")[1].split(".")[0] for rid in hub_ids()} <= set(STAND_INS)
 
 
@@ -238,6 +240,29 @@ def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
     rows = (out / "pairs.csv").read_text().splitlines()
     assert rows[0] == "group,model,upstream_accuracy,downstream_accuracy" and len(rows) == 13
     assert "`hf-hub:timm/resnet101.a3_in1k`" in (out / "REPORT.md").read_text()
+
+
+def test_head2toe_targets_from_a_published_backbone(stand_in_hub, cli, tmp_path):
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
+    out = tmp_path / "run"
+    res = run(cli, "head2toe-targets.yaml", out)
+    assert [f["id"] for f in res["findings"]] == ["a", "b"]
+    targets = res["results"]["targets"]
+    assert list(targets) == ["ImageNet (held-out images)", "ImageNet-R", "ImageNet-Sketch", "DTD textures", "EuroSAT"]
+    assert all(t["train"] == 6 and t["test"] == 6 for t in targets.values())
+    order, far, near = res["results"]["order"], res["results"]["far"], res["results"]["near"]
+    assert sorted(order) == sorted(targets) and far == order[:2] and near == order[3:]  # five: the middle one in neither
+    # one backbone, the published one: the same probe for every seed, the stand-in's own source accuracy
+    for t in targets.values():
+        assert len({r["probe"] for r in t["per_seed"].values()}) == 1
+    net = build_model("timm:hf-hub:timm/resnet50.a1_in1k")
+    ev = Evaluator(net, load_data("~/data/imagenet/val", model=net), device="cpu")
+    expected = float(ev(stand_in_tensors(stand_in_hub, "timm/resnet50.a1_in1k")))
+    assert res["results"]["source_accuracy"] == {"1": expected, "2": expected, "3": expected}
+    assert not (out / "checkpoints").exists()  # nothing pre-trained here
+    assert "published weights `hf-hub:timm/resnet50.a1_in1k`" in (out / "REPORT.md").read_text()
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_one_line(stand_in_hub, cli, tmp_path, monkeypatch):

@@ -15,6 +15,11 @@ Targets are ordered by their mean affinity over seeds; the lower half are "far",
 count the middle target is in neither). Findings, each on a 95% t-interval over seeds: (a) per seed, mean gain on
 the far targets − mean gain on the near targets lies above ``margin``; (b) per seed, Spearman's rank correlation
 between affinity and gain over all targets lies below 0.
+
+With ``pretrained`` (a published checkpoint, e.g. ``hf-hub:timm/resnet50.a1_in1k``) nothing is pre-trained: that
+one backbone is the source model for every seed (``model`` names its architecture, ``timm:hf-hub:...``; image
+sources are decoded with its eval transform; ``source.test`` scores it on the source task), and the seeds vary
+Head2Toe's cross-validation folds and the scratch models.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Any, Sequence
 
 from ..registry import Entry, Paper, register
 from ..report.stats import fmt_interval, t_interval
-from .kit import Session, load_kind_recipe, mean, rank_correlation, render_report, task, train_from
+from .kit import Session, load_kind_recipe, mean, published, rank_correlation, render_report, task, train_from
 from .verdicts import check
 
 __all__ = ["KIND", "load_head2toe_targets_recipe", "run_head2toe_targets_recipe"]
@@ -41,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "source": {"train": "digits:train", "test": "digits:test"},
     "target": {"spec": ["digits:val", "digits:test"], "train_per_class": 20},
     "targets": [],
+    "pretrained": None,
     "pretrain": {"epochs": 10, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9,
                  "augment": "none"},
     "scratch": {"epochs": 30, "lr": 0.05, "batch_size": 16, "weight_decay": 0.0005, "momentum": 0.9,
@@ -89,6 +95,8 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
     from ..analysis.head2toe import head2toe_features
     from ..analysis.taps import FeatureTaps
     from ..eval.data import load_data
+    from ..eval.evaluator import Evaluator
+    from ..eval.modules import build_model_for
     from ..eval.train import accuracy
 
     cfg = load_head2toe_targets_recipe(recipe, small=small, overrides=overrides)
@@ -96,29 +104,42 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
     h = cfg["head2toe"]
     with s.threads():
         t0 = time.perf_counter()
-        src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
+        backbone = None
+        if cfg["pretrained"]:  # one published source model for every seed: nothing pre-trained here
+            backbone = build_model_for(cfg["model"], cfg["pretrained"])  # sized by the checkpoint
+            src, src_test = None, load_data(cfg["source"]["test"], model=backbone)
+        else:
+            src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
         tasks = {}
         for t in cfg["targets"]:
             entry = {**cfg["target"], **{k: v for k, v in t.items() if k != "name"}}
-            tasks[t["name"]] = task(entry, t["name"], cfg["where"])
-        in_chans = int(src.x.shape[1])
+            tasks[t["name"]] = task(entry, t["name"], cfg["where"], (lambda: backbone) if backbone else None)
+        in_chans = int((src if src is not None else next(iter(tasks.values()))[0]).x.shape[1])
+        if backbone is not None:
+            weights = published(cfg["pretrained"])
+            source_acc = float(Evaluator(backbone, src_test, device=device, batch_size=batch_size)(weights))
+            backbone.load_state_dict({**backbone.state_dict(), **weights})
         report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
         s.note("targets: " + "; ".join(f"{n} {len(tr)} train / {len(te)} test" for n, (tr, te) in tasks.items()))
         per: dict[str, dict[int, dict]] = {n: {} for n in tasks}
         sources = {}
         for seed in cfg["seeds"]:
             t1 = time.perf_counter()
-            net, _ = train_from(cfg["model"], None, src, cfg["pretrain"], seed, in_chans=in_chans)
-            s.save(f"source-{seed}", net.state_dict())
-            sources[seed] = accuracy(net, src_test)
+            if backbone is not None:
+                net, sources[seed] = backbone, source_acc
+            else:
+                net, _ = train_from(cfg["model"], None, src, cfg["pretrain"], seed, in_chans=in_chans)
+                s.save(f"source-{seed}", net.state_dict())
+                sources[seed] = accuracy(net, src_test)
             taps = FeatureTaps(net, h["layers"], target=int(h["target"]), device=device, batch_size=batch_size)
             for name, (tr, te) in tasks.items():
                 res = head2toe_features(taps(tr), taps(te), keep=h["keep"], folds=int(h["folds"]), seed=int(seed),
                                         lasso_iters=int(h["lasso_iters"]), max_iter=int(h["max_iter"]),
                                         device=taps.device)
-                scratch_net, _ = train_from(cfg["model"], None, tr, cfg["scratch"], seed, in_chans=in_chans)
+                scratch_net, _ = train_from(cfg["model"], None, tr, cfg["scratch"], seed, in_chans=in_chans,
+                                            device=device)
                 row = {"probe": res.baseline["test_accuracy"], "head2toe": res.accuracy,
-                       "scratch": accuracy(scratch_net, te), "chosen_keep": res.chosen}
+                       "scratch": accuracy(scratch_net, te, device=device), "chosen_keep": res.chosen}
                 row["affinity"] = row["probe"] - row["scratch"]
                 row["gain"] = row["head2toe"] - row["probe"]
                 per[name][seed] = row
@@ -204,9 +225,12 @@ def _plot(targets: dict, seeds: list[int], path: Any, force: bool) -> None:
 def _render(cfg: dict, targets: dict, summary: dict, findings: list[dict], sources: dict) -> str:
     from ..report import markdown_table
     h, pre, sc = cfg["head2toe"], cfg["pretrain"], cfg["scratch"]
-    setup = [f"Source: `{cfg['source']['train']}` (tested on `{cfg['source']['test']}`); one source model per seed ({', '.join(map(str, cfg['seeds']))}), "
-             f"{pre['epochs']} epochs, SGD lr {pre['lr']} (cosine), batch {pre['batch_size']}; source test accuracy "
-             + ", ".join(f"{v:.4f}" for v in sources.values()) + ".",
+    setup = [(f"Source: the published weights `{cfg['pretrained']}` (not pre-trained here), one backbone for every "
+              f"seed; accuracy on `{cfg['source']['test']}` {next(iter(sources.values())):.4f}."
+              if cfg["pretrained"] else
+              f"Source: `{cfg['source']['train']}` (tested on `{cfg['source']['test']}`); one source model per seed ({', '.join(map(str, cfg['seeds']))}), "
+              f"{pre['epochs']} epochs, SGD lr {pre['lr']} (cosine), batch {pre['batch_size']}; source test accuracy "
+              + ", ".join(f"{v:.4f}" for v in sources.values()) + "."),
              f"Targets from `{cfg['target']['spec']}` (unless a target names its own spec), "
              f"{cfg['target']['train_per_class']} training images per class, the rest for testing.",
              f"Head2Toe: layers `{h['layers']}`, ≤ {h['target']} pooled features per layer, keep {h['keep']} chosen "
