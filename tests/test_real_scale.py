@@ -30,7 +30,8 @@ STAND_INS = {
     "vit_base_patch16_clip_224": ("test_vit", {"img_size": 32}),
 }
 WNIDS = (1, 207, 980)  # ImageNet classes the digits 0, 3 and 7 are filed under
-FOLDERS = ["imagenet/val", "imagenet/train-subset", "imagenet/heldout", "imagenet-r", "imagenet-sketch", "imagenet-a"]
+FOLDERS = ["imagenet/val", "imagenet/train-subset", "imagenet/heldout", "imagenet-r", "imagenet-sketch", "imagenet-a",
+           "imagenet-sketch-200"]
 
 
 def hub_ids() -> set[str]:
@@ -119,7 +120,8 @@ def stand_in_tensors(hub: dict, repo_id: str) -> dict[str, torch.Tensor]:
 def test_every_hub_id_of_the_real_scale_recipes_has_a_stand_in():
     assert {p.name for p in RECIPES.glob("*.yaml")} == {"what-is-transferred.yaml", "what-is-transferred-groupnorm.yaml",
                                                       "align-barrier.yaml", "soup.yaml", "trajectory.yaml",
-                                                      "saturation-pairs.yaml", "head2toe-targets.yaml"}
+                                                      "saturation-pairs.yaml", "head2toe-targets.yaml",
+                                                      "cross-domain.yaml"}
     assert {rid.split("/")[1].split(".")[0] for rid in hub_ids()} <= set(STAND_INS)
 
 
@@ -262,6 +264,28 @@ def test_head2toe_targets_from_a_published_backbone(stand_in_hub, cli, tmp_path)
     expected = float(ev(stand_in_tensors(stand_in_hub, "timm/resnet50.a1_in1k")))
     assert res["results"]["source_accuracy"] == {"1": expected, "2": expected, "3": expected}
     assert not (out / "checkpoints").exists()  # nothing pre-trained here
+    assert "published weights `hf-hub:timm/resnet50.a1_in1k`" in (out / "REPORT.md").read_text()
+
+
+def test_cross_domain_from_a_published_model(stand_in_hub, cli, tmp_path):
+    from weightspace.eval.data import load_data
+    from weightspace.eval.evaluator import Evaluator
+    from weightspace.eval.models import build_model
+    out = tmp_path / "run"
+    res = run(cli, "cross-domain.yaml", out)
+    assert [f["id"] for f in res["findings"]] == ["a", "b"]
+    r = res["results"]
+    assert r["protocols"] == ["stored", "re-estimated"]
+    assert {n: (d["train"], d["test"]) for n, d in r["domains"].items()} == {"renditions": (6, 6), "sketches": (6, 6)}
+    assert all(len(r["within"][n]["stored"]) == 3 and len(r["cross"][n]["re-estimated"]) == 3 for n in r["domains"])
+    # every fine-tune starts from the published body with one random 200-class (here 3-class) head
+    pub = stand_in_tensors(stand_in_hub, "timm/resnet50.a1_in1k")
+    init = st.load_file(out / "checkpoints" / "pt-init.safetensors")
+    assert init["fc.weight"].shape == (3, 96)
+    assert all(torch.equal(init[k], pub[k]) for k in pub if not k.startswith("fc."))
+    net = build_model("timm:hf-hub:timm/resnet50.a1_in1k")
+    assert r["source_accuracy"] == float(Evaluator(net, load_data("~/data/imagenet/val", model=net), device="cpu")(pub))
+    assert not (out / "checkpoints" / "source.safetensors").exists()  # nothing pre-trained here
     assert "published weights `hf-hub:timm/resnet50.a1_in1k`" in (out / "REPORT.md").read_text()
 
 

@@ -13,6 +13,11 @@ Findings, each on a 95% t-interval over seeds, under stored and (with BatchNorm)
 statistics re-estimated on the training data of the domain being evaluated): (a) within each domain the barrier
 lies below ``no_barrier_below``; (b) on each domain's test set, cross-domain − within-domain barrier (paired by
 seed) lies above ``margin``.
+
+With ``pretrained`` (a published checkpoint, e.g. ``hf-hub:timm/resnet50.a1_in1k``) nothing is pre-trained: the
+fine-tunes start from those weights (``model`` names their architecture, ``timm:hf-hub:...``; image sources are
+decoded with its eval transform; ``source.test`` scores it on the source task). The two domains' folders must hold
+the same class folders (one label set, e.g. the 200 classes of ImageNet-R).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 from ..registry import Entry, register
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import Session, fresh_state, load_kind_recipe, render_report, state_of, task, train_from
+from .kit import Session, fresh_state, load_kind_recipe, published, render_report, state_of, task, train_from
 from .recipes import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
@@ -39,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "source": {"train": "digits:train", "test": "digits:test"},
     "target": {"spec": ["digits:val", "digits:test"], "train_per_class": 20},
     "domains": [],
+    "pretrained": None,
     "pretrain": {"epochs": 20, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0005, "momentum": 0.9,
                  "augment": "none", "seed": 0},
     "finetune": {"epochs": 20, "lr": 0.02, "batch_size": 16, "weight_decay": 0.0005, "momentum": 0.9,
@@ -94,23 +100,33 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
     seeds = [int(x) for x in cfg["seeds"]]
     with s.threads():
         t0 = time.perf_counter()
-        src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
-        in_chans = int(src.x.shape[1])
+        shaper = None
+        if cfg["pretrained"]:  # published weights: nothing pre-trained here
+            shaper = build_model_for(spec, cfg["pretrained"])  # sized by the checkpoint
+            src, src_test = None, load_data(cfg["source"]["test"], model=shaper)
+        else:
+            src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
         doms: dict[str, tuple] = {}
         for d in cfg["domains"]:
             entry = {**cfg["target"], **{k: v for k, v in d.items() if k != "name"}}
-            doms[d["name"]] = task(entry, d["name"], cfg["where"])
+            doms[d["name"]] = task(entry, d["name"], cfg["where"], (lambda: shaper) if shaper else None)
         (na, (a_tr, _)), (nb, (b_tr, _)) = doms.items()
+        in_chans = int((src if src is not None else a_tr).x.shape[1])
         if a_tr.num_classes != b_tr.num_classes:
             raise ConfigError(f"{cfg['where']}: domains '{na}' and '{nb}' have {a_tr.num_classes} and "
                               f"{b_tr.num_classes} classes; cross-domain interpolation needs one label set")
         k = a_tr.num_classes
         report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
-        source_net, _ = train_from(spec, None, src, pre, int(pre["seed"]), in_chans=in_chans)
-        source_acc = accuracy(source_net, src_test)
-        s.save("source", source_net.state_dict())
+        if shaper is not None:
+            source_sd = published(cfg["pretrained"])
+            source_acc = float(Evaluator(shaper, src_test, device=device, batch_size=batch_size)(source_sd))
+        else:
+            source_net, _ = train_from(spec, None, src, pre, int(pre["seed"]), in_chans=in_chans)
+            source_acc = accuracy(source_net, src_test)
+            s.save("source", source_net.state_dict())
+            source_sd = state_of(source_net)
         template = build_model_for(spec, num_classes=k, in_chans=in_chans)
-        start = pt_init(state_of(source_net), fresh_state(spec, k, in_chans, int(cfg["head_seed"])), cfg["reset"],
+        start = pt_init(source_sd, fresh_state(spec, k, in_chans, int(cfg["head_seed"])), cfg["reset"],
                         template)
         s.save("pt-init", start)
         s.lap("pretrain", t0)
@@ -119,9 +135,9 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         acc: dict[str, dict[int, dict]] = {n: {} for n in doms}
         for n, (tr, _) in doms.items():
             for seed in seeds:
-                m, _ = train_from(spec, start, tr, cfg["finetune"], seed, in_chans=in_chans)
+                m, _ = train_from(spec, start, tr, cfg["finetune"], seed, in_chans=in_chans, device=device)
                 models[n][seed] = state_of(m)
-                acc[n][seed] = {f"on {d}": accuracy(m, te) for d, (_, te) in doms.items()}
+                acc[n][seed] = {f"on {d}": accuracy(m, te, device=device) for d, (_, te) in doms.items()}
                 s.save(f"{n}-seed-{seed}".replace(" ", "_").replace("/", "_"), models[n][seed])
         s.lap("finetune", t1)
         s.note(f"fine-tuned {len(seeds)} models per domain from one pre-trained model (source accuracy "
@@ -223,11 +239,13 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     from ..report import markdown_table
     pre, ft = cfg["pretrain"], cfg["finetune"]
     doms = results["domains"]
-    setup = [f"Source: `{cfg['source']['train']}`, pre-trained once (seed {pre['seed']}, {pre['epochs']} epochs, lr "
-             f"{pre['lr']}); source test accuracy {results['source_accuracy']:.4f}.",
+    setup = [(f"Source: the published weights `{cfg['pretrained']}` (not pre-trained here); accuracy on "
+              f"`{cfg['source']['test']}` {results['source_accuracy']:.4f}." if cfg["pretrained"] else
+              f"Source: `{cfg['source']['train']}`, pre-trained once (seed {pre['seed']}, {pre['epochs']} epochs, lr "
+              f"{pre['lr']}); source test accuracy {results['source_accuracy']:.4f}."),
              "Domains (one label set): " + "; ".join(
-                 f"{d['name']} (transform {d.get('transform') or 'none'}, {doms[d['name']]['train']} train / "
-                 f"{doms[d['name']]['test']} test)" for d in cfg["domains"]) + f", from `{cfg['target']['spec']}`.",
+                 f"{d['name']} (`{d.get('spec', cfg['target']['spec'])}`, transform {d.get('transform') or 'none'}, "
+                 f"{doms[d['name']]['train']} train / {doms[d['name']]['test']} test)" for d in cfg["domains"]) + ".",
              f"Fine-tuning: from the pre-trained model with {cfg['reset']} replaced by one random head (seed "
              f"{cfg['head_seed']}), {ft['epochs']} epochs, lr {ft['lr']}, batch {ft['batch_size']}; seeds "
              f"{cfg['seeds']}.",
