@@ -296,7 +296,9 @@ def test_a_hub_id_missing_from_the_offline_cache_is_one_line(stand_in_hub, cli, 
     monkeypatch.setenv("HF_HUB_CACHE", str(empty))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))
     for name, repo in (("soup.yaml", "timm/vit_base_patch16_clip_224.openai_ft_in1k"),
-                       ("what-is-transferred.yaml", "timm/resnet50.a1_in1k")):
+                       ("what-is-transferred.yaml", "timm/resnet50.a1_in1k"),
+                       ("trajectory.yaml", "timm/resnet50.a1_in1k"),  # its model: names the architecture
+                       ("saturation-pairs.yaml", "timm/resnet18.a1_in1k")):
         out = tmp_path / name
         r = cli("recipe", "run", RECIPES / name, "--out", out, "--small", "--quiet")
         assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -320,3 +322,18 @@ def test_transfer_trains_and_evaluates_on_the_gpu(stand_in_hub, tmp_path):
     init = st.load_file(tmp_path / "run" / "checkpoints" / "pt-init-7.safetensors")
     tuned = st.load_file(tmp_path / "run" / "checkpoints" / "pt-7-1.safetensors")
     assert sorted(init) == sorted(tuned) and not torch.equal(init["fc.weight"], tuned["fc.weight"])  # trained there
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["trajectory.yaml", "saturation-pairs.yaml", "head2toe-targets.yaml",
+                                  "cross-domain.yaml"])
+def test_published_checkpoint_recipes_run_on_the_gpu(stand_in_hub, tmp_path, name):
+    """The four recipe kinds over published checkpoints with --device cuda: fine-tuning, scratch models, probes and
+    barriers on the device (bench/gpu_check.sh; WEIGHTSPACE_TEST_DEVICE=cpu checks the plumbing without a GPU)."""
+    from weightspace.experiments.runner import run_recipe
+    device = os.environ.get("WEIGHTSPACE_TEST_DEVICE", "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail("GPU tests need CUDA: run them with bench/gpu_check.sh on a GPU machine (make test deselects them)")
+    r = run_recipe(RECIPES / name, tmp_path / "run", small=True, progress=False, device=device)
+    assert [f["id"] for f in r["findings"]] == ["a", "b"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["recipe"]["small_run"] is True
