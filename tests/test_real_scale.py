@@ -222,6 +222,8 @@ def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
     # every upstream accuracy is the stand-in's own, on the 3 wnid classes of ~/data/imagenet/val
     from weightspace.eval.data import load_data
     from weightspace.eval.evaluator import Evaluator
+    from timm.data import IMAGENET_DEFAULT_MEAN
+
     from weightspace.analysis.probe import fit_linear
     from weightspace.analysis.taps import FeatureTaps
     from weightspace.eval.models import build_model
@@ -235,6 +237,7 @@ def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
         net = build_model("timm:" + p["model"])
         net.load_state_dict({**net.state_dict(), **sd})
         tr, te = task({"spec": "~/data/target", "train_per_class": 5}, "downstream", "test", lambda: net)
+        assert tr.mean == te.mean == pytest.approx(IMAGENET_DEFAULT_MEAN) and tr.x.dtype == torch.uint8  # normalised per batch
         taps = FeatureTaps(net, "fc:in", device="cpu")
         ftr, fte = taps(tr), taps(te)
         layer = ftr.layers[-1]

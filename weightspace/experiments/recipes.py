@@ -177,13 +177,18 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
 
 # -------------------------------------------------------------------------------------------------- data
 def _take(d: TensorData, idx: torch.Tensor, y: torch.Tensor | None = None, name: str | None = None) -> TensorData:
-    return TensorData(name or d.name, d.x[idx].contiguous(), (d.y if y is None else y)[idx], d.num_classes)
+    return TensorData(name or d.name, d.x[idx].contiguous(), (d.y if y is None else y)[idx], d.num_classes,
+                      mean=d.mean, std=d.std)  # uint8 images keep the model's normalisation
 
 
 def build_task(entry: dict, name: str, where: str, model: Callable[[], torch.nn.Module] | None = None) -> TensorData:
     """One task's examples: concatenated specs, optionally filtered to ``classes`` and ``relabel``-ed. Image
     sources (folders, ``hfds/``, shards) are decoded with the eval transform of ``model()`` (built on first need);
-    the task keeps its own classes whatever the model's head."""
+    the task keeps its own classes whatever the model's head, and the model's mean/std (uint8 images are normalised
+    per batch as the model expects).
+
+    Raises ConfigError for a missing spec, an unknown key, a relabel table too short, or specs decoded with
+    different normalisations."""
     from ..eval.data.readers import is_image_source
     known = {"spec", "classes", "relabel", "train_per_class"}
     bad = set(entry) - known
@@ -206,7 +211,11 @@ def build_task(entry: dict, name: str, where: str, model: Callable[[], torch.nn.
         if int(y.max()) >= len(table):
             raise ConfigError(f"{where}: data.{name}.relabel maps {len(table)} labels, the data has {int(y.max()) + 1}")
         y = torch.tensor(table, dtype=torch.long)[y]
-    d = TensorData(name, x.contiguous(), y, num_classes=int(y.max()) + 1)
+    norms = {(p.mean, p.std) for p in parts}
+    if len(norms) > 1:
+        raise ConfigError(f"{where}: data.{name}: its specs are normalised differently ({', '.join(map(str, norms))})")
+    mean, std = norms.pop()
+    d = TensorData(name, x.contiguous(), y, num_classes=int(y.max()) + 1, mean=mean, std=std)
     d.meta = {"original_labels": original}
     return d
 
