@@ -28,9 +28,9 @@ import torch
 
 from ..errors import ConfigError
 from ..report.stats import fmt_interval, t_interval
-from .verdicts import check, combine
-from ..registry import Entry, register
 from ..search.align import REBASIN_PAPER
+from .kit import register_recipe
+from .verdicts import check, combine
 
 __all__ = ["KIND", "FIXES", "METHODS", "DEFAULTS", "load_align_recipe", "run_align_recipe", "n_models"]
 
@@ -454,9 +454,8 @@ def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], f
     return "\n".join(lines)
 
 
-register(Entry("recipe", KIND, "Alignment and the barrier",
-               "barrier(A, B) vs barrier(A, P(B)) with stored, re-estimated or REPAIRed BatchNorm statistics",
-               "two models trained from different random initialisations, B aligned to A (Git Re-Basin), barrier "
-               "curves before and after alignment under each BatchNorm treatment", REBASIN_PAPER,
-               {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
-               target=run_align_recipe))
+register_recipe(KIND, "Alignment and the barrier",
+                "barrier(A, B) vs barrier(A, P(B)) with stored, re-estimated or REPAIRed BatchNorm statistics",
+                "two models trained from different random initialisations, B aligned to A (Git Re-Basin), barrier "
+                "curves before and after alignment under each BatchNorm treatment",
+                REBASIN_PAPER, DEFAULTS, run_align_recipe)

@@ -22,27 +22,23 @@ the same class folders (one label set, e.g. the 200 classes of ImageNet-R).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from ..registry import Entry, register
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import Session, fresh_state, load_kind_recipe, published, render_report, state_of, task, train_from
+from .kit import (DIGITS_SOURCE, DIGITS_TARGET, bn_protocols, error_barrier, kind_defaults, load_kind_recipe,
+                  named_tasks, open_session, pt_setup, published, register_recipe, render_report, source_data,
+                  state_of, train_from)
 from .recipes import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_cross_domain_recipe", "run_cross_domain_recipe"]
 
 KIND = "cross-domain"
-DEFAULTS: dict[str, Any] = {
-    "kind": KIND,
-    "name": KIND,
-    "description": "",
-    "seed": 0,
-    "threads": None,
-    "model": "weightspace.eval.zoo:small_cnn",
-    "source": {"train": "digits:train", "test": "digits:test"},
-    "target": {"spec": ["digits:val", "digits:test"], "train_per_class": 20},
+DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
+    "source": DIGITS_SOURCE,
+    "target": DIGITS_TARGET,
     "domains": [],
     "pretrained": None,
     "pretrain": {"epochs": 20, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0005, "momentum": 0.9,
@@ -53,8 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "head_seed": 7,
     "seeds": [1, 2, 3],
     "analysis": {"steps": 11, "no_barrier_below": 0.02, "margin": 0.02, "recalibrate_bn": True},
-    "small": {},
-}
+})
 
 
 def load_cross_domain_recipe(source: str | os.PathLike | dict, *, small: bool = False,
@@ -83,21 +78,16 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         ConfigError: a malformed recipe or data spec, or domains with different label sets.
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
-    import time
-
-    from .. import report
-    from ..analysis.curve import interpolation_curve
     from ..eval.data import load_data
-    from ..eval.evaluator import Evaluator
     from ..eval.modules import build_model_for
     from ..eval.train import accuracy
     from ..ops.stream import distance
-    from .recipes import pt_init
 
-    cfg = load_cross_domain_recipe(recipe, small=small, overrides=overrides)
-    s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
+    s = open_session(load_cross_domain_recipe, recipe, out, small=small, overrides=overrides, force=force,
+                     progress=progress, device=device, batch_size=batch_size)
+    cfg = s.cfg
     an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
-    seeds = [int(x) for x in cfg["seeds"]]
+    seeds = s.seeds
     with s.threads():
         t0 = time.perf_counter()
         shaper = None
@@ -105,29 +95,25 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
             shaper = build_model_for(spec, cfg["pretrained"])  # sized by the checkpoint
             src, src_test = None, load_data(cfg["source"]["test"], model=shaper)
         else:
-            src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
-        doms: dict[str, tuple] = {}
-        for d in cfg["domains"]:
-            entry = {**cfg["target"], **{k: v for k, v in d.items() if k != "name"}}
-            doms[d["name"]] = task(entry, d["name"], cfg["where"], (lambda: shaper) if shaper else None)
+            src, src_test, _ = source_data(cfg["source"])
+        doms = named_tasks(cfg, cfg["domains"], (lambda: shaper) if shaper else None)
         (na, (a_tr, _)), (nb, (b_tr, _)) = doms.items()
         in_chans = int((src if src is not None else a_tr).x.shape[1])
         if a_tr.num_classes != b_tr.num_classes:
             raise ConfigError(f"{cfg['where']}: domains '{na}' and '{nb}' have {a_tr.num_classes} and "
                               f"{b_tr.num_classes} classes; cross-domain interpolation needs one label set")
         k = a_tr.num_classes
-        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
+        s.claim_output()
         if shaper is not None:
             source_sd = published(cfg["pretrained"])
-            source_acc = float(Evaluator(shaper, src_test, device=device, batch_size=batch_size)(source_sd))
+            source_acc = float(s.evaluator_of(shaper, src_test)(source_sd))
         else:
             source_net, _ = train_from(spec, None, src, pre, int(pre["seed"]), in_chans=in_chans)
             source_acc = accuracy(source_net, src_test)
             s.save("source", source_net.state_dict())
             source_sd = state_of(source_net)
-        template = build_model_for(spec, num_classes=k, in_chans=in_chans)
-        start = pt_init(source_sd, fresh_state(spec, k, in_chans, int(cfg["head_seed"])), cfg["reset"],
-                        template)
+        template, pt_start = pt_setup(cfg, k, in_chans)
+        start = pt_start(source_sd)
         s.save("pt-init", start)
         s.lap("pretrain", t0)
         t1 = time.perf_counter()
@@ -146,14 +132,12 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
 
         t2 = time.perf_counter()
         has_bn = has_batchnorm(template)
-        protocols = ["stored"] + (["re-estimated"] if an["recalibrate_bn"] and has_bn else [])
-        evs = {n: Evaluator(build_model_for(spec, num_classes=k, in_chans=in_chans), te, device=device,
-                            batch_size=batch_size) for n, (_, te) in doms.items()}
+        protocols = bn_protocols(an, template)
+        evs = {n: s.evaluator(spec, k, in_chans, te) for n, (_, te) in doms.items()}
 
         def barrier(x: dict, y: dict, on: str, p: str) -> float:
-            c = interpolation_curve(x, y, evs[on], steps=int(an["steps"]), progress=False,
-                                    recalibrate_bn=doms[on][0] if p == "re-estimated" else None)
-            return c.barriers[doms[on][1].name]["error"]["chord"]
+            return error_barrier(x, y, evs[on], doms[on][1], an["steps"],
+                                 doms[on][0] if p == "re-estimated" else None)
 
         within: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
         cross: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
@@ -171,8 +155,7 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
     findings, summary = _findings(within, cross, seeds, an, protocols, na, nb)
     rows = [[i, seeds[i], n, p, within[n][p][i], cross[n][p][i]] for n in doms for p in protocols
             for i in range(len(seeds))]
-    report.write_csv(s.out / "cross_domain.csv", ["pair", "seed", "evaluated_on", "protocol", "within_barrier",
-                                                  "cross_barrier"], rows, force=force)
+    s.csv("cross_domain.csv", ["pair", "seed", "evaluated_on", "protocol", "within_barrier", "cross_barrier"], rows)
     _plot(within, cross, protocols, s.figure("cross_domain.png"), force)
     for f in findings:
         f["figures"] = list(s.figures)
@@ -262,9 +245,8 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     return render_report(cfg, setup, body, findings)
 
 
-register(Entry("recipe", KIND, "Interpolation across target domains",
-               "barrier(P-T on domain A, P-T on domain B) on each domain vs barrier within a domain",
-               "P-T models fine-tuned from one pre-trained model on two domains with one label set; within- and "
-               "cross-domain barriers on each domain's test set under both BatchNorm protocols",
-               TRANSFER_PAPER, {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
-               target=run_cross_domain_recipe))
+register_recipe(KIND, "Interpolation across target domains",
+                "barrier(P-T on domain A, P-T on domain B) on each domain vs barrier within a domain",
+                "P-T models fine-tuned from one pre-trained model on two domains with one label set; within- and "
+                "cross-domain barriers on each domain's test set under both BatchNorm protocols",
+                TRANSFER_PAPER, DEFAULTS, run_cross_domain_recipe)

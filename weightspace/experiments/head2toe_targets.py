@@ -24,11 +24,13 @@ Head2Toe's cross-validation folds and the scratch models.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
-from ..registry import Entry, Paper, register
+from ..registry import Paper
 from ..report.stats import fmt_interval, t_interval
-from .kit import Session, load_kind_recipe, mean, published, rank_correlation, render_report, task, train_from
+from .kit import (DIGITS_SOURCE, DIGITS_TARGET, kind_defaults, load_kind_recipe, mean, named_tasks, open_session,
+                  published, rank_correlation, register_recipe, render_report, source_data, train_from)
 from .verdicts import check
 
 __all__ = ["KIND", "load_head2toe_targets_recipe", "run_head2toe_targets_recipe"]
@@ -36,15 +38,9 @@ __all__ = ["KIND", "load_head2toe_targets_recipe", "run_head2toe_targets_recipe"
 KIND = "head2toe-targets"
 HEAD2TOE_PAPER = Paper("Evci et al.", 2022, "Head2Toe: Utilizing Intermediate Representations for Better "
                        "Transfer Learning", "ICML", "https://arxiv.org/abs/2201.03529")
-DEFAULTS: dict[str, Any] = {
-    "kind": KIND,
-    "name": KIND,
-    "description": "",
-    "seed": 0,
-    "threads": None,
-    "model": "weightspace.eval.zoo:small_cnn",
-    "source": {"train": "digits:train", "test": "digits:test"},
-    "target": {"spec": ["digits:val", "digits:test"], "train_per_class": 20},
+DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
+    "source": DIGITS_SOURCE,
+    "target": DIGITS_TARGET,
     "targets": [],
     "pretrained": None,
     "pretrain": {"epochs": 10, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9,
@@ -55,8 +51,7 @@ DEFAULTS: dict[str, Any] = {
                  "max_iter": 50},
     "seeds": [1, 2, 3],
     "analysis": {"margin": 0.0},
-    "small": {},
-}
+})
 
 
 def load_head2toe_targets_recipe(source: str | os.PathLike | dict, *, small: bool = False,
@@ -89,18 +84,15 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
         ConfigError: a malformed recipe or data spec.
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
-    import time
-
-    from .. import report
     from ..analysis.head2toe import head2toe_features
     from ..analysis.taps import FeatureTaps
     from ..eval.data import load_data
-    from ..eval.evaluator import Evaluator
     from ..eval.modules import build_model_for
     from ..eval.train import accuracy
 
-    cfg = load_head2toe_targets_recipe(recipe, small=small, overrides=overrides)
-    s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
+    s = open_session(load_head2toe_targets_recipe, recipe, out, small=small, overrides=overrides, force=force,
+                     progress=progress, device=device, batch_size=batch_size)
+    cfg = s.cfg
     h = cfg["head2toe"]
     with s.threads():
         t0 = time.perf_counter()
@@ -109,17 +101,14 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
             backbone = build_model_for(cfg["model"], cfg["pretrained"])  # sized by the checkpoint
             src, src_test = None, load_data(cfg["source"]["test"], model=backbone)
         else:
-            src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
-        tasks = {}
-        for t in cfg["targets"]:
-            entry = {**cfg["target"], **{k: v for k, v in t.items() if k != "name"}}
-            tasks[t["name"]] = task(entry, t["name"], cfg["where"], (lambda: backbone) if backbone else None)
+            src, src_test, _ = source_data(cfg["source"])
+        tasks = named_tasks(cfg, cfg["targets"], (lambda: backbone) if backbone else None)
         in_chans = int((src if src is not None else next(iter(tasks.values()))[0]).x.shape[1])
         if backbone is not None:
             weights = published(cfg["pretrained"])
-            source_acc = float(Evaluator(backbone, src_test, device=device, batch_size=batch_size)(weights))
+            source_acc = float(s.evaluator_of(backbone, src_test)(weights))
             backbone.load_state_dict({**backbone.state_dict(), **weights})
-        report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
+        s.claim_output()
         s.note("targets: " + "; ".join(f"{n} {len(tr)} train / {len(te)} test" for n, (tr, te) in tasks.items()))
         per: dict[str, dict[int, dict]] = {n: {} for n in tasks}
         sources = {}
@@ -160,8 +149,8 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
     findings, summary = _findings(targets, seeds, float(cfg["analysis"]["margin"]))
     csv_rows = [[n, k, r["probe"], r["head2toe"], r["scratch"], r["affinity"], r["gain"], r["chosen_keep"]]
                 for n, t in targets.items() for k, r in t["per_seed"].items()]
-    report.write_csv(s.out / "head2toe_targets.csv", ["target", "seed", "probe", "head2toe", "scratch", "affinity",
-                                                      "gain", "chosen_keep"], csv_rows, force=force)
+    s.csv("head2toe_targets.csv", ["target", "seed", "probe", "head2toe", "scratch", "affinity", "gain",
+                                   "chosen_keep"], csv_rows)
     _plot(targets, seeds, s.figure("head2toe_targets.png"), force)
     findings[0]["figures"] = list(s.figures)
     results = {"source_accuracy": {str(k): v for k, v in sources.items()}, "targets": targets, **summary}
@@ -252,9 +241,8 @@ def _iv(d: dict) -> str:
     return fmt_interval(Interval(d["mean"], d["low"], d["high"], d["n"], d["level"]))
 
 
-register(Entry("recipe", KIND, "Head2Toe on near and far targets",
-               "gain = acc(Head2Toe) − acc(last-layer probe) vs affinity = acc(probe) − acc(scratch), per target",
-               "one source model per seed; targets at different distances from the source (inverted, "
-               "block-shuffled, other data); Head2Toe's gain over the last-layer probe against domain affinity",
-               HEAD2TOE_PAPER, {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
-               target=run_head2toe_targets_recipe))
+register_recipe(KIND, "Head2Toe on near and far targets",
+                "gain = acc(Head2Toe) − acc(last-layer probe) vs affinity = acc(probe) − acc(scratch), per target",
+                "one source model per seed; targets at different distances from the source (inverted, "
+                "block-shuffled, other data); Head2Toe's gain over the last-layer probe against domain affinity",
+                HEAD2TOE_PAPER, DEFAULTS, run_head2toe_targets_recipe)

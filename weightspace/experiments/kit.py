@@ -7,28 +7,64 @@ their own module and register themselves in the one registry (family ``recipe``)
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..eval.data import TensorData
 
-__all__ = ["load_kind_recipe", "Session", "task", "train_from", "state_of", "fresh_state", "render_report",
-           "VERDICT_RULE", "rank_correlation", "mean", "with_option", "published", "hub_model_spec"]
+__all__ = ["load_kind_recipe", "kind_defaults", "register_recipe", "open_session", "Session", "task", "named_tasks",
+           "source_data", "train_from", "state_of", "fresh_state", "render_report", "VERDICT_RULE",
+           "rank_correlation", "mean", "with_option", "published", "hub_model_spec", "DIGITS_SOURCE",
+           "DIGITS_TARGET", "pt_setup", "bn_protocols", "error_barrier"]
 
 VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
                 "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
                 "side; *inconclusive* when it straddles it; *partly* when BatchNorm protocols or sub-checks disagree.")
 
+SMALL_CNN = "weightspace.eval.zoo:small_cnn"
+DIGITS_SOURCE = {"train": "digits:train", "test": "digits:test"}
+DIGITS_TARGET = {"spec": ["digits:val", "digits:test"], "train_per_class": 20}
+# keys the registry leaves out of a recipe kind's listed defaults: they name the run, not the experiment
+UNLISTED = ("kind", "name", "description", "small")
+
 TRAIN_DEFAULTS = {"epochs": 10, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9,
                   "augment": "none"}
+
+
+def kind_defaults(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A recipe kind's defaults: the keys every kind starts with (kind, name, description, seed, threads, model),
+    then ``options`` (which may replace any of them), then an empty ``small:``."""
+    return {"kind": kind, "name": kind, "description": "", "seed": 0, "threads": None, "model": SMALL_CNN,
+            **copy.deepcopy(options), "small": {}}
+
+
+def register_recipe(kind: str, title: str, formula: str, summary: str, paper: Any, defaults: dict,
+                    run: Any) -> None:
+    """Register a recipe kind (family ``recipe``) with ``run`` as its target; its listed options are ``defaults``
+    less the keys that name the run rather than the experiment."""
+    from ..registry import Entry, register
+    register(Entry("recipe", kind, title, formula, summary, paper,
+                   {k: v for k, v in defaults.items() if k not in UNLISTED}, target=run))
+
+
+def open_session(load: Any, recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool,
+                 overrides: Sequence[str], force: bool, progress: bool, device: str, batch_size: int) -> "Session":
+    """The recipe read by ``load`` (with ``small`` and ``overrides``) and the Session that runs it into ``out``.
+
+    Raises:
+        ConfigError: whatever ``load`` raises for a malformed recipe.
+    """
+    cfg = load(recipe, small=small, overrides=overrides)
+    return Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
 
 
 def load_kind_recipe(source: str | os.PathLike | dict, kind: str, defaults: dict, *, small: bool = False,
@@ -84,6 +120,40 @@ class Session:
                 yield
         finally:
             torch.set_num_threads(old)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The recipe's seeds, as integers."""
+        return [int(x) for x in self.cfg["seeds"]]
+
+    def claim_output(self) -> None:
+        """Refuse an output folder that holds an earlier run (unless forced). Called once the data are read, so a
+        bad data spec leaves no folder behind.
+
+        Raises:
+            OutputExists: the folder holds results.json or REPORT.md and ``force`` is False.
+        """
+        from .. import report
+        report.check_outputs(self.out, ["results.json", "REPORT.md"], self.force)
+
+    def evaluator_of(self, model: torch.nn.Module, data: TensorData) -> Any:
+        """An Evaluator of ``model`` on ``data``, on the run's device and batch size."""
+        from ..eval.evaluator import Evaluator
+        return Evaluator(model, data, device=self.device, batch_size=self.batch_size)
+
+    def evaluator(self, spec: str, num_classes: int, in_chans: int | None, data: TensorData) -> Any:
+        """An Evaluator of a fresh ``spec`` model on ``data``, on the run's device and batch size."""
+        from ..eval.modules import build_model_for
+        return self.evaluator_of(build_model_for(spec, num_classes=num_classes, in_chans=in_chans), data)
+
+    def csv(self, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Write NAME (a CSV table) in the run folder.
+
+        Raises:
+            OutputExists: the file exists and the run is not forced.
+        """
+        from .. import report
+        report.write_csv(self.out / name, header, rows, force=self.force)
 
     def lap(self, name: str, since: float) -> float:
         """Record the seconds since ``since`` under ``name``; returns them."""
@@ -141,6 +211,32 @@ def task(entry: dict, name: str, where: str, model: Any = None) -> tuple[TensorD
             replace(te, x=transform(te.x).contiguous(), name=f"{name}:test"))
 
 
+def named_tasks(cfg: dict, entries: Sequence[dict], model: Any = None) -> dict[str, tuple[TensorData, TensorData]]:
+    """name → (train, test) for each entry (a ``name`` and its own keys over the recipe's ``target``), in order;
+    ``model`` as for :func:`task`.
+
+    Raises:
+        ConfigError: as :func:`task`, for any entry.
+    """
+    out = {}
+    for e in entries:
+        entry = {**cfg["target"], **{k: v for k, v in e.items() if k != "name"}}
+        out[e["name"]] = task(entry, e["name"], cfg["where"], model)
+    return out
+
+
+def source_data(pair: dict) -> tuple[TensorData, TensorData, int]:
+    """The (train, test) data a recipe names under ``pair`` (``train:`` and ``test:`` specs) and the number of
+    input channels of its images.
+
+    Raises:
+        ConfigError: a malformed or unknown data spec.
+    """
+    from ..eval.data import load_data
+    train, test = load_data(pair["train"]), load_data(pair["test"])
+    return train, test, int(train.x.shape[1])
+
+
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a model's state dict."""
     return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
@@ -171,6 +267,35 @@ def train_from(spec: str, init: dict | None, data: TensorData, opts: dict, seed:
                  momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(seed),
                  augment=o["augment"], on_epoch=on_epoch, device=device)
     return net, hist
+
+
+def pt_setup(cfg: dict, num_classes: int, in_chans: int | None) -> tuple[torch.nn.Module,
+                                                                         Callable[[dict], dict]]:
+    """P-T fine-tuning on a target of ``num_classes``: a template of the recipe's model, and the function that turns
+    a pre-trained state into the fine-tuning start (the ``reset`` modules replaced by one random head, drawn with
+    ``head_seed`` and shared by every start)."""
+    from ..eval.modules import build_model_for
+    from .recipes import pt_init
+    spec = cfg["model"]
+    head = fresh_state(spec, num_classes, in_chans, int(cfg["head_seed"]))
+    template = build_model_for(spec, num_classes=num_classes, in_chans=in_chans)
+    return template, lambda sd: pt_init(sd, head, cfg["reset"], template)
+
+
+def bn_protocols(analysis: dict, template: torch.nn.Module) -> list[str]:
+    """The BatchNorm protocols a barrier is measured under: ``stored``, and ``re-estimated`` when the recipe's
+    ``analysis.recalibrate_bn`` asks for it and the model has BatchNorm."""
+    from .verdicts import has_batchnorm
+    return ["stored"] + (["re-estimated"] if analysis["recalibrate_bn"] and has_batchnorm(template) else [])
+
+
+def error_barrier(a: dict, b: dict, ev: Any, on: TensorData, steps: int,
+                  recalibrate_bn: TensorData | None = None) -> float:
+    """The chord error barrier between ``a`` and ``b`` on ``on`` (the data ``ev`` evaluates), BatchNorm statistics
+    re-estimated on ``recalibrate_bn`` at every point when given."""
+    from ..analysis.curve import interpolation_curve
+    c = interpolation_curve(a, b, ev, steps=int(steps), progress=False, recalibrate_bn=recalibrate_bn)
+    return c.barriers[on.name]["error"]["chord"]
 
 
 def published(source: str) -> dict[str, torch.Tensor]:

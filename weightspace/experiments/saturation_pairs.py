@@ -21,12 +21,14 @@ accuracy reached lies below ``headroom``.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from ..registry import Entry, Paper, register
+from ..registry import Paper
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import Session, hub_model_spec, load_kind_recipe, published, render_report, task, train_from, with_option
+from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, load_kind_recipe, open_session, published,
+                  register_recipe, render_report, source_data, task, train_from, with_option)
 from .verdicts import check
 
 __all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe"]
@@ -34,14 +36,8 @@ __all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe"
 KIND = "saturation-pairs"
 SATURATION_PAPER = Paper("Abnar, Dehghani, Neyshabur & Sedghi", 2022, "Exploring the Limits of Large Scale "
                          "Pre-training", "ICLR", "https://arxiv.org/abs/2110.02095")
-DEFAULTS: dict[str, Any] = {
-    "kind": KIND,
-    "name": KIND,
-    "description": "",
-    "seed": 0,
-    "threads": None,
-    "model": "weightspace.eval.zoo:small_cnn",
-    "upstream": {"train": "digits:train", "test": "digits:test"},
+DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
+    "upstream": DIGITS_SOURCE,
     "downstream": {"spec": "mnist:val?size=8", "train_per_class": 10},
     "grid": {"param": "width", "widths": [2, 4, 8, 16], "epochs": [1, 2, 4, 8]},
     "pretrain": {"lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9, "augment": "none"},
@@ -49,8 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [1, 2, 3],
     "published": {},
     "analysis": {"min_gap": 0.01, "headroom": 0.05},
-    "small": {},
-}
+})
 
 
 def load_saturation_pairs_recipe(source: str | os.PathLike | dict, *, small: bool = False,
@@ -90,18 +85,15 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
         ConfigError: a malformed recipe or data spec.
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
-    import time
-
-    from .. import report
     from ..analysis.probe import fit_linear
     from ..analysis.saturation import fit_saturation
     from ..analysis.taps import FeatureTaps
-    from ..eval.data import load_data
     from ..eval.train import accuracy
 
-    cfg = load_saturation_pairs_recipe(recipe, small=small, overrides=overrides)
-    s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
-    g, seeds = cfg["grid"], [int(x) for x in cfg["seeds"]]
+    s = open_session(load_saturation_pairs_recipe, recipe, out, small=small, overrides=overrides, force=force,
+                     progress=progress, device=device, batch_size=batch_size)
+    cfg = s.cfg
+    g, seeds = cfg["grid"], s.seeds
     points: list[dict] = []
     with s.threads():
         t0 = time.perf_counter()
@@ -109,10 +101,9 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
             seeds = list(cfg["published"])
             up_train, (up_test, ds_train, ds_test) = None, _published_points(cfg, s, points)
         else:
-            up_train, up_test = load_data(cfg["upstream"]["train"]), load_data(cfg["upstream"]["test"])
+            up_train, up_test, in_chans = source_data(cfg["upstream"])
             ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"])
-            in_chans = int(up_train.x.shape[1])
-            report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
+            s.claim_output()
         for seed in ([] if cfg["published"] else seeds):
             for w in g["widths"]:
                 spec = with_option(cfg["model"], g["param"], int(w))
@@ -145,12 +136,11 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
         except ConfigError:
             continue
     if cfg["published"]:
-        report.write_csv(s.out / "pairs.csv", ["group", "model", "upstream_accuracy", "downstream_accuracy"],
-                         [[p["seed"], p["model"], p["upstream"], p["downstream"]] for p in points], force=force)
+        s.csv("pairs.csv", ["group", "model", "upstream_accuracy", "downstream_accuracy"],
+              [[p["seed"], p["model"], p["upstream"], p["downstream"]] for p in points])
     else:
-        report.write_csv(s.out / "pairs.csv", ["seed", "width", "epochs", "upstream_accuracy", "downstream_accuracy"],
-                         [[p["seed"], p["width"], p["epochs"], p["upstream"], p["downstream"]] for p in points],
-                         force=force)
+        s.csv("pairs.csv", ["seed", "width", "epochs", "upstream_accuracy", "downstream_accuracy"],
+              [[p["seed"], p["width"], p["epochs"], p["upstream"], p["downstream"]] for p in points])
     if pooled_fit is not None:
         pooled_fit.plot(s.figure("saturation.png"), force=force)
     findings, summary = _findings(fits, points, seeds, cfg["analysis"])
@@ -166,21 +156,19 @@ def _published_points(cfg: dict, s: Session, points: list[dict]) -> tuple[Any, A
     """Score every published model upstream (its Hub config's eval transform, its own classes) and by the
     few-shot probe downstream, appending to ``points``; returns the last model's (upstream test, downstream
     train, downstream test) data."""
-    from .. import report
     from ..analysis.probe import fit_linear
     from ..analysis.taps import FeatureTaps
     from ..eval.data import load_data
-    from ..eval.evaluator import Evaluator
     from ..eval.modules import build_model_for
     for group, ids in cfg["published"].items():
         for hub_id in ids:
             net = build_model_for(hub_model_spec(hub_id), hub_id)  # sized by the checkpoint (1,000 classes)
             up_test = load_data(cfg["upstream"]["test"], model=net)
             ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)
-            if not points:  # after the first model's data: bad specs leave no folder
-                report.check_outputs(s.out, ["results.json", "REPORT.md"], s.force)
+            if not points:  # after the first model's data
+                s.claim_output()
             weights = published(hub_id)
-            up_acc = float(Evaluator(net, up_test, device=s.device, batch_size=s.batch_size)(weights))
+            up_acc = float(s.evaluator_of(net, up_test)(weights))
             net.load_state_dict({**net.state_dict(), **weights})  # the taps read this module
             taps = FeatureTaps(net, cfg["probe"]["layer"], device=s.device, batch_size=s.batch_size)
             ftr, fte = taps(ds_train), taps(ds_test)
@@ -285,9 +273,8 @@ def _render_published(cfg: dict, results: dict, findings: list[dict]) -> str:
     return render_report(cfg, setup, body, findings)
 
 
-register(Entry("recipe", KIND, "Upstream/downstream pairs for the saturation law",
-               "e_DS = k·e_US^α + e_∞ fitted per seed to models of several widths and pre-training lengths",
-               "upstream models over a grid of widths and pre-training lengths, each scored upstream and by a "
-               "few-shot linear probe downstream; the saturation law fitted per seed", SATURATION_PAPER,
-               {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
-               target=run_saturation_pairs_recipe))
+register_recipe(KIND, "Upstream/downstream pairs for the saturation law",
+                "e_DS = k·e_US^α + e_∞ fitted per seed to models of several widths and pre-training lengths",
+                "upstream models over a grid of widths and pre-training lengths, each scored upstream and by a "
+                "few-shot linear probe downstream; the saturation law fitted per seed",
+                SATURATION_PAPER, DEFAULTS, run_saturation_pairs_recipe)

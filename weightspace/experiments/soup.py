@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 from ..ops.stream import SOUPS_PAPER
-from ..registry import Entry, register
+from .kit import register_recipe
 
 __all__ = ["run_soup_recipe", "load_soup_recipe"]
 
@@ -195,9 +195,7 @@ def _render(cfg: dict, lb: Any, findings: list[dict], curves: list) -> str:
     return "\n".join(lines)
 
 
-register(Entry("recipe", KIND, "Model soups over existing checkpoints",
-               "greedy / uniform soup vs best individual; pairwise midpoint barriers; a barrier curve",
-               "the demo's soup experiment over given fine-tunes: leaderboard with shift columns, the basin and "
-               "its breakers, a curve between two ingredients", SOUPS_PAPER,
-               {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
-               target=run_soup_recipe))
+register_recipe(KIND, "Model soups over existing checkpoints",
+                "greedy / uniform soup vs best individual; pairwise midpoint barriers; a barrier curve",
+                "the demo's soup experiment over given fine-tunes: leaderboard with shift columns, the basin and "
+                "its breakers, a curve between two ingredients", SOUPS_PAPER, DEFAULTS, run_soup_recipe)

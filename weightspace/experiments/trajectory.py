@@ -24,26 +24,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from ..registry import Entry, register
 from ..report.stats import Interval, fmt_interval, t_interval
+from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_defaults, load_kind_recipe,
+                  open_session, pt_setup, published, register_recipe, render_report, source_data, state_of, task,
+                  train_from)
 from .recipes import TRANSFER_PAPER
-from .kit import Session, fresh_state, load_kind_recipe, published, render_report, state_of, task, train_from
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_trajectory_recipe", "run_trajectory_recipe"]
 
 KIND = "trajectory"
-DEFAULTS: dict[str, Any] = {
-    "kind": KIND,
-    "name": KIND,
-    "description": "",
-    "seed": 0,
-    "threads": None,
-    "model": "weightspace.eval.zoo:small_cnn",
-    "source": {"train": "digits:train", "test": "digits:test"},
+DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
+    "source": DIGITS_SOURCE,
     "target": {"spec": ["digits:val", "digits:test"], "relabel": None, "classes": None, "train_per_class": 10,
                "transform": None},
     "pretrain": {"epochs": 20, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0005, "momentum": 0.9,
@@ -55,8 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "head_seed": 7,
     "seeds": [1, 2, 3],
     "analysis": {"steps": 11, "within": 0.02, "no_barrier_below": 0.02, "recalibrate_bn": True},
-    "small": {},
-}
+})
 
 
 def load_trajectory_recipe(source: str | os.PathLike | dict, *, small: bool = False,
@@ -93,21 +88,17 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
         ConfigError: a malformed recipe or data spec.
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
-    import time
-
-    from .. import report
     from ..analysis.curve import interpolation_curve
     from ..eval.data import load_data
-    from ..eval.evaluator import Evaluator
     from ..eval.modules import build_model_for
     from ..eval.train import accuracy
     from ..ops.stream import distance
-    from .recipes import pt_init
 
-    cfg = load_trajectory_recipe(recipe, small=small, overrides=overrides)
-    s = Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
+    s = open_session(load_trajectory_recipe, recipe, out, small=small, overrides=overrides, force=force,
+                     progress=progress, device=device, batch_size=batch_size)
+    cfg = s.cfg
     an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
-    seeds = [int(x) for x in cfg["seeds"]]
+    seeds = s.seeds
     with s.threads():
         t0 = time.perf_counter()
         states: dict[int, dict] = {}
@@ -117,14 +108,13 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
             src, src_test = None, load_data(cfg["source"]["test"], model=shaper)
             tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"], lambda: shaper)
             in_chans = int(tgt_train.x.shape[1])
-            report.check_outputs(s.out, ["results.json", "REPORT.md"], force)
+            s.claim_output()
             states = {int(e): published(c) for e, c in cfg["checkpoints"].items()}
-            src_ev = Evaluator(shaper, src_test, device=device, batch_size=batch_size)
+            src_ev = s.evaluator_of(shaper, src_test)
         else:
-            src, src_test = load_data(cfg["source"]["train"]), load_data(cfg["source"]["test"])
+            src, src_test, in_chans = source_data(cfg["source"])
             tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"])
-            in_chans = int(src.x.shape[1])
-            report.check_outputs(s.out, ["results.json", "REPORT.md"], force)  # after the data: bad specs leave no folder
+            s.claim_output()
             init = fresh_state(spec, src.num_classes, in_chans, int(pre["seed"]))
             if 0 in cfg["checkpoints"]:
                 states[0] = init
@@ -135,8 +125,7 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
                 return False
 
             train_from(spec, init, src, pre, int(pre["seed"]), in_chans=in_chans, on_epoch=keep)
-            src_ev = Evaluator(build_model_for(spec, num_classes=src.num_classes, in_chans=in_chans), src_test,
-                               device=device, batch_size=batch_size)
+            src_ev = s.evaluator(spec, src.num_classes, in_chans, src_test)
             for e, sd in states.items():
                 s.save(f"pretrain-epoch-{e}", sd)
         final = states[list(cfg["checkpoints"])[-1]]
@@ -152,17 +141,13 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
 
         t1 = time.perf_counter()
         k = tgt_train.num_classes
-        head = fresh_state(spec, k, in_chans, int(cfg["head_seed"]))
-        template = build_model_for(spec, num_classes=k, in_chans=in_chans)
+        template, pt_start = pt_setup(cfg, k, in_chans)
         has_bn = has_batchnorm(template)
-        protocols = {"stored": None}
-        if an["recalibrate_bn"] and has_bn:
-            protocols["re-estimated"] = tgt_train
-        ev = Evaluator(build_model_for(spec, num_classes=k, in_chans=in_chans), tgt_test, device=device,
-                       batch_size=batch_size)
+        protocols = {p: tgt_train if p == "re-estimated" else None for p in bn_protocols(an, template)}
+        ev = s.evaluator(spec, k, in_chans, tgt_test)
         starts: dict[int, dict] = {}
         for e, sd in states.items():
-            start = pt_init(sd, head, cfg["reset"], template)
+            start = pt_start(sd)
             if src is None:
                 s.save(f"start-epoch-{e}", start)  # the published weights with the one random head
             tuned = {}
@@ -176,9 +161,7 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
             for a, b in itertools.combinations(seeds, 2):
                 entry: dict[str, Any] = {"pair": [a, b], "l2": distance(tuned[a], tuned[b])["total"]["l2"]}
                 for p, fix in protocols.items():
-                    c = interpolation_curve(tuned[a], tuned[b], ev, steps=int(an["steps"]), progress=False,
-                                            recalibrate_bn=fix)
-                    entry[f"barrier_{p}"] = c.barriers[tgt_test.name]["error"]["chord"]
+                    entry[f"barrier_{p}"] = error_barrier(tuned[a], tuned[b], ev, tgt_test, an["steps"], fix)
                 pairs.append(entry)
             starts[e] = {"accuracy": {str(x): accs[x] for x in seeds}, "pairs": pairs,
                          "l2_from_start": {str(x): distance(start, tuned[x])["total"]["l2"] for x in seeds},
@@ -190,11 +173,11 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     findings, summary = _findings(starts, seeds, an, list(protocols))
     rows = [[e, seed, st["accuracy"][str(seed)], st["l2_from_start"][str(seed)], st["source_accuracy"],
              st["barrier_to_final"]] for e, st in starts.items() for seed in seeds]
-    report.write_csv(s.out / "trajectory.csv", ["start_epoch", "seed", "downstream_accuracy", "l2_from_start",
-                                                "source_accuracy", "source_barrier_to_final"], rows, force=force)
-    report.write_csv(s.out / "trajectory_pairs.csv", ["start_epoch", "pair", "l2", *[f"barrier_{p}" for p in protocols]],
-                     [[e, f"{p['pair'][0]}–{p['pair'][1]}", p["l2"], *[p[f"barrier_{q}"] for q in protocols]]
-                      for e, st in starts.items() for p in st["pairs"]], force=force)
+    s.csv("trajectory.csv", ["start_epoch", "seed", "downstream_accuracy", "l2_from_start", "source_accuracy",
+                             "source_barrier_to_final"], rows)
+    s.csv("trajectory_pairs.csv", ["start_epoch", "pair", "l2", *[f"barrier_{p}" for p in protocols]],
+          [[e, f"{p['pair'][0]}–{p['pair'][1]}", p["l2"], *[p[f"barrier_{q}"] for q in protocols]]
+           for e, st in starts.items() for p in st["pairs"]])
     _plot(starts, summary, list(protocols), s.figure("trajectory.png"), force)
     for f in findings:
         f["figures"] = list(s.figures)
@@ -325,10 +308,8 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     return render_report(cfg, setup, body, findings)
 
 
-register(Entry("recipe", KIND, "Which pre-training checkpoint to fine-tune from",
-               "acc(fine-tune from checkpoint e) vs acc(from the final checkpoint); barrier and L2 within pairs",
-               "one pre-training run with checkpoints along it; several fine-tuning seeds from each; downstream "
-               "accuracy, barriers and distances per start point",
-               TRANSFER_PAPER,
-               {k: v for k, v in DEFAULTS.items() if k not in ("kind", "name", "description", "small")},
-               target=run_trajectory_recipe))
+register_recipe(KIND, "Which pre-training checkpoint to fine-tune from",
+                "acc(fine-tune from checkpoint e) vs acc(from the final checkpoint); barrier and L2 within pairs",
+                "one pre-training run with checkpoints along it; several fine-tuning seeds from each; downstream "
+                "accuracy, barriers and distances per start point",
+                TRANSFER_PAPER, DEFAULTS, run_trajectory_recipe)
