@@ -292,6 +292,16 @@ def test_cross_domain_from_a_published_model(stand_in_hub, cli, tmp_path):
     assert "published weights `hf-hub:timm/resnet50.a1_in1k`" in (out / "REPORT.md").read_text()
 
 
+def test_cross_domain_folders_with_different_classes_are_one_line(stand_in_hub, cli, tmp_path):
+    out = tmp_path / "run"
+    r = cli("recipe", "run", RECIPES / "cross-domain.yaml", "--out", out, "--small", "--quiet", "--set",
+            "domains=[{name: renditions, spec: ~/data/imagenet-r}, {name: textures, spec: ~/data/dtd/images}]")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "cross-domain.yaml: domains 'renditions' and 'textures' hold different classes ('n01443537' vs " \
+           "'digit0')" in r.stderr
+    assert not out.exists()
+
+
 def test_a_hub_id_missing_from_the_offline_cache_is_one_line(stand_in_hub, cli, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
     empty = tmp_path / "empty-cache"

@@ -75,7 +75,8 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
     Returns {"findings", "timings", "out"}.
 
     Raises:
-        ConfigError: a malformed recipe or data spec, or domains with different label sets.
+        ConfigError: a malformed recipe or data spec, or domains with different label sets (numbers of classes,
+            or class folder names).
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
     from ..eval.data import load_data
@@ -98,6 +99,11 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
             src, src_test, _ = source_data(cfg["source"])
         doms = named_tasks(cfg, cfg["domains"], (lambda: shaper) if shaper else None)
         (na, (a_tr, _)), (nb, (b_tr, _)) = doms.items()
+        ca, cb = a_tr.meta.get("classes"), b_tr.meta.get("classes")
+        if ca and cb and ca != cb:  # labels are class folders in sorted order: they must be the same folders
+            diff = next((f"'{x}' vs '{y}'" for x, y in zip(ca, cb) if x != y), f"{len(ca)} vs {len(cb)} classes")
+            raise ConfigError(f"{cfg['where']}: domains '{na}' and '{nb}' hold different classes ({diff}); "
+                              "cross-domain interpolation needs one label set")
         in_chans = int((src if src is not None else a_tr).x.shape[1])
         if a_tr.num_classes != b_tr.num_classes:
             raise ConfigError(f"{cfg['where']}: domains '{na}' and '{nb}' have {a_tr.num_classes} and "

@@ -178,7 +178,8 @@ def load_recipe(source: str | os.PathLike | dict, *, small: bool = False,
 # -------------------------------------------------------------------------------------------------- data
 def _take(d: TensorData, idx: torch.Tensor, y: torch.Tensor | None = None, name: str | None = None) -> TensorData:
     return TensorData(name or d.name, d.x[idx].contiguous(), (d.y if y is None else y)[idx], d.num_classes,
-                      mean=d.mean, std=d.std)  # uint8 images keep the model's normalisation
+                      mean=d.mean, std=d.std,  # uint8 images keep the model's normalisation
+                      meta={"classes": d.meta["classes"]} if d.meta.get("classes") else {})
 
 
 def build_task(entry: dict, name: str, where: str, model: Callable[[], torch.nn.Module] | None = None) -> TensorData:
@@ -200,23 +201,26 @@ def build_task(entry: dict, name: str, where: str, model: Callable[[], torch.nn.
     parts = [load_data(s, model=model() if model is not None and is_image_source(s.split("?", 1)[0]) else None,
                        map_labels=False) for s in (specs if isinstance(specs, list) else [specs])]
     x, y = torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])
+    names = parts[0].meta.get("classes") if len(parts) == 1 else None  # class folder names, when one source
     if entry.get("classes") is not None:
         classes = [int(c) for c in entry["classes"]]
         keep = torch.isin(y, torch.tensor(classes))
         x, y = x[keep], y[keep]
         y = torch.tensor([classes.index(int(v)) for v in y], dtype=torch.long)
+        names = [names[c] for c in classes] if names and max(classes) < len(names) else None
     original = y.clone()
     if entry.get("relabel") is not None:
         table = [int(v) for v in entry["relabel"]]
         if int(y.max()) >= len(table):
             raise ConfigError(f"{where}: data.{name}.relabel maps {len(table)} labels, the data has {int(y.max()) + 1}")
         y = torch.tensor(table, dtype=torch.long)[y]
+        names = None
     norms = {(p.mean, p.std) for p in parts}
     if len(norms) > 1:
         raise ConfigError(f"{where}: data.{name}: its specs are normalised differently ({', '.join(map(str, norms))})")
     mean, std = norms.pop()
     d = TensorData(name, x.contiguous(), y, num_classes=int(y.max()) + 1, mean=mean, std=std)
-    d.meta = {"original_labels": original}
+    d.meta = {"original_labels": original, **({"classes": list(names)} if names else {})}
     return d
 
 
