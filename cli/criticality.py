@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import click
 
-from .common import grouping_option
-from .options import DataOptions, ModelOptions, OpOptions, analysis_outputs, use
+from .options import DataOptions, ModelOptions, OpOptions, analysis_outputs, trained_from_options
 
 __all__ = ["criticality"]
 
 
 @click.command("criticality")
-@click.argument("final")
-@click.option("--init", "init", required=True, metavar="CKPT", help="The checkpoint FINAL was trained from (θ⁰).")
-@use(DataOptions, "data", only=("data", "transform"), required=("data",),
-     help={"data": "TRAINING data, evaluated: the definition bounds the training error (one dataset)."})
-@grouping_option
+@trained_from_options(init_help="The checkpoint FINAL was trained from (θ⁰).", init_required=True,
+                      data_help="TRAINING data, evaluated: the definition bounds the training error (one dataset).")
 @click.option("--epsilon", type=float, default=0.1, show_default=True,
               help="Bound on the mean error (or loss) under noise.")
 @click.option("--relative-epsilon", is_flag=True, help="Bound FINAL's own value + ε instead of ε.")

@@ -10,7 +10,8 @@ import click
 from weightspace.options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions,  # noqa: F401
                                  OutputOptions, ReportOptions, check_report_folder, option_fields)
 
-__all__ = ["use", "report_folder", "force_option", "op_options", "output_options", "analysis_outputs"]
+__all__ = ["use", "report_folder", "force_option", "op_options", "output_options", "analysis_outputs",
+           "trained_from_options"]
 
 
 def _click_type(meta: Mapping[str, Any]) -> Any:
@@ -109,6 +110,24 @@ def analysis_outputs(report_help: str) -> Callable[[Callable], Callable]:
     from .common import report_options
     decorators = [use(ModelOptions, "model"), report_folder(report_help), force_option(), report_options,
                   use(OpOptions, "sources", only=("ema", "strip_prefix"))]
+
+    def apply(f: Callable) -> Callable:
+        for decorate in reversed(decorators):  # as if written one above the other, the first on top
+            f = decorate(f)
+        return f
+    return apply
+
+
+def trained_from_options(*, init_help: str, init_required: bool, data_help: str) -> Callable[[Callable], Callable]:
+    """The options the verbs that compare a trained checkpoint with its start begin with, in this order: FINAL,
+    --init CKPT (``init_help``, required when ``init_required``), --data/--transform (``data_help``) and
+    --modules."""
+    from .common import grouping_option
+    decorators = [click.argument("final"),
+                  click.option("--init", "init", required=init_required, default=None, metavar="CKPT",
+                               help=init_help),
+                  use(DataOptions, "data", only=("data", "transform"), required=("data",), help={"data": data_help}),
+                  grouping_option]
 
     def apply(f: Callable) -> Callable:
         for decorate in reversed(decorators):  # as if written one above the other, the first on top

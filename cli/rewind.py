@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import click
 
-from .common import grouping_option
-from .options import DataOptions, FixOptions, ModelOptions, OpOptions, analysis_outputs, use
+from .options import DataOptions, FixOptions, ModelOptions, OpOptions, analysis_outputs, trained_from_options, use
 
 __all__ = ["rewind"]
 
 
 @click.command("rewind")
-@click.argument("final")
-@click.option("--init", "init", default=None, metavar="CKPT", help="The checkpoint FINAL was trained from (--to init).")
-@use(DataOptions, "data", only=("data", "transform"), required=("data",),
-     help={"data": "Evaluation data (repeatable; the heat map shows the first)."})
-@grouping_option
+@trained_from_options(init_help="The checkpoint FINAL was trained from (--to init).", init_required=False,
+                      data_help="Evaluation data (repeatable; the heat map shows the first).")
 @click.option("--to", "targets", multiple=True, metavar="TARGET",
               help="Rewind target, repeatable: init (default), random (a fresh draw from the model's own "
                    "initialiser), or a checkpoint of the trajectory.")
