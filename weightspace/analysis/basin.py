@@ -85,7 +85,8 @@ def pairwise_barriers(ingredients: Sequence[Source], evaluate: Callable[[Any], A
     evaluations; n fewer when the ingredients' own values are given as ``ends``), and which ingredients break
     the basin (median barrier > ``tolerance``).
 
-    Raises IncompatibleCheckpoints (from the soup) when two ingredients differ in keys or shapes.
+    Raises:
+        IncompatibleCheckpoints: two ingredients differ in keys or shapes (from the soup).
     """
     from ..ops.stream import lerp
     from ..eval.contract import as_table

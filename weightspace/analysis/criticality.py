@@ -47,6 +47,9 @@ def random_init(model: ModelLike, seed: int = 0) -> dict[str, torch.Tensor]:
     A factory (a function returning a new model, e.g. ``lambda: build_model(spec)``) is called under the seed,
     so the architecture's own init scheme is used; an nn.Module is copied and every submodule that has
     ``reset_parameters`` is reset under the seed.
+
+    Raises:
+        ConfigError: ``model`` is neither an nn.Module nor a function that builds one.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,7 +82,12 @@ def _structure(evaluate: Any, model: ModelLike | None) -> nn.Module | None:
 
 
 def resolve_modules(modules: Modules, names: Sequence[str], model: nn.Module | None) -> dict[str, list[str]]:
-    """Module name → state-dict names, from a spec string, a mapping, or ModuleUnits (default: tree:layer)."""
+    """Module name → state-dict names, from a spec string, a mapping, or ModuleUnits (default: tree:layer).
+
+    Raises:
+        ConfigError: ``modules`` is no spec string, mapping or ModuleUnits, or a bad spec.
+        IncompatibleCheckpoints: a module names a key the checkpoint lacks.
+    """
     if isinstance(modules, Mapping):
         out = {str(k): list(v) for k, v in modules.items()}
     elif isinstance(modules, (list, tuple)) and all(isinstance(u, ModuleUnit) for u in modules):
@@ -204,6 +212,11 @@ def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: M
     ``recalibrate_bn=data`` re-estimates all of them on ``data`` before each evaluation (needs an Evaluator).
     ``modules``: a grouping spec (tree:layer by default when the model is known, depth:N, regex:P, tree:block,
     tree:stage), a mapping name → keys, or ModuleUnits. ``random`` draws from the model's own initialiser.
+
+    Raises:
+        ConfigError: a bad ``bn_stats``, no target, a target given twice, ``init`` without INIT or ``random`` without
+            the model.
+        IncompatibleCheckpoints: a rewind target lacks a tensor of FINAL or has another shape.
     """
     if bn_stats not in ("final", "target"):
         raise ConfigError(f"bn_stats={bn_stats!r}: expected 'final' or 'target'")
@@ -431,7 +444,9 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
     Evaluator). A module whose α=0 point is feasible has μ_i = 0; one with no feasible point has μ_i = ∞; a
     frontier at the top of ``sigma_range`` is capped there (noted).
 
-    Raises ConfigError for bad settings, IncompatibleCheckpoints when INIT lacks a tensor of FINAL.
+    Raises:
+        ConfigError: a bad setting (metric, samples, bisect steps, σ range, α grid).
+        IncompatibleCheckpoints: INIT lacks a tensor of FINAL.
     """
     if metric not in ("error", "loss"):
         raise ConfigError(f"--metric {metric}: expected error or loss")

@@ -30,7 +30,11 @@ HOLD_BYTES = 2 << 30  # a curve holds both ends in memory (read once) when toget
 
 
 def even_alphas(steps: int) -> list[float]:
-    """``steps`` evenly spaced α in [0, 1], both ends included (i/(K−1), so 0.1 is exactly 1/10)."""
+    """``steps`` evenly spaced α in [0, 1], both ends included (i/(K−1), so 0.1 is exactly 1/10).
+
+    Raises:
+        ConfigError: fewer than 2 steps.
+    """
     if steps < 2:
         raise ConfigError(f"--steps {steps}: a curve needs at least 2 points")
     return [i / (steps - 1) for i in range(steps)]
@@ -43,6 +47,9 @@ def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str
     midpoint: max_α f(α) − ½(f(0) + f(1))          (height above the ends' mean, as the git-re-basin code does)
     Returns the heights and, as ``chord_peak_alpha`` / ``midpoint_peak_alpha``, the α at which each height is
     reached (the first on ties): where the barrier peaks, not the α of the path's midpoint.
+
+    Raises:
+        ConfigError: α=0 or α=1 is not among the points.
     """
     pts = dict(zip((float(a) for a in alphas), (float(v) for v in values)))
     if 0.0 not in pts or 1.0 not in pts:

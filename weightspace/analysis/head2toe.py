@@ -179,7 +179,11 @@ class Head2ToeResult:
 
 
 def check_keep(keep: Sequence[float]) -> list[float]:
-    """Validate fractions (0 < f ≤ 1), drop repeats, keep the given order."""
+    """Validate fractions (0 < f ≤ 1), drop repeats, keep the given order.
+
+    Raises:
+        ConfigError: a fraction outside (0, 1].
+    """
     out = list(dict.fromkeys(float(f) for f in keep))
     if not out or any(not (0.0 < f <= 1.0) for f in out):
         raise ConfigError(f"--keep {','.join(map(str, keep))}: fractions must lie in (0, 1]")
@@ -190,7 +194,11 @@ def head2toe_features(train: Features, test: Features, *, keep: Sequence[float] 
                       folds: int = FOLDS, seed: int = 0, l2: float = L2, max_iter: int = MAX_ITER,
                       lasso_iters: int = LASSO_ITERS, baseline_layer: str | None = None,
                       device: str | torch.device | None = None, progress: bool = False) -> Head2ToeResult:
-    """Head2Toe on precomputed features (every layer of ``train`` is a candidate)."""
+    """Head2Toe on precomputed features (every layer of ``train`` is a candidate).
+
+    Raises:
+        ConfigError: fewer than 2 folds, a bad ``keep``, or a class with fewer training examples than folds.
+    """
     keep = check_keep(keep)
     if folds < 2:
         raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
@@ -246,7 +254,14 @@ def head2toe(checkpoint: str, model: str | torch.nn.Module, train: str | TensorD
              lasso_iters: int = LASSO_ITERS, device: str | torch.device = "auto", batch_size: int = 256,
              cache_dir: str | os.PathLike | None = None, num_classes: int | None = None, in_chans: int | None = None,
              progress: bool = False) -> Head2ToeResult:
-    """Head2Toe for one checkpoint: features from every tapped layer, one backbone pass per dataset."""
+    """Head2Toe for one checkpoint: features from every tapped layer, one backbone pass per dataset.
+
+    Raises:
+        ConfigError: a bad model, data or layer spec, fractions outside (0, 1], fewer than 2 folds, or multi-label or
+            empty data.
+        SourceError, CheckpointError: the checkpoint cannot be found or read.
+        IncompatibleCheckpoints: the checkpoint does not fit the model.
+    """
     keep = check_keep(keep)  # bad options fail before any forward pass
     net, train_d, test_d, spec = setup(model, train, test, checkpoint=checkpoint, num_classes=num_classes,
                                        in_chans=in_chans)

@@ -8,14 +8,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..eval.data import TensorData
 from ..errors import ConfigError
+from ..io.checkpoint import Source
 from .taps import Features, FeatureTaps
+
+if TYPE_CHECKING:
+    from ..eval.evaluator import Evaluator
 
 __all__ = ["L2", "MAX_ITER", "LinearHead", "fit_linear", "num_classes_of", "ProbeResult", "probe_features",
            "checkpoint_labels", "probe", "build_net", "setup", "load_weights"]
@@ -175,7 +179,12 @@ def probe(checkpoints: Sequence[str], model: str | torch.nn.Module, train: str |
           *, layers: str | Sequence[str] = "all", dim: int = 8192, l2: float = L2, max_iter: int = MAX_ITER,
           device: str | torch.device = "auto", batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
           num_classes: int | None = None, in_chans: int | None = None, progress: bool = False) -> ProbeResult:
-    """Linear probes at every tapped layer of each checkpoint (one model instance, weights copied in place)."""
+    """Linear probes at every tapped layer of each checkpoint (one model instance, weights copied in place).
+
+    Raises:
+        ConfigError: no checkpoint, a bad layer spec, or multi-label or empty data.
+        SourceError, CheckpointError: a checkpoint cannot be found or read.
+    """
     if not checkpoints:
         raise ConfigError("probe: give at least one checkpoint")
     net, train_d, test_d, spec = setup(model, train, test, checkpoint=checkpoints[0], num_classes=num_classes,
@@ -209,17 +218,26 @@ def probe(checkpoints: Sequence[str], model: str | torch.nn.Module, train: str |
     return result
 
 
-def build_net(spec: str, checkpoint=None, *, num_classes: int | None = None,
+def build_net(spec: str, checkpoint: Source | None = None, *, num_classes: int | None = None,
               in_chans: int | None = None) -> torch.nn.Module:
-    """build_model(spec), with the classifier / stem sized from the checkpoint's shapes where the options do not say."""
+    """build_model(spec), with the classifier / stem sized from the checkpoint's shapes where the options do not say.
+
+    Raises:
+        ConfigError: an unknown model spec.
+        SourceError, CheckpointError: the checkpoint cannot be found or read.
+    """
     from ..eval.modules import build_model_for
     return build_model_for(spec, checkpoint, num_classes=num_classes, in_chans=in_chans)
 
 
-def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | TensorData, *, checkpoint=None,
-          num_classes: int | None = None, in_chans: int | None = None
+def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | TensorData, *,
+          checkpoint: Source | None = None, num_classes: int | None = None, in_chans: int | None = None
           ) -> tuple[torch.nn.Module, TensorData, TensorData, str]:
-    """Build the model from a spec (its head sized to fit ``checkpoint``) and load the datasets on the CPU."""
+    """Build the model from a spec (its head sized to fit ``checkpoint``) and load the datasets on the CPU.
+
+    Raises:
+        ConfigError: a bad data or model spec, multi-label data, or a dataset with no examples.
+    """
     from ..eval.data import load_data
     spec = model if isinstance(model, str) else type(model).__name__
     net = build_net(model, checkpoint, num_classes=num_classes, in_chans=in_chans) if isinstance(model, str) else model
@@ -233,8 +251,13 @@ def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | Ten
     return net, tr, te, spec
 
 
-def load_weights(evaluator, source) -> str:
-    """Copy a checkpoint into the evaluator's model in place; returns its sha256 (the feature cache key)."""
+def load_weights(evaluator: Evaluator, source: Source) -> str:
+    """Copy a checkpoint into the evaluator's model in place; returns its sha256 (the feature cache key).
+
+    Raises:
+        SourceError, CheckpointError: the checkpoint cannot be found or read.
+        IncompatibleCheckpoints: its keys or shapes do not fit the model.
+    """
     from ..io.sources import load
     ck = load(source)
     evaluator.load(ck)

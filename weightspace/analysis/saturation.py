@@ -126,7 +126,12 @@ class SaturationFit:
 
 def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, points: str = "hull",
                    labels: Sequence[str] | None = None) -> SaturationFit:
-    """Fit e_DS = k·e_US^α + e_∞ to (upstream, downstream) accuracies; ``points`` is "hull" or "all"."""
+    """Fit e_DS = k·e_US^α + e_∞ to (upstream, downstream) accuracies; ``points`` is "hull" or "all".
+
+    Raises:
+        ConfigError: lists of different lengths, accuracies outside [0, 1], a bad ``points``, fewer than three points to
+            fit, or a fit that does not converge.
+    """
     import warnings
 
     from scipy.optimize import OptimizeWarning, curve_fit
@@ -172,7 +177,11 @@ def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, po
 
 def read_points(path: str | os.PathLike, upstream: str, downstream: str, *, label: str | None = None,
                 errors: bool = False) -> tuple[list[float], list[float], list[str], dict]:
-    """Read two named columns of a CSV as accuracies (percent and error columns converted); skips empty cells."""
+    """Read two named columns of a CSV as accuracies (percent and error columns converted); skips empty cells.
+
+    Raises:
+        ConfigError: a missing or unreadable file, a missing column, or a cell that is not a number.
+    """
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -213,7 +222,12 @@ def read_points(path: str | os.PathLike, upstream: str, downstream: str, *, labe
 
 def saturation_from_csv(path: str | os.PathLike, upstream: str, downstream: str, *, label: str | None = None,
                         errors: bool = False, points: str = "hull") -> SaturationFit:
-    """Fit the saturation curve to two columns of a CSV (e.g. a leaderboard)."""
+    """Fit the saturation curve to two columns of a CSV (e.g. a leaderboard).
+
+    Raises:
+        ConfigError: as :func:`read_points` (the file and its columns) and :func:`fit_saturation` (the points and the
+            fit).
+    """
     us, ds, labels, notes = read_points(path, upstream, downstream, label=label, errors=errors)
     fit = fit_saturation(us, ds, points=points, labels=labels)
     fit.config = {"file": str(path), "upstream": upstream, "downstream": downstream, "columns_are": "errors" if errors

@@ -66,7 +66,11 @@ def rbf_from_linear(dots: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def center_gram(gram: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
-    """Double-centre a Gram matrix; ``unbiased`` gives the U-statistic form (zero diagonal) of Song et al. 2012."""
+    """Double-centre a Gram matrix; ``unbiased`` gives the U-statistic form (zero diagonal) of Song et al. 2012.
+
+    Raises:
+        ConfigError: ``unbiased`` with fewer than 4 examples.
+    """
     g = gram.clone().to(torch.float64)
     n = g.shape[0]
     if unbiased:
@@ -85,14 +89,22 @@ def center_gram(gram: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
 
 
 def cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> float:
-    """CKA = ⟨K̃, L̃⟩ / (‖K̃‖‖L̃‖) of two Gram matrices over the same examples."""
+    """CKA = ⟨K̃, L̃⟩ / (‖K̃‖‖L̃‖) of two Gram matrices over the same examples.
+
+    Raises:
+        ConfigError: ``debiased`` with fewer than 4 examples.
+    """
     gx, gy = center_gram(gram_x, debiased), center_gram(gram_y, debiased)
     den = float(torch.linalg.norm(gx) * torch.linalg.norm(gy))
     return float((gx * gy).sum()) / den if den > 0 else float("nan")
 
 
 def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
-    """Linear CKA of two representations of the same examples (rows); feature-space form when not debiased."""
+    """Linear CKA of two representations of the same examples (rows); feature-space form when not debiased.
+
+    Raises:
+        ConfigError: the two representations have different numbers of rows (or, debiased, fewer than 4).
+    """
     fx, fy = _features(x), _features(y)
     if fx.shape[0] != fy.shape[0]:
         raise ConfigError(f"CKA needs the same examples: {fx.shape[0]} rows vs {fy.shape[0]}")
@@ -288,6 +300,10 @@ def module_distances(a: Source, b: Source, units: Sequence[ModuleUnit], *, param
 
     ``parameters``: the names that are parameters (not buffers); without it, BatchNorm statistics are the
     buffers recognised by name.
+
+    Raises:
+        SourceError, CheckpointError: a checkpoint cannot be found or read.
+        IncompatibleCheckpoints: the two checkpoints differ in keys, shapes or dtype kinds.
     """
     from ..ops.stream import Distance, check_compatible
     ca, cb = load(a), load(b)
@@ -332,7 +348,13 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
                batch_size: int = 256, device: str | torch.device = "cpu", full_limit: int = 4096,
                rbf_threshold: float = 0.5, cross: bool = True, include_buffers: bool = False,
                progress: bool = False) -> SimilarityResult:
-    """Compare two checkpoints of one architecture on ``data``: CKA per module, L2 per module, agreement."""
+    """Compare two checkpoints of one architecture on ``data``: CKA per module, L2 per module, agreement.
+
+    Raises:
+        ConfigError: no module of the model produces an output to compare, or a bad ``modules`` spec.
+        SourceError, CheckpointError: a checkpoint cannot be found or read.
+        IncompatibleCheckpoints: a checkpoint does not fit the model.
+    """
     from ..eval.evaluator import resolve_device
     dev = resolve_device(device)
     units = model_units(model, modules)

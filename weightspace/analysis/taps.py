@@ -165,7 +165,12 @@ def _grouped_outputs(model: nn.Module, spec: str) -> list[str]:
 
 
 def resolve_taps(model: nn.Module, layers: str | Sequence[str], example: torch.Tensor) -> list[Tap]:
-    """Turn a layer spec into taps sorted by depth (the order the forward pass produces them)."""
+    """Turn a layer spec into taps sorted by depth (the order the forward pass produces them).
+
+    Raises:
+        ConfigError: no layers given, a module the model lacks or that does not run in the forward pass, or a spec that
+            selects nothing.
+    """
     modules = dict(model.named_modules())
     info = _trace(model, example)
     ran = {n for n, r in info.items() if "end" in r}
@@ -223,7 +228,12 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str] = "all", *, target: int = 8192,
                  device: str | torch.device = "auto", batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
-                 layout: str | None = None, progress: bool = False):
+                 layout: str | None = None, progress: bool = False) -> None:
+        """Taps on ``model`` (moved to ``device``) at the ``layers`` spec, pooled to ≤ ``target`` features each.
+
+        Raises:
+            ConfigError: ``target`` below 1, or an unknown device.
+        """
         from ..eval.evaluator import resolve_device
         if target < 1:
             raise ConfigError(f"--target {target}: needs a positive number of features")
@@ -240,7 +250,11 @@ class FeatureTaps:
         self._memory: dict[str, Features] = {}
 
     def resolve(self, data: TensorData) -> list[Tap]:
-        """The taps for this model (resolved once, on the first example of ``data``)."""
+        """The taps for this model (resolved once, on the first example of ``data``).
+
+        Raises:
+            ConfigError: ``data`` has no examples, or the layer spec resolves to nothing.
+        """
         if self.taps is None:
             if len(data) == 0:
                 raise ConfigError(f"{data.name}: no examples")
@@ -265,7 +279,11 @@ class FeatureTaps:
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def __call__(self, data: TensorData, weights_id: str | None = None) -> Features:
-        """Features of ``data`` under the model's current weights (``weights_id``: e.g. the checkpoint's sha256)."""
+        """Features of ``data`` under the model's current weights (``weights_id``: e.g. the checkpoint's sha256).
+
+        Raises:
+            ConfigError: multi-label data, no examples, or a layer spec that resolves to nothing.
+        """
         if data.multilabel:
             raise ConfigError(f"{data.name}: probes need single-label data (class indices), not multi-label targets")
         key = self.cache_key(data, weights_id or self.weights_id())
