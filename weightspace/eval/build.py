@@ -83,7 +83,12 @@ def build_evaluator(model: ModelOptions, specs: Sequence[str], *, transform: Cal
 
 
 def load_datasets(specs: Sequence[str], *, device: str, transform: Callable | None = None) -> list[TensorData]:
-    """Each spec decoded once, transformed (after normalisation) and placed on ``device``."""
+    """Each spec decoded once, transformed (after normalisation) and placed on ``device``.
+
+    Raises:
+        ConfigError: a spec names nothing readable or has a wrong option, or an unknown device.
+        DataError: an image cannot be decoded, or a class map does not fit.
+    """
     dev = resolve_device(device)
     return [load_data(s, transform=transform, device=dev) for s in specs]
 

@@ -36,7 +36,11 @@ _saved_streams: tuple[Any, Any, Any] | None = None
 
 
 def env_world_size() -> int:
-    """WORLD_SIZE as torchrun sets it (1 when not launched by a distributed launcher)."""
+    """WORLD_SIZE as torchrun sets it (1 when not launched by a distributed launcher).
+
+    Raises:
+        ConfigError: WORLD_SIZE is not an integer.
+    """
     try:
         return int(os.environ.get("WORLD_SIZE") or 1)
     except ValueError:
@@ -64,6 +68,9 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     With CUDA: NCCL for CUDA tensors, gloo for CPU tensors (--device cpu) and for the pickled results of
     all_gather_objects (torch sends object collectives over the CPU backend when there is one); this rank's GPU
     is cuda:LOCAL_RANK. Without CUDA: gloo for everything. Returns (rank, world size).
+
+    Raises:
+        ConfigError: WORLD_SIZE > 1 but this torch build has no torch.distributed.
     """
     global _owned_group
     if env_world_size() <= 1:
@@ -100,14 +107,22 @@ def teardown() -> None:
 
 
 def set_parallel(mode: str | None) -> None:
-    """Set the process-wide sweep mode ('data' or 'points'); None leaves it as it is."""
+    """Set the process-wide sweep mode ('data' or 'points'); None leaves it as it is.
+
+    Raises:
+        ConfigError: ``mode`` is not one of PARALLEL_MODES.
+    """
     global _mode
     if mode is not None:
         _mode = parallel_mode(mode)
 
 
 def parallel_mode(mode: str | None = None) -> str:
-    """``mode`` checked, or the process-wide one when None."""
+    """``mode`` checked, or the process-wide one when None.
+
+    Raises:
+        ConfigError: ``mode`` is not one of PARALLEL_MODES.
+    """
     mode = _mode if mode is None else mode
     if mode not in PARALLEL_MODES:
         raise ConfigError(f"--parallel {mode}: expected {' or '.join(PARALLEL_MODES)}")
@@ -153,6 +168,9 @@ def sweep(fn: Callable[[T], R], items: Sequence[T], evaluate: Any = None, *,
 
     An error in any rank's share is raised on every rank (the lowest failing index wins), so no rank is left
     waiting in a collective and every rank exits the same way.
+
+    Raises:
+        Exception: whatever ``fn`` raises on any rank (the lowest failing index), on every rank.
     """
     items = list(items)
     wrap = bar or (lambda xs: xs)

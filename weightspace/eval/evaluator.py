@@ -33,7 +33,11 @@ _said: set[tuple[str, str]] = set()  # (source, prefix) pairs already reported o
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' → cuda when available (this rank's GPU under torchrun), else cpu."""
+    """'auto' → cuda when available (this rank's GPU under torchrun), else cpu.
+
+    Raises:
+        ConfigError: a device other than auto, cpu or cuda[:N], or cuda where CUDA is not available.
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -109,7 +113,11 @@ def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = 256, de
 
 
 def as_datasets(data: TensorData | Sequence[TensorData] | Mapping[str, TensorData]) -> dict[str, TensorData]:
-    """Normalise one dataset, a list or a dict into a dict keyed by name."""
+    """Normalise one dataset, a list or a dict into a dict keyed by name.
+
+    Raises:
+        ConfigError: two datasets share a name.
+    """
     if isinstance(data, TensorData):
         return {data.name: data}
     if isinstance(data, Mapping):
@@ -241,8 +249,12 @@ class Evaluator:
     def load(self, weights: Source) -> None:
         """Copy a checkpoint's tensors into the model in place (no re-instantiation).
 
-        Keys wrapped in one common prefix are unwrapped first (see fit). Raises IncompatibleCheckpoints when
-        keys or shapes do not fit the model."""
+        Keys wrapped in one common prefix are unwrapped first (see fit).
+
+        Raises:
+            IncompatibleCheckpoints: keys or shapes do not fit the model.
+            SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+        """
         src = self.fit(weights)
         name = getattr(src, "source", "<state dict>")
         given = set(src)

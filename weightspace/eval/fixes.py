@@ -202,7 +202,11 @@ def _scale(t_std: torch.Tensor, std: torch.Tensor, floor: float = FLOOR) -> torc
 
 
 def mix_stats(stats: Sequence[Stats], coefficients: Sequence[float]) -> Stats:
-    """The REPAIR target of a mixture Σ c_i θ_i: μ = Σ c_i μ_i and σ = Σ c_i σ_i per channel."""
+    """The REPAIR target of a mixture Σ c_i θ_i: μ = Σ c_i μ_i and σ = Σ c_i σ_i per channel.
+
+    Raises:
+        ConfigError: the number of coefficients differs from the number of sets of statistics.
+    """
     if len(stats) != len(coefficients) or not stats:
         raise ConfigError(f"repair: {len(coefficients)} coefficients for {len(stats)} sets of statistics")
     out: Stats = {}
@@ -214,7 +218,11 @@ def mix_stats(stats: Sequence[Stats], coefficients: Sequence[float]) -> Stats:
 
 def repair_model(model: nn.Module, data: TensorData, target: Stats, scope: RepairScope, *, batch_size: int = 256,
                  device: torch.device | None = None) -> dict:
-    """Rescale every repair point of ``model`` in place so its channel statistics on ``data`` become ``target``."""
+    """Rescale every repair point of ``model`` in place so its channel statistics on ``data`` become ``target``.
+
+    Raises:
+        ConfigError: ``target`` lacks statistics for a repair point.
+    """
     dev = device or next(model.parameters()).device
     modules = dict(model.named_modules())
     missing = [p.name for p in scope.points if p.name not in target]
@@ -256,7 +264,13 @@ def repair_model(model: nn.Module, data: TensorData, target: Stats, scope: Repai
 class Repairer:
     """REPAIR for an Evaluator's model: statistics of the end points measured once, then any mixture repaired."""
 
-    def __init__(self, evaluator: Evaluator, data: TensorData, *, batch_size: int | None = None):
+    def __init__(self, evaluator: Evaluator, data: TensorData, *, batch_size: int | None = None) -> None:
+        """REPAIR of ``evaluator``'s model on ``data`` (in batches of ``batch_size``, by default the evaluator's).
+
+        Raises:
+            ConfigError: ``evaluator`` is not an Evaluator, ``data`` is empty, or the model has nothing REPAIR can
+                correct.
+        """
         if not isinstance(evaluator, LoadsWeights) or not isinstance(evaluator.model, nn.Module):
             raise ConfigError("repair: needs an Evaluator (its model is measured and repaired in place)")
         if len(data) == 0:
@@ -373,6 +387,13 @@ class FixedEvaluator(Evaluator):
         return None
 
     def __call__(self, weights: Source | None = None) -> Any:
+        """Evaluate ``weights`` (loaded first, when given) with the fixes applied: BatchNorm statistics re-estimated
+        and/or REPAIR towards the mixture's members; returns the metrics.
+
+        Raises:
+            IncompatibleCheckpoints: ``weights`` do not fit the model.
+            SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+        """
         members, coefs = self._members or (None, None)
         self._members = None  # told for one call only
         if weights is not None:
@@ -398,7 +419,12 @@ class FixedEvaluator(Evaluator):
 def fix_evaluator(evaluator: Evaluator, ingredients: Sequence[Source] = (), *,
                   recalibrate_bn: TensorData | None = None, repair: TensorData | None = None,
                   progress: bool = False) -> Evaluator:
-    """``evaluator`` itself when there is nothing to fix, else a FixedEvaluator sharing its model and data."""
+    """``evaluator`` itself when there is nothing to fix, else a FixedEvaluator sharing its model and data.
+
+    Raises:
+        ConfigError: REPAIR asked for without ingredients, empty ``repair`` data, or a model with nothing REPAIR
+            can correct.
+    """
     if recalibrate_bn is None and repair is None:
         return evaluator
     return FixedEvaluator.wrap(evaluator, ingredients, recalibrate_bn=recalibrate_bn, repair=repair, progress=progress)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ class ClipImageClassifier(nn.Module):
     optional_prefixes = ("head.",)
 
     def __init__(self, clip: nn.Module, num_classes: int, class_names: list[str] | None = None,
-                 tokenizer=None):
+                 tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         super().__init__()
         for name, child in clip.named_children():
             self.add_module(name, child)
@@ -50,7 +51,11 @@ class ClipImageClassifier(nn.Module):
 
     @torch.no_grad()
     def zero_shot_head(self) -> None:
-        """Set ``head`` from the current text tower: the zero-shot classifier for ``class_names``."""
+        """Set ``head`` from the current text tower: the zero-shot classifier for ``class_names``.
+
+        Raises:
+            ConfigError: the number of class names differs from the number of classes.
+        """
         names = self.class_names or [str(i) for i in range(self.head.out_features)]
         if len(names) != self.head.out_features:
             raise ConfigError(f"open_clip zero-shot head: {len(names)} class names for {self.head.out_features} classes")
@@ -76,7 +81,12 @@ def _coerce(v: str):
 
 
 def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
-    """Build a randomly initialised nn.Module from a model spec (weights are loaded separately)."""
+    """Build a randomly initialised nn.Module from a model spec (weights are loaded separately).
+
+    Raises:
+        ConfigError: an unknown or malformed spec, a factory that cannot be imported or fails, a factory that returns no
+            nn.Module, or an open_clip classifier without its number of classes.
+    """
     base, opts = split_query(spec)
     kwargs = {k: _coerce(v) for k, v in opts.items()}
     if num_classes is not None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from torch import nn
 
 from ..errors import ConfigError
+from ..io.checkpoint import Source
 from ..ops.grouping import group_names, parse_grouping
 
 __all__ = ["TREE_LEVELS", "ModuleUnit", "tree_units", "model_units", "grouping", "infer_shape_options",
@@ -117,7 +118,11 @@ def _containers(model: nn.Module, level: str) -> list[str]:
 
 
 def tree_units(model: nn.Module, level: str = "layer") -> list[ModuleUnit]:
-    """Units of a model by its nn.Module tree: 'layer' (weight layer + its norm), 'block' or 'stage'."""
+    """Units of a model by its nn.Module tree: 'layer' (weight layer + its norm), 'block' or 'stage'.
+
+    Raises:
+        ConfigError: an unknown level.
+    """
     if level not in TREE_LEVELS:
         raise ConfigError(f"--modules tree:{level}: expected one of {', '.join('tree:' + t for t in TREE_LEVELS)}")
     layers = _layer_units(model)
@@ -140,7 +145,11 @@ def tree_units(model: nn.Module, level: str = "layer") -> list[ModuleUnit]:
 
 
 def model_units(model: nn.Module, spec: str | None = None) -> list[ModuleUnit]:
-    """Units of a model under any grouping spec: tree:layer (default), tree:block, tree:stage, depth:N, regex:P."""
+    """Units of a model under any grouping spec: tree:layer (default), tree:block, tree:stage, depth:N, regex:P.
+
+    Raises:
+        ConfigError: a bad grouping spec.
+    """
     spec = spec or "tree:layer"
     kind, _, arg = spec.partition(":")
     if kind == "tree":
@@ -153,7 +162,11 @@ def model_units(model: nn.Module, spec: str | None = None) -> list[ModuleUnit]:
 
 
 def grouping(names: Iterable[str], spec: str | None = None, model: nn.Module | None = None) -> dict[str, list[str]]:
-    """Map module → tensor names under a spec; tree:* needs the model, names not in any unit become '(other)'."""
+    """Map module → tensor names under a spec; tree:* needs the model, names not in any unit become '(other)'.
+
+    Raises:
+        ConfigError: a bad spec, or a tree:* spec without the model.
+    """
     names = list(names)
     if spec and spec.startswith("tree"):
         if model is None:
@@ -167,7 +180,7 @@ def grouping(names: Iterable[str], spec: str | None = None, model: nn.Module | N
     return groups
 
 
-def infer_shape_options(model: nn.Module, checkpoint) -> dict:
+def infer_shape_options(model: nn.Module, checkpoint: Mapping[str, Any]) -> dict:
     """num_classes / in_chans that make a model spec fit a checkpoint (from its last and first weight)."""
     sd = model.state_dict()
     weights = [k for k, v in sd.items() if k in checkpoint and v.ndim >= 2 and v.is_floating_point()]
@@ -184,9 +197,14 @@ def infer_shape_options(model: nn.Module, checkpoint) -> dict:
     return out
 
 
-def build_model_for(spec: str, checkpoint=None, *, num_classes: int | None = None,
+def build_model_for(spec: str, checkpoint: Source | None = None, *, num_classes: int | None = None,
                     in_chans: int | None = None) -> nn.Module:
-    """build_model(spec), with num_classes / in_chans read from a checkpoint's shapes where not given."""
+    """build_model(spec), with num_classes / in_chans read from a checkpoint's shapes where not given.
+
+    Raises:
+        ConfigError: an unknown or malformed model spec.
+        SourceError, CheckpointError: the checkpoint cannot be found or read.
+    """
     from ..io.sources import load
     from .models import build_model
     model = build_model(spec, num_classes=num_classes, in_chans=in_chans)
@@ -270,7 +288,7 @@ class ModuleListing:
                                   force=force)
 
 
-def list_modules(model: nn.Module, grouping: str = "tree:layer", checkpoint=None, *,
+def list_modules(model: nn.Module, grouping: str = "tree:layer", checkpoint: Source | None = None, *,
                  model_name: str = "") -> ModuleListing:
     """The units of ``model`` under ``grouping`` with their tensor and parameter counts; with ``checkpoint`` the
     shapes come from it and its keys are compared with the model's.

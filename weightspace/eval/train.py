@@ -52,7 +52,9 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
     ``on_epoch(epoch, model)`` is called after every epoch (model in eval mode); returning True stops training
     early (the learning-rate schedule still spans ``epochs``). With ``device`` the model is moved there and each
     batch crosses as stored (uint8 images are normalised on the device); the model stays on ``device``.
-    Raises ConfigError for an unknown augmentation.
+
+    Raises:
+        ConfigError: an unknown augmentation.
     """
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment '{augment}': expected one of {', '.join(AUGMENTATIONS)}")

