@@ -28,8 +28,8 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 from ..report.stats import Interval, fmt_interval, t_interval
 from .kit import (DIGITS_SOURCE, DIGITS_TARGET, bn_protocols, error_barrier, kind_defaults, load_kind_recipe,
-                  named_tasks, open_session, pt_setup, published, register_recipe, render_report, source_data,
-                  state_of, train_from)
+                  named_tasks, open_session, pt_setup, published, published_source, register_recipe, render_report,
+                  source_data, state_of, train_from, train_options)
 from .recipes import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
@@ -41,10 +41,8 @@ DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
     "target": DIGITS_TARGET,
     "domains": [],
     "pretrained": None,
-    "pretrain": {"epochs": 20, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0005, "momentum": 0.9,
-                 "augment": "none", "seed": 0},
-    "finetune": {"epochs": 20, "lr": 0.02, "batch_size": 16, "weight_decay": 0.0005, "momentum": 0.9,
-                 "augment": "none"},
+    "pretrain": train_options(epochs=20, lr=0.05, batch_size=64, seed=0),
+    "finetune": train_options(epochs=20, lr=0.02, batch_size=16),
     "reset": ["fc"],
     "head_seed": 7,
     "seeds": [1, 2, 3],
@@ -79,8 +77,6 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
             or class folder names).
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
-    from ..eval.data import load_data
-    from ..eval.modules import build_model_for
     from ..eval.train import accuracy
     from ..ops.stream import distance
 
@@ -89,12 +85,11 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
     cfg = s.cfg
     an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
     seeds = s.seeds
-    with s.threads():
-        t0 = time.perf_counter()
+    with s.threads() as t0:
         shaper = None
         if cfg["pretrained"]:  # published weights: nothing pre-trained here
-            shaper = build_model_for(spec, cfg["pretrained"])  # sized by the checkpoint
-            src, src_test = None, load_data(cfg["source"]["test"], model=shaper)
+            shaper, src_test = published_source(spec, cfg["pretrained"], cfg["source"]["test"])
+            src = None
         else:
             src, src_test, _ = source_data(cfg["source"])
         doms = named_tasks(cfg, cfg["domains"], (lambda: shaper) if shaper else None)

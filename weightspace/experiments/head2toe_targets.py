@@ -30,7 +30,8 @@ from typing import Any, Sequence
 from ..registry import Paper
 from ..report.stats import fmt_interval, t_interval
 from .kit import (DIGITS_SOURCE, DIGITS_TARGET, kind_defaults, load_kind_recipe, mean, named_tasks, open_session,
-                  published, rank_correlation, register_recipe, render_report, source_data, train_from)
+                  published, published_source, rank_correlation, register_recipe, render_report, source_data,
+                  train_from, train_options)
 from .verdicts import check
 
 __all__ = ["KIND", "load_head2toe_targets_recipe", "run_head2toe_targets_recipe"]
@@ -43,10 +44,8 @@ DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
     "target": DIGITS_TARGET,
     "targets": [],
     "pretrained": None,
-    "pretrain": {"epochs": 10, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0005, "momentum": 0.9,
-                 "augment": "none"},
-    "scratch": {"epochs": 30, "lr": 0.05, "batch_size": 16, "weight_decay": 0.0005, "momentum": 0.9,
-                "augment": "none"},
+    "pretrain": train_options(epochs=10, lr=0.05, batch_size=32),
+    "scratch": train_options(epochs=30, lr=0.05, batch_size=16),
     "head2toe": {"layers": "all", "target": 1024, "keep": [0.01, 0.1, 0.2], "folds": 3, "lasso_iters": 100,
                  "max_iter": 50},
     "seeds": [1, 2, 3],
@@ -86,20 +85,17 @@ def run_head2toe_targets_recipe(recipe: str | os.PathLike | dict, out: str | os.
     """
     from ..analysis.head2toe import head2toe_features
     from ..analysis.taps import FeatureTaps
-    from ..eval.data import load_data
-    from ..eval.modules import build_model_for
     from ..eval.train import accuracy
 
     s = open_session(load_head2toe_targets_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)
     cfg = s.cfg
     h = cfg["head2toe"]
-    with s.threads():
-        t0 = time.perf_counter()
+    with s.threads() as t0:
         backbone = None
         if cfg["pretrained"]:  # one published source model for every seed: nothing pre-trained here
-            backbone = build_model_for(cfg["model"], cfg["pretrained"])  # sized by the checkpoint
-            src, src_test = None, load_data(cfg["source"]["test"], model=backbone)
+            backbone, src_test = published_source(cfg["model"], cfg["pretrained"], cfg["source"]["test"])
+            src = None
         else:
             src, src_test, _ = source_data(cfg["source"])
         tasks = named_tasks(cfg, cfg["targets"], (lambda: backbone) if backbone else None)

@@ -24,7 +24,7 @@ from ..eval.data import TensorData
 __all__ = ["load_kind_recipe", "kind_defaults", "register_recipe", "open_session", "Session", "task", "named_tasks",
            "source_data", "train_from", "state_of", "fresh_state", "render_report", "VERDICT_RULE",
            "rank_correlation", "mean", "with_option", "published", "hub_model_spec", "DIGITS_SOURCE",
-           "DIGITS_TARGET", "pt_setup", "bn_protocols", "error_barrier"]
+           "DIGITS_TARGET", "pt_setup", "bn_protocols", "error_barrier", "train_options", "published_source"]
 
 VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
                 "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
@@ -54,6 +54,12 @@ def register_recipe(kind: str, title: str, formula: str, summary: str, paper: An
     from ..registry import Entry, register
     register(Entry("recipe", kind, title, formula, summary, paper,
                    {k: v for k, v in defaults.items() if k not in UNLISTED}, target=run))
+
+
+def train_options(**changes: Any) -> dict[str, Any]:
+    """Training options for :func:`train_from`: the defaults (SGD, weight decay 0.0005, momentum 0.9, no
+    augmentation) with ``changes``, in the defaults' key order (extra keys last)."""
+    return {**TRAIN_DEFAULTS, **changes}
 
 
 def open_session(load: Any, recipe: str | os.PathLike | dict, out: str | os.PathLike, *, small: bool,
@@ -108,16 +114,17 @@ class Session:
             print(f"[recipe] {msg}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
-    def threads(self) -> Iterator[None]:
+    def threads(self) -> Iterator[float]:
         """torch's thread count set to the recipe's ``threads`` (when given) and restored afterwards, with the
-        global RNG forked so a run leaves the caller's random state alone."""
+        global RNG forked so a run leaves the caller's random state alone; yields the time it starts (for
+        :meth:`lap`)."""
         old = torch.get_num_threads()
         if self.cfg.get("threads"):
             torch.set_num_threads(int(self.cfg["threads"]))
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(self.cfg.get("seed", 0)))
-                yield
+                yield time.perf_counter()
         finally:
             torch.set_num_threads(old)
 
@@ -209,6 +216,20 @@ def task(entry: dict, name: str, where: str, model: Any = None) -> tuple[TensorD
     tr, te = split_per_class(d, int(e["train_per_class"]), name)
     return (replace(tr, x=transform(tr.x).contiguous(), name=f"{name}:train"),
             replace(te, x=transform(te.x).contiguous(), name=f"{name}:test"))
+
+
+def published_source(spec: str, checkpoint: str, test: str) -> tuple[torch.nn.Module, TensorData]:
+    """For a recipe over published weights: the model ``spec`` sized by ``checkpoint`` (e.g. 1,000 ImageNet
+    classes), and the source test data ``test`` decoded with that model's eval transform.
+
+    Raises:
+        ConfigError: an unknown model or data spec.
+        SourceError, CheckpointError: the checkpoint cannot be found or read.
+    """
+    from ..eval.data import load_data
+    from ..eval.modules import build_model_for
+    model = build_model_for(spec, checkpoint)
+    return model, load_data(test, model=model)
 
 
 def named_tasks(cfg: dict, entries: Sequence[dict], model: Any = None) -> dict[str, tuple[TensorData, TensorData]]:

@@ -21,14 +21,13 @@ accuracy reached lies below ``headroom``.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Sequence
 
 from ..errors import ConfigError
 from ..registry import Paper
 from ..report.stats import Interval, fmt_interval, t_interval
 from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, load_kind_recipe, open_session, published,
-                  register_recipe, render_report, source_data, task, train_from, with_option)
+                  published_source, register_recipe, render_report, source_data, task, train_from, with_option)
 from .verdicts import check
 
 __all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe"]
@@ -95,8 +94,7 @@ def run_saturation_pairs_recipe(recipe: str | os.PathLike | dict, out: str | os.
     cfg = s.cfg
     g, seeds = cfg["grid"], s.seeds
     points: list[dict] = []
-    with s.threads():
-        t0 = time.perf_counter()
+    with s.threads() as t0:
         if cfg["published"]:  # nothing trained: each group of published models is one fit
             seeds = list(cfg["published"])
             up_train, (up_test, ds_train, ds_test) = None, _published_points(cfg, s, points)
@@ -158,12 +156,9 @@ def _published_points(cfg: dict, s: Session, points: list[dict]) -> tuple[Any, A
     train, downstream test) data."""
     from ..analysis.probe import fit_linear
     from ..analysis.taps import FeatureTaps
-    from ..eval.data import load_data
-    from ..eval.modules import build_model_for
     for group, ids in cfg["published"].items():
         for hub_id in ids:
-            net = build_model_for(hub_model_spec(hub_id), hub_id)  # sized by the checkpoint (1,000 classes)
-            up_test = load_data(cfg["upstream"]["test"], model=net)
+            net, up_test = published_source(hub_model_spec(hub_id), hub_id, cfg["upstream"]["test"])
             ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)
             if not points:  # after the first model's data
                 s.claim_output()

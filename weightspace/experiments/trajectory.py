@@ -30,8 +30,8 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 from ..report.stats import Interval, fmt_interval, t_interval
 from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_defaults, load_kind_recipe,
-                  open_session, pt_setup, published, register_recipe, render_report, source_data, state_of, task,
-                  train_from)
+                  open_session, pt_setup, published, published_source, register_recipe, render_report, source_data,
+                  state_of, task, train_from, train_options)
 from .recipes import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
@@ -42,11 +42,9 @@ DEFAULTS: dict[str, Any] = kind_defaults(KIND, {
     "source": DIGITS_SOURCE,
     "target": {"spec": ["digits:val", "digits:test"], "relabel": None, "classes": None, "train_per_class": 10,
                "transform": None},
-    "pretrain": {"epochs": 20, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0005, "momentum": 0.9,
-                 "augment": "none", "seed": 0},
+    "pretrain": train_options(epochs=20, lr=0.05, batch_size=64, seed=0),
     "checkpoints": [0, 1, 2, 5, 10, 20],
-    "finetune": {"epochs": 30, "lr": 0.02, "batch_size": 8, "weight_decay": 0.0005, "momentum": 0.9,
-                 "augment": "none"},
+    "finetune": train_options(epochs=30, lr=0.02, batch_size=8),
     "reset": ["fc"],
     "head_seed": 7,
     "seeds": [1, 2, 3],
@@ -89,8 +87,6 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
     from ..analysis.curve import interpolation_curve
-    from ..eval.data import load_data
-    from ..eval.modules import build_model_for
     from ..eval.train import accuracy
     from ..ops.stream import distance
 
@@ -99,13 +95,12 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     cfg = s.cfg
     an, pre, spec = cfg["analysis"], cfg["pretrain"], cfg["model"]
     seeds = s.seeds
-    with s.threads():
-        t0 = time.perf_counter()
+    with s.threads() as t0:
         states: dict[int, dict] = {}
         if isinstance(cfg["checkpoints"], dict):  # published start points: nothing pre-trained here
             first = next(iter(cfg["checkpoints"].values()))
-            shaper = build_model_for(spec, first)  # sized by the checkpoint (e.g. 1,000 ImageNet classes)
-            src, src_test = None, load_data(cfg["source"]["test"], model=shaper)
+            shaper, src_test = published_source(spec, first, cfg["source"]["test"])
+            src = None
             tgt_train, tgt_test = task(cfg["target"], "target", cfg["where"], lambda: shaper)
             in_chans = int(tgt_train.x.shape[1])
             s.claim_output()
