@@ -63,7 +63,12 @@ class BasinResult:
                 **self.extra}
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Heat map of the pairwise barriers."""
+        """Heat map of the pairwise barriers.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         fig = report.heatmap(self.barriers, self.names, self.names, fmt="{:.3f}", cmap="magma",
                              title=f"midpoint {self.metric} barrier ({self.dataset})",
@@ -71,7 +76,13 @@ class BasinResult:
         return report.save_figure(fig, path, force=force)
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
-        """basin.json (``extra`` and the result), basin.csv and basin.png in ``folder``; role → path."""
+        """basin.json (``extra`` and the result), basin.csv and basin.png in ``folder``; role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from .. import report
         return report.write_files(folder, {"json": (self.FILES[0], {**(extra or {}), **self.to_dict()}),
                                            "csv": (self.FILES[1], self.table()), "png": (self.FILES[2], self.plot)},

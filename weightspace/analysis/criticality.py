@@ -174,7 +174,12 @@ class RewindResult:
 
     def plot(self, path: str | os.PathLike, *, metric: str = "error", dataset: str | None = None,
              force: bool = False) -> Path:
-        """Heat map modules × rewind targets (FINAL's value in the title), like Zhang et al.'s figure."""
+        """Heat map modules × rewind targets (FINAL's value in the title), like Zhang et al.'s figure.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         ds = dataset or self.datasets[0]
         fig = report.heatmap(self.matrix(metric, ds), self.modules, self.targets,
@@ -183,7 +188,13 @@ class RewindResult:
         return report.save_figure(fig, path, force=force)
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
-        """results.json (``extra`` and the result), rewind.csv and rewind.png into a folder; role → path."""
+        """results.json (``extra`` and the result), rewind.csv and rewind.png into a folder; role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from .. import report
         return report.write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
                                            "csv": ("rewind.csv", self.table()), "png": ("rewind.png", self.plot)},
@@ -329,7 +340,12 @@ class CriticalityResult:
                 "total_mu": self.total, "modules": self.modules, "settings": self.settings, "notes": self.notes}
 
     def plot_valley(self, module: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """One module's search: every evaluated (α, σ) coloured by its mean value, the frontier σ_max(α), the argmin."""
+        """One module's search: every evaluated (α, σ) coloured by its mean value, the frontier σ_max(α), the argmin.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         fig, (ax,) = report.new_figure(size=(5.2, 4.0))
         pts = [(f["alpha"], scale * module["weight_rms_scale"], v) for f in module["frontier"]
@@ -353,7 +369,12 @@ class CriticalityResult:
         return report.save_figure(fig, path, force=force)
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Bar chart of μ_i per module (infinite μ drawn as empty)."""
+        """Bar chart of μ_i per module (infinite μ drawn as empty).
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         vals = [m["mu"] if math.isfinite(m["mu"]) else None for m in self.modules]
         fig = report.bar_chart([m["module"] for m in self.modules], {"μ": vals}, xlabel="module criticality μ",
@@ -374,7 +395,13 @@ class CriticalityResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
         """results.json, criticality.csv, criticality_search.csv, criticality.png (μ per module) and one valley PNG
-        per module (role "valley:MODULE"); role → path."""
+        per module (role "valley:MODULE"); role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from functools import partial
 
         from .. import report

@@ -128,11 +128,22 @@ class Curve:
                 "barriers": self.barriers, **self.extra}
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """curve.png: accuracy and loss vs α per dataset, the chord barrier in the legend, its peak circled."""
+        """curve.png: accuracy and loss vs α per dataset, the chord barrier in the legend, its peak circled.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         return CurveSet([self]).plot(path, force=force)
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
-        """curve.json, curve.csv, barriers.csv and curve.png in ``folder`` (as CurveSet.write)."""
+        """curve.json, curve.csv, barriers.csv and curve.png in ``folder`` (as CurveSet.write).
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         return CurveSet([self]).write(folder, force=force, extra=extra)
 
 
@@ -174,7 +185,12 @@ class CurveSet:
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """curve.png: accuracy and loss vs α, one line per (pair, dataset); each line's chord barrier (error on the
-        accuracy panel, loss on the loss panel) is in its legend and its peak α is circled."""
+        accuracy panel, loss on the loss panel) is in its legend and its peak α is circled.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         panels = {m: {"series": [], "annotations": []} for m in ("accuracy", "loss")}
         barrier_of = {"accuracy": "error", "loss": "loss"}
         for i, c in enumerate(self.curves):
@@ -205,7 +221,13 @@ class CurveSet:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
         """curve.json (``extra`` and the curves), curve.csv (every point), barriers.csv and curve.png (all pairs
-        overlaid) in ``folder``; returns {"json", "csv", "barriers", "png"} → path."""
+        overlaid) in ``folder``; returns {"json", "csv", "barriers", "png"} → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         return report.write_files(folder, {
             "json": (self.FILES[0], {**(extra or {}), **self.to_dict()}), "csv": (self.FILES[1], self.table()),
             "barriers": (self.FILES[2], self.barrier_table()), "png": (self.FILES[3], self.plot)}, force=force)

@@ -137,7 +137,12 @@ class Head2ToeResult:
                 "test_accuracy_by_keep": {str(k): v for k, v in self.test.items()}, "layers": self.layers}
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """PNG: test accuracy (last-layer probe vs Head2Toe per fraction) and kept features per layer."""
+        """PNG: test accuracy (last-layer probe vs Head2Toe per fraction) and kept features per layer.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from ..report import COLORS, new_figure, save_figure
         n = len(self.layers)
         fig, (ax1, ax2) = new_figure(ncols=2, size=(max(4.5, 0.35 * n + 2.5), 3.8))
@@ -170,7 +175,13 @@ class Head2ToeResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
         """results.json (``extra`` and the result), head2toe.csv, head2toe_layers.csv and head2toe.png in ``folder``;
-        role → path."""
+        role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from ..report import write_files
         return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
                                     "csv": ("head2toe.csv", self.table()),

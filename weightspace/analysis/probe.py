@@ -129,7 +129,12 @@ class ProbeResult:
                 "best": {k: {"layer": v["layer"], "test_accuracy": v["test_accuracy"]} for k, v in self.best().items()}}
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """PNG of test accuracy vs depth, one line per checkpoint."""
+        """PNG of test accuracy vs depth, one line per checkpoint.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from ..report import COLORS, new_figure, save_figure
         fig, (ax,) = new_figure(size=(max(5.0, 0.45 * len({r['layer'] for r in self.rows}) + 2.5), 3.8))
         layers: list[str] = []
@@ -149,7 +154,13 @@ class ProbeResult:
         return save_figure(fig, path, force=force)
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
-        """results.json (``extra`` and the result), probe.csv and probe.png in ``folder``; role → path."""
+        """results.json (``extra`` and the result), probe.csv and probe.png in ``folder``; role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from ..report import write_files
         return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
                                     "csv": ("probe.csv", self.table()), "png": ("probe.png", self.plot)}, force=force)

@@ -95,7 +95,12 @@ class SaturationFit:
                                    "upstream": self.upstream[i], "downstream": self.downstream[i]} for i in self.used]}
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """PNG: all points, the hull used, the fitted curve and its asymptote 1 − e_∞."""
+        """PNG: all points, the hull used, the fitted curve and its asymptote 1 − e_∞.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from ..report import COLORS, new_figure, save_figure
         fig, (ax,) = new_figure(size=(5.5, 4.2))
         ax.scatter(self.upstream, self.downstream, s=14, color=COLORS[7], alpha=0.6, label="points")
@@ -117,7 +122,13 @@ class SaturationFit:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
         """results.json (``extra`` and the fit), saturation.csv (every point) and saturation.png in ``folder``;
-        role → path."""
+        role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from ..report import write_files
         return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
                                     "csv": ("saturation.csv", self.table()), "png": ("saturation.png", self.plot)},

@@ -258,7 +258,13 @@ class SimilarityResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
         """results.json, similarity.csv, agreement.csv, cka.png and (with a minibatch CKA matrix) cka_matrix.png
-        into a folder; role → path."""
+        into a folder; role → path.
+
+        Raises:
+            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
+                ``folder`` is a file.
+            OutputError: a file cannot be written (the files this call wrote are removed again).
+        """
         from .. import report
         files = {"results": ("results.json", {**(extra or {}), **self.to_dict()}), "csv": ("similarity.csv", self.table()),
                  "agreement": ("agreement.csv", self.agreement_table()), "png": ("cka.png", self.plot)}
@@ -267,7 +273,12 @@ class SimilarityResult:
         return report.write_files(folder, files, force=force)
 
     def plot_matrix(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Heat map of minibatch linear CKA between every module of A and every module of B."""
+        """Heat map of minibatch linear CKA between every module of A and every module of B.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         fig = report.heatmap(self.matrix, [f"A {m}" for m in self.matrix_modules],
                              [f"B {m}" for m in self.matrix_modules], title="minibatch linear CKA",
@@ -275,7 +286,12 @@ class SimilarityResult:
         return report.save_figure(fig, path, force=force)
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """CKA per module (one line per variant) beside relative L2 per module."""
+        """CKA per module (one line per variant) beside relative L2 per module.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         names = [m["module"] for m in self.modules]
         x = list(range(len(names)))

@@ -136,7 +136,13 @@ class Evaluator:
     def __init__(self, model: nn.Module, data: TensorData | Sequence[TensorData] | Mapping[str, TensorData], *,
                  batch_size: int = 256, device: str | torch.device = "auto", amp: bool = True,
                  keep_logits: bool = False, parallel: str | None = None, stream: bool | None = None,
-                 chunk_bytes: int = 256 << 20):
+                 chunk_bytes: int = 256 << 20) -> None:
+        """Evaluate ``model`` on ``data`` (one dataset, a list or a dict by name) on ``device``, in batches of
+        ``batch_size``; under torchrun ``parallel`` says whether the data or the sweep points are shared out.
+
+        Raises:
+            ConfigError: an unknown or unavailable device, an unknown ``parallel`` mode, or two datasets with one name.
+        """
         self.device = resolve_device(device)
         # What derive() builds a variant from: the same options, this device, the model and data as placed here.
         self.options: dict[str, Any] = dict(batch_size=batch_size, device=self.device, amp=amp,
@@ -221,7 +227,11 @@ class Evaluator:
     def fit(self, weights: Source) -> Any:
         """``weights`` as they fit the model: when its keys do not fit but all do once one common leading prefix
         (a Lightning module's 'model.', a wrapper's name) is removed, a view without it, said once on stderr.
-        Anything else is returned as it is (load() then names the keys that do not fit)."""
+        Anything else is returned as it is (load() then names the keys that do not fit).
+
+        Raises:
+            SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+        """
         in_memory = (isinstance(weights, Mapping) and not hasattr(weights, "info")
                      and all(torch.is_tensor(v) for v in weights.values()))
         src = weights if in_memory else load(weights)
@@ -313,7 +323,12 @@ class Evaluator:
         return out
 
     def __call__(self, weights: Source | None = None) -> Metrics:
-        """Load ``weights`` (if given) and evaluate on every dataset."""
+        """Load ``weights`` (if given) and evaluate on every dataset.
+
+        Raises:
+            IncompatibleCheckpoints: ``weights`` do not fit the model.
+            SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+        """
         if weights is not None:
             self.load(weights)
         out = Metrics()

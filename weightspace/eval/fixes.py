@@ -289,7 +289,12 @@ class Repairer:
         self.stats: list[Stats] = []
 
     def measure(self, weights: Source | None = None) -> Stats:
-        """Statistics of ``weights`` (loaded into the model) or of the model as it is."""
+        """Statistics of ``weights`` (loaded into the model) or of the model as it is.
+
+        Raises:
+            IncompatibleCheckpoints: ``weights`` do not fit the model.
+            SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+        """
         if weights is not None:
             self.evaluator.load(weights)
         return channel_stats(self.model, self.data, self.scope, batch_size=self.batch_size, device=self.device)
@@ -305,7 +310,11 @@ class Repairer:
         return mix_stats(chosen, coefficients)
 
     def repair(self, coefficients: Sequence[float], members: Sequence[int] | None = None) -> dict:
-        """Repair the weights now in the model, a mixture Σ c_i θ_{members[i]}, in place."""
+        """Repair the weights now in the model, a mixture Σ c_i θ_{members[i]}, in place.
+
+        Raises:
+            ConfigError: ``coefficients`` and the measured statistics differ in number.
+        """
         return repair_model(self.model, self.data, self.target(coefficients, members), self.scope,
                             batch_size=self.batch_size, device=self.device)
 
@@ -322,7 +331,13 @@ class FixedEvaluator(Evaluator):
                  repairer: Repairer | None = None, ingredients: Sequence[Source] = (), **options: Any):
         """An Evaluator (``options`` as Evaluator's) that recalibrates BatchNorm on ``recal_data`` (already on the
         device) and REPAIRs with ``repairer`` (its ingredients' statistics measured). ``wrap`` builds one from an
-        Evaluator."""
+        Evaluator.
+
+        Raises:
+            ConfigError: as Evaluator's (device, parallel mode, dataset names).
+            IncompatibleCheckpoints, SourceError, CheckpointError: an ingredient cannot be read or does not fit the
+                model.
+        """
         super().__init__(model, data, **options)
         self.recal_data = recal_data
         self.repairer = repairer
@@ -406,7 +421,12 @@ class FixedEvaluator(Evaluator):
 
     def fixed_weights(self, weights: Source, members: Sequence[int] | None = None,
                       coefficients: Sequence[float] | None = None) -> StateDict:
-        """The weights as evaluated: loaded, fixed, and copied out of the model (to save what was scored)."""
+        """The weights as evaluated: loaded, fixed, and copied out of the model (to save what was scored).
+
+        Raises:
+            IncompatibleCheckpoints: ``weights`` do not fit the model.
+            SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+        """
         self.load(weights)
         self.fix(members, coefficients)
         out = StateDict({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})

@@ -267,7 +267,12 @@ class ModuleListing:
         return out
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """modules.png: a bar chart of parameters per module."""
+        """modules.png: a bar chart of parameters per module.
+
+        Raises:
+            OutputExists: the file exists and ``force`` is False.
+            OutputError: its folder is missing or writing fails.
+        """
         from .. import report
         fig = report.bar_chart([m["name"] for m in self.modules],
                                {"parameters": [float(m["parameters"]) for m in self.modules]},
