@@ -60,6 +60,7 @@ NOT_RUN = [
     ("README.md", "make bench", "benchmarks take minutes and print figures, no pass/fail"),
     ("docs/core.md", "python bench/soup_io.py --only ab --dtypes fp32 --reps 3",
      "a benchmark writing ~1 GB of temporary files"),
+    ("docs/core.md", "python bench/pt_memory.py --sizes 2,8 --mb 10", "a benchmark: it prints figures, no pass/fail"),
     ("docs/analysis.md", "weightspace recipe run recipes/what-is-transferred.yaml --out runs/wit-full",
      "the full-size recipe; its --small run is the first command of the page"),
     ("docs/analysis.md", "weightspace recipe run recipes/what-is-transferred.yaml --out runs/wit-init7 "
