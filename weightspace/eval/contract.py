@@ -29,7 +29,8 @@ __all__ = ["Evaluate", "LoadsWeights", "FitsKeys", "TellsMembers", "MultiDataset
 class Evaluate(Protocol):
     """``evaluate(weights) -> metrics``: a float, a flat mapping of metrics, or dataset → metrics."""
 
-    def __call__(self, weights: Any) -> Any: ...
+    def __call__(self, weights: Any) -> Any:
+        """The metrics of ``weights``."""
 
 
 @runtime_checkable
@@ -39,25 +40,30 @@ class LoadsWeights(Protocol):
 
     model: torch.nn.Module
 
-    def __call__(self, weights: Any = None) -> Any: ...
+    def __call__(self, weights: Any = None) -> Any:
+        """The metrics of ``weights`` (loaded first), or of what is loaded when None."""
 
-    def load(self, weights: Any) -> None: ...
+    def load(self, weights: Any) -> None:
+        """Copy ``weights`` into the model in place."""
 
-    def recalibrate_bn(self, data: Any) -> None: ...
+    def recalibrate_bn(self, data: Any) -> None:
+        """Re-estimate the model's BatchNorm statistics on ``data``."""
 
 
 @runtime_checkable
 class FitsKeys(Protocol):
     """An evaluate that can present a checkpoint with the keys its model expects (a wrapper's prefix removed)."""
 
-    def fit(self, weights: Any) -> Any: ...
+    def fit(self, weights: Any) -> Any:
+        """``weights`` with the keys the model expects."""
 
 
 @runtime_checkable
 class TellsMembers(Protocol):
     """An evaluate that wants to know which ingredients (indices, with coefficients) the next weights mix."""
 
-    def set_members(self, members: Sequence[int] | None, weights: Sequence[float] | None = None) -> None: ...
+    def set_members(self, members: Sequence[int] | None, weights: Sequence[float] | None = None) -> None:
+        """Say which ingredients (and with which coefficients) the next weights mix."""
 
 
 @runtime_checkable
@@ -68,9 +74,11 @@ class MultiDataset(Protocol):
     datasets: Mapping[str, Any]
     keep_logits: bool
 
-    def metrics_from_logits(self, logits: Mapping[str, torch.Tensor]) -> Any: ...
+    def metrics_from_logits(self, logits: Mapping[str, torch.Tensor]) -> Any:
+        """The metrics of given logits, dataset by dataset."""
 
-    def derive(self, *, datasets: Sequence[str] | None = None, keep_logits: bool | None = None) -> Any: ...
+    def derive(self, *, datasets: Sequence[str] | None = None, keep_logits: bool | None = None) -> Any:
+        """A variant on some of the datasets, sharing the model and the device-resident data."""
 
 
 def as_table(result: Any, default_name: str = "data") -> dict[str, dict[str, float]]:

@@ -47,6 +47,7 @@ class ClipImageClassifier(nn.Module):
         self.__dict__["_tokenizer"] = tokenizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of images ``x``: the head on the L2-normalised image embedding."""
         return self.head(torch.nn.functional.normalize(self.visual(x), dim=-1))
 
     @torch.no_grad()
