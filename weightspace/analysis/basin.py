@@ -79,9 +79,7 @@ class BasinResult:
         """basin.json (``extra`` and the result), basin.csv and basin.png in ``folder``; role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
         from .. import report
         return report.write_files(folder, {"json": (self.FILES[0], {**(extra or {}), **self.to_dict()}),

@@ -191,14 +191,11 @@ class RewindResult:
         """results.json (``extra`` and the result), rewind.csv and rewind.png into a folder; role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
         from .. import report
-        return report.write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
-                                           "csv": ("rewind.csv", self.table()), "png": ("rewind.png", self.plot)},
-                                  force=force)
+        return report.write_result(folder, self, {"csv": ("rewind.csv", self.table()),
+                                                  "png": ("rewind.png", self.plot)}, extra=extra, force=force)
 
 
 def _delta(r: Mapping, b: Mapping, metric: str) -> float | None:
@@ -398,9 +395,7 @@ class CriticalityResult:
         per module (role "valley:MODULE"); role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
         from functools import partial
 

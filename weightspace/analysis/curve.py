@@ -140,9 +140,7 @@ class Curve:
         """curve.json, curve.csv, barriers.csv and curve.png in ``folder`` (as CurveSet.write).
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
         return CurveSet([self]).write(folder, force=force, extra=extra)
 
@@ -224,9 +222,7 @@ class CurveSet:
         overlaid) in ``folder``; returns {"json", "csv", "barriers", "png"} → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
         return report.write_files(folder, {
             "json": (self.FILES[0], {**(extra or {}), **self.to_dict()}), "csv": (self.FILES[1], self.table()),

@@ -178,15 +178,12 @@ class Head2ToeResult:
         role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
-        from ..report import write_files
-        return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
-                                    "csv": ("head2toe.csv", self.table()),
-                                    "layers": ("head2toe_layers.csv", self.layer_table()),
-                                    "png": ("head2toe.png", self.plot)}, force=force)
+        from ..report import write_result
+        return write_result(folder, self, {"csv": ("head2toe.csv", self.table()),
+                                           "layers": ("head2toe_layers.csv", self.layer_table()),
+                                           "png": ("head2toe.png", self.plot)}, extra=extra, force=force)
 
 
 def check_keep(keep: Sequence[float]) -> list[float]:

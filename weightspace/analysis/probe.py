@@ -157,13 +157,11 @@ class ProbeResult:
         """results.json (``extra`` and the result), probe.csv and probe.png in ``folder``; role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
-        from ..report import write_files
-        return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
-                                    "csv": ("probe.csv", self.table()), "png": ("probe.png", self.plot)}, force=force)
+        from ..report import write_result
+        return write_result(folder, self, {"csv": ("probe.csv", self.table()), "png": ("probe.png", self.plot)},
+                            extra=extra, force=force)
 
 
 def probe_features(train: Features, test: Features, *, layers: Sequence[str] | None = None, l2: float = L2,

@@ -125,14 +125,11 @@ class SaturationFit:
         role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
-        from ..report import write_files
-        return write_files(folder, {"results": ("results.json", {**(extra or {}), **self.to_dict()}),
-                                    "csv": ("saturation.csv", self.table()), "png": ("saturation.png", self.plot)},
-                           force=force)
+        from ..report import write_result
+        return write_result(folder, self, {"csv": ("saturation.csv", self.table()),
+                                           "png": ("saturation.png", self.plot)}, extra=extra, force=force)
 
 
 def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, points: str = "hull",

@@ -261,16 +261,14 @@ class SimilarityResult:
         into a folder; role → path.
 
         Raises:
-            OutputExists: one of the files exists and ``force`` is False (checked before anything is written), or
-                ``folder`` is a file.
-            OutputError: a file cannot be written (the files this call wrote are removed again).
+            OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
         from .. import report
-        files = {"results": ("results.json", {**(extra or {}), **self.to_dict()}), "csv": ("similarity.csv", self.table()),
-                 "agreement": ("agreement.csv", self.agreement_table()), "png": ("cka.png", self.plot)}
+        files = {"csv": ("similarity.csv", self.table()), "agreement": ("agreement.csv", self.agreement_table()),
+                 "png": ("cka.png", self.plot)}
         if self.matrix:
             files["matrix"] = ("cka_matrix.png", self.plot_matrix)
-        return report.write_files(folder, files, force=force)
+        return report.write_result(folder, self, files, extra=extra, force=force)
 
     def plot_matrix(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Heat map of minibatch linear CKA between every module of A and every module of B.

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Sequence
 from ..files import atomic_output, make_folder, writes_discarded
 
 __all__ = ["Row", "jsonable", "fmt_cell", "markdown_table", "csv_text", "write_text", "write_json", "write_csv",
-           "check_outputs", "Result", "write_files", "COLORS", "LINESTYLES", "new_figure", "save_figure",
+           "check_outputs", "Result", "write_files", "write_result", "COLORS", "LINESTYLES", "new_figure", "save_figure",
            "line_panels", "bar_chart", "heatmap"]
 
 Row = Sequence[Any]
@@ -121,6 +121,18 @@ class Result(Protocol):
 
     def write(self, folder: str | os.PathLike, *, force: bool = False) -> dict[str, Path]:
         """Write the result's files (JSON, CSV, PNG) into ``folder``; role → path."""
+
+
+def write_result(folder: str | os.PathLike, result: Result, files: Mapping[str, tuple[str, Any]], *,
+                 extra: dict | None = None, force: bool = False) -> dict[str, Path]:
+    """A result folder led by results.json (``extra``, then ``result.to_dict()``), then ``files`` as
+    :func:`write_files` takes them; role → path ("results" first).
+
+    Raises:
+        OutputExists, OutputError: as :func:`write_files`.
+    """
+    return write_files(folder, {"results": ("results.json", {**(extra or {}), **result.to_dict()}), **files},
+                       force=force)
 
 
 def write_files(folder: str | os.PathLike, files: Mapping[str, tuple[str, Any]], *, force: bool = False) -> dict[str, Path]:
