@@ -4,13 +4,20 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Sequence
 
 from ..ops import merge as _merge, stream as _stream  # noqa: F401  (these modules register the ops and merges)
 from ..registry import REGISTRY, Entry
 from ..search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
-from . import align, cross_domain, head2toe_targets, recipes, saturation_pairs, soup, trajectory  # noqa: F401  (each module registers its recipe kind on import)
+from .recipes import read_recipe
+
+# The modules whose import registers a recipe kind. Imported by name rather than `from . import ...`, which would
+# import the package, and the package imports this module.
+KIND_MODULES = ("align", "cross_domain", "head2toe_targets", "recipes", "saturation_pairs", "soup", "trajectory")
+for _kind_module in KIND_MODULES:
+    importlib.import_module(f".{_kind_module}", __package__)
 
 __all__ = ["run_recipe", "recipe_kind", "catalogue"]
 
@@ -26,7 +33,7 @@ def recipe_kind(recipe: str | os.PathLike | dict):
     Raises:
         ConfigError: the file cannot be read, or its kind is not registered (the message lists the known kinds).
     """
-    raw, where = recipes.read_recipe(recipe)
+    raw, where = read_recipe(recipe)
     kind = raw.get("kind", "transfer")
     return REGISTRY.get("recipe", str(kind), what=f"{where}: unknown recipe kind '{kind}'")
 

@@ -2,7 +2,7 @@
 
 Three shapes of output, each what other tools load directly:
 - ``x.safetensors``: one file; provenance in its ``weightspace`` metadata key.
-- ``x.pt|.pth|.bin``: a plain state dict (``model.load_state_dict(torch.load(x))`` works); provenance beside it in
+- ``x.pt|.pth|.bin``: a plain state dict (``model.load_state_dict(torch.load(x, weights_only=True))`` works); provenance beside it in
   ``x.pt.weightspace.json``.
 - ``DIR/`` (or ``folder=True``): a Hugging Face folder as ``save_pretrained`` writes it: ``model.safetensors``, or
   shards ``model-00001-of-0000N.safetensors`` past ``max_shard_size`` with ``model.safetensors.index.json`` written
