@@ -89,3 +89,25 @@ def run_small_recipe(recipe: str, out) -> dict:
                            catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def t95(xs) -> tuple[float, float]:
+    """The 95% Student-t interval of the mean of ``xs``, computed independently of weightspace.report.stats (scipy);
+    with no spread the interval is the point itself, as the library's is."""
+    import numpy as np
+    from scipy import stats
+    if np.ptp(xs) == 0:
+        return float(xs[0]), float(xs[0])
+    return stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+
+
+def verdict(lo: float, hi: float, threshold: float, direction: str) -> str:
+    """A finding's verdict from its interval: reproduced only when the whole interval lies beyond the threshold."""
+    if direction == "above":
+        return "reproduced" if lo > threshold else ("not reproduced" if hi <= threshold else "inconclusive")
+    return "reproduced" if hi < threshold else ("not reproduced" if lo >= threshold else "inconclusive")
+
+
+def judge(xs, threshold: float, direction: str) -> str:
+    """verdict() of the 95% t-interval of ``xs``."""
+    return verdict(*t95(xs), threshold, direction)

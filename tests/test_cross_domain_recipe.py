@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import run_small_recipe
-from scipy import stats
+from conftest import judge, run_small_recipe
 
 from weightspace import load
 from weightspace.errors import ConfigError
@@ -24,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cross") / "run"
     return out, run_small_recipe(RECIPE, out)
-
-
-def judge(xs, threshold, direction):
-    if np.std(xs) == 0:
-        lo = hi = float(np.mean(xs))
-    else:
-        lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
-    if direction == "above":
-        return "reproduced" if lo > threshold else ("not reproduced" if hi <= threshold else "inconclusive")
-    return "reproduced" if hi < threshold else ("not reproduced" if lo >= threshold else "inconclusive")
 
 
 def combine(vs):

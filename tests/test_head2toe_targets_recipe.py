@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_small_recipe
+from conftest import run_small_recipe, t95, verdict
 from scipy import stats
 
 from weightspace.errors import ConfigError
@@ -24,16 +24,6 @@ def small_run(tmp_path_factory):
     return out, run_small_recipe(RECIPE, out)
 
 
-def t_bounds(xs):
-    return stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
-
-
-def verdict(lo, hi, threshold, direction):
-    if direction == "above":
-        return "reproduced" if lo > threshold else ("not reproduced" if hi <= threshold else "inconclusive")
-    return "reproduced" if hi < threshold else ("not reproduced" if lo >= threshold else "inconclusive")
-
-
 def test_small_run_derives_affinity_gain_and_verdicts(small_run):
     out, printed = small_run
     res = json.loads((out / "results.json").read_text())
@@ -46,7 +36,7 @@ def test_small_run_derives_affinity_gain_and_verdicts(small_run):
             assert 0.0 <= min(row["probe"], row["head2toe"], row["scratch"]) <= 1.0
             assert row["affinity"] == pytest.approx(row["probe"] - row["scratch"])
             assert row["gain"] == pytest.approx(row["head2toe"] - row["probe"])
-        lo, hi = t_bounds([t["per_seed"][s]["gain"] for s in seeds])
+        lo, hi = t95([t["per_seed"][s]["gain"] for s in seeds])
         assert (t["gain"]["low"], t["gain"]["high"]) == pytest.approx((lo, hi))
     # the near target (same digits, new images) has the highest affinity: a real source model transfers to it
     assert r["order"][-1] == "same digits" and targets["same digits"]["affinity"]["mean"] > 0
@@ -56,7 +46,7 @@ def test_small_run_derives_affinity_gain_and_verdicts(small_run):
     # (a) recomputed from the per-seed gains: far − near mean gain, paired by seed
     d = [np.mean([targets[n]["per_seed"][s]["gain"] for n in r["far"]])
          - np.mean([targets[n]["per_seed"][s]["gain"] for n in r["near"]]) for s in seeds]
-    lo, hi = t_bounds(d)
+    lo, hi = t95(d)
     iv = r["checks"]["a"]["interval"]
     assert (iv["low"], iv["high"]) == pytest.approx((lo, hi))
     verdicts = {f["id"]: f["verdict"] for f in res["findings"]}
@@ -65,7 +55,7 @@ def test_small_run_derives_affinity_gain_and_verdicts(small_run):
     rho = [stats.spearmanr([targets[n]["per_seed"][s]["affinity"] for n in targets],
                            [targets[n]["per_seed"][s]["gain"] for n in targets]).statistic for s in seeds]
     assert r["rank_correlation"] == pytest.approx(rho)
-    lo, hi = t_bounds(rho)
+    lo, hi = t95(rho)
     assert verdicts["b"] == verdict(lo, hi, 0.0, "below")
     assert [f["verdict"] for f in printed["findings"]] == list(verdicts.values())
     report = (out / "REPORT.md").read_text()

@@ -5,20 +5,12 @@ import json
 import re
 
 import pytest
-from conftest import run_small_recipe
+from conftest import judge, run_small_recipe, t95
 
 from weightspace.errors import ConfigError
 from weightspace.experiments.recipes import load_recipe
 
 RECIPE = "recipes/what-is-transferred.yaml"
-
-
-def _t95(xs):
-    from scipy import stats
-    import numpy as np
-    if np.ptp(xs) == 0:  # no spread: the interval is the point itself
-        return float(xs[0]), float(xs[0])
-    return stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
 VERDICTS = {"reproduced", "partly", "inconclusive", "not reproduced"}
 
 
@@ -55,16 +47,14 @@ def test_small_run_reports_every_finding(small_run):
     for proto, key in (("stored", "error_barrier"), ("re-estimated", "error_barrier_bn_recalibrated")):
         diffs = [ri[key] - pt[key] for pt, ri in zip(r["barriers"]["pairs"]["P-T"], r["barriers"]["pairs"]["RI-T"])]
         assert len(diffs) == 3
-        lo, hi = _t95(diffs)
-        expect = "reproduced" if lo > a["tolerance"] else ("not reproduced" if hi <= a["tolerance"] else "inconclusive")
-        assert a["verdict_by_protocol"][proto] == expect
+        assert a["verdict_by_protocol"][proto] == judge(diffs, a["tolerance"], "above")
     by_proto = set(a["verdict_by_protocol"].values())
     assert findings["a"]["verdict"] == (by_proto.pop() if len(by_proto) == 1 else findings["a"]["verdict"])
     assert "stored BatchNorm statistics" in findings["a"]["numbers"] and "re-estimated" in findings["a"]["numbers"]
     # (b): both sub-checks' intervals, paired over the same pairs
     s = r["similarity"]["summary"]
     l2 = [ri["l2"] - pt["l2"] for pt, ri in zip(r["similarity"]["pairs"]["P-T"], r["similarity"]["pairs"]["RI-T"])]
-    assert (s["checks"]["l2"]["interval"]["low"], s["checks"]["l2"]["interval"]["high"]) == pytest.approx(_t95(l2))
+    assert (s["checks"]["l2"]["interval"]["low"], s["checks"]["l2"]["interval"]["high"]) == pytest.approx(t95(l2))
     both = {s["checks"]["l2"]["verdict"], s["checks"]["cka"]["verdict"]}
     if both == {"reproduced"}:
         assert findings["b"]["verdict"] == "reproduced"

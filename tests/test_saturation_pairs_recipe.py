@@ -6,10 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
-from conftest import run_small_recipe
-from scipy import stats
+from conftest import judge, run_small_recipe
 
 from weightspace.analysis.saturation import fit_saturation
 from weightspace.errors import ConfigError
@@ -24,13 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("saturation") / "run"
     return out, run_small_recipe(RECIPE, out)
-
-
-def judge(xs, threshold, direction):
-    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
-    if direction == "above":
-        return "reproduced" if lo > threshold else ("not reproduced" if hi <= threshold else "inconclusive")
-    return "reproduced" if hi < threshold else ("not reproduced" if lo >= threshold else "inconclusive")
 
 
 def test_small_run_pairs_fits_and_verdicts(small_run):

@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_small_recipe
-from scipy import stats
+from conftest import run_small_recipe, t95
 
 from weightspace import load
 from weightspace.errors import ConfigError
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trajectory") / "run"
     return out, run_small_recipe(RECIPE, out)
-
-
-def t_bounds(xs):
-    if np.std(xs) == 0:
-        return float(np.mean(xs)), float(np.mean(xs))
-    return stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
 
 
 def test_small_run_start_points_and_verdicts(small_run):
@@ -58,7 +51,7 @@ def test_small_run_start_points_and_verdicts(small_run):
     within = r["within"]
     suffices = {}
     for e in ["0", "1", "3"]:
-        lo, hi = t_bounds([x - y for x, y in zip(acc["6"], acc[e])])
+        lo, hi = t95([x - y for x, y in zip(acc["6"], acc[e])])
         assert r["checks"]["a"][e]["interval"]["high"] == pytest.approx(hi)
         suffices[e] = hi < within
     first = None
@@ -73,7 +66,7 @@ def test_small_run_start_points_and_verdicts(small_run):
     if first is not None:
         per_protocol = []
         for p in r["protocols"]:
-            lo, hi = t_bounds([q[f"barrier_{p}"] for q in starts[str(first)]["pairs"]])
+            lo, hi = t95([q[f"barrier_{p}"] for q in starts[str(first)]["pairs"]])
             per_protocol.append("reproduced" if hi < r["no_barrier_below"] else
                                 "not reproduced" if lo >= r["no_barrier_below"] else "inconclusive")
         if len(set(per_protocol)) == 1:
