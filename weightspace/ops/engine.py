@@ -29,7 +29,7 @@ An op, in four steps (``ops.stream.linear_combination`` and ``ops.merge.merge`` 
 Checks: each input is checked for NaN/Inf as it is read (a formula that propagates NaN/Inf from any input to the
 result, as a linear combination does, sets ``propagates_nonfinite`` and only its result is checked; the inputs
 are then read again only to name the file). A non-finite result of finite inputs overflowed: refused in one line
-unless ``allow_nonfinite``.
+unless ``allow_nonfinite``. Every op validates its scalars (``finite_scalar``) before reading anything.
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from ..errors import IncompatibleCheckpoints, NonFiniteError, key_sample
+from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
 from ..io.checkpoint import Checkpoint
 from ..io.outputs import TensorStream
 from .parallel import (Execution, ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events,
                        thread_scratch)
 
-__all__ = ["PRECISIONS", "check_compatible", "all_finite", "check_finite", "tensor_progress", "combinable",
+__all__ = ["PRECISIONS", "check_compatible", "all_finite", "check_finite", "tensor_progress", "finite_scalar", "combinable",
            "Engine", "Piece", "Formula"]
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -114,6 +114,27 @@ def tensor_progress(iterable: Iterable[T], total: int, desc: str, enabled: bool)
     """``iterable`` with a progress bar counted in tensors on stderr (``iterable`` itself when not ``enabled``)."""
     from ..progress import progress
     return progress(iterable, total=total, desc=desc, unit="tensor", enabled=enabled)
+
+
+def finite_scalar(value: float, param: str, acc: torch.dtype = torch.float32) -> float:
+    """``value`` as a float, refused unless it is finite and representable in the accumulation dtype ``acc`` (a
+    coefficient beyond float32's range cannot scale a float32 tensor at all).
+
+    Raises:
+        ConfigError: not a number, NaN/Inf, or out of ``acc``'s range; ``param`` names the parameter.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{param}={value!r} must be a number", param=param) from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{param}={v} must be a finite number", param=param)
+    limit = torch.finfo(acc).max
+    if abs(v) > limit:
+        hint = "" if acc == torch.float64 else "; --precision fp64 accumulates in float64"
+        raise ConfigError(f"{param}={v:g} is out of range: |{param}| ≤ {limit:.4g} in {acc} arithmetic{hint}",
+                          param=param)
+    return v
 
 
 def combinable(dtype: torch.dtype) -> bool:
@@ -285,13 +306,16 @@ class Engine:
 
     def _verify(self, formula: Formula, piece: Piece, result: torch.Tensor) -> None:
         """Refuse a non-finite piece of the result (in its stored dtype) unless allowed: first name an input
-        holding NaN/Inf, else the result overflowed."""
-        if self.allow_nonfinite or not formula.propagates_nonfinite or all_finite(result):
+        holding NaN/Inf (inputs not yet checked as they were read), else the result overflowed."""
+        if self.allow_nonfinite or all_finite(result):
             return
-        for j, ck in enumerate(self.inputs):
-            check_finite(self.read(j, piece.key, piece.start, piece.stop, slot="check"), ck, piece.key)
+        if formula.propagates_nonfinite:
+            for j, ck in enumerate(self.inputs):
+                check_finite(self.read(j, piece.key, piece.start, piece.stop, slot="check"), ck, piece.key)
+        flat = result.float() if result.dtype.itemsize == 1 else result
+        bad = "NaN" if bool(torch.isnan(flat).any()) else "Inf"
         raise NonFiniteError(f"{self.ref.source}: key {piece.key!r}: {self.op} of finite inputs overflows "
-                             f"{result.dtype} (the result holds Inf); use --allow-nonfinite to write it anyway",
+                             f"{result.dtype} (the result holds {bad}); use --allow-nonfinite to write it anyway",
                              path=self.ref.source, key=piece.key)
 
     def _compute(self, formula: Formula, key: str) -> torch.Tensor:

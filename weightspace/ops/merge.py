@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
-from .engine import PRECISIONS, Engine, Formula, Piece
+from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar
 from .parallel import Execution
 from ..io.outputs import StateDict, TensorStream
 from .stream import TASK_ARITHMETIC_PAPER
@@ -121,6 +121,10 @@ class Ties(MergeMethod):
 
     def prepare(self, plan: "MergePlan") -> dict:
         self.weights = list(plan.weights)
+        if any(w <= 0 for w in self.weights):
+            # the disjoint mean divides by the summed weights of the agreeing models: a weight ≤ 0 has no meaning
+            raise ConfigError(f"weights={','.join(f'{w:g}' for w in self.weights)}: ties weights must be positive",
+                              param="weights")
         if self.densities is not None:
             dens = self.densities * len(plan.models) if len(self.densities) == 1 else self.densities
             if len(dens) != len(plan.models):
@@ -350,7 +354,8 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     ``weights`` scale each model's task vector (default 1 each; TIES then takes a weighted disjoint mean).
 
     Raises:
-        ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device.
+        ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device,
+            weights that are not finite or beyond the accumulation dtype's range (or not positive, for TIES).
         IncompatibleCheckpoints: the checkpoints differ in keys, shapes or dtype kinds.
         NonFiniteError: an input holds NaN/Inf (unless ``allow_nonfinite``).
     """
@@ -362,7 +367,9 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     base_ck = load(base, ema=ema)
     cks = [load(s, ema=ema) for s in models]
     if weights is not None and len(weights) != len(cks):
-        raise ConfigError(f"merge: {len(weights)} weights for {len(cks)} models")
+        raise ConfigError(f"merge: {len(weights)} weights for {len(cks)} models", param="weights")
+    if weights is not None:
+        weights = [finite_scalar(w, "weights", PRECISIONS[precision]) for w in weights]
     # a worker holds θ_pre, every τ_t and a method's few temporaries per element
     engine = Engine([base_ck, *cks], op=m.name, precision=precision, allow_nonfinite=allow_nonfinite,
                     progress=progress, scratch=len(cks) + 6, whole=m.whole_tensor, threads=threads,
@@ -377,6 +384,8 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
            for c, s, w in zip(cks, plan.signs, plan.weights or [1.0] * len(cks))],
         "weightspace_version": __version__,
     }
+    if allow_nonfinite:  # the output may hold NaN/Inf on purpose: say so where the output is described
+        prov["allow_nonfinite"] = True
     prov.update(m.prepare(plan))
     if base_ck.aliases:
         prov["tied"] = dict(sorted(base_ck.aliases.items()))
@@ -402,11 +411,12 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, 
     the threads and budget.
 
     Raises:
-        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``plan_merge``; a non-finite ``scale``.
+        ConfigError, IncompatibleCheckpoints: as ``plan_merge``; a ``scale`` that is not finite or beyond the
+            accumulation dtype's range.
+        NonFiniteError: as ``plan_merge``; also (while streaming) a result that overflows its dtype, unless
+            ``allow_nonfinite``.
     """
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ConfigError(f"--scale {scale}: must be a finite number")
+    scale = finite_scalar(scale, "scale", PRECISIONS.get(precision, torch.float32))
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
                                allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
                                max_memory=max_memory, device=device, **options)

@@ -16,7 +16,7 @@ from ..io.outputs import StateDict, TensorStream
 from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import Entry, Paper, register
-from .engine import PRECISIONS, Engine, Formula, Piece
+from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar
 
 __all__ = ["Linear", "linear_combination", "normalised_weights", "uniform_soup_stream", "weighted_average_stream",
            "lerp_stream", "task_vector_stream", "uniform_soup", "weighted_average", "lerp", "task_vector",
@@ -60,10 +60,12 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
     the bit whatever the threads and budget.
 
     Raises:
-        ConfigError: no sources, a coefficient count that does not match, an unknown precision, a bad
-            ``threads``/``max_memory``/``device`` (CUDA asked for on a machine without it).
+        ConfigError: no sources, a coefficient count that does not match or a coefficient that is not finite or
+            beyond the accumulation dtype's range, an unknown precision, a bad ``threads``/``max_memory``/
+            ``device`` (CUDA asked for on a machine without it).
         IncompatibleCheckpoints: the sources differ in keys, shapes or dtype kinds.
-        NonFiniteError: (while streaming) an input holds NaN/Inf, unless ``allow_nonfinite``.
+        NonFiniteError: (while streaming) an input holds NaN/Inf or the result overflows its dtype, unless
+            ``allow_nonfinite``.
     """
     if len(sources) == 0:
         raise ConfigError(f"{op}: needs at least one checkpoint")
@@ -71,6 +73,7 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         raise ConfigError(f"{op}: {len(coefficients)} coefficients for {len(sources)} checkpoints")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    coefficients = [finite_scalar(c, "coefficients", PRECISIONS[precision]) for c in coefficients]
     cks = [load(s, ema=ema) for s in sources]
     engine = Engine(cks, op=op, precision=precision, allow_nonfinite=allow_nonfinite, progress=progress,
                     threads=threads, max_memory=max_memory, device=device)
@@ -150,10 +153,9 @@ def lerp_stream(a: Source, b: Source, alpha: float, **kw: Any) -> TensorStream:
 
     Raises:
         CheckpointError, SourceError: a source cannot be read.
-        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``; also a non-finite ``alpha``."""
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ConfigError(f"--alpha {alpha}: must be a finite number")
+        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``; also an ``alpha`` that is
+            not finite or beyond the accumulation dtype's range."""
+    alpha = finite_scalar(alpha, "alpha", PRECISIONS.get(kw.get("precision", "fp32"), torch.float32))
     return linear_combination([a, b], [1.0 - alpha, alpha], op="lerp", extra={"alpha": alpha}, **kw)
 
 

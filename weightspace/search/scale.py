@@ -8,9 +8,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..io.checkpoint import Source
 from ..io.outputs import StateDict, finish_provenance
+from ..ops.engine import PRECISIONS, all_finite, finite_scalar
 from ..ops.merge import MergeMethod, apply_delta, plan_merge
 
 __all__ = ["ScaleSearch", "search_scale"]
@@ -36,12 +37,14 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
     worth) and each candidate costs one axpy and one call of ``evaluate``.
 
     Raises:
-        ConfigError: an empty grid or a non-finite value in it; otherwise as ``plan_merge``.
-        IncompatibleCheckpoints, NonFiniteError: as ``plan_merge``.
+        ConfigError: an empty grid or a value in it that is not finite or beyond the accumulation dtype's range;
+            otherwise as ``plan_merge``.
+        IncompatibleCheckpoints: as ``plan_merge``.
+        NonFiniteError: as ``plan_merge``; also the chosen merge overflows its dtype (unless ``allow_nonfinite``).
     """
-    grid = [float(x) for x in grid]
-    if not grid or not all(math.isfinite(x) for x in grid):
-        raise ConfigError("scale grid: needs at least one finite value")
+    if not grid:
+        raise ConfigError("grid: needs at least one value", param="grid")
+    grid = [finite_scalar(x, "grid", PRECISIONS.get(precision, torch.float32)) for x in grid]
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
                                allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
                                max_memory=max_memory, **options)
@@ -86,5 +89,11 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
         raise ConfigError("scale grid: evaluate returned no finite score")
     prov.update(scale=best[0], scale_search={"grid": grid, "scores": [s for _, s in scores], "maximize": maximize})
     out = merged(best[0])
+    if not allow_nonfinite:
+        for key, t in out.items():
+            if not all_finite(t):
+                raise NonFiniteError(f"{plan.base.source}: key {key!r}: {m.name} with scale={best[0]:g} overflows "
+                                     f"{t.dtype} (the result holds Inf); use --allow-nonfinite to keep it anyway",
+                                     path=plan.base.source, key=key)
     out.provenance = finish_provenance(prov, [plan.base, *plan.models])
     return ScaleSearch(best[0], scores, out)
