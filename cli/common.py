@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-__all__ = ["grouping_option", "report_options", "print_json", "note", "markdown_table", "parse_floats", "human_bytes",
+__all__ = ["grouping_option", "report_options", "print_json", "note", "dtype_note", "markdown_table", "parse_floats", "human_bytes",
            "require", "refuse_existing", "parse_grid", "precheck", "emit"]
 
 
@@ -34,6 +34,14 @@ def note(msg: str, quiet: bool = False) -> None:
     """A human note on stderr (never on stdout, which may carry JSON)."""
     if not quiet:
         click.echo(msg, err=True)
+
+
+def dtype_note(stream: Any, dtype: str | None, quiet: bool = False) -> None:
+    """Note the tensors an op wrote in a wider dtype than some input's (unless --dtype chose the output dtype)."""
+    from weightspace.ops.engine import dtype_note as _dtype_note
+    msg = None if dtype else _dtype_note(stream.provenance)
+    if msg:
+        note(msg, quiet)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

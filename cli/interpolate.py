@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import note, parse_floats, print_json, report_options, require
+from .common import dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
@@ -78,6 +78,7 @@ def _point(a, b, alpha, out: OutputOptions, force, ops: OpOptions, as_json, quie
     path = save(stream, out.output, force=force, **out.save_kwargs())
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; interpolated once, written as a copy", quiet)
+    dtype_note(stream, out.dtype, quiet)
     if as_json:
         print_json({"output": str(path), "alpha": alpha, "a": a, "b": b})
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import note, parse_floats, print_json, refuse_existing, report_options, require
+from .common import dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
 
 __all__ = ["merge"]
@@ -66,6 +66,7 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
     stream = merging.merge(method, base, sources, scale=scale, negate=[False] * len(models) + [True] * len(negate),
                            progress=not quiet, device=model.device, **ops.kwargs(), **options)
     path = save(stream, out.output, force=force, **out.save_kwargs())
+    dtype_note(stream, out.dtype, quiet)
     prov = stream.provenance
     result = {"output": str(path), "method": method, "scale": scale, "base": stream.ingredients[0].source,
               "models": [{"source": c.source, "sign": i["sign"]}
@@ -98,6 +99,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
     kwargs = out.save_kwargs()
     kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
     path = save(stream, out.output, force=force, **kwargs)
+    dtype_note(stream, kwargs["dtype"], quiet)
     prov = stream.provenance
     result = {"output": str(path), "config": config, "merge_method": cfg.method, "base": cfg.base,
               "models": cfg.models, "weights": cfg.weights, "normalize": cfg.normalize, "scale": cfg.scale,

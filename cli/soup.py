@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import note, parse_floats, print_json, report_options, require
+from .common import dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
@@ -105,6 +105,7 @@ def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as
     path = save(stream, out.output, force=force, **out.save_kwargs())
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; averaged once, written as a copy", quiet)
+    dtype_note(stream, out.dtype, quiet)
     for ing in stream.ingredients:
         if ing.variant:
             note(f"{ing.source}: using {ing.variant}", quiet)

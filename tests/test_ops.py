@@ -74,14 +74,17 @@ def test_lerp_and_task_vector(mlp_files, trained_mlps):
     assert all(torch.equal(end[k], b[k]) for k in b if b[k].is_floating_point())
 
 
-def test_integer_buffers_come_from_the_first_ingredient(trained_mlps):
+def test_integer_buffers_take_the_largest_value(trained_mlps):
     sds = [dict(sd) for sd in trained_mlps]
+    counts = [30, 70, 20][:len(sds)]
     for i, sd in enumerate(sds):
-        sd["features.1.num_batches_tracked"] = torch.tensor(10 * (i + 1))
+        sd["features.1.num_batches_tracked"] = torch.tensor(counts[i])
         sd["mask"] = torch.tensor([True, i % 2 == 0, False])
     soup = ws.uniform_soup(sds)
     assert soup["features.1.num_batches_tracked"].dtype == torch.int64
-    assert int(soup["features.1.num_batches_tracked"]) == 10  # the first's, not the mean 20
+    assert int(soup["features.1.num_batches_tracked"]) == max(counts)  # not the first's, not the mean
+    # whichever order the ingredients come in
+    assert int(ws.uniform_soup(sds[::-1])["features.1.num_batches_tracked"]) == max(counts)
     assert soup["mask"].dtype == torch.bool and soup["mask"].tolist() == [True, True, False]
     # a shape mismatch in an integer buffer is still an error
     sds[1]["features.1.num_batches_tracked"] = torch.tensor([20])
@@ -133,12 +136,59 @@ def test_fp64_precision_is_exactly_rounded(tmp_path):
         ws.uniform_soup(sds, precision="fp8")
 
 
-def test_mixed_float_dtypes_follow_the_first(trained_mlps):
+def test_mixed_float_dtypes_take_the_widest(trained_mlps):
     a = trained_mlps[0]
     b = {k: v.half() if v.is_floating_point() else v for k, v in trained_mlps[1].items()}
-    soup = ws.uniform_soup([a, b])
-    assert soup["head.weight"].dtype == torch.float32
-    assert_matches(soup["head.weight"], (np64(a["head.weight"]) + np64(b["head.weight"])) / 2)
+    n_float = sum(v.is_floating_point() for v in a.values())
+    for pair in ([a, b], [b, a]):  # the widest, whichever comes first
+        soup = ws.uniform_soup(pair)
+        assert soup["head.weight"].dtype == torch.float32
+        assert_matches(soup["head.weight"], (np64(a["head.weight"]) + np64(b["head.weight"])) / 2)
+        assert soup.provenance["dtypes_promoted"] == {"float16+float32→float32": n_float}
+    # fp16 and bf16: neither holds the other, so float32; a merge follows the same rule
+    c = {k: v.bfloat16() if v.is_floating_point() else v for k, v in trained_mlps[2].items()}
+    assert ws.uniform_soup([b, c])["head.weight"].dtype == torch.float32
+    assert ws.task_arithmetic(b, [a])["head.weight"].dtype == torch.float32
+    # negative control: inputs that agree keep their dtype and record nothing
+    same = ws.uniform_soup([b, b])
+    assert same["head.weight"].dtype == torch.float16 and "dtypes_promoted" not in same.provenance
+
+
+def test_mixed_dtypes_are_noted_unless_dtype_is_given(cli, tmp_path, trained_mlps):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    st.save_file(trained_mlps[0], a)
+    st.save_file({k: v.half() if v.is_floating_point() else v for k, v in trained_mlps[1].items()}, b)
+    r = cli("soup", b, a, "-o", tmp_path / "s.safetensors")
+    assert r.exit_code == 0, r.stderr
+    assert "float16+float32→float32" in r.stderr and "--dtype" in r.stderr
+    assert st.load_file(tmp_path / "s.safetensors")["head.weight"].dtype == torch.float32
+    r = cli("interpolate", b, a, "--alpha", "0.5", "--dtype", "fp16", "-o", tmp_path / "i.safetensors")
+    assert r.exit_code == 0 and "mix dtypes" not in r.stderr
+    assert st.load_file(tmp_path / "i.safetensors")["head.weight"].dtype == torch.float16
+
+
+def test_in_memory_ingredients_get_names(trained_mlps, tmp_path):
+    a, b, c = trained_mlps[:3]
+    by_map = ws.uniform_soup({"lr-0.1": a, "lr-0.3": b})
+    by_names = ws.uniform_soup([a, b], names=["lr-0.1", "lr-0.3"])
+    for soup in (by_map, by_names):
+        assert [i["source"] for i in soup.provenance["ingredients"]] == ["lr-0.1", "lr-0.3"]
+    assert all(torch.equal(by_map[k], by_names[k]) for k in by_map)
+    merged = ws.merge("task-arithmetic", a, {"ft-b": b, "ft-c": c})
+    assert [i["source"] for i in merged.provenance["ingredients"]] == ["<state dict>", "ft-b", "ft-c"]
+    # unnamed in-memory ingredients keep the generic name; a file is named by its path
+    assert ws.uniform_soup([a, b]).provenance["ingredients"][0]["source"] == "<state dict>"
+    p = tmp_path / "a.safetensors"
+    st.save_file(a, p)
+    assert ws.uniform_soup({str(p): p, "b": b}).provenance["ingredients"][0]["source"] == str(p)
+    for bad, match in [(dict(names=["x"]), "1 names for 2"), (dict(names=["x", "x"]), "'x' names two"),
+                       ({"names": ["renamed", "b"], "_file": True}, "named by its path")]:
+        srcs = [p, b] if bad.pop("_file", False) else [a, b]
+        with pytest.raises(errors.ConfigError, match=match) as e:
+            ws.uniform_soup(srcs, **bad)
+        assert e.value.param == "names"
+    with pytest.raises(errors.ConfigError, match="single state dict"):
+        ws.uniform_soup(a)
 
 
 def test_python_api_accepts_state_dicts_and_modules(trained_mlps, digits):

@@ -71,6 +71,18 @@ def test_strict_rule_skips_ties():
     assert [i["val_score"] for i in soup.provenance["ingredients"]] == [0.9, 0.7]
 
 
+def test_in_memory_ingredients_are_named_in_kept_results():
+    ev = Scripted({3.0: 0.9, round(14 / 3, 4): 0.85, round(7 / 3, 4): 0.95})
+    named = {n: ingredient(i) for i, n in enumerate("abcd")}
+    soup, res = greedy_soup(named, ev, progress=False)
+    assert res.kept == [1, 2, 0] and [res.sources[i] for i in res.kept] == ["b", "c", "a"]
+    assert [i["source"] for i in soup.provenance["ingredients"]] == ["b", "c", "a"]
+    assert res.to_dict()["ranking"][0]["source"] == "b"
+    _, by_names = greedy_soup([ingredient(i) for i in range(4)], Scripted({3.0: 0.9, round(14 / 3, 4): 0.85,
+                              round(7 / 3, 4): 0.95}), names=list("abcd"), progress=False)
+    assert by_names.sources == res.sources
+
+
 def test_given_scores_skip_individual_evaluation_and_nan_ranks_last():
     ev = Scripted({6.0: 0.5, 2.5: 0.8, round(7 / 3, 4): 0.1})
     _, res = greedy_soup([ingredient(i) for i in range(4)], ev, scores=[0.5, float("nan"), 0.7, 0.6], progress=False)

@@ -147,7 +147,8 @@ class OutputOptions:
     fmt: str | None = _opt(None, "--format", choices=("safetensors", "pt"),
                            help="Output format (default: from the extension; safetensors unless .pt/.pth/.bin).")
     dtype: str | None = _opt(None, "--dtype", choices=("bf16", "fp16", "fp32"),
-                             help="Output dtype of floating tensors (default: each tensor's stored dtype).")
+                             help="Output dtype of floating tensors (default: each tensor's stored dtype, the widest "
+                                  "of the inputs' where they differ).")
     max_shard_size: str = _opt("5GB", "--max-shard-size", metavar="SIZE",
                                help="Shard a folder output past SIZE (5GB, 500MB, 2GiB); a single file past it is "
                                     "refused.")

@@ -33,19 +33,23 @@ unless ``allow_nonfinite``. Every op validates its scalars (``finite_scalar``) b
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
 import threading
+from collections.abc import Mapping
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
 from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, Source
+from ..io.sources import load
 from ..io.outputs import TensorStream
 from .parallel import (Execution, ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events,
                        thread_scratch)
 
-__all__ = ["PRECISIONS", "check_compatible", "all_finite", "check_finite", "tensor_progress", "finite_scalar", "combinable",
+__all__ = ["PRECISIONS", "check_compatible", "all_finite", "check_finite", "named_sources", "dtype_note", "tensor_progress", "finite_scalar", "combinable",
            "Engine", "Piece", "Formula"]
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -88,6 +92,20 @@ def check_compatible(cks: Sequence[Checkpoint]) -> None:
                                               path=ck.source, key=k)
 
 
+def _widest(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype every one of ``dtypes`` converts to without loss: fp16 and fp32 give fp32, fp16 and bf16 fp32
+    (neither holds the other), int32 and int64 int64; a float8 gives way to any wider float."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        if d == out:
+            continue
+        try:
+            out = torch.promote_types(out, d)
+        except RuntimeError:  # float8 types do not promote in torch: the wider one holds the narrower
+            out = max(out, d, key=lambda x: x.itemsize) if out.itemsize != d.itemsize else torch.float32
+    return out
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when a floating tensor holds no NaN/Inf. A finite sum proves it at the cost of one read (NaN and Inf
     propagate through a sum); only a non-finite sum, which may be plain overflow, needs torch.isfinite (~20× slower)."""
@@ -108,6 +126,61 @@ def check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)",
                              path=ck.source, key=key)
+
+
+def named_sources(sources: Sequence[Source] | Mapping[str, Source], names: Sequence[str] | None = None,
+                  ema: bool | None = None) -> list[Source]:
+    """The ingredients of an op, in-memory ones named: ``sources`` is a sequence (named by ``names``, if given) or
+    a mapping name → source. An in-memory ingredient (state dict, module, Checkpoint without files) is opened and
+    takes its name as its ``source``, which provenance, leaderboards and kept results show; a path or source
+    string is named by itself.
+
+    Raises:
+        ConfigError: ``names`` and a mapping together, a count that does not match, a repeated name, or a name
+            given to a path or source string that differs from it.
+    """
+    if isinstance(sources, Mapping):
+        if names is not None:
+            raise ConfigError("names: give a mapping name → source or names=, not both", param="names")
+        if any(isinstance(v, torch.Tensor) for v in sources.values()):
+            raise ConfigError("sources: a single state dict; give a list of ingredients or a mapping name → "
+                              "state dict", param="sources")
+        names, sources = [str(k) for k in sources], list(sources.values())
+    if names is None:
+        return list(sources)
+    names = [str(n) for n in names]
+    if len(names) != len(sources):
+        raise ConfigError(f"names: {len(names)} names for {len(sources)} ingredients", param="names")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"names: {dup!r} names two ingredients", param="names")
+    out: list[Source] = []
+    for name, src in zip(names, sources):
+        if isinstance(src, (str, os.PathLike)):
+            if name != os.fspath(src):
+                raise ConfigError(f"names: {name!r} given to {os.fspath(src)}: a file is named by its path; names "
+                                  f"are for ingredients in memory", param="names")
+            out.append(src)
+            continue
+        ck = load(src, ema=ema)
+        if ck.files and name != ck.source:
+            raise ConfigError(f"names: {name!r} given to {ck.source}: a file is named by its path; names are for "
+                              f"ingredients in memory", param="names")
+        if not ck.files:
+            if ck is src:  # the caller's own Checkpoint: name a copy, not theirs
+                ck = copy.copy(ck)
+            ck.source = name
+        out.append(ck)
+    return out
+
+
+def dtype_note(provenance: dict) -> str | None:
+    """One line saying which tensors took a wider dtype than some input's (None when none did)."""
+    rules = provenance.get("dtypes_promoted")
+    if not rules:
+        return None
+    said = "; ".join(f"{n} tensor{'s' if n > 1 else ''} {rule}" for rule, n in rules.items())
+    return f"inputs mix dtypes: {said} (the widest; --dtype sets the output dtype)"
 
 
 def tensor_progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
@@ -198,25 +271,42 @@ class Engine:
         self.acc_dtype = PRECISIONS[precision]
         self.keys = sorted(self.ref)
         self.tied = dict(self.ref.aliases)
+        self.dtypes = {k: _widest([ck.info(k)[0] for ck in self.inputs]) for k in self.keys}
         self.checked = False  # set once a full pass has checked every input for NaN/Inf
         self._whole = whole or (lambda key: False)
-        for k in self.keys:
-            dtype = self.ref.info(k)[0]
-            if not combinable(dtype):
-                raise IncompatibleCheckpoints(f"{self.ref.source}: key {k!r} is {dtype}, which {op} cannot combine "
-                                              f"(only real floating tensors are combined; integer and bool buffers "
-                                              f"are copied)", path=self.ref.source, key=k)
+        for ck in self.inputs:
+            for k in self.keys:
+                dtype = ck.info(k)[0]
+                if not combinable(dtype):
+                    raise IncompatibleCheckpoints(f"{ck.source}: key {k!r} is {dtype}, which {op} cannot combine "
+                                                  f"(only real floating tensors are combined; integer and bool "
+                                                  f"buffers are copied)", path=ck.source, key=k)
         self.ex: Execution = self._plan(scratch, threads, max_memory, device)
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The output dtype and shape of ``key``: the widest dtype of the inputs (fp16 and fp32 give fp32)."""
+        return self.dtypes[key], self.ref.info(key)[1]
+
+    def promoted(self) -> dict[str, int]:
+        """How many tensors had inputs of mixed dtypes, by rule: ``{"float16+float32→float32": 12}`` (empty when
+        every input stores every tensor alike). Provenance records it as ``dtypes_promoted``."""
+        out: dict[str, int] = {}
+        for k in self.keys:
+            have = sorted({str(ck.info(k)[0]).replace("torch.", "") for ck in self.inputs})
+            if len(have) > 1:
+                rule = "+".join(have) + "→" + str(self.dtypes[k]).replace("torch.", "")
+                out[rule] = out.get(rule, 0) + 1
+        return out
 
     def _plan(self, scratch: int, threads: int | None, max_memory: int | str | None,
               device: str | torch.device | None) -> Execution:
         """Threads and pieces: a worker holds one read, ``scratch`` wide temporaries and, where the stored dtype is
         narrower than the accumulation dtype, one accumulator per element; each piece in flight its result."""
-        floats = [k for k in self.keys if self.ref.info(k)[0].is_floating_point]
+        floats = [k for k in self.keys if self.dtypes[k].is_floating_point]
         in_size = max((ck.info(k)[0].itemsize for ck in self.inputs for k in floats), default=1)
-        out_size = max((self.ref.info(k)[0].itemsize for k in floats), default=1)
+        out_size = max((self.dtypes[k].itemsize for k in floats), default=1)
         wide = max((self.wide(k).itemsize for k in floats), default=4)
-        cast = max((self.wide(k).itemsize for k in floats if self.wide(k) != self.ref.info(k)[0]), default=0)
+        cast = max((self.wide(k).itemsize for k in floats if self.wide(k) != self.dtypes[k]), default=0)
         return plan_execution(model_bytes=self.ref.nbytes, worker_bytes_per_elem=in_size + cast + scratch * wide,
                               held_bytes_per_elem=out_size, threads=threads, max_memory=max_memory, device=device)
 
@@ -227,12 +317,12 @@ class Engine:
 
     def wide(self, key: str) -> torch.dtype:
         """The accumulation dtype of one key (float64 stays float64)."""
-        dtype = self.ref.info(key)[0]
+        dtype = self.dtypes[key]
         return torch.float64 if torch.float64 in (dtype, self.acc_dtype) else self.acc_dtype
 
     def float_keys(self) -> list[str]:
         """Floating keys, each tied group once (its canonical name)."""
-        return [k for k in self.keys if k not in self.tied and self.ref.info(k)[0].is_floating_point]
+        return [k for k in self.keys if k not in self.tied and self.dtypes[k].is_floating_point]
 
     def num_float_elements(self) -> int:
         """Entries of one floating input over the whole model (each tied group once)."""
@@ -320,14 +410,24 @@ class Engine:
 
     def _compute(self, formula: Formula, key: str) -> torch.Tensor:
         """The whole output tensor of ``key``, its pieces computed on the calling thread."""
-        dtype, shape = self.ref.info(key)
+        dtype, shape = self.info(key)
         if not dtype.is_floating_point:
-            return self.ref[key]
+            return self.buffer(key)
         result = torch.empty(shape, dtype=dtype)
         flat = result.view(-1)
         for start, stop in self.ranges(key):
             self._run_piece(formula, key, start, stop, flat[start:stop])
         return result
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """An integer buffer takes the largest value of the inputs (``num_batches_tracked``: the longest-trained
+        model's count, whichever input comes first); a bool buffer is the first input's."""
+        t = self.ref[key]
+        if t.dtype == torch.bool:
+            return t
+        for ck in self.inputs[1:]:
+            t = torch.maximum(t, ck[key])
+        return t.to(self.dtypes[key])
 
     def stream(self, formula: Formula, provenance: dict, desc: str | None = None) -> TensorStream:
         """The op's result, streamed: ``formula`` over every floating key, integer and bool buffers from
@@ -352,8 +452,8 @@ class Engine:
 
         canonical = set(self.tied.values())
         split = {k for k in self.float_keys() if k not in canonical and not self._whole(k)}
-        entries = [(k, *self.ref.info(k)) for k in self.keys]
+        entries = [(k, *self.info(k)) for k in self.keys]
         pieces, produce = piece_streams(
-            self.keys, self.ref.info, split, lambda k, a, b, out: self._run_piece(formula, k, a, b, out), whole,
+            self.keys, self.info, split, lambda k, a, b, out: self._run_piece(formula, k, a, b, out), whole,
             self.ex, lambda ks: tensor_progress(ks, len(ks), desc or self.op, self.progress))
         return TensorStream(entries, produce, provenance, self.inputs, self.tied, pieces)

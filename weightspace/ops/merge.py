@@ -5,12 +5,13 @@ time, the task vectors τ_t = w_t·s_t·(θ_t − θ_pre) (s_t = −1 for negate
 returns the merged task vector δ; the merge formula writes θ = θ_pre + λ·δ. The engine sizes pieces under a memory
 budget and computes them on worker threads, so a method must be elementwise given what ``prepare`` computed, and
 thread-safe; a method that needs whole tensors (a norm, an angle, a random mask whose bytes must not depend on the
-piece split) lists those keys in ``whole_tensor`` and sees each of them as one piece. Integer and bool buffers
-are copied from the base.
+piece split) lists those keys in ``whole_tensor`` and sees each of them as one piece. Integer buffers take the
+largest value of the base and the models (``num_batches_tracked``), bool buffers are the base's.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 import torch
@@ -20,7 +21,7 @@ from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
-from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar
+from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
 from .parallel import Execution
 from ..io.outputs import StateDict, TensorStream
 from .stream import TASK_ARITHMETIC_PAPER
@@ -344,21 +345,23 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
         raise ConfigError(f"--method {method}: does not take options {sorted(options)}") from None
 
 
-def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
-               negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
+def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *,
+               names: Sequence[str] | None = None, negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
                progress: bool = False, ema: bool | None = None, threads: int | None = None,
                max_memory: int | str | None = None, device: str | torch.device | None = None,
                weights: Sequence[float] | None = None, **options: Any) -> tuple[MergeMethod, MergePlan, dict]:
     """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
 
     ``weights`` scale each model's task vector (default 1 each; TIES then takes a weighted disjoint mean).
+    ``models`` may be a mapping name → source, or be named by ``names`` (see ``ops.engine.named_sources``).
 
     Raises:
-        ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device,
+        ConfigError: no models, bad ``names``, an unknown method/precision or option, a bad threads/max_memory/device,
             weights that are not finite or beyond the accumulation dtype's range (or not positive, for TIES).
         IncompatibleCheckpoints: the checkpoints differ in keys, shapes or dtype kinds.
         NonFiniteError: an input holds NaN/Inf (unless ``allow_nonfinite``).
     """
+    models = named_sources(models, names, ema)
     if not models:
         raise ConfigError("merge: needs at least one fine-tuned model besides the base")
     if precision not in PRECISIONS:
@@ -389,6 +392,8 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     prov.update(m.prepare(plan))
     if base_ck.aliases:
         prov["tied"] = dict(sorted(base_ck.aliases.items()))
+    if engine.promoted():
+        prov["dtypes_promoted"] = engine.promoted()
     return m, plan, prov
 
 
@@ -399,7 +404,7 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torc
     return out.copy_(torch.add(base, delta, alpha=scale), non_blocking=True)
 
 
-def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
+def merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
           progress: bool = False, ema: bool | None = None, threads: int | None = None,
           max_memory: int | str | None = None, device: str | torch.device | None = None,

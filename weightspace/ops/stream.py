@@ -6,6 +6,7 @@ number of inputs, not N input models. No model, no data here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from ..io.outputs import StateDict, TensorStream
 from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import Entry, Paper, register
-from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar
+from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
 
 __all__ = ["Linear", "linear_combination", "normalised_weights", "uniform_soup_stream", "weighted_average_stream",
            "lerp_stream", "task_vector_stream", "uniform_soup", "weighted_average", "lerp", "task_vector",
@@ -48,25 +49,29 @@ class Linear(Formula):
                 out.add_(t, alpha=c)  # in-place add computes in out's dtype: a half input is added in fp32
 
 
-def linear_combination(sources: Sequence[Source], coefficients: Sequence[float], *, op: str,
-                       precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
+def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coefficients: Sequence[float], *,
+                       op: str, names: Sequence[str] | None = None, precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
                        ema: bool | None = None, extra: dict | None = None, threads: int | None = None,
                        max_memory: int | str | None = None, device: str | torch.device | None = None) -> TensorStream:
-    """Σ_j c_j·θ_j over floating tensors, streamed; integer/bool buffers come from the first source.
+    """Σ_j c_j·θ_j over floating tensors, streamed; each tensor is written in the widest dtype of its inputs
+    (fp16 and fp32 give fp32; provenance's ``dtypes_promoted`` counts such tensors); an integer buffer takes the
+    largest value of the sources, a bool buffer the first source's.
 
     Pieces of each tensor are combined on ``threads`` worker threads (default: every core) under ``max_memory``
     bytes of pieces and scratch (default: an eighth of one checkpoint, 4 MiB to 1 GiB; see ops.parallel), on the
     CPU, or on a GPU with ``device="cuda"``. Every element is summed in input order, so the result is the same to
-    the bit whatever the threads and budget.
+    the bit whatever the threads and budget. ``sources`` may be a mapping name → source, or be named by ``names``
+    (in-memory ingredients take their names in provenance; see ``ops.engine.named_sources``).
 
     Raises:
-        ConfigError: no sources, a coefficient count that does not match or a coefficient that is not finite or
+        ConfigError: no sources, bad ``names``, a coefficient count that does not match or a coefficient that is not finite or
             beyond the accumulation dtype's range, an unknown precision, a bad ``threads``/``max_memory``/
             ``device`` (CUDA asked for on a machine without it).
         IncompatibleCheckpoints: the sources differ in keys, shapes or dtype kinds.
         NonFiniteError: (while streaming) an input holds NaN/Inf or the result overflows its dtype, unless
             ``allow_nonfinite``.
     """
+    sources = named_sources(sources, names, ema)
     if len(sources) == 0:
         raise ConfigError(f"{op}: needs at least one checkpoint")
     if len(coefficients) != len(sources):
@@ -89,6 +94,8 @@ def linear_combination(sources: Sequence[Source], coefficients: Sequence[float],
         prov["allow_nonfinite"] = True
     if engine.tied:
         prov["tied"] = dict(sorted(engine.tied.items()))
+    if engine.promoted():
+        prov["dtypes_promoted"] = engine.promoted()
     if extra:
         prov.update(extra)
     return engine.stream(formula, prov)
@@ -116,11 +123,11 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     return out
 
 
-def uniform_soup_stream(sources: Sequence[Source], **kw: Any) -> TensorStream:
+def uniform_soup_stream(sources: Sequence[Source] | Mapping[str, Source], **kw: Any) -> TensorStream:
     """Streaming uniform soup: the plain mean of all ingredients.
 
-    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
-    device, ...).
+    ``kw``: the options of ``linear_combination`` (names, precision, allow_nonfinite, progress, threads,
+    max_memory, device, ...).
 
     Raises:
         CheckpointError, SourceError: a source cannot be read.
@@ -129,11 +136,11 @@ def uniform_soup_stream(sources: Sequence[Source], **kw: Any) -> TensorStream:
     return linear_combination(sources, [1.0 / n] * n if n else [], op="uniform_soup", **kw)
 
 
-def weighted_average_stream(sources: Sequence[Source], weights: Sequence[float], **kw: Any) -> TensorStream:
+def weighted_average_stream(sources: Sequence[Source] | Mapping[str, Source], weights: Sequence[float], **kw: Any) -> TensorStream:
     """Streaming weighted average; weights are normalised to sum to 1 (the raw ones are recorded).
 
-    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
-    device, ...).
+    ``kw``: the options of ``linear_combination`` (names, precision, allow_nonfinite, progress, threads,
+    max_memory, device, ...).
 
     Raises:
         CheckpointError, SourceError: a source cannot be read.
@@ -148,8 +155,8 @@ def weighted_average_stream(sources: Sequence[Source], weights: Sequence[float],
 def lerp_stream(a: Source, b: Source, alpha: float, **kw: Any) -> TensorStream:
     """Streaming linear interpolation (1−α)·a + α·b.
 
-    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
-    device, ...).
+    ``kw``: the options of ``linear_combination`` (names, precision, allow_nonfinite, progress, threads,
+    max_memory, device, ...).
 
     Raises:
         CheckpointError, SourceError: a source cannot be read.
@@ -160,10 +167,10 @@ def lerp_stream(a: Source, b: Source, alpha: float, **kw: Any) -> TensorStream:
 
 
 def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
-    """Streaming task vector a − base over floating tensors (integer buffers are a's).
+    """Streaming task vector a − base over floating tensors (integer buffers: the larger value of a and base).
 
-    ``kw``: the options of ``linear_combination`` (precision, allow_nonfinite, progress, threads, max_memory,
-    device, ...).
+    ``kw``: the options of ``linear_combination`` (names, precision, allow_nonfinite, progress, threads,
+    max_memory, device, ...).
 
     Raises:
         CheckpointError, SourceError: a source cannot be read.
@@ -171,12 +178,12 @@ def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
     return linear_combination([a, base], [1.0, -1.0], op="task_vector", **kw)
 
 
-def uniform_soup(sources: Sequence[Source], **kw: Any) -> StateDict:
+def uniform_soup(sources: Sequence[Source] | Mapping[str, Source], **kw: Any) -> StateDict:
     """Uniform soup (Wortsman et al. 2022): the mean of the ingredients' weights. In memory; raises what ``uniform_soup_stream`` raises."""
     return uniform_soup_stream(sources, **kw).to_dict()
 
 
-def weighted_average(sources: Sequence[Source], weights: Sequence[float], **kw: Any) -> StateDict:
+def weighted_average(sources: Sequence[Source] | Mapping[str, Source], weights: Sequence[float], **kw: Any) -> StateDict:
     """Weighted average of checkpoints; weights are normalised to sum to 1. In memory; raises what ``weighted_average_stream`` raises."""
     return weighted_average_stream(sources, weights, **kw).to_dict()
 

@@ -25,7 +25,7 @@ from .. import report
 from ..errors import ConfigError
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratch
-from ..ops.engine import PRECISIONS, check_compatible
+from ..ops.engine import PRECISIONS, check_compatible, named_sources
 from ..ops.stream import SOUPS_PAPER, uniform_soup
 from ..registry import Entry, register
 from ..eval.contract import Evaluate, FitsKeys, MultiDataset, TellsMembers, as_table, model_tensors
@@ -167,18 +167,21 @@ class GreedyResult:
             "png": ("greedy.png", self.plot)}, force=force)
 
 
-def greedy_soup(ingredients: Sequence[Source], evaluate: Evaluate, *, strict: bool = False, progress: bool = True,
-                scores: Sequence[float] | None = None, precision: str = "fp32") -> tuple[StateDict, GreedyResult]:
+def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *, strict: bool = False,
+                progress: bool = True, scores: Sequence[float] | None = None, precision: str = "fp32",
+                names: Sequence[str] | None = None) -> tuple[StateDict, GreedyResult]:
     """Greedy soup (Wortsman et al. 2022): add ingredients best-first while the validation score does not drop.
 
     ``evaluate(weights)`` returns a float or anything ``float()`` accepts (Metrics: accuracy on its first dataset);
-    ``scores`` (the ingredients' own validation scores, if already known) saves their evaluation.
+    ``scores`` (the ingredients' own validation scores, if already known) saves their evaluation. In-memory
+    ingredients are named by a mapping name → state dict or by ``names`` (``ops.engine.named_sources``).
 
     Raises:
-        ConfigError: no ingredients or an unknown ``precision``.
+        ConfigError: no ingredients, bad ``names`` or an unknown ``precision``.
         IncompatibleCheckpoints: the ingredients differ in keys, shapes or dtype kinds.
         CheckpointError, SourceError: an ingredient cannot be read.
     """
+    ingredients = named_sources(ingredients, names)
     if not ingredients:
         raise ConfigError("greedy soup: needs at least one ingredient")
     if precision not in PRECISIONS:
@@ -401,9 +404,11 @@ def evaluate_each(ingredients: Sequence[Source], evaluate: Evaluate, *, progress
                  bar=lambda xs: _bar(xs, len(xs), "evaluate", progress))
 
 
-def leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: bool = True,
-                title: str = "leaderboard") -> Leaderboard:
-    """Rank checkpoints by evaluate's accuracy on its first dataset (ties in input order): rows = checkpoints."""
+def leaderboard(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *, progress: bool = True,
+                title: str = "leaderboard", names: Sequence[str] | None = None) -> Leaderboard:
+    """Rank checkpoints by evaluate's accuracy on its first dataset (ties in input order): rows = checkpoints
+    (in-memory ones named as ``ops.engine.named_sources`` says)."""
+    ingredients = named_sources(ingredients, names)
     results = evaluate_each(ingredients, evaluate, progress=progress)
     tables = [as_table(r) for r in results]
     columns = list(tables[0])
@@ -421,23 +426,27 @@ def validation_view(evaluator: MultiDataset) -> Any:
     return evaluator.derive(datasets=[next(iter(evaluator.datasets))], keep_logits=False)
 
 
-def soup_leaderboard(ingredients: Sequence[Source], evaluate: Evaluate, *, val_evaluate: Evaluate | None = None,
+def soup_leaderboard(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *,
+                     val_evaluate: Evaluate | None = None,
                      metrics_from_logits: Callable[[dict[str, torch.Tensor]], Any] | None = None,
                      strict: bool = False, progress: bool = True, title: str = "soup leaderboard",
-                     precision: str = "fp32") -> tuple[Leaderboard, dict[str, StateDict], GreedyResult]:
+                     precision: str = "fp32", names: Sequence[str] | None = None,
+                     ) -> tuple[Leaderboard, dict[str, StateDict], GreedyResult]:
     """Individual models, best individual on val, uniform soup, greedy soup, output and greedy ensembles.
 
     ``evaluate(weights)`` returns Metrics over validation (first dataset) and the test sets; with
     ``metrics_from_logits`` its Metrics must carry ``.logits`` (an Evaluator with keep_logits=True), and the two
     ensemble rows are computed from those cached logits without further forward passes. ``val_evaluate``
     (defaults to ``evaluate``) scores greedy candidates on validation only. Returns the leaderboard, the soups
-    {"uniform", "greedy"} and the greedy soup's decisions.
+    {"uniform", "greedy"} and the greedy soup's decisions. In-memory ingredients are named by a mapping name →
+    state dict or by ``names`` (``ops.engine.named_sources``).
 
     Raises:
-        ConfigError: no ingredients, an unknown ``precision``, or ensembles asked for without cached logits.
+        ConfigError: no ingredients, bad ``names``, an unknown ``precision``, or ensembles asked for without cached logits.
         IncompatibleCheckpoints, NonFiniteError: as the uniform and greedy soups.
         CheckpointError, SourceError: an ingredient cannot be read.
     """
+    ingredients = named_sources(ingredients, names)
     if not ingredients:
         raise ConfigError("soup leaderboard: needs at least one ingredient")
     if isinstance(evaluate, MultiDataset):

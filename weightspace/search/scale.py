@@ -67,9 +67,9 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
         out = StateDict()
         for key in plan.keys:
             canon = plan.base.aliases.get(key, key)
-            dtype, shape = plan.base.info(canon)
+            dtype, shape = plan.engine.info(canon)
             if canon not in parts:
-                out[key] = plan.base[canon]
+                out[key] = plan.engine.buffer(canon)
             elif canon != key and canon in out:
                 out[key] = out[canon]
             else:
