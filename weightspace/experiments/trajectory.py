@@ -279,7 +279,7 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     from ..report import markdown_table
     pre, ft, d = cfg["pretrain"], cfg["finetune"], results["data"]
     cps = cfg["checkpoints"]
-    setup = [(f"Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
+    setup = [("Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
               + f" (not pre-trained here); source task scored on `{cfg['source']['test']}` ({d['source_test']} "
               "images)." if isinstance(cps, dict) else
               f"Source: `{cfg['source']['train']}` ({d['source']} images), pre-trained once (seed {pre['seed']}) for "
