@@ -117,7 +117,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
             model: ModelOptions, data: DataOptions, grid) -> None:
     from weightspace import load, save
     from weightspace.eval.build import build_evaluator, data_transform
-    from weightspace.ops.merge import search_scale
+    from weightspace.search.scale import search_scale
 
     from .common import markdown_table
     val_spec = require(data.val, "--val", "to pick λ (with --model)")

@@ -78,7 +78,7 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
     from ..eval.train import accuracy
-    from ..ops.stream import distance
+    from ..analysis.distance import distance
 
     s = open_session(load_cross_domain_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)

@@ -88,7 +88,7 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     """
     from ..analysis.curve import interpolation_curve
     from ..eval.train import accuracy
-    from ..ops.stream import distance
+    from ..analysis.distance import distance
 
     s = open_session(load_trajectory_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)
