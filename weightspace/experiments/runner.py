@@ -11,11 +11,11 @@ from typing import Sequence
 from ..ops import merge as _merge, stream as _stream  # noqa: F401  (these modules register the ops and merges)
 from ..registry import REGISTRY, Entry
 from ..search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
-from .recipes import read_recipe
+from .config import read_recipe
 
 # The modules whose import registers a recipe kind. Imported by name rather than `from . import ...`, which would
 # import the package, and the package imports this module.
-KIND_MODULES = ("align", "cross_domain", "head2toe_targets", "recipes", "saturation_pairs", "soup", "trajectory")
+KIND_MODULES = ("align", "cross_domain", "head2toe_targets", "saturation_pairs", "soup", "trajectory", "transfer")
 for _kind_module in KIND_MODULES:
     importlib.import_module(f".{_kind_module}", __package__)
 
