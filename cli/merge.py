@@ -2,6 +2,8 @@
 |  --config merge.yaml -o OUT (a mergekit file)"""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .common import dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
@@ -45,15 +47,15 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
             raise click.UsageError(f"--config describes the whole merge; drop {given[0]}")
         refuse_existing(out.output, force)
         return _from_config(config, out, force, ops, as_json, quiet)
-    require(method, "--method", "(or --config FILE)")
-    require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
+    method = require(method, "--method", "(or --config FILE)")
+    base = require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
     sources = list(models) + list(negate)
     if not sources:
         raise click.UsageError("give at least one fine-tuned model (positionally or with --negate)")
     refuse_existing(out.output, force)
     if keep is not None and density is not None:
         raise click.UsageError("--keep (global top-k) and --density (per tensor) are two TIES trims: give one")
-    options = {}
+    options: dict[str, Any] = {}
     if method == "ties":
         options = {"density": density} if density is not None else ({"keep": keep} if keep is not None else {})
     elif keep is not None or density is not None:
@@ -65,7 +67,7 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
                        parse_floats(scales, "--scales"))
     stream = merging.merge(method, base, sources, scale=scale, negate=[False] * len(models) + [True] * len(negate),
                            progress=not quiet, device=model.device, **ops.kwargs(), **options)
-    path = save(stream, out.output, force=force, **out.save_kwargs())
+    path = save(stream, out.target(), force=force, **out.save_kwargs())
     dtype_note(stream, out.dtype, quiet)
     prov = stream.provenance
     result = {"output": str(path), "method": method, "scale": scale, "base": stream.ingredients[0].source,
@@ -98,7 +100,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
     stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite)
     kwargs = out.save_kwargs()
     kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
-    path = save(stream, out.output, force=force, **kwargs)
+    path = save(stream, out.target(), force=force, **kwargs)
     dtype_note(stream, kwargs["dtype"], quiet)
     prov = stream.provenance
     result = {"output": str(path), "config": config, "merge_method": cfg.method, "base": cfg.base,
@@ -120,13 +122,13 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     from weightspace.search.scale import search_scale
 
     from .common import markdown_table
-    val_spec = data.val
+    val_spec = require(data.val, "--val", "to pick λ (with --model)")
     ev = build_evaluator(model, [val_spec], transform=data_transform(data))
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
                        allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
-    path = save(res.state_dict, out.output, force=force, **out.save_kwargs(), provenance={"val": val_spec})
+    path = save(res.state_dict, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
     result = {"output": str(path), "method": method, "scale": res.scale, "val": val_spec,
               "scores": [{"scale": lam, "val_accuracy": acc} for lam, acc in res.scores],
               "base": base, "models": [c.source for c in sources]}

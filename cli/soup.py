@@ -102,7 +102,7 @@ def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as
         stream = streams.weighted_average_stream(list(checkpoints), weights, **kw)
     else:
         stream = streams.uniform_soup_stream(list(checkpoints), **kw)
-    path = save(stream, out.output, force=force, **out.save_kwargs())
+    path = save(stream, out.target(), force=force, **out.save_kwargs())
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; averaged once, written as a copy", quiet)
     dtype_note(stream, out.dtype, quiet)
@@ -133,6 +133,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
         refuse_existing(out.output, force)
     if out_dir:
         check_outputs(out_dir, Leaderboard.FILES, force)
+    assert data.val  # only a soup chosen on --val evaluates
     transform = data_transform(data)
     ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True)
     fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None

@@ -24,6 +24,7 @@ name), each None where it does not apply, and subclasses the built-in a caller w
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
@@ -117,7 +118,7 @@ class DataError(ConfigError):
         super().__init__(message, path=path, key=key)
 
 
-def key_sample(keys: list[str], n: int = 3) -> str:
+def key_sample(keys: Sequence[str], n: int = 3) -> str:
     """'2 keys (e.g. 'a', 'b')': how an error names a set of keys without flooding the line."""
     shown = ", ".join(repr(k) for k in keys[:n])
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} (e.g. {shown}{', ...' if len(keys) > n else ''})"
@@ -128,7 +129,7 @@ def _first_line(text: object) -> str:
     return s.splitlines()[0] if s else ""
 
 
-def misfit(name: str, missing: list[str], unexpected: list[str] = ()) -> IncompatibleCheckpoints:
+def misfit(name: str, missing: Sequence[str], unexpected: Sequence[str] = ()) -> IncompatibleCheckpoints:
     """The error for a checkpoint ``name`` whose keys do not fit a model: 'NAME: does not fit the model: missing
     2 keys (e.g. 'a', 'b'); unexpected 1 key (e.g. 'c')'. Returns it; raises nothing."""
     parts = [f"missing {key_sample(missing, 4)}"] if missing else []

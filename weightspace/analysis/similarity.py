@@ -404,7 +404,7 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
     params = {k for k, _ in model.named_parameters()}
     dists, total = module_distances(a, b, units, parameters=params, include_buffers=include_buffers)
     rows = []
-    for i, u in enumerate(units):
+    for u in units:
         row: dict[str, Any] = {"module": u.name}
         if u.output is not None:
             j = hooked.index(u)

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 from ..registry import Paper
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, load_kind_recipe, open_session, published,
+from .config import load_kind_recipe
+from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, open_session, published,
                   published_source, register_recipe, render_report, source_data, task, train_from, with_option)
 from .verdicts import check
 
@@ -159,7 +160,7 @@ def _published_points(cfg: dict, s: Session, points: list[dict]) -> tuple[Any, A
     for group, ids in cfg["published"].items():
         for hub_id in ids:
             net, up_test = published_source(hub_model_spec(hub_id), hub_id, cfg["upstream"]["test"])
-            ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)
+            ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)  # noqa: B023 (called within)
             if not points:  # after the first model's data
                 s.claim_output()
             weights = published(hub_id)

@@ -48,7 +48,7 @@ def load_soup_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     Raises:
         ConfigError: unreadable or malformed recipe (no model, fewer than two ingredients, no val or test data).
     """
-    from .recipes import overlay_recipe, read_recipe
+    from .config import overlay_recipe, read_recipe
     raw, where = read_recipe(source)
     if raw.get("kind") != KIND:
         raise ConfigError(f"{where}: not a {KIND} recipe (kind: {KIND})")
@@ -152,7 +152,7 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
          "table": "leaderboard.csv"},
         {"id": "b", "claim": "Ingredients fine-tuned from one pre-trained model share a basin; those that break it "
                              "are named from measured pairwise barriers.", "verdict": "measured",
-         "numbers": (f"Median midpoint val-error barrier per ingredient: "
+         "numbers": ("Median midpoint val-error barrier per ingredient: "
                      + ", ".join(f"{n} {m:.4f}" for n, m in zip(basin.names, basin.medians))
                      + f" (rule: {verdict['rule']}). Breakers: {', '.join(basin.breakers) or 'none'}. Uniform soup "
                      f"val accuracy {verdict['uniform_val_accuracy']:.4f} vs best individual "

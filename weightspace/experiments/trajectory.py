@@ -29,10 +29,11 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_defaults, load_kind_recipe,
+from .config import load_kind_recipe
+from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_defaults,
                   open_session, pt_setup, published, published_source, register_recipe, render_report, source_data,
                   state_of, task, train_from, train_options)
-from .recipes import TRANSFER_PAPER
+from .transfer import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_trajectory_recipe", "run_trajectory_recipe"]
@@ -279,7 +280,7 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     from ..report import markdown_table
     pre, ft, d = cfg["pretrain"], cfg["finetune"], results["data"]
     cps = cfg["checkpoints"]
-    setup = [(f"Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
+    setup = [("Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
               + f" (not pre-trained here); source task scored on `{cfg['source']['test']}` ({d['source_test']} "
               "images)." if isinstance(cps, dict) else
               f"Source: `{cfg['source']['train']}` ({d['source']} images), pre-trained once (seed {pre['seed']}) for "

@@ -21,7 +21,7 @@ import copy
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -616,7 +616,7 @@ def _verify(gm: fx.GraphModule, before: Mapping[str, torch.Tensor], after: Mappi
     return diff
 
 
-def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", data: Iterable | Callable | None = None,
+def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", data: Any = None,
           seed: int = 0, max_rounds: int = 100, example_input: torch.Tensor | None = None,
           progress: bool = False) -> tuple[StateDict, dict]:
     """Permute B's hidden units to match A (Git Re-Basin); returns (B permuted, info). B's function is unchanged.
