@@ -9,9 +9,9 @@ A tiny surface in the spirit of safetensors::
 
 The top level holds the verbs and the types they take and return; everything else lives in the layer it belongs
 to, each subpackage listing its offer in ``__all__``: ``weightspace.io`` (load, save, Checkpoint),
-``weightspace.ops`` (soups, interpolation, distances, merges), ``weightspace.eval`` (Evaluator, Metrics, data,
+``weightspace.ops`` (soups, interpolation, merges), ``weightspace.eval`` (Evaluator, Metrics, data,
 models, transforms, BN recalibration and REPAIR), ``weightspace.search`` (greedy and learned soups, alignment),
-``weightspace.analysis`` (curves, similarity and CKA, criticality, probes, Head2Toe, saturation, feature taps),
+``weightspace.analysis`` (distances, curves, similarity and CKA, criticality, probes, Head2Toe, saturation, feature taps),
 ``weightspace.hub`` (push), ``weightspace.experiments`` (recipes) and ``weightspace.errors`` (every exception).
 """
 from __future__ import annotations
