@@ -21,19 +21,23 @@ def recipe() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set train.finetune.epochs=5 (repeatable; the value is YAML).")
 @force_option("Overwrite an existing run in --out.")
+@click.option("--trust-model-code", "trust_model_code", is_flag=True,
+              help="Let the recipe's model specs import and call any pkg.module:factory (by default a recipe may name "
+                   "only the built-in zoo, timm:, open_clip: and torchvision.models: models).")
 @use(ModelOptions, "model", only=("batch_size", "device"),
      help={"device": "auto, cpu or cuda[:N]: where the recipe trains and evaluates.",
            "batch_size": "Evaluation batch size of the analyses (training batch sizes are in the recipe)."})
 @report_options
-def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...], force: bool, model: ModelOptions,
-        as_json: bool, quiet: bool) -> None:
+def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...], force: bool, trust_model_code: bool,
+        model: ModelOptions, as_json: bool, quiet: bool) -> None:
     """Train the recipe's models, run its analyses and write REPORT.md with a verdict per finding."""
     from weightspace.eval.evaluator import resolve_device
     from weightspace.experiments.runner import run_recipe
 
     from .common import markdown_table, print_json
     r = run_recipe(recipe_file, out_dir, small=small, overrides=overrides, force=force, progress=not quiet,
-                   device=str(resolve_device(model.device)), batch_size=model.batch_size)
+                   device=str(resolve_device(model.device)), batch_size=model.batch_size,
+                   trust_model_code=trust_model_code)
     if as_json:
         print_json(r)
         return

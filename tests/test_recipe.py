@@ -8,7 +8,7 @@ import pytest
 from conftest import judge, run_small_recipe, t95
 
 from weightspace.errors import ConfigError
-from weightspace.experiments.recipes import load_recipe
+from weightspace.experiments.transfer import load_transfer_recipe as load_recipe
 
 RECIPE = "recipes/what-is-transferred.yaml"
 VERDICTS = {"reproduced", "partly", "inconclusive", "not reproduced"}

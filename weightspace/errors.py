@@ -36,16 +36,20 @@ __all__ = [
 class WeightspaceError(Exception):
     """Base class of every error weightspace raises on bad input.
 
-    ``str(e)`` is the one-line message; ``e.path`` and ``e.key`` name the file and the tensor where known."""
+    ``str(e)`` is the one-line message; ``e.path`` and ``e.key`` name the file and the tensor where known, and
+    ``e.param`` the library parameter at fault (``alpha``, ``scale``), which the CLI maps to its flag."""
 
     path: str | None
     key: str | None
+    param: str | None
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None,
+                 param: str | None = None):
         # One positional argument only: OSError subclasses then keep str(e) == message (no "[Errno ...]").
         super().__init__(message)
         self.path = os.fspath(path) if path is not None else None
         self.key = key
+        self.param = param
 
 
 class CheckpointError(WeightspaceError):

@@ -119,15 +119,33 @@ def _find_key(obj: Any, key: str) -> list[Any]:
     return out
 
 
+def _class_count(value: Any, where: str) -> int:
+    """A positive integer class count read from a file, or one line naming where it was read."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(value).strip() != str(n):
+        raise HubError(f"{where}: num_classes {value!r} is not a positive integer")
+    return n
+
+
 def infer_model_config(prov: Mapping, results: Mapping | None) -> tuple[dict | None, str]:
-    """A timm/open_clip model config from the ingredients' sources or the run's ``--model``; and where it came from."""
+    """A timm/open_clip model config from the ingredients' sources or the run's ``--model``; and where it came from.
+
+    Only timm and open_clip names are read: a ``pkg.module:factory`` a file names is never imported (a file's model
+    strings resolve through a closed list).
+
+    Raises:
+        HubError: a class count that is not a positive integer.
+    """
     sources = [str(i.get("source", "")) for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
     for s in sources:
         if s.startswith("timm:"):
             name, q = split_query(s[5:])
             cfg: dict = {"architecture": name}
             if "num_classes" in q:
-                cfg["num_classes"] = int(q["num_classes"])
+                cfg["num_classes"] = _class_count(q["num_classes"], f"the provenance's ingredient source {s}")
             return cfg, f"ingredient source {s.split('?')[0]}"
         if s.startswith("open_clip:"):
             arch = s[len("open_clip:"):].split("/", 1)[0]
@@ -141,7 +159,7 @@ def infer_model_config(prov: Mapping, results: Mapping | None) -> tuple[dict | N
                 name, q = split_query(spec[5:])
                 cfg = {"architecture": name}
                 if n or "num_classes" in q:
-                    cfg["num_classes"] = int(q.get("num_classes", n))
+                    cfg["num_classes"] = _class_count(q.get("num_classes", n), f"results.json --model {spec}")
                 return cfg, f"results.json --model {spec}"
             if spec.startswith("open_clip:"):
                 return {"open_clip_arch": spec[len("open_clip:"):].split("/", 1)[0]}, f"results.json --model {spec}"

@@ -319,7 +319,8 @@ def module_distances(a: Source, b: Source, units: Sequence[ModuleUnit], *, param
         SourceError, CheckpointError: a checkpoint cannot be found or read.
         IncompatibleCheckpoints: the two checkpoints differ in keys, shapes or dtype kinds.
     """
-    from ..ops.stream import Distance, check_compatible
+    from ..ops.engine import check_compatible
+    from .distance import Distance
     ca, cb = load(a), load(b)
     check_compatible([ca, cb])
     total = Distance()

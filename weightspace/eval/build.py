@@ -38,10 +38,17 @@ def data_transform(data: DataOptions | None) -> Callable | None:
 def classes_in_folder(spec: str) -> int | None:
     """The number of classes of an image-folder spec (one sub-folder each), or None when ``spec`` is not a folder.
 
-    Decoding an image folder waits for the model's input transform, so its class count is read from the tree.
+    Decoding an image folder waits for the model's input transform, so its class count is read from the tree, by
+    the rule the reader lists it with.
+
+    Raises:
+        ConfigError: the folder holds no images, loops, or lists a file twice.
     """
     folder = Path(spec.split("?", 1)[0]).expanduser()
-    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else None
+    if not folder.is_dir() or spec.startswith("hfds/"):
+        return None
+    from .data.guards import list_image_folder
+    return len(list_image_folder(folder)[2])  # the reader's own rule: sub-folders holding images
 
 
 def require_model(model: ModelOptions) -> str:

@@ -1,13 +1,17 @@
 """Build the one nn.Module that evaluation copies every candidate's weights into.
 
 Specs: ``timm:NAME`` (with num_classes / in_chans), ``open_clip:ARCH`` (image tower + linear head),
-``pkg.module:factory`` (the user's own nn.Module; keyword arguments it accepts are passed through).
+``pkg.module:factory`` (the user's own nn.Module; keyword arguments it accepts are passed through), or a callable.
+
+Nothing from data is code: a spec read from a file (a recipe, a provenance) resolves only through a closed list
+(the built-in zoo, ``timm:``, ``open_clip:``, ``torchvision.models:``); an arbitrary ``pkg.module:factory`` is
+imported only when the user typed it (``origin=None``) or opted in (``trust=True``, ``--trust-model-code``).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -15,7 +19,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..io.sources import hub_call, split_query
 
-__all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model"]
+__all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model", "check_model_spec", "CLOSED_MODEL_SPECS",
+           "ModelSpec"]
+
+ModelSpec = Union[str, Callable[..., nn.Module]]
+ZOO_MODULE = "weightspace.eval.zoo"
+# What a spec from a file may name without the user's word: libraries' registries of architectures, never a module.
+CLOSED_MODEL_SPECS = (f"{ZOO_MODULE}:FACTORY", "timm:NAME", "open_clip:ARCH", "torchvision.models:NAME")
 
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -81,13 +91,66 @@ def _coerce(v: str):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
-    """Build a randomly initialised nn.Module from a model spec (weights are loaded separately).
+def _closed_factory(base: str) -> bool:
+    """Whether ``pkg.module:attr`` names a factory of the closed list, decided without importing ``pkg.module``
+    unless it is the zoo or torchvision (libraries already in the closed list)."""
+    mod_name, _, attr = base.partition(":")
+    if mod_name == ZOO_MODULE:
+        from . import zoo
+        return attr in zoo.__all__ and callable(getattr(zoo, attr))
+    if mod_name == "torchvision.models":
+        # torchvision's own registry of architectures: names such as 'os' or '_api' that the module happens to
+        # hold are not on it
+        import torchvision.models
+        return attr in torchvision.models.list_models(module=torchvision.models)
+    return False
+
+
+def check_model_spec(spec: ModelSpec, *, origin: str | None = None, trust: bool = False) -> None:
+    """Refuse, before anything is imported or called, a model spec that came from a file and names arbitrary code.
+
+    ``origin`` says where the spec was read (a recipe file and key, a provenance); None means the user typed it
+    (command line, Python code), which may name any ``pkg.module:factory``. ``trust`` is the user's opt-in for a
+    file's arbitrary factories (``--trust-model-code``).
 
     Raises:
-        ConfigError: an unknown or malformed spec, a factory that cannot be imported or fails, a factory that returns no
-            nn.Module, or an open_clip classifier without its number of classes.
+        ConfigError: ``spec`` is neither a string nor a callable, or it came from ``origin`` without ``trust`` and is
+            not on the closed list (the message names the origin, the spec and the opt-in).
+        TypeError: ``origin`` is not a string or None.
     """
+    if origin is not None and not isinstance(origin, str):
+        raise TypeError(f"check_model_spec: origin must be a string or None, not {type(origin).__name__}")
+    if callable(spec) and not isinstance(spec, str):
+        return
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{origin or '--model'}: a model spec is a non-empty string (timm:NAME, open_clip:ARCH or "
+                          f"pkg.module:factory), not {type(spec).__name__} {spec!r}")
+    if origin is None or trust:
+        return
+    base = spec.split("?", 1)[0]
+    if base.startswith(("timm:", "open_clip:")) or (":" in base and _closed_factory(base)):
+        return
+    raise ConfigError(f"{origin}: model '{spec}' would import and run code named by a file; a file may name only "
+                      f"{', '.join(CLOSED_MODEL_SPECS)} (if you trust this file, pass --trust-model-code, or "
+                      "trust=True in Python)")
+
+
+def build_model(spec: ModelSpec, *, num_classes: int | None = None, in_chans: int | None = None,
+                origin: str | None = None, trust: bool = False) -> nn.Module:
+    """Build a randomly initialised nn.Module from a model spec or a factory callable (weights are loaded separately).
+
+    ``origin``/``trust``: where a spec read from a file came from, and whether the user trusts that file's code
+    (see :func:`check_model_spec`); the check runs before anything is imported.
+
+    Raises:
+        ConfigError: an unknown or malformed spec, a spec from a file naming code off the closed list, a factory that
+            cannot be imported or fails, a factory that returns no nn.Module, or an open_clip classifier without its
+            number of classes.
+    """
+    check_model_spec(spec, origin=origin, trust=trust)
+    if not isinstance(spec, str):
+        return _checked(_call_factory(spec, {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans))
+                                             if v is not None}, getattr(spec, "__name__", repr(spec))), repr(spec))
     base, opts = split_query(spec)
     kwargs = {k: _coerce(v) for k, v in opts.items()}
     if num_classes is not None:
@@ -126,14 +189,27 @@ def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | No
             raise ConfigError(f"--model {spec}: cannot import {mod_name} ({e})") from None
         except AttributeError:
             raise ConfigError(f"--model {spec}: {mod_name} has no '{attr}'") from None
-        try:
-            params = inspect.signature(factory).parameters
-            accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-            model = factory(**{k: v for k, v in kwargs.items() if accepts_any or k in params})
-        except TypeError as e:
-            raise ConfigError(f"--model {spec}: {e}") from None
+        model = _call_factory(factory, kwargs, spec)
     else:
         raise ConfigError(f"--model {spec}: expected timm:NAME, open_clip:ARCH or pkg.module:factory")
+    return _checked(model, spec)
+
+
+def _call_factory(factory: Callable, kwargs: dict, spec: str) -> nn.Module:
+    """``factory`` called with the keyword arguments it accepts; whatever it raises becomes one line naming it."""
+    try:
+        params = inspect.signature(factory).parameters
+        accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: pass everything
+        params, accepts_any = {}, True
+    try:
+        return factory(**{k: v for k, v in kwargs.items() if accepts_any or k in params})
+    except Exception as e:  # the user's code: its error is their one line, not our traceback
+        first = (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"--model {spec}: the factory raised {type(e).__name__}: {first}") from None
+
+
+def _checked(model: object, spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
     return model.eval()

@@ -21,16 +21,17 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from ..report.stats import fmt_interval, t_interval
 from ..search.align import REBASIN_PAPER
-from .kit import register_recipe
-from .verdicts import check, combine
+from .config import load_kind_recipe
+from .kit import Session, open_session, published, register_recipe, state_of, train_from, with_option
+from .verdicts import check, combine, has_batchnorm
 
 __all__ = ["KIND", "FIXES", "METHODS", "DEFAULTS", "load_align_recipe", "run_align_recipe", "n_models"]
 
@@ -61,12 +62,13 @@ DEFAULTS: dict[str, Any] = {
 
 def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                       overrides: Sequence[str | tuple[str, Any]] = ()) -> dict:
-    """Read an align-barrier recipe, apply its ``small:`` overrides (when asked) and KEY=VALUE overrides."""
-    from .recipes import overlay_recipe, read_recipe
-    raw, where = read_recipe(source)
-    if raw.get("kind") != KIND:
-        raise ConfigError(f"{where}: not an {KIND} recipe (kind: {KIND})")
-    cfg = overlay_recipe(raw, where, DEFAULTS, small=small, overrides=overrides)
+    """Read an align-barrier recipe, apply its ``small:`` overrides (when asked) and KEY=VALUE overrides.
+
+    Raises:
+        ConfigError: unreadable or malformed recipe: another kind, an unknown key, fewer than three seeds or
+            published models, a width sweep of published models, or an unknown method or fix."""
+    cfg = load_kind_recipe(source, KIND, DEFAULTS, small=small, overrides=overrides, seeds_key=None)
+    where = cfg["where"]
     seeds = cfg["train"]["seeds"]
     models = cfg["models"]
     if models:
@@ -91,7 +93,6 @@ def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
                           f"fixes: {', '.join(FIXES)})")
     if not an["methods"] or not an["fixes"]:
         raise ConfigError(f"{where}: analysis needs at least one method and one fix")
-    cfg["where"] = where
     return cfg
 
 
@@ -106,130 +107,138 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
                      overrides: Sequence[str] = (), force: bool = False, progress: bool = True, device: str = "cpu",
                      batch_size: int = 256) -> dict:
     """Train the models, align, measure the barriers before/after; write checkpoints/, results.json, CSV, PNGs,
-    REPORT.md. Returns {"findings", "timings", "out"} like ``recipes.run_transfer_recipe``."""
-    from .. import report
-    from ..search.align import align
-    from ..eval.data import load_data
-    from ..eval.evaluator import Evaluator
-    from ..analysis.curve import CurveSet, interpolation_curve
-    from ..eval.models import build_model
-    from ..io.save import save
-    from ..eval.train import accuracy, train
+    REPORT.md. Returns {"findings", "timings", "out"} like every recipe kind.
 
-    cfg = load_align_recipe(recipe, small=small, overrides=overrides)
-    cfg["small_run"] = small
-    out = Path(out)
-    report.check_outputs(out, ["results.json", "REPORT.md"], force)
-    an, tr = cfg["analysis"], cfg["train"]
+    Raises:
+        ConfigError: a malformed recipe or data spec.
+        OutputExists: ``out`` holds an earlier run and ``force`` is False.
+    """
+    from ..analysis.curve import CurveSet
 
-    def note(msg: str) -> None:
-        if progress:
-            import sys
-            print(f"[recipe] {msg}", file=sys.stderr, flush=True)
-
-    old_threads = torch.get_num_threads()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg["seed"]))
-            models, paths, accs = {}, {}, {}
-            if cfg["models"]:  # published models: sized by the first one, data decoded with its eval transform
-                train_d, test_d, fix_d, build = _published(cfg, models)
-            else:
-                train_d, test_d = load_data(cfg["data"]["train"]), load_data(cfg["data"]["test"])
-                fix_d = load_data(cfg["data"]["fix"]) if cfg["data"]["fix"] else train_d
-                k = train_d.num_classes
-
-                def build() -> torch.nn.Module:
-                    return build_model(cfg["model"], num_classes=k,
-                                       in_chans=int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None)
-
-            has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in build().modules())
-            fixes = [f for f in an["fixes"] if has_bn or f != "recalibrate_bn"]
-            for s in ([] if cfg["models"] else tr["seeds"]):
-                torch.manual_seed(int(s))  # a different random initialisation per model
-                net = build()
-                train(net, train_d, epochs=int(tr["epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
-                      weight_decay=float(tr["weight_decay"]), momentum=float(tr["momentum"]), seed=int(s),
-                      augment=tr["augment"])
-                name = f"model-{s}"
-                models[name] = {k_: v.detach().clone() for k_, v in net.state_dict().items()}
-                accs[name] = accuracy(net, test_d)
-                paths[name] = _save(save, out, name, models[name], cfg, force)
-            timings["train"] = time.perf_counter() - t0
-            ev = Evaluator(build(), test_d, device=device, batch_size=batch_size)
-            for name in models:
-                if name not in accs:
-                    accs[name] = ev(models[name])[test_d.name]["accuracy"]
-            note(f"{'loaded' if cfg['models'] else 'trained'} {len(models)} models from random inits "
-                 f"({timings['train']:.1f} s): " + ", ".join(f"{n} test accuracy {a:.4f}" for n, a in accs.items()))
-
-            t1 = time.perf_counter()
-            fix_kw = {"none": {}, "recalibrate_bn": {"recalibrate_bn": fix_d}, "repair": {"repair": fix_d}}
-            pairs, rows, curves_by_fix = [], [], {f: [] for f in fixes}
-            for a, b in itertools.combinations(models, 2):
-                targets = {"B": (b, models[b])}
-                entry: dict[str, Any] = {"a": a, "b": b, "alignment": {}, "curves": {}}
-                for m in an["methods"]:
-                    pb, info = align(models[a], models[b], build(), method=m, data=fix_d if m == "activations" else None,
-                                     seed=int(an["align_seed"]), example_input=fix_d.prepare(fix_d.x[:64]))
-                    aligned = f"{b}-aligned-{m}-to-{a.split('-', 1)[-1]}"
-                    paths[aligned] = _save(save, out, aligned, pb, cfg, force)
-                    targets[f"P_{m}(B)"] = (aligned, pb)
-                    entry["alignment"][m] = {k_: info[k_] for k_ in ("l2_before", "l2_after", "max_abs_output_change")
-                                             if k_ in info}
-                for f in fixes:
-                    entry["curves"][f] = {}
-                    for tag, (bname, weights) in targets.items():
-                        label = f"{a}–{bname}" if tag == "B" else f"{a}–P({b}) {tag[2:-3]}"
-                        c = interpolation_curve(models[a], weights, ev, steps=int(an["steps"]), label=label,
-                                                progress=False, **fix_kw[f])
-                        entry["curves"][f][tag] = _curve_entry(c, test_d.name)
-                        curves_by_fix[f].append(c)
-                        r = entry["curves"][f][tag]
-                        rows.append([f"{a}–{b}", tag, f, r["error_barrier"], r["error_barrier_midpoint"],
-                                     r["loss_barrier"], r["peak_alpha"], *r["error_at_ends"]])
-                pairs.append(entry)
-                note(f"{a}–{b}: " + "; ".join(
-                    f"{f}: " + ", ".join(f"{t} {v['error_barrier']:.3f}" for t, v in entry["curves"][f].items())
-                    for f in fixes))
-            timings["barriers"] = time.perf_counter() - t1
-            sweep = None
-            if cfg["width_sweep"]["widths"]:
-                t2 = time.perf_counter()
-                sweep = _width_sweep(cfg, train_d, test_d, fix_d, fixes, device, batch_size, note, pairs)
-                timings["width_sweep"] = time.perf_counter() - t2
-    finally:
-        torch.set_num_threads(old_threads)
-
+    s = open_session(load_align_recipe, recipe, out, small=small, overrides=overrides, force=force,
+                     progress=progress, device=device, batch_size=batch_size)
+    cfg = s.cfg
+    an = cfg["analysis"]
+    with s.threads() as t0:
+        m = _models(s)
+        s.lap("train", t0)
+        s.note(f"{'loaded' if cfg['models'] else 'trained'} {len(m.models)} models from random inits "
+               f"({s.timings['train']:.1f} s): " + ", ".join(f"{n} test accuracy {a:.4f}" for n, a in m.accs.items()))
+        fixes = [f for f in an["fixes"] if m.has_bn or f != "recalibrate_bn"]
+        t1 = time.perf_counter()
+        pairs, rows, curves_by_fix = _pair_barriers(s, m, fixes)
+        s.lap("barriers", t1)
+        sweep = None
+        if cfg["width_sweep"]["widths"]:
+            t2 = time.perf_counter()
+            sweep = _width_sweep(s, m, fixes, pairs)
+            s.lap("width_sweep", t2)
     figures = []
     for f, cs in curves_by_fix.items():
-        name = f"barriers_{f}.png"
-        CurveSet(cs).plot(out / name, force=force)
-        figures.append(name)
-    report.write_csv(out / "barriers.csv", ["pair", "curve", "fix", "error_barrier", "error_barrier_midpoint",
-                                            "loss_barrier", "peak_alpha", "error_alpha0", "error_alpha1"],
-                     rows, force=force)
-    findings, summary = _findings(pairs, an, fixes, has_bn, figures)
+        CurveSet(cs).plot(s.figure(f"barriers_{f}.png"), force=s.force)
+        figures.append(f"barriers_{f}.png")
+    s.csv("barriers.csv", ["pair", "curve", "fix", "error_barrier", "error_barrier_midpoint", "loss_barrier",
+                           "peak_alpha", "error_alpha0", "error_alpha1"], rows)
+    findings, summary = _findings(pairs, an, fixes, m.has_bn, figures)
     if sweep is not None:
-        report.write_csv(out / "width_sweep.csv", ["width", "pair", "fix", "method", "before", "after"],
-                         sweep["rows"], force=force)
+        s.csv("width_sweep.csv", ["width", "pair", "fix", "method", "before", "after"], sweep["rows"])
         findings.append(_width_finding(sweep, cfg))
-    timings["total"] = time.perf_counter() - t0
-    public = {k_: v for k_, v in cfg.items() if k_ != "where"}
-    results = {"recipe": public, "findings": findings,
-               "results": {"models": {n: {"test_accuracy": a} for n, a in accs.items()}, "pairs": pairs,
-                           "summary": summary, "fixes": fixes,
-                           **({"width_sweep": {k_: v for k_, v in sweep.items() if k_ != "rows"}} if sweep else {})},
-               "checkpoints": {k_: os.path.relpath(v, out) for k_, v in paths.items()}, "figures": figures}
-    report.write_json(out / "results.json", results, force=force)
-    report.write_text(out / "REPORT.md", _render(cfg, test_d, fix_d, accs, pairs, findings, fixes, has_bn), force=force)
-    report.write_json(out / "timing.json", {"seconds": timings, "threads": torch.get_num_threads()
-                                            if not cfg.get("threads") else int(cfg["threads"])}, force=True)
-    return {"findings": findings, "timings": timings, "out": str(out)}
+    results = {"models": {n: {"test_accuracy": a} for n, a in m.accs.items()}, "pairs": pairs, "summary": summary,
+               "fixes": fixes, **({"width_sweep": {k: v for k, v in sweep.items() if k != "rows"}} if sweep else {})}
+    return s.finish(findings, results, _render(cfg, m.test, m.fix, m.accs, pairs, findings, fixes, m.has_bn))
+
+
+@dataclass
+class _Models:
+    """The recipe's models and what the barriers need: their data, a builder of the architecture, an evaluator."""
+
+    models: dict[str, dict]
+    accs: dict[str, float]
+    train: Any
+    test: Any
+    fix: Any
+    build: Callable[[], torch.nn.Module]
+    has_bn: bool
+    ev: Any
+
+
+def _models(s: Session) -> _Models:
+    """Train the recipe's models (one random init and data order per seed) or read the published ones; score them
+    on the test set."""
+    from ..eval.data import load_data
+    from ..eval.modules import build_model_for
+    from ..eval.train import accuracy
+    cfg, tr = s.cfg, s.cfg["train"]
+    models: dict[str, dict] = {}
+    accs: dict[str, float] = {}
+    if cfg["models"]:  # published models: sized by the first one, data decoded with its eval transform
+        train_d, test_d, fix_d, build = _published(cfg, models)
+        in_chans = None
+        s.claim_output()
+    else:
+        train_d, test_d = load_data(cfg["data"]["train"]), load_data(cfg["data"]["test"])
+        fix_d = load_data(cfg["data"]["fix"]) if cfg["data"]["fix"] else train_d
+        s.claim_output()
+        k, in_chans = train_d.num_classes, (int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None)
+
+        def build() -> torch.nn.Module:
+            return build_model_for(cfg["model"], num_classes=k, in_chans=in_chans)
+
+    has_bn = has_batchnorm(build())
+    for seed in ([] if cfg["models"] else tr["seeds"]):
+        # the global RNG restarts from the model's seed, which also draws its random initialisation
+        torch.manual_seed(int(seed))
+        net, _ = train_from(cfg["model"], None, train_d, tr, int(seed), in_chans=in_chans)
+        name = f"model-{seed}"
+        models[name] = state_of(net)
+        accs[name] = accuracy(net, test_d)
+        s.save(name, models[name])
+    ev = s.evaluator_of(build(), test_d)
+    for name in models:
+        if name not in accs:
+            accs[name] = ev(models[name])[test_d.name]["accuracy"]
+    return _Models(models, accs, train_d, test_d, fix_d, build, has_bn, ev)
+
+
+def _fix_kw(fix: str, fix_d: Any) -> dict:
+    """The interpolation_curve options of a BatchNorm treatment."""
+    return {"none": {}, "recalibrate_bn": {"recalibrate_bn": fix_d}, "repair": {"repair": fix_d}}[fix]
+
+
+def _pair_barriers(s: Session, m: _Models, fixes: list[str]) -> tuple[list[dict], list[list], dict[str, list]]:
+    """For every pair (A, B): B aligned to A by each method (saved), and the barrier curves A–B and A–P(B) under
+    each BatchNorm treatment. Returns (the pairs' entries, CSV rows, the curves by treatment)."""
+    from ..analysis.curve import interpolation_curve
+    from ..search.align import align
+    an, fix_d = s.cfg["analysis"], m.fix
+    pairs, rows, curves_by_fix = [], [], {f: [] for f in fixes}
+    for a, b in itertools.combinations(m.models, 2):
+        targets = {"B": (b, m.models[b])}
+        entry: dict[str, Any] = {"a": a, "b": b, "alignment": {}, "curves": {}}
+        for meth in an["methods"]:
+            pb, info = align(m.models[a], m.models[b], m.build(), method=meth,
+                             data=fix_d if meth == "activations" else None, seed=int(an["align_seed"]),
+                             example_input=fix_d.prepare(fix_d.x[:64]))
+            aligned = f"{b}-aligned-{meth}-to-{a.split('-', 1)[-1]}"
+            s.save(aligned, pb)
+            targets[f"P_{meth}(B)"] = (aligned, pb)
+            entry["alignment"][meth] = {k: info[k] for k in ("l2_before", "l2_after", "max_abs_output_change")
+                                        if k in info}
+        for f in fixes:
+            entry["curves"][f] = {}
+            for tag, (bname, weights) in targets.items():
+                label = f"{a}–{bname}" if tag == "B" else f"{a}–P({b}) {tag[2:-3]}"
+                c = interpolation_curve(m.models[a], weights, m.ev, steps=int(an["steps"]), label=label,
+                                        progress=False, **_fix_kw(f, fix_d))
+                entry["curves"][f][tag] = r = _curve_entry(c, m.test.name)
+                curves_by_fix[f].append(c)
+                rows.append([f"{a}–{b}", tag, f, r["error_barrier"], r["error_barrier_midpoint"],
+                             r["loss_barrier"], r["peak_alpha"], *r["error_at_ends"]])
+        pairs.append(entry)
+        s.note(f"{a}–{b}: " + "; ".join(
+            f"{f}: " + ", ".join(f"{t} {v['error_barrier']:.3f}" for t, v in entry["curves"][f].items())
+            for f in fixes))
+    return pairs, rows, curves_by_fix
 
 
 def _published(cfg: dict, models: dict) -> tuple[Any, Any, Any, Any]:
@@ -239,17 +248,12 @@ def _published(cfg: dict, models: dict) -> tuple[Any, Any, Any, Any]:
     eval transform, and a test set with a subset of its classes (wnid folders) is scored on those classes."""
     from ..eval.data import load_data
     from ..eval.modules import build_model_for
-    from ..io.sources import load
     names = {}
     for src in cfg["models"]:
         name = str(src).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or str(src)
         names[name if name not in names else f"{name}-{len(names)}"] = src
     for name, src in names.items():
-        ck = load(src)
-        try:
-            models[name] = ck.to_dict()
-        finally:
-            ck.close()
+        models[name] = published(src)
     first = cfg["models"][0]
 
     def build() -> torch.nn.Module:
@@ -259,13 +263,6 @@ def _published(cfg: dict, models: dict) -> tuple[Any, Any, Any, Any]:
     test_d = load_data(cfg["data"]["test"], model=shaper)
     fix_d = load_data(cfg["data"]["fix"] or cfg["data"]["train"], model=shaper, map_labels=False)  # labels unused
     return None, test_d, fix_d, build
-
-
-def _save(save: Any, out: Path, name: str, sd: dict, cfg: dict, force: bool) -> str:
-    path = out / "checkpoints" / f"{name}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save(sd, path, force=force, provenance={"op": "recipe", "recipe": cfg["name"], "model": name})
-    return str(path)
 
 
 def _findings(pairs: list[dict], an: dict, fixes: list[str], has_bn: bool, figures: list[str]) -> tuple[list, dict]:
@@ -324,36 +321,26 @@ def n_models(pairs: int) -> int:
     return n
 
 
-def _with_width(spec: str, param: str, width: int) -> str:
-    """The model spec with ``param=width`` set (added, or replacing the spec's own value)."""
-    from urllib.parse import parse_qsl, urlencode
-    base, _, query = spec.partition("?")
-    opts = dict(parse_qsl(query))
-    opts[param] = str(width)
-    return f"{base}?{urlencode(opts, safe=':,')}"
-
-
-def _width_sweep(cfg: dict, train_d: Any, test_d: Any, fix_d: Any, fixes: list[str], device: str, batch_size: int,
-                 note: Any, pairs: list[dict]) -> dict:
+def _width_sweep(s: Session, m: _Models, fixes: list[str], pairs: list[dict]) -> dict:
     """Train the seeds' models at every width, align B to A (first method) and measure before/after barriers
     with the first BN fix other than 'none' (or 'none' when it is the only one). The recipe's own model is not
     trained twice: at its width the main run's barriers are reused (same seeds, same training)."""
-    from ..analysis.curve import interpolation_curve
-    from ..eval.evaluator import Evaluator
-    from ..eval.models import build_model
-    from ..eval.train import accuracy, train
     from urllib.parse import parse_qsl
 
+    from ..analysis.curve import interpolation_curve
+    from ..eval.modules import build_model_for
+    from ..eval.train import accuracy
     from ..search.align import align
+    cfg = s.cfg
     an, tr, ws = cfg["analysis"], cfg["train"], cfg["width_sweep"]
     fix = next((f for f in fixes if f != "none"), fixes[0])
     method = an["methods"][0]
-    kw = {"none": {}, "recalibrate_bn": {"recalibrate_bn": fix_d}, "repair": {"repair": fix_d}}[fix]
-    k = train_d.num_classes
-    in_chans = int(train_d.x.shape[1]) if train_d.x.dim() == 4 else None
+    kw = _fix_kw(fix, m.fix)
+    k = m.train.num_classes
+    in_chans = int(m.train.x.shape[1]) if m.train.x.dim() == 4 else None
     out: dict[str, Any] = {"fix": fix, "method": method, "param": ws["param"], "widths": {}, "rows": []}
     for w in ws["widths"]:
-        spec = _with_width(cfg["model"], ws["param"], int(w))
+        spec = with_option(cfg["model"], ws["param"], int(w))
         if dict(parse_qsl(cfg["model"].partition("?")[2])).get(ws["param"]) == str(w):
             before = [p["curves"][fix]["B"]["error_barrier"] for p in pairs]
             after = [p["curves"][fix][f"P_{method}(B)"]["error_barrier"] for p in pairs]
@@ -362,29 +349,25 @@ def _width_sweep(cfg: dict, train_d: Any, test_d: Any, fix_d: Any, fixes: list[s
                                      "removed": [x - y for x, y in zip(before, after)]}
             continue
         models, accs = {}, {}
-        for s in tr["seeds"]:
-            torch.manual_seed(int(s))
-            net = build_model(spec, num_classes=k, in_chans=in_chans)
-            train(net, train_d, epochs=int(tr["epochs"]), lr=float(tr["lr"]), batch_size=int(tr["batch_size"]),
-                  weight_decay=float(tr["weight_decay"]), momentum=float(tr["momentum"]), seed=int(s),
-                  augment=tr["augment"])
-            models[s] = {k_: v.detach().clone() for k_, v in net.state_dict().items()}
-            accs[s] = accuracy(net, test_d)
-        ev = Evaluator(build_model(spec, num_classes=k, in_chans=in_chans), test_d, device=device,
-                       batch_size=batch_size)
+        for seed in tr["seeds"]:
+            torch.manual_seed(int(seed))  # as in the main run: the seed draws the init
+            net, _ = train_from(spec, None, m.train, tr, int(seed), in_chans=in_chans)
+            models[seed] = state_of(net)
+            accs[seed] = accuracy(net, m.test)
+        ev = s.evaluator(spec, k, in_chans, m.test)
         before, after = [], []
         for a, b in itertools.combinations(models, 2):
-            pb, _ = align(models[a], models[b], build_model(spec, num_classes=k, in_chans=in_chans), method=method,
-                          data=fix_d if method == "activations" else None, seed=int(an["align_seed"]),
-                          example_input=fix_d.x[:64])
+            pb, _ = align(models[a], models[b], build_model_for(spec, num_classes=k, in_chans=in_chans),
+                          method=method, data=m.fix if method == "activations" else None,
+                          seed=int(an["align_seed"]), example_input=m.fix.x[:64])
             cb = interpolation_curve(models[a], models[b], ev, steps=int(an["steps"]), progress=False, **kw)
             ca = interpolation_curve(models[a], pb, ev, steps=int(an["steps"]), progress=False, **kw)
-            before.append(cb.barriers[test_d.name]["error"]["chord"])
-            after.append(ca.barriers[test_d.name]["error"]["chord"])
+            before.append(cb.barriers[m.test.name]["error"]["chord"])
+            after.append(ca.barriers[m.test.name]["error"]["chord"])
             out["rows"].append([w, f"model-{a}–model-{b}", fix, method, before[-1], after[-1]])
         out["widths"][str(w)] = {"model": spec, "test_accuracy": accs, "before": before, "after": after,
                                  "removed": [x - y for x, y in zip(before, after)]}
-        note(f"width {w}: barrier {', '.join(f'{x:.3f}' for x in before)} → {', '.join(f'{y:.3f}' for y in after)}")
+        s.note(f"width {w}: barrier {', '.join(f'{x:.3f}' for x in before)} → {', '.join(f'{y:.3f}' for y in after)}")
     return out
 
 

@@ -27,10 +27,11 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import (DIGITS_SOURCE, DIGITS_TARGET, bn_protocols, error_barrier, kind_defaults, load_kind_recipe,
+from .config import load_kind_recipe
+from .kit import (DIGITS_SOURCE, DIGITS_TARGET, bn_protocols, error_barrier, kind_defaults,
                   named_tasks, open_session, pt_setup, published, published_source, register_recipe, render_report,
                   source_data, state_of, train_from, train_options)
-from .recipes import TRANSFER_PAPER
+from .transfer import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_cross_domain_recipe", "run_cross_domain_recipe"]
@@ -78,7 +79,7 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
     from ..eval.train import accuracy
-    from ..ops.stream import distance
+    from ..analysis.distance import distance
 
     s = open_session(load_cross_domain_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 
 from ..registry import Paper
 from ..report.stats import fmt_interval, t_interval
-from .kit import (DIGITS_SOURCE, DIGITS_TARGET, kind_defaults, load_kind_recipe, mean, named_tasks, open_session,
+from .config import load_kind_recipe
+from .kit import (DIGITS_SOURCE, DIGITS_TARGET, kind_defaults, mean, named_tasks, open_session,
                   published, published_source, rank_correlation, register_recipe, render_report, source_data,
                   train_from, train_options)
 from .verdicts import check

@@ -21,10 +21,11 @@ import torch
 from ..errors import ConfigError
 from ..eval.data import TensorData
 
-__all__ = ["load_kind_recipe", "kind_defaults", "register_recipe", "open_session", "Session", "task", "named_tasks",
+__all__ = ["kind_defaults", "register_recipe", "open_session", "Session", "task", "named_tasks",
            "source_data", "train_from", "state_of", "fresh_state", "render_report", "VERDICT_RULE",
            "rank_correlation", "mean", "with_option", "published", "hub_model_spec", "DIGITS_SOURCE",
-           "DIGITS_TARGET", "pt_setup", "bn_protocols", "error_barrier", "train_options", "published_source"]
+           "DIGITS_TARGET", "pt_setup", "bn_protocols", "error_barrier", "train_options", "published_source",
+           "build_task", "split_per_class", "pt_init", "InputTransform"]
 
 VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
                 "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
@@ -71,29 +72,6 @@ def open_session(load: Any, recipe: str | os.PathLike | dict, out: str | os.Path
     """
     cfg = load(recipe, small=small, overrides=overrides)
     return Session(cfg, out, force=force, progress=progress, device=device, batch_size=batch_size)
-
-
-def load_kind_recipe(source: str | os.PathLike | dict, kind: str, defaults: dict, *, small: bool = False,
-                     overrides: Sequence[str | tuple[str, Any]] = (), seeds_key: str = "seeds") -> dict:
-    """Read a recipe of ``kind``: its ``small:`` overrides (when asked), then KEY=VALUE overrides, over ``defaults``.
-
-    Raises:
-        ConfigError: unreadable file, another kind, an unknown key, or fewer than three different ``seeds_key``
-            seeds (verdicts rest on 95% t-intervals over seeds).
-    """
-    from .recipes import overlay_recipe, read_recipe
-    raw, where = read_recipe(source)
-    if raw.get("kind") != kind:
-        raise ConfigError(f"{where}: not a {kind} recipe (kind: {kind})")
-    cfg = overlay_recipe(raw, where, defaults, small=small, overrides=overrides)
-    seeds = cfg[seeds_key]
-    if not isinstance(seeds, list) or len(seeds) < 3 or len(set(seeds)) != len(seeds) \
-            or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{where}: {seeds_key} needs at least three different integer seeds (verdicts rest on "
-                          "95% t-intervals over seeds)")
-    cfg["where"] = where
-    cfg["small_run"] = small
-    return cfg
 
 
 class Session:
@@ -177,6 +155,17 @@ class Session:
         self.checkpoints[name] = os.path.relpath(path, self.out)
         return str(path)
 
+    def save_data(self, d: TensorData) -> None:
+        """Save a data set's tensors as data/NAME.pt (a file ``--data`` accepts).
+
+        Raises:
+            OutputExists: the file exists and the run is not forced."""
+        from ..files import atomic_output, make_folder
+        path = self.out / "data" / f"{d.name}.pt"
+        make_folder(path.parent)
+        with atomic_output(path, self.force) as tmp:
+            torch.save({"x": d.x.contiguous(), "y": d.y.contiguous()}, tmp)
+
     def figure(self, name: str) -> Path:
         """The path of a figure in the run folder (listed in results.json)."""
         self.figures.append(name)
@@ -197,6 +186,66 @@ class Session:
         return {"findings": findings, "timings": self.timings, "out": str(self.out)}
 
 
+def _take(d: TensorData, idx: torch.Tensor, y: torch.Tensor | None = None, name: str | None = None) -> TensorData:
+    return TensorData(name or d.name, d.x[idx].contiguous(), (d.y if y is None else y)[idx], d.num_classes,
+                      mean=d.mean, std=d.std,  # uint8 images keep the model's normalisation
+                      meta={"classes": d.meta["classes"]} if d.meta.get("classes") else {})
+
+
+def build_task(entry: dict, name: str, where: str, model: Callable[[], torch.nn.Module] | None = None) -> TensorData:
+    """One task's examples: concatenated specs, optionally filtered to ``classes`` and ``relabel``-ed. Image
+    sources (folders, ``hfds/``, shards) are decoded with the eval transform of ``model()`` (built on first need);
+    the task keeps its own classes whatever the model's head, and the model's mean/std (uint8 images are normalised
+    per batch as the model expects).
+
+    Raises:
+        ConfigError: a missing spec, an unknown key, a relabel table too short, or specs decoded with different
+            normalisations."""
+    from ..eval.data import load_data
+    from ..eval.data.readers import is_image_source
+    known = {"spec", "classes", "relabel", "train_per_class"}
+    bad = set(entry) - known
+    if bad:
+        raise ConfigError(f"{where}: data.{name}: unknown key(s) {', '.join(sorted(bad))} (known: {', '.join(sorted(known))})")
+    specs = entry.get("spec")
+    if not specs:
+        raise ConfigError(f"{where}: data.{name} needs a 'spec' (e.g. digits:train)")
+    parts = [load_data(s, model=model() if model is not None and is_image_source(s.split("?", 1)[0]) else None,
+                       map_labels=False) for s in (specs if isinstance(specs, list) else [specs])]
+    x, y = torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])
+    names = parts[0].meta.get("classes") if len(parts) == 1 else None  # class folder names, when one source
+    if entry.get("classes") is not None:
+        classes = [int(c) for c in entry["classes"]]
+        keep = torch.isin(y, torch.tensor(classes))
+        x, y = x[keep], y[keep]
+        y = torch.tensor([classes.index(int(v)) for v in y], dtype=torch.long)
+        names = [names[c] for c in classes] if names and max(classes) < len(names) else None
+    original = y.clone()
+    if entry.get("relabel") is not None:
+        table = [int(v) for v in entry["relabel"]]
+        if int(y.max()) >= len(table):
+            raise ConfigError(f"{where}: data.{name}.relabel maps {len(table)} labels, the data has {int(y.max()) + 1}")
+        y = torch.tensor(table, dtype=torch.long)[y]
+        names = None
+    norms = {(p.mean, p.std) for p in parts}
+    if len(norms) > 1:
+        raise ConfigError(f"{where}: data.{name}: its specs are normalised differently ({', '.join(map(str, norms))})")
+    mean, std = norms.pop()
+    d = TensorData(name, x.contiguous(), y, num_classes=int(y.max()) + 1, mean=mean, std=std)
+    d.meta = {"original_labels": original, **({"classes": list(names)} if names else {})}
+    return d
+
+
+def split_per_class(d: TensorData, per_class: int, name: str) -> tuple[TensorData, TensorData]:
+    """The first ``per_class`` examples of every original class → train; the rest → test (deterministic)."""
+    original = d.meta["original_labels"]
+    train_idx = torch.cat([torch.nonzero(original == c).squeeze(1)[:per_class] for c in torch.unique(original)])
+    train_idx = torch.sort(train_idx).values
+    mask = torch.ones(len(d), dtype=torch.bool)
+    mask[train_idx] = False
+    return _take(d, train_idx, name=f"{name}_train"), _take(d, torch.nonzero(mask).squeeze(1), name=f"{name}_test")
+
+
 def task(entry: dict, name: str, where: str, model: Any = None) -> tuple[TensorData, TensorData]:
     """A target task's (train, test): ``spec`` (one or a list), optional ``classes``/``relabel``, ``train_per_class``
     images per class for training (the rest is the test set) and an input ``transform`` (weightspace.eval.transforms
@@ -206,7 +255,6 @@ def task(entry: dict, name: str, where: str, model: Any = None) -> tuple[TensorD
     Raises ConfigError for a missing spec, an unknown key or transform, or a missing train_per_class.
     """
     from ..eval.transforms import parse_transform
-    from .recipes import build_task, split_per_class
     e = dict(entry)
     transform = parse_transform(e.pop("transform", None))
     e.pop("name", None)
@@ -272,22 +320,65 @@ def fresh_state(spec: str, num_classes: int, in_chans: int | None, seed: int) ->
 
 
 def train_from(spec: str, init: dict | None, data: TensorData, opts: dict, seed: int, *,
-               in_chans: int | None = None, on_epoch: Any = None,
-               device: str | None = None) -> tuple[torch.nn.Module, list]:
-    """Build ``spec`` for ``data``'s classes, load ``init`` (a random init drawn with ``seed`` when None) and train
-    it with ``opts`` (epochs, lr, batch_size, weight_decay, momentum, augment) and data order ``seed``, on
-    ``device`` when given (the model stays there). Returns (the trained model in eval mode, its history).
+               in_chans: int | None = None, on_epoch: Any = None, device: str | None = None,
+               eval_data: TensorData | None = None, transform: Callable | None = None,
+               num_classes: int | None = None) -> tuple[torch.nn.Module, list]:
+    """Build ``spec`` for ``num_classes`` (``data``'s classes when None), load ``init`` (a random init drawn with
+    ``seed`` when None) and train it with ``opts`` (epochs, lr, batch_size, weight_decay, momentum, augment,
+    optional eval_every) and data order ``seed``, on ``device`` when given (the model stays there). With
+    ``eval_data`` the history records its accuracy every ``eval_every`` steps; with ``transform`` the network is
+    trained behind that fixed input transform (:class:`InputTransform`). Returns (the trained network in eval mode,
+    without the transform, and its history).
 
-    Raises ConfigError for an unknown augmentation."""
+    Raises:
+        ConfigError: an unknown augmentation."""
     from ..eval.modules import build_model_for
     from ..eval.train import train
     o = {**TRAIN_DEFAULTS, **opts}
-    net = build_model_for(spec, num_classes=data.num_classes, in_chans=in_chans)
-    net.load_state_dict(init if init is not None else fresh_state(spec, data.num_classes, in_chans, seed))
-    hist = train(net, data, epochs=int(o["epochs"]), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
+    k = data.num_classes if num_classes is None else int(num_classes)
+    net = build_model_for(spec, num_classes=k, in_chans=in_chans)
+    net.load_state_dict(init if init is not None else fresh_state(spec, k, in_chans, seed))
+    model = net if transform is None else InputTransform(transform, net)
+    hist = train(model, data, epochs=int(o["epochs"]), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
                  momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(seed),
-                 augment=o["augment"], on_epoch=on_epoch, device=device)
+                 augment=o["augment"], on_epoch=on_epoch, device=device, eval_data=eval_data,
+                 eval_every=int(o.get("eval_every") or 0))
     return net, hist
+
+
+class InputTransform(torch.nn.Module):
+    """A fixed transform in front of a network, so training augments the raw image before the transform."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor], net: torch.nn.Module):
+        super().__init__()
+        self.transform = transform
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.transform(x))
+
+
+def pt_init(source: dict, random: dict, reset: Sequence[str], model: torch.nn.Module) -> dict:
+    """P-T initialisation: the pre-trained weights, with the ``reset`` modules (e.g. the head) from ``random``.
+
+    Raises:
+        ConfigError: a ``reset`` name that is no module of ``model``, or a tensor that differs in shape between
+            the source and the target model outside the reset modules."""
+    from ..eval.modules import grouping
+    groups = grouping(list(random), "tree:layer", model)
+    unknown = [r for r in reset if r not in groups]
+    if unknown:
+        raise ConfigError(f"train.reset: no module '{unknown[0]}' (modules: {', '.join(groups)})")
+    fresh = {k for r in reset for k in groups[r]}
+    out = {}
+    for k, v in random.items():
+        if k in fresh or (k not in source and not v.is_floating_point()):  # e.g. num_batches_tracked, not published
+            out[k] = v
+        elif k not in source or tuple(source[k].shape) != tuple(v.shape):
+            raise ConfigError(f"train.reset: '{k}' differs between the source and target models; reset its module")
+        else:
+            out[k] = source[k]
+    return out
 
 
 def pt_setup(cfg: dict, num_classes: int, in_chans: int | None) -> tuple[torch.nn.Module,
@@ -296,7 +387,6 @@ def pt_setup(cfg: dict, num_classes: int, in_chans: int | None) -> tuple[torch.n
     a pre-trained state into the fine-tuning start (the ``reset`` modules replaced by one random head, drawn with
     ``head_seed`` and shared by every start)."""
     from ..eval.modules import build_model_for
-    from .recipes import pt_init
     spec = cfg["model"]
     head = fresh_state(spec, num_classes, in_chans, int(cfg["head_seed"]))
     template = build_model_for(spec, num_classes=num_classes, in_chans=in_chans)
@@ -367,8 +457,10 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def render_report(cfg: dict, setup: Sequence[str], body: Sequence[str], findings: Sequence[dict]) -> str:
-    """REPORT.md: title, description, setup bullets, the body (tables), then every finding with its verdict."""
+def render_report(cfg: dict, setup: Sequence[str], body: Sequence[str], findings: Sequence[dict],
+                  closing: str = "") -> str:
+    """REPORT.md: title, description, setup bullets, the body (tables), then every finding with its verdict (and
+    the table it draws on), and a ``closing`` line saying where the files are."""
     from ..report import markdown_table
     lines = [f"# {cfg['name']}", ""]
     if cfg.get("description"):
@@ -380,5 +472,6 @@ def render_report(cfg: dict, setup: Sequence[str], body: Sequence[str], findings
     for f in findings:
         lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
         lines += [f"![{fig}]({fig})" for fig in f.get("figures", [])] + ([""] if f.get("figures") else [])
-    lines += ["Every number is in `results.json`; checkpoints are in `checkpoints/`.", ""]
+        lines += [f"Table: `{f['table']}`.", ""] if f.get("table") else []
+    lines += [closing or "Every number is in `results.json`; checkpoints are in `checkpoints/`.", ""]
     return "\n".join(lines)

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 from ..errors import ConfigError
 from ..registry import Paper
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, load_kind_recipe, open_session, published,
+from .config import load_kind_recipe
+from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, open_session, published,
                   published_source, register_recipe, render_report, source_data, task, train_from, with_option)
 from .verdicts import check
 

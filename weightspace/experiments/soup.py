@@ -48,7 +48,7 @@ def load_soup_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     Raises:
         ConfigError: unreadable or malformed recipe (no model, fewer than two ingredients, no val or test data).
     """
-    from .recipes import overlay_recipe, read_recipe
+    from .config import overlay_recipe, read_recipe
     raw, where = read_recipe(source)
     if raw.get("kind") != KIND:
         raise ConfigError(f"{where}: not a {KIND} recipe (kind: {KIND})")

@@ -29,10 +29,11 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 from ..report.stats import Interval, fmt_interval, t_interval
-from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_defaults, load_kind_recipe,
+from .config import load_kind_recipe
+from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_defaults,
                   open_session, pt_setup, published, published_source, register_recipe, render_report, source_data,
                   state_of, task, train_from, train_options)
-from .recipes import TRANSFER_PAPER
+from .transfer import TRANSFER_PAPER
 from .verdicts import PROTOCOLS, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_trajectory_recipe", "run_trajectory_recipe"]
@@ -88,7 +89,7 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
     """
     from ..analysis.curve import interpolation_curve
     from ..eval.train import accuracy
-    from ..ops.stream import distance
+    from ..analysis.distance import distance
 
     s = open_session(load_trajectory_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)

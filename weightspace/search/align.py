@@ -32,7 +32,8 @@ from ..io.checkpoint import Source
 from ..io.sources import load
 from ..errors import AlignmentError, IncompatibleCheckpoints, misfit
 from ..io.outputs import StateDict, finish_provenance
-from ..ops.stream import tensor_progress, single_thread
+from ..ops.engine import tensor_progress
+from ..ops.parallel import single_thread
 from ..registry import Entry, Paper, register
 
 __all__ = ["AlignmentError", "PermGroup", "PermutationSpec", "trace", "permutation_spec", "apply_permutations",

@@ -198,6 +198,22 @@ def _resize_of(pipe: PixelPipeline) -> tuple[int, str]:
     return int(size), mode if mode in ("bilinear", "bicubic") else "bilinear"
 
 
+def _over_cap(data: torch.Tensor) -> str:
+    """Why an encoded image may not be decoded (its header declares too many pixels), or ''."""
+    import io
+
+    from PIL import Image
+    from .guards import check_pixels
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            check_pixels(*img.size, "")
+    except ValueError as e:
+        return f"ValueError: {e}"
+    except Exception:  # an unreadable header: nvjpeg reports it, naming the file
+        return ""
+    return ""
+
+
 def gpu_decode_into(source: ImageSource, pipe: PixelPipeline, out: np.ndarray, *, device: torch.device,
                     batch: int = 256, progress: bool = True) -> DecodeReport:
     """Decode JPEGs on the GPU in batches (nvjpeg via ``torchvision.io.decode_jpeg``), resize the shorter side with
@@ -213,6 +229,17 @@ def gpu_decode_into(source: ImageSource, pipe: PixelPipeline, out: np.ndarray, *
     for lo in range(0, len(source), batch):
         idx = list(range(lo, min(lo + batch, len(source))))
         datas = [torch.frombuffer(bytearray(source.raw_bytes(i) or b""), dtype=torch.uint8) for i in idx]
+        n_batch = len(idx)
+        for k, (i, d) in enumerate(zip(idx, datas)):  # the pixel cap, from each header, before nvjpeg decodes
+            why = _over_cap(d)
+            if why:
+                bad.append((i, source.name_of(i), why))
+                datas[k] = None
+        keep = [k for k, d in enumerate(datas) if d is not None]
+        idx, datas = [idx[k] for k in keep], [datas[k] for k in keep]
+        if not idx:
+            pbar.update(n_batch)
+            continue
         try:
             imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad file fails the batch: decode one by one to name it
@@ -233,6 +260,6 @@ def gpu_decode_into(source: ImageSource, pipe: PixelPipeline, out: np.ndarray, *
             top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
             crop = r[0, :, top:top + h, left:left + w].round_().clamp_(0, 255).to(torch.uint8)
             out[i] = crop.cpu().numpy()
-        pbar.update(len(idx))
+        pbar.update(n_batch)
     pbar.close()
     return DecodeReport(bad)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from .tensors import TensorData
 
 __all__ = ["model_classes", "model_outputs", "read_class_map", "readable_names", "attach_label_map", "apply_label_map"]
@@ -99,11 +99,12 @@ def read_class_map(path: str) -> dict[str, list[str]]:
     Raises:
         DataError: the file is missing or a line has no model class.
     """
+    from .guards import read_small_text
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise DataError(f"{p}: cannot read the class map ({e.strerror})", path=str(p)) from None
+        text = read_small_text(p, "a class map")
+    except ConfigError as e:
+        raise DataError(str(e), path=str(p)) from None
     if text.lstrip().startswith("{"):
         try:
             raw = json.loads(text)

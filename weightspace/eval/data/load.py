@@ -10,7 +10,8 @@ from urllib.parse import parse_qsl
 import torch
 
 from ...errors import ConfigError
-from .tensors import BUILTINS, TensorData, apply_options, read_tensor_file
+from .guards import check_labels, require_regular
+from .tensors import BUILTINS, TensorData, apply_options, check_options, read_tensor_file
 
 __all__ = ["load_data", "set_decoding"]
 
@@ -44,6 +45,7 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
     from .readers import is_image_source
     base, opts = (spec.split("?", 1)[0], dict(parse_qsl(spec.split("?", 1)[1]))) if "?" in spec else (spec, {})
     name, _, split = base.partition(":")
+    check_options(opts, spec)  # before anything is read or decoded
     if name in BUILTINS and not os.path.exists(base):
         d = BUILTINS[name](split or ("all" if name == "digits" else "train"), spec)
     elif is_image_source(base):
@@ -53,9 +55,12 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
                         skip_bad=_decoding["skip_bad"] if skip_bad is None else skip_bad)
     else:
         path = Path(os.path.expanduser(base))
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise ConfigError(f"--data {spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})")
+        require_regular(path, "a tensors file")  # a FIFO would block the reader forever
         d = read_tensor_file(path, spec)
+    if not d.multilabel:
+        check_labels(d.y, d.num_classes, False, spec)
     d = apply_options(d, opts, spec)
     d.name = spec
     if map_labels and ("classes" in opts or (model is not None and d.meta.get("classes"))):

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError
+from .guards import (MAX_LABEL_BYTES, check_member, list_image_folder, open_capped_image, read_small_text,
+                     require_regular)
 
 __all__ = ["ImageSource", "FolderSource", "TarSource", "WebDatasetSource", "HFDatasetSource", "CifarSource",
            "open_source", "is_image_source", "require_extra"]
@@ -55,9 +57,7 @@ def _stat(path: str | os.PathLike) -> list:
 
 
 def _pil_rgb(fileobj) -> Any:
-    from PIL import Image
-    img = Image.open(fileobj)
-    return img.convert("RGB")  # torchvision's pil_loader: every image as RGB (grey and CMYK JPEGs included)
+    return open_capped_image(fileobj)  # RGB, as torchvision's pil_loader; the header's size checked first
 
 
 class ImageSource:
@@ -100,23 +100,19 @@ class ImageSource:
 
 
 class FolderSource(ImageSource):
-    """``ROOT/CLASS/IMAGE``, listed by timm's ``ReaderImageFolder``."""
+    """``ROOT/CLASS/IMAGE``, in timm's ``ReaderImageFolder`` order; an image in a nested folder belongs to its
+    top-level class folder. The walk follows links but never loops or lists a file twice (guards.list_image_folder).
+    """
 
     def __init__(self, root: Path, spec: str) -> None:
         """The images under ``root`` (``spec``: the data spec, for messages).
 
         Raises:
-            ConfigError: ``root`` is not an image folder or holds no images.
+            ConfigError: ``root`` holds no images, an image outside a class folder, a symlink cycle, a file or
+                folder reached twice, or an image that is not a regular file.
         """
-        from timm.data.readers.reader_image_folder import ReaderImageFolder
         self.spec, self.root = spec, root
-        try:
-            reader = ReaderImageFolder(str(root))
-        except Exception as e:  # timm raises bare exceptions/asserts for an empty or odd folder
-            raise ConfigError(f"{root}: not an image folder ({e})") from None
-        if len(reader) == 0:
-            raise ConfigError(f"{root}: no images found (expected ROOT/CLASS/IMAGE files)")
-        self.paths, self.targets, self.classes = _timm_samples(reader)
+        self.paths, self.targets, self.classes = list_image_folder(root)
 
     def identity(self) -> dict:
         rel = [os.path.relpath(p, self.root) for p in self.paths]
@@ -154,7 +150,7 @@ class _TarMembers(ImageSource):
         f = held[1].extractfile(info)
         if f is None:
             raise OSError(f"{info.name}: not a regular file")
-        return f.read()
+        return f.read(info.size)
 
     def open(self, i: int) -> Any:
         return _pil_rgb(io.BytesIO(self.raw_bytes(i)))
@@ -175,6 +171,7 @@ class TarSource(_TarMembers):
         super().__init__()
         from timm.data.readers.reader_image_tar import ReaderImageTar
         self.spec, self.path = spec, path
+        require_regular(path, "a tar archive")
         try:
             reader = ReaderImageTar(str(path))
         except (tarfile.TarError, OSError) as e:
@@ -182,6 +179,8 @@ class TarSource(_TarMembers):
         if len(reader) == 0:
             raise ConfigError(f"{path}: no images found (expected CLASS/IMAGE members)")
         self.members, self.targets, self.classes = _timm_samples(reader)
+        for info in self.members:  # declared sizes, checked before any member is read
+            check_member(f"{path}:{info.name}", info.size)
 
     def _member(self, i: int) -> tuple[str, tarfile.TarInfo]:
         return str(self.path), self.members[i]
@@ -233,8 +232,7 @@ class WebDatasetSource(_TarMembers):
         members: list[tuple[str, tarfile.TarInfo]] = []
         targets: list[int] = []
         for shard in shards:
-            if not shard.is_file():
-                raise ConfigError(f"{shard}: no such webdataset shard")
+            require_regular(shard, "a webdataset shard")
             samples: dict[str, dict[str, Any]] = {}
             order: list[str] = []
             try:
@@ -250,8 +248,10 @@ class WebDatasetSource(_TarMembers):
                             samples[key] = {}
                             order.append(key)
                         if ext.lower() in ("cls", "cls.txt"):
-                            samples[key]["cls"] = tf.extractfile(info).read()
+                            check_member(f"{shard}:{info.name}", info.size, MAX_LABEL_BYTES)
+                            samples[key]["cls"] = tf.extractfile(info).read(info.size)
                         elif ext.lower() in IMAGE_EXTS:
+                            check_member(f"{shard}:{info.name}", info.size)
                             samples[key]["img"] = info
             except tarfile.TarError as e:
                 raise ConfigError(f"{shard}: not a readable tar archive ({e})") from None
@@ -261,7 +261,7 @@ class WebDatasetSource(_TarMembers):
                     continue
                 try:
                     targets.append(int(s["cls"].decode().strip()))
-                except ValueError:
+                except (ValueError, UnicodeDecodeError):
                     raise ConfigError(f"{shard}: sample {key} has a cls member that is not an integer") from None
                 members.append((str(shard), s["img"]))
         if not members:
@@ -270,8 +270,9 @@ class WebDatasetSource(_TarMembers):
         self.targets = np.asarray(targets, dtype=np.int64)
         names = shards[0].parent / "classnames.txt"
         n = int(self.targets.max()) + 1
-        if names.is_file():
-            self.classes = [line.strip() for line in names.read_text().splitlines() if line.strip()]
+        if names.exists():
+            text = read_small_text(names, "a class list")
+            self.classes = [line.strip() for line in text.splitlines() if line.strip()]
             if len(self.classes) < n:
                 raise ConfigError(f"{names}: {len(self.classes)} class names, but the shards use class {n - 1}")
         else:
@@ -377,6 +378,10 @@ class CifarSource(ImageSource):
             raise ConfigError(f"--data {spec}: unknown split '{split}' (train, test)")
         cls = tvd.CIFAR10 if which == "cifar10" else tvd.CIFAR100
         self.spec, self.root = spec, Path(os.path.expanduser(root))
+        for name, _ in cls.train_list if split == "train" else cls.test_list:
+            f = self.root / cls.base_folder / name
+            if f.exists() or f.is_symlink():  # a missing file is torchvision's one-line error below
+                require_regular(f, "a CIFAR batch file")
         try:
             ds = cls(str(self.root), train=split == "train", download=False)
         except RuntimeError as e:

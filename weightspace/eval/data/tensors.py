@@ -20,6 +20,7 @@ import torch
 from ...errors import ConfigError
 
 __all__ = ["SPLIT_SEED", "TensorData", "digits", "mnist1d", "read_tensor_file", "SOURCE_OPTIONS", "apply_options",
+           "check_options",
            "MNIST_SPLITS", "mnist_indices", "mnist", "BUILTINS"]
 
 SPLIT_SEED = 0
@@ -170,13 +171,34 @@ def read_tensor_file(path: Path, spec: str) -> TensorData:
         x, y = torch.as_tensor(obj["x"]), torch.as_tensor(obj["y"])
     if len(x) != len(y):
         raise ConfigError(f"{path}: x has {len(x)} examples, y has {len(y)}")
+    if y.ndim not in (1, 2) or not (y.is_floating_point() or y.dtype in _INT_DTYPES):
+        raise ConfigError(f"{path}: y must hold class indices (N,) or 0/1 targets (N, C), not {y.dtype} "
+                          f"{list(y.shape)}")
     x = x.float() if not x.is_floating_point() else x
     multilabel = y.ndim == 2
+    from .guards import check_labels  # before the cast to int64, which would truncate 2.5 to 2
+    check_labels(y, None, multilabel, spec)
     num_classes = int(y.shape[1]) if multilabel else (int(y.max()) + 1 if len(y) else 0)
     return TensorData(path.stem, x.contiguous(), y.float() if multilabel else y.long(), num_classes, multilabel)
 
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 SOURCE_OPTIONS = ("root", "classes", "pool")  # read by the image sources and the label map, not here
+
+
+def check_options(opts: dict[str, str], spec: str) -> tuple[int | None, int | None, int | None]:
+    """(limit, size, channels) of a data spec's options, each checked (``load_data`` calls it before reading
+    anything): no negative slice, no 0×0 resample, no 10⁵-pixel-wide one.
+
+    Raises:
+        ConfigError: an unknown option, a value that is not an integer or lies outside its range."""
+    from .guards import MAX_CHANNELS, MAX_SIZE, int_option
+    opts = {k: v for k, v in opts.items() if k not in SOURCE_OPTIONS}
+    unknown = set(opts) - {"size", "channels", "limit"}
+    if unknown:
+        raise ConfigError(f"--data {spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit)")
+    return (int_option(opts, "limit", spec), int_option(opts, "size", spec, hi=MAX_SIZE),
+            int_option(opts, "channels", spec, hi=MAX_CHANNELS))
 
 
 def apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
@@ -185,31 +207,19 @@ def apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
 
     Raises:
         ConfigError: an unknown option, a value that is not an integer, channels that cannot be converted."""
-    opts = {k: v for k, v in opts.items() if k not in SOURCE_OPTIONS}
-    if "size" in opts and d.is_uint8:
+    limit, size, channels = check_options(opts, spec)
+    if limit is not None:
+        d = d.subset(slice(0, limit))
+    if size is not None and d.is_uint8:
         d = d.normalized()  # resampling needs floats: the old float path, at 4× the memory
     x = d.x
-    try:
-        if "limit" in opts:
-            n = int(opts["limit"])
-            d = d.subset(slice(0, n))
-            x = d.x
-        if "size" in opts and x.ndim == 4:
-            s = int(opts["size"])
-            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
-        if "channels" in opts and x.ndim >= 3:
-            c = int(opts["channels"])
-            if x.shape[1] == 1 and c > 1:
-                x = x.repeat(1, c, *([1] * (x.ndim - 2)))
-            elif x.shape[1] != c:
-                raise ConfigError(f"--data {spec}: cannot turn {x.shape[1]} channels into {c}")
-    except ConfigError:  # a ValueError too, but already the right message
-        raise
-    except ValueError:
-        raise ConfigError(f"--data {spec}: options size, channels and limit take integers") from None
-    unknown = set(opts) - {"size", "channels", "limit"}
-    if unknown:
-        raise ConfigError(f"--data {spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit)")
+    if size is not None and x.ndim == 4:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if channels is not None and x.ndim >= 3:
+        if x.shape[1] == 1 and channels > 1:
+            x = x.repeat(1, channels, *([1] * (x.ndim - 2)))
+        elif x.shape[1] != channels:
+            raise ConfigError(f"--data {spec}: cannot turn {x.shape[1]} channels into {channels}")
     return replace(d, x=x.contiguous())
 
 
