@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-quick lint demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(STAMP)
 # pytest's temp folders (hundreds of MB of checkpoints a run) go to a fresh temp dir that is removed afterwards.
 test: install
 	@tmp=$$(mktemp -d); $(BIN)/python -m pytest -q -p no:cacheprovider -m "not gpu" --basetemp="$$tmp/pytest" tests; \
+	rc=$$?; rm -rf "$$tmp"; exit $$rc
+
+# The suite without the tests marked slow (the docs run, recipe and demo runs, torchrun, the loopback Hub server):
+# a few minutes on 2 cores, for the edit-test loop. `make test` stays the gate.
+test-quick: install
+	@tmp=$$(mktemp -d); $(BIN)/python -m pytest -q -p no:cacheprovider -m "not gpu and not slow" --basetemp="$$tmp/pytest" tests; \
 	rc=$$?; rm -rf "$$tmp"; exit $$rc
 
 # ruff (pyflakes, bugbear and pycodestyle's error rules) and mypy; both read their settings from pyproject.toml.

@@ -14,7 +14,7 @@ from weightspace.experiments.align import load_align_recipe
 
 RECIPE = "recipes/align-barrier.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a recipe run end to end
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from weightspace.experiments.cross_domain import load_cross_domain_recipe
 
 RECIPE = "recipes/cross-domain.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a recipe run end to end
 
 
 @pytest.fixture(scope="module")

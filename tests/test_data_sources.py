@@ -224,6 +224,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two processes, as torchrun starts them
 def test_two_ranks_split_decoding_into_one_entry_identical_to_a_one_process_build(imageset, tmp_path, monkeypatch):
     import subprocess
     import sys

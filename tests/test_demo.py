@@ -10,6 +10,8 @@ import torch
 
 import weightspace as ws
 
+pytestmark = pytest.mark.slow  # the demo trains its models end to end
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

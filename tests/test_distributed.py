@@ -17,7 +17,7 @@ import torch
 import weightspace as ws
 from evalhelpers import CNN, save_all, train_cnns
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: torchrun launches two processes
 
 COMMON = ["--model", CNN, "--batch-size", "48", "--device", "cpu", "--json", "--quiet"]
 

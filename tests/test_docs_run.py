@@ -58,6 +58,8 @@ NEEDS = re.compile(r"#\s*needs\b")
 NOT_RUN = [
     ("README.md", "make install", "installs into .venv: the suite already runs inside it"),
     ("README.md", "make test", "runs the whole test suite, this test included"),
+    ("README.md", "make test-quick", "runs the test suite without its slow tests"),
+    ("README.md", "make lint", "lints the repository, not the docs' folder"),
     ("README.md", "make bench", "benchmarks take minutes and print figures, no pass/fail"),
     ("docs/core.md", "python bench/soup_io.py --only ab --dtypes fp32 --reps 3",
      "a benchmark writing ~1 GB of temporary files"),

@@ -157,6 +157,7 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_push_refused_token_maps_to_one_hub_error(hub, two):
     soup = ops.uniform_soup(two)
     with pytest.raises(OSError) as e:
@@ -171,6 +172,7 @@ def test_push_refused_token_maps_to_one_hub_error(hub, two):
     assert [s for m, p, s in hub.state.requests if p == "/api/repos/create"] == [401, 403]
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_download_errors_map_through_the_same_mapper(hub, two):
     ws.push_to_hub(ops.uniform_soup(two), "alice/soup", token=TOKEN)  # a repo to miss a file in
     source = "hf://alice/soup/absent.safetensors"

@@ -15,7 +15,7 @@ from weightspace.experiments.head2toe_targets import load_head2toe_targets_recip
 
 RECIPE = "recipes/head2toe-targets.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a recipe run end to end
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +55,7 @@ def test_make_test_keeps_pytest_temp_folders_in_a_removed_temp_dir():
     assert re.search(r'rc=\$\?; rm -rf "\$tmp"; exit \$rc', recipe), recipe
 
 
+@pytest.mark.slow  # runs the demo
 def test_force_replaces_exactly_the_previous_runs_files(cli, tmp_path):
     """A full demo run, then a small one with --force into the same folder: the full run's extra checkpoints go, a
     user's own files stay. The full run is stood in for by its manifest and files (training it takes minutes)."""

@@ -177,6 +177,7 @@ def hub_session(trained, tmp_path_factory) -> dict:
                 "root": d / "hub"}
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_pushed_soup_loads_in_timm_with_equal_tensors(hub_session, trained):
     r = hub_session["report"]
     assert r["push"]["code"] == 0, r["push"]["stderr"]
@@ -199,6 +200,7 @@ def test_pushed_soup_loads_in_timm_with_equal_tensors(hub_session, trained):
     assert len(meta["commits"]) == 2   # the repo's initial commit and the push
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_push_to_private_branch_with_run_folder_card(hub_session, trained):
     r = hub_session["report"]
     assert r["push_dev"]["code"] == 0, r["push_dev"]["stderr"]
@@ -215,12 +217,14 @@ def test_push_to_private_branch_with_run_folder_card(hub_session, trained):
     assert f"{trained['accs']['ft0']:.4f}" in card   # the ingredient's validation score, matched from results.json
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_bare_name_goes_to_the_token_owner(hub_session):
     res = hub_session["report"]["bare"]
     assert res["code"] == 0, res["stderr"]
     assert json.loads(res["stdout"])["repo_id"] == "alice/bare-soup"
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_push_errors_are_one_line_and_store_nothing(hub_session):
     r = hub_session["report"]
     for case, words in [("no_token", "no Hugging Face token found"), ("wrong_token", "refused the token (401"),
@@ -236,6 +240,7 @@ def test_push_errors_are_one_line_and_store_nothing(hub_session):
     assert creates.count(401) == 2   # the wrong-token pushes (CLI and API) reached the Hub and were refused
 
 
+@pytest.mark.slow  # the loopback Hub server
 def test_token_never_printed_or_stored(hub_session):
     assert TOKEN not in hub_session["raw"]
     for p in hub_session["root"].rglob("*"):

@@ -125,6 +125,7 @@ def test_every_hub_id_of_the_real_scale_recipes_has_a_stand_in():
     assert {rid.split("/")[1].split(".")[0] for rid in hub_ids()} <= set(STAND_INS)
 
 
+@pytest.mark.slow  # a recipe run end to end
 @pytest.mark.parametrize("name,repo", [("what-is-transferred.yaml", "timm/resnet50.a1_in1k"),
                                        ("what-is-transferred-groupnorm.yaml", "timm/resnet50_gn.a1h_in1k")])
 def test_transfer_from_a_hub_model(stand_in_hub, cli, tmp_path, name, repo):
@@ -150,6 +151,7 @@ def test_transfer_from_a_hub_model(stand_in_hub, cli, tmp_path, name, repo):
     assert "Source model: the published weights `hf-hub:" + repo in (tmp_path / "run" / "REPORT.md").read_text()
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_align_published_models(stand_in_hub, cli, tmp_path):
     res = run(cli, "align-barrier.yaml", tmp_path / "run")
     names = ["resnet50.tv_in1k", "resnet50.tv2_in1k", "resnet50.a1_in1k"]
@@ -186,6 +188,7 @@ def test_soup_of_hub_fine_tunes(stand_in_hub, cli, tmp_path):
     assert (out / "curve.png").exists() and (out / "REPORT.md").read_text().count("avg shifts") >= 1
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_trajectory_from_published_start_points(stand_in_hub, cli, tmp_path):
     out = tmp_path / "run"
     res = run(cli, "trajectory.yaml", out)
@@ -208,6 +211,7 @@ def test_trajectory_from_published_start_points(stand_in_hub, cli, tmp_path):
     assert "`hf-hub:timm/resnet50.a3_in1k` (100 epochs)" in (out / "REPORT.md").read_text()
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
     out = tmp_path / "run"
     res = run(cli, "saturation-pairs.yaml", out)
@@ -247,6 +251,7 @@ def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
     assert "`hf-hub:timm/resnet101.a3_in1k`" in (out / "REPORT.md").read_text()
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_head2toe_targets_from_a_published_backbone(stand_in_hub, cli, tmp_path):
     from weightspace.eval.data import load_data
     from weightspace.eval.evaluator import Evaluator
@@ -270,6 +275,7 @@ def test_head2toe_targets_from_a_published_backbone(stand_in_hub, cli, tmp_path)
     assert "published weights `hf-hub:timm/resnet50.a1_in1k`" in (out / "REPORT.md").read_text()
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_cross_domain_from_a_published_model(stand_in_hub, cli, tmp_path):
     from weightspace.eval.data import load_data
     from weightspace.eval.evaluator import Evaluator

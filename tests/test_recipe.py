@@ -23,6 +23,7 @@ def small_run(tmp_path_factory):
     return out, run_small_recipe(RECIPE, out)
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_small_run_reports_every_finding(small_run):
     out, printed = small_run
     results = json.loads((out / "results.json").read_text())
@@ -67,6 +68,7 @@ def test_small_run_reports_every_finding(small_run):
         r["block_shuffle"]["blocks"][0]["P-T"]["final_accuracy"] - r["block_shuffle"]["blocks"][0]["RI-T"]["final_accuracy"])
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_small_run_leaves_checkpoints_and_data_the_cli_can_use(small_run, cli):
     out, _ = small_run
     ck = out / "checkpoints"
@@ -106,6 +108,7 @@ def test_recipe_format_errors(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_summary_page_is_generated_from_results(small_run, cli, tmp_path):
     out, _ = small_run
     page = tmp_path / "results.md"

@@ -15,7 +15,7 @@ from weightspace.experiments.saturation_pairs import load_saturation_pairs_recip
 
 RECIPE = "recipes/saturation-pairs.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a recipe run end to end
 
 
 @pytest.fixture(scope="module")

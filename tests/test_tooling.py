@@ -67,6 +67,41 @@ def test_make_lint_installs_and_runs_ruff_and_mypy():
     assert "ruff" in (ROOT / "pyproject.toml").read_text().split("lint = [", 1)[1].split("]", 1)[0]
 
 
+def test_make_test_quick_leaves_out_the_slow_tests_only():
+    recipe = _dry_run("test-quick")
+    assert '-m "not gpu and not slow"' in recipe and " tests;" in recipe
+    assert '-m "not gpu and not slow"' not in _dry_run("test")  # the full suite stays whole
+
+
+# what the quick suite leaves out, by what makes it slow: whole modules, and tests that use these fixtures
+SLOW_MODULES = ("test_docs_run.py", "test_demo.py", "test_distributed.py")
+SLOW_FIXTURES = {"small_run": "a recipe run", "hub_session": "the loopback Hub server", "hub": "the loopback Hub server"}
+
+
+def _marks_slow(decorators: list[ast.expr]) -> bool:
+    return any(ast.unparse(d) == "pytest.mark.slow" for d in decorators)
+
+
+def test_slow_tests_are_marked():
+    """The docs run, the demo, torchrun, every recipe run and the Hub server tests carry the slow mark, so
+    `make test-quick` leaves them out (test_recipe.py's format checks need no run and stay quick)."""
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_slow = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                          and "pytest.mark.slow" in ast.unparse(n.value) for n in tree.body)
+        if path.name in SLOW_MODULES or (path.stem.endswith("_recipe") and path.stem != "test_recipe"):
+            if not module_slow:
+                unmarked.append(path.name)
+            continue
+        for fn in tree.body:
+            if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_") and not module_slow:
+                used = {a.arg for a in fn.args.args} & set(SLOW_FIXTURES)
+                if used and not _marks_slow(fn.decorator_list):
+                    unmarked.append(f"{path.name}::{fn.name} ({SLOW_FIXTURES[used.pop()]})")
+    assert not unmarked, "mark these @pytest.mark.slow: " + ", ".join(unmarked)
+
+
 def test_ci_runs_lint_before_the_tests():
     steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("make ")]
     assert steps.index("make lint") < steps.index("make test")

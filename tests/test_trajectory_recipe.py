@@ -16,7 +16,7 @@ from weightspace.experiments.trajectory import load_trajectory_recipe
 
 RECIPE = "recipes/trajectory.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # slow: a recipe run end to end
 
 
 @pytest.fixture(scope="module")
