@@ -47,7 +47,7 @@ def check_recipe_models(recipe: str | os.PathLike | dict, overrides: Sequence[st
         ConfigError: the file cannot be read, or a model spec it holds names arbitrary code (key and file named).
     """
     from ..eval.models import check_model_spec
-    from .recipes import parse_override
+    from .config import parse_override
     raw, where = read_recipe(recipe)
     typed = {str(parse_override(o)[0] if isinstance(o, str) else o[0]) for o in overrides}
 
