@@ -60,7 +60,7 @@ def align(a: str, b: str, model: ModelOptions, data: DataOptions, method: str | 
         raise
     if not info["groups"]:
         note(f"{model_spec}: no permutation symmetry found in the graph; B is written unchanged", quiet)
-    path = save(permuted, out.output, force=force, **out.save_kwargs())
+    path = save(permuted, out.target(), force=force, **out.save_kwargs())
     summary = {k: info[k] for k in ("method", "seed", "rounds", "converged", "batches", "l2_before", "l2_after",
                                     "max_abs_output_change", "identity", "groups", "fixed") if k in info}
     if as_json:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -27,7 +28,7 @@ def diff(a: str, b: str, ops: OpOptions, as_json: bool, quiet: bool) -> None:
         if sa != sb or da != db:
             mismatches.append({"key": k, "a": {"dtype": str(da).replace("torch.", ""), "shape": list(sa)},
                                "b": {"dtype": str(db).replace("torch.", ""), "shape": list(sb)}})
-    out = {"a": ca.source, "b": cb.source, "only_in_a": sorted(ka - kb), "only_in_b": sorted(kb - ka),
+    out: dict[str, Any] = {"a": ca.source, "b": cb.source, "only_in_a": sorted(ka - kb), "only_in_b": sorted(kb - ka),
            "mismatched": mismatches, "common": len(ka & kb)}
     same = not (out["only_in_a"] or out["only_in_b"] or mismatches)
     if as_json:

@@ -75,7 +75,7 @@ def _point(a, b, alpha, out: OutputOptions, force, ops: OpOptions, as_json, quie
     from weightspace import save
     from weightspace.ops.stream import lerp_stream
     stream = lerp_stream(a, b, alpha, progress=not quiet, device=device, **ops.kwargs())
-    path = save(stream, out.output, force=force, **out.save_kwargs())
+    path = save(stream, out.target(), force=force, **out.save_kwargs())
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; interpolated once, written as a copy", quiet)
     if as_json:

@@ -67,7 +67,7 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
                        parse_floats(scales, "--scales"))
     stream = merging.merge(method, base, sources, scale=scale, negate=[False] * len(models) + [True] * len(negate),
                            progress=not quiet, device=model.device, **ops.kwargs(), **options)
-    path = save(stream, out.output, force=force, **out.save_kwargs())
+    path = save(stream, out.target(), force=force, **out.save_kwargs())
     prov = stream.provenance
     result = {"output": str(path), "method": method, "scale": scale, "base": stream.ingredients[0].source,
               "models": [{"source": c.source, "sign": i["sign"]}
@@ -99,7 +99,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
     stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite)
     kwargs = out.save_kwargs()
     kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
-    path = save(stream, out.output, force=force, **kwargs)
+    path = save(stream, out.target(), force=force, **kwargs)
     prov = stream.provenance
     result = {"output": str(path), "config": config, "merge_method": cfg.method, "base": cfg.base,
               "models": cfg.models, "weights": cfg.weights, "normalize": cfg.normalize, "scale": cfg.scale,
@@ -126,7 +126,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
                        allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
-    path = save(res.state_dict, out.output, force=force, **out.save_kwargs(), provenance={"val": val_spec})
+    path = save(res.state_dict, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
     result = {"output": str(path), "method": method, "scale": res.scale, "val": val_spec,
               "scores": [{"scale": lam, "val_accuracy": acc} for lam, acc in res.scores],
               "base": base, "models": [c.source for c in sources]}

@@ -102,7 +102,7 @@ def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as
         stream = streams.weighted_average_stream(list(checkpoints), weights, **kw)
     else:
         stream = streams.uniform_soup_stream(list(checkpoints), **kw)
-    path = save(stream, out.output, force=force, **out.save_kwargs())
+    path = save(stream, out.target(), force=force, **out.save_kwargs())
     for alias, canon in stream.tied.items():
         note(f"tied tensors: {alias} shares {canon}; averaged once, written as a copy", quiet)
     for ing in stream.ingredients:

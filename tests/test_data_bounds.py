@@ -4,7 +4,6 @@ options validated before anything is read; and the data/eval cases that used to 
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import subprocess

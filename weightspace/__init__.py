@@ -24,6 +24,7 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on first use
     # (tests/test_housekeeping.py keeps this block and _EXPORTS naming the same modules and names)
     from .analysis.curve import interpolation_curve
+    from .analysis.distance import distance
     from .errors import WeightspaceError
     from .eval.data import load_data
     from .eval.evaluator import Evaluator
@@ -33,8 +34,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from .io.save import save
     from .io.sources import load
     from .ops.merge import merge, task_arithmetic, ties_merge
-    from .ops.stream import (distance, lerp, lerp_stream, task_vector, task_vector_stream, uniform_soup,
-                             uniform_soup_stream, weighted_average, weighted_average_stream)
+    from .ops.stream import (lerp, lerp_stream, task_vector, task_vector_stream, uniform_soup, uniform_soup_stream,
+                             weighted_average, weighted_average_stream)
     from .search.align import align
     from .search.greedy import greedy_soup, soup_leaderboard
 

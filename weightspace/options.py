@@ -155,6 +155,16 @@ class OutputOptions:
                            help="Write -o as a Hugging Face folder (as a path ending in '/' does): model.safetensors "
                                 "or shards with their index, plus config.json and tokenizer files of the first input.")
 
+    def target(self) -> str:
+        """The -o path; the verbs that save make -o required or check it before any work.
+
+        Raises:
+            ConfigError: no -o was given.
+        """
+        if not self.output:
+            raise ConfigError("-o/--output is required to write weights")
+        return self.output
+
     def save_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``weightspace.save`` these options set (besides the path and --format)."""
         return {"fmt": self.fmt, "dtype": self.dtype, "max_shard_size": self.max_shard_size,

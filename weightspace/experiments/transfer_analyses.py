@@ -288,7 +288,7 @@ def analyse_rewind(run: TransferRun, opts: dict) -> None:
             + f". Lower half of the body: {', '.join(lower)}; upper half: {', '.join(upper)}. Modules re-initialised "
             + f"for the new task ({', '.join(sorted(reset)) or 'none'}) are left out: their 'initial value' is random. "
             + "The finding needs the 95% t-interval (over models) of upper − lower above 0. ")
-    for proto, c in checks.items():
+    for c in checks.values():
         text += f"{c['text']} ({'monotone' if c['monotone'] else 'not monotone'} in depth). "
     pt_recal = out["P-T"]["delta_error_init_bn_recalibrated"]
     if pt_recal:

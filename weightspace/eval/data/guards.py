@@ -117,7 +117,7 @@ def _walk_class(top: str, root_id: tuple[int, int], seen_dirs: dict, seen_files:
     """Every image under one class folder (links followed, each folder once: a cycle or a second way into a folder
     is refused, so the walk always ends and never counts a file twice)."""
     out: list[str] = []
-    stack = [(top, (root_id,))]
+    stack: list[tuple[str, tuple[tuple[int, int], ...]]] = [(top, (root_id,))]
     while stack:
         folder, ancestors = stack.pop()
         fid = _dir_id(folder)
