@@ -13,7 +13,8 @@ def data() -> None:
     """The decoded-data cache ($WEIGHTSPACE_DATA_CACHE, else ~/.cache/weightspace/data).
 
     Image data is decoded once per source, model transform and decoder, stored as uint8 and memory-mapped by
-    later commands; a changed file makes a new entry.
+    later commands; a changed file (path, size or mtime) makes a new entry, and WEIGHTSPACE_DATA_VERIFY=content
+    compares the files' bytes instead. Each entry's array and labels are checked against their digest on load.
     """
 
 

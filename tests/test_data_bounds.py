@@ -254,3 +254,24 @@ def test_bad_data_through_the_cli_is_one_line(tmp_path, cli, trained_mlps):
     for data, what in ((str(bad), "label -3"), ("digits:test?limit=0", "limit=0"), ("digits:test?size=0", "size=0")):
         r = cli("leaderboard", ck, "--model", "weightspace.eval.zoo:mlp?hidden=32", "--data", data, "--quiet")
         assert r.exit_code == 2 and what in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ Python API misuse
+def test_api_misuse_names_the_argument():
+    import weightspace as ws
+    from weightspace.errors import WeightspaceError
+    from weightspace.eval.models import build_model
+    net, d = build_model(ZOO, num_classes=10), load_data("digits:val?limit=20")
+    cases = [(lambda: ws.Evaluator(None, d), "model"), (lambda: ws.Evaluator("timm:resnet18", d), "model"),
+             (lambda: ws.Evaluator(net, None), "data"), (lambda: ws.Evaluator(net, "digits:val"), "data"),
+             (lambda: ws.Evaluator(net, [d, 3]), "data"), (lambda: ws.Evaluator(net, []), "data"),
+             (lambda: ws.Evaluator(net, d, batch_size=0), "batch_size"),
+             (lambda: ws.Evaluator(net, d, batch_size=None), "batch_size"),
+             (lambda: ws.Evaluator(net, d, device=None), "device"), (lambda: load_data(None), "spec"),
+             (lambda: load_data(b"digits"), "spec")]
+    for call, arg in cases:
+        with pytest.raises((WeightspaceError, TypeError)) as e:
+            call()
+        assert arg in str(e.value), (arg, e.value)
+    assert ws.Evaluator(net, d, batch_size=7, device="cpu")()["digits:val?limit=20"]["n"] == 20     # control
+    assert len(load_data(Path(_npz(Path(__import__("tempfile").mkdtemp()) / "p.npz", [0, 1])))) == 2  # a path is fine

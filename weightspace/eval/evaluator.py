@@ -37,9 +37,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
     Raises:
         ConfigError: a device other than auto, cpu or cuda[:N], or cuda where CUDA is not available.
+        TypeError: ``device`` is neither a string nor a torch.device.
     """
     if isinstance(device, torch.device):
         return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu', 'cuda[:N]' or a torch.device, not {type(device).__name__}")
     if device == "auto":
         if torch.cuda.is_available():
             import os
@@ -116,14 +119,28 @@ def as_datasets(data: TensorData | Sequence[TensorData] | Mapping[str, TensorDat
     """Normalise one dataset, a list or a dict into a dict keyed by name.
 
     Raises:
-        ConfigError: two datasets share a name.
+        ConfigError: two datasets share a name, or there is none.
+        TypeError: ``data`` is not a TensorData, a list or a dict of them.
     """
     if isinstance(data, TensorData):
         return {data.name: data}
     if isinstance(data, Mapping):
-        return dict(data)
-    out: dict[str, TensorData] = {}
-    for d in data:
+        out = dict(data)
+        items = list(out.values())
+    elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data: expected a TensorData, a list or a dict of them (load_data(spec) makes one), not "
+                        f"{type(data).__name__}")
+    else:
+        items = list(data)
+    bad = [d for d in items if not isinstance(d, TensorData)]
+    if bad:
+        raise TypeError(f"data: expected TensorData items (load_data(spec) makes one), not {type(bad[0]).__name__}")
+    if not items:
+        raise ConfigError("data: no dataset to evaluate on")
+    if isinstance(data, Mapping):
+        return out
+    out = {}
+    for d in items:
         if d.name in out:
             raise ConfigError(f"dataset {d.name} given twice")
         out[d.name] = d
@@ -141,8 +158,15 @@ class Evaluator:
         ``batch_size``; under torchrun ``parallel`` says whether the data or the sweep points are shared out.
 
         Raises:
-            ConfigError: an unknown or unavailable device, an unknown ``parallel`` mode, or two datasets with one name.
+            ConfigError: an unknown or unavailable device, an unknown ``parallel`` mode, a batch size below 1, no
+                dataset, or two datasets with one name.
+            TypeError: ``model`` is not an nn.Module, or ``data`` is not TensorData (a list or dict of them).
         """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Evaluator: model must be a torch.nn.Module (build_model(spec) makes one), not "
+                            f"{type(model).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"Evaluator: batch_size must be a positive integer, not {batch_size!r}")
         self.device = resolve_device(device)
         # What derive() builds a variant from: the same options, this device, the model and data as placed here.
         self.options: dict[str, Any] = dict(batch_size=batch_size, device=self.device, amp=amp,

@@ -5,6 +5,12 @@ the source's identity (each file's path, size and mtime, or a dataset fingerprin
 list and the decoder (PIL and GPU pixels differ), so a touched file or another model's transform is a miss, never
 a stale hit. The ``.npy`` is written first and the ``.json`` last, each renamed into place (``files.atomic_output``):
 an entry exists once its ``.json`` does.
+
+The source's identity is each file's path, size and modification time (as make and rsync decide what changed): a
+file rewritten in place with the same size and mtime is not noticed. ``WEIGHTSPACE_DATA_VERIFY=content`` adds a
+digest of every source file's bytes to the key, for when that matters. Each entry also records a digest of its
+own array and labels (xxh3-64, fast enough that a cached reload stays a few per cent of a first load:
+bench/data_throughput.py); a hit whose bytes no longer match is rebuilt, with a note.
 """
 from __future__ import annotations
 
@@ -17,9 +23,59 @@ from pathlib import Path
 
 from ...errors import ConfigError
 
-__all__ = ["cache_dir", "entry_key", "Entry", "list_entries", "remove_entries", "FORMAT"]
+__all__ = ["cache_dir", "entry_key", "Entry", "list_entries", "remove_entries", "FORMAT", "DIGEST", "digest_file",
+           "digest_labels", "verify_content", "content_digest"]
 
 FORMAT = 1  # bump when the entry layout or the decoding changes meaning
+
+
+DIGEST = "xxh3_64"
+_CHUNK = 16 << 20
+
+
+def _hasher():
+    import xxhash
+    return xxhash.xxh3_64()
+
+
+def digest_file(path: str | os.PathLike) -> str:
+    """xxh3-64 of a file's bytes, read in 16 MiB chunks (memory stays at one chunk)."""
+    h = _hasher()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def digest_labels(y: list[int]) -> str:
+    """xxh3-64 of the labels as little-endian int64."""
+    import numpy as np
+    h = _hasher()
+    h.update(np.asarray(y, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def verify_content() -> bool:
+    """Whether the user asked for source identity by content (``WEIGHTSPACE_DATA_VERIFY=content``) rather than by
+    path, size and mtime."""
+    return os.environ.get("WEIGHTSPACE_DATA_VERIFY", "").strip().lower() == "content"
+
+
+def content_digest(files: list[str]) -> str:
+    """One xxh3-64 over every file's digest, in order: the source's content, for the cache key.
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    h = _hasher()
+    for f in files:
+        h.update(digest_file(f).encode())
+    return h.hexdigest()
 
 
 def cache_dir() -> Path | None:
@@ -67,6 +123,23 @@ class Entry:
         except (OSError, ValueError):
             return False
         return self.array.stat().st_size == self.meta.get("file_bytes")
+
+    def mismatch(self) -> str:
+        """Why the stored array or labels are not what was written (the digests differ), or '' when they are.
+
+        Reads the whole array once (at xxh3's speed; bench/data_throughput.py prints the cost against a first load).
+        """
+        want = self.meta.get("digest") or {}
+        if want.get("algo") != DIGEST:
+            return "it records no digest of its array"
+        try:
+            if digest_file(self.array) != want.get("array"):
+                return "its array does not match the digest recorded when it was written"
+        except OSError as e:
+            return f"its array cannot be read ({e.strerror})"
+        if digest_labels(self.meta.get("y", [])) != want.get("labels"):
+            return "its labels do not match the digest recorded when it was written"
+        return ""
 
     @property
     def bytes(self) -> int:

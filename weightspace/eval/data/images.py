@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, DataError
-from .cache import Entry, cache_dir, entry_key, now
+from .cache import DIGEST, Entry, cache_dir, content_digest, digest_file, digest_labels, entry_key, now, verify_content
 from .decode import DecodeReport, PixelPipeline, check_bad, decode_into, gpu_decode_into, pixel_pipeline
 from .readers import ImageSource, open_source
 from .tensors import TensorData
@@ -181,11 +181,22 @@ def load_images(spec: str, base: str, opts: dict[str, str], *, model: torch.nn.M
         dev = torch.device("cuda") if torch.cuda.is_available() else None
         if dev is None:
             raise ConfigError(f"--data {spec}: decoder=gpu needs CUDA")
-    key = entry_key(source.identity(), pipe.description, source.classes, _decoder_id(decoder))
+    identity = source.identity()
+    if verify_content():  # the user asked for content, not path/size/mtime, to decide what changed
+        try:
+            identity["content"] = content_digest(source.content_files())
+        except OSError as e:
+            raise ConfigError(f"--data {spec}: cannot read a source file to verify its content ({e})") from None
+    key = entry_key(identity, pipe.description, source.classes, _decoder_id(decoder))
     folder = cache_dir()
     if folder is not None:
         entry = Entry.for_key(folder, spec, key)
         hit = entry.exists()
+        why = entry.mismatch() if hit else ""
+        if why:
+            import warnings
+            warnings.warn(f"data cache entry {entry.name}: {why}; rebuilding it", stacklevel=2)
+            hit = False
         if not hit:
             folder.mkdir(parents=True, exist_ok=True)
             rep = _build(source, pipe, decoder, entry.array, workers=workers, progress=progress, device=dev)
@@ -205,7 +216,7 @@ def load_images(spec: str, base: str, opts: dict[str, str], *, model: torch.nn.M
         path = tmpdir / "x.npy"
         try:
             rep = _build(source, pipe, decoder, path, workers=workers, progress=progress, device=dev, alone=True)
-            meta = _meta(spec, source, pipe, decoder, key, rep, path)
+            meta = _meta(spec, source, pipe, decoder, key, rep, path, digest=False)  # no entry to check later
             x = torch.from_numpy(np.load(path, mmap_mode="c"))
         finally:
             with contextlib.suppress(OSError):  # the mapping outlives the name
@@ -226,10 +237,11 @@ def load_images(spec: str, base: str, opts: dict[str, str], *, model: torch.nn.M
 
 
 def _meta(spec: str, source: ImageSource, pipe: PixelPipeline, decoder: str, key: str, rep: DecodeReport,
-          array: Path) -> dict:
+          array: Path, *, digest: bool = True) -> dict:
     bad = set(b[0] for b in rep.bad)
     y = [int(t) for i, t in enumerate(source.targets) if i not in bad]
     return {"format": 1, "key": key, "spec": spec, "source": source.identity().get("kind"),
             "shape": [len(y), 3, *pipe.size], "pipeline": pipe.description, "transform": pipe.summary, "decoder": _decoder_id(decoder),
             "mean": pipe.mean, "std": pipe.std, "classes": source.classes, "y": y,
-            "bad": [list(b) for b in rep.bad], "created": now(), "file_bytes": array.stat().st_size}
+            "bad": [list(b) for b in rep.bad], "created": now(), "file_bytes": array.stat().st_size,
+            **({"digest": {"algo": DIGEST, "array": digest_file(array), "labels": digest_labels(y)}} if digest else {})}

@@ -39,10 +39,15 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
     whose head is fitted to it): ``model`` then only chooses the decoding transform.
 
     Raises:
+        TypeError: ``spec`` is not a string (or a path).
         ConfigError: the spec names nothing readable, or an option is wrong.
         DataError: an image cannot be decoded (unless ``skip_bad``), or the class map does not fit.
     """
     from .readers import is_image_source
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"load_data: spec must be a data spec string (e.g. 'digits:val'), not {type(spec).__name__}")
     base, opts = (spec.split("?", 1)[0], dict(parse_qsl(spec.split("?", 1)[1]))) if "?" in spec else (spec, {})
     name, _, split = base.partition(":")
     check_options(opts, spec)  # before anything is read or decoded

@@ -98,6 +98,11 @@ class ImageSource:
         """The encoded bytes of example ``i`` when it is a file (GPU decoding), else None."""
         return None
 
+    def content_files(self) -> list[str]:
+        """The files whose bytes the examples come from (``WEIGHTSPACE_DATA_VERIFY=content`` digests them)."""
+        ident = self.identity()
+        return [str(f[0]) for f in ident.get("files", [])] or [str(ident["path"])]
+
 
 class FolderSource(ImageSource):
     """``ROOT/CLASS/IMAGE``, in timm's ``ReaderImageFolder`` order; an image in a nested folder belongs to its
@@ -113,6 +118,9 @@ class FolderSource(ImageSource):
         """
         self.spec, self.root = spec, root
         self.paths, self.targets, self.classes = list_image_folder(root)
+
+    def content_files(self) -> list[str]:
+        return list(self.paths)
 
     def identity(self) -> dict:
         rel = [os.path.relpath(p, self.root) for p in self.paths]
@@ -280,6 +288,9 @@ class WebDatasetSource(_TarMembers):
 
     def _member(self, i: int) -> tuple[str, tarfile.TarInfo]:
         return self.members[i]
+
+    def content_files(self) -> list[str]:
+        return [str(s) for s in self.shards]
 
     def identity(self) -> dict:
         return {"kind": "webdataset", "shards": [[str(s.resolve()), *_stat(s)] for s in self.shards],
