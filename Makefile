@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +21,11 @@ install: $(STAMP)
 test: install
 	@tmp=$$(mktemp -d); $(BIN)/python -m pytest -q -p no:cacheprovider -m "not gpu" --basetemp="$$tmp/pytest" tests; \
 	rc=$$?; rm -rf "$$tmp"; exit $$rc
+
+# ruff (pyflakes, bugbear and pycodestyle's error rules) and mypy; both read their settings from pyproject.toml.
+lint: install
+	$(BIN)/ruff check weightspace cli tests bench recipes
+	$(BIN)/mypy
 
 demo: install
 	$(BIN)/weightspace demo --out runs/demo --force

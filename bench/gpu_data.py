@@ -72,7 +72,7 @@ def main() -> None:
     def validate() -> int:
         seen = 0
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            for x, y in loader:
+            for x, _y in loader:
                 x = x.to(dev, non_blocking=True)
                 if dev.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)

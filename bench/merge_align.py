@@ -98,7 +98,7 @@ def bench_matching(names: list[str], reps: int) -> None:
     import torch
 
     from weightspace.search.align import permutation_spec, weight_matching
-    from weightspace.ops.stream import single_thread
+    from weightspace.ops.parallel import single_thread
     a_ = torch.randn(512, 4608)
     b_ = torch.randn(512, 4608)
     with single_thread():  # weight matching runs on one thread

@@ -47,6 +47,7 @@ def align(a: str, b: str, model: ModelOptions, data: DataOptions, method: str | 
         if num_classes is None:
             inputs = load_data(data_spec, transform=transform)
             num_classes = inputs.num_classes
+    assert model_spec  # click requires --model
     net = build_model(model_spec, num_classes=num_classes, in_chans=model.in_chans)
     if data_spec and inputs is None:
         inputs = load_data(data_spec, model=net, transform=transform)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
@@ -52,25 +52,31 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 def human_bytes(n: int) -> str:
     """1536 -> '1.5 KiB'."""
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return str(size)
 
 
-def require(value: Any, option: str, why: str) -> None:
-    """A usage error naming the missing option."""
+T = TypeVar("T")
+
+
+def require(value: T | None, option: str, why: str) -> T:
+    """Return ``value``; a usage error naming the missing option when it is empty."""
     if not value:
         raise click.UsageError(f"{option} is required {why}")
+    return value
 
 
-def refuse_existing(output: str, force: bool) -> None:
-    """Fail before any work when the output exists and --force was not given (the write checks again)."""
+def refuse_existing(output: str | None, force: bool) -> None:
+    """Fail before any work when the output exists and --force was not given (the write checks again); no
+    output, nothing to refuse."""
     from pathlib import Path
 
     from weightspace.errors import OutputExists
-    if Path(output).exists() and not force:
+    if output is not None and Path(output).exists() and not force:
         raise OutputExists(f"{output}: already exists (use --force to overwrite)", path=output)
 
 

@@ -44,6 +44,7 @@ def head2toe(checkpoint: str, model: ModelOptions, data: DataOptions, layers: st
     fractions = parse_floats(keep, "--keep")
     if out_dir:
         check_outputs(out_dir, H2T_FILES, force)
+    assert model.model and data.train  # click requires both
     res = run_h2t(checkpoint, model.model, data.train, data.one("head2toe"), layers=layers, keep=fractions,
                   target=target, coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter, lasso_iters=lasso_iters,
                   device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,

@@ -75,7 +75,7 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         from .oneline import held_output, one_line
         # the verb, for usage errors that click raises without a context (an option missing its value)
-        verb = next(iter([*getattr(ctx, "_protected_args", []), *ctx.args]), None)
+        verb = next(iter([*getattr(ctx, "_protected_args", []), *ctx.args]), "")
         with held_output() as state:  # library logs and warnings are shown after success, never before an error line
             try:
                 return super().invoke(ctx)

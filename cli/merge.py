@@ -2,6 +2,8 @@
 |  --config merge.yaml -o OUT (a mergekit file)"""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .common import note, parse_floats, print_json, refuse_existing, report_options, require
@@ -45,15 +47,15 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
             raise click.UsageError(f"--config describes the whole merge; drop {given[0]}")
         refuse_existing(out.output, force)
         return _from_config(config, out, force, ops, as_json, quiet)
-    require(method, "--method", "(or --config FILE)")
-    require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
+    method = require(method, "--method", "(or --config FILE)")
+    base = require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
     sources = list(models) + list(negate)
     if not sources:
         raise click.UsageError("give at least one fine-tuned model (positionally or with --negate)")
     refuse_existing(out.output, force)
     if keep is not None and density is not None:
         raise click.UsageError("--keep (global top-k) and --density (per tensor) are two TIES trims: give one")
-    options = {}
+    options: dict[str, Any] = {}
     if method == "ties":
         options = {"density": density} if density is not None else ({"keep": keep} if keep is not None else {})
     elif keep is not None or density is not None:
@@ -115,10 +117,10 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
             model: ModelOptions, data: DataOptions, grid) -> None:
     from weightspace import load, save
     from weightspace.eval.build import build_evaluator, data_transform
-    from weightspace.ops.merge import search_scale
+    from weightspace.search.scale import search_scale
 
     from .common import markdown_table
-    val_spec = data.val
+    val_spec = require(data.val, "--val", "to pick λ (with --model)")
     ev = build_evaluator(model, [val_spec], transform=data_transform(data))
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,

@@ -30,7 +30,7 @@ def modules_cmd(checkpoint: str | None, grouping: str, model: ModelOptions, out_
 
     from .common import emit, precheck
     precheck(out_dir, force)
-    listing = list_modules(model_factory(model, checkpoint)(), grouping, checkpoint, model_name=model.model)
+    listing = list_modules(model_factory(model, checkpoint)(), grouping, checkpoint, model_name=model.model or "")
     headers, rows = listing.table()
     emit(listing.to_dict(), headers, rows, out_dir=out_dir, write=listing.write, force=force, as_json=as_json,
          quiet=quiet, notes=listing.notes)

@@ -123,7 +123,8 @@ def trained_from_options(*, init_help: str, init_required: bool, data_help: str)
     --init CKPT (``init_help``, required when ``init_required``), --data/--transform (``data_help``) and
     --modules."""
     from .common import grouping_option
-    decorators = [click.argument("final"),
+    decorators: list[Callable[[Callable], Callable]] = [
+                  click.argument("final"),
                   click.option("--init", "init", required=init_required, default=None, metavar="CKPT",
                                help=init_help),
                   use(DataOptions, "data", only=("data", "transform"), required=("data",), help={"data": data_help}),

@@ -132,6 +132,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
         refuse_existing(out.output, force)
     if out_dir:
         check_outputs(out_dir, Leaderboard.FILES, force)
+    assert data.val  # only a soup chosen on --val evaluates
     transform = data_transform(data)
     ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True)
     fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightspace.ops.stream import single_thread  # tiny nets train fastest on one thread, not fighting others for cores
+from weightspace.ops.parallel import single_thread  # tiny nets train fastest on one thread, not fighting others for cores
 
 
 def make_mlp() -> torch.nn.Module:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from weightspace.ops.stream import single_thread
+from weightspace.ops.parallel import single_thread
 
 TINY_CNN = "weightspace.eval.zoo:small_cnn?width=4"
 

@@ -10,7 +10,7 @@ import safetensors.torch as st
 import torch
 import yaml
 
-from weightspace.ops.stream import single_thread
+from weightspace.ops.parallel import single_thread
 
 
 def _section(card: str, title: str) -> str:

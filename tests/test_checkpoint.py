@@ -13,7 +13,7 @@ from safetensors import safe_open
 import weightspace as ws
 from weightspace import errors
 from weightspace.ops import stream as ops
-from weightspace.ops.stream import single_thread
+from weightspace.ops.parallel import single_thread
 
 
 def same(ck, sd) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -150,7 +149,7 @@ def test_imagenet_wnid_folders_are_matched_to_a_1000_class_model(tmp_path):
     from timm.data import ImageNetInfo
     wnids = ImageNetInfo("imagenet-1k").label_names()
     root = tmp_path / "inet-r"
-    for k, (cls, i, arr) in enumerate(dh.digit_images(2)):
+    for cls, i, arr in dh.digit_images(2):
         wn = wnids[[1, 207, 980][dh.CLASSES.index(int(cls[-1]))]]
         (root / wn).mkdir(parents=True, exist_ok=True)
         (root / wn / f"{i}.jpg").write_bytes(dh.jpeg(arr))

@@ -70,7 +70,6 @@ def test_demo_is_deterministic_and_refuses_to_overwrite(demo_run, tmp_path):
 def test_demo_regime_conditions(demo_run):
     """(i) pre-training data disjoint from the target's examples, (iii) ≥ 1,000 val and test examples, (ii) the
     fine-tuned vs scratch interval recomputed from the accuracies it lists."""
-    import numpy as np
     from scipy import stats
 
     from weightspace.eval.data.tensors import _mnist, mnist_indices

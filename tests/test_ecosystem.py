@@ -10,7 +10,7 @@ import safetensors.torch as st
 import torch
 
 import weightspace as ws
-from weightspace.ops.stream import single_thread
+from weightspace.ops.parallel import single_thread
 
 MODEL = "timm:test_resnet"
 

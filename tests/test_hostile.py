@@ -288,7 +288,7 @@ def test_library_warnings_do_not_precede_the_error_line(cli, tmp_path, pair, mon
     real = checkpoint.load_pickle
 
     def noisy(path):
-        warnings.warn("a library warning", UserWarning)
+        warnings.warn("a library warning", UserWarning, stacklevel=1)
         logging.getLogger().error("a root error line, as open_clip writes it")
         logging.getLogger("huggingface_hub").warning("a retry line")
         return real(path)

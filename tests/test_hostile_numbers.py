@@ -62,3 +62,84 @@ def test_overflowing_result_is_refused_unless_allowed(cli, tmp_path, dtype, valu
     with st.safe_open(out, "pt") as f:
         prov = json.loads(f.metadata()["weightspace"])
     assert prov["allow_nonfinite"] is True
+
+
+def _merge_files(tmp_path, dtype=torch.float32):
+    """A base and two fine-tunes whose task vectors are ~1: λ = 1e38 overflows float32, λ = 1e300 cannot even
+    scale a float32 tensor."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 8, generator=g).to(dtype), "steps": torch.tensor(3)}
+    paths = []
+    for i, sd in enumerate([base, *({"w": base["w"] + torch.randn(64, 8, generator=g).to(dtype), "steps":
+                                     torch.tensor(5)} for _ in range(2))]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        st.save_file(sd, paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties"])
+def test_merge_output_is_checked_like_soups(cli, tmp_path, method):
+    base, a, b = _merge_files(tmp_path)
+    out = tmp_path / "out.safetensors"
+    msg = expect_one_line(cli("merge", "--method", method, "--base", base, a, b, "--scale", "1e38", "-o", out,
+                              "--quiet"))
+    assert "'w'" in msg and "overflows" in msg and "float32" in msg and "--allow-nonfinite" in msg
+    assert not out.exists()
+    r = cli("merge", "--method", method, "--base", base, a, b, "--scale", "1e38", "-o", out, "--quiet",
+            "--allow-nonfinite")
+    assert r.exit_code == 0, r.stderr
+    assert torch.isinf(st.load_file(out)["w"]).any()
+    with st.safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["weightspace"])["allow_nonfinite"] is True
+    # negative control: an ordinary λ writes finite weights with the same files
+    ok = tmp_path / "ok.safetensors"
+    assert cli("merge", "--method", method, "--base", base, a, b, "--scale", "0.5", "-o", ok, "--quiet").exit_code == 0
+    assert torch.isfinite(st.load_file(ok)["w"]).all()
+
+
+@pytest.mark.parametrize("args", [["merge", "--method", "task-arithmetic", "--scale", "1e300"],
+                                  ["merge", "--method", "ties", "--scale", "-1e39"],
+                                  ["interpolate", "--alpha", "1e300"]])
+def test_coefficients_beyond_float32_are_one_line_errors(cli, tmp_path, args):
+    base, a, b = _merge_files(tmp_path)
+    out = tmp_path / "out.safetensors"
+    verb, *opts = args
+    inputs = ["--base", base, a, b] if verb == "merge" else [a, b]
+    msg = expect_one_line(cli(verb, *inputs, *opts, "-o", out, "--quiet"))
+    assert "out of range" in msg and ("scale" in msg or "alpha" in msg) and "fp64" in msg
+    assert not out.exists()
+    if verb == "merge":  # in float64 arithmetic 1e300 is a number: the error is then the float32 output's overflow
+        msg = expect_one_line(cli(verb, *inputs, *opts, "--precision", "fp64", "-o", out, "--quiet"))
+        assert "overflows" in msg and not out.exists()
+
+
+def test_merge_scalars_are_validated_before_reading(tmp_path):
+    from weightspace.errors import ConfigError
+    from weightspace.ops.merge import merge
+    from weightspace.search.scale import search_scale
+    base, a, b = _merge_files(tmp_path)
+    for kw, param in [({"scale": float("nan")}, "scale"), ({"scale": float("inf")}, "scale"),
+                      ({"weights": [1.0, float("nan")]}, "weights"), ({"weights": [1.0, 1e39]}, "weights"),
+                      ({"weights": [1.0]}, "weights")]:
+        with pytest.raises(ConfigError) as e:
+            merge("task-arithmetic", base, [a, b], **kw)
+        assert e.value.param == param and len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="ties weights must be positive") as e:
+        merge("ties", base, [a, b], weights=[1.0, -0.5])
+    assert e.value.param == "weights"
+    with pytest.raises(ConfigError) as e:
+        search_scale("ties", base, [a, b], evaluate=lambda sd: 1.0, grid=[0.5, float("nan")])
+    assert e.value.param == "grid"
+    # negative controls: negative weights are fine for task arithmetic, and so is a negative λ
+    sd = merge("task-arithmetic", base, [a, b], weights=[1.0, -0.5], scale=-0.3).to_dict()
+    assert torch.isfinite(sd["w"]).all()
+
+
+def test_mergekit_lambda_overflow_is_refused(cli, tmp_path):
+    base, a, b = _merge_files(tmp_path)
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                   f"parameters:\n  lambda: 1.0e+38\n")
+    out = tmp_path / "out.safetensors"
+    msg = expect_one_line(cli("merge", "--config", cfg, "-o", out, "--quiet"))
+    assert "overflows" in msg and not out.exists()

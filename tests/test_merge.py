@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import weightspace as ws
 from weightspace.errors import ConfigError, IncompatibleCheckpoints
-from weightspace.ops.merge import kth_largest_magnitudes, method_names, merge, plan_merge, search_scale
+from weightspace.ops.merge import kth_largest_magnitudes, method_names, merge, plan_merge
+from weightspace.search.scale import search_scale
 
 
 

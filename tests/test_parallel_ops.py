@@ -8,6 +8,7 @@ import torch
 
 import weightspace as ws
 from weightspace import errors
+from weightspace.io.sizes import parse_size
 from weightspace.ops import parallel
 from weightspace.ops import stream as ops
 
@@ -52,7 +53,7 @@ def reference(paths, coeffs):
 def test_soups_are_bit_identical_across_threads_and_budgets(real_files, tmp_path):
     coeffs = [0.5, 0.3, 0.2]
     ref = reference(real_files, coeffs)
-    with ops.single_thread():
+    with parallel.single_thread():
         blobs = set()
         for threads, mem in SETTINGS:
             stream = ops.weighted_average_stream(real_files, coeffs, threads=threads, max_memory=mem)
@@ -102,11 +103,29 @@ def test_a_bad_piece_is_named_and_nothing_is_written(real_files, tmp_path):
 
 
 def test_memory_and_device_options_are_checked():
-    assert parallel.parse_size("512M") == 512 << 20 and parallel.parse_size("1.5GiB") == 3 << 29
-    assert parallel.parse_size("300MB") == 300_000_000 and parallel.parse_size("4096") == 4096
+    assert parse_size("512M") == 512 << 20 and parse_size("1.5GiB") == 3 << 29
+    assert parse_size("300MB") == 300_000_000 and parse_size("4096") == 4096
     for bad in ("lots", "-1G", "0", "5 parsecs"):
         with pytest.raises(errors.ConfigError, match="--max-memory"):
-            parallel.parse_size(bad)
+            parse_size(bad)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("5G") == 5 << 30 and parse_size(7) == 7
+
+
+def test_one_size_rule_for_memory_and_shards(real_files, tmp_path):
+    """--max-shard-size reads sizes by the rule --max-memory does: '4K' (binary) shards as '4KiB' does, and both
+    options refuse what the other refuses, naming themselves."""
+    shards = {}
+    for size in ("4K", "4KiB", "4096"):
+        out = ws.save(ops.uniform_soup_stream(real_files[:2]), tmp_path / f"s{size}", folder=True, max_shard_size=size)
+        shards[size] = sorted(p.name for p in out.iterdir())
+    assert shards["4K"] == shards["4KiB"] == shards["4096"] and len(shards["4K"]) > 2
+    for bad in ("lots", "0", -5):
+        with pytest.raises(errors.ConfigError, match="--max-shard-size"):
+            ws.save(ops.uniform_soup_stream(real_files[:2]), tmp_path / "bad.safetensors", max_shard_size=bad)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_cuda_and_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(errors.ConfigError, match="CUDA is not available"):
             ops.uniform_soup_stream([{"w": torch.ones(3)}], device="cuda")
@@ -125,7 +144,7 @@ def test_merges_and_distance_are_the_same_across_threads_and_budgets(real_files,
     wide = torch.float32
     expect = (sds[0]["big"].to(wide) + ((sds[1]["big"] - sds[0]["big"]) - (sds[2]["big"] - sds[0]["big"])))
     assert torch.equal(ta["big"], expect.to(torch.float32))
-    dists = {repr(ops.distance(real_files[0], real_files[1], per_module=True, threads=t)) for t in (1, 2, 4)}
+    dists = {repr(ws.distance(real_files[0], real_files[1], per_module=True, threads=t)) for t in (1, 2, 4)}
     assert len(dists) == 1  # repr: the empty tensor's cosine is NaN, which == would never match
 
 

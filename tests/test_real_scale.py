@@ -236,7 +236,7 @@ def test_saturation_pairs_of_published_models(stand_in_hub, cli, tmp_path):
         # and the downstream probe read the stand-in's features: the same probe on them scores the same
         net = build_model("timm:" + p["model"])
         net.load_state_dict({**net.state_dict(), **sd})
-        tr, te = task({"spec": "~/data/target", "train_per_class": 5}, "downstream", "test", lambda: net)
+        tr, te = task({"spec": "~/data/target", "train_per_class": 5}, "downstream", "test", lambda: net)  # noqa: B023
         assert tr.mean == te.mean == pytest.approx(IMAGENET_DEFAULT_MEAN) and tr.x.dtype == torch.uint8  # normalised per batch
         taps = FeatureTaps(net, "fc:in", device="cpu")
         ftr, fte = taps(tr), taps(te)

@@ -92,7 +92,7 @@ def test_repair_matches_the_target_statistics_on_data(nets, kind):
     rep.batch_size = 128
     rep.repair([1 - alpha, alpha])
     approx = channel_stats(ev.model, data, rep.scope)
-    for name, (t_mean, t_std) in target.items():
+    for name, (_t_mean, t_std) in target.items():
         live = t_std > 0.05
         assert torch.allclose(approx[name][1][live], t_std[live], rtol=0.1), name
 

@@ -4,7 +4,6 @@ class 9): a differential property test over generated headers. WEIGHTSPACE_DIFF_
 from __future__ import annotations
 
 import os
-import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

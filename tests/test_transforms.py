@@ -64,7 +64,7 @@ def test_signals_are_shuffled_in_blocks_too(digits):
     signals = digits.x.reshape(len(digits), 1, 64)  # real values, as a 1-D signal of 64 samples
     out = BlockShuffle(8, 2)(signals)
     for i in range(0, len(digits), 41):
-        rows = lambda t: sorted(tuple(r) for r in t[i, 0].reshape(-1, 8).tolist())  # noqa: E731
+        rows = lambda t: sorted(tuple(r) for r in t[i, 0].reshape(-1, 8).tolist())  # noqa: E731, B023
         assert rows(out) == rows(signals)
     assert not torch.equal(out, signals)
     assert torch.equal(BlockShuffle(64)(signals), signals)

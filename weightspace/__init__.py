@@ -17,8 +17,26 @@ models, transforms, BN recalibration and REPAIR), ``weightspace.search`` (greedy
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from ._version import __version__
+from ._version import __version__ as __version__
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on first use
+    # (tests/test_housekeeping.py keeps this block and _EXPORTS naming the same modules and names)
+    from .analysis.curve import interpolation_curve
+    from .errors import WeightspaceError
+    from .eval.data import load_data
+    from .eval.evaluator import Evaluator
+    from .hub import push_to_hub
+    from .io.checkpoint import Checkpoint
+    from .io.outputs import StateDict, TensorStream
+    from .io.save import save
+    from .io.sources import load
+    from .ops.merge import merge, task_arithmetic, ties_merge
+    from .ops.stream import (distance, lerp, lerp_stream, task_vector, task_vector_stream, uniform_soup,
+                             uniform_soup_stream, weighted_average, weighted_average_stream)
+    from .search.align import align
+    from .search.greedy import greedy_soup, soup_leaderboard
 
 # Names are imported on first use (PEP 562), so `import weightspace.errors` or the CLI's `--help` does not pay
 # for torch; `weightspace.load` and `from weightspace import load` work as with eager imports.
@@ -27,9 +45,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("save",), "io.save"),
     **dict.fromkeys(("Checkpoint",), "io.checkpoint"),
     **dict.fromkeys(("StateDict", "TensorStream"), "io.outputs"),
-    **dict.fromkeys(("uniform_soup", "weighted_average", "lerp", "task_vector", "distance", "uniform_soup_stream",
+    **dict.fromkeys(("uniform_soup", "weighted_average", "lerp", "task_vector", "uniform_soup_stream",
                      "weighted_average_stream", "lerp_stream", "task_vector_stream"), "ops.stream"),
     **dict.fromkeys(("merge", "task_arithmetic", "ties_merge"), "ops.merge"),
+    **dict.fromkeys(("distance",), "analysis.distance"),
     **dict.fromkeys(("align",), "search.align"),
     **dict.fromkeys(("Evaluator",), "eval.evaluator"),
     **dict.fromkeys(("load_data",), "eval.data"),

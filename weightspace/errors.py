@@ -24,6 +24,7 @@ name), each None where it does not apply, and subclasses the built-in a caller w
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
@@ -35,16 +36,20 @@ __all__ = [
 class WeightspaceError(Exception):
     """Base class of every error weightspace raises on bad input.
 
-    ``str(e)`` is the one-line message; ``e.path`` and ``e.key`` name the file and the tensor where known."""
+    ``str(e)`` is the one-line message; ``e.path`` and ``e.key`` name the file and the tensor where known, and
+    ``e.param`` the library parameter at fault (``alpha``, ``scale``), which the CLI maps to its flag."""
 
     path: str | None
     key: str | None
+    param: str | None
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None,
+                 param: str | None = None):
         # One positional argument only: OSError subclasses then keep str(e) == message (no "[Errno ...]").
         super().__init__(message)
         self.path = os.fspath(path) if path is not None else None
         self.key = key
+        self.param = param
 
 
 class CheckpointError(WeightspaceError):
@@ -113,7 +118,7 @@ class DataError(ConfigError):
         super().__init__(message, path=path, key=key)
 
 
-def key_sample(keys: list[str], n: int = 3) -> str:
+def key_sample(keys: Sequence[str], n: int = 3) -> str:
     """'2 keys (e.g. 'a', 'b')': how an error names a set of keys without flooding the line."""
     shown = ", ".join(repr(k) for k in keys[:n])
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} (e.g. {shown}{', ...' if len(keys) > n else ''})"
@@ -124,7 +129,7 @@ def _first_line(text: object) -> str:
     return s.splitlines()[0] if s else ""
 
 
-def misfit(name: str, missing: list[str], unexpected: list[str] = ()) -> IncompatibleCheckpoints:
+def misfit(name: str, missing: Sequence[str], unexpected: Sequence[str] = ()) -> IncompatibleCheckpoints:
     """The error for a checkpoint ``name`` whose keys do not fit a model: 'NAME: does not fit the model: missing
     2 keys (e.g. 'a', 'b'); unexpected 1 key (e.g. 'c')'. Returns it; raises nothing."""
     parts = [f"missing {key_sample(missing, 4)}"] if missing else []

@@ -522,11 +522,12 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
         for a in a_grid:
             centre = {k: (1 - a) * i64[k] + a * f64[k] for k in noisy}
 
+            # value() is called only within this iteration's bisection, so the loop variables it reads are current
             def value(s: float) -> float:
                 total = 0.0
-                for z in draws:
-                    for k in noisy:
-                        work[k] = (centre[k] + z[k] * (s * scale)).to(final_sd[k].dtype)
+                for z in draws:  # noqa: B023
+                    for k in noisy:  # noqa: B023
+                        work[k] = (centre[k] + z[k] * (s * scale)).to(final_sd[k].dtype)  # noqa: B023
                     total += float(_evaluate(evaluate, work, recalibrate_bn)[ds][metric])
                 return total / samples
 

@@ -19,7 +19,8 @@ from ..io.sources import load, short_name
 from ..eval.distributed import sweep
 from .. import report
 from ..errors import ConfigError, NonFiniteError
-from ..ops.stream import all_finite, check_compatible, lerp_stream
+from ..ops.engine import all_finite, check_compatible
+from ..ops.stream import lerp_stream
 from ..eval.contract import FitsKeys, LoadsWeights, as_table, model_tensors, write_stream
 
 __all__ = ["BARRIER_METRICS", "HOLD_BYTES", "even_alphas", "barrier_height", "Curve", "barrier_table", "CurveSet",

@@ -319,7 +319,8 @@ def module_distances(a: Source, b: Source, units: Sequence[ModuleUnit], *, param
         SourceError, CheckpointError: a checkpoint cannot be found or read.
         IncompatibleCheckpoints: the two checkpoints differ in keys, shapes or dtype kinds.
     """
-    from ..ops.stream import Distance, check_compatible
+    from ..ops.engine import check_compatible
+    from .distance import Distance
     ca, cb = load(a), load(b)
     check_compatible([ca, cb])
     total = Distance()
@@ -403,7 +404,7 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
     params = {k for k, _ in model.named_parameters()}
     dists, total = module_distances(a, b, units, parameters=params, include_buffers=include_buffers)
     rows = []
-    for i, u in enumerate(units):
+    for u in units:
         row: dict[str, Any] = {"module": u.name}
         if u.output is not None:
             j = hooked.index(u)

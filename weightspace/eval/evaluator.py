@@ -371,7 +371,7 @@ def stream_batches(d: TensorData, batch_size: int, device: torch.device, chunk_b
 
     starts = list(range(0, n, per_chunk))
     nxt = send(0, 0)
-    for k, lo in enumerate(starts):
+    for k in range(len(starts)):
         cur, done = nxt
         if done is not None:
             compute = torch.cuda.current_stream(device)

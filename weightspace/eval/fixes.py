@@ -284,7 +284,7 @@ class Repairer:
         self.scope = repair_scope(self.model, self.data.prepare(self.data.x[:2]))
         if not self.scope.points:
             why = "; ".join(f"{n}: {w}" for n, w in self.scope.skipped[:3])
-            raise ConfigError(f"repair: the model has no BatchNorm, conv or linear activation REPAIR can correct"
+            raise ConfigError("repair: the model has no BatchNorm, conv or linear activation REPAIR can correct"
                               + (f" ({why})" if why else ""))
         self.stats: list[Stats] = []
 

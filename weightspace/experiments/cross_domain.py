@@ -155,7 +155,7 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
 def _barriers(s: Any, doms: dict, models: dict, k: int, in_chans: int, protocols: list[str]) -> tuple[dict, dict,
                                                                                                       dict]:
     """Within- and cross-domain barriers on each domain's test set under each protocol, and the L2 distances."""
-    from ..ops.stream import distance
+    from ..analysis.distance import distance
     na, nb = list(doms)
     an, spec, seeds = s.cfg["analysis"], s.cfg["model"], s.seeds
     evs = {n: s.evaluator(spec, k, in_chans, te) for n, (_, te) in doms.items()}

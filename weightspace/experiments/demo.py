@@ -37,7 +37,7 @@ from ..eval.evaluator import Evaluator
 from ..eval.models import build_model
 from ..eval.train import train
 from ..io.save import save
-from ..ops.stream import single_thread
+from ..ops.parallel import single_thread
 from ..analysis.curve import CurveSet
 from ..report import check_outputs
 from ..report.manifest import record_run

@@ -160,7 +160,7 @@ def _published_points(cfg: dict, s: Session, points: list[dict]) -> tuple[Any, A
     for group, ids in cfg["published"].items():
         for hub_id in ids:
             net, up_test = published_source(hub_model_spec(hub_id), hub_id, cfg["upstream"]["test"])
-            ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)
+            ds_train, ds_test = task(cfg["downstream"], "downstream", cfg["where"], lambda: net)  # noqa: B023 (called within)
             if not points:  # after the first model's data
                 s.claim_output()
             weights = published(hub_id)

@@ -165,7 +165,7 @@ def _findings(lb: Any, basin: Any, verdict: dict, test: str) -> list[dict]:
          "table": "leaderboard.csv"},
         {"id": "b", "claim": "Ingredients fine-tuned from one pre-trained model share a basin; those that break it "
                              "are named from measured pairwise barriers.", "verdict": "measured",
-         "numbers": (f"Median midpoint val-error barrier per ingredient: "
+         "numbers": ("Median midpoint val-error barrier per ingredient: "
                      + ", ".join(f"{n} {m:.4f}" for n, m in zip(basin.names, basin.medians))
                      + f" (rule: {verdict['rule']}). Breakers: {', '.join(basin.breakers) or 'none'}. Uniform soup "
                      f"val accuracy {verdict['uniform_val_accuracy']:.4f} vs best individual "

@@ -165,8 +165,8 @@ def _finetune_from(s: Any, e: int, start: dict, published_start: bool, tgt_train
                    in_chans: int, protocols: dict, ev: Any) -> dict:
     """Fine-tune from one start point with every seed; the models' accuracies, their distances from the start and
     the barriers and distances within pairs of them."""
+    from ..analysis.distance import distance
     from ..eval.train import accuracy
-    from ..ops.stream import distance
     cfg, spec, seeds, device = s.cfg, s.cfg["model"], s.seeds, s.device
     if published_start:
         s.save(f"start-epoch-{e}", start)  # the published weights with the one random head
@@ -285,7 +285,7 @@ def _render(cfg: dict, results: dict, findings: list[dict]) -> str:
     from ..report import markdown_table
     pre, ft, d = cfg["pretrain"], cfg["finetune"], results["data"]
     cps = cfg["checkpoints"]
-    setup = [(f"Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
+    setup = [("Start points: the published weights " + ", ".join(f"`{c}` ({e} epochs)" for e, c in cps.items())
               + f" (not pre-trained here); source task scored on `{cfg['source']['test']}` ({d['source_test']} "
               "images)." if isinstance(cps, dict) else
               f"Source: `{cfg['source']['train']}` ({d['source']} images), pre-trained once (seed {pre['seed']}) for "

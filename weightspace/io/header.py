@@ -239,8 +239,8 @@ def _validate(entries: dict[str, tuple[str, list[int], tuple[int, int]]], data_s
             shape = torch_shape(name, dims)
             if numel == 0:  # what the reference makes of an empty tensor; torch refuses some shapes (2^63)
                 torch.empty(shape, dtype=dtype)
-        except _Reject as e:
-            raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({e})",
+        except _Reject as why:
+            raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({why})",
                                   path=where, key=key) from None
         except (RuntimeError, TypeError, ValueError, OverflowError):
             raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has a shape torch cannot "

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Iterator, Union
 
 import torch
 
@@ -28,11 +28,12 @@ from .._version import __version__
 from .checkpoint import PROVENANCE_SUFFIX, Checkpoint, find_aliases
 from ..errors import CheckpointError, ConfigError, OutputExists
 from .outputs import TensorStream, finish_provenance
+from .sizes import parse_size
 from ..files import atomic_output, make_folder
 from .formats import header_for, write_safetensors
 from .sources import WEIGHT_SUFFIXES, resolve, split_options
 
-__all__ = ["save", "parse_size", "OUTPUT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_SUFFIX", "INDEX_NAME"]
+__all__ = ["save", "OUTPUT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_SUFFIX", "INDEX_NAME"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 PLACEHOLDER = "0" * 64
@@ -77,23 +78,6 @@ def _dump(prov: dict, out: Path) -> str:
 def _meta(prov: dict, out: Path) -> dict[str, str]:
     # "format": "pt" is what save_pretrained writes and what transformers and huggingface_hub require to load
     return {"format": "pt", "weightspace": _dump(prov, out)}
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """'5GB' → 5·10⁹ bytes ('GiB' → 2³⁰; a plain number is bytes), as transformers reads --max-shard-size.
-
-    Raises ConfigError on anything else."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
-    unit = m.group(2).upper() if m else ""
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"--max-shard-size {size}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def _human(n: int) -> str:
@@ -344,7 +328,7 @@ def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = Non
     if dtype:
         stream = _cast(stream, dtype)
     extra = dict(provenance or {})
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "--max-shard-size")
     if is_folder:
         return _save_folder(stream, path, kind, extra, force, limit)
     total = sum(_nbytes(e) for e in stream.entries)

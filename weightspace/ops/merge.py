@@ -1,18 +1,17 @@
-"""Model merging from a shared base: task arithmetic and TIES, streamed tensor by tensor.
+"""Model merging from a shared base: task arithmetic and TIES, formulas on the one engine (ops.engine).
 
 Each method is a small class behind a registry (as in mergekit). A method sees, for one flat piece of one key at a
-time, the task vectors τ_t = s_t·(θ_t − θ_pre) (s_t = −1 for negated models) and returns the merged task vector δ;
-the driver writes θ = θ_pre + λ·δ. Pieces are sized under a memory budget and computed on worker threads (see
-ops.parallel), so memory holds a few pieces per model, whatever the size of the largest tensor; a method must
-therefore be elementwise given what ``prepare`` computed, and thread-safe. Integer and bool buffers are copied
-from the base.
+time, the task vectors τ_t = w_t·s_t·(θ_t − θ_pre) (s_t = −1 for negated models, w_t the model's weight) and
+returns the merged task vector δ; the merge formula writes θ = θ_pre + λ·δ. The engine sizes pieces under a memory
+budget and computes them on worker threads, so a method must be elementwise given what ``prepare`` computed, and
+thread-safe; a method that needs whole tensors (a norm, an angle, a random mask whose bytes must not depend on the
+piece split) lists those keys in ``whole_tensor`` and sees each of them as one piece. Integer and bool buffers
+are copied from the base.
 """
 from __future__ import annotations
 
 import math
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -21,14 +20,14 @@ from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..errors import ConfigError
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
-from .parallel import (Execution, ordered_map, piece_streams, plan_execution, thread_cuda_stream, thread_events,
-                       thread_scratch)
-from ..io.outputs import StateDict, TensorStream, finish_provenance
-from .stream import PRECISIONS, TASK_ARITHMETIC_PAPER, check_finite, tensor_progress, check_compatible
+from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar
+from .parallel import Execution
+from ..io.outputs import StateDict, TensorStream
+from .stream import TASK_ARITHMETIC_PAPER
 
 __all__ = ["TIES_PAPER", "MergeMethod", "register", "method_names", "TaskArithmetic", "Ties", "MergePlan",
-           "kth_largest_magnitudes", "per_tensor_thresholds", "plan_merge", "merge", "task_arithmetic", "ties_merge",
-           "ScaleSearch", "search_scale"]
+           "kth_largest_magnitudes", "per_tensor_thresholds", "plan_merge", "apply_delta", "merge",
+           "task_arithmetic", "ties_merge"]
 
 TIES_PAPER = Paper("Yadav et al.", 2023, "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
                    "https://arxiv.org/abs/2306.01708")
@@ -51,9 +50,13 @@ class MergeMethod:
         """An optional first pass over all keys (e.g. a global threshold); returns provenance fields."""
         return {}
 
+    def whole_tensor(self, key: str) -> bool:
+        """Whether ``combine`` (and the passes of ``prepare``) must see ``key`` as one piece; default: no."""
+        return False
+
     def combine(self, key: str, taus: list[torch.Tensor]) -> torch.Tensor:
-        """The merged task vector δ of a flat piece of ``key`` from the task vectors τ_t of that piece (signed, one
-        dtype, fresh: the method may modify them in place)."""
+        """The merged task vector δ of a flat piece of ``key`` from the task vectors τ_t of that piece (signed and
+        weighted, one dtype, fresh: the method may modify them in place)."""
         raise NotImplementedError
 
 
@@ -118,6 +121,10 @@ class Ties(MergeMethod):
 
     def prepare(self, plan: "MergePlan") -> dict:
         self.weights = list(plan.weights)
+        if any(w <= 0 for w in self.weights):
+            # the disjoint mean divides by the summed weights of the agreeing models: a weight ≤ 0 has no meaning
+            raise ConfigError(f"weights={','.join(f'{w:g}' for w in self.weights)}: ties weights must be positive",
+                              param="weights")
         if self.densities is not None:
             dens = self.densities * len(plan.models) if len(self.densities) == 1 else self.densities
             if len(dens) != len(plan.models):
@@ -153,83 +160,68 @@ class Ties(MergeMethod):
         return total.div_(torch.where(count > 0, count, torch.ones_like(count))).mul_(elected)
 
 
-@dataclass
-class MergePlan:
-    """What a merge reads: the base, the fine-tuned models with their signs, how to form task vectors, and how the
-    work runs (threads, piece size, device: see ops.parallel)."""
+class MergePlan(Formula):
+    """A merge as the engine runs it: the base (input 0) and the fine-tuned models with their signs and weights,
+    the task vectors of each piece, and the formula θ_pre + λ·δ with the method's δ."""
 
-    base: Checkpoint
-    models: list[Checkpoint]
-    signs: list[float]
-    keys: list[str]
-    acc_dtype: torch.dtype
-    allow_nonfinite: bool = False
-    progress: bool = False
-    checked: bool = False  # set once a full pass has checked every input for NaN/Inf
-    ex: Execution | None = None
-    weights: list[float] = field(default_factory=list)  # per-model weights w_t (τ_t is scaled by them); [] = all 1
+    def __init__(self, engine: Engine, method: "MergeMethod", signs: list[float], weights: list[float],
+                 scale: float = 1.0):
+        self.engine, self.method, self.signs, self.weights, self.scale = engine, method, signs, weights, scale
 
-    def __post_init__(self) -> None:
-        if self.ex is None:
-            self.ex = self.execution()
+    @property
+    def base(self) -> Checkpoint:
+        """The base checkpoint θ_pre."""
+        return self.engine.ref
 
-    def execution(self, threads: int | None = None, max_memory: int | str | None = None,
-                  device: str | torch.device | None = None) -> Execution:
-        """Plan threads and pieces: a worker holds θ_pre, every τ_t and a method's few temporaries per element."""
-        floats = self.float_keys()
-        wide = max((self.wide(k).itemsize for k in floats), default=4)
-        in_size = max((ck.info(k)[0].itemsize for ck in [self.base, *self.models] for k in floats), default=1)
-        out_size = max((self.base.info(k)[0].itemsize for k in floats), default=1)
-        return plan_execution(model_bytes=self.base.nbytes, worker_bytes_per_elem=(len(self.models) + 6) * wide
-                              + in_size, held_bytes_per_elem=out_size, threads=threads, max_memory=max_memory,
-                              device=device)
+    @property
+    def models(self) -> list[Checkpoint]:
+        """The fine-tuned checkpoints, in order."""
+        return self.engine.inputs[1:]
 
-    def float_keys(self) -> list[str]:
-        """Floating keys, each tied group once (its canonical name)."""
-        return [k for k in self.keys if k not in self.base.aliases and self.base.info(k)[0].is_floating_point]
+    @property
+    def keys(self) -> list[str]:
+        """Every output key, sorted."""
+        return self.engine.keys
 
-    def num_float_elements(self) -> int:
-        """Entries of one task vector over the whole model."""
-        return sum(math.prod(self.base.info(k)[1]) for k in self.float_keys())
+    @property
+    def ex(self) -> Execution:
+        """How the work runs (threads, pieces, device)."""
+        return self.engine.ex
 
-    def wide(self, key: str) -> torch.dtype:
-        """The accumulation dtype of one key (float64 stays float64)."""
-        dtype, _ = self.base.info(key)
-        return torch.float64 if torch.float64 in (dtype, self.acc_dtype) else self.acc_dtype
+    @property
+    def checked(self) -> bool:
+        """Whether a full pass has already checked every input for NaN/Inf."""
+        return self.engine.checked
 
-    def ranges(self, key: str) -> Iterator[tuple[int, int]]:
-        """The flat pieces [start, stop) of one key."""
-        return self.ex.ranges(math.prod(self.base.info(key)[1]))
+    @checked.setter
+    def checked(self, value: bool) -> None:
+        self.engine.checked = value
 
     @property
     def on_gpu(self) -> bool:
         """Whether pieces are combined on a CUDA device."""
-        return self.ex.device.type == "cuda"
+        return self.engine.on_gpu
 
-    def _read(self, ck: Checkpoint, key: str, start: int, stop: int, slot: int = 0) -> torch.Tensor:
-        """Elements [start, stop) of one tensor, flattened, checked for NaN/Inf unless allowed; on the plan's
-        device (read into one of two pinned slots and copied on the worker's own stream)."""
-        need = (stop - start) * ck.info(key)[0].itemsize
-        if not self.on_gpu:
-            t = ck.read_range(key, start, stop, thread_scratch("read", need))
-        else:
-            events = thread_events(self.ex.device)
-            events[slot].synchronize()  # the copy that last read this pinned slot is done
-            host = ck.read_range(key, start, stop, thread_scratch(f"pin{slot}", need, pin=True))
-            t = host.to(self.ex.device, non_blocking=True)
-            events[slot].record(thread_cuda_stream(self.ex.device))
-        if not (self.allow_nonfinite or self.checked):
-            check_finite(t, ck, key)
-        return t
+    def float_keys(self) -> list[str]:
+        """Floating keys, each tied group once (its canonical name)."""
+        return self.engine.float_keys()
 
-    def task_vectors(self, key: str, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """θ_pre and the signed task vectors s_t·(θ_t − θ_pre) of elements [start, stop) of a floating key (flat,
-        fresh tensors in the wide dtype, on the plan's device)."""
-        base = self._read(self.base, key, start, stop).to(self.wide(key), copy=True)
+    def num_float_elements(self) -> int:
+        """Entries of one task vector over the whole model."""
+        return self.engine.num_float_elements()
+
+    def wide(self, key: str) -> torch.dtype:
+        """The accumulation dtype of one key (float64 stays float64)."""
+        return self.engine.wide(key)
+
+    def task_vectors(self, piece: Piece) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ_pre and the task vectors w_t·s_t·(θ_t − θ_pre) of one piece (flat, fresh tensors in the wide dtype,
+        on the engine's device)."""
+        base = piece.wide(0)
         taus = []
         weights = self.weights or [1.0] * len(self.models)
-        for i, (ck, s, w) in enumerate(zip(self.models, self.signs, weights)):
-            tau = torch.sub(self._read(ck, key, start, stop, slot=(i + 1) % 2), base)
+        for i, (s, w) in enumerate(zip(self.signs, weights)):
+            tau = torch.sub(piece.read(i + 1), base)
             if s * w != 1.0:
                 tau.mul_(s * w)
             taus.append(tau)
@@ -239,25 +231,11 @@ class MergePlan:
                    desc: str) -> Iterator[T]:
         """``fn(key, start, stop, θ_pre, task vectors)`` for every piece of every floating key, on the worker
         threads (on the device's streams with a GPU); results in piece order."""
-        def tasks() -> Iterator[tuple[str, int, int]]:
-            keys = self.float_keys()
-            for key in tensor_progress(keys, len(keys), desc, self.progress):
-                for start, stop in self.ranges(key):
-                    yield key, start, stop
+        return self.engine.map_pieces(lambda p: fn(p.key, p.start, p.stop, *self.task_vectors(p)), desc)
 
-        return ordered_map(lambda task: self.piece(fn, *task), tasks(), self.ex.threads, self.ex.depth)
-
-    def piece(self, fn: Callable[[str, int, int, torch.Tensor, list[torch.Tensor]], T], key: str, start: int,
-              stop: int) -> T:
-        """``fn(key, start, stop, θ_pre, task vectors)`` for one piece on the calling thread (and its CUDA stream,
-        synchronised before returning, with a GPU)."""
-        if not self.on_gpu:
-            return fn(key, start, stop, *self.task_vectors(key, start, stop))
-        stream = thread_cuda_stream(self.ex.device)
-        with torch.cuda.stream(stream):
-            out = fn(key, start, stop, *self.task_vectors(key, start, stop))
-        stream.synchronize()
-        return out
+    def combine(self, piece: Piece, out: torch.Tensor) -> None:
+        base, taus = self.task_vectors(piece)
+        apply_delta(base, self.method.combine(piece.key, taus), self.scale, out)
 
 
 # Radix selection over float32 bit patterns: for non-negative floats the int32 bit pattern is ordered like the
@@ -376,7 +354,8 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     ``weights`` scale each model's task vector (default 1 each; TIES then takes a weighted disjoint mean).
 
     Raises:
-        ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device.
+        ConfigError: no models, an unknown method/precision or option, a bad threads/max_memory/device,
+            weights that are not finite or beyond the accumulation dtype's range (or not positive, for TIES).
         IncompatibleCheckpoints: the checkpoints differ in keys, shapes or dtype kinds.
         NonFiniteError: an input holds NaN/Inf (unless ``allow_nonfinite``).
     """
@@ -387,12 +366,15 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     m = _make_method(method, options)
     base_ck = load(base, ema=ema)
     cks = [load(s, ema=ema) for s in models]
-    check_compatible([base_ck, *cks])
     if weights is not None and len(weights) != len(cks):
-        raise ConfigError(f"merge: {len(weights)} weights for {len(cks)} models")
-    plan = MergePlan(base_ck, cks, _signs(len(cks), negate), sorted(base_ck), PRECISIONS[precision],
-                     allow_nonfinite, progress, weights=[float(w) for w in weights] if weights is not None else [])
-    plan.ex = plan.execution(threads, max_memory, device)
+        raise ConfigError(f"merge: {len(weights)} weights for {len(cks)} models", param="weights")
+    if weights is not None:
+        weights = [finite_scalar(w, "weights", PRECISIONS[precision]) for w in weights]
+    # a worker holds θ_pre, every τ_t and a method's few temporaries per element
+    engine = Engine([base_ck, *cks], op=m.name, precision=precision, allow_nonfinite=allow_nonfinite,
+                    progress=progress, scratch=len(cks) + 6, whole=m.whole_tensor, threads=threads,
+                    max_memory=max_memory, device=device)
+    plan = MergePlan(engine, m, _signs(len(cks), negate), [float(w) for w in weights] if weights is not None else [])
     prov = {
         "op": m.name.replace("-", "_"),
         "method": m.name,
@@ -402,35 +384,19 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
            for c, s, w in zip(cks, plan.signs, plan.weights or [1.0] * len(cks))],
         "weightspace_version": __version__,
     }
+    if allow_nonfinite:  # the output may hold NaN/Inf on purpose: say so where the output is described
+        prov["allow_nonfinite"] = True
     prov.update(m.prepare(plan))
     if base_ck.aliases:
         prov["tied"] = dict(sorted(base_ck.aliases.items()))
     return m, plan, prov
 
 
-def _apply(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     """out = θ_pre + λ·δ, cast to out's dtype (and copied off the device)."""
     if out.dtype == base.dtype and out.device == base.device:
         return torch.add(base, delta, alpha=scale, out=out)
     return out.copy_(torch.add(base, delta, alpha=scale), non_blocking=True)
-
-
-def _merged_piece(m: MergeMethod, plan: MergePlan, scale: float, key: str, start: int, stop: int,
-                  out: torch.Tensor) -> None:
-    """out (flat, stored dtype) ← θ_pre + λ·δ over elements [start, stop) of ``key``."""
-    plan.piece(lambda k, a, b, base, taus: _apply(base, m.combine(k, taus), scale, out), key, start, stop)
-
-
-def _whole(m: MergeMethod, plan: MergePlan, key: str, scale: float) -> torch.Tensor:
-    """The merged tensor of one key, its pieces computed on the calling thread."""
-    dtype, shape = plan.base.info(key)
-    if not dtype.is_floating_point:
-        return plan.base[key]
-    out = torch.empty(shape, dtype=dtype)
-    flat = out.view(-1)
-    for start, stop in plan.ranges(key):
-        _merged_piece(m, plan, scale, key, start, stop, flat[start:stop])
-    return out
 
 
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, scale: float = 1.0,
@@ -445,35 +411,18 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source], *, 
     the threads and budget.
 
     Raises:
-        ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``plan_merge``; a non-finite ``scale``.
+        ConfigError, IncompatibleCheckpoints: as ``plan_merge``; a ``scale`` that is not finite or beyond the
+            accumulation dtype's range.
+        NonFiniteError: as ``plan_merge``; also (while streaming) a result that overflows its dtype, unless
+            ``allow_nonfinite``.
     """
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ConfigError(f"--scale {scale}: must be a finite number")
+    scale = finite_scalar(scale, "scale", PRECISIONS.get(precision, torch.float32))
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
                                allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
                                max_memory=max_memory, device=device, **options)
     prov["scale"] = scale
-    entries = [(k, *plan.base.info(k)) for k in plan.keys]
-    tied = dict(plan.base.aliases)
-    lock = threading.Lock()
-    tied_done: dict[str, torch.Tensor] = {}
-
-    def whole(key: str) -> torch.Tensor:
-        """Integer buffers, empty tensors, and tied groups (merged once, however many names share them)."""
-        canon = tied.get(key, key)
-        if canon not in tied.values():
-            return _whole(m, plan, key, scale)
-        with lock:
-            if canon not in tied_done:
-                tied_done[canon] = _whole(m, plan, canon, scale)
-            return tied_done[canon]
-
-    split = {k for k in plan.float_keys() if k not in tied.values()}
-    pieces, produce = piece_streams(
-        plan.keys, plan.base.info, split, lambda k, a, b, out: _merged_piece(m, plan, scale, k, a, b, out), whole,
-        plan.ex, lambda ks: tensor_progress(ks, len(ks), m.name, plan.progress))
-    return TensorStream(entries, produce, prov, [plan.base, *plan.models], tied, pieces)
+    plan.scale = scale
+    return plan.engine.stream(plan, prov, m.name)
 
 
 def task_arithmetic(base: Source, models: Sequence[Source], *, scale: float = 1.0,
@@ -488,77 +437,3 @@ def ties_merge(base: Source, models: Sequence[Source], *, scale: float = 1.0, ke
     """TIES-merging (Yadav et al. 2023): trim to the top ``keep`` fraction, elect signs, disjoint mean, θ_pre + λ·τ.
     In memory; ``kw`` and what it raises as ``merge``."""
     return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).to_dict()
-
-
-@dataclass
-class ScaleSearch:
-    """The result of picking λ on validation data: the best scale, every score, and the merged weights."""
-
-    scale: float
-    scores: list[tuple[float, float]]
-    state_dict: StateDict
-
-
-def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
-                 evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float],
-                 maximize: bool = True, negate: Sequence[bool] | None = None, precision: str = "fp32",
-                 allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
-                 threads: int | None = None, max_memory: int | str | None = None, **options: Any) -> ScaleSearch:
-    """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value.
-
-    The merged task vector does not depend on λ, so it is computed once (θ_pre and δ held in memory, two models'
-    worth) and each candidate costs one axpy and one call of ``evaluate``.
-
-    Raises:
-        ConfigError: an empty grid or a non-finite value in it; otherwise as ``plan_merge``.
-        IncompatibleCheckpoints, NonFiniteError: as ``plan_merge``.
-    """
-    grid = [float(x) for x in grid]
-    if not grid or not all(math.isfinite(x) for x in grid):
-        raise ConfigError("scale grid: needs at least one finite value")
-    m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
-                               allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
-                               max_memory=max_memory, **options)
-    # θ_pre and δ of every floating key, whole and in the wide dtype (tied names share one entry), filled piece
-    # by piece on the workers.
-    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in plan.float_keys():
-        shape = plan.base.info(key)[1]
-        parts[key] = (torch.empty(shape, dtype=plan.wide(key)), torch.empty(shape, dtype=plan.wide(key)))
-
-    def fill(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> None:
-        b, d = parts[key]
-        b.view(-1)[start:stop].copy_(base)
-        d.view(-1)[start:stop].copy_(m.combine(key, taus))
-
-    for _ in plan.map_pieces(fill, m.name):
-        pass
-
-    def merged(lam: float) -> StateDict:
-        out = StateDict()
-        for key in plan.keys:
-            canon = plan.base.aliases.get(key, key)
-            dtype, shape = plan.base.info(canon)
-            if canon not in parts:
-                out[key] = plan.base[canon]
-            elif canon != key and canon in out:
-                out[key] = out[canon]
-            else:
-                b, d = parts[canon]
-                out[key] = _apply(b, d, lam, torch.empty(shape, dtype=dtype))
-        return out
-
-    scores: list[tuple[float, float]] = []
-    best: tuple[float, float] | None = None
-    for lam in grid:
-        score = float(evaluate(merged(lam)))
-        scores.append((lam, score))
-        better = best is None or (score > best[1] if maximize else score < best[1])
-        if better and math.isfinite(score):
-            best = (lam, score)
-    if best is None:
-        raise ConfigError("scale grid: evaluate returned no finite score")
-    prov.update(scale=best[0], scale_search={"grid": grid, "scores": [s for _, s in scores], "maximize": maximize})
-    out = merged(best[0])
-    out.provenance = finish_provenance(prov, [plan.base, *plan.models])
-    return ScaleSearch(best[0], scores, out)

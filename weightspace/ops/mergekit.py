@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .stream import TensorStream, linear_combination
+from ..io.outputs import TensorStream
+from .stream import linear_combination
 
 __all__ = ["MergekitConfig", "read_mergekit_config", "merge_from_config"]
 

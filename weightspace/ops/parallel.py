@@ -15,9 +15,9 @@ sized under a budget (``max_memory``; by default an eighth of one checkpoint, be
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import re
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,8 +27,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 from ..errors import ConfigError
+from ..io.sizes import parse_size
 
-__all__ = ["ALIGN", "Execution", "BufferPool", "cpu_count", "parse_size", "plan_execution", "ordered_map",
+__all__ = ["ALIGN", "Execution", "BufferPool", "cpu_count", "single_thread", "plan_execution", "ordered_map",
            "ops_device", "thread_scratch", "thread_cuda_stream", "thread_events", "piece_streams"]
 
 ALIGN = 1 << 10  # elements: piece starts and lengths are multiples of this (see the module docstring)
@@ -51,28 +52,19 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_size(value: str | int | None, what: str = "--max-memory") -> int | None:
-    """Bytes from ``512M``, ``2G``, ``1.5GiB``, ``300MB`` or a plain integer (None stays None).
-
-    Raises:
-        ConfigError: the text is not a positive size.
-    """
-    if value is None or isinstance(value, int):
-        if isinstance(value, int) and value <= 0:
-            raise ConfigError(f"{what} {value}: must be a positive number of bytes")
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"{what} {value}: expected a size such as 512M, 2G or 1.5GiB")
-    n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ConfigError(f"{what} {value}: must be a positive number of bytes")
-    return n
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch's elementwise kernels on one thread. They are memory-bound, so a second thread gains little, while
+    on a busy machine OpenMP threads waiting for each other made a soup 15× slower (5 s instead of 0.3 s)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ops_device(device: str | torch.device | None) -> torch.device:

@@ -65,7 +65,7 @@ def write_manifest(folder: str | os.PathLike, paths: Iterable[str | os.PathLike]
     folder's manifest."""
     folder = Path(folder)
     rels = {os.path.relpath(os.path.abspath(p), os.path.abspath(folder)) for p in paths} | set(keep)
-    rels = sorted(r for r in rels if not r.startswith(".."))
+    inside = sorted(r for r in rels if not r.startswith(".."))
     with atomic_output(folder / MANIFEST_NAME, force=True) as tmp:
-        Path(tmp).write_text(json.dumps({"files": rels}, indent=1) + "\n")
+        Path(tmp).write_text(json.dumps({"files": inside}, indent=1) + "\n")
     return folder / MANIFEST_NAME

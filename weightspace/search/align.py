@@ -21,7 +21,7 @@ import copy
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from ..io.checkpoint import Source
 from ..io.sources import load
 from ..errors import AlignmentError, IncompatibleCheckpoints, misfit
 from ..io.outputs import StateDict, finish_provenance
-from ..ops.stream import tensor_progress, single_thread
+from ..ops.engine import tensor_progress
+from ..ops.parallel import single_thread
 from ..registry import Entry, Paper, register
 
 __all__ = ["AlignmentError", "PermGroup", "PermutationSpec", "trace", "permutation_spec", "apply_permutations",
@@ -615,7 +616,7 @@ def _verify(gm: fx.GraphModule, before: Mapping[str, torch.Tensor], after: Mappi
     return diff
 
 
-def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", data: Iterable | Callable | None = None,
+def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", data: Any = None,
           seed: int = 0, max_rounds: int = 100, example_input: torch.Tensor | None = None,
           progress: bool = False) -> tuple[StateDict, dict]:
     """Permute B's hidden units to match A (Git Re-Basin); returns (B permuted, info). B's function is unchanged.

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -25,7 +25,8 @@ from .. import report
 from ..errors import ConfigError
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratch
-from ..ops.stream import PRECISIONS, SOUPS_PAPER, check_compatible, uniform_soup
+from ..ops.engine import PRECISIONS, check_compatible
+from ..ops.stream import SOUPS_PAPER, uniform_soup
 from ..registry import Entry, register
 from ..eval.contract import Evaluate, FitsKeys, MultiDataset, TellsMembers, as_table, model_tensors
 
@@ -495,7 +496,7 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
                precision: str = "fp32", progress: bool = False) -> tuple[list[dict], dict[str, StateDict]]:
     """Leaderboard rows for merges of ``ingredients`` onto ``base`` (task arithmetic, TIES): λ picked from ``grid``
     by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
-    from ..ops.merge import search_scale
+    from .scale import search_scale
     if val_evaluate is None:
         val_evaluate = validation_view(evaluate) if isinstance(evaluate, MultiDataset) and len(evaluate.datasets) > 1 else evaluate
     rows, merged = [], {}

@@ -36,7 +36,8 @@ from ..io.sources import load
 from ..eval.data import TensorData
 from ..errors import ConfigError, misfit
 from ..io.outputs import StateDict, finish_provenance
-from ..ops.stream import SOUPS_PAPER, check_compatible
+from ..ops.engine import check_compatible
+from ..ops.stream import SOUPS_PAPER
 from ..registry import Entry, register
 
 __all__ = ["LearnedSoupResult", "differentiable_batchnorm", "learned_soup"]
