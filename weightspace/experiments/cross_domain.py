@@ -79,7 +79,6 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
     from ..eval.train import accuracy
-    from ..analysis.distance import distance
 
     s = open_session(load_cross_domain_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)
@@ -135,23 +134,7 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         t2 = time.perf_counter()
         has_bn = has_batchnorm(template)
         protocols = bn_protocols(an, template)
-        evs = {n: s.evaluator(spec, k, in_chans, te) for n, (_, te) in doms.items()}
-
-        def barrier(x: dict, y: dict, on: str, p: str) -> float:
-            return error_barrier(x, y, evs[on], doms[on][1], an["steps"],
-                                 doms[on][0] if p == "re-estimated" else None)
-
-        within: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
-        cross: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
-        l2 = {"within " + n: [] for n in doms} | {"cross": []}
-        for i, seed in enumerate(seeds):
-            nxt = seeds[(i + 1) % len(seeds)]
-            for n in doms:
-                for p in protocols:
-                    within[n][p].append(barrier(models[n][seed], models[n][nxt], n, p))
-                    cross[n][p].append(barrier(models[na][seed], models[nb][seed], n, p))
-                l2["within " + n].append(distance(models[n][seed], models[n][nxt])["total"]["l2"])
-            l2["cross"].append(distance(models[na][seed], models[nb][seed])["total"]["l2"])
+        within, cross, l2 = _barriers(s, doms, models, k, in_chans, protocols)
         s.lap("barriers", t2)
 
     findings, summary = _findings(within, cross, seeds, an, protocols, na, nb)
@@ -167,6 +150,31 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
                "within": within, "cross": cross, "l2": l2, "l2_interval": {
                    kk: t_interval(v).to_dict() for kk, v in l2.items()}, **summary}
     return s.finish(findings, results, _render(cfg, results, findings))
+
+
+def _barriers(s: Any, doms: dict, models: dict, k: int, in_chans: int, protocols: list[str]) -> tuple[dict, dict,
+                                                                                                      dict]:
+    """Within- and cross-domain barriers on each domain's test set under each protocol, and the L2 distances."""
+    from ..analysis.distance import distance
+    na, nb = list(doms)
+    an, spec, seeds = s.cfg["analysis"], s.cfg["model"], s.seeds
+    evs = {n: s.evaluator(spec, k, in_chans, te) for n, (_, te) in doms.items()}
+
+    def barrier(x: dict, y: dict, on: str, p: str) -> float:
+        return error_barrier(x, y, evs[on], doms[on][1], an["steps"], doms[on][0] if p == "re-estimated" else None)
+
+    within: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
+    cross: dict[str, dict[str, list[float]]] = {n: {p: [] for p in protocols} for n in doms}
+    l2 = {"within " + n: [] for n in doms} | {"cross": []}
+    for i, seed in enumerate(seeds):
+        nxt = seeds[(i + 1) % len(seeds)]
+        for n in doms:
+            for p in protocols:
+                within[n][p].append(barrier(models[n][seed], models[n][nxt], n, p))
+                cross[n][p].append(barrier(models[na][seed], models[nb][seed], n, p))
+            l2["within " + n].append(distance(models[n][seed], models[n][nxt])["total"]["l2"])
+        l2["cross"].append(distance(models[na][seed], models[nb][seed])["total"]["l2"])
+    return within, cross, l2
 
 
 def _findings(within: dict, cross: dict, seeds: list[int], an: dict, protocols: list[str], na: str,

@@ -148,59 +148,11 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
             save(sd, path, force=force, provenance={"op": "train", "config": config, "seed": seed})
             return str(path)
 
-        log(f"pre-training on {source.name} ({len(source)} real MNIST digits, disjoint from every target image)")
-        torch.manual_seed(seed)
-        pre = build_model(MODEL, num_classes=10)
-        train(pre, source, epochs=size.pretrain_epochs, lr=0.05, batch_size=32, seed=seed, augment="shift")
-        keep(_state(pre), names[0], {"data": source.name, "epochs": size.pretrain_epochs, "lr": 0.05,
-                                     "augment": "shift"})
-
-        log(f"linear probe of a new 10-class head on {target.name}")
-        torch.manual_seed(seed + 1)
-        probe = build_model(MODEL, num_classes=10)
-        probe.load_state_dict({k: v for k, v in pre.state_dict().items() if not k.startswith("fc.")}, strict=False)
-        for n, p in probe.named_parameters():
-            p.requires_grad_(n.startswith("fc."))
-        train(probe, target, epochs=size.probe_epochs, lr=0.05, batch_size=32, seed=seed + 1)
-        for p in probe.parameters():
-            p.requires_grad_(True)
-        keep(_state(probe), names[1], {"data": target.name, "epochs": size.probe_epochs, "lr": 0.05,
-                                       "frozen": "all but fc"})
-        start = _state(probe)
+        start = _pretrain_and_probe(size, seed, source, target, keep, names, log)
         timings["pre-train + probe"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        grid = GRID[:size.ingredients]
-        ingredients, scratch, runs_info = [], [], {}
-        jobs = range(len(grid) + size.scratch)
-        if progress:
-            from ..progress import progress as _progress_bar
-            jobs = _progress_bar(jobs, desc="train", unit="model")
-        for i in jobs:
-            max_epochs = size.finetune_epochs if i < len(grid) else size.scratch_epochs
-            stop = _EarlyStop(val, size.patience, min_epochs=max_epochs // 2)
-            if i < len(grid):  # fine-tune from the probed start
-                lr, aug = grid[i]
-                model = build_model(MODEL, num_classes=10)
-                model.load_state_dict(start)
-                cfg = {"data": target.name, "init": names[1], "max_epochs": size.finetune_epochs, "lr": lr,
-                       "augment": aug, "seed": seed + 10 + i,
-                       "early_stopping": f"val loss, patience {size.patience}, at least {max_epochs // 2} epochs"}
-                train(model, target, epochs=size.finetune_epochs, lr=lr, augment=aug, batch_size=32,
-                      seed=seed + 10 + i, on_epoch=stop)
-                ingredients.append(keep(stop.state, names[2 + i], cfg))
-                runs_info[names[2 + i]] = stop.record()
-            else:  # from random initialisation
-                s = i - len(grid)
-                torch.manual_seed(seed + 100 + s)
-                model = build_model(MODEL, num_classes=10)
-                cfg = {"data": target.name, "init": "random", "max_epochs": size.scratch_epochs, "lr": 0.05,
-                       "augment": "shift", "seed": seed + 100 + s,
-                       "early_stopping": f"val loss, patience {size.patience}, at least {max_epochs // 2} epochs"}
-                train(model, target, epochs=size.scratch_epochs, lr=0.05, augment="shift", batch_size=32,
-                      seed=seed + 100 + s, on_epoch=stop)
-                scratch.append(keep(stop.state, names[2 + len(grid) + s], cfg))
-                runs_info[names[2 + len(grid) + s]] = stop.record()
+        ingredients, scratch, runs_info = _train_models(size, seed, start, target, val, keep, names, progress)
         timings["fine-tune + scratch"] = time.perf_counter() - t1
         log(f"trained {len(ingredients)} fine-tunes and {len(scratch)} random-init models in "
             f"{timings['fine-tune + scratch']:.1f} s")
@@ -258,6 +210,70 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     # the manifest lets the next --force remove exactly this run's files (a full run's ft3-ft7 after a small one)
     record_run(out, [ckdir / n for n in names] + list(soup_paths.values()) + list(files.values()), force=force)
     return {**results, "leaderboard": lb, "curves": curves, "files": files, "timings": timings}
+
+
+def _pretrain_and_probe(size: Any, seed: int, source: Any, target: Any, keep: Callable[[dict, str, dict], str],
+                        names: list[str], log: Callable[[str], None]) -> dict:
+    """Pre-train on ``source``, then fit a new head on ``target`` with the body frozen (both kept with ``keep``);
+    returns the probed model's state, the fine-tunes' start."""
+    log(f"pre-training on {source.name} ({len(source)} real MNIST digits, disjoint from every target image)")
+    torch.manual_seed(seed)
+    pre = build_model(MODEL, num_classes=10)
+    train(pre, source, epochs=size.pretrain_epochs, lr=0.05, batch_size=32, seed=seed, augment="shift")
+    keep(_state(pre), names[0], {"data": source.name, "epochs": size.pretrain_epochs, "lr": 0.05,
+                                 "augment": "shift"})
+
+    log(f"linear probe of a new 10-class head on {target.name}")
+    torch.manual_seed(seed + 1)
+    probe = build_model(MODEL, num_classes=10)
+    probe.load_state_dict({k: v for k, v in pre.state_dict().items() if not k.startswith("fc.")}, strict=False)
+    for n, p in probe.named_parameters():
+        p.requires_grad_(n.startswith("fc."))
+    train(probe, target, epochs=size.probe_epochs, lr=0.05, batch_size=32, seed=seed + 1)
+    for p in probe.parameters():
+        p.requires_grad_(True)
+    keep(_state(probe), names[1], {"data": target.name, "epochs": size.probe_epochs, "lr": 0.05,
+                                   "frozen": "all but fc"})
+    start = _state(probe)
+    return start
+
+
+def _train_models(size: Any, seed: int, start: dict, target: Any, val: Any, keep: Callable[[dict, str, dict], str],
+                  names: list[str], progress: bool) -> tuple[list[str], list[str], dict]:
+    """The fine-tunes of the grid from the probed ``start`` and the random-init models, each early-stopped on
+    ``val`` and kept with ``keep``; returns (fine-tune paths, random-init paths, each run's training record)."""
+    grid = GRID[:size.ingredients]
+    ingredients, scratch, runs_info = [], [], {}
+    jobs = range(len(grid) + size.scratch)
+    if progress:
+        from ..progress import progress as _progress_bar
+        jobs = _progress_bar(jobs, desc="train", unit="model")
+    for i in jobs:
+        max_epochs = size.finetune_epochs if i < len(grid) else size.scratch_epochs
+        stop = _EarlyStop(val, size.patience, min_epochs=max_epochs // 2)
+        if i < len(grid):  # fine-tune from the probed start
+            lr, aug = grid[i]
+            model = build_model(MODEL, num_classes=10)
+            model.load_state_dict(start)
+            cfg = {"data": target.name, "init": names[1], "max_epochs": size.finetune_epochs, "lr": lr,
+                   "augment": aug, "seed": seed + 10 + i,
+                   "early_stopping": f"val loss, patience {size.patience}, at least {max_epochs // 2} epochs"}
+            train(model, target, epochs=size.finetune_epochs, lr=lr, augment=aug, batch_size=32,
+                  seed=seed + 10 + i, on_epoch=stop)
+            ingredients.append(keep(stop.state, names[2 + i], cfg))
+            runs_info[names[2 + i]] = stop.record()
+        else:  # from random initialisation
+            s = i - len(grid)
+            torch.manual_seed(seed + 100 + s)
+            model = build_model(MODEL, num_classes=10)
+            cfg = {"data": target.name, "init": "random", "max_epochs": size.scratch_epochs, "lr": 0.05,
+                   "augment": "shift", "seed": seed + 100 + s,
+                   "early_stopping": f"val loss, patience {size.patience}, at least {max_epochs // 2} epochs"}
+            train(model, target, epochs=size.scratch_epochs, lr=0.05, augment="shift", batch_size=32,
+                  seed=seed + 100 + s, on_epoch=stop)
+            scratch.append(keep(stop.state, names[2 + len(grid) + s], cfg))
+            runs_info[names[2 + len(grid) + s]] = stop.record()
+    return ingredients, scratch, runs_info
 
 
 def _in_run(value: Any, out: Path) -> Any:

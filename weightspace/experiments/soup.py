@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 from ..ops.stream import SOUPS_PAPER
+from .config import load_kind_recipe
 from .kit import register_recipe
 
 __all__ = ["run_soup_recipe", "load_soup_recipe"]
@@ -48,11 +49,8 @@ def load_soup_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     Raises:
         ConfigError: unreadable or malformed recipe (no model, fewer than two ingredients, no val or test data).
     """
-    from .config import overlay_recipe, read_recipe
-    raw, where = read_recipe(source)
-    if raw.get("kind") != KIND:
-        raise ConfigError(f"{where}: not a {KIND} recipe (kind: {KIND})")
-    cfg = overlay_recipe(raw, where, DEFAULTS, small=small, overrides=overrides)
+    cfg = load_kind_recipe(source, KIND, DEFAULTS, small=small, overrides=overrides, seeds_key=None)
+    where = cfg["where"]
     if not cfg["model"]:
         raise ConfigError(f"{where}: model is required (timm:NAME, timm:hf-hub:ORG/NAME, open_clip:ARCH, ...)")
     ingredients = cfg["ingredients"]
@@ -66,7 +64,6 @@ def load_soup_recipe(source: str | os.PathLike | dict, *, small: bool = False,
     if curve and (len(curve) != 2 or any(not isinstance(i, int) or not -len(ingredients) <= i < len(ingredients)
                                          for i in curve)):
         raise ConfigError(f"{where}: analysis.curve is two ingredient indexes (e.g. [0, -1]) or []")
-    cfg["where"] = where
     return cfg
 
 
@@ -139,7 +136,23 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
                                           label=f"{names[i]} – {names[j]}", progress=progress))
     timings["curve"] = time.perf_counter() - t3
 
-    test = tests[0].name
+    findings = _findings(lb, basin, verdict, tests[0].name)
+    timings["total"] = time.perf_counter() - t0
+    public = {k: v for k, v in cfg.items() if k != "where"}
+    results = {"recipe": public, "findings": findings, "soups": soup_paths, "greedy": greedy.to_dict(),
+               "basin": basin.to_dict(), "barriers": {c.label: c.barriers for c in curves},
+               "data": {"val": val.name, "test": [d.name for d in tests],
+                        "examples": {d.name: len(d) for d in (val, *tests)}}}
+    lb.write(out, force=force, extra=results)
+    basin.write(out, force=force)
+    if curves:
+        CurveSet(curves).write(out, force=force, extra={"recipe": cfg["name"]})
+    report.write_text(out / "REPORT.md", _render(cfg, lb, findings, curves), force=force)
+    return {"findings": findings, "timings": timings, "out": str(out)}
+
+
+def _findings(lb: Any, basin: Any, verdict: dict, test: str) -> list[dict]:
+    """(a) greedy soup vs the best individual on ``test``; (b) the basin and its breakers."""
     best, gsoup = lb.row("best individual (val)"), lb.row("greedy soup")
     gain = gsoup["metrics"][test]["accuracy"] - best["metrics"][test]["accuracy"]
     findings = [
@@ -159,18 +172,7 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
                      f"{verdict['best_individual_val_accuracy']:.4f}."), "figures": ["basin.png"],
          "table": "basin.csv"},
     ]
-    timings["total"] = time.perf_counter() - t0
-    public = {k: v for k, v in cfg.items() if k != "where"}
-    results = {"recipe": public, "findings": findings, "soups": soup_paths, "greedy": greedy.to_dict(),
-               "basin": basin.to_dict(), "barriers": {c.label: c.barriers for c in curves},
-               "data": {"val": val.name, "test": [d.name for d in tests],
-                        "examples": {d.name: len(d) for d in (val, *tests)}}}
-    lb.write(out, force=force, extra=results)
-    basin.write(out, force=force)
-    if curves:
-        CurveSet(curves).write(out, force=force, extra={"recipe": cfg["name"]})
-    report.write_text(out / "REPORT.md", _render(cfg, lb, findings, curves), force=force)
-    return {"findings": findings, "timings": timings, "out": str(out)}
+    return findings
 
 
 def _render(cfg: dict, lb: Any, findings: list[dict], curves: list) -> str:

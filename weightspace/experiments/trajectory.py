@@ -88,8 +88,6 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
     """
     from ..analysis.curve import interpolation_curve
-    from ..eval.train import accuracy
-    from ..analysis.distance import distance
 
     s = open_session(load_trajectory_recipe, recipe, out, small=small, overrides=overrides, force=force,
                      progress=progress, device=device, batch_size=batch_size)
@@ -141,29 +139,8 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
         has_bn = has_batchnorm(template)
         protocols = {p: tgt_train if p == "re-estimated" else None for p in bn_protocols(an, template)}
         ev = s.evaluator(spec, k, in_chans, tgt_test)
-        starts: dict[int, dict] = {}
-        for e, sd in states.items():
-            start = pt_start(sd)
-            if src is None:
-                s.save(f"start-epoch-{e}", start)  # the published weights with the one random head
-            tuned = {}
-            accs = {}
-            for seed in seeds:
-                m, _ = train_from(spec, start, tgt_train, cfg["finetune"], seed, in_chans=in_chans, device=device)
-                tuned[seed] = state_of(m)
-                accs[seed] = accuracy(m, tgt_test, device=device)
-                s.save(f"finetuned-from-{e}-seed-{seed}", tuned[seed])
-            pairs = []
-            for a, b in itertools.combinations(seeds, 2):
-                entry: dict[str, Any] = {"pair": [a, b], "l2": distance(tuned[a], tuned[b])["total"]["l2"]}
-                for p, fix in protocols.items():
-                    entry[f"barrier_{p}"] = error_barrier(tuned[a], tuned[b], ev, tgt_test, an["steps"], fix)
-                pairs.append(entry)
-            starts[e] = {"accuracy": {str(x): accs[x] for x in seeds}, "pairs": pairs,
-                         "l2_from_start": {str(x): distance(start, tuned[x])["total"]["l2"] for x in seeds},
-                         **pre_rows[e]}
-            s.note(f"start epoch {e}: accuracy " + ", ".join(f"{a:.3f}" for a in accs.values()) + "; barrier "
-                   + ", ".join(f"{p['barrier_stored']:.3f}" for p in pairs))
+        starts = {e: _finetune_from(s, e, pt_start(sd), src is None, tgt_train, tgt_test, in_chans, protocols, ev)
+                  | pre_rows[e] for e, sd in states.items()}
         s.lap("finetune", t1)
 
     findings, summary = _findings(starts, seeds, an, list(protocols))
@@ -182,6 +159,34 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
                "has_batchnorm": has_bn, "protocols": list(protocols),
                "starts": {str(e): st for e, st in starts.items()}, **summary}
     return s.finish(findings, results, _render(cfg, results, findings))
+
+
+def _finetune_from(s: Any, e: int, start: dict, published_start: bool, tgt_train: Any, tgt_test: Any,
+                   in_chans: int, protocols: dict, ev: Any) -> dict:
+    """Fine-tune from one start point with every seed; the models' accuracies, their distances from the start and
+    the barriers and distances within pairs of them."""
+    from ..analysis.distance import distance
+    from ..eval.train import accuracy
+    cfg, spec, seeds, device = s.cfg, s.cfg["model"], s.seeds, s.device
+    if published_start:
+        s.save(f"start-epoch-{e}", start)  # the published weights with the one random head
+    tuned = {}
+    accs = {}
+    for seed in seeds:
+        m, _ = train_from(spec, start, tgt_train, cfg["finetune"], seed, in_chans=in_chans, device=device)
+        tuned[seed] = state_of(m)
+        accs[seed] = accuracy(m, tgt_test, device=device)
+        s.save(f"finetuned-from-{e}-seed-{seed}", tuned[seed])
+    pairs = []
+    for a, b in itertools.combinations(seeds, 2):
+        entry: dict[str, Any] = {"pair": [a, b], "l2": distance(tuned[a], tuned[b])["total"]["l2"]}
+        for p, fix in protocols.items():
+            entry[f"barrier_{p}"] = error_barrier(tuned[a], tuned[b], ev, tgt_test, cfg["analysis"]["steps"], fix)
+        pairs.append(entry)
+    s.note(f"start epoch {e}: accuracy " + ", ".join(f"{a:.3f}" for a in accs.values()) + "; barrier "
+           + ", ".join(f"{p['barrier_stored']:.3f}" for p in pairs))
+    return {"accuracy": {str(x): accs[x] for x in seeds}, "pairs": pairs,
+            "l2_from_start": {str(x): distance(start, tuned[x])["total"]["l2"] for x in seeds}}
 
 
 def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: list[str]) -> tuple[list, dict]:
