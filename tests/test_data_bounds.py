@@ -264,7 +264,7 @@ def test_api_misuse_names_the_argument():
     net, d = build_model(ZOO, num_classes=10), load_data("digits:val?limit=20")
     cases = [(lambda: ws.Evaluator(None, d), "model"), (lambda: ws.Evaluator("timm:resnet18", d), "model"),
              (lambda: ws.Evaluator(net, None), "data"), (lambda: ws.Evaluator(net, "digits:val"), "data"),
-             (lambda: ws.Evaluator(net, [d, 3]), "data"), (lambda: ws.Evaluator(net, []), "data"),
+             (lambda: ws.Evaluator(net, [d, 3]), "data"), (lambda: ws.Evaluator(net, [])(), "data"),
              (lambda: ws.Evaluator(net, d, batch_size=0), "batch_size"),
              (lambda: ws.Evaluator(net, d, batch_size=None), "batch_size"),
              (lambda: ws.Evaluator(net, d, device=None), "device"), (lambda: load_data(None), "spec"),

@@ -118,8 +118,11 @@ def recalibrate_bn(model: nn.Module, data: TensorData, batch_size: int = 256, de
 def as_datasets(data: TensorData | Sequence[TensorData] | Mapping[str, TensorData]) -> dict[str, TensorData]:
     """Normalise one dataset, a list or a dict into a dict keyed by name.
 
+    An empty list or dict gives an empty dict: such an evaluator loads weights into its model (probes and
+    similarity use it so) but refuses to evaluate.
+
     Raises:
-        ConfigError: two datasets share a name, or there is none.
+        ConfigError: two datasets share a name.
         TypeError: ``data`` is not a TensorData, a list or a dict of them.
     """
     if isinstance(data, TensorData):
@@ -135,8 +138,6 @@ def as_datasets(data: TensorData | Sequence[TensorData] | Mapping[str, TensorDat
     bad = [d for d in items if not isinstance(d, TensorData)]
     if bad:
         raise TypeError(f"data: expected TensorData items (load_data(spec) makes one), not {type(bad[0]).__name__}")
-    if not items:
-        raise ConfigError("data: no dataset to evaluate on")
     if isinstance(data, Mapping):
         return out
     out = {}
@@ -158,8 +159,8 @@ class Evaluator:
         ``batch_size``; under torchrun ``parallel`` says whether the data or the sweep points are shared out.
 
         Raises:
-            ConfigError: an unknown or unavailable device, an unknown ``parallel`` mode, a batch size below 1, no
-                dataset, or two datasets with one name.
+            ConfigError: an unknown or unavailable device, an unknown ``parallel`` mode, a batch size below 1, or
+                two datasets with one name.
             TypeError: ``model`` is not an nn.Module, or ``data`` is not TensorData (a list or dict of them).
         """
         if not isinstance(model, nn.Module):
@@ -352,7 +353,10 @@ class Evaluator:
         Raises:
             IncompatibleCheckpoints: ``weights`` do not fit the model.
             SourceError, CheckpointError: ``weights`` name a checkpoint that cannot be found or read.
+            ConfigError: the evaluator was built without a dataset.
         """
+        if not self.datasets:
+            raise ConfigError("data: no dataset to evaluate on (Evaluator was given an empty list)")
         if weights is not None:
             self.load(weights)
         out = Metrics()
