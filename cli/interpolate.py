@@ -45,6 +45,7 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelO
     midpoint-mean conventions). --pair C D overlays more pairs on the same plot. --align adds, for every pair,
     the curve from A to B permuted to match A; results.json in --out then compares both barriers.
     """
+    ops.check_buffers(fix.recalibrate_bn, "interpolate")
     if len(checkpoints) not in (0, 2):
         raise click.UsageError(f"expected two checkpoints A B, got {len(checkpoints)}")
     if alpha is not None:

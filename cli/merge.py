@@ -38,6 +38,10 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
           as_json: bool, quiet: bool) -> None:
     """Merge fine-tuned MODELS that share the pre-trained --base, streamed tensor by tensor."""
     base, keep, scales = merge_opts.base, merge_opts.keep, merge_opts.scales
+    if ops.buffers == "recalibrate":
+        raise click.UsageError("--buffers recalibrate: merge has no data to re-estimate statistics on; write the "
+                               "merge with --buffers mean (or first) and give it to soup or interpolate with "
+                               "--recalibrate-bn DATA")
     from weightspace.ops import merge as merging
     from weightspace import save
     if config:
@@ -127,7 +131,8 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
-                       allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
+                       allow_nonfinite=ops.allow_nonfinite, progress=not quiet, buffers=ops.buffer_policy(),
+                       **options)
     path = save(res.state_dict, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
     result = {"output": str(path), "method": method, "scale": res.scale, "val": val_spec,
               "scores": [{"scale": lam, "val_accuracy": acc} for lam, acc in res.scores],

@@ -80,6 +80,10 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
         raise click.UsageError("--data/--test needs --model and --val")
     if strict and method != "greedy" and not evaluating:
         raise click.UsageError("--strict applies to --greedy")
+    ops.check_buffers(fix.recalibrate_bn, "soup")
+    if evaluating and ops.buffers == "first":
+        raise click.UsageError("--buffers first applies to a written average (no --model/--val): evaluated soups "
+                               "are convex means, and so are their statistics")
     w = parse_floats(weights, "--weights") if weights is not None else None
     if w is not None and len(w) != len(checkpoints):
         raise click.BadParameter(f"{len(w)} weights for {len(checkpoints)} checkpoints", param_hint="--weights")

@@ -14,6 +14,7 @@ name), each None where it does not apply, and subclasses the built-in a caller w
     ├── HubError                            + OSError: the Hub refused or could not be reached (.repo_id)
     ├── IncompatibleCheckpoints             + ValueError: keys, shapes or dtype kinds disagree
     ├── NonFiniteError                      + ValueError: NaN or Inf in an input or a result
+    ├── InvalidStatistics                   + ValueError: a result's running variance is negative
     ├── OutputExists                        + FileExistsError: the output exists and --force was not given
     ├── AlignmentError                      + ValueError: two models cannot be aligned
     └── ConfigError                         + ValueError: bad options, model spec, data spec or recipe
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
-    "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists", "AlignmentError",
+    "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "InvalidStatistics", "OutputExists", "AlignmentError",
     "ConfigError", "DataError", "key_sample", "misfit", "hub_error",
 ]
 
@@ -95,6 +96,10 @@ class IncompatibleCheckpoints(WeightspaceError, ValueError):
 
 class NonFiniteError(WeightspaceError, ValueError):
     """An input tensor holds NaN or Inf."""
+
+
+class InvalidStatistics(WeightspaceError, ValueError):
+    """A result holds running statistics no normalisation layer can use (a negative running variance)."""
 
 
 class OutputExists(WeightspaceError, FileExistsError):
