@@ -100,7 +100,7 @@ def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_
         check_outputs(out_dir, CurveSet.FILES + (("results.json",) if align_method else ()), force)
     grid = parse_floats(alphas, "--alphas") if alphas else None
     transform = data_transform(data)
-    ev = build_evaluator(model, list(data.data), transform=transform)
+    ev = build_evaluator(model, list(data.data), transform=transform, checkpoint=pairs[0][0])
     fix = {k: load_data(s, model=ev.model, transform=transform) if s else None
            for k, s in (("recalibrate_bn", recal_spec), ("repair", repair_spec), ("align_data", align_spec))}
     cmp = barrier_curves(pairs, ev, steps=steps, alphas=grid, align_method=align_method, ops=ops,

@@ -127,7 +127,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
 
     from .common import markdown_table
     val_spec = require(data.val, "--val", "to pick λ (with --model)")
-    ev = build_evaluator(model, [val_spec], transform=data_transform(data))
+    ev = build_evaluator(model, [val_spec], transform=data_transform(data), checkpoint=base)
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,

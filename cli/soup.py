@@ -139,7 +139,8 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
         check_outputs(out_dir, Leaderboard.FILES, force)
     assert data.val  # only a soup chosen on --val evaluates
     transform = data_transform(data)
-    ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True)
+    ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True,
+                         checkpoint=checkpoints[0])
     fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None
                 for k, s in (("recalibrate_bn", fix.recalibrate_bn), ("repair", fix.repair))}
     rep = evaluate_soups(checkpoints, ev, val=data.val, method=method, strict=strict, weights=weights,

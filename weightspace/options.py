@@ -70,6 +70,10 @@ class DataOptions:
                                help="Processes decoding images (default: every core; 0: in this process).")
     skip_bad: bool = _opt(False, "--skip-bad", companion_of="transform",
                           help="Leave out images that cannot be decoded (their count is reported) instead of failing.")
+    class_map: str | None = _opt(None, "--class-map", metavar="FILE", companion_of="transform",
+                                 help="Map the classes of every dataset that does not match the model's outputs one "
+                                      "to one (lines 'DATASET_CLASS MODEL_CLASS[,...]'; a spec's own ?classes=FILE "
+                                      "wins); without a map such a dataset is refused.")
 
     def one(self, verb: str) -> str:
         """The single --data spec of a verb that compares on one dataset.
