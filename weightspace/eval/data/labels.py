@@ -42,9 +42,7 @@ def model_outputs(model: torch.nn.Module | None) -> int | None:
             m = m[-1]
         if isinstance(m, torch.nn.Linear):
             return m.out_features
-    last = None
-    for last in model.modules():
-        pass
+    last = list(model.modules())[-1]
     return last.out_features if isinstance(last, torch.nn.Linear) else None
 
 
