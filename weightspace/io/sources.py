@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from ..errors import CheckpointError, CheckpointNotFound, SourceError, WeightspaceError, hub_error
+from ..errors import CheckpointError, CheckpointNotFound, SourceError, WeightspaceError, hub_error, library_message
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 
 __all__ = ["split_query", "WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
@@ -436,11 +436,11 @@ def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resol
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise SourceError(f"{source}: unknown timm model '{name}'", path=source) from None
-        raise SourceError(f"{source}: timm could not load weights ({str(e).splitlines()[0]})", path=source) from None
+        raise SourceError(f"{source}: timm could not load weights ({library_message(e)})", path=source) from None
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
             raise hub_error(source, e, cache_hint=_offline_hint()) from None
-        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {library_message(e)})",
                           path=source) from None
     hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if "file" not in opts else None
     return Resolved(source, state_dict=model.state_dict(), note=f"timm {name}", variant=variant,
@@ -461,7 +461,7 @@ def _open_clip(source: str, spec: str, options: SourceOptions | None = None) -> 
             raise hub_error(source, e, cache_hint=_offline_hint()) from None
         if "Failed to download" in str(e):  # open_clip wraps the Hub's error in a paragraph of its own
             raise SourceError(f"{source}: weights not found locally{_offline_hint()}", path=source) from None
-        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {library_message(e)})",
                           path=source) from None
     try:
         hub_id = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or ""
