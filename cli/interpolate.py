@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import dtype_note, note, parse_floats, print_json, report_options, require
+from .common import batch_note, dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
@@ -101,6 +101,7 @@ def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_
     grid = parse_floats(alphas, "--alphas") if alphas else None
     transform = data_transform(data)
     ev = build_evaluator(model, list(data.data), transform=transform, checkpoint=pairs[0][0])
+    batch_note(ev, quiet)
     fix = {k: load_data(s, model=ev.model, transform=transform) if s else None
            for k, s in (("recalibrate_bn", recal_spec), ("repair", repair_spec), ("align_data", align_spec))}
     cmp = barrier_curves(pairs, ev, steps=steps, alphas=grid, align_method=align_method, ops=ops,

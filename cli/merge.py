@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
+from .common import batch_note, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
 
 __all__ = ["merge"]
@@ -128,6 +128,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     from .common import markdown_table
     val_spec = require(data.val, "--val", "to pick λ (with --model)")
     ev = build_evaluator(model, [val_spec], transform=data_transform(data), checkpoint=base)
+    batch_note(ev, quiet)
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import dtype_note, note, parse_floats, print_json, report_options, require
+from .common import batch_note, dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
@@ -141,6 +141,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     transform = data_transform(data)
     ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True,
                          checkpoint=checkpoints[0])
+    batch_note(ev, quiet)
     fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None
                 for k, s in (("recalibrate_bn", fix.recalibrate_bn), ("repair", fix.repair))}
     rep = evaluate_soups(checkpoints, ev, val=data.val, method=method, strict=strict, weights=weights,

@@ -44,7 +44,9 @@ class ModelOptions:
                                    help="Classifier outputs (default: from the checkpoint, else the first dataset).")
     in_chans: int | None = _opt(None, "--in-chans", min=1,
                                 help="Input channels of the model (timm; e.g. 1 for grey digits).")
-    batch_size: int = _opt(256, "--batch-size", min=1, help="Evaluation batch size.")
+    batch_size: int | None = _opt(None, "--batch-size", min=1,
+                                  help="Evaluation batch size (default: on the CPU the largest whose activations fit "
+                                       "a memory budget, printed; 256 on a GPU).")
     device: str = _opt("auto", "--device", help="auto, cpu or cuda[:N].")
     parallel: str = _opt("data", "--parallel", choices=("data", "points"),
                          help="Under torchrun: shard the data of every evaluation across the ranks (data), or deal "
