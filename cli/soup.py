@@ -124,7 +124,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.eval.data import load_data
     from weightspace.report import check_outputs, markdown_table
-    from weightspace.search.greedy import Leaderboard
+    from weightspace.search.soups import Leaderboard
     from weightspace.search.soups import LearnOptions, evaluate_soups
 
     from .common import refuse_existing

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 import weightspace as ws
 from weightspace import errors
-from weightspace.search.greedy import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
+from weightspace.search.greedy import greedy_ensemble, greedy_soup, mean_logits, rank
+from weightspace.search.soups import soup_leaderboard
 
 from evalhelpers import CNN, save_all, train_cnns
 

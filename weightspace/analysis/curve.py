@@ -265,7 +265,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
     ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
-    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.fixes) at every α: each channel's
+    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.repair) at every α: each channel's
     activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
 
     Raises:
@@ -295,7 +295,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     if repair is not None:
         if not isinstance(evaluate, LoadsWeights):
             raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
-        from ..eval.fixes import Repairer
+        from ..eval.repair import Repairer
         repairer = Repairer(evaluate, repair)
         repairer.add(ca)
         repairer.add(cb)

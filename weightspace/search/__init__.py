@@ -4,7 +4,8 @@ name ``weightspace.search.align`` is its module."""
 from __future__ import annotations
 
 from .align import AlignmentError
-from .greedy import GreedyResult, Leaderboard, greedy_soup, soup_leaderboard
+from .greedy import GreedyResult, greedy_soup
+from .soups import Leaderboard, soup_leaderboard
 from .learned import LearnedSoupResult, learned_soup
 
 __all__ = ["greedy_soup", "soup_leaderboard", "GreedyResult", "Leaderboard", "learned_soup", "LearnedSoupResult",
