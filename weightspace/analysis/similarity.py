@@ -336,8 +336,8 @@ def module_distances(a: Source, b: Source, units: Sequence[ModuleUnit], *, param
             ta, tb = ca[k], cb[k]
             d.add(ta, tb)
             total.add(ta, tb)
-        per[u.name] = d.as_dict()
-    return per, total.as_dict()
+        per[u.name] = d.to_dict()
+    return per, total.to_dict()
 
 
 def prediction_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor, y: torch.Tensor,

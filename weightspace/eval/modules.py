@@ -38,7 +38,7 @@ class ModuleUnit:
     modules: list[str] = field(default_factory=list)
     output: str | None = None  # module path whose forward output stands for the unit (None: no module, e.g. cls_token)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         """JSON-ready form."""
         return {"name": self.name, "keys": list(self.keys), "modules": list(self.modules), "output": self.output}
 
@@ -313,7 +313,7 @@ def list_modules(model: nn.Module, grouping: str = "tree:layer", checkpoint: Sou
     def numel(key: str) -> int:
         return math.prod(int(s) for s in (ck.info(key)[1] if ck is not None and key in ck else sd[key].shape))
 
-    listing = [{**u.as_dict(), "tensors": len(u.keys), "parameters": sum(numel(k) for k in u.keys if k in params)}
+    listing = [{**u.to_dict(), "tensors": len(u.keys), "parameters": sum(numel(k) for k in u.keys if k in params)}
                for u in units]
     assigned = {k for u in units for k in u.keys}
     return ModuleListing(model_name, grouping, listing, ck.source if ck else None,

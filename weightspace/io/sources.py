@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointNotFound, SourceError, WeightspaceError, hub_error
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
+from ..options import EMA_CHOICES, EmaChoice, ema_choice
 
 __all__ = ["split_query", "WEIGHT_SUFFIXES", "PREFERRED_FILES", "SOURCE_OPTIONS", "EMA_CHOICES", "SourceOptions",
            "set_default_options", "default_options_for", "default_options", "split_options", "PROBE_TIMEOUT_S",
@@ -37,7 +38,6 @@ PREFERRED_FILES = (
 
 # Options any source string may carry after '?', e.g. ckpt.pth.tar?ema=1 or lightning.ckpt?prefix=model.
 SOURCE_OPTIONS = ("ema", "prefix")
-EMA_CHOICES = ("off", "prefer", "require")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class SourceOptions:
     weights where a file holds them and the regular ones elsewhere, "require" fails when a file holds none.
     ``prefix``: keep only keys starting with it, with it removed (a Lightning module's 'model.')."""
 
-    ema: str = "off"
+    ema: EmaChoice = "off"
     prefix: str | None = None
 
 
@@ -505,9 +505,9 @@ def short_name(source: str) -> str:
     return p.stem if p.suffix else p.name or source
 
 
-def _options(ema: bool | None, strip_prefix: str | None) -> SourceOptions:
+def _options(ema: EmaChoice | bool | None, strip_prefix: str | None) -> SourceOptions:
     base = default_options()
-    return SourceOptions(ema=base.ema if ema is None else ("prefer" if ema else "off"),
+    return SourceOptions(ema=ema_choice(ema, base.ema),
                          prefix=base.prefix if strip_prefix is None else (strip_prefix or None))
 
 
@@ -522,14 +522,15 @@ def open_source(source: str, options: SourceOptions) -> Checkpoint:
     return ck
 
 
-def load(src: Source, *, ema: bool | None = None, strip_prefix: str | None = None) -> Checkpoint:
+def load(src: Source, *, ema: EmaChoice | bool | None = None, strip_prefix: str | None = None) -> Checkpoint:
     """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint.
 
     Args:
         src: a path or source string (``x.safetensors``, ``x.pt``, a folder, ``hf://org/repo``, ``timm:NAME``,
             ``open_clip:ARCH/TAG``; any of them may end in ``?ema=0|1`` and ``?prefix=P``), or weights in memory.
-        ema: True takes EMA weights where the file holds them (as timm's ``use_ema``), False the regular ones;
-            None (default) follows the process default (regular weights; the CLI's ``--ema`` sets True).
+        ema: "prefer" takes EMA weights where the file holds them (as timm's ``use_ema``; True says the same),
+            "off" (or False) the regular ones, "require" fails on a file without EMA weights; None (default)
+            follows the process default (regular weights; the CLI's ``--ema`` sets "prefer").
             ``?ema=1`` on a source requires EMA weights of it, ``?ema=0`` takes its regular ones.
         strip_prefix: keep only keys starting with it, with it removed (None: the process default, usually none).
 

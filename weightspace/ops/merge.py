@@ -20,6 +20,7 @@ from .._version import __version__
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..errors import ConfigError
+from ..options import EmaChoice
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
 from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
 from .parallel import Execution
@@ -347,7 +348,7 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
 
 def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *,
                names: Sequence[str] | None = None, negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-               progress: bool = False, ema: bool | None = None, threads: int | None = None,
+               progress: bool = False, ema: EmaChoice | bool | None = None, threads: int | None = None,
                max_memory: int | str | None = None, device: str | torch.device | None = None,
                weights: Sequence[float] | None = None, **options: Any) -> tuple[MergeMethod, MergePlan, dict]:
     """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
@@ -406,7 +407,7 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torc
 
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-          progress: bool = False, ema: bool | None = None, threads: int | None = None,
+          progress: bool = False, ema: EmaChoice | bool | None = None, threads: int | None = None,
           max_memory: int | str | None = None, device: str | torch.device | None = None,
           **options: Any) -> TensorStream:
     """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``.

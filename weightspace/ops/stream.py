@@ -16,6 +16,7 @@ from ..io.checkpoint import Source
 from ..io.outputs import StateDict, TensorStream
 from ..io.sources import load
 from ..errors import ConfigError
+from ..options import EmaChoice
 from ..registry import Entry, Paper, register
 from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
 
@@ -51,7 +52,7 @@ class Linear(Formula):
 
 def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coefficients: Sequence[float], *,
                        op: str, names: Sequence[str] | None = None, precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
-                       ema: bool | None = None, extra: dict | None = None, threads: int | None = None,
+                       ema: EmaChoice | bool | None = None, extra: dict | None = None, threads: int | None = None,
                        max_memory: int | str | None = None, device: str | torch.device | None = None) -> TensorStream:
     """Σ_j c_j·θ_j over floating tensors, streamed; each tensor is written in the widest dtype of its inputs
     (fp16 and fp32 give fp32; provenance's ``dtypes_promoted`` counts such tensors); an integer buffer takes the

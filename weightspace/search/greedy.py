@@ -28,6 +28,7 @@ from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratc
 from ..ops.engine import PRECISIONS, check_compatible, named_sources
 from ..ops.stream import SOUPS_PAPER
 from ..registry import Entry, register
+from .result import SearchResult
 from ..eval.contract import Evaluate, FitsKeys, TellsMembers, model_tensors
 
 __all__ = ["rank", "scalar_score", "LazyProvenanceDict", "GreedyResult", "greedy_soup", "greedy_ensemble",
@@ -168,8 +169,9 @@ class GreedyResult:
 
 def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *, strict: bool = False,
                 progress: bool = True, scores: Sequence[float] | None = None, precision: str = "fp32",
-                names: Sequence[str] | None = None) -> tuple[StateDict, GreedyResult]:
+                names: Sequence[str] | None = None) -> SearchResult[GreedyResult]:
     """Greedy soup (Wortsman et al. 2022): add ingredients best-first while the validation score does not drop.
+    Returns the soup (``.weights``) and its decisions (``.record``); it unpacks as ``soup, record``.
 
     ``evaluate(weights)`` returns a float or anything ``float()`` accepts (Metrics: accuracy on its first dataset);
     ``scores`` (the ingredients' own validation scores, if already known) saves their evaluation. In-memory
@@ -249,7 +251,7 @@ def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: 
             "candidates": [{"source": cks[i].source, "val_score": scores[i], "kept": i in kept} for i in order],
             "soup_val_score": current, "weightspace_version": __version__}
     soup.provenance_from(lambda: finish_provenance(prov, [cks[i] for i in kept]))
-    return soup, result
+    return SearchResult(soup, result)
 
 
 

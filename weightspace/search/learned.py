@@ -39,6 +39,7 @@ from ..io.outputs import StateDict, finish_provenance
 from ..ops.engine import check_compatible
 from ..ops.stream import SOUPS_PAPER
 from ..registry import Entry, register
+from .result import SearchResult
 
 __all__ = ["LearnedSoupResult", "differentiable_batchnorm", "learned_soup"]
 
@@ -115,8 +116,9 @@ def differentiable_batchnorm(model: nn.Module) -> Iterator[None]:
 
 def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorData, *, by_layer: bool = False,
                  steps: int = 100, lr: float = 0.05, batch_size: int | None = None, seed: int = 0,
-                 eval_batch_size: int = 256, progress: bool = False) -> tuple[StateDict, LearnedSoupResult]:
-    """Learn softmax-normalised mixing coefficients on ``val``; returns the soup (a state dict with provenance).
+                 eval_batch_size: int = 256, progress: bool = False) -> SearchResult[LearnedSoupResult]:
+    """Learn softmax-normalised mixing coefficients on ``val``; returns the soup (``.weights``, a state dict with
+    provenance) and the optimisation's record (``.record``); it unpacks as ``soup, record``.
 
     ``model`` is the architecture (its own weights are not used or changed); the ingredients' tensors are moved
     to its device. ``batch_size`` None (default) optimises on the whole validation set at every step; else each
@@ -224,7 +226,7 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
     if by_layer:
         prov["coefficients_by_tensor"] = by_tensor
     soup.provenance = finish_provenance(prov, cks)
-    return soup, result
+    return SearchResult(soup, result)
 
 
 register(Entry("op", "learned-soup", "Learned soup", "θ = Σ_i softmax(β)_i·θ_i,  β minimising the validation loss",

@@ -29,7 +29,7 @@ from ..progress import progress as progress_bar
 from .greedy import GreedyResult, greedy_ensemble, greedy_soup, mean_logits, rank, scalar_score, tell_members
 
 __all__ = ["AVG_SHIFTS", "Leaderboard", "evaluate_each", "leaderboard", "validation_view", "soup_leaderboard",
-           "merge_rows", "SOUP_METHODS", "LearnOptions", "SoupReport", "evaluate_soups"]
+           "merge_rows", "SOUP_METHODS", "soup_methods", "LearnOptions", "SoupReport", "evaluate_soups"]
 
 AVG_SHIFTS = "avg shifts"
 
@@ -244,15 +244,28 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
     for m in methods:
         res = search_scale(m, base, ingredients, evaluate=lambda sd: scalar_score(val_evaluate(sd)), grid=grid,
                            precision=precision, progress=progress, **({"keep": keep} if m == "ties" else {}))
-        merged[m] = res.state_dict
-        detail = f"base {short_name(load(base).source)}, λ={res.scale:g} of {', '.join(f'{g:g}' for g in grid)} on val"
-        rows.append({"method": f"{m} (λ={res.scale:g})", "kind": "merge", "detail": detail,
-                     "scale": res.scale, "scale_scores": [list(p) for p in res.scores],
-                     "metrics": as_table(evaluate(res.state_dict))})
+        merged[m], rec = res.weights, res.record
+        detail = f"base {short_name(load(base).source)}, λ={rec.scale:g} of {', '.join(f'{g:g}' for g in grid)} on val"
+        rows.append({"method": f"{m} (λ={rec.scale:g})", "kind": "merge", "detail": detail,
+                     "scale": rec.scale, "scale_scores": [list(p) for p in rec.scores],
+                     "metrics": as_table(evaluate(res.weights))})
     return rows, merged
 
 
-SOUP_METHODS = ("uniform", "weighted", "greedy", "learned")
+# The soups ``evaluate_soups`` makes (``weightspace soup --method``): the short name → the op it registers.
+SOUP_METHODS = {"uniform": "uniform-soup", "weighted": "weighted-average", "greedy": "greedy-soup",
+                "learned": "learned-soup"}
+
+
+def soup_methods() -> list[str]:
+    """The short names of the soups, each checked against the registry (a soup whose op is not registered is a
+    programming error: ``RuntimeError``)."""
+    from ..registry import REGISTRY
+    from . import learned as _learned  # noqa: F401  (registers the learned soup)
+    missing = [op for op in SOUP_METHODS.values() if ("op", op) not in REGISTRY]
+    if missing:
+        raise RuntimeError(f"soup methods without a registry entry: {', '.join(missing)}")
+    return list(SOUP_METHODS)
 
 
 @dataclass
