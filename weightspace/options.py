@@ -47,11 +47,12 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, choices: tuple[str, ...] | None = None,
          min: int | float | None = None, multiple: bool = False, type: type | None = None,
-         companion_of: str | None = None, flag_value: Any = None) -> Any:
+         companion_of: str | None = None, flag_value: Any = None, param: str | None = None) -> Any:
     # companion_of: declared wherever that field is (decoding options go wherever data is loaded); flag_value: a
-    # flag that sets a non-bool field (--ema sets ema="prefer")
+    # flag that sets a non-bool field (--ema sets ema="prefer"); param: the library parameter the field feeds when
+    # it is named otherwise (errors name it; the CLI turns it back into the flag)
     meta = {"flags": flags, "help": help, "metavar": metavar, "choices": choices, "min": min, "multiple": multiple,
-            "type": type, "companion_of": companion_of, "flag_value": flag_value}
+            "type": type, "companion_of": companion_of, "flag_value": flag_value, "param": param}
     if multiple:
         return field(default_factory=tuple, metadata=meta)
     return field(default=default, metadata=meta)
@@ -126,7 +127,7 @@ class MergeOptions:
 
     base: str | None = _opt(None, "--base", metavar="CKPT",
                             help="The pre-trained checkpoint the models were fine-tuned from.")
-    scales: str = _opt(DEFAULT_SCALES, "--scales", help="The grid of λ tried on --val.")
+    scales: str = _opt(DEFAULT_SCALES, "--scales", param="grid", help="The grid of λ tried on --val.")
     keep: float | None = _opt(None, "--keep", type=float,
                               help="ties: fraction of each task vector kept (largest magnitudes over the whole model; "
                                    "default: the method's, see `weightspace methods`).")

@@ -37,7 +37,7 @@ def even_alphas(steps: int) -> list[float]:
         ConfigError: fewer than 2 steps.
     """
     if steps < 2:
-        raise ConfigError(f"--steps {steps}: a curve needs at least 2 points")
+        raise ConfigError(f"steps={steps}: a curve needs at least 2 points", param="steps")
     return [i / (steps - 1) for i in range(steps)]
 
 
@@ -235,7 +235,7 @@ def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:
         return even_alphas(steps)
     vals = [float(a) for a in alphas]
     if any(not math.isfinite(a) for a in vals):
-        raise ConfigError(f"--alphas {vals}: must be finite numbers")
+        raise ConfigError(f"alphas={vals}: must be finite numbers", param="alphas")
     # The ends are always evaluated: every barrier is measured against them.
     return sorted(set(vals) | {0.0, 1.0})
 

@@ -124,7 +124,7 @@ def tree_units(model: nn.Module, level: str = "layer") -> list[ModuleUnit]:
         ConfigError: an unknown level.
     """
     if level not in TREE_LEVELS:
-        raise ConfigError(f"--modules tree:{level}: expected one of {', '.join('tree:' + t for t in TREE_LEVELS)}")
+        raise ConfigError(f"modules=tree:{level}: expected one of {', '.join('tree:' + t for t in TREE_LEVELS)}", param="modules")
     layers = _layer_units(model)
     if level == "layer":
         return layers
@@ -170,7 +170,7 @@ def grouping(names: Iterable[str], spec: str | None = None, model: nn.Module | N
     names = list(names)
     if spec and spec.startswith("tree"):
         if model is None:
-            raise ConfigError(f"--modules {spec}: grouping by the module tree needs --model")
+            raise ConfigError(f"modules={spec}: grouping by the module tree needs --model", param="modules")
     elif model is None:
         return group_names(names, **parse_grouping(spec))
     of = {k: u.name for u in model_units(model, spec) for k in u.keys}

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from ..errors import CheckpointError, CheckpointNotFound, SourceError, WeightspaceError, hub_error
+from ..errors import CheckpointError, CheckpointNotFound, SourceError, WeightspaceError, hub_download_error
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved, unwrap
 from ..options import EMA_CHOICES, EmaChoice, ema_choice
 
@@ -265,7 +265,7 @@ def hub_call(target: str) -> Iterator[None]:
             yield
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
-            raise hub_error(target, e, cache_hint=_offline_hint()) from None
+            raise hub_download_error(target, e, cache_hint=_offline_hint()) from None
         raise
 
 
@@ -352,7 +352,7 @@ def _hub(source: str, spec: str, options: SourceOptions | None = None) -> Resolv
         except WeightspaceError:  # ours (some are OSError or ValueError too) already name the source
             raise
         except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
-            raise hub_error(source, e, cache_hint=_offline_hint()) from None
+            raise hub_download_error(source, e, cache_hint=_offline_hint()) from None
 
 
 def split_query(spec: str) -> tuple[str, dict[str, str]]:
@@ -439,7 +439,7 @@ def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resol
         raise SourceError(f"{source}: timm could not load weights ({str(e).splitlines()[0]})", path=source) from None
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
-            raise hub_error(source, e, cache_hint=_offline_hint()) from None
+            raise hub_download_error(source, e, cache_hint=_offline_hint()) from None
         raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                           path=source) from None
     hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if "file" not in opts else None
@@ -458,7 +458,7 @@ def _open_clip(source: str, spec: str, options: SourceOptions | None = None) -> 
             model = open_clip.create_model(arch, pretrained=tag, device="cpu")
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
-            raise hub_error(source, e, cache_hint=_offline_hint()) from None
+            raise hub_download_error(source, e, cache_hint=_offline_hint()) from None
         if "Failed to download" in str(e):  # open_clip wraps the Hub's error in a paragraph of its own
             raise SourceError(f"{source}: weights not found locally{_offline_hint()}", path=source) from None
         raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",

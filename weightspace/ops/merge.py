@@ -115,7 +115,7 @@ class Ties(MergeMethod):
             self.densities = None
             keep = float(self.entry.defaults["keep"] if keep is None else keep)
             if not (0.0 < keep <= 1.0) or not math.isfinite(keep):
-                raise ConfigError(f"--keep {keep}: must be a fraction in (0, 1]")
+                raise ConfigError(f"keep={keep}: must be a fraction in (0, 1]", param="keep")
             self.keep = keep
         self.thresholds: list[float] = []
         self.per_key: dict[str, list[float]] = {}
@@ -339,11 +339,11 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
         if options:
             raise ConfigError(f"merge: options {sorted(options)} given with a ready {type(method).__name__}")
         return method
-    cls = REGISTRY.get("merge", method, what=f"--method {method}").target
+    cls = REGISTRY.get("merge", method, what=f"method={method}", param="method").target
     try:
         return cls(**options)
     except TypeError:
-        raise ConfigError(f"--method {method}: does not take options {sorted(options)}") from None
+        raise ConfigError(f"method={method}: does not take options {sorted(options)}", param="method") from None
 
 
 def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *,
@@ -366,7 +366,7 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     if not models:
         raise ConfigError("merge: needs at least one fine-tuned model besides the base")
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)}", param="precision")
     m = _make_method(method, options)
     base_ck = load(base, ema=ema)
     cks = [load(s, ema=ema) for s in models]

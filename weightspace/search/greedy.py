@@ -186,7 +186,7 @@ def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: 
     if not ingredients:
         raise ConfigError("greedy soup: needs at least one ingredient")
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)}", param="precision")
     cks: list[Checkpoint] = [load(s) for s in ingredients]
     if isinstance(evaluate, FitsKeys):  # in-place writes below go by key: unwrap prefixed keys first
         cks = [evaluate.fit(c) for c in cks]

@@ -333,7 +333,7 @@ def evaluate_soups(checkpoints: Sequence[Source], evaluator: Evaluator, *, val: 
     if (method == "weighted") != (weights is not None):
         raise ConfigError("a weighted soup needs weights, and weights make a weighted soup")
     if weights is not None and len(weights) != len(checkpoints):
-        raise ConfigError(f"--weights: {len(weights)} weights for {len(checkpoints)} checkpoints")
+        raise ConfigError(f"weights: {len(weights)} weights for {len(checkpoints)} checkpoints", param="weights")
     if merges and base is None:
         raise ConfigError("--merge needs --base, the checkpoint the ingredients were fine-tuned from")
     ev = evaluator
