@@ -111,3 +111,12 @@ def test_the_size_check_finds_a_long_module_and_a_long_function(tmp_path):
     (pkg / "long.py").write_text("def f():\n" + "    x = 1\n" * 100 + "\n" * 500)
     (pkg / "fine.py").write_text("def g():\n" + "    x = 1\n" * 99)
     assert too_large([pkg]) == ["pkg/long.py: 601 lines", "pkg/long.py:1 f: 101 lines"]
+
+
+def test_every_package_folder_is_shipped():
+    """A subpackage missing from pyproject's package list installs as nothing: its imports fail only after install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("weightspace", *f.parent.relative_to(ROOT / "weightspace").parts))
+             for f in (ROOT / "weightspace").rglob("__init__.py")} | {"weightspace_cli"}
+    assert listed == found
