@@ -103,20 +103,33 @@ class _StorageScan(pickle.Unpickler):
     def __init__(self, f: Any) -> None:
         super().__init__(f)
         self.declared = 0
+        self._seen: set[Any] = set()
 
     def find_class(self, module: str, name: str) -> type:
         return type(name, (_Inert,), {"qualname": f"{module}.{name}"})
 
     def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+        # Tensors that are views of one storage (an LSTM's gates, old RNN checkpoints) each name it by its key:
+        # the storage is allocated, and its bytes stored, once.
+        if (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int)
+                and _hashable(pid[2]) not in self._seen):
+            self._seen.add(_hashable(pid[2]))
             kind = getattr(pid[1], "qualname", "").rsplit(".", 1)[-1].replace("Storage", "")
             self.declared += max(0, pid[4]) * _STORAGE_ITEMSIZE.get(kind, 1)
         return _Inert()
 
 
+def _hashable(key: Any) -> Any:
+    try:
+        hash(key)
+    except TypeError:
+        return id(key)  # a key that is not a string is not one torch writes: count it on its own
+    return key
+
+
 def _check_legacy_sizes(path: Path) -> None:
     """A legacy (non-zip) pickle allocates each storage at the size it declares before reading its bytes: refuse
-    one that declares more bytes than the file holds (a patched size would ask for terabytes)."""
+    one whose distinct storages declare more bytes than the file holds (a patched size would ask for terabytes)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
