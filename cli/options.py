@@ -45,7 +45,7 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
                 from weightspace.io.sources import SourceOptions, default_options_for
                 opts = kw[dest]
                 with default_options_for(SourceOptions(ema="prefer" if opts.ema else "off",
-                                                       prefix=opts.strip_prefix or None)):
+                                                       strip_prefix=opts.strip_prefix or None)):
                     return f(*args, **kw)
             return f(*args, **kw)
 

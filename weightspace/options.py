@@ -118,7 +118,7 @@ class OpOptions:
                                           "required) or PATH?ema=0.")
     strip_prefix: str | None = _opt(None, "--strip-prefix", metavar="PREFIX",
                                     help="Keep only keys starting with PREFIX, with it removed (e.g. 'model.' of a "
-                                         "Lightning checkpoint); per source: PATH?prefix=PREFIX.")
+                                         "Lightning checkpoint); per source: PATH?strip_prefix=PREFIX.")
     precision: str = _opt("fp32", "--precision", choices=("fp32", "fp64"),
                           help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")
     allow_nonfinite: bool = _opt(False, "--allow-nonfinite", help="Combine tensors holding NaN/Inf instead of refusing.")

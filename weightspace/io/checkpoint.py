@@ -18,18 +18,16 @@ from typing import Any, Iterator, Union
 import torch
 
 from ..errors import CheckpointError, CheckpointNotFound, UnsafeCheckpoint, key_sample
+from .containers import pick_prefixed, unwrap
 from .formats import SafetensorsReader, file_sha256
 from .spill import release_freed, spill
 
-__all__ = ["PROVENANCE_SUFFIX", "STRIP_PREFIXES", "REGULAR_CONTAINERS", "EMA_CONTAINERS", "EMA_PREFIXES", "Source",
-           "Resolved", "normalise_key", "SAFE_GLOBALS", "load_pickle", "MAX_NESTING", "MAX_ENTRIES", "unwrap",
+__all__ = ["PROVENANCE_SUFFIX", "STRIP_PREFIXES", "Source",
+           "Resolved", "normalise_key", "SAFE_GLOBALS", "load_pickle",
            "find_aliases", "Checkpoint", "from_tensors", "allow_expanded", "check_pickled_tensors", "open_resolved"]
 
 PROVENANCE_SUFFIX = ".weightspace.json"  # beside a pickled output: x.pt → x.pt.weightspace.json
 STRIP_PREFIXES = ("module.", "_orig_mod.")
-REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
-EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema")
-EMA_PREFIXES = ("model_ema.", "ema_model.", "ema.")
 
 Source = Union[str, os.PathLike, "Checkpoint", Mapping, "torch.nn.Module"]
 
@@ -180,104 +178,6 @@ def load_pickle(path: Path) -> Any:
         if not isinstance(e, (RuntimeError, OSError)):
             msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})", path=path) from None
-
-
-MAX_NESTING = 64  # containers inside containers; real checkpoints nest a handful deep
-MAX_ENTRIES = 1_000_000  # entries visited while flattening: shared sub-dicts would otherwise multiply them
-
-
-def _flatten(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
-    """Nested mappings → {dotted name: tensor}, iteratively: a pickle may nest thousands deep, hold a cycle, or
-    share one dict many times over (2^22 paths from 22 levels); each is refused in bounded time."""
-    out: dict[str, torch.Tensor] = {}
-    visited = 0
-    # each frame: (prefix, iterator over the mapping's items, ids of the mappings on the way down)
-    stack = [("", iter(obj.items()), frozenset([id(obj)]))]
-    while stack:
-        prefix, items, above = stack[-1]
-        for k, v in items:
-            visited += 1
-            if visited > MAX_ENTRIES:
-                raise CheckpointError(f"{path}: holds more than {MAX_ENTRIES:,} nested entries (shared or "
-                                      f"repeated containers); refused", path=path)
-            name = f"{prefix}{k}"
-            if torch.is_tensor(v):
-                out[name] = v
-            elif isinstance(v, Mapping):
-                if id(v) in above:
-                    raise CheckpointError(f"{path}: the container at {name!r} contains itself; refused", path=path)
-                if len(stack) >= MAX_NESTING:
-                    raise CheckpointError(f"{path}: containers nested deeper than {MAX_NESTING} levels at "
-                                          f"{name[:80]!r}...; refused", path=path)
-                stack.append((name + ".", iter(v.items()), above | {id(v)}))
-                break
-        else:
-            stack.pop()
-    return out
-
-
-def _all_tensors(obj: Mapping) -> bool:
-    return len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
-
-
-def _wants_ema(ema: str | bool) -> bool:
-    return ema in ("prefer", "require") or ema is True
-
-
-def unwrap(obj: Any, path: str, ema: str | bool = "off") -> tuple[dict[str, torch.Tensor], str]:
-    """Find the state dict inside a loaded pickle; returns it and a description of the chosen variant.
-
-    ``ema``: "off" (regular weights), "prefer" (EMA where present) or "require" (True is "require").
-    Raises CheckpointError when it holds no tensors, or no EMA weights under "require"."""
-    if torch.is_tensor(obj) or not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict", path=path)
-    chain: list[str] = []
-    took_ema = False
-    seen = {id(obj)}
-    while not _all_tensors(obj):
-        if len(chain) >= MAX_NESTING:
-            raise CheckpointError(f"{path}: state dict wrapped more than {MAX_NESTING} levels deep; refused", path=path)
-        present = [n for n in EMA_CONTAINERS + REGULAR_CONTAINERS if isinstance(obj.get(n), Mapping) and len(obj[n]) > 0]
-        ema_hit = next((n for n in present if n in EMA_CONTAINERS), None)
-        reg_hit = next((n for n in present if n in REGULAR_CONTAINERS), None)
-        if _wants_ema(ema) and ema_hit:
-            chain.append(f"'{ema_hit}' (EMA)")
-            obj, took_ema = obj[ema_hit], True
-        elif reg_hit:
-            chain.append(f"'{reg_hit}'" + (f" (EMA weights '{ema_hit}' ignored; ?ema=1 or --ema picks them)"
-                                           if ema_hit else ""))
-            obj = obj[reg_hit]
-        elif ema_hit:  # only EMA weights are present: use them rather than keys prefixed with the container's name
-            chain.append(f"'{ema_hit}' (EMA, the only weights present)")
-            obj, took_ema = obj[ema_hit], True
-        else:
-            break
-        if id(obj) in seen:
-            raise CheckpointError(f"{path}: container {chain[-1]} contains itself; refused", path=path)
-        seen.add(id(obj))
-    flat = _flatten(obj, path)
-    if not flat:
-        raise CheckpointError(f"{path}: holds no tensors", path=path)
-    note = ""
-    if not took_ema:
-        flat, note = _pick_prefixed(flat, path, ema)
-    return flat, " / ".join(chain + ([note] if note else []))
-
-
-def _pick_prefixed(flat: dict, path: str, ema: str | bool) -> tuple[dict, str]:
-    """Handle EMA copies stored beside the weights under a key prefix (e.g. 'ema.')."""
-    prefix = next((p for p in EMA_PREFIXES if any(k.startswith(p) for k in flat)), None)
-    if prefix is None:
-        if ema == "require" or ema is True:
-            raise CheckpointError(f"{path}: EMA weights were asked for (ema=1) but the file holds no EMA weights",
-                                  path=path)
-        return flat, ""
-    if _wants_ema(ema):
-        return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, f"EMA weights ('{prefix}*')"
-    rest = {k: v for k, v in flat.items() if not k.startswith(prefix)}
-    if not rest:
-        return {k[len(prefix):]: v for k, v in flat.items()}, f"EMA weights ('{prefix}*', the only ones present)"
-    return rest, f"non-EMA weights ('{prefix}*' ignored; ?ema=1 or --ema picks them)"
 
 
 def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -448,7 +348,7 @@ def _normalised(source: str, raw_keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: str) -> Checkpoint:
+def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: str | bool) -> Checkpoint:
     readers = {str(f): SafetensorsReader(f) for f in files}
     raw: dict[str, tuple[Any, str]] = {}
     for f, r in readers.items():
@@ -463,7 +363,7 @@ def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str]
                                   path=source)
     if not raw:
         raise CheckpointError(f"{files[0]}: holds no tensors", path=files[0])
-    picked, variant = _pick_prefixed({k: k for k in raw}, str(files[0]), ema)
+    picked, variant = pick_prefixed({k: k for k in raw}, str(files[0]), ema)
     mapping = _normalised(source, list(picked))
     entries = {k: raw[picked[r]] for k, r in mapping.items()}
     meta = next(iter(readers.values())).metadata
@@ -520,10 +420,11 @@ def check_pickled_tensors(path: str, tensors: Mapping[str, torch.Tensor]) -> Non
                                       f"--allow-expanded to materialise it)", path=path, key=key)
 
 
-def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:
+def open_resolved(res: Resolved, ema: str | bool = "off", key: str | None = None) -> Checkpoint:
     """Open a resolved source (local files, or a library's state dict) as a lazy Checkpoint.
 
-    ``ema``: "off", "prefer" or "require" (see unwrap). Raises:
+    ``ema``: "off", "prefer" or "require"; ``key``: the entry of a pickled training checkpoint that holds the
+    weights (see containers.unwrap). Raises:
         CheckpointError: a file is unreadable, corrupt or holds no tensors (or no EMA weights under "require").
         UnsafeCheckpoint: a pickle needs more than tensors to load.
     """
@@ -531,6 +432,10 @@ def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:
         flat, variant = unwrap(res.state_dict, res.source, ema if not res.variant else "off")
         ck = from_tensors(res.source, flat, res.variant or variant, [])
     elif all(f.name.endswith(".safetensors") for f in res.files):
+        if key:
+            raise CheckpointError(f"{res.source}: ?key= picks an entry of a pickled training checkpoint; a "
+                                  f"safetensors file is flat (use ?strip_prefix= to keep the keys under a prefix)",
+                                  path=res.source)
         ck = _from_safetensors(res.source, res.files, res.weight_map, ema)
     else:
         merged: dict[str, torch.Tensor] = {}
@@ -550,7 +455,7 @@ def open_resolved(res: Resolved, ema: str | bool = "off") -> Checkpoint:
             if side.is_file():  # provenance weightspace writes beside a plain pickled state dict
                 with contextlib.suppress(OSError, UnicodeDecodeError):
                     metadata["weightspace"] = side.read_text()
-            flat, variant = unwrap(obj, str(f), ema)
+            flat, variant = unwrap(obj, str(f), ema, key)
             check_pickled_tensors(str(f), flat)
             if not zipfile.is_zipfile(f):  # legacy format: loaded into our own memory, not mapped (bench/pt_memory.py)
                 obj, flat = None, spill(flat, f.parent)

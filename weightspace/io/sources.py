@@ -35,21 +35,24 @@ PREFERRED_FILES = (
 )
 
 
-# Options any source string may carry after '?', e.g. ckpt.pth.tar?ema=1 or lightning.ckpt?prefix=model.
-SOURCE_OPTIONS = ("ema", "prefix")
+# Options any source string may carry after '?', e.g. ckpt.pth.tar?ema=1, lightning.ckpt?strip_prefix=model. or
+# train.pt?key=model_state ('prefix' is the older spelling of strip_prefix, still read).
+SOURCE_OPTIONS = ("ema", "strip_prefix", "prefix", "key")
 EMA_CHOICES = ("off", "prefer", "require")
 
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How to read the weights of one source: which EMA variant, and which key prefix to strip.
+    """How to read the weights of one source: which EMA variant, which entry, and which key prefix to strip.
 
     ``ema``: "off" takes the regular weights (the default, noted when EMA weights are present), "prefer" takes EMA
     weights where a file holds them and the regular ones elsewhere, "require" fails when a file holds none.
-    ``prefix``: keep only keys starting with it, with it removed (a Lightning module's 'model.')."""
+    ``strip_prefix``: keep only keys starting with it, with it removed (a Lightning module's 'model.').
+    ``key``: the entry of a pickled training checkpoint holding the weights ('model_state', 'model/state_dict')."""
 
     ema: str = "off"
-    prefix: str | None = None
+    strip_prefix: str | None = None
+    key: str | None = None
 
 
 _defaults = SourceOptions()
@@ -83,7 +86,7 @@ def default_options() -> SourceOptions:
 
 
 def split_options(source: str, defaults: SourceOptions | None = None) -> tuple[str, SourceOptions]:
-    """Take '?ema=0|1' and '?prefix=P' off a source string; returns the rest and the options in force.
+    """Take '?ema=0|1', '?strip_prefix=P' and '?key=K' off a source string; returns the rest and the options.
 
     Other query parameters stay in place for the scheme that reads them (timm's file= and num_classes=).
     An existing local file whose name holds '?' is taken as it is. Raises SourceError on a bad value."""
@@ -96,18 +99,17 @@ def split_options(source: str, defaults: SourceOptions | None = None) -> tuple[s
     rest = [(k, v) for k, v in pairs if k not in SOURCE_OPTIONS]
     is_local = not any(source.startswith(p) for p in SCHEMES)
     if rest and (is_local or source.startswith(("hf://", "hf-hub:"))):
-        raise SourceError(f"{source}: unknown source option '{rest[0][0]}' (known: ema=0|1, prefix=P)", path=source)
+        raise SourceError(f"{source}: unknown source option '{rest[0][0]}' (known: ema=0|1, strip_prefix=P, key=K)",
+                          path=source)
     ema = base.ema
     if "ema" in ours:
         value = ours["ema"].lower()
         if value not in ("0", "1", "true", "false", "yes", "no"):
             raise SourceError(f"{source}: ema={ours['ema']}: expected 0 or 1", path=source)
         ema = "require" if value in ("1", "true", "yes") else "off"
-    prefix = ours.get("prefix", base.prefix)
-    if prefix == "":
-        prefix = None
+    prefix = ours.get("strip_prefix", ours.get("prefix", base.strip_prefix))
     rebuilt = head + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
-    return rebuilt, SourceOptions(ema=ema, prefix=prefix)
+    return rebuilt, SourceOptions(ema=ema, strip_prefix=prefix or None, key=ours.get("key", base.key) or None)
 
 
 def _local(source: str) -> Resolved:
@@ -428,7 +430,7 @@ def _timm(source: str, spec: str, options: SourceOptions | None = None) -> Resol
         kwargs["num_classes"] = int(opts["num_classes"])
     unknown = sorted(set(opts) - {"file", "num_classes"})
     if unknown:
-        raise SourceError(f"{source}: unknown option '{unknown[0]}' (timm: names take file=, num_classes=, ema=, prefix=)",
+        raise SourceError(f"{source}: unknown option '{unknown[0]}' (timm: names take file=, num_classes=, ema=, strip_prefix=, key=)",
                           path=source)
     try:
         with _quiet_hub():
@@ -508,15 +510,17 @@ def short_name(source: str) -> str:
 def _options(ema: bool | None, strip_prefix: str | None) -> SourceOptions:
     base = default_options()
     return SourceOptions(ema=base.ema if ema is None else ("prefer" if ema else "off"),
-                         prefix=base.prefix if strip_prefix is None else (strip_prefix or None))
+                         strip_prefix=base.strip_prefix if strip_prefix is None else (strip_prefix or None),
+                         key=base.key)
 
 
 def open_source(source: str, options: SourceOptions) -> Checkpoint:
-    """Open a source string (its own '?ema=' and '?prefix=' win over ``options``) as a lazy Checkpoint."""
+    """Open a source string (its own '?ema=', '?strip_prefix=' and '?key=' win over ``options``) as a lazy
+    Checkpoint."""
     rest, opts = split_options(source, options)
-    ck = open_resolved(resolve(rest, opts), opts.ema)
-    if opts.prefix:
-        ck = ck.strip_prefix(opts.prefix)
+    ck = open_resolved(resolve(rest, opts), opts.ema, opts.key)
+    if opts.strip_prefix:
+        ck = ck.strip_prefix(opts.strip_prefix)
     if rest != source:
         ck.source = source  # reports name the source as the user wrote it, options included
     return ck
@@ -527,7 +531,8 @@ def load(src: Source, *, ema: bool | None = None, strip_prefix: str | None = Non
 
     Args:
         src: a path or source string (``x.safetensors``, ``x.pt``, a folder, ``hf://org/repo``, ``timm:NAME``,
-            ``open_clip:ARCH/TAG``; any of them may end in ``?ema=0|1`` and ``?prefix=P``), or weights in memory.
+            ``open_clip:ARCH/TAG``; any of them may end in ``?ema=0|1``, ``?strip_prefix=P`` and ``?key=K``), or
+            weights in memory.
         ema: True takes EMA weights where the file holds them (as timm's ``use_ema``), False the regular ones;
             None (default) follows the process default (regular weights; the CLI's ``--ema`` sets True).
             ``?ema=1`` on a source requires EMA weights of it, ``?ema=0`` takes its regular ones.
