@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ._version import __version__
-from .io.checkpoint import Checkpoint, load_pickle
-from .io.sources import load, split_query
+from .io.checkpoint import Checkpoint
+from .io.pickles import load_pickle
+from .io.source_options import split_query
+from .io.sources import load
 from .errors import HubError, OutputExists, WeightspaceError, hub_error
 from .report.card import CardData, render_card
 from .registry import REGISTRY, Entry
@@ -188,7 +190,7 @@ def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
     import timm
     from timm.models import split_model_name_tag
     from timm.models._hub import save_config_for_hf
-    from .io.sources import timm_classifier_classes
+    from .io.libraries import timm_classifier_classes
     arch, tag = split_model_name_tag(str(cfg["architecture"]))
     if arch not in timm.list_models():
         raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
@@ -258,7 +260,7 @@ def base_models(prov: Mapping) -> list[str]:
         s = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
         repo = None
         if s.startswith(("hf://", "hf-hub:")):
-            from .io.sources import parse_hub
+            from .io.hub_sources import parse_hub
             with contextlib.suppress(WeightspaceError):
                 repo = parse_hub(s.split(":", 1)[1].lstrip("/"))[0]
         elif s.startswith("timm:") and "file" not in split_query(s[5:])[1]:

@@ -132,7 +132,7 @@ class OpOptions:
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the streaming ops (ops.stream, ops.merge); ``allow_expanded`` is a setting of
-        loading (io.checkpoint.allow_expanded), not of the ops."""
+        loading (io.pickles.allow_expanded), not of the ops."""
         return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite,
                 "max_memory": self.max_memory}
 

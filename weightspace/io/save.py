@@ -31,7 +31,9 @@ from .outputs import TensorStream, finish_provenance
 from .sizes import parse_size
 from ..files import atomic_output, make_folder
 from .formats import header_for, write_safetensors
-from .sources import WEIGHT_SUFFIXES, resolve, split_options
+from .local import WEIGHT_SUFFIXES
+from .source_options import split_options
+from .sources import resolve
 
 __all__ = ["save", "OUTPUT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_SUFFIX", "INDEX_NAME"]
 
