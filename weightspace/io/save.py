@@ -6,7 +6,7 @@ Three shapes of output, each what other tools load directly:
   ``x.pt.weightspace.json``.
 - ``DIR/`` (or ``folder=True``): a Hugging Face folder as ``save_pretrained`` writes it: ``model.safetensors``, or
   shards ``model-00001-of-0000N.safetensors`` past ``max_shard_size`` with ``model.safetensors.index.json`` written
-  last; config.json, tokenizer and other non-weight files of the first ingredient's folder or Hub repo copied.
+  last; the non-weight files of the first ingredient's folder or Hub repo copied, sub-folders included (io.companions).
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import contextlib
 import json
 import math
 import os
-import re
-import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -32,8 +30,7 @@ from .sizes import parse_size
 from ..files import atomic_output, make_folder
 from .formats import header_for, write_safetensors
 from .local import WEIGHT_SUFFIXES
-from .source_options import split_options
-from .sources import resolve
+from .companions import copy_companions, companion_files
 
 __all__ = ["save", "OUTPUT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_SUFFIX", "INDEX_NAME"]
 
@@ -43,11 +40,6 @@ OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Files of an ingredient's folder that are not copied into an output folder: weights, and what describes the
-# ingredient rather than the result (its model card, its provenance).
-_NOT_COPIED = re.compile(r"(\.(safetensors|pt|pth|bin|ckpt|h5|msgpack|onnx|gguf)|\.index\.json|"
-                         + re.escape(PROVENANCE_SUFFIX) + r"|^README\.md)$")
-
 Savable = Union[TensorStream, Mapping, torch.nn.Module]
 
 
@@ -213,26 +205,6 @@ def _first_source(stream: TensorStream) -> str | None:
     return first.get("source") if isinstance(first.get("source"), str) else None
 
 
-def companion_files(source: str | None) -> list[Path]:
-    """The non-weight files (config.json, tokenizer, preprocessor, ...) of a source that is a folder or a Hub
-    repo; none for a single file (its folder may hold anything) or a library name."""
-    if not source:
-        return []
-    rest, _ = split_options(source)
-    hub = rest.startswith(("hf://", "hf-hub:"))
-    if not hub and not Path(os.path.expanduser(rest)).is_dir():
-        return []
-    try:
-        res = resolve(rest)
-    except Exception:  # noqa: BLE001 — the weights were read already; a missing folder only means nothing to copy
-        return []
-    if not res.files:
-        return []
-    folder = res.files[0].parent
-    return [p for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".") and not _NOT_COPIED.search(p.name)]
-
-
 def _old_weight_files(folder: Path) -> list[Path]:
     """The weight files a previous save into ``folder`` wrote: its index's shards and the index, or the single file."""
     out = []
@@ -275,13 +247,12 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
     shards = _shards(stream.entries, limit)
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    companions = companion_files(_first_source(stream))
+    companions = companion_files(_first_source(stream), skip=folder)
     created = not folder.exists()
     make_folder(folder)
+    copied: list[Path] = []
     try:
-        for src in companions:
-            with atomic_output(folder / src.name, force=True) as tmp:
-                shutil.copyfile(src, tmp)
+        copied = copy_companions(companions, folder)
         _write_safetensors_files(stream, [(folder / name, s) for name, s in zip(names, shards)], extra, force)
         if n > 1:  # the index last: a reader that finds it finds every shard complete
             index = {"metadata": {"total_size": sum(_nbytes(e) for e in stream.entries)},
@@ -291,8 +262,11 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
-                for p in companions:
-                    (folder / p.name).unlink(missing_ok=True)
+                for p in copied:  # files first, then the sub-folders made for them
+                    if p.is_dir():
+                        p.rmdir()
+                    else:
+                        p.unlink(missing_ok=True)
                 folder.rmdir()
         raise
     for p in old:  # exactly what the previous save wrote and this one did not overwrite
