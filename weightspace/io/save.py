@@ -59,14 +59,19 @@ def _portable_source(source: str, out: Path) -> str:
     return os.path.relpath(os.path.abspath(source), os.path.abspath(out.parent if str(out.parent) else "."))
 
 
-def _dump(prov: dict, out: Path) -> str:
+def _portable(prov: dict, out: Path) -> dict:
+    """Provenance with local ingredient paths relative to the output's folder (every output form)."""
     for field in ("ingredients", "candidates"):  # a greedy soup records the candidates it tried beside the kept
         listed = prov.get(field)
         if isinstance(listed, list):
             prov = dict(prov, **{field: [dict(i, source=_portable_source(i["source"], out))
                                          if isinstance(i, dict) and isinstance(i.get("source"), str) else i
                                          for i in listed]})
-    return json.dumps(prov, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return prov
+
+
+def _dump(prov: dict, out: Path) -> str:
+    return json.dumps(_portable(prov, out), sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
 def _meta(prov: dict, out: Path) -> dict[str, str]:
@@ -194,7 +199,7 @@ def _write_pickle(stream: TensorStream, path: Path, extra: dict, force: bool) ->
     prov = {**_finished(stream, [c.sha256() for c in stream.ingredients]), **extra}
     with atomic_output(path, force) as tmp, atomic_output(sidecar, True) as tmp_side:
         torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
-        Path(tmp_side).write_text(json.dumps(prov, indent=1, sort_keys=True, allow_nan=True) + "\n")
+        Path(tmp_side).write_text(json.dumps(_portable(prov, path), indent=1, sort_keys=True, allow_nan=True) + "\n")
 
 
 def _first_source(stream: TensorStream) -> str | None:
