@@ -72,10 +72,10 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
                 from weightspace.eval.data import set_decoding
                 set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad)
             if cls is OpOptions:  # every checkpoint the verb opens, however deep in the library, reads them
-                from weightspace.io.sources import SourceOptions, default_options_for
+                from weightspace.io.source_options import SourceOptions, default_options_for
                 opts = kw[dest]
                 with default_options_for(SourceOptions(ema=opts.ema,
-                                                       prefix=opts.strip_prefix or None)):
+                                                       strip_prefix=opts.strip_prefix or None)):
                     return f(*args, **kw)
             return f(*args, **kw)
 
@@ -121,7 +121,7 @@ def op_options(f: Callable) -> Callable:
     """--ema, --precision, --allow-nonfinite, --allow-expanded as an OpOptions ``ops``."""
     @functools.wraps(f)
     def with_loading(*args: Any, **kw: Any) -> Any:
-        from weightspace.io.checkpoint import allow_expanded
+        from weightspace.io.pickles import allow_expanded
         before = allow_expanded(kw["ops"].allow_expanded)  # a loading setting for this command only
         try:
             return f(*args, **kw)

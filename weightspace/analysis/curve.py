@@ -245,7 +245,7 @@ def _resident(ck: Checkpoint) -> Checkpoint:
     if not ck.files:
         mem = ck
     else:
-        mem = load(ck.to_dict())
+        mem = load(ck.materialise())
         mem.source, mem.variant = ck.source, ck.variant
     for k in mem:
         t = mem[k]
