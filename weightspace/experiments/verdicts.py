@@ -64,8 +64,11 @@ def check(name: str, a: Sequence[float | None], b: Sequence[float | None] | None
     verdict = judge(iv, threshold, direction)
     side = ">" if direction == "above" else "<"
     text = f"{what or name}: {fmt_interval(iv)}; needs the interval {side} {threshold:g} → {verdict}"
-    return {"name": name, "interval": iv.to_dict(), "threshold": threshold, "direction": direction,
-            "verdict": verdict, "text": text}
+    out = {"name": name, "interval": iv.to_dict(), "threshold": threshold, "direction": direction,
+           "verdict": verdict, "text": text}
+    if n_test:
+        out["n_test"] = int(n_test)
+    return out
 
 
 def combine(verdicts: Sequence[str] | Mapping[str, str]) -> str:
