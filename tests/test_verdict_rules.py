@@ -106,3 +106,93 @@ def test_block_shuffle_rule():
     # the benefit vanishes at small blocks: refuted although it shrinks ("partly" before issue 21)
     gone = block_shuffle_rule({8: [0.14, 0.12, 0.16], 2: [-0.08, -0.1, -0.07]}, speed, n_test=2000)
     assert gone["verdict"] == "not reproduced" and gone["failed"] == ["positive"]
+
+
+# ---- the other recipes' rules: each claim false, then true ----
+
+def _trajectory(acc_by_epoch: dict, barrier: float) -> list[dict]:
+    from weightspace.experiments.trajectory import _findings
+    seeds = [1, 2, 3]
+    starts = {e: {"accuracy": {str(s): a for s, a in zip(seeds, accs)}, "barrier_to_final": 0.0,
+                  "pairs": [{"pair": list(p), "l2": 1.0, "barrier_stored": barrier + 0.001 * i}
+                            for i, p in enumerate(itertools.combinations(seeds, 2))]}
+              for e, accs in acc_by_epoch.items()}
+    return _findings(starts, seeds, {"within": 0.02, "no_barrier_below": 0.02}, ["stored"], n_test=600)[0]
+
+
+def test_trajectory_rules():
+    plateau = {0: [0.5, 0.52, 0.49], 3: [0.80, 0.795, 0.81], 6: [0.80, 0.80, 0.81]}
+    a, b = _trajectory(plateau, 0.0)
+    assert a["verdict"] == "reproduced" and b["verdict"] == "reproduced"
+    # no plateau: every earlier start point falls well short of the last
+    rising = {0: [0.5, 0.52, 0.49], 3: [0.65, 0.66, 0.64], 6: [0.80, 0.80, 0.81]}
+    assert _trajectory(rising, 0.0)[0]["verdict"] == "not reproduced"
+    # a plateau, but pairs fine-tuned from it are separated by a barrier
+    assert _trajectory(plateau, 0.15)[1]["verdict"] == "not reproduced"
+
+
+def _cross(within: float, cross: float) -> list[dict]:
+    from weightspace.experiments.cross_domain import _findings
+    seeds = [1, 2, 3, 4]
+    w = {n: {"stored": [within + 0.002 * i for i in range(4)]} for n in ("digits", "inverted")}
+    c = {n: {"stored": [cross + 0.002 * i + 0.003 * (i % 2) for i in range(4)]} for n in ("digits", "inverted")}
+    return _findings(w, c, seeds, {"no_barrier_below": 0.02, "margin": 0.02}, ["stored"], "digits", "inverted",
+                     n_test={"digits": 500, "inverted": 500})[0]
+
+
+def test_cross_domain_rules():
+    a, b = _cross(0.0, 0.2)
+    assert a["verdict"] == "reproduced" and b["verdict"] == "reproduced"
+    # no cross-domain barrier beyond the within-domain one
+    assert _cross(0.0, 0.0)[1]["verdict"] == "not reproduced"
+    # no shared basin within a domain
+    assert _cross(0.2, 0.4)[0]["verdict"] == "not reproduced"
+
+
+def _align(before: float, after: float) -> list[dict]:
+    from weightspace.experiments.align import _findings
+    pairs = [{"a": f"m{i}", "b": f"m{j}",
+              "curves": {"repair": {"B": {"error_barrier": before + 0.002 * k},
+                                    "P_weights(B)": {"error_barrier": after + 0.001 * k}}}}
+             for k, (i, j) in enumerate(itertools.combinations(range(5), 2))]
+    an = {"clear_barrier": 0.1, "shrink": 0.5, "methods": ["weights"], "steps": 5}
+    return _findings(pairs, an, ["repair"], True, [], n_test=700)[0]
+
+
+def test_align_rules():
+    a, b = _align(0.5, 0.05)
+    assert a["verdict"] == "reproduced" and b["verdict"] == "reproduced"
+    # permutation-aligned barriers unchanged
+    assert _align(0.5, 0.5)[1]["verdict"] == "not reproduced"
+    # no barrier to begin with
+    assert _align(0.0, 0.0)[0]["verdict"] == "not reproduced"
+
+
+def _head2toe(far_gain: float, near_gain: float) -> list[dict]:
+    from weightspace.experiments.head2toe_targets import _findings
+    seeds = [1, 2, 3]
+    spec = {"pixels": (-0.1, far_gain), "blocks": (-0.05, far_gain), "inverted": (0.1, near_gain),
+            "same": (0.3, near_gain)}
+    targets = {n: {"affinity": {"mean": aff}, "test": 500,
+                   "per_seed": {str(s): {"affinity": aff + 0.001 * s, "gain": g + 0.004 * s - 0.002 * (n == "same")}
+                                for s in seeds}} for n, (aff, g) in spec.items()}
+    return _findings(targets, seeds, 0.0)[0]
+
+
+def test_head2toe_rules():
+    assert _head2toe(0.2, 0.01)[0]["verdict"] == "reproduced"
+    # no Head2Toe gain on far targets beyond the near ones
+    assert _head2toe(0.0, 0.0)[0]["verdict"] != "reproduced"
+    assert _head2toe(0.0, 0.2)[0]["verdict"] == "not reproduced"
+
+
+def test_saturation_rule():
+    from weightspace.experiments.saturation_pairs import saturation_rule
+    a, b = saturation_rule([0.6, 0.5, 0.7], [0.2, 0.25, 0.22], [0.01, 0.0, 0.02], 0.01, 0.05)
+    assert a["verdict"] == "reproduced" and b["verdict"] == "reproduced"
+    # no saturation: straight-line data have the same slope at both ends; the exact fit's e_∞ is not judged
+    a, b = saturation_rule([0.01, -0.02, 0.005], [0.4, 0.45, 0.42], [0.0, 0.0, 0.0], 0.01, 0.05)
+    assert a["verdict"] != "reproduced" and b["verdict"] != "reproduced"
+    assert a["sub_verdicts"]["e_inf"] == "not tested"
+    a, _ = saturation_rule([-0.3, -0.4, -0.35], [0.4, 0.45, 0.42], [0.0, 0.0, 0.0], 0.01, 0.05)
+    assert a["verdict"] == "not reproduced"  # returns that grow: refuted
