@@ -99,7 +99,7 @@ def load_align_recipe(source: str | os.PathLike | dict, *, small: bool = False,
 def _curve_entry(c: Any, test: str) -> dict:
     e, loss = c.barriers[test]["error"], c.barriers[test]["loss"]
     ends = c.series(test, "error")
-    return {"error_barrier": e["chord"], "error_barrier_midpoint": e["midpoint"], "peak_alpha": e["chord_peak_alpha"],
+    return {"error_barrier": e["chord"], "error_barrier_peak_over_ends": e["peak_over_ends"], "peak_alpha": e["chord_peak_alpha"],
             "loss_barrier": loss["chord"], "error_at_ends": [ends[0], ends[-1]], "errors": ends}
 
 
@@ -137,7 +137,7 @@ def run_align_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *
     for f, cs in curves_by_fix.items():
         CurveSet(cs).plot(s.figure(f"barriers_{f}.png"), force=s.force)
         figures.append(f"barriers_{f}.png")
-    s.csv("barriers.csv", ["pair", "curve", "fix", "error_barrier", "error_barrier_midpoint", "loss_barrier",
+    s.csv("barriers.csv", ["pair", "curve", "fix", "error_barrier", "error_barrier_peak_over_ends", "loss_barrier",
                            "peak_alpha", "error_alpha0", "error_alpha1"], rows)
     findings, summary = _findings(pairs, an, fixes, m.has_bn, figures, n_test=len(m.test))
     if sweep is not None:
@@ -232,7 +232,7 @@ def _pair_barriers(s: Session, m: _Models, fixes: list[str]) -> tuple[list[dict]
                                         progress=False, **_fix_kw(f, fix_d))
                 entry["curves"][f][tag] = r = _curve_entry(c, m.test.name)
                 curves_by_fix[f].append(c)
-                rows.append([f"{a}–{b}", tag, f, r["error_barrier"], r["error_barrier_midpoint"],
+                rows.append([f"{a}–{b}", tag, f, r["error_barrier"], r["error_barrier_peak_over_ends"],
                              r["loss_barrier"], r["peak_alpha"], *r["error_at_ends"]])
         pairs.append(entry)
         s.note(f"{a}–{b}: " + "; ".join(
@@ -417,7 +417,7 @@ def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], f
                f"({', '.join(str(s) for s in tr['seeds'])}), the seed setting both the random init and the data order."),
               f"- Alignment: {', '.join(an['methods'])} matching (Git Re-Basin), B permuted to match A; curves of "
               f"{an['steps']} points; barrier = chord error barrier (max over α of the test error above the line "
-              "between the ends; the midpoint convention is in barriers.csv).", "",
+              "between the ends; the peak over the ends' mean, Frankle et al.'s convention, is in barriers.csv).", "",
               markdown_table(["model", "test accuracy"], [[n, a] for n, a in accs.items()]), "",
               "## Barriers", ""]
     headers = ["pair", "curve", *fixes]
