@@ -80,7 +80,7 @@ def rss_child(mode: str, model_spec: str, data_spec: str, num_classes: int, batc
                     right += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
     else:
         from weightspace.eval.evaluator import Evaluator
-        from weightspace.search.greedy import leaderboard
+        from weightspace.search.soups import leaderboard
         leaderboard(paths, Evaluator(model, data, batch_size=batch, device="cpu"), progress=False)
     print(json.dumps({"mode": mode, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

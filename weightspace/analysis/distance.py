@@ -15,6 +15,7 @@ import torch
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..ops.engine import check_compatible, check_finite, running_statistic, tensor_progress
+from ..options import EmaChoice
 from ..ops.grouping import module_of, natural_key
 from ..ops.parallel import ordered_map, plan_execution, thread_scratch
 
@@ -48,7 +49,7 @@ class Distance:
         self.dot += other.dot
         self.numel += other.numel
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         """l2 = ‖a−b‖, relative = ‖a−b‖/‖a‖, cosine = a·b/(‖a‖‖b‖)."""
         l2 = math.sqrt(self.diff_sq)
         na, nb = math.sqrt(self.a_sq), math.sqrt(self.b_sq)
@@ -83,7 +84,7 @@ def _key_distance(ca: Checkpoint, cb: Checkpoint, key: str, allow_nonfinite: boo
 
 
 def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | None = None, regex: str | None = None,
-             allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
+             allow_nonfinite: bool = False, progress: bool = False, ema: EmaChoice | bool | None = None,
              threads: int | None = None, include_buffers: bool = False) -> dict:
     """L2 distance, relative distance and cosine over floating parameters, in total and (optionally) per module.
 
@@ -115,9 +116,9 @@ def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | Non
         total.merge(part)
         if grouped:
             groups.setdefault(module_of(k, depth, regex), Distance()).merge(part)
-    out: dict = {"a": ca.source, "b": cb.source, "total": total.as_dict(), "include_buffers": include_buffers}
+    out: dict = {"a": ca.source, "b": cb.source, "total": total.to_dict(), "include_buffers": include_buffers}
     if has_stats:
-        out["buffers"] = stats.as_dict()
+        out["buffers"] = stats.to_dict()
     if grouped:
-        out["modules"] = [{"module": m, **groups[m].as_dict()} for m in sorted(groups, key=natural_key)]
+        out["modules"] = [{"module": m, **groups[m].to_dict()} for m in sorted(groups, key=natural_key)]
     return out

@@ -50,6 +50,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 
 from ..errors import ConfigError, IncompatibleCheckpoints, InvalidStatistics, NonFiniteError, key_sample
+from ..options import EmaChoice
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..io.outputs import TensorStream
@@ -160,7 +161,7 @@ def check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
 
 
 def named_sources(sources: Sequence[Source] | Mapping[str, Source], names: Sequence[str] | None = None,
-                  ema: bool | None = None) -> list[Source]:
+                  ema: EmaChoice | bool | None = None) -> list[Source]:
     """The ingredients of an op, in-memory ones named: ``sources`` is a sequence (named by ``names``, if given) or
     a mapping name → source. An in-memory ingredient (state dict, module, Checkpoint without files) is opened and
     takes its name as its ``source``, which provenance, leaderboards and kept results show; a path or source
@@ -342,7 +343,7 @@ class Engine:
                                                   f"buffers are copied)", path=ck.source, key=k)
         self.ex: Execution = self._plan(scratch, threads, max_memory, device)
         if buffers not in (*BUFFER_POLICIES, "formula"):
-            raise ConfigError(f"--buffers {buffers}: expected one of {', '.join(BUFFER_POLICIES)}", param="buffers")
+            raise ConfigError(f"buffers={buffers}: expected one of {', '.join(BUFFER_POLICIES)}", param="buffers")
         n = len(self.inputs)
         weights = [1.0] + [0.0] * (n - 1) if buffers == "first" else list(stat_weights or [1.0 / n] * n)
         if len(weights) != n:

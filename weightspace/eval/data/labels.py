@@ -153,7 +153,7 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
             or the map file does not fit.
     """
     if pool not in POOLS:
-        raise DataError(f"--data {spec}: pool={pool}: expected {' or '.join(POOLS)}")
+        raise DataError(f"data={spec}: pool={pool}: expected {' or '.join(POOLS)}", param="data")
     names = list(d.meta.get("classes") or [str(i) for i in range(d.num_classes or 0)])
     n_out = model_outputs(model)
     known = model_classes(model)
@@ -176,16 +176,16 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
     elif d.meta.get("labels") == "indices" and len(names) < n_out:
         return d
     elif not known:
-        raise DataError(f"--data {spec}: {len(names)} classes for a model with {n_out} outputs, and the model "
+        raise DataError(f"data={spec}: {len(names)} classes for a model with {n_out} outputs, and the model "
                         f"names none of them; map each dataset class to a model output with ?classes=FILE or "
                         f"--class-map FILE (lines 'DATASET_CLASS MODEL_CLASS'), or size the head with "
-                        f"--num-classes {len(names)}", path=spec)
+                        f"--num-classes {len(names)}", path=spec, param="data")
     else:
         missing = [c for c in names if _norm(c) not in index]
         if missing:
-            raise DataError(f"--data {spec}: {len(names)} classes for a model with {n_out} outputs, and "
+            raise DataError(f"data={spec}: {len(names)} classes for a model with {n_out} outputs, and "
                             f"{len(missing)} are not among the model's classes: {_sample(missing)} "
-                            f"(map them with ?classes=FILE)", path=spec)
+                            f"(map them with ?classes=FILE)", path=spec, param="data")
         groups = [[index[_norm(c)]] for c in names]
     return replace(d, label_map=groups, meta={**d.meta, "pool": pool, "label_map": groups})
 
