@@ -102,7 +102,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
     cfg = read_mergekit_config(config)
     for line in cfg.notes:
         note(f"{config}: {line}", quiet)
-    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite)
+    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite, buffers=ops.buffer_policy())
     kwargs = out.save_kwargs()
     kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
     path = save(stream, out.target(), force=force, **kwargs)
