@@ -130,7 +130,7 @@ def test_cuda_and_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(errors.ConfigError, match="CUDA is not available"):
             ops.uniform_soup_stream([{"w": torch.ones(3)}], device="cuda")
-    with pytest.raises(errors.ConfigError, match="--device tpu"):
+    with pytest.raises(errors.ConfigError, match="device=tpu"):
         ops.uniform_soup_stream([{"w": torch.ones(3)}], device="tpu")
 
 

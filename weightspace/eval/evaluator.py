@@ -51,9 +51,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {device}: expected auto, cpu or cuda[:N]") from None
+        raise ConfigError(f"device={device}: expected auto, cpu or cuda[:N]", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        raise ConfigError(f"device={device}: CUDA is not available on this machine", param="device")
     return dev
 
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import SourceError, WeightspaceError, hub_error
+from ..errors import SourceError, WeightspaceError, hub_download_error
 from .checkpoint import Resolved
 from .local import PREFERRED_FILES, from_index
 from .source_options import SourceOptions
@@ -92,7 +92,7 @@ def hub_call(target: str) -> Iterator[None]:
             yield
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
-            raise hub_error(target, e, cache_hint=offline_hint()) from None
+            raise hub_download_error(target, e, cache_hint=offline_hint()) from None
         raise
 
 
@@ -181,4 +181,4 @@ def resolve_hub(source: str, spec: str, options: SourceOptions | None = None) ->
         except WeightspaceError:  # ours (some are OSError or ValueError too) already name the source
             raise
         except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
-            raise hub_error(source, e, cache_hint=offline_hint()) from None
+            raise hub_download_error(source, e, cache_hint=offline_hint()) from None

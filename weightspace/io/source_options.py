@@ -10,8 +10,9 @@ from typing import Iterator
 from urllib.parse import parse_qsl
 
 from ..errors import SourceError
+from ..options import EMA_CHOICES, EmaChoice, ema_choice
 
-__all__ = ["SOURCE_OPTIONS", "EMA_CHOICES", "SCHEME_PREFIXES", "SourceOptions", "set_default_options",
+__all__ = ["SOURCE_OPTIONS", "SCHEME_PREFIXES", "SourceOptions", "set_default_options",
            "default_options_for", "default_options", "split_options", "split_query", "options_for"]
 
 # The prefixes of the source strings that are not local paths (resolved in sources.SCHEMES).
@@ -20,7 +21,6 @@ SCHEME_PREFIXES = ("hf://", "hf-hub:", "timm:", "open_clip:")
 # Options any source string may carry after '?', e.g. ckpt.pth.tar?ema=1, lightning.ckpt?strip_prefix=model. or
 # train.pt?key=model_state ('prefix' is the older spelling of strip_prefix, still read).
 SOURCE_OPTIONS = ("ema", "strip_prefix", "prefix", "key")
-EMA_CHOICES = ("off", "prefer", "require")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SourceOptions:
     ``strip_prefix``: keep only keys starting with it, with it removed (a Lightning module's 'model.').
     ``key``: the entry of a pickled training checkpoint holding the weights ('model_state', 'model/state_dict')."""
 
-    ema: str = "off"
+    ema: EmaChoice = "off"
     strip_prefix: str | None = None
     key: str | None = None
 
@@ -101,9 +101,9 @@ def split_query(spec: str) -> tuple[str, dict[str, str]]:
     return name, dict(parse_qsl(q))
 
 
-def options_for(ema: bool | None, strip_prefix: str | None) -> SourceOptions:
+def options_for(ema: EmaChoice | bool | None, strip_prefix: str | None) -> SourceOptions:
     """The options of ``load(src, ema=, strip_prefix=)``: each None keeps the process default."""
     base = default_options()
-    return SourceOptions(ema=base.ema if ema is None else ("prefer" if ema else "off"),
+    return SourceOptions(ema=ema_choice(ema, base.ema),
                          strip_prefix=base.strip_prefix if strip_prefix is None else (strip_prefix or None),
                          key=base.key)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..errors import SourceError
+from ..options import EmaChoice
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved
 from .containers import unwrap
 from .hub_sources import resolve_hub
@@ -66,15 +67,16 @@ def open_checkpoint(source: str, options: SourceOptions) -> Checkpoint:
     return ck
 
 
-def load(src: Source, *, ema: bool | None = None, strip_prefix: str | None = None) -> Checkpoint:
+def load(src: Source, *, ema: EmaChoice | bool | None = None, strip_prefix: str | None = None) -> Checkpoint:
     """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint.
 
     Args:
         src: a path or source string (``x.safetensors``, ``x.pt``, a folder, ``hf://org/repo``, ``timm:NAME``,
             ``open_clip:ARCH/TAG``; any of them may end in ``?ema=0|1``, ``?strip_prefix=P`` and ``?key=K``), or
             weights in memory.
-        ema: True takes EMA weights where the file holds them (as timm's ``use_ema``), False the regular ones;
-            None (default) follows the process default (regular weights; the CLI's ``--ema`` sets True).
+        ema: "prefer" takes EMA weights where the file holds them (as timm's ``use_ema``; True says the same),
+            "off" (or False) the regular ones, "require" fails on a file without EMA weights; None (default)
+            follows the process default (regular weights; the CLI's ``--ema`` sets "prefer").
             ``?ema=1`` on a source requires EMA weights of it, ``?ema=0`` takes its regular ones.
         strip_prefix: keep only keys starting with it, with it removed (None: the process default, usually none).
 
