@@ -101,9 +101,9 @@ def split_query(spec: str) -> tuple[str, dict[str, str]]:
     return name, dict(parse_qsl(q))
 
 
-def options_for(ema: EmaChoice | bool | None, strip_prefix: str | None) -> SourceOptions:
-    """The options of ``load(src, ema=, strip_prefix=)``: each None keeps the process default."""
+def options_for(ema: EmaChoice | bool | None, strip_prefix: str | None, key: str | None = None) -> SourceOptions:
+    """The options of ``load(src, ema=, strip_prefix=, key=)``: each None keeps the process default."""
     base = default_options()
     return SourceOptions(ema=ema_choice(ema, base.ema),
                          strip_prefix=base.strip_prefix if strip_prefix is None else (strip_prefix or None),
-                         key=base.key)
+                         key=base.key if key is None else (key or None))
