@@ -74,7 +74,7 @@ def test_aligned_checkpoints_compute_b(small_run):
     net = build_model("weightspace.eval.zoo:small_cnn?width=16", num_classes=10)
     outs = []
     for name in ("model-2", "model-2-aligned-weights-to-1", "model-2-aligned-activations-to-1"):
-        net.load_state_dict(load(out / "checkpoints" / f"{name}.safetensors").to_dict())
+        net.load_state_dict(load(out / "checkpoints" / f"{name}.safetensors").materialise())
         with torch.no_grad():
             outs.append(net.eval()(x))
     assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)

@@ -39,16 +39,16 @@ def test_small_run_barriers_and_verdicts(small_run):
             other = "inverted" if n == "digits" else "digits"
             assert a[f"on {n}"] > a[f"on {other}"]
     # the fine-tuned models start from one P-T init: the head is the same random head for both domains
-    init = load(out / "checkpoints" / "pt-init.safetensors").to_dict()
-    src = load(out / "checkpoints" / "source.safetensors").to_dict()
+    init = load(out / "checkpoints" / "pt-init.safetensors").materialise()
+    src = load(out / "checkpoints" / "source.safetensors").materialise()
     assert torch.equal(init["conv1.weight"], src["conv1.weight"])
     for n in ("digits", "inverted"):
         for p in r["protocols"]:
             assert len(r["within"][n][p]) == len(r["cross"][n][p]) == 3
             assert all(0 <= x <= 1 for x in r["within"][n][p] + r["cross"][n][p])
     # the cross pair of seed 1 on the digits test set: its L2 distance recomputed from the checkpoints
-    a = load(out / "checkpoints" / "digits-seed-1.safetensors").to_dict()
-    b = load(out / "checkpoints" / "inverted-seed-1.safetensors").to_dict()
+    a = load(out / "checkpoints" / "digits-seed-1.safetensors").materialise()
+    b = load(out / "checkpoints" / "inverted-seed-1.safetensors").materialise()
     l2 = float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a if a[k].is_floating_point())))
     assert r["l2"]["cross"][0] == pytest.approx(l2, rel=1e-6)
     verdicts = {f["id"]: f["verdict"] for f in res["findings"]}

@@ -40,7 +40,7 @@ def test_small_run_start_points_and_verdicts(small_run):
     for e, st in starts.items():
         assert list(st["accuracy"]) == seeds and len(st["pairs"]) == 3
         for p in st["pairs"]:
-            a, b = (load(out / "checkpoints" / f"finetuned-from-{e}-seed-{x}.safetensors").to_dict() for x in p["pair"])
+            a, b = (load(out / "checkpoints" / f"finetuned-from-{e}-seed-{x}.safetensors").materialise() for x in p["pair"])
             l2 = float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a
                                       if a[k].is_floating_point())))
             assert p["l2"] == pytest.approx(l2, rel=1e-6) and p["l2"] > 0

@@ -37,7 +37,7 @@ def even_alphas(steps: int) -> list[float]:
         ConfigError: fewer than 2 steps.
     """
     if steps < 2:
-        raise ConfigError(f"--steps {steps}: a curve needs at least 2 points")
+        raise ConfigError(f"steps={steps}: a curve needs at least 2 points", param="steps")
     return [i / (steps - 1) for i in range(steps)]
 
 
@@ -240,7 +240,7 @@ def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:
         return even_alphas(steps)
     vals = [float(a) for a in alphas]
     if any(not math.isfinite(a) for a in vals):
-        raise ConfigError(f"--alphas {vals}: must be finite numbers")
+        raise ConfigError(f"alphas={vals}: must be finite numbers", param="alphas")
     # The ends are always evaluated: every barrier is measured against them.
     return sorted(set(vals) | {0.0, 1.0})
 
@@ -250,7 +250,7 @@ def _resident(ck: Checkpoint) -> Checkpoint:
     if not ck.files:
         mem = ck
     else:
-        mem = load(ck.to_dict())
+        mem = load(ck.materialise())
         mem.source, mem.variant = ck.source, ck.variant
     for k in mem:
         t = mem[k]
@@ -270,7 +270,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
     ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
-    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.fixes) at every α: each channel's
+    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.repair) at every α: each channel's
     activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
 
     Raises:
@@ -300,7 +300,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     if repair is not None:
         if not isinstance(evaluate, LoadsWeights):
             raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
-        from ..eval.fixes import Repairer
+        from ..eval.repair import Repairer
         repairer = Repairer(evaluate, repair)
         repairer.add(ca)
         repairer.add(cb)

@@ -154,7 +154,7 @@ def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, po
             or us.max(initial=0) > 1 or ds.max(initial=0) > 1:
         raise ConfigError("saturation: accuracies must be finite numbers in [0, 1]")
     if points not in ("hull", "all"):
-        raise ConfigError(f"--points {points}: expected hull or all")
+        raise ConfigError(f"points={points}: expected hull or all", param="points")
     used = upper_hull(us.tolist(), ds.tolist()) if points == "hull" else list(range(len(us)))
     if len(used) < 3:
         raise ConfigError(f"saturation: {len(used)} point(s) on the {'upper hull' if points == 'hull' else 'list'}; "

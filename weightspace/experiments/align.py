@@ -7,7 +7,7 @@ barrier curves A–B and A–P(B) are measured on the test set with each BatchNo
 
 - ``none``            the interpolated running statistics, as they are;
 - ``recalibrate_bn``  BatchNorm statistics re-estimated on the ``fix`` data at every α;
-- ``repair``          REPAIR (Jordan et al. 2022) on the ``fix`` data at every α (weightspace.eval.fixes).
+- ``repair``          REPAIR (Jordan et al. 2022) on the ``fix`` data at every α (weightspace.eval.repair).
 
 Findings: (a) the unaligned pair shows a clear error barrier (≥ ``clear_barrier``) under the BN treatments;
 (b) after alignment (+ a BN treatment) the barrier shrinks by at least ``shrink`` (½) of itself. The barrier is
