@@ -50,7 +50,8 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
                f"{r['data']['val']} and {r['data']['test'][0]} (val {r['data']['examples']['val']}, test "
                f"{r['data']['examples']['test']} examples)")
     ft = reg["finetune_vs_scratch"]
-    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']})")
+    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']}); paired on the "
+               f"same examples: {ft['paired']['text']}")
     click.echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
     band = reg["lr_band"]
     click.echo(f"- learning-rate band: every ingredient within {band['within']:.2f} of the best val accuracy: "

@@ -95,6 +95,9 @@ def test_demo_regime_conditions(demo_run):
     ci = stats.ttest_ind(ft, sc, equal_var=False).confidence_interval(0.95)
     assert (reg["difference"]["low"], reg["difference"]["high"]) == pytest.approx((ci.low, ci.high))
     assert (reg["verdict"] == "reproduced") == (ci.low > 0)
+    # and per example: the best fine-tune against the best scratch model on the same 1,000 test images
+    pb = reg["paired"]
+    assert pb["n"] == 1000 and pb["difference"] == pytest.approx((pb["a_only"] - pb["b_only"]) / 1000)
     band = res["regime"]["lr_band"]
     assert band["ok"] == (max(band["val_accuracy"]) - min(band["val_accuracy"]) <= band["within"])
     for info in res["training"].values():  # early stopping kept the epoch of the lowest validation loss
