@@ -99,7 +99,7 @@ def test_merge_choices_are_the_registry(cli):
 
 def test_soup_methods_are_registered_ops_and_the_flags_are_aliases(cli, tmp_path):
     from weightspace.registry import REGISTRY
-    from weightspace.search.soups import SOUP_METHODS
+    from weightspace.options import SOUP_METHODS
     assert list(_option("soup", "--method").type.choices) == ["uniform", "weighted", "greedy", "learned"]
     assert all(("op", op) in REGISTRY for op in SOUP_METHODS.values())
     out = tmp_path / "x.safetensors"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -20,16 +19,15 @@ import torch
 from ..errors import CheckpointError, CheckpointNotFound, UnsafeCheckpoint, key_sample
 from .formats import SafetensorsReader, file_sha256
 from .spill import release_freed, spill
+from .keys import EMA_PREFIXES, STRIP_PREFIXES, normalise_key, provenance_of
 
 __all__ = ["PROVENANCE_SUFFIX", "STRIP_PREFIXES", "REGULAR_CONTAINERS", "EMA_CONTAINERS", "EMA_PREFIXES", "Source",
            "Resolved", "normalise_key", "SAFE_GLOBALS", "load_pickle", "MAX_NESTING", "MAX_ENTRIES", "unwrap",
            "find_aliases", "Checkpoint", "from_tensors", "allow_expanded", "check_pickled_tensors", "open_resolved"]
 
 PROVENANCE_SUFFIX = ".weightspace.json"  # beside a pickled output: x.pt → x.pt.weightspace.json
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 REGULAR_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
 EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema")
-EMA_PREFIXES = ("model_ema.", "ema_model.", "ema.")
 
 Source = Union[str, os.PathLike, "Checkpoint", Mapping, "torch.nn.Module"]
 
@@ -45,18 +43,6 @@ class Resolved:
     note: str = ""                                         # how it was resolved, for reports
     variant: str = ""                                      # which weights of a file were taken (EMA or not)
     commit: str | None = None                              # the Hub commit the files came from
-
-
-def normalise_key(key: str) -> str:
-    """Strip the wrappers that DataParallel/DDP (module.) and torch.compile (_orig_mod.) add to names."""
-    changed = True
-    while changed:
-        changed = False
-        for p in STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-        key = key.replace("._orig_mod.", ".")
-    return key
 
 
 def _convert_hint(path: Path) -> str:
@@ -367,13 +353,7 @@ class Checkpoint(Mapping):
     @property
     def provenance(self) -> dict | None:
         """The weightspace provenance stored in the file's metadata, if any."""
-        raw = self.metadata.get("weightspace")
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return None
+        return provenance_of(self.metadata)
 
     def sha256(self) -> str:
         """sha256 of the file (or of the shards' hashes, or of the tensors for in-memory state dicts)."""

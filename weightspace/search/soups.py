@@ -24,12 +24,12 @@ from ..io.sources import load, short_name
 from ..ops.engine import named_sources
 from ..ops.merge import Ties
 from ..ops.stream import uniform_soup, weighted_average
-from ..options import OpOptions
+from ..options import SOUP_METHODS, OpOptions
 from ..progress import progress as progress_bar
 from .greedy import GreedyResult, greedy_ensemble, greedy_soup, mean_logits, rank, scalar_score, tell_members
 
 __all__ = ["AVG_SHIFTS", "Leaderboard", "evaluate_each", "leaderboard", "validation_view", "soup_leaderboard",
-           "merge_rows", "SOUP_METHODS", "soup_methods", "LearnOptions", "SoupReport", "evaluate_soups"]
+           "merge_rows", "SOUP_METHODS", "LearnOptions", "SoupReport", "evaluate_soups"]
 
 AVG_SHIFTS = "avg shifts"
 
@@ -250,22 +250,6 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
                      "scale": rec.scale, "scale_scores": [list(p) for p in rec.scores],
                      "metrics": as_table(evaluate(res.weights))})
     return rows, merged
-
-
-# The soups ``evaluate_soups`` makes (``weightspace soup --method``): the short name → the op it registers.
-SOUP_METHODS = {"uniform": "uniform-soup", "weighted": "weighted-average", "greedy": "greedy-soup",
-                "learned": "learned-soup"}
-
-
-def soup_methods() -> list[str]:
-    """The short names of the soups, each checked against the registry (a soup whose op is not registered is a
-    programming error: ``RuntimeError``)."""
-    from ..registry import REGISTRY
-    from . import learned as _learned  # noqa: F401  (registers the learned soup)
-    missing = [op for op in SOUP_METHODS.values() if ("op", op) not in REGISTRY]
-    if missing:
-        raise RuntimeError(f"soup methods without a registry entry: {', '.join(missing)}")
-    return list(SOUP_METHODS)
 
 
 @dataclass
