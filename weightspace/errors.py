@@ -83,8 +83,8 @@ class HubError(WeightspaceError, OSError):
     repo_id: str | None
 
     def __init__(self, message: str, *, repo_id: str | None = None, path: str | os.PathLike | None = None,
-                 key: str | None = None):
-        super().__init__(message, path=path, key=key)
+                 key: str | None = None, param: str | None = None):
+        super().__init__(message, path=path, key=key, param=param)
         self.repo_id = repo_id
 
 

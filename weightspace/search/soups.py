@@ -319,7 +319,7 @@ def evaluate_soups(checkpoints: Sequence[Source], evaluator: Evaluator, *, val: 
     if weights is not None and len(weights) != len(checkpoints):
         raise ConfigError(f"weights: {len(weights)} weights for {len(checkpoints)} checkpoints", param="weights")
     if merges and base is None:
-        raise ConfigError("--merge needs --base, the checkpoint the ingredients were fine-tuned from")
+        raise ConfigError("base: merges need the checkpoint the ingredients were fine-tuned from", param="base")
     ev = evaluator
     ingredients: list[Checkpoint] = [load(c, ema=ops.ema) for c in checkpoints]
     fixed = recalibrate_bn is not None or repair is not None
