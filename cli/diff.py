@@ -19,7 +19,8 @@ __all__ = ["diff"]
 @report_options
 def diff(a: str, b: str, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Keys only in A or only in B, and keys whose shape or dtype differ. Exit 1 when they differ."""
-    (name_a, sa), (name_b, sb) = _structure(a, ops), _structure(b, ops)
+    from weightspace.io.describe import structure  # plain safetensors files: their headers alone, no torch
+    (name_a, sa), (name_b, sb) = (structure(s, ema=ops.ema, strip_prefix=ops.strip_prefix) for s in (a, b))
     ka, kb = set(sa), set(sb)
     mismatches: list[dict[str, Any]] = [{"key": k, "a": {"dtype": sa[k][0], "shape": sa[k][1]}, "b": {"dtype": sb[k][0], "shape": sb[k][1]}}
                   for k in sorted(ka & kb) if sa[k] != sb[k]]
@@ -37,18 +38,3 @@ def diff(a: str, b: str, ops: OpOptions, as_json: bool, quiet: bool) -> None:
             click.echo(markdown_table(["key", "A", "B"], rows))
     sys.exit(0 if same else 1)
 
-
-def _structure(source: str, ops: OpOptions) -> tuple[str, dict[str, tuple[str, list[int]]]]:
-    """The source's name and key → (dtype, shape); a plain safetensors file is read from its header alone, without
-    importing torch."""
-    from weightspace.io.header import header_only_view
-    view = header_only_view(source) if ops.ema == "off" and not ops.strip_prefix else None
-    if view is not None:
-        return source, {k: (d, list(shape)) for k, (d, shape, _) in view.tensors.items()}
-    import weightspace as ws
-    ck = ws.load(source, ema=ops.ema)
-    structure = {}
-    for k in ck:
-        dtype, shape = ck.info(k)
-        structure[k] = (str(dtype).replace("torch.", ""), list(shape))
-    return ck.source, structure
