@@ -80,12 +80,12 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
             # A module not imported yet still holds the defaults these would set: the header-only verbs (inspect,
             # diff) then never import the loading code, nor torch.
             if (cls is OpOptions and opts.ema == "off" and not opts.strip_prefix
-                    and "weightspace.io.sources" not in sys.modules):
+                    and "weightspace.io.source_options" not in sys.modules):
                 return f(*args, **kw)
             if cls is OpOptions:  # every checkpoint the verb opens, however deep in the library, reads them
-                from weightspace.io.sources import SourceOptions, default_options_for
+                from weightspace.io.source_options import SourceOptions, default_options_for
                 with default_options_for(SourceOptions(ema=opts.ema,
-                                                       prefix=opts.strip_prefix or None)):
+                                                       strip_prefix=opts.strip_prefix or None)):
                     return f(*args, **kw)
             return f(*args, **kw)
 
@@ -131,7 +131,7 @@ def op_options(f: Callable) -> Callable:
     """--ema, --precision, --allow-nonfinite, --allow-expanded as an OpOptions ``ops``."""
     @functools.wraps(f)
     def with_loading(*args: Any, **kw: Any) -> Any:
-        from weightspace.io.checkpoint import allow_expanded
+        from weightspace.io.pickles import allow_expanded
         before = allow_expanded(kw["ops"].allow_expanded)  # a loading setting for this command only
         try:
             return f(*args, **kw)

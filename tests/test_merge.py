@@ -147,7 +147,7 @@ def test_stream_to_disk_equals_in_memory(finetunes, tmp_path):
     for method, extra in [("task-arithmetic", {}), ("ties", {"keep": 0.2})]:
         stream = merge(method, finetunes["base"], models, scale=0.7, **extra)
         path = ws.save(stream, tmp_path / f"{method}.safetensors")
-        mem = merge(method, finetunes["base"], models, scale=0.7, **extra).to_dict()
+        mem = merge(method, finetunes["base"], models, scale=0.7, **extra).materialise()
         on_disk = ws.load(path)
         assert sorted(on_disk) == sorted(mem)
         for k in mem:
@@ -166,7 +166,7 @@ def test_small_pieces_and_threads_give_the_same_bytes(finetunes, tmp_path):
     # Every key split into the smallest pieces, on 1 to 4 worker threads, must give exactly the whole-key result.
     models = [finetunes["ft0"], finetunes["ft1"], finetunes["ft2"]]
     for method, extra in [("task-arithmetic", {"negate": [False, True, False]}), ("ties", {"keep": 0.3})]:
-        ref = merge(method, finetunes["base"], models, scale=0.8, threads=1, max_memory="1G", **extra).to_dict()
+        ref = merge(method, finetunes["base"], models, scale=0.8, threads=1, max_memory="1G", **extra).materialise()
         for threads in (1, 2, 4):
             stream = merge(method, finetunes["base"], models, scale=0.8, threads=threads, max_memory=1, **extra)
             assert stream.provenance.get("thresholds") == ref.provenance.get("thresholds")

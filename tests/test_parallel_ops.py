@@ -89,7 +89,7 @@ def test_lerp_and_task_vector_across_threads(real_files):
                        (lambda **kw: ops.task_vector_stream(a, b, **kw), [1.0, -1.0])):
         ref = reference([a, b], coeffs)
         for threads, mem in SETTINGS:
-            got = fn(threads=threads, max_memory=mem).to_dict()
+            got = fn(threads=threads, max_memory=mem).materialise()
             assert all(torch.equal(got[k], ref[k]) for k in ref), (threads, mem)
 
 

@@ -146,7 +146,7 @@ class OpOptions:
                                           "required) or PATH?ema=0.")
     strip_prefix: str | None = _opt(None, "--strip-prefix", metavar="PREFIX",
                                     help="Keep only keys starting with PREFIX, with it removed (e.g. 'model.' of a "
-                                         "Lightning checkpoint); per source: PATH?prefix=PREFIX.")
+                                         "Lightning checkpoint); per source: PATH?strip_prefix=PREFIX.")
     precision: str = _opt("fp32", "--precision", choices=("fp32", "fp64"),
                           help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")
     allow_nonfinite: bool = _opt(False, "--allow-nonfinite", help="Combine tensors holding NaN/Inf instead of refusing.")
@@ -160,7 +160,7 @@ class OpOptions:
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the streaming ops (ops.stream, ops.merge); ``allow_expanded`` is a setting of
-        loading (io.checkpoint.allow_expanded), not of the ops."""
+        loading (io.pickles.allow_expanded), not of the ops."""
         return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite,
                 "max_memory": self.max_memory}
 

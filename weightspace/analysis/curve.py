@@ -44,10 +44,14 @@ def even_alphas(steps: int) -> list[float]:
 def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str, float | None]:
     """Barrier of f along the path, both conventions, over α ∈ [0, 1] (f(0) and f(1) must be among the points).
 
-    chord:    max_α f(α) − ((1−α)·f(0) + α·f(1))   (height above the straight line between the ends)
-    midpoint: max_α f(α) − ½(f(0) + f(1))          (height above the ends' mean, as the git-re-basin code does)
-    Returns the heights and, as ``chord_peak_alpha`` / ``midpoint_peak_alpha``, the α at which each height is
-    reached (the first on ties): where the barrier peaks, not the α of the path's midpoint.
+    chord:          max_α f(α) − ((1−α)·f(0) + α·f(1))   (height above the straight line between the ends; the
+                    barrier of Entezari et al. 2022)
+    peak_over_ends: max_α f(α) − ½(f(0) + f(1))          (height of the peak above the ends' mean: Frankle et
+                    al. 2020's "error barrier height", Ainsworth et al. 2023's loss barrier)
+    Neither is the value at α = ½ minus the ends' mean, which :mod:`.basin` calls the midpoint barrier. Returns the
+    heights and, as ``chord_peak_alpha`` / ``peak_over_ends_alpha``, the α at which each height is reached (the
+    first on ties). ``midpoint`` / ``midpoint_peak_alpha`` repeat ``peak_over_ends`` under its former, misleading
+    name, for readers of older results.
 
     Raises:
         ConfigError: α=0 or α=1 is not among the points.
@@ -68,7 +72,8 @@ def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str
         return h, next(a for hh, a in finite if hh == h)
 
     (hc, ac), (hm, am) = best(chord), best(mid)
-    return {"chord": hc, "chord_peak_alpha": ac, "midpoint": hm, "midpoint_peak_alpha": am}
+    return {"chord": hc, "chord_peak_alpha": ac, "peak_over_ends": hm, "peak_over_ends_alpha": am,
+            "midpoint": hm, "midpoint_peak_alpha": am}
 
 
 @dataclass
@@ -115,9 +120,9 @@ class Curve:
         return headers, rows
 
     def barrier_rows(self) -> tuple[list[str], list[list]]:
-        """One row per (dataset, metric): chord and midpoint-mean barrier heights and where they peak."""
-        headers = ["pair", "dataset", "metric", "chord", "chord_peak_alpha", "midpoint", "midpoint_peak_alpha"]
-        rows = [[self.label, ds, m, b["chord"], b["chord_peak_alpha"], b["midpoint"], b["midpoint_peak_alpha"]]
+        """One row per (dataset, metric): chord and peak-over-ends barrier heights and where they peak."""
+        headers = ["pair", "dataset", "metric", "chord", "chord_peak_alpha", "peak_over_ends", "peak_over_ends_alpha"]
+        rows = [[self.label, ds, m, b["chord"], b["chord_peak_alpha"], b["peak_over_ends"], b["peak_over_ends_alpha"]]
                 for ds, per in self.barriers.items() for m, b in per.items()]
         return headers, rows
 
@@ -245,7 +250,7 @@ def _resident(ck: Checkpoint) -> Checkpoint:
     if not ck.files:
         mem = ck
     else:
-        mem = load(ck.to_dict())
+        mem = load(ck.materialise())
         mem.source, mem.variant = ck.source, ck.variant
     for k in mem:
         t = mem[k]

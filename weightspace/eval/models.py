@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..io.sources import hub_call, split_query
+from ..io.hub_sources import hub_call
+from ..io.source_options import split_query
 
 __all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model", "check_model_spec", "CLOSED_MODEL_SPECS",
            "ModelSpec"]

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .._version import __version__
-from ..io.checkpoint import Checkpoint, load_pickle
-from ..io.sources import load, split_query
+from ..io.checkpoint import Checkpoint
+from ..io.pickles import load_pickle
+from ..io.source_options import split_query
+from ..io.sources import load
 from ..errors import HubError, OutputExists, WeightspaceError, hub_push_error
 from ..report.card import CardData, render_card
 from ..registry import REGISTRY, Entry

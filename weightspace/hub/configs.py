@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from ..errors import HubError, WeightspaceError
 from ..io.checkpoint import Checkpoint
-from ..io.sources import split_query
+from ..io.source_options import split_query
 
 __all__ = ["infer_model_config", "timm_config", "open_clip_config", "base_models"]
 
@@ -99,7 +99,7 @@ def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
     import timm
     from timm.models import split_model_name_tag
     from timm.models._hub import save_config_for_hf
-    from ..io.sources import timm_classifier_classes
+    from ..io.libraries import timm_classifier_classes
     arch, tag = split_model_name_tag(str(cfg["architecture"]))
     if arch not in timm.list_models():
         raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
@@ -169,7 +169,7 @@ def base_models(prov: Mapping) -> list[str]:
         s = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
         repo = None
         if s.startswith(("hf://", "hf-hub:")):
-            from ..io.sources import parse_hub
+            from ..io.hub_sources import parse_hub
             with contextlib.suppress(WeightspaceError):
                 repo = parse_hub(s.split(":", 1)[1].lstrip("/"))[0]
         elif s.startswith("timm:") and "file" not in split_query(s[5:])[1]:

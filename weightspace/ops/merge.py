@@ -435,11 +435,11 @@ def task_arithmetic(base: Source, models: Sequence[Source], *, scale: float = 1.
                     negate: Sequence[bool] | None = None, **kw: Any) -> StateDict:
     """Task arithmetic (Ilharco et al. 2023): θ_pre + λ·Σ_t s_t·(θ_t − θ_pre); s_t = −1 where negated. In memory;
     ``kw`` and what it raises as ``merge``."""
-    return merge("task-arithmetic", base, models, scale=scale, negate=negate, **kw).to_dict()
+    return merge("task-arithmetic", base, models, scale=scale, negate=negate, **kw).materialise()
 
 
 def ties_merge(base: Source, models: Sequence[Source], *, scale: float = 1.0, keep: float = 0.2,
                negate: Sequence[bool] | None = None, **kw: Any) -> StateDict:
     """TIES-merging (Yadav et al. 2023): trim to the top ``keep`` fraction, elect signs, disjoint mean, θ_pre + λ·τ.
     In memory; ``kw`` and what it raises as ``merge``."""
-    return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).to_dict()
+    return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).materialise()

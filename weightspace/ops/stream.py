@@ -181,22 +181,22 @@ def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
 
 def uniform_soup(sources: Sequence[Source] | Mapping[str, Source], **kw: Any) -> StateDict:
     """Uniform soup (Wortsman et al. 2022): the mean of the ingredients' weights. In memory; raises what ``uniform_soup_stream`` raises."""
-    return uniform_soup_stream(sources, **kw).to_dict()
+    return uniform_soup_stream(sources, **kw).materialise()
 
 
 def weighted_average(sources: Sequence[Source] | Mapping[str, Source], weights: Sequence[float], **kw: Any) -> StateDict:
     """Weighted average of checkpoints; weights are normalised to sum to 1. In memory; raises what ``weighted_average_stream`` raises."""
-    return weighted_average_stream(sources, weights, **kw).to_dict()
+    return weighted_average_stream(sources, weights, **kw).materialise()
 
 
 def lerp(a: Source, b: Source, alpha: float, **kw: Any) -> StateDict:
     """Linear interpolation (1−α)·a + α·b. In memory; raises what ``lerp_stream`` raises."""
-    return lerp_stream(a, b, alpha, **kw).to_dict()
+    return lerp_stream(a, b, alpha, **kw).materialise()
 
 
 def task_vector(a: Source, base: Source, **kw: Any) -> StateDict:
     """Task vector τ = a − base (Ilharco et al. 2023). In memory; raises what ``task_vector_stream`` raises."""
-    return task_vector_stream(a, base, **kw).to_dict()
+    return task_vector_stream(a, base, **kw).materialise()
 
 
 SOUPS_PAPER = Paper("Wortsman et al.", 2022, "Model soups: averaging weights of multiple fine-tuned models improves "

@@ -164,7 +164,7 @@ def read_tensor_file(path: Path, spec: str) -> TensorData:
         except (ValueError, OSError) as e:
             raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
     else:
-        from ...io.checkpoint import load_pickle
+        from ...io.pickles import load_pickle
         obj = load_pickle(path)
         if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
             raise ConfigError(f"{path}: needs a dict with tensors 'x' and 'y'")
