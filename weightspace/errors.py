@@ -32,7 +32,7 @@ from collections.abc import Sequence
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
     "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists", "AlignmentError",
-    "ConfigError", "DataError", "key_sample", "misfit", "hub_download_error", "hub_push_error", "hub_error",
+    "ConfigError", "DataError", "key_sample", "misfit", "hub_download_error", "hub_push_error",
 ]
 
 
@@ -194,13 +194,6 @@ def hub_push_error(repo_id: str, e: BaseException, *, token: str | None = None) 
     else:
         msg = f"cannot reach the Hub ({type(e).__name__}: {_scrub(_first_line(e), token)})"
     return HubError(f"{repo_id}: {msg}", repo_id=repo_id)
-
-
-def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,
-              cache_hint: str = "") -> HubError:
-    """The older single entry point: ``hub_push_error`` when ``push``, else ``hub_download_error``. Returns the
-    error; raises nothing."""
-    return hub_push_error(target, e, token=token) if push else hub_download_error(target, e, cache_hint=cache_hint)
 
 
 def _repo_of(source: str) -> str | None:
