@@ -412,13 +412,13 @@ class CriticalityResult:
 def _grid(values: int | Sequence[float], lo: float, hi: float, what: str) -> list[float]:
     if isinstance(values, int):
         if values < 1:
-            raise ConfigError(f"--{what} {values}: needs at least one point")
+            raise ConfigError(f"{what}={values}: needs at least one point", param=what)
         if values == 1:
             return [hi]
         return [float(v) for v in np.linspace(lo, hi, values)]
     vals = sorted({float(v) for v in values})
     if not vals or any(not math.isfinite(v) for v in vals):
-        raise ConfigError(f"--{what}: expected finite numbers")
+        raise ConfigError(f"{what}: expected finite numbers", param=what)
     return vals
 
 
