@@ -146,3 +146,21 @@ def test_soup_method_uniform_is_the_plain_soup(cli, tmp_path):
     weighted = tmp_path / "weighted.safetensors"
     assert cli("soup", "--method", "weighted", "--weights", "3,1", a, b, "-o", weighted).exit_code == 0
     assert weighted.read_bytes() != plain.read_bytes()  # the method reaches the op
+
+
+def test_every_ema_parameter_takes_the_one_ema_choice_type():
+    """`ema` means one thing in the whole library: options.EmaChoice ("off" | "prefer" | "require"; a bool is the
+    older spelling where a user may pass one)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    found, other = 0, []
+    for f in sorted((root / "weightspace").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in node.args.args + node.args.kwonlyargs:
+                    if a.arg == "ema":
+                        found += 1
+                        if a.annotation is None or "EmaChoice" not in ast.unparse(a.annotation):
+                            other.append(f"{f.relative_to(root)}:{node.lineno} {node.name}")
+    assert found > 10 and other == []

@@ -18,6 +18,7 @@ from typing import Iterator, Protocol, Union
 import torch
 
 from ..errors import CheckpointError, key_sample
+from ..options import EmaChoice
 from .containers import pick_prefixed, unwrap
 from .formats import SafetensorsReader, file_sha256, tensor_bytes
 from .pickles import check_pickled_tensors, load_pickle
@@ -274,7 +275,7 @@ def check_index(source: str, weight_map: Mapping[str, str], shard_keys: Mapping[
                               f"list; refused", path=source, key=extra)
 
 
-def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: str | bool) -> Checkpoint:
+def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: EmaChoice) -> Checkpoint:
     readers = {str(f): SafetensorsBackend(SafetensorsReader(f)) for f in files}
     if weight_map is not None:
         check_index(source, weight_map, {f: list(r.reader.tensors) for f, r in readers.items()})
@@ -298,7 +299,7 @@ def from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str = "
                       aliases=find_aliases(norm))
 
 
-def open_resolved(res: Resolved, ema: str | bool = "off", key: str | None = None) -> Checkpoint:
+def open_resolved(res: Resolved, ema: EmaChoice = "off", key: str | None = None) -> Checkpoint:
     """Open a resolved source (local files, or a library's state dict) as a lazy Checkpoint.
 
     ``ema``: "off", "prefer" or "require"; ``key``: the entry of a pickled training checkpoint that holds the
