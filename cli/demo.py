@@ -51,8 +51,9 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
                f"{r['data']['val']} and {r['data']['test'][0]} (val {r['data']['examples']['val']}, test "
                f"{r['data']['examples']['test']} examples)")
     ft = reg["finetune_vs_scratch"]
-    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']}); paired on the "
-               f"same examples: {ft['paired']['text']}")
+    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} (paired on the same examples: "
+               f"{ft['paired']['text']}); over models, the whole band against every random-init model: "
+               f"{ft['over_models_verdict']} ({ft['text']})")
     click.echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
     band = reg["band"]
     click.echo(f"- the band's spread: val accuracy {min(band['val_accuracy']):.4f} to {max(band['val_accuracy']):.4f} "

@@ -95,10 +95,12 @@ def test_demo_regime_conditions(demo_run):
     assert len(sc) >= 3
     ci = stats.ttest_ind(ft, sc, equal_var=False).confidence_interval(0.95)
     assert (reg["difference"]["low"], reg["difference"]["high"]) == pytest.approx((ci.low, ci.high))
-    assert (reg["verdict"] == "reproduced") == (ci.low > 0)
-    # and per example: the best fine-tune against the best scratch model on the same 1,000 test images
+    assert (reg["over_models_verdict"] == "reproduced") == (ci.low > 0)
+    # the verdict is per example: the best fine-tune against the best scratch model on the same 1,000 test images
     pb = reg["paired"]
     assert pb["n"] == 1000 and pb["difference"] == pytest.approx((pb["a_only"] - pb["b_only"]) / 1000)
+    assert (reg["verdict"] == "reproduced") == (pb["low"] > 0)
+    assert (reg["verdict"] == "not reproduced") == (pb["high"] <= 0)
     band = res["regime"]["band"]
     assert band["largest_gap"] == pytest.approx(max(band["val_accuracy"]) - min(band["val_accuracy"]))
     # few labels: the target is a 200-example class-stratified subset of the train split
