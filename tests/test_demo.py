@@ -38,7 +38,7 @@ def test_demo_small_end_to_end(demo_run):
     assert res["leaderboard"]["columns"] == [val, test, test + "+shift"]
     assert len(res["checkpoints"]["fine_tuned"]) == 3 and len(res["checkpoints"]["random_init"]) == 3
     # really trained on real data: well above the 10% of chance
-    assert rows["best individual (val)"][test]["accuracy"] > 0.3
+    assert rows["best individual (val)"][test]["accuracy"] > 0.6
     # the greedy soup starts from the best ingredient and never accepts a validation drop
     assert rows["greedy soup"][val]["accuracy"] >= rows["best individual (val)"][val]["accuracy"]
     # the saved greedy soup is the mean of the kept fine-tunes (files on disk, read back)

@@ -107,7 +107,7 @@ SIZES = {
     "full": DemoSize(pretrain_epochs=12, probe_epochs=3, finetune_epochs=10, scratch_epochs=80, patience=3,
                      ingredients=len(BAND), scratch=5, steps=9),
     # the test suite's run: the same pipeline end to end, with fewer epochs, ingredients and curve points
-    "small": DemoSize(pretrain_epochs=2, probe_epochs=1, finetune_epochs=2, scratch_epochs=10, patience=1,
+    "small": DemoSize(pretrain_epochs=4, probe_epochs=3, finetune_epochs=6, scratch_epochs=10, patience=1,
                       ingredients=3, scratch=3, steps=3),
 }
 
