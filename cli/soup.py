@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .merge import METHODS
 from .common import dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
@@ -35,8 +36,9 @@ __all__ = ["soup"]
                              "ingredients); -o saves the recalibrated statistics.",
            "repair": "REPAIR every evaluated model toward its ingredients' mean activation statistics on DATA; "
                      "-o saves the repaired weights."})
-@click.option("--merge", "merges", multiple=True, type=click.Choice(["task-arithmetic", "ties"]),
-              help="Add a merge of the checkpoints onto --base as a leaderboard row, λ picked on --val (repeatable).")
+@click.option("--merge", "merges", multiple=True, type=click.Choice(METHODS),
+              help="Add a merge of the checkpoints onto --base as a leaderboard row, its main hyperparameter (λ, "
+                   "density or t) picked on --val (repeatable; any method of `weightspace methods --family merge`).")
 @use(MergeOptions, "merge", help={"base": "--merge: the pre-trained checkpoint the checkpoints were fine-tuned from.",
                                   "scales": "--merge: the grid of λ tried on --val.",
                                   "keep": "--merge ties: fraction of each task vector kept (default: the method's, "

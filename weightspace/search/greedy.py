@@ -503,18 +503,26 @@ def tell_members(evaluate: Any, members: Sequence[int], weights: Sequence[float]
 def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, methods: Sequence[str], *,
                grid: Sequence[float], val_evaluate: Evaluate | None = None, keep: float = 0.2,
                precision: str = "fp32", progress: bool = False) -> tuple[list[dict], dict[str, StateDict]]:
-    """Leaderboard rows for merges of ``ingredients`` onto ``base`` (task arithmetic, TIES): λ picked from ``grid``
-    by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
-    from .scale import search_scale
+    """Leaderboard rows for merges of ``ingredients`` onto ``base`` (any registered method): its tuned
+    hyperparameter (λ from ``grid``; density, select_topk or t from the method's default grid) picked by
+    validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
+    from .tune import tune_merge, tuned_parameter
     if val_evaluate is None:
         val_evaluate = validation_view(evaluate) if isinstance(evaluate, MultiDataset) and len(evaluate.datasets) > 1 else evaluate
     rows, merged = [], {}
     for m in methods:
-        res = search_scale(m, base, ingredients, evaluate=lambda sd: _score(val_evaluate(sd)), grid=grid,
-                           precision=precision, progress=progress, **({"keep": keep} if m == "ties" else {}))
+        param = tuned_parameter(m)
+        res = tune_merge(m, base, ingredients, evaluate=lambda sd: _score(val_evaluate(sd)),
+                         grid=grid if param == "scale" else None, precision=precision, progress=progress,
+                         **({"keep": keep} if m == "ties" else {}))
         merged[m] = res.state_dict
-        detail = f"base {short_name(load(base).source)}, λ={res.scale:g} of {', '.join(f'{g:g}' for g in grid)} on val"
-        rows.append({"method": f"{m} (λ={res.scale:g})", "kind": "merge", "detail": detail,
-                     "scale": res.scale, "scale_scores": [list(p) for p in res.scores],
-                     "metrics": as_table(evaluate(res.state_dict))})
+        label = "λ" if param == "scale" else param
+        tried = ", ".join(f"{v:g}" for v, _ in res.scores)
+        detail = f"base {short_name(load(base).source)}, {label}={res.value:g} of {tried} on val"
+        row = {"method": f"{m} ({label}={res.value:g})", "kind": "merge", "detail": detail, "parameter": param,
+               "value": res.value, "scores": [list(p) for p in res.scores],
+               "metrics": as_table(evaluate(res.state_dict))}
+        if param == "scale":
+            row.update(scale=res.value, scale_scores=[list(p) for p in res.scores])
+        rows.append(row)
     return rows, merged
