@@ -14,8 +14,8 @@ __all__ = ["merge", "METHODS"]
 
 # The registered merge methods, spelled out so that --help needs no torch import; tests/test_vocabulary.py checks
 # that this is the registry's list.
-METHODS = ["breadcrumbs", "dare-linear", "dare-ties", "della", "della-linear", "karcher", "model-stock", "nuslerp",
-           "sce", "slerp", "task-arithmetic", "ties"]
+METHODS = ["breadcrumbs", "dare-linear", "dare-ties", "della", "della-linear", "fisher", "karcher", "model-stock",
+           "nuslerp", "regmean", "sce", "slerp", "task-arithmetic", "ties"]
 
 
 @click.command("merge")
@@ -39,8 +39,10 @@ METHODS = ["breadcrumbs", "dare-linear", "dare-ties", "della", "della-linear", "
               help="A fine-tuned model whose task vector is subtracted (forgetting); repeatable.")
 @use(OutputOptions, "out", required=("output",))
 @use(ModelOptions, "model")
-@use(DataOptions, "data", only=("val", "transform"),
-     help={"val": "Selection data: pick λ from --scales by accuracy on DATA (needs --model); --scale is then ignored."})
+@use(DataOptions, "data", only=("val", "train", "transform"),
+     help={"val": "Selection data: tune the method's main hyperparameter (λ from --scales, or --grid) by accuracy on "
+                  "DATA (needs --model); --scale is then ignored.",
+           "train": "fisher, regmean: the data their Fisher or Gram matrices are computed on (needs --model)."})
 @report_folder("With --val: folder for results.json, curve.csv and curve.png (score against the tuned "
                "hyperparameter).")
 @force_option("Overwrite an existing output file.")
@@ -63,6 +65,10 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, param
         refuse_existing(out.output, force)
         return _from_config(config, out, force, ops, as_json, quiet)
     method = require(method, "--method", "(or --config FILE)")
+    if method in ("fisher", "regmean"):
+        return _data_merge(method, models, base, negate, parse_params(params), out, model, data, force, as_json, quiet)
+    if data.train:
+        raise click.UsageError("--train applies to --method fisher and regmean")
     base = require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
     sources = list(models) + list(negate)
     if not sources:
@@ -134,6 +140,34 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
         click.echo(f"wrote {path} ({cfg.method} of {len(cfg.models)} models from {config}{what})")
 
 
+def _data_merge(method, models, base, negate, options, out: OutputOptions, model: ModelOptions, data: DataOptions,
+                force, as_json, quiet) -> None:
+    """Fisher merging or RegMean of MODELS with --model on --train data (--val when no --train is given)."""
+    from weightspace import save
+    from weightspace.eval.build import build_evaluator, data_transform
+    from weightspace.search.fisher import fisher_merge
+    from weightspace.search.regmean import regmean_merge
+    if base or negate:
+        raise click.UsageError(f"{method} merges MODELS themselves: drop --base/--negate")
+    if len(models) < 1:
+        raise click.UsageError("give at least one model")
+    require(model.model, "--model", f"for {method} (the architecture its data runs through)")
+    spec = require(data.train or data.val, "--train", f"for {method} (the data of its statistics)")
+    ev = build_evaluator(model, [spec], transform=data_transform(data))
+    import inspect
+    run = fisher_merge if method == "fisher" else regmean_merge
+    unknown = sorted(set(options) - set(list(inspect.signature(run).parameters)[3:]))
+    if unknown:
+        raise click.UsageError(f"--method {method}: does not take options {unknown}")
+    sd = run(list(models), ev.model, ev.datasets[spec], **options)
+    path = save(sd, out.target(), force=force, **out.save_kwargs())
+    result = {"output": str(path), "method": method, "models": list(models), "data": spec, "options": options}
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"wrote {path} ({method} of {len(models)} models, statistics on {spec})")
+
+
 def parse_params(params: tuple[str, ...]) -> dict[str, Any]:
     """--param KEY=VALUE pairs as a dict, each value read as YAML (numbers, true/false, lists)."""
     import yaml
@@ -143,9 +177,15 @@ def parse_params(params: tuple[str, ...]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint="--param")
         try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            v = yaml.safe_load(value)
         except yaml.YAMLError:
             raise click.BadParameter(f"{p!r}: the value is not readable", param_hint="--param") from None
+        if isinstance(v, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        out[key.strip().replace("-", "_")] = v
     return out
 
 

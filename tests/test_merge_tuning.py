@@ -85,3 +85,29 @@ def test_soup_leaderboard_takes_any_method(cli, files):
     for row in rows.values():
         scores = dict((v, s) for v, s in row["scores"])
         assert scores[row["value"]] == max(scores.values())
+
+
+def test_cli_fisher_and_regmean_need_a_model_and_data(cli, files):
+    from weightspace.eval.data import load_data
+    from weightspace.eval.models import build_model
+    from weightspace.search.fisher import fisher_merge
+    from weightspace.search.regmean import regmean_merge
+    d, base, fts = files
+    data = load_data("digits:val")
+    for method, params, run in (("regmean", ["alpha=0.8"], regmean_merge), ("fisher", ["fisher_floor=1e-5"],
+                                                                             fisher_merge)):
+        out = d / f"{method}.safetensors"
+        r = cli("merge", "--method", method, *fts, "--model", CNN, "--train", "digits:val", "--param", params[0],
+                "-o", out, "--json", "--quiet")
+        assert r.exit_code == 0, r.stderr
+        key, value = params[0].split("=")
+        ref = run(fts, build_model(CNN, num_classes=10), data, **{key: float(value)})
+        got = load(out)
+        assert all(torch.allclose(got[k].float(), ref[k].float(), atol=1e-6) for k in ref), method
+        assert got.provenance["method"] == method
+    r = cli("merge", "--method", "fisher", *fts, "-o", d / "x.safetensors")
+    assert r.exit_code == 2 and "--model" in r.stderr
+    r = cli("merge", "--method", "fisher", "--base", base, *fts, "-o", d / "x.safetensors")
+    assert r.exit_code == 2 and "drop --base" in r.stderr
+    with pytest.raises(Exception, match="needs a model and data"):
+        merge("fisher", base, fts)
