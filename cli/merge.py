@@ -105,7 +105,7 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, param
         print_json(result)
     else:
         trim = f", {_trim(prov)}" if prov["method"] == "ties" else "".join(f", {k}={v}" for k, v in options.items())
-        click.echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {scale}{trim})")
+        click.echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, λ = {scale}{trim})")
 
 
 def _trim(prov: dict) -> str:
@@ -222,7 +222,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
         label = "λ" if param == "scale" else param
         click.echo(markdown_table([label, f"{val_spec} accuracy"], [[v, acc] for v, acc in res.scores]))
     label = "λ" if param == "scale" else param
-    click.echo(f"wrote {path} ({method} of {len(sources)} models on {base}, {label} = {res.value:g} picked on "
+    click.echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, {label} = {res.value:g} picked on "
                f"{val_spec})")
     for f in files.values():
         click.echo(f"wrote {f}")

@@ -69,7 +69,7 @@ def test_fisher_equals_the_direct_computation(setup, trained_mlps):
     k = next(k for k in merged if k in fishers[0] and merged[k].dim() == 2)
     plain = sum(sd[k] for sd in trained_mlps) / 3
     assert float((merged[k] - plain).abs().max()) > 1e-3
-    assert merged.provenance["op"] == "fisher_merge"
+    assert merged.provenance["op"] == "fisher"
 
 
 def test_regmean_is_the_least_squares_optimum(setup, trained_mlps):

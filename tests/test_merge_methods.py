@@ -281,3 +281,15 @@ def test_dare_ties_elects_signs_on_the_dropped_vectors(random_pair):
     assert np.abs(np_(out["w"]) - ref).max() < TOL
     with pytest.raises(ConfigError, match="must stay inside"):
         merge("della", paths[0], paths[1:], density=0.1, epsilon=0.15)
+
+
+def test_docs_have_a_section_per_method_from_the_registry():
+    from pathlib import Path
+
+    from weightspace.registry import REGISTRY
+    text = (Path(__file__).resolve().parents[1] / "docs" / "merge.md").read_text()
+    for e in REGISTRY.entries("merge"):
+        head = f"### `{e.name}`: {e.title}\n\n{e.formula}\n"
+        assert head in text, f"docs/merge.md: regenerate the section of {e.name} from the registry"
+        assert ", ".join(f"{k}={v}" for k, v in e.defaults.items()) in text, e.name
+        assert e.paper.cite() in text, e.name

@@ -29,7 +29,7 @@ __all__ = ["FISHER_PAPER", "diagonal_fisher", "fisher_merge"]
 
 
 def diagonal_fisher(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], data: TensorData, *,
-                    empirical: bool = False, batch_size: int = 64) -> dict[str, torch.Tensor]:
+                    empirical: bool = False, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """The diagonal Fisher of ``module`` with ``state_dict`` loaded, on ``data`` (mean over its examples), per
     parameter name (float64). The module is put in eval mode (the Fisher of the deployed model).
 
@@ -72,7 +72,7 @@ def diagonal_fisher(module: torch.nn.Module, state_dict: Mapping[str, torch.Tens
 
 def fisher_merge(models: Sequence[Source], module: torch.nn.Module, data: TensorData | Sequence[TensorData], *,
                  weights: Sequence[float] | None = None, fisher_floor: float = 1e-6, empirical: bool = False,
-                 batch_size: int = 64) -> StateDict:
+                 batch_size: int = 256) -> StateDict:
     """Fisher-weighted average of ``models`` (same architecture as ``module``): each model's Fisher from ``data``
     (one dataset for all, or one per model, as the paper takes each model's own task data). ``fisher_floor`` is
     added to every Fisher entry (the paper's 1e-6), so a parameter no model is sensitive to is plainly averaged.
@@ -106,7 +106,7 @@ def fisher_merge(models: Sequence[Source], module: torch.nn.Module, data: Tensor
             den[k] = den.get(k, 0) + wt * f
     ref = {k: cks[0][k] for k in cks[0]}
     out = StateDict({k: (num[k] / den[k]).to(ref[k].dtype) if k in num else first[k] for k in ref})
-    prov = {"op": "fisher_merge", "method": "fisher", "weights": w, "fisher_floor": fisher_floor,
+    prov = {"op": "fisher", "method": "fisher", "weights": w, "fisher_floor": fisher_floor,
             "fisher": "empirical" if empirical else "exact expectation over the model's predictions",
             "data": [d.name for d in datasets],
             "ingredients": [{"source": c.source, "weight": x} for c, x in zip(cks, w)]}

@@ -24,7 +24,7 @@ __all__ = ["DEFAULT_GRIDS", "MergeTuning", "tuned_parameter", "tune_merge"]
 #: grids tried when none is given, by hyperparameter (λ's is the CLI's --scales default)
 DEFAULT_GRIDS: dict[str, list[float]] = {
     "scale": [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5],
-    "density": [0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
+    "density": [0.2, 0.3, 0.5, 0.7, 0.8],  # inside (ε, 1 − ε) for DELLA's default ε = 0.15
     "select_topk": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
     "t": [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0],
 }
