@@ -7,15 +7,10 @@ from typing import Any
 import click
 
 from .common import dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
-from .options import (DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
-                      report_folder, use)
+from .options import (DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice, force_option,
+                      merge_method_names, op_options, report_folder, use)
 
-__all__ = ["merge", "METHODS"]
-
-# The registered merge methods, spelled out so that --help needs no torch import; tests/test_vocabulary.py checks
-# that this is the registry's list.
-METHODS = ["breadcrumbs", "dare-linear", "dare-ties", "della", "della-linear", "fisher", "karcher", "model-stock",
-           "nuslerp", "regmean", "sce", "slerp", "task-arithmetic", "ties"]
+__all__ = ["merge"]
 
 
 @click.command("merge")
@@ -23,7 +18,7 @@ METHODS = ["breadcrumbs", "dare-linear", "dare-ties", "della", "della-linear", "
 @click.option("--config", "config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="A mergekit YAML file (merge_method: any method below, mergekit's parameter names) instead of "
                    "--method/--base/MODELS.")
-@click.option("--method", type=click.Choice(METHODS), default=None,
+@click.option("--method", type=RegistryChoice(merge_method_names), default=None,
               help="A registered merge method (formulas, papers and defaults: `weightspace methods --family merge`).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="A method option, e.g. t=0.3, density=0.5, gamma=0.01, seed=1, normalize=true (repeatable; "
@@ -206,23 +201,23 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
         check_outputs(out_dir, MergeTuning.FILES, force)
     ev = build_evaluator(model, [val_spec], transform=data_transform(data))
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
-    res = tune_merge(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=values,
+    weights, rec = tune_merge(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=values,
                      negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
                      allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
-    path = save(res.state_dict, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
-    result = {"output": str(path), "method": method, "parameter": param, param: res.value, "val": val_spec,
-              "scores": [{param: v, "val_accuracy": acc} for v, acc in res.scores], "options": res.options,
+    path = save(weights, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
+    result = {"output": str(path), "method": method, "parameter": param, param: rec.value, "val": val_spec,
+              "scores": [{param: v, "val_accuracy": acc} for v, acc in rec.scores], "options": rec.options,
               "base": base, "models": [c.source for c in sources]}
-    files = {k: str(v) for k, v in res.write(out_dir, force=force, extra={"output": str(path), "val": val_spec}).items()} \
+    files = {k: str(v) for k, v in rec.write(out_dir, force=force, extra={"output": str(path), "val": val_spec}).items()} \
         if out_dir else {}
     if as_json:
         print_json({**result, "files": files})
         return
     if not quiet:
         label = "λ" if param == "scale" else param
-        click.echo(markdown_table([label, f"{val_spec} accuracy"], [[v, acc] for v, acc in res.scores]))
+        click.echo(markdown_table([label, f"{val_spec} accuracy"], [[v, acc] for v, acc in rec.scores]))
     label = "λ" if param == "scale" else param
-    click.echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, {label} = {res.value:g} picked on "
-               f"{val_spec})")
+    click.echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, "
+               f"{label} = {rec.value:g} picked on {val_spec})")
     for f in files.values():
         click.echo(f"wrote {f}")

@@ -61,11 +61,11 @@ def maxdiff(out, ref):
 def test_slerp_equals_the_formula_and_lerps_near_parallel_tensors(tensors):
     paths, base, models = tensors
     for t in (0.0, 0.3, 0.5, 1.0):
-        out = merge("slerp", paths[0], [paths[1]], t=t).to_dict()
+        out = merge("slerp", paths[0], [paths[1]], t=t).materialise()
         ref = {k: ref_slerp(t, np_(base[k]), np_(models[0][k])) for k in base}
         assert maxdiff(out, ref) < TOL, t
     # negative control: the near-parallel tensor is a lerp, the random one is not
-    out = merge("slerp", paths[0], [paths[1]], t=0.5).to_dict()
+    out = merge("slerp", paths[0], [paths[1]], t=0.5).materialise()
     lerp = lambda k: 0.5 * np_(base[k]) + 0.5 * np_(models[0][k])  # noqa: E731
     assert np.abs(np_(out["near"]) - lerp("near")).max() < TOL
     assert np.abs(np_(out["rand"]) - lerp("rand")).max() > 1e-2
@@ -83,7 +83,7 @@ def test_nuslerp_two_task_vectors_and_rows(tensors):
     paths, base, models = tensors
     for flatten, row_wise in ((True, False), (False, False), (False, True)):
         out = merge("nuslerp", paths[0], paths[1:3], t=0.3, nuslerp_flatten=flatten,
-                    nuslerp_row_wise=row_wise).to_dict()
+                    nuslerp_row_wise=row_wise).materialise()
         ref = {}
         for k in base:
             b = np_(base[k])
@@ -122,11 +122,11 @@ def ref_karcher(points, iters=500):
 
 def test_karcher_is_the_riemannian_mean_of_all_models(tensors):
     paths, base, models = tensors
-    out = merge("karcher", paths[0], paths[1:], max_iter=200, tol=1e-9).to_dict()
+    out = merge("karcher", paths[0], paths[1:], max_iter=200, tol=1e-9).materialise()
     ref = {k: ref_karcher([np_(base[k])] + [np_(m[k]) for m in models]) for k in base}
     assert maxdiff(out, ref) < TOL
     # two models: the Karcher mean of two directions is their slerp midpoint (scaled by the mean norm)
-    out = merge("karcher", paths[0], [paths[1]], max_iter=200, tol=1e-9).to_dict()
+    out = merge("karcher", paths[0], [paths[1]], max_iter=200, tol=1e-9).materialise()
     a, b = np_(base["rand"]), np_(models[0]["rand"])
     assert abs(np.linalg.norm(np_(out["rand"])) - (np.linalg.norm(a) + np.linalg.norm(b)) / 2) < TOL
     cosine = lambda x, y: x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y)  # noqa: E731
@@ -136,7 +136,7 @@ def test_karcher_is_the_riemannian_mean_of_all_models(tensors):
 def test_model_stock_ratio_from_the_angle(tensors):
     paths, base, models = tensors
     for filter_wise in (False, True):
-        out = merge("model-stock", paths[0], paths[1:], filter_wise=filter_wise).to_dict()
+        out = merge("model-stock", paths[0], paths[1:], filter_wise=filter_wise).materialise()
         ref = {}
         for k in base:
             w0 = np_(base[k])
@@ -157,7 +157,7 @@ def test_model_stock_ratio_from_the_angle(tensors):
 def test_breadcrumbs_drops_the_largest_and_smallest(tensors):
     paths, base, models = tensors
     density, gamma = 0.6, 0.05
-    out = merge("breadcrumbs", paths[0], paths[1:], density=density, gamma=gamma, scale=0.7).to_dict()
+    out = merge("breadcrumbs", paths[0], paths[1:], density=density, gamma=gamma, scale=0.7).materialise()
     ref = {}
     for k in base:
         w0 = np_(base[k])
@@ -178,7 +178,7 @@ def test_breadcrumbs_drops_the_largest_and_smallest(tensors):
 def test_sce_select_calculate_erase(tensors):
     paths, base, models = tensors
     for topk in (1.0, 0.5):
-        out = merge("sce", paths[0], paths[1:], select_topk=topk).to_dict()
+        out = merge("sce", paths[0], paths[1:], select_topk=topk).materialise()
         ref = {}
         for k in base:
             w0 = np_(base[k]).ravel()
@@ -223,7 +223,7 @@ def random_pair(tmp_path_factory):
 def test_random_drop_keeps_density_and_is_unbiased(random_pair, method):
     paths = random_pair
     density = 0.3
-    out = merge(method, paths[0], [paths[1]], density=density, seed=7).to_dict()
+    out = merge(method, paths[0], [paths[1]], density=density, seed=7).materialise()
     from safetensors.torch import load_file
     base = load_file(paths[0])
     n = base["w"].numel()
@@ -234,7 +234,7 @@ def test_random_drop_keeps_density_and_is_unbiased(random_pair, method):
     seeds = 60
     total = torch.zeros_like(base["w"], dtype=torch.float64)
     for s in range(seeds):
-        total += merge(method, paths[0], paths[1:], density=density, seed=s).to_dict()["w"].double()
+        total += merge(method, paths[0], paths[1:], density=density, seed=s).materialise()["w"].double()
     mean = total / seeds
     tau = [load_file(p)["w"].double() - base["w"].double() for p in paths[1:]]
     undropped = base["w"].double() + tau[0] + tau[1]
@@ -244,7 +244,7 @@ def test_random_drop_keeps_density_and_is_unbiased(random_pair, method):
     z = ((mean - undropped).abs() / se)
     assert float(z.mean()) < 1.2 and float((z > 5).float().mean()) < 1e-3, float(z.mean())
     # negative control: one draw is far from the undropped merge
-    one = merge(method, paths[0], paths[1:], density=density, seed=0).to_dict()["w"].double()
+    one = merge(method, paths[0], paths[1:], density=density, seed=0).materialise()["w"].double()
     assert float(((one - undropped).abs() / (se * math.sqrt(seeds))).mean()) > 0.3
 
 
@@ -257,13 +257,13 @@ def test_random_methods_give_the_same_bytes_on_any_thread_count(random_pair, met
         torch.set_num_threads(threads)
         try:
             sd = merge(method, paths[0], paths[1:], density=0.4, seed=3, threads=threads,
-                       max_memory="64MB" if threads == 1 else None).to_dict()
+                       max_memory="64MB" if threads == 1 else None).materialise()
         finally:
             torch.set_num_threads(old)
         runs.append(sd)
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[1][k]), k
-    other = merge(method, paths[0], paths[1:], density=0.4, seed=4).to_dict()
+    other = merge(method, paths[0], paths[1:], density=0.4, seed=4).materialise()
     assert not torch.equal(other["w"], runs[0]["w"])  # the seed matters
     assert merge(method, paths[0], paths[1:], density=0.4, seed=3).provenance["seed"] == 3
 
@@ -273,7 +273,7 @@ def test_dare_ties_elects_signs_on_the_dropped_vectors(random_pair):
     agreeing entries)."""
     from safetensors.torch import load_file
     paths = random_pair
-    out = merge("dare-ties", paths[0], paths[1:], density=1.0).to_dict()
+    out = merge("dare-ties", paths[0], paths[1:], density=1.0).materialise()
     base = np_(load_file(paths[0])["w"])
     tv = np.stack([np_(load_file(p)["w"]) - base for p in paths[1:]])
     elect = np.where(tv.sum(0) >= 0, 1.0, -1.0)

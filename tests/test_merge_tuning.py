@@ -40,7 +40,7 @@ def test_cli_runs_every_method_with_its_params(cli, files):
         assert r.exit_code == 0, (method, r.stderr)
         opts = {k.replace("-", "_"): json.loads(v) if v in ("true", "false") else float(v) if "." in v else int(v)
                 for k, v in (p.split("=") for p in params)}
-        ref = merge(method, base, models, **opts).to_dict()
+        ref = merge(method, base, models, **opts).materialise()
         got = load(out)
         assert all(torch.equal(got[k], ref[k]) for k in ref), method
         assert got.provenance["method"] == method

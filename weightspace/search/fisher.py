@@ -95,7 +95,7 @@ def fisher_merge(models: Sequence[Source], module: torch.nn.Module, data: Tensor
     den: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
     for ck, ds, wt in zip(cks, datasets, w):
-        sd = ck.to_dict()
+        sd = ck.materialise()
         fisher = diagonal_fisher(module, sd, ds, empirical=empirical, batch_size=batch_size)
         for k, v in sd.items():
             if not v.is_floating_point():

@@ -101,7 +101,7 @@ def regmean_merge(models: Sequence[Source], module: torch.nn.Module, data: Tenso
     mean: dict[str, torch.Tensor] = {}
     ints: dict[str, torch.Tensor] = {}
     for ck, ds in zip(cks, datasets):
-        sd = ck.to_dict()
+        sd = ck.materialise()
         for key, g in input_grams(module, sd, ds, batch_size=batch_size).items():
             g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
             gram_sum[key] = gram_sum.get(key, 0) + g

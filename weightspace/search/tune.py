@@ -1,6 +1,7 @@
 """Tune any merge method's main hyperparameter on validation data: λ for task-vector methods, the density for
 sparsifying ones, t for slerp and nuslerp (the method's ``tuned`` attribute). The best merge is kept; the curve
-(score against the hyperparameter) is a result with ``table()``, ``to_dict()``, ``plot()`` and ``write(folder)``.
+(score against the hyperparameter) is the record of a ``SearchResult``, with ``table()``, ``to_dict()``, ``plot()`` and
+``write(folder)``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..io.outputs import StateDict
 from ..ops.engine import finite_scalar
 from ..ops.merge import MergeMethod, merge
 from ..registry import REGISTRY
+from .result import SearchResult
 
 __all__ = ["DEFAULT_GRIDS", "MergeTuning", "tuned_parameter", "tune_merge"]
 
@@ -42,13 +44,12 @@ def tuned_parameter(method: str) -> str:
 
 @dataclass
 class MergeTuning:
-    """A merge method's hyperparameter picked on validation data: the curve and the best merge."""
+    """A merge method's hyperparameter picked on validation data: the value chosen and the curve."""
 
     method: str
     parameter: str
     value: float
     scores: list[tuple[float, float]]
-    state_dict: StateDict = field(repr=False)
     options: dict = field(default_factory=dict)
 
     FILES = ("results.json", "curve.csv", "curve.png")
@@ -83,10 +84,11 @@ class MergeTuning:
 
 def tune_merge(method: str, base: Source, models: Sequence[Source], *,
                evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float] | None = None,
-               parameter: str | None = None, **options: Any) -> MergeTuning:
+               parameter: str | None = None, **options: Any) -> SearchResult[MergeTuning]:
     """Merge ``models`` onto ``base`` with ``method`` once per value of its tuned hyperparameter (``parameter``,
     default the method's: λ, density, select_topk or t) in ``grid`` (default ``DEFAULT_GRIDS``), score each with
-    ``evaluate(state_dict) -> float`` (higher is better), keep the best (ties: the earliest value). For λ the merged
+    ``evaluate(state_dict) -> float`` (higher is better), keep the best (ties: the earliest value). Returns the best
+    merge (``.weights``) and the curve (``.record``). For λ the merged
     task vector is computed once (``search.scale``); other hyperparameters redo the merge per value. ``options``
     are the method's other options and ``merge``'s keyword arguments.
 
@@ -105,12 +107,13 @@ def tune_merge(method: str, base: Source, models: Sequence[Source], *,
     if parameter == "scale":
         from .scale import search_scale
         res = search_scale(method, base, models, evaluate=evaluate, grid=values, **options)
-        return MergeTuning(method, parameter, res.scale, res.scores, res.state_dict, _public(options))
+        return SearchResult(res.weights, MergeTuning(method, parameter, res.record.scale, res.record.scores,
+                                                     _public(options)))
     scores: list[tuple[float, float]] = []
     best: tuple[float, float, StateDict] | None = None
     for v in values:
         kwargs: dict[str, Any] = {**options, parameter: v}
-        sd = merge(method, base, models, **kwargs).to_dict()
+        sd = merge(method, base, models, **kwargs).materialise()
         score = float(evaluate(sd))
         scores.append((v, score))
         if math.isfinite(score) and (best is None or score > best[1]):
@@ -118,7 +121,7 @@ def tune_merge(method: str, base: Source, models: Sequence[Source], *,
     if best is None:
         raise ConfigError(f"{method}: evaluate returned no finite score over the grid of {parameter}")
     best[2].provenance[f"{parameter}_search"] = {"grid": values, "scores": [s for _, s in scores]}
-    return MergeTuning(method, parameter, best[0], scores, best[2], _public(options))
+    return SearchResult(best[2], MergeTuning(method, parameter, best[0], scores, _public(options)))
 
 
 def _public(options: Mapping[str, Any]) -> dict:
