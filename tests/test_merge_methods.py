@@ -293,3 +293,14 @@ def test_docs_have_a_section_per_method_from_the_registry():
         assert head in text, f"docs/merge.md: regenerate the section of {e.name} from the registry"
         assert ", ".join(f"{k}={v}" for k, v in e.defaults.items()) in text, e.name
         assert e.paper.cite() in text, e.name
+
+
+def test_model_stock_keeps_the_base_where_the_ratio_is_singular(tmp_path):
+    """Two opposite task vectors: cos θ = −1, 1 + (N−1)·cos θ = 0, no finite ratio; the base is kept there."""
+    g = torch.Generator().manual_seed(5)
+    base, tau = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    paths = [tmp_path / f"{n}.safetensors" for n in ("b", "p", "m")]
+    for p, sd in zip(paths, [base, base + tau, base - tau]):
+        save_file({"w": sd}, p)
+    out = merge("model-stock", paths[0], paths[1:]).materialise()
+    assert torch.allclose(out["w"], base, atol=1e-6) and torch.isfinite(out["w"]).all()

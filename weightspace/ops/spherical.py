@@ -242,6 +242,10 @@ class ModelStock(_WholeTensors):
                 cos.append(((rows[i] * rows[j]).sum(dim=-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
         c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
         n = len(rows)
-        ratio = n * c / (1 + (n - 1) * c)
+        denominator = 1 + (n - 1) * c
+        # at cos θ = −1/(N−1) the ratio has no finite value: keep the base there (mergekit 0.1.5's rule)
+        singular = denominator.abs() < 1e-6
+        ratio = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(c),
+                                                                                denominator))
         mean = torch.stack(rows).mean(dim=0)
         return (ratio * mean).reshape(-1)
