@@ -34,10 +34,11 @@ __all__ = ["merge"]
               help="A fine-tuned model whose task vector is subtracted (forgetting); repeatable.")
 @use(OutputOptions, "out", required=("output",))
 @use(ModelOptions, "model")
-@use(DataOptions, "data", only=("val", "train", "transform"),
+@use(DataOptions, "data", only=("val", "data", "train", "transform"),
      help={"val": "Selection data: tune the method's main hyperparameter (λ from --scales, or --grid) by accuracy on "
                   "DATA (needs --model); --scale is then ignored.",
-           "train": "fisher, regmean: the data their Fisher or Gram matrices are computed on (needs --model)."})
+           "train": "fisher, regmean: the data their Fisher or Gram matrices are computed on (needs --model).",
+           "data": "With --val: evaluation data, one column each for the chosen merge (repeat)."})
 @report_folder("With --val: folder for results.json, curve.csv and curve.png (score against the tuned "
                "hyperparameter).")
 @force_option("Overwrite an existing output file.")
@@ -64,6 +65,8 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, param
         return _data_merge(method, models, base, negate, parse_params(params), out, model, data, force, as_json, quiet)
     if data.train:
         raise click.UsageError("--train applies to --method fisher and regmean")
+    if data.data and not data.val:
+        raise click.UsageError("--data adds evaluation columns to a merge tuned on --val: it needs --model and --val")
     base = require(base, "--base", "(the pre-trained checkpoint the models were fine-tuned from)")
     sources = list(models) + list(negate)
     if not sources:
@@ -189,6 +192,7 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     """Tune the method's main hyperparameter on --val, save the best merge, report the curve."""
     from weightspace import load, save
     from weightspace.eval.build import build_evaluator, data_transform
+    from weightspace.eval.contract import as_table
     from weightspace.report import check_outputs
     from weightspace.search.tune import MergeTuning, tune_merge, tuned_parameter
 
@@ -199,15 +203,19 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
         parse_floats(grid, "--grid") if grid is not None else None)
     if out_dir:
         check_outputs(out_dir, MergeTuning.FILES, force)
-    ev = build_evaluator(model, [val_spec], transform=data_transform(data))
+    ev = build_evaluator(model, [val_spec, *data.data], transform=data_transform(data))
+    val_ev = ev.derive(datasets=[val_spec], keep_logits=False) if data.data else ev
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
-    weights, rec = tune_merge(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=values,
-                     negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
-                     allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
+    weights, rec = tune_merge(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(val_ev(sd)),
+                              grid=values, negate=[False] * len(models) + [True] * len(negate),
+                              precision=ops.precision, allow_nonfinite=ops.allow_nonfinite, progress=not quiet,
+                              **options)
     path = save(weights, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
     result = {"output": str(path), "method": method, "parameter": param, param: rec.value, "val": val_spec,
               "scores": [{param: v, "val_accuracy": acc} for v, acc in rec.scores], "options": rec.options,
               "base": base, "models": [c.source for c in sources]}
+    if data.data:
+        result["metrics"] = as_table(ev(weights))
     files = {k: str(v) for k, v in rec.write(out_dir, force=force, extra={"output": str(path), "val": val_spec}).items()} \
         if out_dir else {}
     if as_json:

@@ -58,12 +58,13 @@ def test_cli_tunes_the_main_hyperparameter_on_val(cli, files, method, grid, para
     models = fts[:1] if method == "slerp" else fts
     out, report = d / f"tuned-{method}.safetensors", d / f"curve-{method}"
     r = cli("merge", "--method", method, "--base", base, *models, "--model", CNN, "--val", "digits:val",
-            "--grid", grid, "-o", out, "--out", report, "--json", "--quiet")
+            "--data", "digits:test", "--grid", grid, "-o", out, "--out", report, "--json", "--quiet")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     accs = {s[param]: s["val_accuracy"] for s in res["scores"]}
     assert res["parameter"] == param and list(accs) == [float(g) for g in grid.split(",")]
     assert accs[res[param]] == max(accs.values())
+    assert res["metrics"]["digits:val"]["accuracy"] == accs[res[param]] and "digits:test" in res["metrics"]
     assert (report / "curve.png").stat().st_size > 1000 and (report / "curve.csv").exists()
     saved = json.loads((report / "results.json").read_text())
     assert saved["value"] == res[param] and len(saved["scores"]) == len(accs)
