@@ -9,6 +9,7 @@ import torch
 from evalhelpers import save_all, train_cnns
 
 from weightspace import load
+from weightspace.errors import ConfigError
 from weightspace.ops.merge import merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,5 +111,5 @@ def test_cli_fisher_and_regmean_need_a_model_and_data(cli, files):
     assert r.exit_code == 2 and "--model" in r.stderr
     r = cli("merge", "--method", "fisher", "--base", base, *fts, "-o", d / "x.safetensors")
     assert r.exit_code == 2 and "drop --base" in r.stderr
-    with pytest.raises(Exception, match="needs a model and data"):
+    with pytest.raises(ConfigError, match="needs a model and data"):
         merge("fisher", base, fts)

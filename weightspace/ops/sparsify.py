@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -140,10 +140,6 @@ class Sparsified(MergeMethod):
         return tuple(self.plan.base.info(key)[1])
 
 
-def _get(options: dict, name: str, defaults: Any) -> Any:
-    return defaults[name] if options.get(name) is None else options[name]
-
-
 @register(Entry("merge", "breadcrumbs", "Model Breadcrumbs",
                 "θ = θ_base + λ·Σ_t m_t⊙τ_t,  m_t drops the largest γ and the smallest 1−density−γ of |τ_t| per tensor",
                 "each task vector's largest outliers and smallest entries dropped tensor by tensor, then summed",
@@ -155,7 +151,7 @@ class Breadcrumbs(Sparsified):
     def __init__(self, density: float | Sequence[float] | None = None, gamma: float | Sequence[float] | None = None,
                  normalize: bool | None = None):
         d = self.entry.defaults
-        super().__init__(_get({"density": density}, "density", d), _get({"normalize": normalize}, "normalize", d))
+        super().__init__(d["density"] if density is None else density, d["normalize"] if normalize is None else normalize)
         self.gamma_option = d["gamma"] if gamma is None else gamma
 
     def prepare(self, plan: MergePlan) -> dict:
@@ -229,8 +225,8 @@ class _Dare(Sparsified):
     def __init__(self, density: float | Sequence[float] | None = None, normalize: bool | None = None,
                  rescale: bool | str | None = None, seed: int = 0):
         d = self.entry.defaults
-        super().__init__(_get({"density": density}, "density", d), _get({"normalize": normalize}, "normalize", d),
-                         _get({"rescale": rescale}, "rescale", d), seed)
+        super().__init__(d["density"] if density is None else density, d["normalize"] if normalize is None else normalize,
+                         d["rescale"] if rescale is None else rescale, seed)
 
     def sparsify(self, key: str, i: int, tau: torch.Tensor) -> torch.Tensor:
         p = self.densities[i]
@@ -268,8 +264,8 @@ class _Della(Sparsified):
     def __init__(self, density: float | Sequence[float] | None = None, epsilon: float | None = None,
                  normalize: bool | None = None, rescale: bool | str | None = None, seed: int = 0):
         d = self.entry.defaults
-        super().__init__(_get({"density": density}, "density", d), _get({"normalize": normalize}, "normalize", d),
-                         _get({"rescale": rescale}, "rescale", d), seed)
+        super().__init__(d["density"] if density is None else density, d["normalize"] if normalize is None else normalize,
+                         d["rescale"] if rescale is None else rescale, seed)
         self.epsilon_option = d["epsilon"] if epsilon is None else epsilon
 
     def prepare(self, plan: MergePlan) -> dict:
