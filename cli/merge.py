@@ -143,8 +143,7 @@ def _data_merge(method, models, base, negate, options, out: OutputOptions, model
     """Fisher merging or RegMean of MODELS with --model on --train data (--val when no --train is given)."""
     from weightspace import save
     from weightspace.eval.build import build_evaluator, data_transform
-    from weightspace.search.fisher import fisher_merge
-    from weightspace.search.regmean import regmean_merge
+    from weightspace.search.tune import data_merge
     if base or negate:
         raise click.UsageError(f"{method} merges MODELS themselves: drop --base/--negate")
     if len(models) < 1:
@@ -152,12 +151,7 @@ def _data_merge(method, models, base, negate, options, out: OutputOptions, model
     require(model.model, "--model", f"for {method} (the architecture its data runs through)")
     spec = require(data.train or data.val, "--train", f"for {method} (the data of its statistics)")
     ev = build_evaluator(model, [spec], transform=data_transform(data))
-    import inspect
-    run = fisher_merge if method == "fisher" else regmean_merge
-    unknown = sorted(set(options) - set(list(inspect.signature(run).parameters)[3:]))
-    if unknown:
-        raise click.UsageError(f"--method {method}: does not take options {unknown}")
-    sd = run(list(models), ev.model, ev.datasets[spec], **options)
+    sd = data_merge(method, models, ev.model, ev.datasets[spec], **options)
     path = save(sd, out.target(), force=force, **out.save_kwargs())
     result = {"output": str(path), "method": method, "models": list(models), "data": spec, "options": options}
     if as_json:

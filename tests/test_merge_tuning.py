@@ -78,13 +78,14 @@ def test_cli_tunes_the_main_hyperparameter_on_val(cli, files, method, grid, para
 def test_soup_leaderboard_takes_any_method(cli, files):
     d, base, fts = files
     r = cli("soup", *fts, "--model", CNN, "--val", "digits:val", "--base", base, "--merge", "dare-ties",
-            "--merge", "model-stock", "--scales", "0.5,1.0", "--json", "--quiet")
+            "--merge", "model-stock", "--merge", "regmean", "--scales", "0.5,1.0", "--json", "--quiet")
     assert r.exit_code == 0, r.stderr
     rows = {row["method"].split(" ")[0]: row for row in json.loads(r.stdout)["leaderboard"]["rows"]
             if row["kind"] == "merge"}
-    assert set(rows) == {"dare-ties", "model-stock"}
+    assert set(rows) == {"dare-ties", "model-stock", "regmean"}
     assert rows["dare-ties"]["parameter"] == "density" and rows["model-stock"]["parameter"] == "scale"
-    for row in rows.values():
+    assert rows["regmean"]["detail"] == "statistics on digits:val" and rows["regmean"]["metrics"]["digits:val"]
+    for row in (rows["dare-ties"], rows["model-stock"]):
         scores = dict((v, s) for v, s in row["scores"])
         assert scores[row["value"]] == max(scores.values())
 

@@ -238,11 +238,20 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
     """Leaderboard rows for merges of ``ingredients`` onto ``base`` (any registered method): its tuned
     hyperparameter (λ from ``grid``; density, select_topk or t from the method's default grid) picked by
     validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
-    from .tune import tune_merge, tuned_parameter
+    from .tune import data_merge, needs_data, tune_merge, tuned_parameter
     if val_evaluate is None:
         val_evaluate = validation_view(evaluate) if isinstance(evaluate, MultiDataset) and len(evaluate.datasets) > 1 else evaluate
     rows, merged = [], {}
     for m in methods:
+        if needs_data(m):  # Fisher merging, RegMean: their statistics on the validation set
+            model, datasets = getattr(evaluate, "model", None), getattr(evaluate, "datasets", None)
+            if model is None or not datasets:
+                raise ConfigError(f"--merge {m}: needs an evaluator with a model and a validation set")
+            val = next(iter(datasets))
+            merged[m] = data_merge(m, ingredients, model, datasets[val])
+            rows.append({"method": m, "kind": "merge", "detail": f"statistics on {val}",
+                         "metrics": as_table(evaluate(merged[m]))})
+            continue
         param = tuned_parameter(m)
         res = tune_merge(m, base, ingredients, evaluate=lambda sd: scalar_score(val_evaluate(sd)),
                          grid=grid if param == "scale" else None, precision=precision, progress=progress,

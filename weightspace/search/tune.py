@@ -21,7 +21,7 @@ from ..ops.merge import MergeMethod, merge
 from ..registry import REGISTRY
 from .result import SearchResult
 
-__all__ = ["DEFAULT_GRIDS", "MergeTuning", "tuned_parameter", "tune_merge"]
+__all__ = ["DEFAULT_GRIDS", "MergeTuning", "tuned_parameter", "tune_merge", "needs_data", "data_merge"]
 
 #: grids tried when none is given, by hyperparameter (λ's is the CLI's --scales default)
 DEFAULT_GRIDS: dict[str, list[float]] = {
@@ -128,3 +128,33 @@ def _public(options: Mapping[str, Any]) -> dict:
     """The options worth reporting (the method's own, not how the work ran)."""
     hidden = {"progress", "threads", "max_memory", "device", "ema"}
     return {k: v for k, v in options.items() if k not in hidden and v is not None}
+
+
+def needs_data(method: str) -> bool:
+    """Whether merge ``method`` needs a model and data (Fisher merging, RegMean) rather than weights alone.
+
+    Raises:
+        ConfigError: an unknown method.
+    """
+    return bool(getattr(REGISTRY.get("merge", method, what=f"--method {method}").target, "needs_data", False))
+
+
+def data_merge(method: str, models: Sequence[Source], module: torch.nn.Module, data: Any, **options: Any) -> StateDict:
+    """Fisher merging or RegMean of ``models`` with ``module`` on ``data`` (``search.fisher.fisher_merge`` or
+    ``search.regmean.regmean_merge``; ``options`` are theirs).
+
+    Raises:
+        ConfigError: a method that needs no data, an option the method does not take; otherwise as the method.
+    """
+    import inspect
+
+    from .fisher import fisher_merge
+    from .regmean import regmean_merge
+    runs: dict[str, Callable[..., StateDict]] = {"fisher": fisher_merge, "regmean": regmean_merge}
+    run = runs.get(method)
+    if run is None:
+        raise ConfigError(f"{method}: not a merge that uses data ({', '.join(runs)})")
+    unknown = sorted(set(options) - set(list(inspect.signature(run).parameters)[3:]))
+    if unknown:
+        raise ConfigError(f"--method {method}: does not take options {unknown}")
+    return run(list(models), module, data, **options)
