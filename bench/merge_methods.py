@@ -1,7 +1,8 @@
 """Every merge method, timed as a whole process (`weightspace merge ...`) on the same folder of checkpoints, against
 a uniform soup of the same files; with --mergekit, also mergekit's own code on the same tensors (installed from
 PyPI into its own virtual environment under a temporary folder, reusing this interpreter's torch): the largest
-|difference| of each deterministic method from mergekit's result, and mergekit's time to merge every tensor.
+|difference| of each deterministic method from mergekit's result over the weights (running statistics follow
+weightspace's own rule, docs/merge.md), and mergekit's time to merge every tensor.
 
     python bench/merge_methods.py                 # timm resnet18-sized checkpoints, a base and three fine-tunes
     python bench/merge_methods.py --mergekit      # and the comparison with mergekit (needs pip and a package index)
@@ -68,8 +69,8 @@ for label, (name, n, params, ours) in jobs.items():
     diff, t0 = 0.0, time.perf_counter()
     try:
         for key, b in inputs[0].items():
-            if not b.is_floating_point():
-                continue
+            if not b.is_floating_point() or key.rsplit(".", 1)[-1] in ("running_mean", "running_var"):
+                continue  # running statistics follow weightspace's own rule in every merge (docs/merge.md)
             group = TensorGroup.from_tensors([x[key] for x in inputs[: n + 1]], ids=ids, base_index=base_index,
                                              name=key)
             got = method([group], parameters=params)[0]

@@ -38,6 +38,9 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
     lb = r["leaderboard"]
     click.echo(f"## {lb.title}\n")
     click.echo(markdown_table(*lb.table("accuracy")))
+    click.echo("\npaired on the same test examples (per-row intervals above can overlap where the difference is clear):")
+    for c in r["paired_vs_best"]["methods"].values():
+        click.echo(f"- {c['text']}")
     g = r["greedy"]
     click.echo(f"\ngreedy soup kept {len(g['kept'])}/{len(g['ranking'])} ingredients: "
                + ", ".join(k.rsplit("/", 1)[-1] for k in g["kept"]))
@@ -47,7 +50,9 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
                f"{r['data']['val']} and {r['data']['test'][0]} (val {r['data']['examples']['val']}, test "
                f"{r['data']['examples']['test']} examples)")
     ft = reg["finetune_vs_scratch"]
-    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']})")
+    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']}); paired on the "
+               f"same examples: {ft['paired']['text']}")
+    click.echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
     band = reg["lr_band"]
     click.echo(f"- learning-rate band: every ingredient within {band['within']:.2f} of the best val accuracy: "
                f"{'yes' if band['ok'] else 'no'} (largest gap {max(band['gap_to_best']):.4f})")

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
+from .common import batch_note, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import (DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice, force_option,
                       merge_method_names, op_options, report_folder, use)
 
@@ -50,6 +50,10 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, param
           ops: OpOptions, as_json: bool, quiet: bool) -> None:
     """Merge fine-tuned MODELS that share the pre-trained --base, streamed tensor by tensor."""
     base, keep, scales = merge_opts.base, merge_opts.keep, merge_opts.scales
+    if ops.buffers == "recalibrate":
+        raise click.UsageError("--buffers recalibrate: merge has no data to re-estimate statistics on; write the "
+                               "merge with --buffers mean (or first) and give it to soup or interpolate with "
+                               "--recalibrate-bn DATA")
     from weightspace.ops import merge as merging
     from weightspace import save
     if config:
@@ -120,7 +124,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
     cfg = read_mergekit_config(config)
     for line in cfg.notes:
         note(f"{config}: {line}", quiet)
-    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite)
+    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite, buffers=ops.buffer_policy())
     kwargs = out.save_kwargs()
     kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
     path = save(stream, out.target(), force=force, **kwargs)
@@ -197,13 +201,14 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
         parse_floats(grid, "--grid") if grid is not None else None)
     if out_dir:
         check_outputs(out_dir, MergeTuning.FILES, force)
-    ev = build_evaluator(model, [val_spec, *data.data], transform=data_transform(data))
+    ev = build_evaluator(model, [val_spec, *data.data], transform=data_transform(data), checkpoint=base)
+    batch_note(ev, quiet)
     val_ev = ev.derive(datasets=[val_spec], keep_logits=False) if data.data else ev
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     weights, rec = tune_merge(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(val_ev(sd)),
                               grid=values, negate=[False] * len(models) + [True] * len(negate),
                               precision=ops.precision, allow_nonfinite=ops.allow_nonfinite, progress=not quiet,
-                              **options)
+                              buffers=ops.buffer_policy(), **options)
     path = save(weights, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
     result = {"output": str(path), "method": method, "parameter": param, param: rec.value, "val": val_spec,
               "scores": [{param: v, "val_accuracy": acc} for v, acc in rec.scores], "options": rec.options,

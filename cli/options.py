@@ -70,7 +70,7 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
             kw[dest] = cls(**{fl.name: kw.pop(fl.name) for fl in chosen})
             if cls is DataOptions:  # how images are decoded, for every load_data of this command wherever it is
                 from weightspace.eval.data import set_decoding
-                set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad)
+                set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad, class_map=kw[dest].class_map)
             if cls is OpOptions:  # every checkpoint the verb opens, however deep in the library, reads them
                 from weightspace.io.source_options import SourceOptions, default_options_for
                 opts = kw[dest]

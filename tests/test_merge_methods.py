@@ -14,6 +14,7 @@ from weightspace.errors import ConfigError
 from weightspace.ops.merge import merge
 
 TOL = 1e-5
+RUNNING = ("running_mean", "running_var")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def ref_slerp(t, a, b, threshold=0.9995):
 
 
 def maxdiff(out, ref):
-    return max(float(np.abs(np_(out[k]) - ref[k]).max()) for k in ref)
+    """Over the weights; running statistics (BatchNorm's) are the models' mean in every merge, not the formula's."""
+    return max(float(np.abs(np_(out[k]) - ref[k]).max()) for k in ref if k.rsplit(".", 1)[-1] not in RUNNING)
 
 
 def test_slerp_equals_the_formula_and_lerps_near_parallel_tensors(tensors):

@@ -197,8 +197,9 @@ def _method_options(cfg: MergekitConfig, glob: dict, entries: list) -> dict[str,
 
 
 def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: bool = False,
-                      allow_nonfinite: bool = False) -> TensorStream:
-    """The streamed merge a mergekit config describes (save it with ``weightspace.save(..., dtype=cfg.out_dtype)``).
+                      allow_nonfinite: bool = False, buffers: str = "mean") -> TensorStream:
+    """The streamed merge a mergekit config describes (save it with ``weightspace.save(..., dtype=cfg.out_dtype)``);
+    running statistics follow ``buffers`` (ops.engine: the models' convex mean, or the first input's).
 
     Raises ConfigError for a bad config and the loaders' errors for bad checkpoints."""
     from .merge import merge
@@ -212,7 +213,7 @@ def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: b
     extra = {"config": {"format": "mergekit", "path": cfg.path, "merge_method": cfg.method}}
     if cfg.method == "linear":
         stream = linear_combination(cfg.models, weights, op="linear", precision=cfg.precision,
-                                    allow_nonfinite=allow_nonfinite, progress=progress, extra=extra)
+                                    allow_nonfinite=allow_nonfinite, progress=progress, extra=extra, buffers=buffers)
         return stream
     options: dict = {"weights": weights}
     if cfg.method == "ties":
@@ -220,6 +221,6 @@ def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: b
     elif cfg.method not in ("task_arithmetic",):
         options = dict(cfg.options)
     stream = merge(cfg.method, cfg.base, cfg.models, scale=cfg.scale, precision=cfg.precision,
-                   allow_nonfinite=allow_nonfinite, progress=progress, **options)
+                   allow_nonfinite=allow_nonfinite, progress=progress, buffers=buffers, **options)
     stream.provenance.update(extra)
     return stream

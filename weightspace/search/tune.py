@@ -126,7 +126,7 @@ def tune_merge(method: str, base: Source, models: Sequence[Source], *,
 
 def _public(options: Mapping[str, Any]) -> dict:
     """The options worth reporting (the method's own, not how the work ran)."""
-    hidden = {"progress", "threads", "max_memory", "device", "ema"}
+    hidden = {"progress", "threads", "max_memory", "device", "ema", "buffers", "precision", "allow_nonfinite", "negate"}
     return {k: v for k, v in options.items() if k not in hidden and v is not None}
 
 
