@@ -28,7 +28,8 @@ __all__ = ["merge"]
                    "λ's grid is --scales). Default: the method's grid (docs/merge.md).")
 @use(MergeOptions, "merge_opts", help={"scales": "With --val: the grid of λ tried (--scale is then ignored)."})
 @click.option("--density", type=float, default=None,
-              help="ties: fraction kept of every tensor separately, as mergekit's density (instead of --keep).")
+              help="Fraction kept of every tensor separately, as mergekit's density (ties instead of --keep; "
+                   "breadcrumbs, dare-*, della*: as --param density=D).")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="λ, the scale of the merged task vector.")
 @click.option("--negate", multiple=True, metavar="CKPT",
               help="A fine-tuned model whose task vector is subtracted (forgetting); repeatable.")
