@@ -34,7 +34,7 @@ __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
     "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "InvalidStatistics", "OutputExists",
     "AlignmentError", "ConfigError", "DataError", "key_sample", "misfit", "hub_download_error", "hub_push_error",
-    "hub_error", "library_message",
+    "library_message",
 ]
 
 
@@ -85,8 +85,8 @@ class HubError(WeightspaceError, OSError):
     repo_id: str | None
 
     def __init__(self, message: str, *, repo_id: str | None = None, path: str | os.PathLike | None = None,
-                 key: str | None = None):
-        super().__init__(message, path=path, key=key)
+                 key: str | None = None, param: str | None = None):
+        super().__init__(message, path=path, key=key, param=param)
         self.repo_id = repo_id
 
 
@@ -237,13 +237,6 @@ def hub_push_error(repo_id: str, e: BaseException, *, token: str | None = None) 
     else:
         msg = f"cannot reach the Hub ({type(e).__name__}: {_scrub(_first_line(e), token)})"
     return HubError(f"{repo_id}: {msg}", repo_id=repo_id)
-
-
-def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,
-              cache_hint: str = "") -> HubError:
-    """The older single entry point: ``hub_push_error`` when ``push``, else ``hub_download_error``. Returns the
-    error; raises nothing."""
-    return hub_push_error(target, e, token=token) if push else hub_download_error(target, e, cache_hint=cache_hint)
 
 
 def _repo_of(source: str) -> str | None:

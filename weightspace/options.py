@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
-__all__ = ["EmaChoice", "EMA_CHOICES", "ema_choice", "ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
+__all__ = ["EmaChoice", "EMA_CHOICES", "ema_choice", "SOUP_METHODS", "ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
            "CHECKPOINT_SUFFIXES", "check_report_folder"]
 
 # Which weights a source gives when its file holds EMA weights too: "off" the regular ones (noted when EMA weights
@@ -40,6 +40,10 @@ def ema_choice(ema: EmaChoice | bool | None, default: EmaChoice = "off") -> EmaC
         raise ConfigError(f"ema={ema!r}: expected one of {', '.join(EMA_CHOICES)}", param="ema")
     return ema
 
+
+# The soups ``weightspace soup --method`` makes (``search.soups.evaluate_soups``): short name → the op it registers.
+SOUP_METHODS = {"uniform": "uniform-soup", "weighted": "weighted-average", "greedy": "greedy-soup",
+                "learned": "learned-soup"}
 
 # Names a report folder may not take: they are what a user means as a checkpoint file.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
