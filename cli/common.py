@@ -81,11 +81,11 @@ def require(value: T | None, option: str, why: str) -> T:
 def refuse_existing(output: str | None, force: bool) -> None:
     """Fail before any work when the output exists and --force was not given (the write checks again); no
     output, nothing to refuse."""
-    from pathlib import Path
+    import os
 
-    from weightspace.errors import OutputExists
-    if output is not None and Path(output).exists() and not force:
-        raise OutputExists(f"{output}: already exists (use --force to overwrite)", path=output)
+    from weightspace.files import check_targets
+    if output is not None and not output.endswith(("/", os.sep)) and not os.path.isdir(output):
+        check_targets([output], force)  # a folder output is checked by save, which knows the names it writes
 
 
 def parse_grid(text: str, what: str) -> int | list[float]:
@@ -102,10 +102,9 @@ def precheck(out_dir: str | None, force: bool) -> None:
     """Refuse an existing --out run before any work (every analysis writes results.json there)."""
     from pathlib import Path
 
-    from weightspace.errors import OutputExists
-    if out_dir and not force and (Path(out_dir) / "results.json").exists():
-        raise OutputExists(f"{Path(out_dir) / 'results.json'}: already exists (use --force to overwrite)",
-                           path=Path(out_dir) / 'results.json')
+    from weightspace.files import check_targets
+    if out_dir:
+        check_targets([Path(out_dir) / "results.json"], force, root=out_dir)
 
 
 def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | None, write: Callable | None,
