@@ -7,6 +7,7 @@ scales the merged task vector. Differences that remain are listed in docs/merge.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io.outputs import TensorStream
+from ..io.yaml_file import as_bool, as_number, check_keys, read_yaml
 from .stream import linear_combination
 
 __all__ = ["MergekitConfig", "read_mergekit_config", "merge_from_config"]
@@ -25,7 +27,18 @@ _COMPUTE = {"float32": "fp32", "fp32": "fp32", "float64": "fp64", "fp64": "fp64"
             "bfloat16": "fp32", "bf16": "fp32", "float16": "fp32", "fp16": "fp32", "half": "fp32"}
 _OUTPUT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16",
            "fp16": "fp16", "half": "fp16", "float64": None, "fp64": None}
-_IGNORED_KEYS = {"tokenizer_source", "tokenizer", "chat_template", "name"}  # nothing to merge: reported only
+_TOP = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype")
+_PARAMS = ("weight", "density", "normalize", "lambda")
+_MODEL_PARAMS = ("weight", "density")
+# mergekit's options that weightspace does not run: named as unsupported, never silently ignored
+_NON_WEIGHT = "the output folder takes the first model's non-weight files; remove it"
+_UNSUPPORTED = {"slices": "layer ranges; list whole models under 'models'", "tokenizer_source": _NON_WEIGHT,
+                "tokenizer": _NON_WEIGHT, "chat_template": _NON_WEIGHT, "modules": "per-module merges",
+                "name": "multi-stage merges", "int8_mask": "arithmetic runs in float32 or float64",
+                "rescale": "DARE rescaling", "epsilon": "DELLA/breadcrumbs options", "gamma": "breadcrumbs options",
+                "k": "model_stock/sce options", "select_topk": "SCE options", "t": "slerp",
+                "normalize": "a per-model normalize (set it under the top-level parameters)",
+                "lambda": "a per-model lambda (set it under the top-level parameters)"}
 
 
 @dataclass
@@ -48,6 +61,7 @@ class MergekitConfig:
 def _source(ref: Any, where: str, folder: Path) -> str:
     """A mergekit model reference (local path or Hub id org/name[@rev]) as a weightspace source string."""
     if isinstance(ref, dict):
+        check_keys(ref, ("model", "parameters"), where, _UNSUPPORTED)
         ref = ref.get("model")
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"{where}: a model must be a path or a Hub id")
@@ -61,62 +75,78 @@ def _source(ref: Any, where: str, folder: Path) -> str:
     return f"hf://{ref}"
 
 
-def _number(value: Any, where: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _identity(src: str) -> str:
+    """One name per model: two spellings of one local path (./a, a, /abs/a, a link to it) are the same model."""
+    return os.path.realpath(src) if os.path.exists(src) else src
+
+
+def _number(value: Any, where: str, name: str, lo: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(value, (list, dict)):
         raise ConfigError(f"{where}: {name} must be one number (per-layer gradients and filters are not supported)")
-    return float(value)
+    return float(as_number(value, f"{where}: {name}", lo, 1.0 if name == "density" else None, lo_open=lo_open))
 
 
-def read_mergekit_config(path: str | os.PathLike) -> MergekitConfig:
-    """Parse a mergekit YAML file. Raises ConfigError, naming the file, on anything it cannot run as written."""
-    import yaml
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{p}: not a readable YAML file ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a mergekit config is a mapping (merge_method, models, ...)")
-    method = str(raw.get("merge_method", "")).replace("-", "_")
-    if method not in METHODS:
-        raise ConfigError(f"{p}: merge_method {raw.get('merge_method')!r}: weightspace runs {', '.join(METHODS)}")
-    if "slices" in raw:
-        raise ConfigError(f"{p}: 'slices' (layer ranges) are not supported; list whole models under 'models'")
-    unknown = set(raw) - {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype"} - _IGNORED_KEYS
-    if unknown:
-        raise ConfigError(f"{p}: unknown key {sorted(unknown)[0]!r}")
-    glob = raw.get("parameters") or {}
-    if not isinstance(glob, dict):
-        raise ConfigError(f"{p}: 'parameters' must be a mapping")
-    base = _source(raw["base_model"], f"{p}: base_model", p.parent) if raw.get("base_model") else None
-    if method != "linear" and base is None:
-        raise ConfigError(f"{p}: {method} needs a base_model")
+def _params(raw: Any, where: str, known: tuple[str, ...]) -> dict:
+    params = raw if raw is not None else {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: 'parameters' must be a mapping")
+    check_keys(params, known, f"{where}: parameters", _UNSUPPORTED)
+    return params
+
+
+def _models(raw: dict, p: Path, method: str, base: str | None, glob: dict) -> tuple[list, list, list]:
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{p}: 'models' must list at least one model")
-    models, weights, densities = [], [], []
+    models: list[str] = []
+    weights: list[float] = []
+    densities: list[float | None] = []
+    seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
         where = f"{p}: models[{i}]"
         src = _source(entry, where, p.parent)
-        params = (entry.get("parameters") or {}) if isinstance(entry, dict) else {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}: 'parameters' must be a mapping")
-        if src == base and method != "linear":
+        params = _params(entry.get("parameters") if isinstance(entry, dict) else None, where, _MODEL_PARAMS)
+        if base is not None and _identity(src) == _identity(base) and method != "linear":
             continue  # mergekit lists the base among the models too; its task vector is zero
+        if _identity(src) in seen:
+            raise ConfigError(f"{where}: {src} is the model of models[{seen[_identity(src)]}] again; list each "
+                              f"model once (give it a larger weight instead)")
+        seen[_identity(src)] = i
         w = params.get("weight", glob.get("weight", 1.0 if method != "linear" else None))
         if w is None:
             raise ConfigError(f"{where}: linear needs a weight for every model")
         weights.append(_number(w, where, "weight"))
         d = params.get("density", glob.get("density"))
-        densities.append(None if d is None else _number(d, where, "density"))
+        densities.append(None if d is None else _number(d, where, "density", 0.0, lo_open=True))
         models.append(src)
+    return models, weights, densities
+
+
+def read_mergekit_config(path: str | os.PathLike) -> MergekitConfig:
+    """Parse a mergekit YAML file strictly (``io.yaml_file``): unknown keys at any level are errors naming the
+    nearest known key, mergekit options weightspace does not run are named as unsupported, numbers must be finite
+    and in range, booleans booleans, and a model listed twice (under any spelling of its path) is refused.
+
+    Raises:
+        ConfigError: naming the file, on anything it cannot run as written."""
+    p = Path(path)
+    raw = read_yaml(p, "mergekit config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a mergekit config is a mapping (merge_method, models, ...)")
+    check_keys(raw, _TOP, str(p), _UNSUPPORTED)
+    method = str(raw.get("merge_method", "")).replace("-", "_")
+    if method not in METHODS:
+        raise ConfigError(f"{p}: merge_method {raw.get('merge_method')!r}: weightspace runs {', '.join(METHODS)}")
+    glob = _params(raw.get("parameters"), str(p), _PARAMS)
+    base = _source(raw["base_model"], f"{p}: base_model", p.parent) if raw.get("base_model") else None
+    if method != "linear" and base is None:
+        raise ConfigError(f"{p}: {method} needs a base_model")
+    models, weights, densities = _models(raw, p, method, base, glob)
     if not models:
         raise ConfigError(f"{p}: no model besides the base_model")
     if method == "ties" and any(d is None for d in densities):
         densities = [1.0 if d is None else d for d in densities]  # mergekit keeps everything without a density
-    normalize = bool(glob.get("normalize", method != "task_arithmetic"))
+    normalize = as_bool(glob.get("normalize", method != "task_arithmetic"), f"{p}: parameters: normalize")
     scale = _number(glob.get("lambda", 1.0), f"{p}: parameters", "lambda")
     dtype = str(raw.get("dtype") or "float32").lower()
     out = str(raw.get("out_dtype") or dtype).lower()
@@ -125,8 +155,6 @@ def read_mergekit_config(path: str | os.PathLike) -> MergekitConfig:
     notes = []
     if dtype in ("bfloat16", "bf16", "float16", "fp16", "half"):
         notes.append(f"dtype {dtype}: computed in float32 (more precise than mergekit's {dtype} arithmetic)")
-    for k in sorted(set(raw) & _IGNORED_KEYS):
-        notes.append(f"{k}: ignored (non-weight files come from the first model's folder)")
     if method == "ties" and not normalize:
         raise ConfigError(f"{p}: ties with normalize: false is not supported (weightspace's disjoint mean divides)")
     if method == "task_arithmetic" and normalize:
@@ -144,9 +172,11 @@ def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: b
     cfg = config if isinstance(config, MergekitConfig) else read_mergekit_config(config)
     weights = list(cfg.weights)
     if cfg.normalize:
-        total = sum(weights)
+        total = math.fsum(weights)
         if abs(total) < 1e-12:
             raise ConfigError(f"{cfg.path}: weights sum to zero and normalize is on")
+        if not math.isfinite(total):
+            raise ConfigError(f"{cfg.path}: weights sum to {total} (overflow) and normalize is on")
         weights = [w / total for w in weights]
     extra = {"config": {"format": "mergekit", "path": cfg.path, "merge_method": cfg.method}}
     if cfg.method == "linear":
