@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -116,6 +117,9 @@ def _local(source: str) -> Resolved:
         raise CheckpointNotFound(f"{source}: no such file or directory", path=source)
     if path.is_dir():
         return _from_folder(source, path)
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a FIFO or /dev/zero would block or never end: refused before any read
+        raise CheckpointError(f"{source}: is a FIFO, device or socket, not a regular file", path=source)
     if path.name.endswith(".index.json"):
         return _from_index(source, path)
     return Resolved(source, files=[path])
@@ -182,6 +186,8 @@ def _from_folder(source: str, folder: Path) -> Resolved:
         return _from_index(source, indexes[0])
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(weights) == 1:
+        if not weights[0].is_file():
+            raise CheckpointError(f"{weights[0]}: is a FIFO, device or socket, not a regular file", path=weights[0])
         return Resolved(source, files=weights)
     if not weights:
         raise SourceError(f"{source}: folder holds no weights file (looked for {', '.join(PREFERRED_FILES[:3])}, *.index.json, *.safetensors, *.pt, *.bin)",
