@@ -6,8 +6,15 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
-__all__ = ["grouping_option", "report_options", "print_json", "note", "dtype_note", "markdown_table", "parse_floats", "human_bytes",
+__all__ = ["echo", "grouping_option", "report_options", "print_json", "note", "dtype_note", "markdown_table", "parse_floats", "human_bytes",
            "require", "refuse_existing", "parse_grid", "precheck", "emit"]
+
+
+def echo(message: Any = "", err: bool = False, nl: bool = True) -> None:
+    """click.echo for every line the CLI prints: control characters from files (ANSI/OSC sequences, CR, forged
+    newlines inside a value) are escaped by weightspace.report.terminal.printable; the newlines of the layout stay."""
+    from weightspace.report.terminal import printable
+    click.echo(printable(message, newlines=True), err=err, nl=nl)
 
 
 def grouping_option(f: Callable) -> Callable:
@@ -27,13 +34,13 @@ def report_options(f: Callable) -> Callable:
 def print_json(obj: Any) -> None:
     """Print strict JSON (NaN becomes null, ±inf "inf"/"-inf": weightspace.report.jsonable) on stdout."""
     from weightspace.report import jsonable
-    click.echo(json.dumps(jsonable(obj), indent=2, sort_keys=False))
+    echo(json.dumps(jsonable(obj), indent=2, sort_keys=False))
 
 
 def note(msg: str, quiet: bool = False) -> None:
     """A human note on stderr (never on stdout, which may carry JSON)."""
     if not quiet:
-        click.echo(msg, err=True)
+        echo(msg, err=True)
 
 
 def dtype_note(stream: Any, dtype: str | None, quiet: bool = False) -> None:
@@ -119,4 +126,4 @@ def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | 
     if as_json:
         print_json(payload)
     else:
-        click.echo(markdown_table(headers, rows))
+        echo(markdown_table(headers, rows))

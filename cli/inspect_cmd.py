@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import human_bytes, markdown_table, print_json, report_options
+from .common import echo, human_bytes, markdown_table, print_json, report_options
 from .options import OpOptions, use
 
 __all__ = ["inspect_cmd"]
@@ -38,22 +38,22 @@ def inspect_cmd(source: str, ops: OpOptions, limit: int, as_json: bool, quiet: b
     if as_json:
         print_json(info)
         return
-    click.echo(f"source:   {ck.source}" + (f"  ({ck.note})" if ck.note else ""))
+    echo(f"source:   {ck.source}" + (f"  ({ck.note})" if ck.note else ""))
     if ck.variant:
-        click.echo(f"variant:  {ck.variant}")
-    click.echo(f"tensors:  {len(ck)}")
-    click.echo(f"params:   {ck.num_params:,}")
-    click.echo(f"bytes:    {ck.nbytes:,} ({human_bytes(ck.nbytes)})")
+        echo(f"variant:  {ck.variant}")
+    echo(f"tensors:  {len(ck)}")
+    echo(f"params:   {ck.num_params:,}")
+    echo(f"bytes:    {ck.nbytes:,} ({human_bytes(ck.nbytes)})")
     for alias, canon in ck.aliases.items():
-        click.echo(f"tied:     {alias} = {canon}")
+        echo(f"tied:     {alias} = {canon}")
     if ck.provenance:
         p = ck.provenance
-        click.echo(f"provenance: op={p.get('op')} weightspace={p.get('weightspace_version')}")
+        echo(f"provenance: op={p.get('op')} weightspace={p.get('weightspace_version')}")
         for ing, c in zip(p.get("ingredients", []), p.get("coefficients", [None] * len(p.get("ingredients", [])))):
             coef = f"{c:.4g} × " if isinstance(c, (int, float)) else ""
-            click.echo(f"  {coef}{ing.get('source')}  sha256={str(ing.get('sha256', ''))[:12]}")
+            echo(f"  {coef}{ing.get('source')}  sha256={str(ing.get('sha256', ''))[:12]}")
     rows = [[t["key"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar"] for t in tensors]
     if limit:
         rows = rows[:limit]
-    click.echo("")
-    click.echo(markdown_table(["key", "dtype", "shape"], rows))
+    echo("")
+    echo(markdown_table(["key", "dtype", "shape"], rows))

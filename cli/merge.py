@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
+from .common import echo, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
 
 __all__ = ["merge"]
@@ -80,7 +80,7 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
         print_json(result)
     else:
         trim = f", {_trim(prov)}" if method == "ties" else ""
-        click.echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {scale}{trim})")
+        echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {scale}{trim})")
 
 
 def _trim(prov: dict) -> str:
@@ -112,7 +112,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
         print_json(result)
     else:
         what = f", {_trim(prov)}" if cfg.method == "ties" else ""
-        click.echo(f"wrote {path} ({cfg.method} of {len(cfg.models)} models from {config}{what})")
+        echo(f"wrote {path} ({cfg.method} of {len(cfg.models)} models from {config}{what})")
 
 
 def _search(method, base, models, negate, options, out: OutputOptions, force, ops: OpOptions, as_json, quiet,
@@ -136,5 +136,5 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
         print_json(result)
         return
     if not quiet:
-        click.echo(markdown_table(["λ", f"{val_spec} accuracy"], [[lam, acc] for lam, acc in res.scores]))
-    click.echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {res.scale:g} picked on {val_spec})")
+        echo(markdown_table(["λ", f"{val_spec} accuracy"], [[lam, acc] for lam, acc in res.scores]))
+    echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {res.scale:g} picked on {val_spec})")

@@ -89,7 +89,8 @@ class Session:
     def note(self, msg: str) -> None:
         """A progress line on stderr (silent with ``--quiet``)."""
         if self.progress:
-            print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+            from ..report.terminal import printable
+            print(printable(f"[recipe] {msg}"), file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def threads(self) -> Iterator[float]:

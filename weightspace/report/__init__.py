@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, Sequence
 
 from ..files import atomic_output, check_targets, make_folder, writes_discarded
+from .terminal import printable
 
 __all__ = ["Row", "jsonable", "fmt_cell", "markdown_table", "csv_text", "write_text", "write_json", "write_csv",
            "check_outputs", "Result", "write_files", "write_result", "COLORS", "LINESTYLES", "new_figure", "save_figure",
@@ -45,12 +46,13 @@ def jsonable(obj: Any) -> Any:
 
 
 def fmt_cell(v: Any, digits: int = 4) -> str:
-    """A table cell: floats get ``digits`` decimals, None becomes an empty cell, '|' and newlines are escaped."""
+    """A table cell: floats get ``digits`` decimals, None becomes an empty cell, '|', newlines and every other
+    control character escaped (``terminal.printable``): a cell never breaks the table or reaches a terminal raw."""
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return printable(v).replace("|", "\\|")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Row], digits: int = 4) -> str:
