@@ -268,9 +268,12 @@ class WebDatasetSource(_TarMembers):
                 if "img" not in s or "cls" not in s:
                     continue
                 try:
-                    targets.append(int(s["cls"].decode().strip()))
+                    label = int(s["cls"].decode().strip())
                 except (ValueError, UnicodeDecodeError):
                     raise ConfigError(f"{shard}: sample {key} has a cls member that is not an integer") from None
+                if not -(1 << 31) <= label < (1 << 31):  # beyond int64 it would overflow; no class count is that large
+                    raise ConfigError(f"{shard}: sample {key} has a cls member out of range ({label})")
+                targets.append(label)
                 members.append((str(shard), s["img"]))
         if not members:
             raise ConfigError(f"--data {spec}: no samples with an image and a cls member in {len(shards)} shard(s)")
