@@ -206,13 +206,14 @@ def _mutate_images(seed: Path, work: Path, rng: random.Random) -> Path:
         cls = rng.choice(classes)
         img = cls / f"{rng.randrange(3)}.png"
         op = rng.randrange(11)
+        n = rng.randrange(1 << 30)
         if op == 0:
-            (cls / f"loop{rng.randrange(9)}").symlink_to(work if rng.random() < 0.5 else cls)
+            (cls / f"loop{n}").symlink_to(work if rng.random() < 0.5 else cls)
         elif op == 1:
-            (cls / f"twice{rng.randrange(9)}.png").symlink_to(rng.choice(classes) / "1.png")
+            (cls / f"twice{n}.png").symlink_to(rng.choice(classes) / "1.png")
         elif op == 2:
             with contextlib.suppress(OSError):
-                os.mkfifo(cls / f"fifo{rng.randrange(9)}.png")
+                os.mkfifo(cls / f"fifo{n}.png")
         elif op == 3 and img.exists():
             blob = img.read_bytes()
             img.write_bytes(blob[:rng.randrange(len(blob) + 1)])

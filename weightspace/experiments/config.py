@@ -21,10 +21,16 @@ def merge_config(base: dict, extra: dict, where: str, strict: bool = True) -> di
         ConfigError: with ``strict``, a key of ``extra`` that ``base`` lacks (named with ``where`` and the nearest
             known key), or a value whose type is not its default's (a boolean for a boolean, a finite number for a
             number)."""
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: must be a mapping, not {extra!r}")
     out = copy.deepcopy(base)
     for k, v in extra.items():
         if strict and k not in base:
             raise unknown_key(where, k, [str(x) for x in base])
+        if strict and isinstance(base.get(k), dict) and not isinstance(v, dict) and (v is not None or base[k]):
+            raise ConfigError(f"{where}: {k} must be a mapping, not {v!r}")
+        if strict and isinstance(base.get(k), list) and isinstance(v, (bool, int, float)):
+            raise ConfigError(f"{where}: {k} must be a list, not {v!r}")
         if isinstance(v, dict) and isinstance(base.get(k), dict) and base[k]:
             out[k] = merge_config(base[k], v, f"{where}.{k}", strict)
         else:
@@ -98,6 +104,8 @@ def overlay_recipe(raw: dict, where: str, defaults: dict, *, small: bool = False
 
     Raises:
         ConfigError: a malformed override, or a key that ``defaults`` does not know (named with ``where``)."""
+    if not isinstance(raw.get("small") or {}, dict):
+        raise ConfigError(f"{where}: small must be a mapping of KEY: VALUE overrides, not {raw.get('small')!r}")
     pending = list((raw.get("small") or {}).items()) if small else []
     pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
     for k, v in pending:
