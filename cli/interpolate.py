@@ -41,8 +41,8 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelO
     """Interpolate A and B: write one point (--alpha X -o OUT), or measure a barrier curve on data.
 
     Curve mode evaluates (1−α)·A + α·B at each α with one model instance (weights copied in place, data held
-    on the device), reports accuracy and loss per dataset, and barrier heights for error and loss (chord and
-    midpoint-mean conventions). --pair C D overlays more pairs on the same plot. --align adds, for every pair,
+    on the device), reports accuracy and loss per dataset, and barrier heights for error and loss (chord, and
+    peak over the ends' mean). --pair C D overlays more pairs on the same plot. --align adds, for every pair,
     the curve from A to B permuted to match A; results.json in --out then compares both barriers.
     """
     if len(checkpoints) not in (0, 2):

@@ -28,8 +28,8 @@ def leaderboard(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOpt
     from weightspace import load
     from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.report import check_outputs, markdown_table
-    from weightspace.search.greedy import Leaderboard
-    from weightspace.search.greedy import leaderboard as rank_checkpoints
+    from weightspace.search.soups import Leaderboard
+    from weightspace.search.soups import leaderboard as rank_checkpoints
     require(model.model, "--model", "to evaluate checkpoints")
     require(data.data, "--data", "to evaluate checkpoints")
     if out_dir:

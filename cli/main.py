@@ -6,7 +6,7 @@ import sys
 
 import click
 
-__all__ = ["COMMANDS", "HELP", "LazyGroup", "main"]
+__all__ = ["COMMANDS", "HELP", "LazyGroup", "flags_of", "in_flags", "main"]
 
 # verb -> "module:function"; each verb lives in its own file and is imported only when run.
 COMMANDS: dict[str, str] = {
@@ -90,9 +90,44 @@ class LazyGroup(click.Group):
                 errors = sys.modules.get("weightspace.errors")  # not imported yet → not ours (keeps --help torch-free)
                 if errors is not None and isinstance(e, errors.WeightspaceError):
                     state["failed"] = True
-                    echo(f"weightspace: error{_speak()}: {one_line(str(e))}", err=True)
+                    message = in_flags(str(e), e.param, self.get_command(ctx, verb) if verb in COMMANDS else None)
+                    echo(f"weightspace: error{_speak()}: {one_line(message)}", err=True)
                     sys.exit(2)
                 raise
+
+
+def flags_of(command: click.Command | None) -> dict[str, str]:
+    """Library parameter → the command's flag, from the option metadata: every option of ``command`` (and of its
+    subcommands) by its click name and by its flag, and the option families' fields that feed a library parameter
+    of another name (``MergeOptions.scales`` feeds ``grid``)."""
+    from weightspace import options as families
+    out: dict[str, str] = {}
+    for cls in (families.MergeOptions, families.OpOptions, families.OutputOptions, families.ModelOptions,
+                families.DataOptions, families.FixOptions):
+        for f in families.option_fields(cls):
+            if f.metadata.get("param"):
+                out[f.metadata["param"]] = f.metadata["flags"][-1]
+    commands = [command] if command is not None else []
+    while commands:
+        cmd = commands.pop()
+        commands += list(getattr(cmd, "commands", {}).values())
+        for p in cmd.params:
+            longs = [o for o in p.opts if o.startswith("--")]
+            if isinstance(p, click.Option) and longs and p.name:
+                out.setdefault(p.name, longs[0])
+                for o in longs:
+                    out.setdefault(o[2:].replace("-", "_"), o)
+    return out
+
+
+def in_flags(message: str, param: str | None, command: click.Command | None) -> str:
+    """A library error's message in the command's words: its leading parameter (``keep=0: ...``, ``model: ...``)
+    becomes the flag that sets it (``--keep 0: ...``); unchanged when the parameter has no flag here."""
+    flag = flags_of(command).get(param) if param else None
+    if not flag or not param or not message.startswith(param) or message[len(param):len(param) + 1] not in "=: ":
+        return message
+    rest = message[len(param):]
+    return flag + (" " + rest[1:] if rest.startswith("=") else rest)
 
 
 def _speak() -> str:

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from .common import echo, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
-from .options import DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options, use
+from .options import (DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice, force_option,
+                      merge_method_names, op_options, use)
 
 __all__ = ["merge"]
 
@@ -16,7 +17,7 @@ __all__ = ["merge"]
 @click.argument("models", nargs=-1)
 @click.option("--config", "config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="A mergekit YAML file (linear, task_arithmetic, ties) instead of --method/--base/MODELS.")
-@click.option("--method", type=click.Choice(["task-arithmetic", "ties"]), default=None,
+@click.option("--method", type=RegistryChoice(merge_method_names), default=None,
               help="task-arithmetic: θ_pre + λ·Σ τ_t.  ties: trim, elect sign, disjoint mean, θ_pre + λ·τ "
                    "(formulas, papers and defaults: `weightspace methods`).")
 @use(MergeOptions, "merge_opts", help={"scales": "With --val: the grid of λ tried (--scale is then ignored)."})
@@ -128,13 +129,14 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
                        allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
-    path = save(res.state_dict, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
-    result = {"output": str(path), "method": method, "scale": res.scale, "val": val_spec,
-              "scores": [{"scale": lam, "val_accuracy": acc} for lam, acc in res.scores],
+    path = save(res.weights, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
+    rec = res.record
+    result = {"output": str(path), "method": method, "scale": rec.scale, "val": val_spec,
+              "scores": [{"scale": lam, "val_accuracy": acc} for lam, acc in rec.scores],
               "base": base, "models": [c.source for c in sources]}
     if as_json:
         print_json(result)
         return
     if not quiet:
-        echo(markdown_table(["λ", f"{val_spec} accuracy"], [[lam, acc] for lam, acc in res.scores]))
-    echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {res.scale:g} picked on {val_spec})")
+        echo(markdown_table(["λ", f"{val_spec} accuracy"], [[lam, acc] for lam, acc in rec.scores]))
+    echo(f"wrote {path} ({method} of {len(sources)} models on {base}, λ = {rec.scale:g} picked on {val_spec})")

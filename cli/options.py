@@ -10,8 +10,38 @@ import click
 from weightspace.options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions,  # noqa: F401
                                  OutputOptions, ReportOptions, check_report_folder, option_fields)
 
-__all__ = ["use", "report_folder", "force_option", "op_options", "output_options", "analysis_outputs",
+__all__ = ["RegistryChoice", "merge_method_names", "soup_method_names", "use", "report_folder", "force_option", "op_options", "output_options", "analysis_outputs",
            "trained_from_options"]
+
+
+class RegistryChoice(click.Choice):
+    """A click choice whose names come from the registry (weightspace.registry), looked up when first needed — when
+    the option is parsed or its help shown — so that building the command imports nothing heavy.
+
+    ``names()`` returns the choices (e.g. ``ops.merge.method_names``)."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self._names = names
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._names())
+        return self._choices
+
+
+def merge_method_names() -> list[str]:
+    """The registered merge methods (``weightspace merge --method``, ``soup --merge``)."""
+    from weightspace.ops.merge import method_names
+    return method_names()
+
+
+def soup_method_names() -> list[str]:
+    """The soups ``weightspace soup --method`` makes, each a registered op (``search.soups.SOUP_METHODS``)."""
+    from weightspace.search.soups import soup_methods
+    return soup_methods()
 
 
 def _click_type(meta: Mapping[str, Any]) -> Any:
@@ -42,10 +72,10 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
                 from weightspace.eval.data import set_decoding
                 set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad)
             if cls is OpOptions:  # every checkpoint the verb opens, however deep in the library, reads them
-                from weightspace.io.sources import SourceOptions, default_options_for
+                from weightspace.io.source_options import SourceOptions, default_options_for
                 opts = kw[dest]
-                with default_options_for(SourceOptions(ema="prefer" if opts.ema else "off",
-                                                       prefix=opts.strip_prefix or None)):
+                with default_options_for(SourceOptions(ema=opts.ema,
+                                                       strip_prefix=opts.strip_prefix or None)):
                     return f(*args, **kw)
             return f(*args, **kw)
 
@@ -53,10 +83,12 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
             meta = fl.metadata
             default = () if meta["multiple"] else (None if fl.default is MISSING else fl.default)
             flags = (*meta["flags"], *aliases.get(fl.name, ()))
-            is_flag = isinstance(default, bool)
+            is_flag = isinstance(default, bool) or meta.get("flag_value") is not None
             kw: dict[str, Any] = {"help": help.get(fl.name, meta["help"]), "required": fl.name in required}
             if is_flag:
                 kw["is_flag"] = True
+                if meta.get("flag_value") is not None:
+                    kw.update(flag_value=meta["flag_value"], default=default)
             else:
                 kw.update(default=default, multiple=meta["multiple"], metavar=meta["metavar"],
                           type=_click_type(meta),
@@ -89,7 +121,7 @@ def op_options(f: Callable) -> Callable:
     """--ema, --precision, --allow-nonfinite, --allow-expanded as an OpOptions ``ops``."""
     @functools.wraps(f)
     def with_loading(*args: Any, **kw: Any) -> Any:
-        from weightspace.io.checkpoint import allow_expanded
+        from weightspace.io.pickles import allow_expanded
         before = allow_expanded(kw["ops"].allow_expanded)  # a loading setting for this command only
         try:
             return f(*args, **kw)

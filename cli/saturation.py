@@ -27,7 +27,9 @@ def saturation(csv_file: str, upstream: str, downstream: str, label: str | None,
                out_dir: str | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Fit e_DS = k·e_US^α + e_∞ (e = 1 − accuracy) to two columns of FILE.csv (e.g. a leaderboard).
 
-    Reports k, α, e_∞ and the downstream accuracy predicted as upstream accuracy → 1 (1 − e_∞). Percentages are
+    Reports k, α, e_∞ and the downstream accuracy predicted as upstream accuracy → 1 (1 − e_∞), and whether the
+    points show diminishing returns at all (``saturates``: true, false, or null when undetermined; the curve against a
+    straight line by leave-one-out error, and the slopes of the upper and lower halves). Percentages are
     detected and converted. --out writes results.json, saturation.csv (every point, fitted or not) and
     saturation.png (points, hull, curve).
     """
@@ -44,6 +46,7 @@ def saturation(csv_file: str, upstream: str, downstream: str, label: str | None,
     if as_json:
         print_json(payload)
         return
-    echo(markdown_table(["k", "alpha", "e_inf", "predicted downstream at upstream 1", "points fitted", "rmse"],
+    echo(markdown_table(["k", "alpha", "e_inf", "predicted downstream at upstream 1", "points fitted", "rmse",
+                               "saturates"],
                               [[fit.k, fit.alpha, fit.e_inf, fit.predicted_downstream_at_saturation,
-                                f"{len(fit.used)} of {len(fit.upstream)}", fit.rmse]]))
+                                f"{len(fit.used)} of {len(fit.upstream)}", fit.rmse, fit.test.get("saturates")]]))

@@ -1,23 +1,28 @@
-"""weightspace soup CKPT... -o OUT  |  --greedy|--learned --model M --val DATA [--data DATA ...] [--out DIR] [-o OUT]
+"""weightspace soup CKPT... -o OUT  |  --method greedy|learned (or --greedy|--learned) --model M --val DATA [--data DATA ...] [--out DIR] [-o OUT]
 [--recalibrate-bn DATA] [--repair DATA] [--merge ties --base PRE]"""
 from __future__ import annotations
 
 import click
 
 from .common import echo, dtype_note, note, parse_floats, print_json, report_options, require
-from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
-                      output_options, report_folder, use)
+from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice,
+                      force_option, merge_method_names, op_options, output_options, report_folder, soup_method_names,
+                      use)
 
 __all__ = ["soup"]
 
 
 @click.command("soup")
 @click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--uniform", is_flag=True, help="Plain mean of all checkpoints (the default).")
+@click.option("--method", type=RegistryChoice(soup_method_names), default=None,
+              help="The soup made (and saved with -o): uniform (the default), weighted (--weights), greedy or learned "
+                   "(both chosen on --val); formulas and papers: `weightspace methods`.")
+@click.option("--uniform", is_flag=True, help="--method uniform: the plain mean of all checkpoints.")
 @click.option("--greedy", is_flag=True,
-              help="Greedy soup on --val (Wortsman et al. 2022): best first, keep an ingredient if val accuracy ≥ without.")
+              help="--method greedy (Wortsman et al. 2022): best first on --val, keep an ingredient if val accuracy "
+                   "≥ without.")
 @click.option("--learned", is_flag=True,
-              help="Learned soup: softmax mixing coefficients optimised on --val by gradient descent (holds every "
+              help="--method learned: softmax mixing coefficients optimised on --val by gradient descent (holds every "
                    "ingredient in memory).")
 @click.option("--weights", default=None, metavar="W1,W2,...",
               help="A weighted soup: comma-separated mixing weights, one per checkpoint (normalised to sum 1); "
@@ -35,7 +40,7 @@ __all__ = ["soup"]
                              "ingredients); -o saves the recalibrated statistics.",
            "repair": "REPAIR every evaluated model toward its ingredients' mean activation statistics on DATA; "
                      "-o saves the repaired weights."})
-@click.option("--merge", "merges", multiple=True, type=click.Choice(["task-arithmetic", "ties"]),
+@click.option("--merge", "merges", multiple=True, type=RegistryChoice(merge_method_names),
               help="Add a merge of the checkpoints onto --base as a leaderboard row, λ picked on --val (repeatable).")
 @use(MergeOptions, "merge", help={"base": "--merge: the pre-trained checkpoint the checkpoints were fine-tuned from.",
                                   "scales": "--merge: the grid of λ tried on --val.",
@@ -50,22 +55,17 @@ __all__ = ["soup"]
 @force_option()
 @op_options
 @report_options
-def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: bool, weights: str | None,
+def soup(checkpoints: tuple[str, ...], method: str | None, uniform: bool, greedy: bool, learned: bool, weights: str | None,
          by_layer: bool, learn_steps: int, learn_lr: float, learn_batch_size: int | None, seed: int,
          fix: FixOptions, merges: tuple[str, ...], merge: MergeOptions, strict: bool, out: OutputOptions, model: ModelOptions, data: DataOptions,
          out_dir: str | None, force: bool, ops: OpOptions, as_json: bool, quiet: bool) -> None:
-    """Average CHECKPOINTS into one checkpoint (uniform, --weights, --greedy or --learned on validation data).
+    """Average CHECKPOINTS into one checkpoint (--method uniform, weighted, greedy or learned on validation data).
 
     With --model and --val, every checkpoint, the uniform and greedy soups and the output/greedy ensembles are
     evaluated on --val and each --data set, and a leaderboard is printed (and written to --out). -o writes the
     chosen soup; without -o an evaluated soup is reported, not saved (said on stderr).
     """
-    modes = [m for m, on in (("uniform", uniform), ("greedy", greedy), ("learned", learned)) if on]
-    if len(modes) > 1:
-        raise click.UsageError(f"{' and '.join('--' + m for m in modes)} exclude each other: pick one soup")
-    if weights is not None and modes:
-        raise click.UsageError(f"--weights makes a weighted soup; drop --{modes[0]}")
-    method = "weighted" if weights is not None else (modes[0] if modes else "uniform")
+    method = _soup_method(method, uniform, greedy, learned, weights)
     evaluating = bool(model.model or data.val or fix.recalibrate_bn or fix.repair or merges)
     if method in ("greedy", "learned") or evaluating:
         require(model.model, "--model", "to evaluate checkpoints (--greedy, --learned, --val, --merge, --repair)")
@@ -92,6 +92,22 @@ def soup(checkpoints: tuple[str, ...], uniform: bool, greedy: bool, learned: boo
               learn=dict(by_layer=by_layer, steps=learn_steps, lr=learn_lr, batch_size=learn_batch_size, seed=seed),
               fix=fix, merges=merges, base=merge.base,
               scales=parse_floats(merge.scales, "--scales") if merges else None, keep=merge.keep)
+
+
+def _soup_method(method: str | None, uniform: bool, greedy: bool, learned: bool, weights: str | None) -> str:
+    """The one soup asked for: --method, or its aliases --uniform/--greedy/--learned, or --weights (weighted)."""
+    asked = [(f"--method {method}", method)] if method else []
+    asked += [(f"--{m}", m) for m, on in (("uniform", uniform), ("greedy", greedy), ("learned", learned)) if on]
+    if len({m for _, m in asked}) > 1:
+        raise click.UsageError(f"{' and '.join(flag for flag, _ in asked)} exclude each other: pick one soup")
+    chosen = asked[0][1] if asked else None
+    if weights is not None:
+        if chosen not in (None, "weighted"):
+            raise click.UsageError(f"--weights makes a weighted soup; drop {asked[0][0]}")
+        return "weighted"
+    if chosen == "weighted":
+        raise click.UsageError("--method weighted needs --weights W1,W2,...")
+    return chosen or "uniform"
 
 
 def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as_json, quiet, device="auto") -> None:
@@ -124,7 +140,7 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     from weightspace.eval.build import build_evaluator, data_transform
     from weightspace.eval.data import load_data
     from weightspace.report import check_outputs, markdown_table
-    from weightspace.search.greedy import Leaderboard
+    from weightspace.search.soups import Leaderboard
     from weightspace.search.soups import LearnOptions, evaluate_soups
 
     from .common import refuse_existing

@@ -101,6 +101,19 @@ def t95(xs) -> tuple[float, float]:
     return stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
 
 
+def jack95(xs, units) -> tuple[float, float]:
+    """Delete-one-unit jackknife 95% t-interval of the mean of ``xs`` (observation i depends on ``units[i]``),
+    computed independently of weightspace.report.stats with numpy and scipy."""
+    import numpy as np
+    from scipy import stats
+    xs = np.asarray(xs, dtype=float)
+    every = sorted({u for us in units for u in us}, key=repr)
+    loo = np.array([xs[[u not in us for us in units]].mean() for u in every])
+    se = np.sqrt((len(every) - 1) / len(every) * ((loo - loo.mean()) ** 2).sum())
+    h = stats.t.ppf(0.975, len(every) - 1) * se
+    return float(xs.mean() - h), float(xs.mean() + h)
+
+
 def verdict(lo: float, hi: float, threshold: float, direction: str) -> str:
     """A finding's verdict from its interval: reproduced only when the whole interval lies beyond the threshold."""
     if direction == "above":

@@ -91,7 +91,7 @@ def _read_mergekit(path: Path, i: int) -> None:
     from weightspace.ops.mergekit import merge_from_config, read_mergekit_config
     cfg = read_mergekit_config(path)
     if i % 5 == 0:  # the merge itself too, on the tiny models: its checks are part of reading a config
-        merge_from_config(cfg).to_dict()
+        merge_from_config(cfg).materialise()
 
 
 # ---------------------------------------------------------------------------------------------------- recipe YAML

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_small_recipe
+from conftest import jack95, run_small_recipe
 import torch
 
 from weightspace import load
 from weightspace.errors import ConfigError
 from weightspace.experiments.align import load_align_recipe
+from weightspace.report.stats import Interval, with_test_noise
 
 RECIPE = "recipes/align-barrier.yaml"
 
@@ -27,7 +28,7 @@ def test_small_run_shows_the_barrier_and_its_shrinking(small_run):
     out, printed = small_run
     res = json.loads((out / "results.json").read_text())
     pairs = res["results"]["pairs"]
-    assert len(pairs) == 3 and res["results"]["fixes"] == ["none", "recalibrate_bn", "repair"]
+    assert len(pairs) == 10 and res["results"]["fixes"] == ["none", "recalibrate_bn", "repair"]
     for pair in pairs:
         for fix in ("recalibrate_bn", "repair"):
             before = pair["curves"][fix]["B"]["error_barrier"]
@@ -38,21 +39,22 @@ def test_small_run_shows_the_barrier_and_its_shrinking(small_run):
                 assert pair["alignment"][method]["l2_after"] < pair["alignment"][method]["l2_before"]
     verdicts = {f["id"]: f["verdict"] for f in res["findings"]}
     assert verdicts["a"] == "reproduced" and verdicts["b"] == "reproduced"
-    # (b) is judged on the 95% t-interval over pairs of shrink·before − after (recomputed with scipy)
-    from scipy import stats
+    # (b) is judged on the jackknife interval over the models the pairs share, of shrink·before − after, widened by
+    # the test set's noise (recomputed here)
     import numpy as np
+    units = [[p["a"], p["b"]] for p in pairs]
     before = [p["curves"]["repair"]["B"]["error_barrier"] for p in pairs]
     after = [p["curves"]["repair"]["P_weights(B)"]["error_barrier"] for p in pairs]
     d = [0.5 * x - y for x, y in zip(before, after)]
-    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(d), scale=stats.sem(d))
-    iv = res["results"]["summary"]["checks"]["b"]["repair+weights"]["interval"]
-    assert (iv["low"], iv["high"]) == pytest.approx((lo, hi))
+    iv = res["results"]["summary"]["checks"]["b"]["repair+weights"]
+    widened = with_test_noise(Interval(float(np.mean(d)), *jack95(d, units), 5), iv["n_test"])
+    assert (iv["interval"]["low"], iv["interval"]["high"]) == pytest.approx((widened.low, widened.high))
     # (c) the width sweep: widths 4 and 16 (16 is the recipe's own model, reused), verdict from its interval
     sweep = res["results"]["width_sweep"]
     assert list(sweep["widths"]) == ["4", "16"] and sweep["widths"]["16"]["reused"]
     assert sweep["widths"]["16"]["after"] == [p["curves"]["recalibrate_bn"]["P_weights(B)"]["error_barrier"] for p in pairs]
     d = [x - y for x, y in zip(sweep["widths"]["4"]["after"], sweep["widths"]["16"]["after"])]
-    lo, _ = stats.t.interval(0.95, 2, loc=np.mean(d), scale=stats.sem(d))
+    lo = with_test_noise(Interval(float(np.mean(d)), *jack95(d, units), 5), iv["n_test"]).low
     assert (verdicts["c"] == "reproduced") == (lo > 0)
     assert [f["verdict"] for f in printed["findings"]] == list(verdicts.values())
     report = (out / "REPORT.md").read_text()
@@ -61,7 +63,7 @@ def test_small_run_shows_the_barrier_and_its_shrinking(small_run):
     assert f"{b:.4f}" in report  # the report's numbers are results.json's
     for fig in res["figures"]:
         assert (out / fig).read_bytes()[:4] == b"\x89PNG" and f"]({fig})" in report
-    assert (out / "barriers.csv").read_text().count("\n") == 1 + 3 * 3 * 3  # 3 pairs × 3 curves × 3 BN treatments
+    assert (out / "barriers.csv").read_text().count("\n") == 1 + 10 * 3 * 3  # 10 pairs × 3 curves × 3 BN treatments
 
 
 def test_aligned_checkpoints_compute_b(small_run):
@@ -72,7 +74,7 @@ def test_aligned_checkpoints_compute_b(small_run):
     net = build_model("weightspace.eval.zoo:small_cnn?width=16", num_classes=10)
     outs = []
     for name in ("model-2", "model-2-aligned-weights-to-1", "model-2-aligned-activations-to-1"):
-        net.load_state_dict(load(out / "checkpoints" / f"{name}.safetensors").to_dict())
+        net.load_state_dict(load(out / "checkpoints" / f"{name}.safetensors").materialise())
         with torch.no_grad():
             outs.append(net.eval()(x))
     assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)
@@ -82,7 +84,7 @@ def test_aligned_checkpoints_compute_b(small_run):
 
 def test_recipe_checks(tmp_path, cli):
     cfg = load_align_recipe(RECIPE, small=True, overrides=["analysis.steps=3"])
-    assert cfg["train"]["epochs"] == 3 and cfg["analysis"]["steps"] == 3 and cfg["train"]["seeds"] == [1, 2, 3]
+    assert cfg["train"]["epochs"] == 3 and cfg["analysis"]["steps"] == 3 and cfg["train"]["seeds"] == [1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="unknown method/fix 'magic'"):
         load_align_recipe(RECIPE, overrides=["analysis.methods=[magic]"])
     with pytest.raises(ConfigError, match="three different seeds"):

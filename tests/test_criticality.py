@@ -102,7 +102,7 @@ def test_rewinding_every_module_to_init_is_init(cnn, mlp, test_eval):
 
 def test_only_the_rewound_module_changes_and_bn_stats_stay_final(cnn):
     final, init = cnn
-    fin, ini = ws.load(final).to_dict(), ws.load(init).to_dict()
+    fin, ini = ws.load(final).materialise(), ws.load(init).materialise()
     seen = []
 
     def record(w):

@@ -250,7 +250,7 @@ def test_two_ranks_split_decoding_into_one_entry_identical_to_a_one_process_buil
 
 
 def test_shift_suites_get_a_column_each_and_avg_shifts_while_greedy_decides_on_val_only():
-    from weightspace.search.greedy import soup_leaderboard
+    from weightspace.search.soups import soup_leaderboard
     ingredients = [{"w": torch.tensor([float(v)])} for v in (1.0, 2.0, 4.0)]
 
     def metrics(w: float, val_only: bool = False) -> Metrics:

@@ -120,7 +120,7 @@ def test_basin_rule_names_a_random_init_ingredient(demo_run):
     assert basin.breakers == ["scratch0"]
     assert basin.medians[-1] > 0.03 and max(basin.medians[:-1]) <= 0.03
     # the matrix is the measured midpoints: one entry recomputed by hand
-    a, b = (ws.load(p).to_dict() for p in mixed[:2])
+    a, b = (ws.load(p).materialise() for p in mixed[:2])
     mid = ev({k: (a[k].float() + b[k].float()) / 2 if a[k].is_floating_point() else a[k] for k in a})
     err = mid["mnist:val?size=14"]["error"]
     assert basin.barriers[0][1] == pytest.approx(err - (basin.ends[0] + basin.ends[1]) / 2, abs=1e-6)

@@ -115,7 +115,8 @@ def test_unwritable_output_is_an_os_error_with_its_path(two, tmp_path):
     target = two[0] / "soup.safetensors"  # a file stands where the folder would be
     with pytest.raises(OSError) as e:
         ws.save(ops.uniform_soup(two), target)
-    assert isinstance(e.value, errors.OutputError) and isinstance(e.value, errors.CheckpointError)
+    # an output that cannot be written is not a checkpoint that cannot be read
+    assert isinstance(e.value, errors.OutputError) and not isinstance(e.value, errors.CheckpointError)
     assert e.value.path == str(two[0]) and str(e.value) == f"{two[0]}: cannot make the folder (File exists)"
     assert two[0].is_file()
 
@@ -191,3 +192,33 @@ def test_download_errors_map_through_the_same_mapper(hub, two):
     # The downloaded weights themselves load: the mapper is only in the failing path.
     got = ws.load("hf://alice/soup")
     assert set(got) == set(ws.load(two[0]))
+
+
+def test_library_errors_name_parameters_and_the_cli_names_its_flags(cli, two, tmp_path):
+    with pytest.raises(errors.ConfigError) as e:
+        ws.ties_merge(two[0], [two[1]], keep=1.5)
+    assert str(e.value) == "keep=1.5: must be a fraction in (0, 1]" and e.value.param == "keep"
+    out = tmp_path / "x.safetensors"
+    r = cli("merge", "--method", "ties", "--base", two[0], two[1], "--keep", "1.5", "-o", out)
+    assert r.exit_code == 2 and r.stderr.strip() == "weightspace: error: --keep 1.5: must be a fraction in (0, 1]"
+    r = cli("soup", two[0], two[1], "--weights", "1,-1", "-o", out)
+    assert r.stderr.strip() == "weightspace: error: --weights 1,-1: they sum to zero, so they cannot be normalised"
+    assert not out.exists()
+    from click import Context
+
+    from weightspace_cli.main import in_flags, main
+    merge = main.get_command(Context(main), "merge")
+    assert in_flags("grid: needs at least one value", "grid", merge) == "--scales: needs at least one value"  # metadata
+    assert in_flags("to=init needs init", "to", main.get_command(Context(main), "rewind")) == "--to init needs init"
+    # a parameter the verb has no flag for, or a message not led by it, stays as the library wrote it
+    assert in_flags("names: 'a' names two ingredients", "names", merge) == "names: 'a' names two ingredients"
+    assert in_flags("keeping: x", "keep", merge) == "keeping: x"
+
+
+def test_hub_errors_are_mapped_by_two_functions():
+    from huggingface_hub.errors import EntryNotFoundError
+    down = errors.hub_download_error("hf://org/name/x.safetensors", EntryNotFoundError("gone"))
+    assert type(down) is errors.HubDownloadError and down.repo_id == "org/name"
+    assert str(down) == "hf://org/name/x.safetensors: file not found in the repository"
+    push = errors.hub_push_error("org/name", ValueError("Invalid repo id hf_secret123"), token="hf_secret123")
+    assert type(push) is errors.HubError and str(push) == "org/name: Invalid repo id ***"

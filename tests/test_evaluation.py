@@ -66,7 +66,7 @@ def test_missing_and_unexpected_keys_are_one_line(trained):
 
 def test_evaluator_contract_is_checked_with_protocols_not_duck_tests(trained):
     from weightspace.eval.contract import FitsKeys, LoadsWeights, MultiDataset, TellsMembers
-    from weightspace.eval.fixes import FixedEvaluator
+    from weightspace.eval.repair import FixedEvaluator
     ev = Evaluator(build_model("weightspace.eval.zoo:small_cnn", num_classes=10),
                    [load_data("digits:val"), load_data("digits:test")], device="cpu")
     assert isinstance(ev, LoadsWeights) and isinstance(ev, FitsKeys) and isinstance(ev, MultiDataset)
@@ -81,7 +81,7 @@ def test_evaluator_contract_is_checked_with_protocols_not_duck_tests(trained):
 
 def test_derive_shares_model_and_placed_data(trained):
     """derive builds a variant from the evaluator's own options: same model, same tensors, a subset of datasets."""
-    from weightspace.eval.fixes import FixedEvaluator
+    from weightspace.eval.repair import FixedEvaluator
     model = build_model("weightspace.eval.zoo:small_cnn", num_classes=10)
     ev = Evaluator(model, [load_data("digits:val"), load_data("digits:test")], batch_size=64, device="cpu",
                    keep_logits=True)

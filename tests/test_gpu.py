@@ -110,8 +110,8 @@ def test_ops_on_the_device_match_the_cpu(device, tmp_path):
                       "n": torch.tensor([i])}, paths[-1])
     for make in (lambda **kw: ws.uniform_soup_stream(paths, **kw),
                  lambda **kw: ws.merge("ties", paths[0], paths[1:], keep=0.3, **kw)):
-        cpu = make(device="cpu", threads=2).to_dict()
-        runs = [make(device=str(device), threads=t, max_memory=1).to_dict() for t in (1, 3)]
+        cpu = make(device="cpu", threads=2).materialise()
+        runs = [make(device=str(device), threads=t, max_memory=1).materialise() for t in (1, 3)]
         for k in cpu:
             assert torch.equal(runs[0][k], runs[1][k]), k
             assert torch.allclose(runs[0][k].float(), cpu[k].float(), rtol=1e-5, atol=1e-6), k

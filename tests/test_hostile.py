@@ -275,7 +275,7 @@ def test_bad_option_values_are_one_line(cli, tmp_path, pair):
     # an option without its value: click raises that without a context, yet the line still names the verb
     msg = one_line(cli("soup", *pair, "-o", tmp_path / "o.safetensors", "--weights"))
     assert " soup: Option '--weights' requires an argument" in msg and " soup --help)" in msg
-    assert "weights 1,-1: they sum to zero" in one_line(cli("soup", *pair, "--weights", "1,-1", "-o",
+    assert "--weights 1,-1: they sum to zero" in one_line(cli("soup", *pair, "--weights", "1,-1", "-o",
                                                             tmp_path / "o.safetensors"))
     assert not (tmp_path / "o.safetensors").exists()
 

@@ -131,7 +131,7 @@ def test_merge_scalars_are_validated_before_reading(tmp_path):
         search_scale("ties", base, [a, b], evaluate=lambda sd: 1.0, grid=[0.5, float("nan")])
     assert e.value.param == "grid"
     # negative controls: negative weights are fine for task arithmetic, and so is a negative λ
-    sd = merge("task-arithmetic", base, [a, b], weights=[1.0, -0.5], scale=-0.3).to_dict()
+    sd = merge("task-arithmetic", base, [a, b], weights=[1.0, -0.5], scale=-0.3).materialise()
     assert torch.isfinite(sd["w"]).all()
 
 

@@ -12,7 +12,7 @@ import safetensors.torch as st
 import torch
 
 import weightspace.files as files
-from weightspace.errors import CheckpointError, OutputExists
+from weightspace.errors import OutputError, OutputExists
 
 
 def one_line(r) -> str:
@@ -130,7 +130,7 @@ def test_full_disk_is_one_line(tmp_path, monkeypatch, temp_kind):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     out = tmp_path / "out.bin"
-    with pytest.raises(CheckpointError, match="no space left"):
+    with pytest.raises(OutputError, match="no space left"):
         with files.atomic_output(out) as tmp:
             tmp.write_bytes(b"partial")
             monkeypatch.setattr(os, "fsync", full)

@@ -81,3 +81,46 @@ def test_force_replaces_exactly_the_previous_runs_files(cli, tmp_path):
     listed = read_manifest(out)
     assert "leaderboard.csv" in listed and any(rel.startswith("ckpts/") for rel in listed)
     assert all((out / rel).is_file() for rel in listed)
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 100
+
+
+def too_large(folders: list[Path]) -> list[str]:
+    """Every module over MAX_MODULE_LINES lines and every function (method, nested function) over
+    MAX_FUNCTION_LINES lines under ``folders``: one concept per file, one step per function."""
+    import ast
+    found = []
+    for folder in folders:
+        for f in sorted(folder.rglob("*.py")):
+            text = f.read_text(encoding="utf-8")
+            name = f.relative_to(folder.parent)
+            if len(text.splitlines()) > MAX_MODULE_LINES:
+                found.append(f"{name}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text, str(f))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        found.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    return found
+
+
+def test_no_module_over_600_lines_and_no_function_over_100_in_the_package_and_the_cli():
+    assert too_large([ROOT / "weightspace", ROOT / "cli"]) == []
+
+
+def test_the_size_check_finds_a_long_module_and_a_long_function(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "long.py").write_text("def f():\n" + "    x = 1\n" * 100 + "\n" * 500)
+    (pkg / "fine.py").write_text("def g():\n" + "    x = 1\n" * 99)
+    assert too_large([pkg]) == ["pkg/long.py: 601 lines", "pkg/long.py:1 f: 101 lines"]
+
+
+def test_every_package_folder_is_shipped():
+    """A subpackage missing from pyproject's package list installs as nothing: its imports fail only after install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("weightspace", *f.parent.relative_to(ROOT / "weightspace").parts))
+             for f in (ROOT / "weightspace").rglob("__init__.py")} | {"weightspace_cli"}
+    assert listed == found

@@ -90,7 +90,7 @@ def _train_and_soup(d: Path) -> dict:
     val_x, val_y = x[val], y[val]
     accs = {}
     for name, p in [("ft0", paths[0]), ("ft1", paths[1]), ("uniform soup", soup_local)]:
-        probe.load_state_dict(ws.load(p).to_dict())
+        probe.load_state_dict(ws.load(p).materialise())
         accs[name] = _accuracy(probe, val_x, val_y)
     rows = [{"method": n, "source": str(p), "metrics": {"val": {"accuracy": accs[n]}}}
             for n, p in [("ft0", paths[0]), ("ft1", paths[1])]]

@@ -23,12 +23,14 @@ def test_barrier_height_both_conventions():
     # A bump over a line from 0.1 to 0.3: chord line at 0.5 is 0.2, ends' mean is 0.2.
     b = barrier_height(alphas, [0.1, 0.3, 0.5, 0.2, 0.3])
     assert b["chord"] == pytest.approx(0.3) and b["chord_peak_alpha"] == 0.5
-    assert b["midpoint"] == pytest.approx(0.3) and b["midpoint_peak_alpha"] == 0.5
-    # A monotone curve from 0 to 1 that bends below its chord: no chord barrier, but the midpoint-mean
-    # convention reports max f − mean(ends) = 1 − 0.5 at α = 1.
+    assert b["peak_over_ends"] == pytest.approx(0.3) and b["peak_over_ends_alpha"] == 0.5
+    # A monotone curve from 0 to 1 that bends below its chord: no chord barrier, but the peak-over-ends
+    # convention reports max f − mean(ends) = 1 − 0.5 at α = 1 (the value at α = ½ is 0.1 below the ends' mean:
+    # not a midpoint barrier at all)
     b = barrier_height(alphas, [0.0, 0.0, 0.1, 0.5, 1.0])
     assert b["chord"] == 0.0 and b["chord_peak_alpha"] == 0.0
-    assert b["midpoint"] == pytest.approx(0.5) and b["midpoint_peak_alpha"] == 1.0
+    assert b["peak_over_ends"] == pytest.approx(0.5) and b["peak_over_ends_alpha"] == 1.0
+    assert b["midpoint"] == b["peak_over_ends"]  # the former name, kept for older readers
     # points outside [0, 1] (extrapolation) are plotted but do not count towards the barrier
     b = barrier_height([-0.5, 0.0, 0.5, 1.0, 1.5], [9.0, 1.0, 1.5, 1.0, 9.0])
     assert b["chord"] == pytest.approx(0.5) and b["chord_peak_alpha"] == 0.5
@@ -52,7 +54,7 @@ def test_curve_evaluates_lerp_weights_at_each_alpha():
         assert torch.allclose(w, (1 - alpha) * a["w"] + alpha * b["w"])
     assert curve.series("data", "loss") == [4.0, 1.0, 0.0, 1.0, 4.0]
     assert curve.barriers["data"]["loss"]["chord"] == 0.0
-    assert curve.barriers["data"]["error"]["midpoint"] == 0.0  # error 0.5 at both ends, lower inside
+    assert curve.barriers["data"]["error"]["peak_over_ends"] == 0.0  # error 0.5 at both ends, lower inside
     # explicit alphas: the ends are added (barriers are measured against them), sorted, duplicates dropped
     seen.clear()
     curve = interpolation_curve(a, b, lambda w: float(w["w"][0]), alphas=[0.5, 0.5, 1.5], progress=False)
@@ -149,7 +151,7 @@ def test_cli_curve_mode_overlays_pairs(cli, cnn_pair, tmp_path):
     assert j["curves"][1]["points"][2]["metrics"]["digits:test"]["loss"] == ev(ft[1])["digits:test"]["loss"]
     assert j["curves"][0]["barriers"]["digits:val"]["error"]["chord"] > 0.1  # independent inits: a real barrier
     rows = (out / "barriers.csv").read_text().splitlines()
-    assert rows[0] == "pair,dataset,metric,chord,chord_peak_alpha,midpoint,midpoint_peak_alpha" and len(rows) == 1 + 2 * 2 * 2
+    assert rows[0] == "pair,dataset,metric,chord,chord_peak_alpha,peak_over_ends,peak_over_ends_alpha" and len(rows) == 1 + 2 * 2 * 2
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # explicit alphas and BN recalibration; JSON on stdout
     r = cli("interpolate", c, d, "--model", CNN, "--data", "digits:val", "--alphas", "0.5",

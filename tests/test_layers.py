@@ -244,3 +244,17 @@ def test_importing_the_package_root_or_a_sibling_unit_is_a_violation(tmp_path):
         "pkg.hub (line 1) imports pkg: pkg.hub may not import pkg"]
     with pytest.raises(AssertionError, match="pkg.new: in no layer"):  # a new top-level module must be placed
         layer("pkg.new", bottom=("pkg.base",), layers=layers)
+
+
+def test_architecture_page_lists_every_module_and_no_stale_one():
+    """docs/architecture.md's module table is where a newcomer looks for a module: every module of the tree is named
+    there (by its file stem, in backticks), and every name there is a module or package of the tree."""
+    import re
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = page[page.index("| layer | modules |"):].split("\n\n", 1)[0].splitlines()[2:]
+    listed = {n.rstrip("/") for r in rows for n in re.findall(r"`([^`]+)`", r.split("|")[2])}
+    files = [f for folder in PACKAGES.values() for f in folder.rglob("*.py")]
+    stems = {f.stem for f in files if f.stem != "__init__"}
+    folders = {f.parent.name for f in files if f.stem == "__init__"}
+    assert sorted(stems - listed) == []
+    assert sorted(listed - stems - folders) == []

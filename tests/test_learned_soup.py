@@ -33,7 +33,8 @@ def test_one_ingredient_returns_it(trained_mlps, val, by_layer):
 
 
 def test_learned_coefficients_lower_the_validation_loss(trained_mlps, val):
-    soup, res = learned_soup(trained_mlps, make_mlp(), val, steps=40, lr=0.1)
+    found = learned_soup(trained_mlps, make_mlp(), val, steps=40, lr=0.1)
+    soup, res = found.weights, found.record
     assert res.val_learned["loss"] < res.val_uniform["loss"]  # starts at the uniform soup, descends from there
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert sum(res.coefficients) == pytest.approx(1.0) and len(set(res.coefficients)) == 3

@@ -147,7 +147,7 @@ def test_stream_to_disk_equals_in_memory(finetunes, tmp_path):
     for method, extra in [("task-arithmetic", {}), ("ties", {"keep": 0.2})]:
         stream = merge(method, finetunes["base"], models, scale=0.7, **extra)
         path = ws.save(stream, tmp_path / f"{method}.safetensors")
-        mem = merge(method, finetunes["base"], models, scale=0.7, **extra).to_dict()
+        mem = merge(method, finetunes["base"], models, scale=0.7, **extra).materialise()
         on_disk = ws.load(path)
         assert sorted(on_disk) == sorted(mem)
         for k in mem:
@@ -166,7 +166,7 @@ def test_small_pieces_and_threads_give_the_same_bytes(finetunes, tmp_path):
     # Every key split into the smallest pieces, on 1 to 4 worker threads, must give exactly the whole-key result.
     models = [finetunes["ft0"], finetunes["ft1"], finetunes["ft2"]]
     for method, extra in [("task-arithmetic", {"negate": [False, True, False]}), ("ties", {"keep": 0.3})]:
-        ref = merge(method, finetunes["base"], models, scale=0.8, threads=1, max_memory="1G", **extra).to_dict()
+        ref = merge(method, finetunes["base"], models, scale=0.8, threads=1, max_memory="1G", **extra).materialise()
         for threads in (1, 2, 4):
             stream = merge(method, finetunes["base"], models, scale=0.8, threads=threads, max_memory=1, **extra)
             assert stream.provenance.get("thresholds") == ref.provenance.get("thresholds")
@@ -213,21 +213,22 @@ def test_search_scale_with_scripted_evaluate(finetunes):
 
     res = search_scale("task-arithmetic", finetunes["base"], [finetunes["ft0"], finetunes["ft1"]],
                        evaluate=evaluate, grid=[0.2, 0.4, 0.6, 0.8, 1.0])
-    assert res.scale == 0.6
-    assert [s for s, _ in res.scores] == [0.2, 0.4, 0.6, 0.8, 1.0] and len(calls) == 5
-    assert res.scores[2][1] == pytest.approx(0.0, abs=1e-5)
+    assert res.record.scale == 0.6
+    assert [s for s, _ in res.record.scores] == [0.2, 0.4, 0.6, 0.8, 1.0] and len(calls) == 5
+    assert res.record.scores[2][1] == pytest.approx(0.0, abs=1e-5)
     for k in target:
-        assert torch.allclose(res.state_dict[k], target[k], atol=1e-6)
-    assert res.state_dict.provenance["scale"] == 0.6
-    assert res.state_dict.provenance["scale_search"]["scores"] == [s for _, s in res.scores]
+        assert torch.allclose(res.weights[k], target[k], atol=1e-6)
+    assert res.weights.provenance["scale"] == 0.6
+    assert res.weights.provenance["scale_search"]["scores"] == [s for _, s in res.record.scores]
+    assert res.to_dict()["method"] == "task-arithmetic" and json.loads(json.dumps(res.to_dict()))["scale"] == 0.6
     # Ties go to the earliest grid value; minimising works too.
     flat = search_scale("ties", finetunes["base"], [finetunes["ft0"]], evaluate=lambda sd: 1.0, grid=[0.5, 0.3, 0.9])
-    assert flat.scale == 0.5
+    assert flat.record.scale == 0.5
     # Minimising: the merge closest to the base is the smallest λ of the grid.
     dist = lambda sd: sum(float((sd[k] - base[k]).abs().sum()) for k in base if base[k].is_floating_point())  # noqa: E731
     low = search_scale("ties", finetunes["base"], [finetunes["ft0"]], grid=[0.5, 0.3, 0.9], maximize=False,
                        evaluate=dist)
-    assert low.scale == 0.3 and low.scores[1][1] < low.scores[0][1] < low.scores[2][1]
+    assert low.record.scale == 0.3 and low.record.scores[1][1] < low.record.scores[0][1] < low.record.scores[2][1]
 
 
 def test_bad_input_is_a_one_line_error(finetunes, tmp_path):

@@ -46,7 +46,7 @@ def test_a_stored_head_is_used_and_a_broken_tower_is_refused(tiny_clip):
     clip, path, _ = tiny_clip
     data = load_data("digits:test?size=32&channels=3&limit=40")
     model = build_model("open_clip:ws-eval-clip", num_classes=10)
-    sd = dict(ws.load(str(path)).to_dict())
+    sd = dict(ws.load(str(path)).materialise())
     sd["head.weight"] = torch.zeros(10, 32)
     sd["head.bias"] = torch.arange(10, dtype=torch.float32)
     ev = ws.Evaluator(model, data, device="cpu", keep_logits=True)

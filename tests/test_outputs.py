@@ -41,6 +41,11 @@ def test_pickled_output_is_a_plain_state_dict_with_provenance_beside_it(cli, tmp
     side = json.loads((tmp_path / "out" / "pytorch_model.bin.weightspace.json").read_text())
     assert side["op"] == "uniform_soup" and len(side["ingredients"][0]["sha256"]) == 64
     assert ws.load(out).provenance == side  # and weightspace reads it back
+    # local ingredients are named from the output's folder, as in a safetensors output: the run can move
+    assert [i["source"] for i in side["ingredients"]] == [f"../{p.name}" for p in ingredients]
+    st_out = tmp_path / "out" / "soup.safetensors"
+    assert cli("soup", *ingredients, "-o", st_out).exit_code == 0
+    assert [i["source"] for i in ws.load(st_out).provenance["ingredients"]] == [f"../{p.name}" for p in ingredients]
 
 
 def test_hf_folder_with_shards_config_and_dtype(cli, tmp_path, ingredients, trained_mlps):

@@ -89,7 +89,7 @@ def test_lerp_and_task_vector_across_threads(real_files):
                        (lambda **kw: ops.task_vector_stream(a, b, **kw), [1.0, -1.0])):
         ref = reference([a, b], coeffs)
         for threads, mem in SETTINGS:
-            got = fn(threads=threads, max_memory=mem).to_dict()
+            got = fn(threads=threads, max_memory=mem).materialise()
             assert all(torch.equal(got[k], ref[k]) for k in ref), (threads, mem)
 
 
@@ -130,7 +130,7 @@ def test_cuda_and_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(errors.ConfigError, match="CUDA is not available"):
             ops.uniform_soup_stream([{"w": torch.ones(3)}], device="cuda")
-    with pytest.raises(errors.ConfigError, match="--device tpu"):
+    with pytest.raises(errors.ConfigError, match="device=tpu"):
         ops.uniform_soup_stream([{"w": torch.ones(3)}], device="tpu")
 
 

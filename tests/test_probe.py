@@ -135,7 +135,7 @@ def test_checkpoints_with_different_heads_share_one_plot(tmp_path, tiny_checkpoi
     """A pre-training checkpoint (5-class head) beside a 10-class one: same backbone, so the same probe rows."""
     import weightspace as ws
     from weightspace.analysis.probe import probe
-    sd = ws.load(tiny_checkpoints[0]).to_dict()
+    sd = ws.load(tiny_checkpoints[0]).materialise()
     sd["fc.weight"], sd["fc.bias"] = sd["fc.weight"][:5].clone(), sd["fc.bias"][:5].clone()
     five = tmp_path / "pretrain5.safetensors"
     ws.save(sd, five)

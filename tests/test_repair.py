@@ -14,7 +14,7 @@ from weightspace.errors import ConfigError
 from weightspace.eval.evaluator import Evaluator
 from weightspace.analysis.curve import interpolation_curve
 from weightspace.ops.stream import lerp
-from weightspace.eval.fixes import Repairer, channel_stats, mix_stats, repair_scope
+from weightspace.eval.repair import Repairer, channel_stats, mix_stats, repair_scope
 from weightspace.eval.train import train
 from weightspace.eval.zoo import mlp, small_cnn
 

@@ -17,7 +17,8 @@ from weightspace.analysis.saturation import SaturationFit, fit_saturation
 from weightspace.analysis.similarity import SimilarityResult
 from weightspace.errors import ConfigError, OutputExists
 from weightspace.eval.evaluator import Metrics
-from weightspace.search.greedy import GreedyResult, Leaderboard, greedy_soup, leaderboard
+from weightspace.search.greedy import GreedyResult, greedy_soup
+from weightspace.search.soups import Leaderboard, leaderboard
 from weightspace.search.learned import LearnedSoupResult
 
 RESULTS = [Curve, CurveSet, Leaderboard, GreedyResult, LearnedSoupResult, RewindResult, CriticalityResult,

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from weightspace.analysis.saturation import fit_saturation, saturation_curve, upper_hull
+from weightspace.analysis.saturation import diminishing_returns, fit_saturation, saturation_curve, upper_hull
 from weightspace.errors import ConfigError
 
 TRUE = {"k": 0.8, "alpha": 1.6, "e_inf": 0.12}
@@ -82,6 +82,7 @@ def test_saturation_cli_on_a_leaderboard_csv(cli, tmp_path):
     assert all(abs(res[k] - v) <= 0.05 * v for k, v in TRUE.items()), res
     assert res["predicted_downstream_accuracy_at_upstream_1"] == pytest.approx(1 - res["e_inf"])
     assert res["points"] == 42 and res["points_fitted"] == 12
+    assert res["saturates"] is res["diminishing_returns"]["saturates"] and res["saturates"] in (True, False)
     assert {p["label"] for p in res["fitted_points"]} == {f"ckpt{i}" for i in range(12)}
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "saturation.csv", "saturation.png"]
     assert (out / "saturation.csv").read_text().splitlines()[0].startswith("point,upstream_accuracy")
@@ -89,3 +90,19 @@ def test_saturation_cli_on_a_leaderboard_csv(cli, tmp_path):
     assert md.exit_code == 0 and "| k | alpha | e_inf |" in md.stdout and md.stderr == ""
     bad = cli("saturation", csv, "--upstream", "top5", "--downstream", "downstream acc")
     assert bad.exit_code == 2 and "no column 'top5'" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_diminishing_returns_against_a_straight_line():
+    rng = np.random.default_rng(4)
+    us, ds = synthetic(rng, n_curve=12, n_below=0, noise=0.003)
+    t = diminishing_returns(us, ds)
+    assert t["saturates"] is True and t["slope_high"] < t["slope_low"]
+    assert t["loo_rmse_saturating"] < t["loo_rmse_linear"]
+    # the negative control: linear data has no diminishing returns, although three of its points fit exactly
+    u = np.linspace(0.5, 0.95, 12)
+    lin = 0.1 + 0.6 * u + 0.003 * rng.standard_normal(12)
+    assert fit_saturation(u[[0, 6, 11]].tolist(), lin[[0, 6, 11]].tolist(), points="all").r2 == pytest.approx(1.0)
+    t = diminishing_returns(u.tolist(), lin.tolist())
+    assert t["saturates"] is False, t
+    # too few points to tell: undetermined, not a verdict
+    assert diminishing_returns(us[:4], ds[:4])["saturates"] is None

@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 from conftest import judge, run_small_recipe
 
 from weightspace.analysis.saturation import fit_saturation
 from weightspace.errors import ConfigError
 from weightspace.experiments.saturation_pairs import load_saturation_pairs_recipe
+from weightspace.experiments.verdicts import combine
 
 RECIPE = "recipes/saturation-pairs.yaml"
 
@@ -40,7 +42,7 @@ def test_small_run_pairs_fits_and_verdicts(small_run):
         assert by[(8, 3)]["upstream"] > by[(2, 1)]["upstream"] + 0.3
         assert max(p["upstream"] for p in by.values()) == by[(8, 3)]["upstream"]
     # every per-seed fit is fit_saturation on that seed's points (the listed mode)
-    e_inf, left = [], []
+    e_inf, left, drop = [], [], []
     for s, fit in r["fits"].items():
         mine = [p for p in pts if p["seed"] == int(s)]
         f = fit_saturation([p["upstream"] for p in mine], [p["downstream"] for p in mine], points=fit["points_mode"])
@@ -48,9 +50,21 @@ def test_small_run_pairs_fits_and_verdicts(small_run):
         assert fit["best_downstream"] == max(p["downstream"] for p in mine)
         e_inf.append(f.e_inf)
         left.append(1 - f.e_inf - fit["best_downstream"])
+        assert fit["points_fitted"] > 3  # never three parameters through three points
+        # diminishing returns: the slope over the upper half of the points against the lower half's
+        us = np.array([p["upstream"] for p in mine])
+        ds = np.array([p["downstream"] for p in mine])
+        o = np.argsort(us, kind="stable")
+        low, high = (np.polyfit(us[idx], ds[idx], 1)[0] for idx in (o[:3], o[3:]))
+        assert fit["diminishing_returns"]["slope_high"] == pytest.approx(high)
+        drop.append(low - high)
     verdicts = {f["id"]: f["verdict"] for f in res["findings"]}
-    assert verdicts["a"] == judge(e_inf, r["min_gap"], "above")
-    assert verdicts["b"] == judge(left, r["headroom"], "below")
+    dim = judge(drop, 0.0, "above")
+    if dim != "reproduced":  # no diminishing returns shown: e_∞ and the headroom are not judged
+        assert verdicts["a"] == verdicts["b"] == dim
+    else:
+        assert verdicts["a"] == combine([dim, judge(e_inf, r["min_gap"], "above")])
+        assert verdicts["b"] == combine([dim, judge(left, r["headroom"], "below")])
     assert [f["verdict"] for f in printed["findings"]] == list(verdicts.values())
     report = (out / "REPORT.md").read_text()
     assert "reduced size" in report and f"**{verdicts['a'].upper()}.**" in report

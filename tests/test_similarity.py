@@ -114,7 +114,7 @@ def test_two_models_module_outputs_and_mistakes(pair):
     models = []
     for p in pair:
         m = build_model(SPEC)
-        m.load_state_dict(ws.load(p).to_dict())
+        m.load_state_dict(ws.load(p).materialise())
         models.append(m.eval())
     with torch.no_grad():
         la, lb = models[0](test.x), models[1](test.x)

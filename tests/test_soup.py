@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 import weightspace as ws
 from weightspace import errors
-from weightspace.search.greedy import greedy_ensemble, greedy_soup, mean_logits, rank, soup_leaderboard
+from weightspace.search.greedy import greedy_ensemble, greedy_soup, mean_logits, rank
+from weightspace.search.soups import soup_leaderboard
 
 from evalhelpers import CNN, save_all, train_cnns
 
@@ -45,7 +46,9 @@ class Scripted:
 
 def test_greedy_keeps_on_ties_and_skips_drops():
     ev = Scripted({3.0: 0.9, round(14 / 3, 4): 0.85, round(7 / 3, 4): 0.95})
-    soup, res = greedy_soup([ingredient(i) for i in range(4)], ev, progress=False)
+    found = greedy_soup([ingredient(i) for i in range(4)], ev, progress=False)
+    soup, res = found  # a SearchResult unpacks as (weights, record)
+    assert found.weights is soup and found.record is res and found.to_dict() == res.to_dict()
     assert res.order == [1, 2, 3, 0]
     assert res.ties == [[2, 3]]  # c and d tie at 0.7; c (earlier in input) goes first
     # b alone (0.9) → +c: 0.9 ≥ 0.9 kept → +d: 0.85 < 0.9 skipped → +a: 0.95 kept

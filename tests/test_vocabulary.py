@@ -9,7 +9,8 @@ from weightspace_cli.main import COMMANDS, main
 
 # Flags whose meaning differs between verbs on purpose, with the reason (a reviewer can argue each one).
 DIFFERENT_ON_PURPOSE = {
-    "--method": "merge --method picks a merge method, align --method a matching method (each its own choices)",
+    "--method": "merge --method picks a merge method, soup --method a soup, align --method a matching method (each "
+                "its own choices)",
     "--keep": "a fraction kept: of each task vector (soup/merge, one value) or candidate feature fractions (head2toe)",
     "--alphas": "interpolate takes α values; criticality a count or values for its α grid",
 }
@@ -96,6 +97,24 @@ def test_merge_choices_are_the_registry(cli):
     assert list(_option("soup", "--merge").type.choices) == method_names()
 
 
+def test_soup_methods_are_registered_ops_and_the_flags_are_aliases(cli, tmp_path):
+    from weightspace.registry import REGISTRY
+    from weightspace.search.soups import SOUP_METHODS
+    assert list(_option("soup", "--method").type.choices) == ["uniform", "weighted", "greedy", "learned"]
+    assert all(("op", op) in REGISTRY for op in SOUP_METHODS.values())
+    out = tmp_path / "x.safetensors"
+    r = cli("soup", "--method", "greedy", "--learned", "a.safetensors", "-o", out)
+    assert r.exit_code == 2 and "--method greedy and --learned exclude each other" in r.stderr
+    r = cli("soup", "--method", "weighted", "a.safetensors", "-o", out)
+    assert r.exit_code == 2 and "--method weighted needs --weights" in r.stderr
+    r = cli("soup", "--method", "blend", "a.safetensors", "-o", out)
+    assert r.exit_code == 2 and "'blend' is not one of 'uniform', 'weighted', 'greedy', 'learned'" in r.stderr
+    # an alias and the method it names together are one choice, not a conflict: refused only for the missing --model
+    r = cli("soup", "--method", "greedy", "--greedy", "a.safetensors", "-o", out)
+    assert r.exit_code == 2 and "--model" in r.stderr and "exclude" not in r.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("verb", ["soup", "leaderboard", "interpolate", "rewind", "probe", "demo", "recipe run"])
 def test_out_never_takes_a_checkpoint_name(cli, tmp_path, verb):
     bad = tmp_path / "mysoup.safetensors"
@@ -111,3 +130,19 @@ def test_mutually_exclusive_soups_are_refused(cli, tmp_path):
     r = cli("soup", "--greedy", "--weights", "1,2", "a.safetensors", "b.safetensors", "-o", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and "--weights makes a weighted soup" in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_soup_method_uniform_is_the_plain_soup(cli, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.tensor([1.0, 2.0])}, a)
+    save_file({"w": torch.tensor([3.0, 6.0])}, b)
+    plain, named, alias = (tmp_path / f"{n}.safetensors" for n in ("plain", "named", "alias"))
+    assert cli("soup", a, b, "-o", plain).exit_code == 0
+    assert cli("soup", "--method", "uniform", a, b, "-o", named).exit_code == 0
+    assert cli("soup", "--uniform", a, b, "-o", alias).exit_code == 0
+    assert plain.read_bytes() == named.read_bytes() == alias.read_bytes()
+    weighted = tmp_path / "weighted.safetensors"
+    assert cli("soup", "--method", "weighted", "--weights", "3,1", a, b, "-o", weighted).exit_code == 0
+    assert weighted.read_bytes() != plain.read_bytes()  # the method reaches the op

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from .ops.stream import (lerp, lerp_stream, task_vector, task_vector_stream, uniform_soup, uniform_soup_stream,
                              weighted_average, weighted_average_stream)
     from .search.align import align
-    from .search.greedy import greedy_soup, soup_leaderboard
+    from .search.greedy import greedy_soup
+    from .search.soups import soup_leaderboard
 
 # Names are imported on first use (PEP 562), so `import weightspace.errors` or the CLI's `--help` does not pay
 # for torch; `weightspace.load` and `from weightspace import load` work as with eager imports.
@@ -53,7 +54,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("align",), "search.align"),
     **dict.fromkeys(("Evaluator",), "eval.evaluator"),
     **dict.fromkeys(("load_data",), "eval.data"),
-    **dict.fromkeys(("greedy_soup", "soup_leaderboard"), "search.greedy"),
+    **dict.fromkeys(("greedy_soup",), "search.greedy"),
+    **dict.fromkeys(("soup_leaderboard",), "search.soups"),
     **dict.fromkeys(("interpolation_curve",), "analysis.curve"),
     **dict.fromkeys(("push_to_hub",), "hub"),
     **dict.fromkeys(("WeightspaceError",), "errors"),

@@ -7,8 +7,8 @@ name), each None where it does not apply, and subclasses the built-in a caller w
     WeightspaceError
     ├── CheckpointError                     a checkpoint cannot be read
     │   ├── CheckpointNotFound              + SourceError, FileNotFoundError
-    │   ├── UnsafeCheckpoint                a pickle that needs more than tensors
-    │   └── OutputError                     + OSError: an output cannot be written
+    │   └── UnsafeCheckpoint                a pickle that needs more than tensors
+    ├── OutputError                         + OSError: an output cannot be written
     ├── SourceError                         a source string cannot be resolved
     │   └── HubDownloadError                + HubError: a Hub download failed
     ├── HubError                            + OSError: the Hub refused or could not be reached (.repo_id)
@@ -19,7 +19,10 @@ name), each None where it does not apply, and subclasses the built-in a caller w
     └── ConfigError                         + ValueError: bad options, model spec, data spec or recipe
         └── DataError                       evaluation data cannot be used
 
-``hub_error`` is the one place where huggingface_hub's exceptions become ours, for downloads and pushes alike.
+``hub_download_error`` and ``hub_push_error`` are the one place where huggingface_hub's exceptions become ours.
+
+Library messages name the Python parameter at fault (``keep=0: must be a fraction in (0, 1]``) and carry it as
+``.param``; the CLI turns that leading parameter into its flag (``--keep 0: ...``).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
     "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists", "AlignmentError",
-    "ConfigError", "DataError", "key_sample", "misfit", "hub_error",
+    "ConfigError", "DataError", "key_sample", "misfit", "hub_download_error", "hub_push_error", "hub_error",
 ]
 
 
@@ -68,7 +71,7 @@ class UnsafeCheckpoint(CheckpointError):
     """A pickle needs more than tensors to load and was refused."""
 
 
-class OutputError(CheckpointError, OSError):
+class OutputError(WeightspaceError, OSError):
     """An output cannot be written: its folder is missing, the disk is full, the name is too long."""
 
 
@@ -114,8 +117,9 @@ class DataError(ConfigError):
 
     ``path`` names the file (an image, a map file, a cache entry) where there is one."""
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None, *, key: str | None = None):
-        super().__init__(message, path=path, key=key)
+    def __init__(self, message: str, path: str | os.PathLike | None = None, *, key: str | None = None,
+                 param: str | None = None):
+        super().__init__(message, path=path, key=key, param=param)
 
 
 def key_sample(keys: Sequence[str], n: int = 3) -> str:
@@ -137,36 +141,45 @@ def misfit(name: str, missing: Sequence[str], unexpected: Sequence[str] = ()) ->
     return IncompatibleCheckpoints(f"{name}: does not fit the model: " + "; ".join(parts), path=name)
 
 
-def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,
-              cache_hint: str = "") -> HubError:
-    """Turn an exception of huggingface_hub (or its HTTP transport) into one line naming ``target``.
-
-    ``target`` is the source string of a download or the repo id of a push. A download gives a
-    ``HubDownloadError`` (a ``SourceError`` too); a push gives a ``HubError`` whose message says what to do about
-    the token. ``cache_hint`` ends the message of a cache miss (why the file could not be fetched). ``token`` never
-    appears in the message. Returns the error; raises nothing."""
+def _hub_classes() -> tuple:
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
+    return (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+            RevisionNotFoundError)
 
-    def scrub(text: str) -> str:
-        return text.replace(token, "***") if token else text
 
-    if not push:
-        if isinstance(e, LocalEntryNotFoundError):
-            msg = f"file not found locally{cache_hint}"
-        elif isinstance(e, GatedRepoError):
-            msg = "gated repository; accept its terms on the Hub and log in (hf auth login)"
-        elif isinstance(e, RepositoryNotFoundError):
-            msg = "repository not found on the Hub (or private: log in with hf auth login)"
-        elif isinstance(e, RevisionNotFoundError):
-            msg = "revision not found on the Hub"
-        elif isinstance(e, EntryNotFoundError):
-            msg = "file not found in the repository"
-        else:
-            msg = f"Hub download failed ({type(e).__name__}: {scrub(_first_line(e))})"
-        return HubDownloadError(f"{target}: {msg}", path=target, repo_id=_repo_of(target))
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def hub_download_error(source: str, e: BaseException, *, cache_hint: str = "") -> HubDownloadError:
+    """Turn an exception of huggingface_hub (or its HTTP transport) raised by a download into one line naming the
+    source string: a ``HubDownloadError`` (a ``SourceError`` too). ``cache_hint`` ends the message of a cache miss
+    (why the file could not be fetched). Returns the error; raises nothing."""
+    (EntryNotFoundError, GatedRepoError, _, LocalEntryNotFoundError, RepositoryNotFoundError,
+     RevisionNotFoundError) = _hub_classes()
+    if isinstance(e, LocalEntryNotFoundError):
+        msg = f"file not found locally{cache_hint}"
+    elif isinstance(e, GatedRepoError):
+        msg = "gated repository; accept its terms on the Hub and log in (hf auth login)"
+    elif isinstance(e, RepositoryNotFoundError):
+        msg = "repository not found on the Hub (or private: log in with hf auth login)"
+    elif isinstance(e, RevisionNotFoundError):
+        msg = "revision not found on the Hub"
+    elif isinstance(e, EntryNotFoundError):
+        msg = "file not found in the repository"
+    else:
+        msg = f"Hub download failed ({type(e).__name__}: {_first_line(e)})"
+    return HubDownloadError(f"{source}: {msg}", path=source, repo_id=_repo_of(source))
+
+
+def hub_push_error(repo_id: str, e: BaseException, *, token: str | None = None) -> HubError:
+    """Turn an exception of huggingface_hub (or its HTTP transport) raised by a push into one line naming the
+    repository: a ``HubError`` whose message says what to do about the token. ``token`` never appears in the
+    message. Returns the error; raises nothing."""
+    HfHubHTTPError = _hub_classes()[2]
     status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
-    server = scrub(_first_line(getattr(e, "server_message", None) or ""))
+    server = _scrub(_first_line(getattr(e, "server_message", None) or ""), token)
     if status == 401:
         msg = ("the Hub refused the token (401 Unauthorized): set a valid write token in HF_TOKEN or log in with "
                "`hf auth login`")
@@ -177,10 +190,17 @@ def hub_error(target: str, e: BaseException, *, push: bool = False, token: str |
     elif status is not None:
         msg = f"the Hub answered {status}{': ' + server if server else ''}"
     elif isinstance(e, ValueError):  # the client's own checks, before any request
-        msg = scrub(_first_line(e))
+        msg = _scrub(_first_line(e), token)
     else:
-        msg = f"cannot reach the Hub ({type(e).__name__}: {scrub(_first_line(e))})"
-    return HubError(f"{target}: {msg}", repo_id=target)
+        msg = f"cannot reach the Hub ({type(e).__name__}: {_scrub(_first_line(e), token)})"
+    return HubError(f"{repo_id}: {msg}", repo_id=repo_id)
+
+
+def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,
+              cache_hint: str = "") -> HubError:
+    """The older single entry point: ``hub_push_error`` when ``push``, else ``hub_download_error``. Returns the
+    error; raises nothing."""
+    return hub_push_error(target, e, token=token) if push else hub_download_error(target, e, cache_hint=cache_hint)
 
 
 def _repo_of(source: str) -> str | None:

@@ -12,12 +12,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
-__all__ = ["ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
+__all__ = ["EmaChoice", "EMA_CHOICES", "ema_choice", "ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
            "CHECKPOINT_SUFFIXES", "check_report_folder"]
+
+# Which weights a source gives when its file holds EMA weights too: "off" the regular ones (noted when EMA weights
+# are present), "prefer" the EMA ones where present (timm's use_ema), "require" the EMA ones or an error.
+EmaChoice = Literal["off", "prefer", "require"]
+EMA_CHOICES: tuple[EmaChoice, ...] = get_args(EmaChoice)
+
+
+def ema_choice(ema: EmaChoice | bool | None, default: EmaChoice = "off") -> EmaChoice:
+    """The EMA choice a library ``ema=`` argument means: None is ``default``; a bool is the older spelling (True
+    "prefer", as timm's ``use_ema``; False "off").
+
+    Raises:
+        ConfigError: a string that is not one of EMA_CHOICES (``param="ema"``).
+    """
+    if ema is None:
+        return default
+    if isinstance(ema, bool):
+        return "prefer" if ema else "off"
+    if ema not in EMA_CHOICES:
+        raise ConfigError(f"ema={ema!r}: expected one of {', '.join(EMA_CHOICES)}", param="ema")
+    return ema
+
 
 # Names a report folder may not take: they are what a user means as a checkpoint file.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -25,10 +47,12 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 def _opt(default: Any, *flags: str, help: str, metavar: str | None = None, choices: tuple[str, ...] | None = None,
          min: int | float | None = None, multiple: bool = False, type: type | None = None,
-         companion_of: str | None = None) -> Any:
-    # companion_of: declared wherever that field is (decoding options go wherever data is loaded)
+         companion_of: str | None = None, flag_value: Any = None, param: str | None = None) -> Any:
+    # companion_of: declared wherever that field is (decoding options go wherever data is loaded); flag_value: a
+    # flag that sets a non-bool field (--ema sets ema="prefer"); param: the library parameter the field feeds when
+    # it is named otherwise (errors name it; the CLI turns it back into the flag)
     meta = {"flags": flags, "help": help, "metavar": metavar, "choices": choices, "min": min, "multiple": multiple,
-            "type": type, "companion_of": companion_of}
+            "type": type, "companion_of": companion_of, "flag_value": flag_value, "param": param}
     if multiple:
         return field(default_factory=tuple, metadata=meta)
     return field(default=default, metadata=meta)
@@ -103,7 +127,7 @@ class MergeOptions:
 
     base: str | None = _opt(None, "--base", metavar="CKPT",
                             help="The pre-trained checkpoint the models were fine-tuned from.")
-    scales: str = _opt(DEFAULT_SCALES, "--scales", help="The grid of λ tried on --val.")
+    scales: str = _opt(DEFAULT_SCALES, "--scales", param="grid", help="The grid of λ tried on --val.")
     keep: float | None = _opt(None, "--keep", type=float,
                               help="ties: fraction of each task vector kept (largest magnitudes over the whole model; "
                                    "default: the method's, see `weightspace methods`).")
@@ -113,12 +137,12 @@ class MergeOptions:
 class OpOptions:
     """How ops read and combine checkpoints."""
 
-    ema: bool = _opt(False, "--ema", help="Take EMA weights wherever a file holds them (default: the regular weights, "
+    ema: EmaChoice = _opt("off", "--ema", flag_value="prefer", help="Take EMA weights wherever a file holds them (default: the regular weights, "
                                           "with a note when EMA weights are present); per source: PATH?ema=1 (EMA "
                                           "required) or PATH?ema=0.")
     strip_prefix: str | None = _opt(None, "--strip-prefix", metavar="PREFIX",
                                     help="Keep only keys starting with PREFIX, with it removed (e.g. 'model.' of a "
-                                         "Lightning checkpoint); per source: PATH?prefix=PREFIX.")
+                                         "Lightning checkpoint); per source: PATH?strip_prefix=PREFIX.")
     precision: str = _opt("fp32", "--precision", choices=("fp32", "fp64"),
                           help="Accumulation precision for floating tensors (results are cast back to the stored dtype).")
     allow_nonfinite: bool = _opt(False, "--allow-nonfinite", help="Combine tensors holding NaN/Inf instead of refusing.")
@@ -132,7 +156,7 @@ class OpOptions:
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the streaming ops (ops.stream, ops.merge); ``allow_expanded`` is a setting of
-        loading (io.checkpoint.allow_expanded), not of the ops."""
+        loading (io.pickles.allow_expanded), not of the ops."""
         return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite,
                 "max_memory": self.max_memory}
 

@@ -98,16 +98,17 @@ class Registry:
         self._entries[k] = entry
         return entry
 
-    def get(self, family: str, name: str, *, what: str | None = None) -> Entry:
+    def get(self, family: str, name: str, *, what: str | None = None, param: str | None = None) -> Entry:
         """The entry of ``family`` called ``name``.
 
         Raises:
-            ConfigError: no such entry; the message names ``what`` (e.g. '--method ties2') and lists the known names.
+            ConfigError: no such entry; the message names ``what`` (e.g. 'method=ties2') and lists the known names;
+                ``param`` is the library parameter that named it (``.param`` of the error).
         """
         e = self._entries.get((family, normalise(name)))
         if e is None:
             known = ", ".join(self.names(family)) or "none registered"
-            raise ConfigError(f"{what or f'{family} {name}'}: expected one of {known}")
+            raise ConfigError(f"{what or f'{family} {name}'}: expected one of {known}", param=param)
         return e
 
     def find(self, name: str, families: tuple[str, ...] = FAMILIES) -> Entry | None:

@@ -47,7 +47,7 @@ def barrier_curves(pairs: Sequence[tuple[Source, Source]], evaluator: Evaluator,
     """
     ops = ops or OpOptions()
     if align_method not in (None, "weights", "activations"):
-        raise ConfigError(f"--align-method {align_method}: expected weights or activations")
+        raise ConfigError(f"align_method={align_method}: expected weights or activations", param="align_method")
     if align_method == "activations" and align_data is None:
         raise ConfigError("activation matching needs --align-data (or --recalibrate-bn/--repair data)")
     say = log or (lambda msg: None)

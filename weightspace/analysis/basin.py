@@ -7,6 +7,11 @@ midpoints are about as good as the ends; a model from elsewhere (another initial
 large barrier to everyone. Rule: an ingredient breaks the basin when the median of its barriers to the other
 ingredients exceeds ``tolerance`` — the median, so one bad partner does not condemn a good ingredient, which
 holds while the breakers are fewer than half of the ingredients.
+
+This midpoint barrier is one evaluation per pair, at α = ½; it is not the curve's ``peak_over_ends`` (the maximum
+over α minus the ends' mean, Frankle et al. 2020's barrier height) nor its ``chord`` (:mod:`.curve`), and can only be
+lower than the former. Wortsman et al. 2022 (model soups) compare soups with their ingredients, not midpoints; the
+median rule is ours.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def random_init(model: ModelLike, seed: int = 0) -> dict[str, torch.Tensor]:
         elif callable(model):
             m = model()
         else:
-            raise ConfigError("--to random needs the model (an nn.Module or a function that builds one)")
+            raise ConfigError("to=random needs the model (an nn.Module or a function that builds one)", param="to")
     return {k: v.detach().clone().cpu() for k, v in m.state_dict().items()}
 
 
@@ -230,7 +230,7 @@ def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: M
         raise ConfigError(f"bn_stats={bn_stats!r}: expected 'final' or 'target'")
     targets = list(to) if isinstance(to, (list, tuple)) else [to]
     if not targets:
-        raise ConfigError("--to: give at least one rewind target (init, random or a checkpoint)")
+        raise ConfigError("to: give at least one rewind target (init, random or a checkpoint)", param="to")
     final_sd = _materialise(final)
     final_name = load(final).source
     structure = _structure(evaluate, model)
@@ -240,14 +240,14 @@ def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: M
     for t in targets:
         name = _target_name(t)
         if name in sources:
-            raise ConfigError(f"--to {name}: given twice")
+            raise ConfigError(f"to={name}: given twice", param="to")
         if isinstance(t, str) and t == "init":
             if init is None:
-                raise ConfigError("--to init needs --init INIT")
+                raise ConfigError("to=init needs --init INIT", param="to")
             sd = _materialise(init)
         elif isinstance(t, str) and t == "random":
             if model is None and structure is None:
-                raise ConfigError("--to random needs the model")
+                raise ConfigError("to=random needs the model", param="to")
             sd = random_init(model if model is not None else structure, seed)
         elif isinstance(t, str) and t == "final":
             sd = final_sd
@@ -449,6 +449,39 @@ def _frontier(value: Callable[[float], float], eps: float, lo: float, hi: float,
     return math.exp(a), evals
 
 
+# How module_criticality searches, recorded with every result.
+_SEARCH_SETTINGS = {"search": "bisection on log σ at each α, common random numbers",
+                   "sigma_relative_to": "RMS of the module's FINAL parameters"}
+
+
+def _module_stats(final_sd: Mapping[str, torch.Tensor], init_sd: Mapping[str, torch.Tensor],
+                  keys: Sequence[str]) -> tuple[dict, dict, float, int, float]:
+    """A module's tensors in float64 (FINAL, INIT), its squared distance ‖θ^F − θ^0‖², element count and RMS."""
+    f64 = {k: final_sd[k].double() for k in keys}
+    i64 = {k: init_sd[k].double() for k in keys}
+    dist2 = float(sum(((f64[k] - i64[k]) ** 2).sum() for k in keys))
+    numel = int(sum(f64[k].numel() for k in keys))
+    return f64, i64, dist2, numel, math.sqrt(float(sum((f64[k] ** 2).sum() for k in keys)) / max(numel, 1))
+
+
+def _criticality_settings(metric: str, samples: int, bisect_steps: int, sigma_range: tuple[float, float],
+                          alphas: int | Sequence[float]) -> tuple[float, float, list[float]]:
+    """The σ range and α grid of ``module_criticality``, its settings checked (ConfigError naming the parameter)."""
+    if metric not in ("error", "loss"):
+        raise ConfigError(f"metric={metric}: expected error or loss", param="metric")
+    if samples < 1:
+        raise ConfigError(f"samples={samples}: needs at least 1", param="samples")
+    if bisect_steps < 0:
+        raise ConfigError(f"bisect_steps={bisect_steps}: needs 0 or more", param="bisect_steps")
+    lo, hi = (float(v) for v in sigma_range)
+    if not (0 < lo <= hi):
+        raise ConfigError(f"sigma_range={lo},{hi}: needs 0 < low ≤ high", param="sigma_range")
+    a_grid = _grid(alphas, 0.0, 1.0, "alphas")
+    if any(a < 0 or a > 1 for a in a_grid):
+        raise ConfigError("alphas: every α must lie in [0, 1]", param="alphas")
+    return lo, hi, a_grid
+
+
 def module_criticality(final: Source, init: Source, evaluate: Callable, *, modules: Modules = None,
                        model: ModelLike | None = None, epsilon: float = 0.1, alphas: int | Sequence[float] = 11,
                        sigma_range: tuple[float, float] = (1e-3, 1.0), bisect_steps: int = 8, samples: int = 3,
@@ -470,18 +503,7 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
         ConfigError: a bad setting (metric, samples, bisect steps, σ range, α grid).
         IncompatibleCheckpoints: INIT lacks a tensor of FINAL.
     """
-    if metric not in ("error", "loss"):
-        raise ConfigError(f"--metric {metric}: expected error or loss")
-    if samples < 1:
-        raise ConfigError(f"--samples {samples}: needs at least 1")
-    if bisect_steps < 0:
-        raise ConfigError(f"--bisect-steps {bisect_steps}: needs 0 or more")
-    lo, hi = (float(v) for v in sigma_range)
-    if not (0 < lo <= hi):
-        raise ConfigError(f"--sigma-range {lo},{hi}: needs 0 < low ≤ high")
-    a_grid = _grid(alphas, 0.0, 1.0, "alphas")
-    if any(a < 0 or a > 1 for a in a_grid):
-        raise ConfigError("--alphas: every α must lie in [0, 1]")
+    lo, hi, a_grid = _criticality_settings(metric, samples, bisect_steps, sigma_range, alphas)
     final_sd, init_sd = _materialise(final), _materialise(init)
     missing = [k for k in final_sd if k not in init_sd]
     if missing:
@@ -507,11 +529,7 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
                  and (k in params if params is not None else k.rsplit(".", 1)[-1] not in BN_STATS)]
         if not noisy:
             continue
-        f64 = {k: final_sd[k].double() for k in noisy}
-        i64 = {k: init_sd[k].double() for k in noisy}
-        dist2 = float(sum(((f64[k] - i64[k]) ** 2).sum() for k in noisy))
-        numel = int(sum(f64[k].numel() for k in noisy))
-        rms = math.sqrt(float(sum((f64[k] ** 2).sum() for k in noisy)) / max(numel, 1))
+        f64, i64, dist2, numel, rms = _module_stats(final_sd, init_sd, noisy)
         scale = rms if rms > 0 else 1.0
         # common random numbers: one set of unit draws per module (seeded by module position), scaled by σ
         gen = torch.Generator().manual_seed(seed * 100_003 + index)
@@ -562,7 +580,5 @@ def module_criticality(final: Source, init: Source, evaluate: Callable, *, modul
                              alphas=a_grid, sigma_range=[lo, hi], baseline=baseline, modules=rows, notes=notes,
                              settings={"samples": samples, "seed": seed, "relative_epsilon": relative_epsilon,
                                        "epsilon_given": float(epsilon), "bisect_steps": int(bisect_steps),
-                                       "search": "bisection on log σ at each α, common random numbers",
-                                       "bn_stats": "recalibrated" if recalibrate_bn is not None else "final",
-                                       "dataset": ds, "sigma_relative_to": "RMS of the module's FINAL parameters",
-                                       "modules": modules if isinstance(modules, str) else "tree:layer"})
+                                       "bn_stats": "recalibrated" if recalibrate_bn is not None else "final", "dataset": ds,
+                                       **_SEARCH_SETTINGS, "modules": modules if isinstance(modules, str) else "tree:layer"})

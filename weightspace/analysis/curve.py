@@ -37,17 +37,21 @@ def even_alphas(steps: int) -> list[float]:
         ConfigError: fewer than 2 steps.
     """
     if steps < 2:
-        raise ConfigError(f"--steps {steps}: a curve needs at least 2 points")
+        raise ConfigError(f"steps={steps}: a curve needs at least 2 points", param="steps")
     return [i / (steps - 1) for i in range(steps)]
 
 
 def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str, float | None]:
     """Barrier of f along the path, both conventions, over α ∈ [0, 1] (f(0) and f(1) must be among the points).
 
-    chord:    max_α f(α) − ((1−α)·f(0) + α·f(1))   (height above the straight line between the ends)
-    midpoint: max_α f(α) − ½(f(0) + f(1))          (height above the ends' mean, as the git-re-basin code does)
-    Returns the heights and, as ``chord_peak_alpha`` / ``midpoint_peak_alpha``, the α at which each height is
-    reached (the first on ties): where the barrier peaks, not the α of the path's midpoint.
+    chord:          max_α f(α) − ((1−α)·f(0) + α·f(1))   (height above the straight line between the ends; the
+                    barrier of Entezari et al. 2022)
+    peak_over_ends: max_α f(α) − ½(f(0) + f(1))          (height of the peak above the ends' mean: Frankle et
+                    al. 2020's "error barrier height", Ainsworth et al. 2023's loss barrier)
+    Neither is the value at α = ½ minus the ends' mean, which :mod:`.basin` calls the midpoint barrier. Returns the
+    heights and, as ``chord_peak_alpha`` / ``peak_over_ends_alpha``, the α at which each height is reached (the
+    first on ties). ``midpoint`` / ``midpoint_peak_alpha`` repeat ``peak_over_ends`` under its former, misleading
+    name, for readers of older results.
 
     Raises:
         ConfigError: α=0 or α=1 is not among the points.
@@ -68,7 +72,8 @@ def barrier_height(alphas: Sequence[float], values: Sequence[float]) -> dict[str
         return h, next(a for hh, a in finite if hh == h)
 
     (hc, ac), (hm, am) = best(chord), best(mid)
-    return {"chord": hc, "chord_peak_alpha": ac, "midpoint": hm, "midpoint_peak_alpha": am}
+    return {"chord": hc, "chord_peak_alpha": ac, "peak_over_ends": hm, "peak_over_ends_alpha": am,
+            "midpoint": hm, "midpoint_peak_alpha": am}
 
 
 @dataclass
@@ -115,9 +120,9 @@ class Curve:
         return headers, rows
 
     def barrier_rows(self) -> tuple[list[str], list[list]]:
-        """One row per (dataset, metric): chord and midpoint-mean barrier heights and where they peak."""
-        headers = ["pair", "dataset", "metric", "chord", "chord_peak_alpha", "midpoint", "midpoint_peak_alpha"]
-        rows = [[self.label, ds, m, b["chord"], b["chord_peak_alpha"], b["midpoint"], b["midpoint_peak_alpha"]]
+        """One row per (dataset, metric): chord and peak-over-ends barrier heights and where they peak."""
+        headers = ["pair", "dataset", "metric", "chord", "chord_peak_alpha", "peak_over_ends", "peak_over_ends_alpha"]
+        rows = [[self.label, ds, m, b["chord"], b["chord_peak_alpha"], b["peak_over_ends"], b["peak_over_ends_alpha"]]
                 for ds, per in self.barriers.items() for m, b in per.items()]
         return headers, rows
 
@@ -235,7 +240,7 @@ def _alphas(steps: int, alphas: Sequence[float] | None) -> list[float]:
         return even_alphas(steps)
     vals = [float(a) for a in alphas]
     if any(not math.isfinite(a) for a in vals):
-        raise ConfigError(f"--alphas {vals}: must be finite numbers")
+        raise ConfigError(f"alphas={vals}: must be finite numbers", param="alphas")
     # The ends are always evaluated: every barrier is measured against them.
     return sorted(set(vals) | {0.0, 1.0})
 
@@ -245,7 +250,7 @@ def _resident(ck: Checkpoint) -> Checkpoint:
     if not ck.files:
         mem = ck
     else:
-        mem = load(ck.to_dict())
+        mem = load(ck.materialise())
         mem.source, mem.variant = ck.source, ck.variant
     for k in mem:
         t = mem[k]
@@ -265,7 +270,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     accuracy). ``recalibrate_bn`` re-estimates BatchNorm statistics at every α before evaluating: with an
     ``Evaluator`` pass the data (a TensorData) to recalibrate on; otherwise pass a function weights → weights.
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
-    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.fixes) at every α: each channel's
+    ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.repair) at every α: each channel's
     activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
 
     Raises:
@@ -295,7 +300,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     if repair is not None:
         if not isinstance(evaluate, LoadsWeights):
             raise ConfigError("repair: needs an Evaluator as evaluate (its model is measured and repaired in place)")
-        from ..eval.fixes import Repairer
+        from ..eval.repair import Repairer
         repairer = Repairer(evaluate, repair)
         repairer.add(ca)
         repairer.add(cb)

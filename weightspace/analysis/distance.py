@@ -10,6 +10,7 @@ import torch
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..ops.engine import check_compatible, check_finite, tensor_progress
+from ..options import EmaChoice
 from ..ops.grouping import module_of
 from ..ops.parallel import ordered_map, plan_execution, thread_scratch
 
@@ -43,7 +44,7 @@ class Distance:
         self.dot += other.dot
         self.numel += other.numel
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         """l2 = ‖a−b‖, relative = ‖a−b‖/‖a‖, cosine = a·b/(‖a‖‖b‖)."""
         l2 = math.sqrt(self.diff_sq)
         na, nb = math.sqrt(self.a_sq), math.sqrt(self.b_sq)
@@ -78,7 +79,7 @@ def _key_distance(ca: Checkpoint, cb: Checkpoint, key: str, allow_nonfinite: boo
 
 
 def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | None = None, regex: str | None = None,
-             allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
+             allow_nonfinite: bool = False, progress: bool = False, ema: EmaChoice | bool | None = None,
              threads: int | None = None) -> dict:
     """L2 distance, relative distance and cosine over floating tensors, in total and (optionally) per module.
 
@@ -101,7 +102,7 @@ def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | Non
         total.merge(part)
         if per_module or depth or regex:
             groups.setdefault(module_of(k, depth, regex), Distance()).merge(part)
-    out: dict = {"a": ca.source, "b": cb.source, "total": total.as_dict()}
+    out: dict = {"a": ca.source, "b": cb.source, "total": total.to_dict()}
     if per_module or depth or regex:
-        out["modules"] = [{"module": m, **d.as_dict()} for m, d in groups.items()]
+        out["modules"] = [{"module": m, **d.to_dict()} for m, d in groups.items()]
     return out

@@ -194,7 +194,7 @@ def check_keep(keep: Sequence[float]) -> list[float]:
     """
     out = list(dict.fromkeys(float(f) for f in keep))
     if not out or any(not (0.0 < f <= 1.0) for f in out):
-        raise ConfigError(f"--keep {','.join(map(str, keep))}: fractions must lie in (0, 1]")
+        raise ConfigError(f"keep={','.join(map(str, keep))}: fractions must lie in (0, 1]", param="keep")
     return out
 
 
@@ -209,7 +209,7 @@ def head2toe_features(train: Features, test: Features, *, keep: Sequence[float] 
     """
     keep = check_keep(keep)
     if folds < 2:
-        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+        raise ConfigError(f"folds={folds}: cross-validation needs at least 2 folds", param="folds")
     counts = torch.bincount(train.y.cpu())
     if int(counts[counts > 0].min()) < folds:
         raise ConfigError(f"{train.dataset}: a class has {int(counts[counts > 0].min())} training examples, "

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["ALPHA_MAX", "saturation_curve", "upper_hull", "SaturationFit", "fit_saturation", "read_points",
-           "saturation_from_csv"]
+__all__ = ["ALPHA_MAX", "saturation_curve", "upper_hull", "SaturationFit", "fit_saturation", "diminishing_returns",
+           "read_points", "saturation_from_csv"]
 
 ALPHA_MAX = 20.0
 
@@ -68,6 +68,8 @@ class SaturationFit:
     r2: float
     labels: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    # the test of diminishing returns against a straight line (see diminishing_returns); empty when not run
+    test: dict = field(default_factory=dict)
 
     @property
     def predicted_downstream_at_saturation(self) -> float:
@@ -91,6 +93,7 @@ class SaturationFit:
         return {**self.config, "k": self.k, "alpha": self.alpha, "e_inf": self.e_inf,
                 "predicted_downstream_accuracy_at_upstream_1": self.predicted_downstream_at_saturation,
                 "points": len(self.upstream), "points_fitted": len(self.used), "rmse": self.rmse, "r2": self.r2,
+                "saturates": self.test.get("saturates"), "diminishing_returns": self.test,
                 "fitted_points": [{"label": self.labels[i] if self.labels else str(i),
                                    "upstream": self.upstream[i], "downstream": self.downstream[i]} for i in self.used]}
 
@@ -151,7 +154,7 @@ def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, po
             or us.max(initial=0) > 1 or ds.max(initial=0) > 1:
         raise ConfigError("saturation: accuracies must be finite numbers in [0, 1]")
     if points not in ("hull", "all"):
-        raise ConfigError(f"--points {points}: expected hull or all")
+        raise ConfigError(f"points={points}: expected hull or all", param="points")
     used = upper_hull(us.tolist(), ds.tolist()) if points == "hull" else list(range(len(us)))
     if len(used) < 3:
         raise ConfigError(f"saturation: {len(used)} point(s) on the {'upper hull' if points == 'hull' else 'list'}; "
@@ -181,6 +184,46 @@ def fit_saturation(upstream: Sequence[float], downstream: Sequence[float], *, po
     return SaturationFit(float(k), float(alpha), float(e_inf), us.tolist(), ds.tolist(), list(map(int, used)),
                          rmse=math.sqrt(sse / len(y)), r2=1.0 - sse / sst if sst > 0 else float("nan"),
                          labels=list(labels) if labels is not None else [], config={"points_mode": points})
+
+
+def diminishing_returns(upstream: Sequence[float], downstream: Sequence[float], *, min_points: int = 6) -> dict:
+    """Does downstream accuracy show diminishing returns in upstream accuracy, or would a straight line do?
+
+    Three parameters fitted to three points always fit (R² = 1), so a good fit proves nothing. Two tests against
+    the non-saturating alternative ds = a + b·us, on every point: the leave-one-out RMSE of the saturating curve
+    (refitted without each point) against that of the line, and the slope of the line through the upper half of
+    the points (by upstream accuracy) against that through the lower half. ``saturates`` is True when the curve
+    predicts held-out points better than the line and the upper slope is the lower one; False when either fails;
+    None (undetermined) with fewer than ``min_points`` points, fewer than two distinct upstream values in a half,
+    or a fit that does not converge. Returns those numbers and the verdict.
+    """
+    us, ds = np.asarray(upstream, dtype=float), np.asarray(downstream, dtype=float)
+    n = len(us)
+    out: dict = {"points": n, "min_points": min_points, "loo_rmse_saturating": None, "loo_rmse_linear": None,
+                 "slope_low": None, "slope_high": None, "saturates": None}
+    order = np.argsort(us, kind="stable")
+    lo, hi = order[: n // 2], order[n - n // 2:]
+    if n < min_points or len(set(us[lo].tolist())) < 2 or len(set(us[hi].tolist())) < 2:
+        return out
+    out["slope_low"] = float(np.polyfit(us[lo], ds[lo], 1)[0])
+    out["slope_high"] = float(np.polyfit(us[hi], ds[hi], 1)[0])
+    err_sat, err_lin = [], []
+    for i in range(n):
+        keep = np.arange(n) != i
+        try:
+            f = fit_saturation(us[keep].tolist(), ds[keep].tolist(), points="all")
+        except ConfigError:
+            return out
+        err_sat.append(float(f.predict(us[i])) - ds[i])
+        if len(set(us[keep].tolist())) < 2:
+            return out
+        a, b = np.polyfit(us[keep], ds[keep], 1)
+        err_lin.append(float(a * us[i] + b) - ds[i])
+    out["loo_rmse_saturating"] = math.sqrt(sum(e * e for e in err_sat) / n)
+    out["loo_rmse_linear"] = math.sqrt(sum(e * e for e in err_lin) / n)
+    out["saturates"] = bool(out["loo_rmse_saturating"] < out["loo_rmse_linear"]
+                            and out["slope_high"] < out["slope_low"])
+    return out
 
 
 def read_points(path: str | os.PathLike, upstream: str, downstream: str, *, label: str | None = None,
@@ -238,6 +281,7 @@ def saturation_from_csv(path: str | os.PathLike, upstream: str, downstream: str,
     """
     us, ds, labels, notes = read_points(path, upstream, downstream, label=label, errors=errors)
     fit = fit_saturation(us, ds, points=points, labels=labels)
+    fit.test = diminishing_returns(us, ds)
     fit.config = {"file": str(path), "upstream": upstream, "downstream": downstream, "columns_are": "errors" if errors
                   else "accuracies", **notes, **fit.config}
     return fit

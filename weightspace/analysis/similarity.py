@@ -336,8 +336,8 @@ def module_distances(a: Source, b: Source, units: Sequence[ModuleUnit], *, param
             ta, tb = ca[k], cb[k]
             d.add(ta, tb)
             total.add(ta, tb)
-        per[u.name] = d.as_dict()
-    return per, total.as_dict()
+        per[u.name] = d.to_dict()
+    return per, total.to_dict()
 
 
 def prediction_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor, y: torch.Tensor,
@@ -375,7 +375,7 @@ def model_similarity(a: Source, b: Source, model: nn.Module, data: TensorData, *
     units = model_units(model, modules)
     hooked = [u for u in units if u.output is not None]
     if not hooked:
-        raise ConfigError(f"--modules {modules}: no module of the model produces an output to compare")
+        raise ConfigError(f"modules={modules}: no module of the model produces an output to compare", param="modules")
     ma, mb = _loaded(model, a, dev), _loaded(model, b, dev)
     n = len(data)
     keep_full = n <= full_limit

@@ -185,7 +185,7 @@ def resolve_taps(model: nn.Module, layers: str | Sequence[str], example: torch.T
                   and type(modules[n]).__name__ not in PASS_THROUGH]
         leaves.sort(key=lambda n: info[n]["end"])
         if not leaves:
-            raise ConfigError(f"--layers all: {type(model).__name__} runs no leaf module with a float output")
+            raise ConfigError(f"layers=all: {type(model).__name__} runs no leaf module with a float output", param="layers")
         taps = [Tap(n) for n in leaves]
         if isinstance(modules[leaves[-1]], nn.Linear):  # the classifier: tap the features it sees instead
             taps[-1] = Tap(leaves[-1], "in")
@@ -193,7 +193,7 @@ def resolve_taps(model: nn.Module, layers: str | Sequence[str], example: torch.T
     if spec.startswith(("depth:", "regex:", "tree")):
         names = [n for n in _grouped_outputs(model, spec) if n in ran]
         if not names:
-            raise ConfigError(f"--layers {spec}: groups no module that runs in the forward pass")
+            raise ConfigError(f"layers={spec}: groups no module that runs in the forward pass", param="layers")
         return sorted(dict.fromkeys(Tap(n) for n in names), key=order)
     taps = []
     for part in spec.split(","):
@@ -202,14 +202,14 @@ def resolve_taps(model: nn.Module, layers: str | Sequence[str], example: torch.T
         t = Tap.parse(part)
         if t.module not in modules or not t.module:
             close = [n for n in modules if n and t.module in n][:5]
-            raise ConfigError(f"--layers: {type(model).__name__} has no module '{t.module}'"
-                              + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ConfigError(f"layers: {type(model).__name__} has no module '{t.module}'"
+                              + (f" (did you mean {', '.join(close)}?)" if close else ""), param="layers")
         if t.module not in ran:
-            raise ConfigError(f"--layers: module '{t.module}' does not run in the forward pass")
+            raise ConfigError(f"layers: module '{t.module}' does not run in the forward pass", param="layers")
         if t not in taps:
             taps.append(t)
     if not taps:
-        raise ConfigError("--layers: no layers given (all, depth:N, regex:P or module names)")
+        raise ConfigError("layers: no layers given (all, depth:N, regex:P or module names)", param="layers")
     return sorted(taps, key=order)
 
 
@@ -236,7 +236,7 @@ class FeatureTaps:
         """
         from ..eval.evaluator import resolve_device
         if target < 1:
-            raise ConfigError(f"--target {target}: needs a positive number of features")
+            raise ConfigError(f"target={target}: needs a positive number of features", param="target")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.layers = layers
@@ -311,7 +311,7 @@ class FeatureTaps:
             t = _first_tensor(value)
             if t is None:
                 what = "input" if tap.kind == "in" else "output"
-                raise ConfigError(f"--layers: module '{tap.module}' gives no tensor {what}")
+                raise ConfigError(f"layers: module '{tap.module}' gives no tensor {what}", param="layers")
             shapes.setdefault(tap.name, list(t.shape[1:]))
             f = pool_features(t.float(), self.target, layout).float().cpu()
             if f.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():

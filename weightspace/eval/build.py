@@ -58,7 +58,7 @@ def require_model(model: ModelOptions) -> str:
         ConfigError: none given.
     """
     if not model.model:
-        raise ConfigError("--model is required (timm:NAME, open_clip:ARCH or pkg.module:factory)")
+        raise ConfigError("model is required (timm:NAME, open_clip:ARCH or pkg.module:factory)", param="model")
     return model.model
 
 
@@ -74,7 +74,7 @@ def build_evaluator(model: ModelOptions, specs: Sequence[str], *, transform: Cal
     spec = require_model(model)
     dup = sorted({s for s in specs if list(specs).count(s) > 1})
     if dup:
-        raise ConfigError(f"--data {dup[0]}: given more than once")
+        raise ConfigError(f"data={dup[0]}: given more than once", param="data")
     set_parallel(model.parallel)
     dev = resolve_device(model.device)
     num_classes, first = model.num_classes, None

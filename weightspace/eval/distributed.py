@@ -125,7 +125,7 @@ def parallel_mode(mode: str | None = None) -> str:
     """
     mode = _mode if mode is None else mode
     if mode not in PARALLEL_MODES:
-        raise ConfigError(f"--parallel {mode}: expected {' or '.join(PARALLEL_MODES)}")
+        raise ConfigError(f"parallel={mode}: expected {' or '.join(PARALLEL_MODES)}", param="parallel")
     return mode
 
 

@@ -51,9 +51,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {device}: expected auto, cpu or cuda[:N]") from None
+        raise ConfigError(f"device={device}: expected auto, cpu or cuda[:N]", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        raise ConfigError(f"device={device}: CUDA is not available on this machine", param="device")
     return dev
 
 
@@ -275,7 +275,7 @@ class Evaluator:
             _said.add((name, prefix))
             from ..report.terminal import printable
             print(printable(f"weightspace: {name}: its keys fit the model once the prefix '{prefix}' is removed; "
-                            f"removed it (?prefix={prefix} or --strip-prefix {prefix} says so explicitly)"),
+                            f"removed it (?strip_prefix={prefix} or --strip-prefix {prefix} says so explicitly)"),
                   file=sys.stderr)
         if in_memory:
             out = type(src)() if isinstance(src, dict) else {}

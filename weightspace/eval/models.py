@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..io.sources import hub_call, split_query
+from ..io.hub_sources import hub_call
+from ..io.source_options import split_query
 
 __all__ = ["ZERO_SHOT_TEMPLATE", "ClipImageClassifier", "build_model", "check_model_spec", "CLOSED_MODEL_SPECS",
            "ModelSpec"]
@@ -164,9 +165,9 @@ def build_model(spec: ModelSpec, *, num_classes: int | None = None, in_chans: in
             with hub_call(f"--model {spec}"):  # an hf-hub:ORG/NAME name reads the repo's config.json
                 model = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as e:
-            raise ConfigError(f"--model {spec}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"model={spec}: {str(e).splitlines()[0]}", param="model") from None
         except TypeError as e:
-            raise ConfigError(f"--model {spec}: {e}") from None
+            raise ConfigError(f"model={spec}: {e}", param="model") from None
     elif base.startswith("open_clip:"):
         import open_clip
         arch = base[len("open_clip:"):]
@@ -176,22 +177,22 @@ def build_model(spec: ModelSpec, *, num_classes: int | None = None, in_chans: in
             with hub_call(f"--model {spec}"):  # an hf-hub:ORG/NAME architecture reads open_clip_config.json
                 clip = open_clip.create_model(arch, pretrained=None, device="cpu")
         except RuntimeError as e:
-            raise ConfigError(f"--model {spec}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"model={spec}: {str(e).splitlines()[0]}", param="model") from None
         n = kwargs.get("num_classes") or (len(names) if names else None)
         if n is None:
-            raise ConfigError(f"--model {spec}: open_clip image classifiers need --num-classes (or ?classes=a,b,...)")
+            raise ConfigError(f"model={spec}: open_clip image classifiers need --num-classes (or ?classes=a,b,...)", param="model")
         model = ClipImageClassifier(clip, int(n), names, open_clip.get_tokenizer(arch))
     elif ":" in base:
         mod_name, _, attr = base.partition(":")
         try:
             factory = getattr(importlib.import_module(mod_name), attr)
         except ImportError as e:
-            raise ConfigError(f"--model {spec}: cannot import {mod_name} ({e})") from None
+            raise ConfigError(f"model={spec}: cannot import {mod_name} ({e})", param="model") from None
         except AttributeError:
-            raise ConfigError(f"--model {spec}: {mod_name} has no '{attr}'") from None
+            raise ConfigError(f"model={spec}: {mod_name} has no '{attr}'", param="model") from None
         model = _call_factory(factory, kwargs, spec)
     else:
-        raise ConfigError(f"--model {spec}: expected timm:NAME, open_clip:ARCH or pkg.module:factory")
+        raise ConfigError(f"model={spec}: expected timm:NAME, open_clip:ARCH or pkg.module:factory", param="model")
     return _checked(model, spec)
 
 
@@ -206,10 +207,10 @@ def _call_factory(factory: Callable, kwargs: dict, spec: str) -> nn.Module:
         return factory(**{k: v for k, v in kwargs.items() if accepts_any or k in params})
     except Exception as e:  # the user's code: its error is their one line, not our traceback
         first = (str(e).splitlines() or [""])[0]
-        raise ConfigError(f"--model {spec}: the factory raised {type(e).__name__}: {first}") from None
+        raise ConfigError(f"model={spec}: the factory raised {type(e).__name__}: {first}", param="model") from None
 
 
 def _checked(model: object, spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
+        raise ConfigError(f"model={spec}: the factory returned a {type(model).__name__}, not an nn.Module", param="model")
     return model.eval()

@@ -38,7 +38,7 @@ class ModuleUnit:
     modules: list[str] = field(default_factory=list)
     output: str | None = None  # module path whose forward output stands for the unit (None: no module, e.g. cls_token)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         """JSON-ready form."""
         return {"name": self.name, "keys": list(self.keys), "modules": list(self.modules), "output": self.output}
 
@@ -124,7 +124,7 @@ def tree_units(model: nn.Module, level: str = "layer") -> list[ModuleUnit]:
         ConfigError: an unknown level.
     """
     if level not in TREE_LEVELS:
-        raise ConfigError(f"--modules tree:{level}: expected one of {', '.join('tree:' + t for t in TREE_LEVELS)}")
+        raise ConfigError(f"modules=tree:{level}: expected one of {', '.join('tree:' + t for t in TREE_LEVELS)}", param="modules")
     layers = _layer_units(model)
     if level == "layer":
         return layers
@@ -170,7 +170,7 @@ def grouping(names: Iterable[str], spec: str | None = None, model: nn.Module | N
     names = list(names)
     if spec and spec.startswith("tree"):
         if model is None:
-            raise ConfigError(f"--modules {spec}: grouping by the module tree needs --model")
+            raise ConfigError(f"modules={spec}: grouping by the module tree needs --model", param="modules")
     elif model is None:
         return group_names(names, **parse_grouping(spec))
     of = {k: u.name for u in model_units(model, spec) for k in u.keys}
@@ -313,7 +313,7 @@ def list_modules(model: nn.Module, grouping: str = "tree:layer", checkpoint: Sou
     def numel(key: str) -> int:
         return math.prod(int(s) for s in (ck.info(key)[1] if ck is not None and key in ck else sd[key].shape))
 
-    listing = [{**u.as_dict(), "tensors": len(u.keys), "parameters": sum(numel(k) for k in u.keys if k in params)}
+    listing = [{**u.to_dict(), "tensors": len(u.keys), "parameters": sum(numel(k) for k in u.keys if k in params)}
                for u in units]
     assigned = {k for u in units for k in u.keys}
     return ModuleListing(model_name, grouping, listing, ck.source if ck else None,

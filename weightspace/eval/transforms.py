@@ -49,8 +49,8 @@ class BlockShuffle:
 
     def _check(self, size: int, what: str) -> int:
         if size % self.block:
-            raise ConfigError(f"--transform {self.spec}: {what} {size} is not divisible by the block size "
-                              f"{self.block} (pick a divisor of {size})")
+            raise ConfigError(f"transform={self.spec}: {what} {size} is not divisible by the block size "
+                              f"{self.block} (pick a divisor of {size})", param="transform")
         return size // self.block
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +74,8 @@ class BlockShuffle:
             g = self._check(length, "signal length")
             perm = torch.from_numpy(block_permutation(g, self.seed)).to(x.device)
             return x.reshape(n, c, g, b)[:, :, perm].reshape(n, c, length).contiguous()
-        raise ConfigError(f"--transform {self.spec}: needs images (N, C, H, W) or signals (N, C, L), "
-                          f"got a tensor of shape {list(x.shape)}")
+        raise ConfigError(f"transform={self.spec}: needs images (N, C, H, W) or signals (N, C, L), "
+                          f"got a tensor of shape {list(x.shape)}", param="transform")
 
 
 @dataclass(frozen=True)
@@ -114,20 +114,20 @@ def _int(text: str, spec: str, what: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"--transform {spec}: {what} must be an integer, got {text!r}") from None
+        raise ConfigError(f"transform={spec}: {what} must be an integer, got {text!r}", param="transform") from None
 
 
 def _parse_one(part: str, spec: str):
     name, *args = part.strip().split(":")
     if name == "block-shuffle":
         if not 1 <= len(args) <= 2:
-            raise ConfigError(f"--transform {spec}: expected block-shuffle:B or block-shuffle:B:SEED")
+            raise ConfigError(f"transform={spec}: expected block-shuffle:B or block-shuffle:B:SEED", param="transform")
         block = _int(args[0], spec, "the block size")
         seed = _int(args[1], spec, "the seed") if len(args) == 2 else 0
         return BlockShuffle(block, seed)
     if name == "invert" and not args:
         return Invert()
-    raise ConfigError(f"--transform {spec}: unknown transform '{name}' (known: block-shuffle:B[:SEED], invert, none)")
+    raise ConfigError(f"transform={spec}: unknown transform '{name}' (known: block-shuffle:B[:SEED], invert, none)", param="transform")
 
 
 def parse_transform(spec: str | None) -> Chain:

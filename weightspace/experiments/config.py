@@ -78,7 +78,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     import yaml
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. train.finetune.epochs=3")
+        raise ConfigError(f"overrides={text}: expected KEY=VALUE, e.g. train.finetune.epochs=3", param="overrides")
     return key.strip(), yaml.safe_load(raw)
 
 

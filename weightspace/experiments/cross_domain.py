@@ -32,7 +32,7 @@ from .kit import (DIGITS_SOURCE, DIGITS_TARGET, bn_protocols, error_barrier, kin
                   named_tasks, open_session, pt_setup, published, published_source, register_recipe, render_report,
                   source_data, state_of, train_from, train_options)
 from .transfer import TRANSFER_PAPER
-from .verdicts import PROTOCOLS, check, combine, has_batchnorm
+from .verdicts import PROTOCOLS, by_protocol, check, combine, has_batchnorm
 
 __all__ = ["KIND", "load_cross_domain_recipe", "run_cross_domain_recipe"]
 
@@ -137,7 +137,8 @@ def run_cross_domain_recipe(recipe: str | os.PathLike | dict, out: str | os.Path
         within, cross, l2 = _barriers(s, doms, models, k, in_chans, protocols)
         s.lap("barriers", t2)
 
-    findings, summary = _findings(within, cross, seeds, an, protocols, na, nb)
+    findings, summary = _findings(within, cross, seeds, an, protocols, na, nb,
+                                  n_test={n: len(te) for n, (_, te) in doms.items()})
     rows = [[i, seeds[i], n, p, within[n][p][i], cross[n][p][i]] for n in doms for p in protocols
             for i in range(len(seeds))]
     s.csv("cross_domain.csv", ["pair", "seed", "evaluated_on", "protocol", "within_barrier", "cross_barrier"], rows)
@@ -178,16 +179,28 @@ def _barriers(s: Any, doms: dict, models: dict, k: int, in_chans: int, protocols
 
 
 def _findings(within: dict, cross: dict, seeds: list[int], an: dict, protocols: list[str], na: str,
-              nb: str) -> tuple[list, dict]:
+              nb: str, n_test: dict[str, int] | None = None) -> tuple[list, dict]:
+    """(a) within-domain barriers below ``no_barrier_below`` and (b) cross − within above ``margin``, per domain and
+    protocol. Within pairs are cyclic (seed i with seed i+1), so values share seeds: each interval is a jackknife
+    over the seeds (a seed's models of both domains are one unit). Sub-checks combine over domains, then over
+    protocols (:func:`.verdicts.by_protocol`). Pure: per-pair numbers in."""
     tol, margin = float(an["no_barrier_below"]), float(an["margin"])
-    checks_a = {f"{n}/{p}": check(f"within_{n}_{p}", within[n][p], None, tol, "below",
-                                  what=f"within-domain barrier on {n} ({PROTOCOLS[p]})")
+    k = len(seeds)
+    units = [[seeds[i], seeds[(i + 1) % k]] for i in range(k)]
+    nt = n_test or {}
+    checks_a = {f"{n}/{p}": check(f"within_{n}_{p}", within[n][p], None, tol, "below", units=units,
+                                  n_test=nt.get(n), what=f"within-domain barrier on {n} ({PROTOCOLS[p]})")
                 for n in within for p in protocols}
     checks_b = {f"{n}/{p}": check(f"cross_minus_within_{n}_{p}", cross[n][p], within[n][p], margin, "above",
-                                  what=f"cross − within barrier on {n} ({PROTOCOLS[p]})")
+                                  units=units, n_test=nt.get(n), what=f"cross − within barrier on {n} ({PROTOCOLS[p]})")
                 for n in within for p in protocols}
+
+    def verdict(checks: dict) -> tuple[str, dict]:
+        per = {p: combine([c["verdict"] for key, c in checks.items() if key.endswith(f"/{p}")]) for p in protocols}
+        return by_protocol(per), per
     text_a = (f"Error barrier between two models fine-tuned on the same domain with different seeds (chord, test set "
-              f"of that domain), {len(seeds)} pairs per domain. Needs the 95% t-interval below {tol:g}: "
+              f"of that domain), {len(seeds)} cyclic pairs per domain (jackknife over the seeds they share, widened by "
+              f"the test set's noise). Needs the 95% interval below {tol:g}: "
               + "; ".join(c["text"] for c in checks_a.values()) + ".")
     means = "; ".join(f"on {n} ({p}): within {fmt_interval(t_interval(within[n][p]))}, cross "
                       f"{fmt_interval(t_interval(cross[n][p]))}" for n in within for p in protocols)
@@ -196,11 +209,11 @@ def _findings(within: dict, cross: dict, seeds: list[int], an: dict, protocols: 
               f"t-interval above {margin:g}: " + "; ".join(c["text"] for c in checks_b.values()) + ".")
     findings = [
         {"id": "a", "claim": "P-T models fine-tuned on one domain share a basin (no barrier between them).",
-         "verdict": combine([c["verdict"] for c in checks_a.values()]), "numbers": text_a,
+         "verdict": verdict(checks_a)[0], "numbers": text_a, "sub_verdicts": verdict(checks_a)[1],
          "table": "cross_domain.csv"},
         {"id": "b", "claim": f"P-T models fine-tuned on different domains ({na}, {nb}; one label set) are separated "
                              "by a barrier larger than the within-domain one, on either domain's test set.",
-         "verdict": combine([c["verdict"] for c in checks_b.values()]), "numbers": text_b,
+         "verdict": verdict(checks_b)[0], "numbers": text_b, "sub_verdicts": verdict(checks_b)[1],
          "table": "cross_domain.csv"},
     ]
     return findings, {"checks": {"a": checks_a, "b": checks_b}, "no_barrier_below": tol, "margin": margin}

@@ -42,8 +42,7 @@ from ..analysis.curve import CurveSet
 from ..report import check_outputs
 from ..report.manifest import record_run
 from ..report.stats import difference, fmt_interval, judge, t_interval
-from ..search.greedy import Leaderboard
-from ..search.greedy import soup_leaderboard
+from ..search.soups import Leaderboard, soup_leaderboard
 
 __all__ = ["MODEL", "SIZE", "DATA", "GRID", "WITHIN", "BASIN_TOLERANCE", "DemoSize", "SIZES", "shifted",
            "checkpoint_names", "run_demo", "basin_verdict"]

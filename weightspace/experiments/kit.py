@@ -420,7 +420,7 @@ def published(source: str) -> dict[str, torch.Tensor]:
     from ..io.sources import load
     ck = load(source)
     try:
-        return ck.to_dict()
+        return ck.materialise()
     finally:
         ck.close()
 

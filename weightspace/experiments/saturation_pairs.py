@@ -29,9 +29,9 @@ from ..report.stats import Interval, fmt_interval, t_interval
 from .config import load_kind_recipe
 from .kit import (DIGITS_SOURCE, Session, hub_model_spec, kind_defaults, open_session, published,
                   published_source, register_recipe, render_report, source_data, task, train_from, with_option)
-from .verdicts import check
+from .verdicts import check, verdict_of
 
-__all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe"]
+__all__ = ["KIND", "load_saturation_pairs_recipe", "run_saturation_pairs_recipe", "saturation_rule"]
 
 KIND = "saturation-pairs"
 SATURATION_PAPER = Paper("Abnar, Dehghani, Neyshabur & Sedghi", 2022, "Exploring the Limits of Large Scale "
@@ -178,44 +178,84 @@ def _published_points(cfg: dict, s: Session, points: list[dict]) -> tuple[Any, A
 
 
 def _fit(fit_saturation: Any, pts: list[dict]) -> dict | None:
-    """One seed's fit: on the upper hull, or on all points when the hull has fewer than three; None when neither
-    converges."""
+    """One seed's fit: on the upper hull when it holds more points than the curve has parameters, else on all
+    points; None when neither converges. With it, the seed's test of diminishing returns against a straight line
+    (:func:`weightspace.analysis.saturation.diminishing_returns`, on all points)."""
+    from ..analysis.saturation import diminishing_returns
+    us, ds = [p["upstream"] for p in pts], [p["downstream"] for p in pts]
     for mode in ("hull", "all"):
         try:
-            f = fit_saturation([p["upstream"] for p in pts], [p["downstream"] for p in pts],
-                             points=mode, labels=[p["label"] for p in pts])
+            f = fit_saturation(us, ds, points=mode, labels=[p["label"] for p in pts])
         except ConfigError:
+            continue
+        if mode == "hull" and len(f.used) <= 3:  # three parameters through three points: R² = 1 whatever the data
             continue
         return {"points_mode": mode, "k": f.k, "alpha": f.alpha, "e_inf": f.e_inf,
                 "saturation_accuracy": f.predicted_downstream_at_saturation, "rmse": f.rmse, "r2": f.r2,
-                "points_fitted": len(f.used), "best_downstream": max(p["downstream"] for p in pts)}
+                "points_fitted": len(f.used), "best_downstream": max(p["downstream"] for p in pts),
+                "diminishing_returns": diminishing_returns(us, ds)}
     return None
+
+
+def saturation_rule(slope_drop: list[float | None], e_inf: list[float | None], left: list[float | None],
+                    min_gap: float, headroom: float) -> tuple[dict, dict]:
+    """The verdicts of (a) and (b) from per-seed numbers: the slope of downstream on upstream accuracy over the lower
+    half of the points minus that over the upper half (``slope_drop``), the fitted e_∞, and (1 − e_∞) − the best
+    downstream accuracy reached (``left``).
+
+    Diminishing returns come first: the drop in slope must lie above 0, else neither e_∞ nor the headroom of a
+    saturating curve means anything and both findings take that check's verdict (linear data: not reproduced). Then
+    (a) also needs e_∞ above ``min_gap``, (b) the headroom below ``headroom``. Returns two
+    {"verdict", "sub_verdicts", "failed", "checks"}."""
+    dim = check("diminishing", slope_drop, None, 0.0, "above",
+                what="slope of the lower half − slope of the upper half, per seed")
+    out = []
+    for name, c in (("e_inf", check("e_inf", e_inf, None, min_gap, "above", what="e_∞ per seed")),
+                    ("headroom", check("headroom", left, None, headroom, "below",
+                                       what="(1 − e_∞) − best downstream accuracy per seed"))):
+        checks = {"diminishing": dim, name: c}
+        r = verdict_of(checks)
+        if dim["verdict"] != "reproduced":
+            r["verdict"] = dim["verdict"]
+            r["sub_verdicts"][name] = "not tested"
+        out.append({**r, "checks": checks})
+    return out[0], out[1]
 
 
 def _findings(fits: dict, points: list[dict], seeds: list[int], an: dict) -> tuple[list, dict]:
     gap, room = float(an["min_gap"]), float(an["headroom"])
     e_inf = [f["e_inf"] if f else None for f in fits.values()]
     left = [f["saturation_accuracy"] - f["best_downstream"] if f else None for f in fits.values()]
-    c_a = check("e_inf", e_inf, None, gap, "above", what="e_∞ per seed")
-    c_b = check("headroom", left, None, room, "below", what="(1 − e_∞) − best downstream accuracy per seed")
+    dims = [f["diminishing_returns"] if f else {} for f in fits.values()]
+    drop = [d["slope_low"] - d["slope_high"] if d.get("slope_low") is not None else None for d in dims]
+    ra, rb = saturation_rule(drop, e_inf, left, gap, room)
+    c_dim, c_a, c_b = ra["checks"]["diminishing"], ra["checks"]["e_inf"], rb["checks"]["headroom"]
     failed = [s for s, f in fits.items() if f is None]
     per = "; ".join(f"seed {s}: " + (f"k {f['k']:.3g}, α {f['alpha']:.3g}, e_∞ {f['e_inf']:.4f} ({f['points_mode']}, "
                                      f"{f['points_fitted']} points, R² {f['r2']:.3f})" if f else "no fit")
                     for s, f in fits.items())
-    text_a = (f"Per-seed fits of e_DS = k·e_US^α + e_∞ to {len(points) // len(seeds)} models each: {per}. "
-              f"Needs the 95% t-interval of e_∞ above {gap:g}: {c_a['text']}."
+    loo = "; ".join(f"seed {s}: slopes {d['slope_low']:.3f} → {d['slope_high']:.3f}, held-out RMSE curve "
+                    f"{d['loo_rmse_saturating']:.4f} vs line {d['loo_rmse_linear']:.4f} (saturates: "
+                    f"{str(d['saturates']).lower()})" if d.get("loo_rmse_linear") is not None else f"seed {s}: n/a"
+                    for s, d in zip(fits, dims))
+    gate = ("" if c_dim["verdict"] == "reproduced" else " Without diminishing returns shown, the saturating curve's "
+            "e_∞ and headroom are not judged: the finding takes the diminishing-returns verdict.")
+    text_a = (f"Diminishing returns against a straight line, per seed ({len(points) // len(seeds)} models each): "
+              f"{loo}. Needs the drop in slope above 0: {c_dim['text']}. Per-seed fits of e_DS = k·e_US^α + e_∞: "
+              f"{per}. Needs the 95% t-interval of e_∞ above {gap:g}: {c_a['text']}.{gate}"
               + (f" Seeds without a fit ({', '.join(failed)}) are left out." if failed else ""))
     text_b = ("Predicted saturation accuracy 1 − e_∞ minus the best downstream accuracy reached, per seed: "
               + ", ".join(f"{x:+.4f}" if x is not None else "n/a" for x in left)
-              + f". Needs the 95% t-interval below {room:g}: {c_b['text']}.")
+              + f". Needs the 95% t-interval below {room:g}: {c_b['text']}.{gate}")
     findings = [
-        {"id": "a", "claim": "Downstream accuracy saturates below 1 as upstream accuracy grows (e_∞ > 0).",
-         "verdict": c_a["verdict"], "numbers": text_a, "table": "pairs.csv"},
+        {"id": "a", "claim": "Downstream accuracy saturates below 1 as upstream accuracy grows (diminishing returns, "
+                             "e_∞ > 0).", "verdict": ra["verdict"], "numbers": text_a, "table": "pairs.csv",
+         "sub_verdicts": ra["sub_verdicts"]},
         {"id": "b", "claim": "Little downstream accuracy is left to gain from better upstream models (the "
                              "saturation level lies close to the best model reached).",
-         "verdict": c_b["verdict"], "numbers": text_b, "table": "pairs.csv"},
+         "verdict": rb["verdict"], "numbers": text_b, "table": "pairs.csv", "sub_verdicts": rb["sub_verdicts"]},
     ]
-    return findings, {"checks": {"a": c_a, "b": c_b}, "min_gap": gap, "headroom": room}
+    return findings, {"checks": {"a": c_a, "b": c_b, "diminishing": c_dim}, "min_gap": gap, "headroom": room}
 
 
 def _render(cfg: dict, results: dict, findings: list[dict]) -> str:

@@ -86,7 +86,7 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
     from ..eval.evaluator import Evaluator
     from ..eval.modules import build_model_for
     from ..io.save import save
-    from ..search.greedy import Leaderboard, soup_leaderboard
+    from ..search.soups import Leaderboard, soup_leaderboard
     from .demo import basin_verdict
 
     cfg = load_soup_recipe(recipe, small=small, overrides=overrides)

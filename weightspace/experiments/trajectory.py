@@ -34,7 +34,7 @@ from .kit import (DIGITS_SOURCE, bn_protocols, error_barrier, fresh_state, kind_
                   open_session, pt_setup, published, published_source, register_recipe, render_report, source_data,
                   state_of, task, train_from, train_options)
 from .transfer import TRANSFER_PAPER
-from .verdicts import PROTOCOLS, check, combine, has_batchnorm
+from .verdicts import PROTOCOLS, by_protocol, check, has_batchnorm
 
 __all__ = ["KIND", "load_trajectory_recipe", "run_trajectory_recipe"]
 
@@ -143,7 +143,7 @@ def run_trajectory_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLi
                   | pre_rows[e] for e, sd in states.items()}
         s.lap("finetune", t1)
 
-    findings, summary = _findings(starts, seeds, an, list(protocols))
+    findings, summary = _findings(starts, seeds, an, list(protocols), n_test=len(tgt_test))
     rows = [[e, seed, st["accuracy"][str(seed)], st["l2_from_start"][str(seed)], st["source_accuracy"],
              st["barrier_to_final"]] for e, st in starts.items() for seed in seeds]
     s.csv("trajectory.csv", ["start_epoch", "seed", "downstream_accuracy", "l2_from_start", "source_accuracy",
@@ -189,12 +189,16 @@ def _finetune_from(s: Any, e: int, start: dict, published_start: bool, tgt_train
             "l2_from_start": {str(x): distance(start, tuned[x])["total"]["l2"] for x in seeds}}
 
 
-def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: list[str]) -> tuple[list, dict]:
+def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: list[str],
+              n_test: int | None = None) -> tuple[list, dict]:
+    """(a) the first start point whose accuracy shortfall to the last lies below ``within`` (and every later one's
+    too); (b) the barrier between fine-tuned pairs from that start point below ``no_barrier_below``, under each
+    protocol, jackknifed over the fine-tuning seeds the pairs share. Pure: per-seed and per-pair numbers in."""
     within, tol = float(an["within"]), float(an["no_barrier_below"])
     epochs = list(starts)
     last = epochs[-1]
     acc = {e: [starts[e]["accuracy"][str(x)] for x in seeds] for e in epochs}
-    shortfall = {e: check(f"shortfall_{e}", acc[last], acc[e], within, "below",
+    shortfall = {e: check(f"shortfall_{e}", acc[last], acc[e], within, "below", n_test=n_test,
                           what=f"accuracy(start {last}) − accuracy(start {e})") for e in epochs[:-1]}
     first = None
     for e in reversed(epochs[:-1]):  # walk back from the end while every start point suffices
@@ -216,16 +220,18 @@ def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: li
                  else "No start point before the last suffices."))
     barriers = {p: {e: [q[f"barrier_{p}"] for q in starts[e]["pairs"]] for e in epochs} for p in protocols}
     basin_at = first if first is not None else last
-    checks_b = {p: check(f"barrier_{p}_{basin_at}", barriers[p][basin_at], None, tol, "below",
-                         what=f"barrier between fine-tuned pairs from epoch {basin_at} ({PROTOCOLS[p]})")
+    units = [q["pair"] for q in starts[basin_at]["pairs"]]
+    checks_b = {p: check(f"barrier_{p}_{basin_at}", barriers[p][basin_at], None, tol, "below", units=units,
+                         n_test=n_test, what=f"barrier between fine-tuned pairs from epoch {basin_at} ({PROTOCOLS[p]})")
                 for p in protocols}
-    verdict_b = combine({p: c["verdict"] for p, c in checks_b.items()}) if first is not None else "inconclusive"
+    verdict_b = by_protocol({p: c["verdict"] for p, c in checks_b.items()}) if first is not None else "inconclusive"
     pre = ", ".join(f"{e}: {starts[e]['barrier_to_final']:.4f}" for e in epochs)
     text_b = ("Error barrier between pairs of models fine-tuned from the same start point (target test set, chord), "
               "by start epoch: " + "; ".join(
                   f"{p}: " + ", ".join(f"{e}: {fmt_interval(t_interval(barriers[p][e]))}" for e in epochs)
                   for p in protocols)
-              + f". Judged at the first sufficient start point ({basin_at}); needs the interval below {tol:g}: "
+              + f". Judged at the first sufficient start point ({basin_at}); needs the interval (jackknife over the "
+              f"{len(seeds)} fine-tuned models the pairs share, widened by the test set's noise) below {tol:g}: "
               + "; ".join(c["text"] for c in checks_b.values()) + "."
               + ("" if first is not None else " No start point before the last suffices, so the finding is not "
                  "tested.")
@@ -243,6 +249,8 @@ def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: li
                "accuracy": {str(e): t_interval(acc[e]).to_dict() for e in epochs},
                "barrier": {p: {str(e): t_interval(barriers[p][e]).to_dict() for e in epochs} for p in protocols},
                "l2": {str(e): t_interval([q["l2"] for q in starts[e]["pairs"]]).to_dict() for e in epochs},
+               "sub_verdicts": {"a": {str(e): c["verdict"] for e, c in shortfall.items()},
+                                "b": {p: c["verdict"] for p, c in checks_b.items()}},
                "within": within, "no_barrier_below": tol}
     return findings, summary
 

@@ -19,7 +19,7 @@ from ..registry import Paper
 from .config import check_kind, merge_config, overlay_recipe, read_recipe
 from .kit import build_task, fresh_state, pt_init, published, register_recipe, render_report, split_per_class
 from .transfer_analyses import KINDS, RUNNERS, TransferRun, init_seeds, model_label
-from .verdicts import has_batchnorm
+from .verdicts import has_batchnorm, trained_enough
 
 __all__ = ["DEFAULTS", "ANALYSES", "ANALYSIS_DEFAULTS", "load_transfer_recipe", "prepare", "run_transfer_recipe",
            "TRANSFER_PAPER"]
@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "init_seeds": [0],
         "seeds": [1, 2],
         "reset": ["fc"],
+        # findings comparing P-T with RI-T need both kinds at this mean target test accuracy (None: twice chance)
+        "min_accuracy": None,
     },
     "analyses": {},
     "small": {},
@@ -153,6 +155,10 @@ def prepare(run: TransferRun) -> None:
     run.timings["finetune"] = time.perf_counter() - t1
     ev = run.evaluator_on(t_test)
     run.results["models"] = {label: ev(sd)["target_test"] for kind in KINDS for label, sd in run.models[kind].items()}
+    minimum = tr["min_accuracy"]
+    minimum = 2.0 / k_tgt if minimum is None else float(minimum)
+    run.results["training"] = trained_enough(
+        {kind: [run.results["models"][lb]["accuracy"] for lb in run.models[kind]] for kind in KINDS}, minimum)
     n = len(run.models["P-T"])
     run.note(f"fine-tuned {n} P-T and {n} RI-T models ({run.timings['finetune']:.1f} s)")
 
@@ -195,7 +201,10 @@ def _report(run: TransferRun) -> str:
              f"P-T: pre-trained weights, modules {', '.join(tr['reset'])} re-initialised; RI-T: one random "
              f"initialisation per init seed ({', '.join(str(i) for i in tr['init_seeds'])}), shared by the RI-T "
              f"models and the P-T heads of that seed. Data-order seeds {', '.join(str(s) for s in tr['seeds'])}: one "
-             "P-T and one RI-T model per (init seed, data-order seed); pairs are compared within an init seed."]
+             "P-T and one RI-T model per (init seed, data-order seed); pairs are compared within an init seed.",
+             f"Findings comparing P-T with RI-T need both kinds at a mean target test accuracy of "
+             f"{run.results['training']['minimum']:.3g} or above: P-T "
+             f"{run.results['training']['mean']['P-T']:.3f}, RI-T {run.results['training']['mean']['RI-T']:.3f}."]
     body = ["Target test accuracy of every fine-tuned model:", "",
             markdown_table(["model", "accuracy", "loss"],
                            [[k, v["accuracy"], v["loss"]] for k, v in run.results["models"].items()])]

@@ -21,7 +21,8 @@ import torch
 from ..eval.data import TensorData
 from ..report.stats import Interval, fmt_interval, t_interval
 from .kit import Session, mean, state_of, train_from
-from .verdicts import PROTOCOLS, check, combine
+from .rules import barrier_rule, block_shuffle_rule, rewind_rule, similarity_rule
+from .verdicts import PROTOCOLS, UNDER_TRAINED, by_protocol, check
 
 __all__ = ["KINDS", "TransferRun", "model_label", "init_seeds", "analyse_barriers", "analyse_similarity",
            "analyse_rewind", "analyse_block_shuffle", "analyse_criticality", "RUNNERS"]
@@ -116,37 +117,60 @@ def analyse_barriers(run: TransferRun, opts: dict) -> None:
     protocols = {"stored": "error_barrier"}
     if opts["recalibrate_bn"] and run.has_bn:
         protocols["re-estimated"] = "error_barrier_bn_recalibrated"
-    checks = {}
+    # P-T pair i and RI-T pair i share their seeds; pairs share models, so the model is the unit of replication
+    units = [[_seed_of(run, x) for x in e["pair"]] for e in out["P-T"]]
+    rules, ivs = {}, {}
     for proto, key in protocols.items():
         pt_b, ri_b = [e[key] for e in out["P-T"]], [e[key] for e in out["RI-T"]]
-        # P-T pair i and RI-T pair i share init seed and data-order seeds: paired differences
-        checks[proto] = check(f"barrier_{proto}", ri_b, pt_b, tol, "above",
-                              what=f"RI-T − P-T error barrier ({PROTOCOLS[proto]})")
-        checks[proto]["pt"] = t_interval(pt_b).to_dict()
-        checks[proto]["ri"] = t_interval(ri_b).to_dict()
-    summary = {"tolerance": tol, "checks": checks, "protocols": list(protocols),
-               "pt_mean": checks["stored"]["pt"]["mean"], "ri_mean": checks["stored"]["ri"]["mean"]}
-    if "re-estimated" in checks:
-        summary["pt_mean_bn_recalibrated"] = checks["re-estimated"]["pt"]["mean"]
-        summary["ri_mean_bn_recalibrated"] = checks["re-estimated"]["ri"]["mean"]
-    verdict = combine({p: c["verdict"] for p, c in checks.items()})
-    summary["verdict_by_protocol"] = {p: c["verdict"] for p, c in checks.items()}
+        rules[proto] = barrier_rule(pt_b, ri_b, tol, units=units, n_test=len(test), label=PROTOCOLS[proto])
+        ivs[proto] = check("difference", ri_b, pt_b, 0.0, "above", units=units, n_test=len(test),
+                           what=f"RI-T − P-T error barrier ({PROTOCOLS[proto]}, for reference)")
+    summary = {"tolerance": tol, "protocols": list(protocols),
+               "checks": {p: r["checks"] for p, r in rules.items()},
+               "sub_verdicts": {p: r["sub_verdicts"] for p, r in rules.items()},
+               "failed": {p: r["failed"] for p, r in rules.items()},
+               "difference": {p: c["interval"] for p, c in ivs.items()},
+               "pt_mean": rules["stored"]["checks"]["pt_no_barrier"]["interval"]["mean"],
+               "ri_mean": rules["stored"]["checks"]["ri_barrier"]["interval"]["mean"]}
+    if "re-estimated" in rules:
+        summary["pt_mean_bn_recalibrated"] = rules["re-estimated"]["checks"]["pt_no_barrier"]["interval"]["mean"]
+        summary["ri_mean_bn_recalibrated"] = rules["re-estimated"]["checks"]["ri_barrier"]["interval"]["mean"]
+    summary["verdict_by_protocol"] = {p: r["verdict"] for p, r in rules.items()}
+    verdict = _gate(run, by_protocol(summary["verdict_by_protocol"]))
     run.results["barriers"] = {"pairs": out, "summary": summary}
     n = len(out["P-T"])
-    text = (f"Error barrier on the target test set (chord height, {opts['steps']} points), {n} pairs per kind "
-            f"(P-T pair i and RI-T pair i share their seeds, so differences are paired); the finding needs the 95% "
-            f"t-interval of RI-T − P-T above the 'no barrier' line {tol}. ")
-    for proto, c in checks.items():
-        text += (f"With {PROTOCOLS[proto]}: P-T {fmt_interval(_iv(c['pt']))}, RI-T {fmt_interval(_iv(c['ri']))}; "
-                 f"{c['text']}. ")
+    text = (f"Error barrier on the target test set (chord height, {opts['steps']} points), {n} pairs per kind from "
+            f"{len({u for us in units for u in us})} models (pairs share models: intervals are delete-one-model "
+            f"jackknife t-intervals, widened by the test set's sampling noise, {len(test)} examples). The finding "
+            f"needs both halves: P-T's barrier interval below the 'no barrier' line {tol} and RI-T's above it. ")
+    for proto, r in rules.items():
+        text += ("; ".join(c["text"] for c in r["checks"].values()) + f" ⇒ {r['verdict']} ({ivs[proto]['text']}). ")
     if not run.has_bn:
         text += "The model has no BatchNorm: one protocol applies."
-    elif len(checks) > 1 and len(set(summary["verdict_by_protocol"].values())) > 1:
+    elif len(rules) > 1 and len(set(summary["verdict_by_protocol"].values())) > 1:
         text += "The two BatchNorm protocols disagree: the verdict depends on the statistics."
     run.findings.append({"id": "a", "claim": "Two P-T models show no error barrier between them; two RI-T models of "
                          "the same recipe do, even from the same random initialisation.",
-                         "verdict": verdict, "numbers": text.strip(), "figures": ["barriers.png"],
-                         "table": "barriers.csv"})
+                         "verdict": verdict, "numbers": _gate_text(run) + text.strip(), "figures": ["barriers.png"],
+                         "table": "barriers.csv", "sub_verdicts": summary["sub_verdicts"]})
+
+
+def _seed_of(run: TransferRun, label: str) -> tuple[int, str]:
+    """A fine-tuned model's unit of replication: (init seed, data-order seed), shared by its P-T and RI-T twins."""
+    return run.init_of[label], label.rsplit("-", 1)[-1]
+
+
+def _gate(run: TransferRun, verdict: str) -> str:
+    """``verdict``, unless P-T or RI-T models fell below the recipe's minimum accuracy (then nothing is tested)."""
+    return verdict if run.results.get("training", {}).get("ok", True) else UNDER_TRAINED
+
+
+def _gate_text(run: TransferRun) -> str:
+    t = run.results.get("training")
+    if not t or t["ok"]:
+        return ""
+    return ("Not tested: mean target test accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in t["mean"].items())
+            + f" — a comparison needs both kinds at {t['minimum']:g} or above. ")
 
 
 def _linear_cka(m: dict) -> float | None:
@@ -200,22 +224,24 @@ def analyse_similarity(run: TransferRun, opts: dict) -> None:
     s = {f"{k}_{q}": mean([p[q] for p in out[k]]) for k in KINDS for q in ("l2", "relative_l2", "mean_linear_cka",
                                                                              "mean_rbf_cka", "same_prediction")}
     run.results["similarity"] = {"pairs": out, "summary": s, "per_module": rows}
-    l2 = check("l2", [p["l2"] for p in out["RI-T"]], [p["l2"] for p in out["P-T"]], 0.0, "above",
-               what="RI-T − P-T parameter L2 within pairs")
-    cka = check("cka", [p["mean_linear_cka"] for p in out["P-T"]], [p["mean_linear_cka"] for p in out["RI-T"]],
-                float(opts["cka_margin"]), "above", what="P-T − RI-T linear CKA (mean over modules)")
-    s["checks"] = {"l2": l2, "cka": cka}
-    verdict = combine([l2["verdict"], cka["verdict"]])
+    units = [[_seed_of(run, x) for x in p["pair"]] for p in out["P-T"]]
+    rule = similarity_rule([p["l2"] for p in out["P-T"]], [p["l2"] for p in out["RI-T"]],
+                           [p["mean_linear_cka"] for p in out["P-T"]], [p["mean_linear_cka"] for p in out["RI-T"]],
+                           float(opts["cka_margin"]), units=units)
+    l2, cka = rule["checks"]["l2"], rule["checks"]["cka"]
+    s["checks"] = rule["checks"]
+    s["sub_verdicts"] = rule["sub_verdicts"]
+    verdict = _gate(run, rule["verdict"])
     text = (f"Parameter L2 within pairs: P-T {s['P-T_l2']:.3f} vs RI-T {s['RI-T_l2']:.3f} (relative "
             f"{s['P-T_relative_l2']:.3f} vs {s['RI-T_relative_l2']:.3f}); linear CKA averaged over modules"
             f"{'' if len(test) <= int(opts['full_limit']) else ' (minibatch estimate: the test set is above full_limit)'}: "
             f"P-T {s['P-T_mean_linear_cka']:.4f} vs RI-T {s['RI-T_mean_linear_cka']:.4f} (RBF "
             f"{s['P-T_mean_rbf_cka']:.4f} vs {s['RI-T_mean_rbf_cka']:.4f}); same prediction on "
             f"{100 * s['P-T_same_prediction']:.1f}% vs {100 * s['RI-T_same_prediction']:.1f}% of test examples. "
-            f"Paired over {len(out['P-T'])} pairs: {l2['text']}; {cka['text']}. Activations use each model's own "
+            f"Paired over {len(out['P-T'])} pairs (jackknife over the models they share): {l2['text']}; {cka['text']}. Activations use each model's own "
             "stored BatchNorm statistics, which match its weights (no interpolation or rewinding is involved).")
     run.findings.append({"id": "b", "claim": "P-T pairs are closer in parameter L2 and more similar in CKA than RI-T pairs.",
-                         "verdict": verdict, "numbers": text, "figures": ["similarity.png"], "table": "similarity.csv"})
+                         "verdict": verdict, "numbers": _gate_text(run) + text, "sub_verdicts": rule["sub_verdicts"], "figures": ["similarity.png"], "table": "similarity.csv"})
 
 
 def analyse_rewind(run: TransferRun, opts: dict) -> None:
@@ -276,18 +302,20 @@ def analyse_rewind(run: TransferRun, opts: dict) -> None:
         # per P-T model: mean increase over the upper half minus over the lower half (paired within the model)
         hi_m = [mean([per[m][i] for m in upper]) for i in range(n)]
         lo_m = [mean([per[m][i] for m in lower]) for i in range(n)]
-        checks[proto] = check(f"rewind_{proto}", hi_m, lo_m, 0.0, "above",
-                              what=f"upper − lower half rewind cost ({PROTOCOLS[proto]})")
+        checks[proto] = rewind_rule(hi_m, lo_m, n_test=len(test), label=PROTOCOLS[proto])["checks"][
+            "upper_minus_lower"]
         means = {m: mean(per[m]) for m in body}
         checks[proto]["monotone"] = all(means[a] <= means[b] for a, b in zip(body, body[1:]))
-    verdict = combine({p: c["verdict"] for p, c in checks.items()}) if lower else "inconclusive"
+    verdict = by_protocol({p: c["verdict"] for p, c in checks.items()}) if lower else "inconclusive"
     out["checks"] = checks
+    out["verdict_by_protocol"] = {p: c["verdict"] for p, c in checks.items()}
     ri = out["RI-T"]["delta_error_init"]
     text = (f"P-T models ({n}), each module rewound to its pre-trained value, increase in test error (mean): "
             + ", ".join(f"{m} {pt[m]:+.4f}" for m in pt)
             + f". Lower half of the body: {', '.join(lower)}; upper half: {', '.join(upper)}. Modules re-initialised "
             + f"for the new task ({', '.join(sorted(reset)) or 'none'}) are left out: their 'initial value' is random. "
-            + "The finding needs the 95% t-interval (over models) of upper − lower above 0. ")
+            + "The finding needs the 95% t-interval (over models, widened by the test set's sampling noise) of upper "
+            + "− lower above 0, under each BatchNorm protocol. ")
     for c in checks.values():
         text += f"{c['text']} ({'monotone' if c['monotone'] else 'not monotone'} in depth). "
     pt_recal = out["P-T"]["delta_error_init_bn_recalibrated"]
@@ -299,7 +327,8 @@ def analyse_rewind(run: TransferRun, opts: dict) -> None:
     text += (f"RI-T models ({n}, rewound to their random init): " + ", ".join(f"{m} {ri[m]:+.4f}" for m in ri) + ".")
     run.findings.append({"id": "c", "claim": "Rewinding lower modules (to their value before fine-tuning) hurts less "
                          "than rewinding upper ones.", "verdict": verdict, "numbers": text,
-                         "figures": ["rewind_pt.png", "rewind_ri.png"], "table": "rewind.csv"})
+                         "figures": ["rewind_pt.png", "rewind_ri.png"], "table": "rewind.csv",
+                         "sub_verdicts": out["verdict_by_protocol"]})
 
 
 def _curve_stats(history: list) -> tuple[list[int], list[float]]:
@@ -368,25 +397,19 @@ def analyse_block_shuffle(run: TransferRun, opts: dict) -> None:
     ordered = sorted(out, key=lambda e: -e["block"])  # image size first, smallest blocks last
     benefits = [e["benefit"] for e in ordered]
     monotone = all(a >= b for a, b in zip(benefits, benefits[1:]))
-    first, last = ordered[0], ordered[-1]
-    checks = {}
-    if len(ordered) > 1:  # same data-order seed at both block sizes: paired
-        checks["shrinks"] = check("shrinks", first["per_seed_benefit"], last["per_seed_benefit"], 0.0, "above",
-                                  what=f"benefit at block {first['block']} − at block {last['block']}")
-    checks["positive"] = check("positive", last["per_seed_benefit"], None, 0.0, "above",
-                               what=f"benefit (P-T − RI-T final accuracy) at block {last['block']}")
-    for e in ordered:
-        checks[f"faster_{e['block']}"] = check(f"faster_{e['block']}", e["per_seed_speed_benefit"], None, 0.0, "above",
-                                               what=f"P-T − RI-T mean accuracy over training at block {e['block']}")
-    verdict = combine([c["verdict"] for c in checks.values()])
+    rule = block_shuffle_rule({e["block"]: e["per_seed_benefit"] for e in ordered},
+                              {e["block"]: e["per_seed_speed_benefit"] for e in ordered}, n_test=len(test_d))
+    checks = rule["checks"]
+    verdict = _gate(run, rule["verdict"])
     run.results["block_shuffle"]["checks"] = checks
+    run.results["block_shuffle"]["sub_verdicts"] = rule["sub_verdicts"]
     text = (f"Benefit of pre-training (P-T − RI-T final test accuracy, {len(seeds)} data-order seeds, paired) by block "
             "size: " + ", ".join(f"{e['block']}: {fmt_interval(t_interval(e['per_seed_benefit']))}" for e in ordered)
             + f" ({'monotone' if monotone else 'not monotone'} in the means). Each check needs its 95% t-interval "
-            "above 0: " + "; ".join(c["text"] for c in checks.values()) + ".")
+            "(widened by the test set's sampling noise) above 0: " + "; ".join(c["text"] for c in checks.values()) + ".")
     run.findings.append({"id": "d", "claim": "With block shuffling of decreasing block size, the benefit of pre-training "
                          "shrinks but stays above zero, and P-T still converges faster.", "verdict": verdict,
-                         "numbers": text, "figures": ["block_shuffle_curves.png", "block_shuffle_benefit.png"],
+                         "numbers": _gate_text(run) + text, "sub_verdicts": rule["sub_verdicts"], "figures": ["block_shuffle_curves.png", "block_shuffle_benefit.png"],
                          "table": "block_shuffle.csv"})
 
 

@@ -38,7 +38,7 @@ class TensorStream:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.produce()
 
-    def to_dict(self) -> StateDict:
+    def materialise(self) -> StateDict:
         """Compute every tensor; the result also records provenance (with ingredient hashes)."""
         out = StateDict(self.produce())
         out.provenance = finish_provenance(self.provenance, self.ingredients)

@@ -6,7 +6,7 @@ Three shapes of output, each what other tools load directly:
   ``x.pt.weightspace.json``.
 - ``DIR/`` (or ``folder=True``): a Hugging Face folder as ``save_pretrained`` writes it: ``model.safetensors``, or
   shards ``model-00001-of-0000N.safetensors`` past ``max_shard_size`` with ``model.safetensors.index.json`` written
-  last; config.json, tokenizer and other non-weight files of the first ingredient's folder or Hub repo copied.
+  last; the non-weight files of the first ingredient's folder or Hub repo copied, sub-folders included (io.companions).
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import contextlib
 import json
 import math
 import os
-import re
-import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -30,9 +28,10 @@ from ..errors import CheckpointError, ConfigError, OutputExists
 from .outputs import TensorStream, finish_provenance
 from .sizes import parse_size
 from ..files import (atomic_output, check_targets, exists_error, make_folder, prune_manifest, read_manifest,
-                     remove_owned, write_manifest, writes_discarded)
+                     write_manifest, writes_discarded)
 from .formats import header_for, write_safetensors
-from .sources import WEIGHT_SUFFIXES, resolve, split_options
+from .local import WEIGHT_SUFFIXES
+from .companions import copy_companions, companion_files
 
 __all__ = ["save", "OUTPUT_DTYPES", "DEFAULT_MAX_SHARD_SIZE", "PROVENANCE_SUFFIX", "INDEX_NAME"]
 
@@ -42,11 +41,6 @@ OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Files of an ingredient's folder that are not copied into an output folder: weights, and what describes the
-# ingredient rather than the result (its model card, its provenance).
-_NOT_COPIED = re.compile(r"(\.(safetensors|pt|pth|bin|ckpt|h5|msgpack|onnx|gguf)|\.index\.json|"
-                         + re.escape(PROVENANCE_SUFFIX) + r"|^README\.md)$")
-
 Savable = Union[TensorStream, Mapping, torch.nn.Module]
 
 
@@ -66,14 +60,19 @@ def _portable_source(source: str, out: Path) -> str:
     return os.path.relpath(os.path.abspath(source), os.path.abspath(out.parent if str(out.parent) else "."))
 
 
-def _dump(prov: dict, out: Path) -> str:
+def _portable(prov: dict, out: Path) -> dict:
+    """Provenance with local ingredient paths relative to the output's folder (every output form)."""
     for field in ("ingredients", "candidates"):  # a greedy soup records the candidates it tried beside the kept
         listed = prov.get(field)
         if isinstance(listed, list):
             prov = dict(prov, **{field: [dict(i, source=_portable_source(i["source"], out))
                                          if isinstance(i, dict) and isinstance(i.get("source"), str) else i
                                          for i in listed]})
-    return json.dumps(prov, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return prov
+
+
+def _dump(prov: dict, out: Path) -> str:
+    return json.dumps(_portable(prov, out), sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
 def _meta(prov: dict, out: Path) -> dict[str, str]:
@@ -199,7 +198,7 @@ def _write_pickle(stream: TensorStream, path: Path, extra: dict, force: bool) ->
     prov = {**_finished(stream, [c.sha256() for c in stream.ingredients]), **extra}
     with atomic_output(path, force) as tmp, atomic_output(sidecar, True) as tmp_side:
         torch.save({k: v.detach().cpu() for k, v in sd.items()}, tmp)
-        Path(tmp_side).write_text(json.dumps(prov, indent=1, sort_keys=True, allow_nan=True) + "\n")
+        Path(tmp_side).write_text(json.dumps(_portable(prov, path), indent=1, sort_keys=True, allow_nan=True) + "\n")
 
 
 def _first_source(stream: TensorStream) -> str | None:
@@ -208,26 +207,6 @@ def _first_source(stream: TensorStream) -> str | None:
     ings = stream.provenance.get("ingredients") or []
     first = ings[0] if ings and isinstance(ings[0], Mapping) else {}
     return first.get("source") if isinstance(first.get("source"), str) else None
-
-
-def companion_files(source: str | None) -> list[Path]:
-    """The non-weight files (config.json, tokenizer, preprocessor, ...) of a source that is a folder or a Hub
-    repo; none for a single file (its folder may hold anything) or a library name."""
-    if not source:
-        return []
-    rest, _ = split_options(source)
-    hub = rest.startswith(("hf://", "hf-hub:"))
-    if not hub and not Path(os.path.expanduser(rest)).is_dir():
-        return []
-    try:
-        res = resolve(rest)
-    except Exception:  # noqa: BLE001 — the weights were read already; a missing folder only means nothing to copy
-        return []
-    if not res.files:
-        return []
-    folder = res.files[0].parent
-    return [p for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".") and not _NOT_COPIED.search(p.name)]
 
 
 def _inputs(stream: TensorStream, companions: list[Path] = ()) -> list[Path]:
@@ -267,10 +246,11 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
     shards = _shards(stream.entries, limit)
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    companions = companion_files(_first_source(stream))
-    writes = names + [p.name for p in companions] + ([INDEX_NAME] if n > 1 else [])
+    companions = companion_files(_first_source(stream), skip=folder)
+    writes = names + [rel for rel, _ in companions] + ([INDEX_NAME] if n > 1 else [])
     previous = read_manifest(folder) if folder.is_dir() else {}
-    check_targets([folder / w for w in writes], force, inputs=_inputs(stream, companions), root=folder)
+    check_targets([folder / w for w in writes], force, inputs=_inputs(stream, [p for _, p in companions]),
+                  root=folder)
     foreign = _foreign_weights(folder, writes, previous) if folder.is_dir() else []
     if foreign and not force:
         raise exists_error(foreign[0])
@@ -279,12 +259,11 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
                            f"(remove them or write elsewhere)", path=foreign[0])
     created = not folder.exists()
     make_folder(folder)
+    copied: list[Path] = []
     written: list[Path] = []
     try:
-        for src in companions:
-            with atomic_output(folder / src.name, force) as tmp:
-                shutil.copyfile(src, tmp)
-            written.append(folder / src.name)
+        copied = copy_companions(companions, folder, force=force)
+        written += [p for p in copied if not p.is_dir()]
         _write_safetensors_files(stream, [(folder / name, s) for name, s in zip(names, shards)], extra, force)
         written += [folder / name for name in names]
         if n > 1:  # the index last: a reader that finds it finds every shard complete
@@ -296,8 +275,11 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
-                for p in written:
-                    remove_owned(p)
+                for p in copied:  # files first, then the sub-folders made for them
+                    if p.is_dir():
+                        p.rmdir()
+                    else:
+                        p.unlink(missing_ok=True)
                 folder.rmdir()
         raise
     if not writes_discarded():

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 
 from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
+from ..options import EmaChoice
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..io.outputs import TensorStream
@@ -129,7 +130,7 @@ def check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
 
 
 def named_sources(sources: Sequence[Source] | Mapping[str, Source], names: Sequence[str] | None = None,
-                  ema: bool | None = None) -> list[Source]:
+                  ema: EmaChoice | bool | None = None) -> list[Source]:
     """The ingredients of an op, in-memory ones named: ``sources`` is a sequence (named by ``names``, if given) or
     a mapping name → source. An in-memory ingredient (state dict, module, Checkpoint without files) is opened and
     takes its name as its ``source``, which provenance, leaderboards and kept results show; a path or source

@@ -33,16 +33,16 @@ def parse_grouping(spec: str | None) -> dict:
         try:
             n = int(arg)
         except ValueError:
-            raise ConfigError(f"--modules {spec}: depth needs a positive integer") from None
+            raise ConfigError(f"modules={spec}: depth needs a positive integer", param="modules") from None
         if n < 1:
-            raise ConfigError(f"--modules {spec}: depth needs a positive integer")
+            raise ConfigError(f"modules={spec}: depth needs a positive integer", param="modules")
         return {"depth": n}
     if kind == "regex":
         try:
             return {"regex": re.compile(arg)}
         except re.error as e:
-            raise ConfigError(f"--modules {spec}: bad regular expression ({e})") from None
-    raise ConfigError(f"--modules {spec}: expected depth:N or regex:PATTERN")
+            raise ConfigError(f"modules={spec}: bad regular expression ({e})", param="modules") from None
+    raise ConfigError(f"modules={spec}: expected depth:N or regex:PATTERN", param="modules")
 
 
 def group_names(names: Iterable[str], depth: int | None = None, regex: str | re.Pattern | None = None) -> dict[str, list[str]]:

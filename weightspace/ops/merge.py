@@ -20,6 +20,7 @@ from .._version import __version__
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
 from ..errors import ConfigError
+from ..options import EmaChoice
 from ..registry import REGISTRY, Entry, Paper, register as register_entry
 from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
 from .parallel import Execution
@@ -114,7 +115,7 @@ class Ties(MergeMethod):
             self.densities = None
             keep = float(self.entry.defaults["keep"] if keep is None else keep)
             if not (0.0 < keep <= 1.0) or not math.isfinite(keep):
-                raise ConfigError(f"--keep {keep}: must be a fraction in (0, 1]")
+                raise ConfigError(f"keep={keep}: must be a fraction in (0, 1]", param="keep")
             self.keep = keep
         self.thresholds: list[float] = []
         self.per_key: dict[str, list[float]] = {}
@@ -338,16 +339,16 @@ def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
         if options:
             raise ConfigError(f"merge: options {sorted(options)} given with a ready {type(method).__name__}")
         return method
-    cls = REGISTRY.get("merge", method, what=f"--method {method}").target
+    cls = REGISTRY.get("merge", method, what=f"method={method}", param="method").target
     try:
         return cls(**options)
     except TypeError:
-        raise ConfigError(f"--method {method}: does not take options {sorted(options)}") from None
+        raise ConfigError(f"method={method}: does not take options {sorted(options)}", param="method") from None
 
 
 def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *,
                names: Sequence[str] | None = None, negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-               progress: bool = False, ema: bool | None = None, threads: int | None = None,
+               progress: bool = False, ema: EmaChoice | bool | None = None, threads: int | None = None,
                max_memory: int | str | None = None, device: str | torch.device | None = None,
                weights: Sequence[float] | None = None, **options: Any) -> tuple[MergeMethod, MergePlan, dict]:
     """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
@@ -365,7 +366,7 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     if not models:
         raise ConfigError("merge: needs at least one fine-tuned model besides the base")
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)}", param="precision")
     m = _make_method(method, options)
     base_ck = load(base, ema=ema)
     cks = [load(s, ema=ema) for s in models]
@@ -406,7 +407,7 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torc
 
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
-          progress: bool = False, ema: bool | None = None, threads: int | None = None,
+          progress: bool = False, ema: EmaChoice | bool | None = None, threads: int | None = None,
           max_memory: int | str | None = None, device: str | torch.device | None = None,
           **options: Any) -> TensorStream:
     """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``.
@@ -434,11 +435,11 @@ def task_arithmetic(base: Source, models: Sequence[Source], *, scale: float = 1.
                     negate: Sequence[bool] | None = None, **kw: Any) -> StateDict:
     """Task arithmetic (Ilharco et al. 2023): θ_pre + λ·Σ_t s_t·(θ_t − θ_pre); s_t = −1 where negated. In memory;
     ``kw`` and what it raises as ``merge``."""
-    return merge("task-arithmetic", base, models, scale=scale, negate=negate, **kw).to_dict()
+    return merge("task-arithmetic", base, models, scale=scale, negate=negate, **kw).materialise()
 
 
 def ties_merge(base: Source, models: Sequence[Source], *, scale: float = 1.0, keep: float = 0.2,
                negate: Sequence[bool] | None = None, **kw: Any) -> StateDict:
     """TIES-merging (Yadav et al. 2023): trim to the top ``keep`` fraction, elect signs, disjoint mean, θ_pre + λ·τ.
     In memory; ``kw`` and what it raises as ``merge``."""
-    return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).to_dict()
+    return merge("ties", base, models, scale=scale, negate=negate, keep=keep, **kw).materialise()

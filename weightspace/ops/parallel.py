@@ -79,16 +79,16 @@ def ops_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {device}: expected auto, cpu or cuda[:N]") from None
+        raise ConfigError(f"device={device}: expected auto, cpu or cuda[:N]", param="device") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu")
+            raise ConfigError(f"device={device}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu", param="device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)", param="device")
         return dev
     if dev.type != "cpu":
-        raise ConfigError(f"--device {device}: ops run on cpu or cuda[:N]")
+        raise ConfigError(f"device={device}: ops run on cpu or cuda[:N]", param="device")
     return dev
 
 

@@ -16,6 +16,7 @@ from ..io.checkpoint import Source
 from ..io.outputs import StateDict, TensorStream
 from ..io.sources import load
 from ..errors import ConfigError
+from ..options import EmaChoice
 from ..registry import Entry, Paper, register
 from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
 
@@ -51,7 +52,7 @@ class Linear(Formula):
 
 def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coefficients: Sequence[float], *,
                        op: str, names: Sequence[str] | None = None, precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
-                       ema: bool | None = None, extra: dict | None = None, threads: int | None = None,
+                       ema: EmaChoice | bool | None = None, extra: dict | None = None, threads: int | None = None,
                        max_memory: int | str | None = None, device: str | torch.device | None = None) -> TensorStream:
     """Σ_j c_j·θ_j over floating tensors, streamed; each tensor is written in the widest dtype of its inputs
     (fp16 and fp32 give fp32; provenance's ``dtypes_promoted`` counts such tensors); an integer buffer takes the
@@ -77,7 +78,7 @@ def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coeffic
     if len(coefficients) != len(sources):
         raise ConfigError(f"{op}: {len(coefficients)} coefficients for {len(sources)} checkpoints")
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)}", param="precision")
     coefficients = [finite_scalar(c, "coefficients", PRECISIONS[precision]) for c in coefficients]
     cks = [load(s, ema=ema) for s in sources]
     engine = Engine(cks, op=op, precision=precision, allow_nonfinite=allow_nonfinite, progress=progress,
@@ -107,19 +108,19 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     w = [float(x) for x in weights]
     shown = ",".join(f"{x:g}" for x in w[:8]) + (",..." if len(w) > 8 else "")
     if any(not math.isfinite(x) for x in w):
-        raise ConfigError(f"weights {shown}: must be finite numbers")
+        raise ConfigError(f"weights={shown}: must be finite numbers", param="weights")
     # Scale by the largest magnitude first: the scaled weights lie in [-1, 1], so their exact sum (fsum) neither
     # overflows nor underflows, and "sums to zero" means cancellation, not small weights.
     m = max((abs(x) for x in w), default=0.0)
     if m == 0.0:
-        raise ConfigError(f"weights {shown}: they sum to zero, so they cannot be normalised")
+        raise ConfigError(f"weights={shown}: they sum to zero, so they cannot be normalised", param="weights")
     scaled = [x / m for x in w]
     s = math.fsum(scaled)
     if abs(s) < 1e-12:
-        raise ConfigError(f"weights {shown}: they sum to zero, so they cannot be normalised")
+        raise ConfigError(f"weights={shown}: they sum to zero, so they cannot be normalised", param="weights")
     out = [x / s for x in scaled]
     if not all(math.isfinite(x) for x in out):
-        raise ConfigError(f"weights {shown}: they nearly cancel, so normalising them overflows")
+        raise ConfigError(f"weights={shown}: they nearly cancel, so normalising them overflows", param="weights")
     return out
 
 
@@ -180,22 +181,22 @@ def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
 
 def uniform_soup(sources: Sequence[Source] | Mapping[str, Source], **kw: Any) -> StateDict:
     """Uniform soup (Wortsman et al. 2022): the mean of the ingredients' weights. In memory; raises what ``uniform_soup_stream`` raises."""
-    return uniform_soup_stream(sources, **kw).to_dict()
+    return uniform_soup_stream(sources, **kw).materialise()
 
 
 def weighted_average(sources: Sequence[Source] | Mapping[str, Source], weights: Sequence[float], **kw: Any) -> StateDict:
     """Weighted average of checkpoints; weights are normalised to sum to 1. In memory; raises what ``weighted_average_stream`` raises."""
-    return weighted_average_stream(sources, weights, **kw).to_dict()
+    return weighted_average_stream(sources, weights, **kw).materialise()
 
 
 def lerp(a: Source, b: Source, alpha: float, **kw: Any) -> StateDict:
     """Linear interpolation (1−α)·a + α·b. In memory; raises what ``lerp_stream`` raises."""
-    return lerp_stream(a, b, alpha, **kw).to_dict()
+    return lerp_stream(a, b, alpha, **kw).materialise()
 
 
 def task_vector(a: Source, base: Source, **kw: Any) -> StateDict:
     """Task vector τ = a − base (Ilharco et al. 2023). In memory; raises what ``task_vector_stream`` raises."""
-    return task_vector_stream(a, base, **kw).to_dict()
+    return task_vector_stream(a, base, **kw).materialise()
 
 
 SOUPS_PAPER = Paper("Wortsman et al.", 2022, "Model soups: averaging weights of multiple fine-tuned models improves "

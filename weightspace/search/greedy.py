@@ -1,4 +1,4 @@
-"""Greedy soups (Wortsman et al. 2022), ensembles from cached logits, and leaderboards.
+"""Greedy soups (Wortsman et al. 2022) and greedy ensembles from cached logits (leaderboards: ``search.soups``).
 
 The greedy soup is the paper's recipe: score every ingredient on held-out validation data, sort best first
 (ties keep the input order and are reported), start from the best, and add each next ingredient if the soup's
@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,16 +26,16 @@ from ..errors import ConfigError
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratch
 from ..ops.engine import PRECISIONS, check_compatible, named_sources
-from ..ops.stream import SOUPS_PAPER, uniform_soup
+from ..ops.stream import SOUPS_PAPER
 from ..registry import Entry, register
-from ..eval.contract import Evaluate, FitsKeys, MultiDataset, TellsMembers, as_table, model_tensors
+from .result import SearchResult
+from ..eval.contract import Evaluate, FitsKeys, TellsMembers, model_tensors
 
-__all__ = ["rank", "LazyProvenanceDict", "GreedyResult", "greedy_soup", "greedy_ensemble", "mean_logits", "AVG_SHIFTS",
-           "Leaderboard", "evaluate_each", "leaderboard", "validation_view", "soup_leaderboard", "tell_members",
-           "merge_rows"]
+__all__ = ["rank", "scalar_score", "LazyProvenanceDict", "GreedyResult", "greedy_soup", "greedy_ensemble",
+           "mean_logits", "tell_members"]
 
 
-def _score(x: Any) -> float:
+def scalar_score(x: Any) -> float:
     """A scalar score from whatever evaluate returned (a float, or Metrics: accuracy on the first dataset)."""
     s = float(x)
     return s if not math.isnan(s) else -math.inf  # a NaN score ranks last and never wins a comparison
@@ -169,8 +169,9 @@ class GreedyResult:
 
 def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *, strict: bool = False,
                 progress: bool = True, scores: Sequence[float] | None = None, precision: str = "fp32",
-                names: Sequence[str] | None = None) -> tuple[StateDict, GreedyResult]:
+                names: Sequence[str] | None = None) -> SearchResult[GreedyResult]:
     """Greedy soup (Wortsman et al. 2022): add ingredients best-first while the validation score does not drop.
+    Returns the soup (``.weights``) and its decisions (``.record``); it unpacks as ``soup, record``.
 
     ``evaluate(weights)`` returns a float or anything ``float()`` accepts (Metrics: accuracy on its first dataset);
     ``scores`` (the ingredients' own validation scores, if already known) saves their evaluation. In-memory
@@ -185,14 +186,14 @@ def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: 
     if not ingredients:
         raise ConfigError("greedy soup: needs at least one ingredient")
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision}: expected one of {', '.join(PRECISIONS)}", param="precision")
     cks: list[Checkpoint] = [load(s) for s in ingredients]
     if isinstance(evaluate, FitsKeys):  # in-place writes below go by key: unwrap prefixed keys first
         cks = [evaluate.fit(c) for c in cks]
     check_compatible(cks)
     evaluations = 0
     if scores is None:  # independent evaluations: split across ranks under torchrun --parallel points
-        scores = [_score(r) for r in sweep(evaluate, cks, evaluate,
+        scores = [scalar_score(r) for r in sweep(evaluate, cks, evaluate,
                                            bar=lambda xs: _bar(xs, len(xs), "val scores", progress))]
         evaluations += len(cks)
     elif len(scores) != len(cks):
@@ -225,7 +226,7 @@ def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: 
         cand, n = cks[i], len(kept)
         _write_trial(targets, total, cand, n + 1, floats, keys, ex)
         tell_members(evaluate, [*kept, i])
-        s = _score(evaluate() if in_model else evaluate(targets))
+        s = scalar_score(evaluate() if in_model else evaluate(targets))
         evaluations += 1
         keep = _accepts(s, current, strict)
         steps.append({"source": cand.source, "val_score": scores[i], "soup_score_before": current,
@@ -250,7 +251,7 @@ def greedy_soup(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: 
             "candidates": [{"source": cks[i].source, "val_score": scores[i], "kept": i in kept} for i in order],
             "soup_val_score": current, "weightspace_version": __version__}
     soup.provenance_from(lambda: finish_provenance(prov, [cks[i] for i in kept]))
-    return soup, result
+    return SearchResult(soup, result)
 
 
 
@@ -274,7 +275,7 @@ def greedy_ensemble(logits: Sequence[Mapping[str, torch.Tensor]], val_scores: Se
     for i in order[1:]:
         n = len(kept)
         trial = {k: ((total[k] + logits[i][k].to(torch.float64)) / (n + 1)).float() for k in total}
-        s = _score(score_logits(trial))
+        s = scalar_score(score_logits(trial))
         if _accepts(s, current, strict):
             for k in total:
                 total[k] += logits[i][k].to(torch.float64)
@@ -292,229 +293,8 @@ def mean_logits(logits: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch
     return {k: (v / len(logits)).float() for k, v in out.items()}
 
 
-AVG_SHIFTS = "avg shifts"
-
-
-@dataclass
-class Leaderboard:
-    """Rows = methods, columns = datasets; each cell holds that method's metrics on that dataset."""
-
-    columns: list[str]
-    rows: list[dict]          # {"method", "kind", "metrics": {column: {metric: value}}, optional "detail"}
-    title: str = "leaderboard"
-    extra: dict = field(default_factory=dict)
-    shifts: list[str] = field(default_factory=list)  # distribution-shift test sets, averaged when two or more
-
-    def with_avg_shifts(self) -> tuple[list[str], list[dict]]:
-        """Columns and rows with an "avg shifts" column (the model-soups papers' summary: mean accuracy, error and
-        loss over the shift sets) when there are at least two shift sets; computed afresh, so rows added later count."""
-        if len(self.shifts) < 2:
-            return self.columns, self.rows
-        rows = []
-        for r in self.rows:
-            cells = [r["metrics"].get(c, {}) for c in self.shifts]
-            avg = {m: sum(c[m] for c in cells) / len(cells) for m in ("accuracy", "error", "loss")
-                   if all(isinstance(c.get(m), (int, float)) for c in cells)}
-            rows.append({**r, "metrics": {**r["metrics"], AVG_SHIFTS: avg}})
-        return [*self.columns, AVG_SHIFTS], rows
-
-    FILES: ClassVar[tuple[str, ...]] = ("results.json", "leaderboard.csv", "leaderboard.png")
-
-    def interval(self, method: str | dict, column: str) -> tuple[float, float] | None:
-        """95% Wilson interval of a row's accuracy (the row, or its method name) on one column, from the example
-        count its metrics carry (``n``); None when the count is unknown."""
-        from ..report.stats import wilson
-        row = method if isinstance(method, dict) else self.row(method)
-        cell = row["metrics"].get(column, {})
-        n, acc = cell.get("n"), cell.get("accuracy")
-        if not n or acc is None or "auc" in cell:  # multi-label accuracy is a mean over labels, not a count
-            return None
-        return wilson(round(acc * n), int(n))
-
-    def table(self, metric: str = "accuracy") -> tuple[list[str], list[list]]:
-        """Method × column table of one metric (for Markdown); accuracies get a 95% Wilson interval column when
-        the example counts are known (the binomial spread of an accuracy measured on n examples)."""
-        columns, rows_ = self.with_avg_shifts()
-        with_ci = {c: metric == "accuracy" and any(r["metrics"].get(c, {}).get("n") for r in rows_)
-                   for c in columns}
-        headers = ["method"]
-        for c in columns:
-            headers += [c, f"{c} 95% CI"] if with_ci[c] else [c]
-        rows = []
-        for r in rows_:
-            row = [r["method"]]
-            for c in columns:
-                row.append(r["metrics"].get(c, {}).get(metric))
-                if with_ci[c]:
-                    iv = self.interval(r, c)
-                    row.append(f"[{iv[0]:.4f}, {iv[1]:.4f}]" if iv else None)
-            rows.append(row)
-        return headers, rows
-
-    def long_table(self) -> tuple[list[str], list[list]]:
-        """Every metric of every column, one row per method (for CSV)."""
-        columns, rows_ = self.with_avg_shifts()
-        names: list[str] = []
-        for r in rows_:
-            for c in columns:
-                names += [m for m in r["metrics"].get(c, {}) if m not in names]
-        headers = ["method", "kind"] + [f"{c}/{m}" for c in columns for m in names]
-        rows = [[r["method"], r.get("kind", "")] + [r["metrics"].get(c, {}).get(m) for c in columns for m in names]
-                for r in rows_]
-        return headers, rows
-
-    def row(self, method: str) -> dict:
-        """The row of one method."""
-        for r in self.rows:
-            if r["method"] == method:
-                return r
-        raise KeyError(method)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        columns, rows = self.with_avg_shifts()
-        return {"title": self.title, "columns": columns, "rows": rows, **self.extra}
-
-    def plot(self, path: str | os.PathLike, *, force: bool = False, metric: str = "accuracy") -> Path:
-        """leaderboard.png: one bar per method and dataset column (soups and ensembles in bold)."""
-        cats = [r["method"] for r in self.rows]
-        groups = {col: [r["metrics"].get(col, {}).get(metric) for r in self.rows] for col in self.columns}
-        hl = [r["method"] for r in self.rows if r.get("kind") in ("soup", "ensemble")]
-        fig = report.bar_chart(cats, groups, xlabel=metric, title=self.title, highlight=hl)
-        return report.save_figure(fig, path, force=force)
-
-    def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
-        """results.json (``extra`` plus the leaderboard), leaderboard.csv (every metric) and leaderboard.png in
-        ``folder``; returns {"results", "csv", "png"} → path."""
-        return report.write_files(folder, {
-            "results": (self.FILES[0], {**(extra or {}), "leaderboard": self.to_dict()}),
-            "csv": (self.FILES[1], self.long_table()), "png": (self.FILES[2], self.plot)}, force=force)
-
-
-def _names(sources: Sequence[str]) -> list[str]:
-    short = [short_name(s) for s in sources]
-    # File stems clash when files of the same name sit in different folders: fall back to the full source.
-    return [s if short.count(s) == 1 else src for s, src in zip(short, sources)]
-
-
-def evaluate_each(ingredients: Sequence[Source], evaluate: Evaluate, *, progress: bool = True) -> list[Any]:
-    """Evaluate each ingredient once (opened lazily, one at a time); returns what evaluate returned."""
-    # Under torchrun --parallel points the entries are split across ranks and every rank gets all results.
-    return sweep(lambda src: evaluate(load(src)), ingredients, evaluate,
-                 bar=lambda xs: _bar(xs, len(xs), "evaluate", progress))
-
-
-def leaderboard(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *, progress: bool = True,
-                title: str = "leaderboard", names: Sequence[str] | None = None) -> Leaderboard:
-    """Rank checkpoints by evaluate's accuracy on its first dataset (ties in input order): rows = checkpoints
-    (in-memory ones named as ``ops.engine.named_sources`` says)."""
-    ingredients = named_sources(ingredients, names)
-    results = evaluate_each(ingredients, evaluate, progress=progress)
-    tables = [as_table(r) for r in results]
-    columns = list(tables[0])
-    order, ties = rank([_score(r) for r in results])
-    sources = [load(s).source for s in ingredients]
-    names = _names(sources)
-    rows = [{"method": names[i], "kind": "checkpoint", "rank": r + 1, "source": sources[i], "metrics": tables[i]}
-            for r, i in enumerate(order)]
-    # ranked on the first data set; the others are its distribution shifts
-    return Leaderboard(columns, rows, title, {"ties": [[names[i] for i in g] for g in ties]}, shifts=columns[1:])
-
-
-def validation_view(evaluator: MultiDataset) -> Any:
-    """The same Evaluator (same model instance, same device-resident tensors) restricted to its first dataset."""
-    return evaluator.derive(datasets=[next(iter(evaluator.datasets))], keep_logits=False)
-
-
-def soup_leaderboard(ingredients: Sequence[Source] | Mapping[str, Source], evaluate: Evaluate, *,
-                     val_evaluate: Evaluate | None = None,
-                     metrics_from_logits: Callable[[dict[str, torch.Tensor]], Any] | None = None,
-                     strict: bool = False, progress: bool = True, title: str = "soup leaderboard",
-                     precision: str = "fp32", names: Sequence[str] | None = None,
-                     ) -> tuple[Leaderboard, dict[str, StateDict], GreedyResult]:
-    """Individual models, best individual on val, uniform soup, greedy soup, output and greedy ensembles.
-
-    ``evaluate(weights)`` returns Metrics over validation (first dataset) and the test sets; with
-    ``metrics_from_logits`` its Metrics must carry ``.logits`` (an Evaluator with keep_logits=True), and the two
-    ensemble rows are computed from those cached logits without further forward passes. ``val_evaluate``
-    (defaults to ``evaluate``) scores greedy candidates on validation only. Returns the leaderboard, the soups
-    {"uniform", "greedy"} and the greedy soup's decisions. In-memory ingredients are named by a mapping name →
-    state dict or by ``names`` (``ops.engine.named_sources``).
-
-    Raises:
-        ConfigError: no ingredients, bad ``names``, an unknown ``precision``, or ensembles asked for without cached logits.
-        IncompatibleCheckpoints, NonFiniteError: as the uniform and greedy soups.
-        CheckpointError, SourceError: an ingredient cannot be read.
-    """
-    ingredients = named_sources(ingredients, names)
-    if not ingredients:
-        raise ConfigError("soup leaderboard: needs at least one ingredient")
-    if isinstance(evaluate, MultiDataset):
-        if metrics_from_logits is None and evaluate.keep_logits:
-            metrics_from_logits = evaluate.metrics_from_logits
-        if val_evaluate is None and len(evaluate.datasets) > 1:
-            val_evaluate = validation_view(evaluate)
-    results = evaluate_each(ingredients, evaluate, progress=progress)
-    tables = [as_table(r) for r in results]
-    columns = list(tables[0])
-    val = columns[0]
-    val_scores = [tables[i][val]["accuracy"] for i in range(len(tables))]
-    sources = [load(s).source for s in ingredients]
-    names = _names(sources)
-    rows: list[dict] = [{"method": names[i], "kind": "individual", "source": sources[i], "metrics": tables[i]}
-                        for i in range(len(tables))]
-    order, ties = rank(val_scores)
-    best = order[0]
-    rows.append({"method": "best individual (val)", "kind": "baseline", "detail": names[best],
-                 "metrics": tables[best]})
-
-    uniform = uniform_soup(list(ingredients), precision=precision)
-    rows.append({"method": "uniform soup", "kind": "soup", "detail": f"{len(ingredients)} ingredients",
-                 "metrics": as_table(evaluate(uniform))})
-    greedy, res = greedy_soup(ingredients, val_evaluate or evaluate, strict=strict, progress=progress,
-                              scores=val_scores, precision=precision)
-    tell_members(evaluate, res.kept)
-    rows.append({"method": "greedy soup", "kind": "soup", "detail": ", ".join(names[i] for i in res.kept),
-                 "metrics": as_table(evaluate(greedy))})
-
-    if metrics_from_logits is not None:
-        logits = [getattr(r, "logits", None) for r in results]
-        if any(lg is None for lg in logits):
-            raise ConfigError("soup leaderboard: ensembles need cached logits (an Evaluator with keep_logits=True)")
-        rows.append({"method": "output ensemble", "kind": "ensemble", "detail": f"{len(logits)} models",
-                     "metrics": as_table(metrics_from_logits(mean_logits(logits)))})
-        ens, kept = greedy_ensemble(logits, val_scores, lambda lg: metrics_from_logits({val: lg[val]}),
-                                    strict=strict)
-        rows.append({"method": "greedy ensemble", "kind": "ensemble", "detail": ", ".join(names[i] for i in kept),
-                     "metrics": as_table(metrics_from_logits(ens))})
-    extra = {"val": val, "greedy": res.to_dict(), "ties": [[names[i] for i in g] for g in ties],
-             "rule": ">" if strict else ">="}
-    lb = Leaderboard(columns, rows, title, extra, shifts=columns[2:])  # val, then the test set, then its shifts
-    return lb, {"uniform": uniform, "greedy": greedy}, res
-
-
 def tell_members(evaluate: Any, members: Sequence[int], weights: Sequence[float] | None = None) -> None:
     """Tell a member-aware evaluate (``repair.FixedEvaluator``, whose REPAIR target is the mean statistics of the
     ingredients mixed) which ingredients the next evaluated weights mix; other evaluate functions ignore it."""
     if isinstance(evaluate, TellsMembers):
         evaluate.set_members(list(members), None if weights is None else list(weights))
-
-
-def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, methods: Sequence[str], *,
-               grid: Sequence[float], val_evaluate: Evaluate | None = None, keep: float = 0.2,
-               precision: str = "fp32", progress: bool = False) -> tuple[list[dict], dict[str, StateDict]]:
-    """Leaderboard rows for merges of ``ingredients`` onto ``base`` (task arithmetic, TIES): λ picked from ``grid``
-    by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
-    from .scale import search_scale
-    if val_evaluate is None:
-        val_evaluate = validation_view(evaluate) if isinstance(evaluate, MultiDataset) and len(evaluate.datasets) > 1 else evaluate
-    rows, merged = [], {}
-    for m in methods:
-        res = search_scale(m, base, ingredients, evaluate=lambda sd: _score(val_evaluate(sd)), grid=grid,
-                           precision=precision, progress=progress, **({"keep": keep} if m == "ties" else {}))
-        merged[m] = res.state_dict
-        detail = f"base {short_name(load(base).source)}, λ={res.scale:g} of {', '.join(f'{g:g}' for g in grid)} on val"
-        rows.append({"method": f"{m} (λ={res.scale:g})", "kind": "merge", "detail": detail,
-                     "scale": res.scale, "scale_scores": [list(p) for p in res.scores],
-                     "metrics": as_table(evaluate(res.state_dict))})
-    return rows, merged

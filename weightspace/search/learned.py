@@ -39,6 +39,7 @@ from ..io.outputs import StateDict, finish_provenance
 from ..ops.engine import check_compatible
 from ..ops.stream import SOUPS_PAPER
 from ..registry import Entry, register
+from .result import SearchResult
 
 __all__ = ["LearnedSoupResult", "differentiable_batchnorm", "learned_soup"]
 
@@ -113,10 +114,30 @@ def differentiable_batchnorm(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
+def _step_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int | None,
+                  seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each optimisation step's batch: all of (x, y) when ``batch_size`` is None (or covers it), else the next
+    slice of a seeded shuffle, reshuffled when too few examples remain for a whole batch."""
+    n = len(y)
+    bs = n if batch_size is None else max(1, min(int(batch_size), n))
+    g = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(n, generator=g), 0
+    while True:
+        if bs == n:
+            yield x, y
+            continue
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + bs].to(x.device)
+        pos += bs
+        yield x[idx], y[idx]
+
+
 def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorData, *, by_layer: bool = False,
                  steps: int = 100, lr: float = 0.05, batch_size: int | None = None, seed: int = 0,
-                 eval_batch_size: int = 256, progress: bool = False) -> tuple[StateDict, LearnedSoupResult]:
-    """Learn softmax-normalised mixing coefficients on ``val``; returns the soup (a state dict with provenance).
+                 eval_batch_size: int = 256, progress: bool = False) -> SearchResult[LearnedSoupResult]:
+    """Learn softmax-normalised mixing coefficients on ``val``; returns the soup (``.weights``, a state dict with
+    provenance) and the optimisation's record (``.record``); it unpacks as ``soup, record``.
 
     ``model`` is the architecture (its own weights are not used or changed); the ingredients' tensors are moved
     to its device. ``batch_size`` None (default) optimises on the whole validation set at every step; else each
@@ -135,10 +156,7 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         raise ConfigError(f"learned soup: validation data {val.name} is empty")
     cks = [load(s) for s in ingredients]
     check_compatible(cks)
-    try:
-        dev = next(model.parameters()).device
-    except StopIteration:
-        dev = torch.device("cpu")
+    dev = next(model.parameters(), torch.empty(0)).device  # a model without parameters: the CPU
     want = model.state_dict()
     missing = sorted(set(want) - set(cks[0]))
     if missing:
@@ -184,22 +202,10 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
         stack.callback(model.train, was_training)
         uniform = evaluate(coefficients().detach())
         opt = torch.optim.Adam([logits], lr=lr)
-        g = torch.Generator().manual_seed(seed)
-        bs = len(val) if batch_size is None else max(1, min(int(batch_size), len(val)))
-        order, pos = torch.randperm(len(val), generator=g), 0
-        it = range(steps)
-        if progress:
-            from ..progress import progress as _progress_bar
-            it = _progress_bar(it, desc="learned soup", unit="step")
-        for step in it:
-            if bs == len(val):
-                xb, yb = x_all, y_all
-            else:
-                if pos + bs > len(val):
-                    order, pos = torch.randperm(len(val), generator=g), 0
-                idx = order[pos:pos + bs].to(dev)
-                pos += bs
-                xb, yb = x_all[idx], y_all[idx]
+        batches = _step_batches(x_all, y_all, batch_size, seed)
+        from ..progress import progress as progress_bar
+        for step in progress_bar(range(steps), desc="learned soup", unit="step", enabled=progress):
+            xb, yb = next(batches)
             opt.zero_grad(set_to_none=True)
             loss = _loss(torch.func.functional_call(model, mixed(coefficients()), (xb,)), yb, val.multilabel)
             loss.backward()
@@ -224,7 +230,7 @@ def learned_soup(ingredients: Sequence[Source], model: nn.Module, val: TensorDat
     if by_layer:
         prov["coefficients_by_tensor"] = by_tensor
     soup.provenance = finish_provenance(prov, cks)
-    return soup, result
+    return SearchResult(soup, result)
 
 
 register(Entry("op", "learned-soup", "Learned soup", "θ = Σ_i softmax(β)_i·θ_i,  β minimising the validation loss",

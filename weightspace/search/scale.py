@@ -9,29 +9,43 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, NonFiniteError
+from ..options import EmaChoice
 from ..io.checkpoint import Source
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.engine import PRECISIONS, all_finite, finite_scalar
 from ..ops.merge import MergeMethod, apply_delta, plan_merge
+from .result import SearchResult
 
 __all__ = ["ScaleSearch", "search_scale"]
 
 
 @dataclass
 class ScaleSearch:
-    """The result of picking λ on validation data: the best scale, every score, and the merged weights."""
+    """The record of picking λ on validation data: the merge method, the best scale and every (λ, score)."""
 
+    method: str
     scale: float
     scores: list[tuple[float, float]]
-    state_dict: StateDict
+    maximize: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"method": self.method, "scale": self.scale, "maximize": self.maximize,
+                "scores": [{"scale": lam, "score": s} for lam, s in self.scores]}
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """One row per λ of the grid: λ and its score."""
+        return ["scale", "score"], [[lam, s] for lam, s in self.scores]
 
 
 def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Source], *,
                  evaluate: Callable[[Mapping[str, torch.Tensor]], float], grid: Sequence[float],
                  maximize: bool = True, negate: Sequence[bool] | None = None, precision: str = "fp32",
-                 allow_nonfinite: bool = False, progress: bool = False, ema: bool | None = None,
-                 threads: int | None = None, max_memory: int | str | None = None, **options: Any) -> ScaleSearch:
-    """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value.
+                 allow_nonfinite: bool = False, progress: bool = False, ema: EmaChoice | bool | None = None,
+                 threads: int | None = None, max_memory: int | str | None = None,
+                 **options: Any) -> SearchResult[ScaleSearch]:
+    """Pick λ from ``grid`` by ``evaluate(state_dict) -> score``; ties go to the earliest grid value. Returns the
+    merge at the chosen λ (``.weights``) and the record of the search (``.record.scale``, ``.record.scores``).
 
     The merged task vector does not depend on λ, so it is computed once (θ_pre and δ held in memory, two models'
     worth) and each candidate costs one axpy and one call of ``evaluate``.
@@ -96,4 +110,4 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
                                      f"{t.dtype} (the result holds Inf); use --allow-nonfinite to keep it anyway",
                                      path=plan.base.source, key=key)
     out.provenance = finish_provenance(prov, [plan.base, *plan.models])
-    return ScaleSearch(best[0], scores, out)
+    return SearchResult(out, ScaleSearch(m.name, best[0], scores, maximize))

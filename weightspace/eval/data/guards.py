@@ -192,19 +192,19 @@ def check_labels(y: torch.Tensor, num_classes: int | None, multilabel: bool, spe
         bad = ~((y == 0) | (y == 1))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise DataError(f"--data {spec}: multi-label targets must be 0 or 1 (example {i} holds "
-                            f"{float(y[bad][0])})", path=spec)
+            raise DataError(f"data={spec}: multi-label targets must be 0 or 1 (example {i} holds "
+                            f"{float(y[bad][0])})", path=spec, param="data")
         return
     if y.is_floating_point() and not bool((y == y.round()).all()):
         i = int((y != y.round()).nonzero()[0, 0])
-        raise DataError(f"--data {spec}: label {float(y[i])} of example {i} is not a class index", path=spec)
+        raise DataError(f"data={spec}: label {float(y[i])} of example {i} is not a class index", path=spec, param="data")
     hi = num_classes if num_classes is not None else int(y.max()) + 1
     bad = (y < 0) | (y >= hi)
     if bool(bad.any()):
         idx = bad.nonzero().flatten()
         i = int(idx[0])
-        raise DataError(f"--data {spec}: label {int(y[i])} of example {i} lies outside the class range 0..{hi - 1} "
-                        f"({len(idx)} example(s))", path=spec)
+        raise DataError(f"data={spec}: label {int(y[i])} of example {i} lies outside the class range 0..{hi - 1} "
+                        f"({len(idx)} example(s))", path=spec, param="data")
 
 
 def int_option(opts: dict[str, str], key: str, spec: str, *, lo: int = 1, hi: int | None = None) -> int | None:
@@ -219,8 +219,8 @@ def int_option(opts: dict[str, str], key: str, spec: str, *, lo: int = 1, hi: in
     try:
         v = int(text)
     except ValueError:
-        raise ConfigError(f"--data {spec}: {key}={opts[key]} is not an integer") from None
+        raise ConfigError(f"data={spec}: {key}={opts[key]} is not an integer", param="data") from None
     if v < lo or (hi is not None and v > hi):
         rng = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"--data {spec}: {key}={v} must be {rng}")
+        raise ConfigError(f"data={spec}: {key}={v} must be {rng}", param="data")
     return v

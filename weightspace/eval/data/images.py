@@ -173,20 +173,20 @@ def load_images(spec: str, base: str, opts: dict[str, str], *, model: torch.nn.M
         DataError: an image cannot be decoded (naming its file) and ``skip_bad`` is false.
     """
     if decoder not in DECODERS:
-        raise ConfigError(f"--data {spec}: unknown decoder '{decoder}' ({', '.join(DECODERS)})")
+        raise ConfigError(f"data={spec}: unknown decoder '{decoder}' ({', '.join(DECODERS)})", param="data")
     source = open_source(base, opts, spec)
     pipe = pixel_pipeline(transform or model_transform(model))
     dev = torch.device(device) if device is not None else None
     if decoder == "gpu" and (dev is None or dev.type != "cuda"):
         dev = torch.device("cuda") if torch.cuda.is_available() else None
         if dev is None:
-            raise ConfigError(f"--data {spec}: decoder=gpu needs CUDA")
+            raise ConfigError(f"data={spec}: decoder=gpu needs CUDA", param="data")
     identity = source.identity()
     if verify_content():  # the user asked for content, not path/size/mtime, to decide what changed
         try:
             identity["content"] = content_digest(source.content_files())
         except OSError as e:
-            raise ConfigError(f"--data {spec}: cannot read a source file to verify its content ({e})") from None
+            raise ConfigError(f"data={spec}: cannot read a source file to verify its content ({e})", param="data") from None
     key = entry_key(identity, pipe.description, source.classes, _decoder_id(decoder))
     folder = cache_dir()
     if folder is not None:

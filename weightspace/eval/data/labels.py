@@ -135,7 +135,7 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
         DataError: a dataset class has no model class (naming the classes), or the map file does not fit.
     """
     if pool not in POOLS:
-        raise DataError(f"--data {spec}: pool={pool}: expected {' or '.join(POOLS)}")
+        raise DataError(f"data={spec}: pool={pool}: expected {' or '.join(POOLS)}", param="data")
     names = list(d.meta.get("classes") or [str(i) for i in range(d.num_classes or 0)])
     n_out = model_outputs(model)
     known = model_classes(model)
@@ -156,9 +156,9 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
     else:
         missing = [c for c in names if _norm(c) not in index]
         if missing:
-            raise DataError(f"--data {spec}: {len(names)} classes for a model with {n_out} outputs, and "
+            raise DataError(f"data={spec}: {len(names)} classes for a model with {n_out} outputs, and "
                             f"{len(missing)} are not among the model's classes: {_sample(missing)} "
-                            f"(map them with ?classes=FILE)", path=spec)
+                            f"(map them with ?classes=FILE)", path=spec, param="data")
         groups = [[index[_norm(c)]] for c in names]
     return replace(d, label_map=groups, meta={**d.meta, "pool": pool, "label_map": groups})
 

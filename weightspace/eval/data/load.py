@@ -61,7 +61,7 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
     else:
         path = Path(os.path.expanduser(base))
         if not path.exists() and not path.is_symlink():
-            raise ConfigError(f"--data {spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})")
+            raise ConfigError(f"data={spec}: no such file or folder (built-ins: {', '.join(f'{b}[:split]' for b in BUILTINS)})", param="data")
         require_regular(path, "a tensors file")  # a FIFO would block the reader forever
         d = read_tensor_file(path, spec)
     if not d.multilabel:

@@ -276,7 +276,7 @@ class WebDatasetSource(_TarMembers):
                 targets.append(label)
                 members.append((str(shard), s["img"]))
         if not members:
-            raise ConfigError(f"--data {spec}: no samples with an image and a cls member in {len(shards)} shard(s)")
+            raise ConfigError(f"data={spec}: no samples with an image and a cls member in {len(shards)} shard(s)", param="data")
         self.members = members
         self.targets = np.asarray(targets, dtype=np.int64)
         names = shards[0].parent / "classnames.txt"
@@ -325,26 +325,26 @@ class HFDatasetSource(ImageSource):
             else:
                 ds = datasets.load_dataset(name, split=split) if split else datasets.load_dataset(name)
         except FileNotFoundError as e:
-            raise ConfigError(f"--data {spec}: no such dataset in the local cache or on disk ({e})") from None
+            raise ConfigError(f"data={spec}: no such dataset in the local cache or on disk ({e})", param="data") from None
         except ConnectionError:  # offline (HF_HUB_OFFLINE=1) or no network, and load_dataset found no cached copy
-            raise ConfigError(f"--data {spec}: not in the local HF datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
-                              f"and the Hub cannot be reached") from None
+            raise ConfigError(f"data={spec}: not in the local HF datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                              f"and the Hub cannot be reached", param="data") from None
         except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ValueError)
-            raise ConfigError(f"--data {spec}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ConfigError(f"data={spec}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0]})", param="data") from None
         if isinstance(ds, datasets.DatasetDict):
             splits = list(ds)
             pick = split or ("validation" if "validation" in ds else "test" if "test" in ds else None)
             if pick not in ds:
-                raise ConfigError(f"--data {spec}: pick a split with hfds/NAME:SPLIT (it has {', '.join(splits)})")
+                raise ConfigError(f"data={spec}: pick a split with hfds/NAME:SPLIT (it has {', '.join(splits)})", param="data")
             ds, split = ds[pick], pick
         feats = ds.features
         image_cols = [k for k, f in feats.items() if isinstance(f, datasets.Image)]
         if not image_cols:
-            raise ConfigError(f"--data {spec}: no image column (columns: {', '.join(feats)})")
+            raise ConfigError(f"data={spec}: no image column (columns: {', '.join(feats)})", param="data")
         labels = [k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)]
         labels += [k for k in ("label", "labels", "cls", "target") if k in feats and k not in labels]
         if not labels:
-            raise ConfigError(f"--data {spec}: no label column (a ClassLabel, or one named label/cls/target)")
+            raise ConfigError(f"data={spec}: no label column (a ClassLabel, or one named label/cls/target)", param="data")
         self.image_col, self.label_col = image_cols[0], labels[0]
         self.split = split
         self.ds = ds.cast_column(self.image_col, datasets.Image(decode=False))  # bytes here, pixels by PIL
@@ -386,10 +386,10 @@ class CifarSource(ImageSource):
         """
         from torchvision import datasets as tvd
         if not root:
-            raise ConfigError(f"--data {spec}: give the folder holding cifar-10-batches-py (or cifar-100-python) "
-                              f"with ?root=DIR")
+            raise ConfigError(f"data={spec}: give the folder holding cifar-10-batches-py (or cifar-100-python) "
+                              f"with ?root=DIR", param="data")
         if split not in ("train", "test"):
-            raise ConfigError(f"--data {spec}: unknown split '{split}' (train, test)")
+            raise ConfigError(f"data={spec}: unknown split '{split}' (train, test)", param="data")
         cls = tvd.CIFAR10 if which == "cifar10" else tvd.CIFAR100
         self.spec, self.root = spec, Path(os.path.expanduser(root))
         for name, _ in cls.train_list if split == "train" else cls.test_list:

