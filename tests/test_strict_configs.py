@@ -116,6 +116,9 @@ RECIPE_CASES = {
     "fraction for an integer": ("pretrain: {epochs: 2.5}\n", "epochs: must be an integer"),
     "string for a number": ("pretrain: {lr: fast}\n", "lr: must be a number"),
     "alias": ("pretrain: &p {epochs: 2}\nfinetune: *p\n", "anchors and aliases"),
+    "batch size 0": ("finetune: {batch_size: 0}\n", "batch_size: 0 is out of range [1, inf]"),
+    "negative threads": ("threads: -2\n", "threads: -2 is out of range [0, inf]"),
+    "momentum over 1": ("pretrain: {momentum: 2}\n", "momentum: 2 is out of range [0, 1]"),
 }
 
 

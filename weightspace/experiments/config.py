@@ -42,17 +42,25 @@ def merge_config(base: dict, extra: dict, where: str, strict: bool = True) -> di
 _COUNTS = ("epochs", "batch_size", "steps", "seed", "threads", "per_class", "folds", "width", "workers", "repeats")
 
 
+# ranges of the training and analysis keys every kind shares, checked when the file is read (before any training)
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "batch_size": (1, None), "epochs": (0, None), "threads": (0, None), "lr": (0, None), "weight_decay": (0, None),
+    "momentum": (0, 1), "steps": (2, None), "train_per_class": (1, None), "folds": (2, None), "width": (1, None)}
+
+
 def _typed(value: Any, default: Any, where: str) -> Any:
     """``value`` checked against the type of the kind's default: a boolean stays a boolean, a number a finite
-    number (an integer where the default is one); other defaults (None, strings, lists) are checked by the kind."""
-    if value is None or default is None:
+    number (an integer where the default is a count, in range for the shared training keys, even where the default
+    is None); other defaults (None, strings, lists) are checked by the kind."""
+    key = where.rsplit(": ", 1)[-1]
+    if value is None or (default is None and key not in _RANGES):
         return value
     if isinstance(default, bool):
         return as_bool(value, where)
-    if isinstance(default, (int, float)):
-        count = isinstance(default, int) and where.rsplit(": ", 1)[-1].endswith(_COUNTS)
-        as_number(value, where, integer=count)
-        return value
+    if default is None or isinstance(default, (int, float)):
+        count = isinstance(default, int) and key.endswith(_COUNTS) or (default is None and key.endswith(_COUNTS))
+        lo, hi = _RANGES.get(key, (None, None))
+        as_number(value, where, lo, hi, integer=count)
     return value
 
 

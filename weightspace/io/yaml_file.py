@@ -165,6 +165,7 @@ def as_number(value: Any, where: str, lo: float | None = None, hi: float | None 
     if integer and value != int(value):
         raise ConfigError(f"{where}: must be an integer, not {value!r}")
     if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
-        span = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo:g}, {'inf' if hi is None else hi:g}]"
+        low, high = "-inf" if lo is None else f"{lo:g}", "inf" if hi is None else f"{hi:g}"
+        span = f"{'(' if lo_open else '['}{low}, {high}]"
         raise ConfigError(f"{where}: {value!r} is out of range {span}")
     return value
