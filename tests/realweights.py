@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# module → the wheel that ships it (all are in pyproject.toml's test extra)
+# module → the wheel that ships it (`make install` adds each, as WEIGHT_WHEELS in the Makefile)
 WHEELS = {
     "resemblyzer": "Resemblyzer",
     "chgnet": "chgnet",
@@ -22,10 +22,10 @@ def wheel_file(module: str, *parts: str) -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     path = Path(locations[0]).joinpath(*parts) if locations else None
     if path is None or not path.is_file():
-        pytest.skip(f"real weights not installed: pip install {WHEELS.get(module, module)} (the test extra has it)")
+        pytest.skip(f"real weights not installed: pip install {WHEELS.get(module, module)} (make install adds it)")
     return path
 
 
 def needs(module: str) -> None:
     """Skip unless the library ``module`` (sentence_transformers, transformers, torchvision) imports."""
-    pytest.importorskip(module, reason=f"{module} is not installed (the test extra has it)")
+    pytest.importorskip(module, reason=f"{module} is not installed (make install adds it)")

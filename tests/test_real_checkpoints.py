@@ -175,3 +175,11 @@ def test_plain_nested_state_dict_is_still_flattened(tmp_path):
     path = tmp_path / "nested.pt"
     torch.save({"encoder": {"w": torch.ones(2)}, "decoder": {"w": torch.zeros(2)}}, path)
     assert set(load(path)) == {"encoder.w", "decoder.w"}
+
+
+def test_python_api_picks_an_entry_with_key():
+    """In memory as on disk: an ambiguous training dict is refused naming ``key=``, and ``key=`` picks."""
+    both = {"model": SD, "model_state": {k: v * 2 for k, v in SD.items()}, "optimizer": _opt_state()}
+    with pytest.raises(CheckpointError, match=r"key='model_state'"):
+        load(both)
+    assert torch.equal(load(both, key="model_state")["fc.weight"], SD["fc.weight"] * 2)

@@ -28,10 +28,11 @@ def training_role(name: str, value: Any) -> str | None:
     """What a training checkpoint's entry is when it is not weights: "optimizer" (a state dict with ``state``
     and ``param_groups``, or a list of them), "scheduler", "scaler" (AMP's GradScaler), "metadata" (scalars,
     strings, configs without tensors); None for weights or anything unknown."""
-    if isinstance(value, (list, tuple)) and value:
-        roles = {training_role(name, v) for v in value[:16]}
-        return roles.pop() if len(roles) == 1 and None not in roles and "metadata" not in roles else (
-            None if _holds_tensor(value) else "metadata")
+    if isinstance(value, (list, tuple)):  # Lightning keeps one state per optimizer and scheduler in a list
+        roles = {training_role(name, v) if isinstance(v, Mapping) else "other" for v in value[:16]}
+        if len(roles) == 1 and roles <= {"optimizer", "scheduler", "scaler"}:
+            return roles.pop()
+        return None if _holds_tensor(value) else "metadata"
     if isinstance(value, Mapping):
         keys = set(value)
         if {"state", "param_groups"} <= keys:
@@ -121,8 +122,9 @@ def _dropped_note(dropped: dict[str, str]) -> str:
 
 def _ambiguous(path: str, names: list[str], trail: str) -> CheckpointError:
     at = f"{trail}/" if trail else ""
+    how = f"load(..., key='{at}{names[0]}')" if path.startswith("<") else f"'{path}?key={at}{names[0]}'"
     return CheckpointError(f"{path}: holds weights under several entries ({', '.join(repr(at + n) for n in names)}); "
-                           f"pick one with '{path}?key={at}{names[0]}'", path=path)
+                           f"pick one with {how}", path=path)
 
 
 def _step(obj: Mapping, path: str, ema: str | bool, trail: str) -> tuple[Any, str, bool] | None:

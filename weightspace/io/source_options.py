@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 from ..errors import SourceError
 from ..options import EMA_CHOICES, EmaChoice, ema_choice
 
-__all__ = ["SOURCE_OPTIONS", "EMA_CHOICES", "SCHEME_PREFIXES", "SourceOptions", "set_default_options",
+__all__ = ["SOURCE_OPTIONS", "SCHEME_PREFIXES", "SourceOptions", "set_default_options",
            "default_options_for", "default_options", "split_options", "split_query", "options_for"]
 
 # The prefixes of the source strings that are not local paths (resolved in sources.SCHEMES).
@@ -101,9 +101,9 @@ def split_query(spec: str) -> tuple[str, dict[str, str]]:
     return name, dict(parse_qsl(q))
 
 
-def options_for(ema: EmaChoice | bool | None, strip_prefix: str | None) -> SourceOptions:
-    """The options of ``load(src, ema=, strip_prefix=)``: each None keeps the process default."""
+def options_for(ema: EmaChoice | bool | None, strip_prefix: str | None, key: str | None = None) -> SourceOptions:
+    """The options of ``load(src, ema=, strip_prefix=, key=)``: each None keeps the process default."""
     base = default_options()
     return SourceOptions(ema=ema_choice(ema, base.ema),
                          strip_prefix=base.strip_prefix if strip_prefix is None else (strip_prefix or None),
-                         key=base.key)
+                         key=base.key if key is None else (key or None))

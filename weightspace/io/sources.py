@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 
 from ..errors import SourceError
+from ..options import EmaChoice
 from .checkpoint import Checkpoint, Resolved, Source, from_tensors, open_resolved
 from .containers import unwrap
 from .hub_sources import resolve_hub
 from .libraries import resolve_open_clip, resolve_timm
 from .local import resolve_local
-from ..options import EmaChoice
 from .source_options import SourceOptions, options_for, split_options
 
 __all__ = ["SCHEMES", "resolve", "short_name", "open_checkpoint", "load"]
@@ -67,7 +67,8 @@ def open_checkpoint(source: str, options: SourceOptions) -> Checkpoint:
     return ck
 
 
-def load(src: Source, *, ema: EmaChoice | bool | None = None, strip_prefix: str | None = None) -> Checkpoint:
+def load(src: Source, *, ema: EmaChoice | bool | None = None, strip_prefix: str | None = None,
+         key: str | None = None) -> Checkpoint:
     """Open any source (path, source string, Checkpoint, state dict, nn.Module) as a lazy Checkpoint.
 
     Args:
@@ -79,21 +80,23 @@ def load(src: Source, *, ema: EmaChoice | bool | None = None, strip_prefix: str 
             follows the process default (regular weights; the CLI's ``--ema`` sets "prefer").
             ``?ema=1`` on a source requires EMA weights of it, ``?ema=0`` takes its regular ones.
         strip_prefix: keep only keys starting with it, with it removed (None: the process default, usually none).
+        key: the entry of a training checkpoint that holds the weights ('model_state', 'model/state_dict'), for a
+            layout with several candidates (``?key=`` on a source string says the same).
 
     Raises:
         SourceError: the source string cannot be resolved (unknown scheme, missing file, Hub failure).
         CheckpointError: a file is unreadable, corrupt, holds no tensors, or lacks what was asked (EMA weights,
-            the prefix).
+            the prefix, the entry ``key``), or holds weights under several entries and no ``key`` picks one.
         UnsafeCheckpoint: a pickle needs more than tensors to load.
         TypeError: ``src`` is none of the above.
     """
     if isinstance(src, Checkpoint):
         return src
-    opts = options_for(ema, strip_prefix)
+    opts = options_for(ema, strip_prefix, key)
     if isinstance(src, torch.nn.Module):
         return from_tensors(f"<{type(src).__name__}>", dict(src.state_dict()), "", [])
     if isinstance(src, Mapping):
-        flat, variant = unwrap(src, "<state dict>", opts.ema)
+        flat, variant = unwrap(src, "<state dict>", opts.ema, key)
         ck = from_tensors("<state dict>", flat, variant, [])
         # only an explicit prefix: weights in memory are usually an op's result, already in the model's names
         return ck.strip_prefix(strip_prefix) if strip_prefix else ck

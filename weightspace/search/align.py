@@ -271,7 +271,7 @@ def align(a: Source, b: Source, model: nn.Module, *, method: str = "weights", da
         if bad:
             raise IncompatibleCheckpoints(f"{ck.source}: key '{bad[0]}' has shape {list(ck.info(bad[0])[1])}, "
                                           f"the model has {list(want[bad[0]].shape)}", path=ck.source, key=bad[0])
-    sa, sb = ca.to_dict(), cb.to_dict()
+    sa, sb = ca.materialise(), cb.materialise()
     if method == "weights":
         perms, extra = weight_matching(sa, sb, spec, seed=seed, max_rounds=max_rounds, progress=progress)
     else:
