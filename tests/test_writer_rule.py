@@ -209,3 +209,21 @@ def test_one_place_builds_the_refusal():
     hits = [str(p.relative_to(root)) for d in ("weightspace", "cli") for p in sorted((root / d).rglob("*.py"))
             if "use --force to" in p.read_text(encoding="utf-8")]
     assert hits == ["weightspace/files.py"], hits
+
+
+@pytest.mark.slow  # two demo runs (--small)
+def test_the_demo_touches_only_its_own_files(cli, tmp_path):
+    """The same property for the demo, whose run folder has sub-folders (ckpts/, soups/) and a manifest."""
+    out, outside = tmp_path / "demo", tmp_path / "outside.txt"
+    assert cli("demo", "--small", "--out", out, "--quiet").exit_code == 0
+    ours = set(snapshot(out)) | {MANIFEST_NAME}
+    outside.write_text("a secret")
+    (out / "notes.txt").write_text("mine")
+    (out / "ckpts" / "link.safetensors").symlink_to(outside)
+    before = snapshot(out)
+    r = cli("demo", "--small", "--out", out, "--quiet")
+    assert r.exit_code == 2 and REFUSED in r.stderr and snapshot(out) == before
+    assert cli("demo", "--small", "--out", out, "--quiet", "--force").exit_code == 0
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k not in ours} == {k: v for k, v in before.items() if k not in ours}
+    assert outside.read_text() == "a secret"
