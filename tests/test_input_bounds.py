@@ -61,3 +61,15 @@ def test_a_config_must_be_a_regular_file(verb, tmp_path, cli, alarm):
         ("recipe", "run", fifo, "--out", tmp_path / "run")
     one_line(cli(*args), "not a regular")
     assert not (tmp_path / "run").exists()
+
+
+def test_one_huge_label_does_not_make_a_billion_classes(tmp_path, cli):
+    """A label names its class by index: one label of 10**9 in a small file is refused, not a 10**9-way head."""
+    from weightspace.errors import ConfigError
+    from weightspace.eval import load_data
+    p = tmp_path / "t.pt"
+    torch.save({"x": torch.zeros(3, 4), "y": torch.tensor([0, 1, 10 ** 9])}, p)
+    with pytest.raises(ConfigError, match="implies 1,000,000,001 classes"):
+        load_data(str(p), progress=False)
+    torch.save({"x": torch.zeros(3, 4), "y": torch.tensor([0, 1, 2])}, p)  # negative control
+    assert load_data(str(p), progress=False).num_classes == 3

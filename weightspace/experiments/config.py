@@ -27,7 +27,9 @@ def merge_config(base: dict, extra: dict, where: str, strict: bool = True) -> di
     for k, v in extra.items():
         if strict and k not in base:
             raise unknown_key(where, k, [str(x) for x in base])
-        if strict and isinstance(base.get(k), dict) and not isinstance(v, dict) and (v is not None or base[k]):
+        if strict and isinstance(base.get(k), dict) and v is None:
+            continue  # an empty section (`analyses:`) keeps the defaults
+        if strict and isinstance(base.get(k), dict) and not isinstance(v, dict):
             raise ConfigError(f"{where}: {k} must be a mapping, not {v!r}")
         if strict and isinstance(base.get(k), list) and isinstance(v, (bool, int, float)):
             raise ConfigError(f"{where}: {k} must be a list, not {v!r}")
