@@ -54,7 +54,12 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
 @force_option("Overwrite FILE.")
 def summary(runs: tuple[str, ...], output: str | None, title: str, force: bool) -> None:
     """One Markdown page of every finding (verdict and numbers) of recipe runs, read from their results.json."""
+    from pathlib import Path
+
     from weightspace.experiments.summary import summarise
+    from weightspace.files import check_targets
+    if output is not None:  # before reading: an existing page, or one of the runs' results.json, is refused
+        check_targets([output], force, inputs=[Path(r) / "results.json" for r in runs])
     page = summarise(runs, title=title)
     if output is None:
         echo(page)

@@ -227,3 +227,12 @@ def test_the_demo_touches_only_its_own_files(cli, tmp_path):
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k not in ours} == {k: v for k, v in before.items() if k not in ours}
     assert outside.read_text() == "a secret"
+
+
+def test_recipe_summary_never_writes_over_a_run_it_reads(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"findings": []}')
+    r = cli("recipe", "summary", run, "-o", run / "results.json", "--force")
+    assert r.exit_code == 2 and "is also an input of this run" in r.stderr, r.stderr
+    assert (run / "results.json").read_text() == '{"findings": []}'
