@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/soup_io.py
 	$(BIN)/python bench/pt_memory.py
 	$(BIN)/python bench/eval_overhead.py
+	$(BIN)/python bench/cli_startup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -43,6 +43,12 @@ def note(msg: str, quiet: bool = False) -> None:
         echo(msg, err=True)
 
 
+def batch_note(ev: Any, quiet: bool = False) -> None:
+    """Note the evaluation batch size when the Evaluator chose it (CPU, no --batch-size)."""
+    if getattr(ev, "batch_note", None):
+        note(ev.batch_note, quiet)
+
+
 def dtype_note(stream: Any, dtype: str | None, quiet: bool = False) -> None:
     """Note the tensors an op wrote in a wider dtype than some input's (unless --dtype chose the output dtype)."""
     from weightspace.ops.engine import dtype_note as _dtype_note

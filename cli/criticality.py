@@ -42,7 +42,7 @@ def criticality(final: str, init: str, data: DataOptions, grouping: str | None, 
     from weightspace.eval.build import data_transform, load_datasets, model_factory
     from weightspace.eval.evaluator import Evaluator
 
-    from .common import emit, parse_floats, parse_grid, precheck
+    from .common import batch_note, emit, parse_floats, parse_grid, precheck
     precheck(out_dir, force)
     rng = parse_floats(sigma_range, "--sigma-range")
     if len(rng) != 2:
@@ -50,6 +50,7 @@ def criticality(final: str, init: str, data: DataOptions, grouping: str | None, 
     datasets = load_datasets([data.one("criticality")], device=model.device, transform=data_transform(data))
     factory = model_factory(model, final, datasets)
     ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
+    batch_note(ev, quiet)
     recal = (load_datasets([recalibrate_bn], device=model.device, transform=data_transform(data))[0]
              if recalibrate_bn else None)
     r = module_criticality(final, init, ev, modules=grouping, epsilon=epsilon, relative_epsilon=relative_epsilon,

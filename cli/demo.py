@@ -38,6 +38,9 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
     lb = r["leaderboard"]
     echo(f"## {lb.title}\n")
     echo(markdown_table(*lb.table("accuracy")))
+    echo("\npaired on the same test examples (per-row intervals above can overlap where the difference is clear):")
+    for c in r["paired_vs_best"]["methods"].values():
+        echo(f"- {c['text']}")
     g = r["greedy"]
     echo(f"\ngreedy soup kept {len(g['kept'])}/{len(g['ranking'])} ingredients: "
                + ", ".join(k.rsplit("/", 1)[-1] for k in g["kept"]))
@@ -47,7 +50,9 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
                f"{r['data']['val']} and {r['data']['test'][0]} (val {r['data']['examples']['val']}, test "
                f"{r['data']['examples']['test']} examples)")
     ft = reg["finetune_vs_scratch"]
-    echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']})")
+    echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} ({ft['text']}); paired on the "
+               f"same examples: {ft['paired']['text']}")
+    echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
     band = reg["lr_band"]
     echo(f"- learning-rate band: every ingredient within {band['within']:.2f} of the best val accuracy: "
                f"{'yes' if band['ok'] else 'no'} (largest gap {max(band['gap_to_best']):.4f})")

@@ -47,7 +47,7 @@ def head2toe(checkpoint: str, model: ModelOptions, data: DataOptions, layers: st
     assert model.model and data.train  # click requires both
     res = run_h2t(checkpoint, model.model, data.train, data.one("head2toe"), layers=layers, keep=fractions,
                   target=target, coef=coef, folds=folds, seed=seed, l2=l2, max_iter=max_iter, lasso_iters=lasso_iters,
-                  device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,
+                  device=model.device, batch_size=model.batch_size or 256, cache_dir=cache_dir,
                   num_classes=model.num_classes, in_chans=model.in_chans, progress=not quiet)
     payload = write_report(out_dir, "head2toe", res, force=force, quiet=quiet)
     headers, rows = res.table()

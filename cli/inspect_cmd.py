@@ -1,6 +1,8 @@
 """weightspace inspect CKPT"""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .common import echo, human_bytes, markdown_table, print_json, report_options
@@ -16,38 +18,26 @@ __all__ = ["inspect_cmd"]
 @report_options
 def inspect_cmd(source: str, ops: OpOptions, limit: int, as_json: bool, quiet: bool) -> None:
     """Keys, shapes, dtypes, #params, bytes and provenance metadata of SOURCE."""
-    import weightspace as ws
-    ck = ws.load(source, ema=ops.ema)
-    tensors = []
-    for k in ck:
-        dtype, shape = ck.info(k)
-        tensors.append({"key": k, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
-                        **({"tied_to": ck.aliases[k]} if k in ck.aliases else {})})
-    info = {
-        "source": ck.source,
-        "files": [str(f) for f in ck.files],
-        "variant": ck.variant or None,
-        "num_tensors": len(ck),
-        "num_params": ck.num_params,
-        "bytes": ck.nbytes,
-        "tied": ck.aliases,
-        "provenance": ck.provenance,
-        "metadata": {k: v for k, v in ck.metadata.items() if k != "weightspace"},
-        "tensors": tensors,
-    }
+    from weightspace.io.describe import describe  # a plain safetensors file: its header alone, no torch
+    info, note = describe(source, ema=ops.ema, strip_prefix=ops.strip_prefix)
     if as_json:
         print_json(info)
         return
-    echo(f"source:   {ck.source}" + (f"  ({ck.note})" if ck.note else ""))
-    if ck.variant:
-        echo(f"variant:  {ck.variant}")
-    echo(f"tensors:  {len(ck)}")
-    echo(f"params:   {ck.num_params:,}")
-    echo(f"bytes:    {ck.nbytes:,} ({human_bytes(ck.nbytes)})")
-    for alias, canon in ck.aliases.items():
+    _render(info, note, limit)
+
+
+def _render(info: dict[str, Any], note: str, limit: int) -> None:
+    tensors = info["tensors"]
+    echo(f"source:   {info['source']}" + (f"  ({note})" if note else ""))
+    if info["variant"]:
+        echo(f"variant:  {info['variant']}")
+    echo(f"tensors:  {info['num_tensors']}")
+    echo(f"params:   {info['num_params']:,}")
+    echo(f"bytes:    {info['bytes']:,} ({human_bytes(info['bytes'])})")
+    for alias, canon in info["tied"].items():
         echo(f"tied:     {alias} = {canon}")
-    if ck.provenance:
-        p = ck.provenance
+    if info["provenance"]:
+        p = info["provenance"]
         echo(f"provenance: op={p.get('op')} weightspace={p.get('weightspace_version')}")
         for ing, c in zip(p.get("ingredients", []), p.get("coefficients", [None] * len(p.get("ingredients", [])))):
             coef = f"{c:.4g} × " if isinstance(c, (int, float)) else ""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import echo, dtype_note, note, parse_floats, print_json, report_options, require
+from .common import echo, batch_note, dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
@@ -45,6 +45,7 @@ def interpolate(checkpoints: tuple[str, ...], alpha: float | None, model: ModelO
     peak over the ends' mean). --pair C D overlays more pairs on the same plot. --align adds, for every pair,
     the curve from A to B permuted to match A; results.json in --out then compares both barriers.
     """
+    ops.check_buffers(fix.recalibrate_bn, "interpolate")
     if len(checkpoints) not in (0, 2):
         raise click.UsageError(f"expected two checkpoints A B, got {len(checkpoints)}")
     if alpha is not None:
@@ -99,7 +100,8 @@ def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_
         check_outputs(out_dir, CurveSet.FILES + (("results.json",) if align_method else ()), force)
     grid = parse_floats(alphas, "--alphas") if alphas else None
     transform = data_transform(data)
-    ev = build_evaluator(model, list(data.data), transform=transform)
+    ev = build_evaluator(model, list(data.data), transform=transform, checkpoint=pairs[0][0])
+    batch_note(ev, quiet)
     fix = {k: load_data(s, model=ev.model, transform=transform) if s else None
            for k, s in (("recalibrate_bn", recal_spec), ("repair", repair_spec), ("align_data", align_spec))}
     cmp = barrier_curves(pairs, ev, steps=steps, alphas=grid, align_method=align_method, ops=ops,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import echo, print_json, report_options, require
+from .common import echo, batch_note, print_json, report_options, require
 from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 __all__ = ["leaderboard"]
@@ -34,7 +34,8 @@ def leaderboard(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOpt
     require(data.data, "--data", "to evaluate checkpoints")
     if out_dir:
         check_outputs(out_dir, Leaderboard.FILES, force)
-    ev = build_evaluator(model, list(data.data), transform=data_transform(data))
+    ev = build_evaluator(model, list(data.data), transform=data_transform(data), checkpoint=checkpoints[0])
+    batch_note(ev, quiet)
     lb = rank_checkpoints([load(c, ema=ops.ema) for c in checkpoints], ev, progress=not quiet)
     results = {"command": "leaderboard", "model": model.model, "data": list(data.data)}
     paths = {k: str(v) for k, v in lb.write(out_dir, force=force, extra=results).items()} if out_dir else {}

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import echo, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
+from .common import echo, batch_note, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import (DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice, force_option,
                       merge_method_names, op_options, use)
 
@@ -39,6 +39,10 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, merge
           as_json: bool, quiet: bool) -> None:
     """Merge fine-tuned MODELS that share the pre-trained --base, streamed tensor by tensor."""
     base, keep, scales = merge_opts.base, merge_opts.keep, merge_opts.scales
+    if ops.buffers == "recalibrate":
+        raise click.UsageError("--buffers recalibrate: merge has no data to re-estimate statistics on; write the "
+                               "merge with --buffers mean (or first) and give it to soup or interpolate with "
+                               "--recalibrate-bn DATA")
     from weightspace.ops import merge as merging
     from weightspace import save
     if config:
@@ -98,7 +102,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
     cfg = read_mergekit_config(config)
     for line in cfg.notes:
         note(f"{config}: {line}", quiet)
-    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite)
+    stream = merge_from_config(cfg, progress=not quiet, allow_nonfinite=ops.allow_nonfinite, buffers=ops.buffer_policy())
     kwargs = out.save_kwargs()
     kwargs["dtype"] = kwargs["dtype"] or cfg.out_dtype
     path = save(stream, out.target(), force=force, **kwargs)
@@ -124,11 +128,13 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
 
     from .common import markdown_table
     val_spec = require(data.val, "--val", "to pick λ (with --model)")
-    ev = build_evaluator(model, [val_spec], transform=data_transform(data))
+    ev = build_evaluator(model, [val_spec], transform=data_transform(data), checkpoint=base)
+    batch_note(ev, quiet)
     sources = [load(m, ema=ops.ema) for m in list(models) + list(negate)]
     res = search_scale(method, load(base, ema=ops.ema), sources, evaluate=lambda sd: float(ev(sd)), grid=grid,
                        negate=[False] * len(models) + [True] * len(negate), precision=ops.precision,
-                       allow_nonfinite=ops.allow_nonfinite, progress=not quiet, **options)
+                       allow_nonfinite=ops.allow_nonfinite, progress=not quiet, buffers=ops.buffer_policy(),
+                       **options)
     path = save(res.weights, out.target(), force=force, **out.save_kwargs(), provenance={"val": val_spec})
     rec = res.record
     result = {"output": str(path), "method": method, "scale": rec.scale, "val": val_spec,

@@ -22,8 +22,8 @@ def methods(family: str | None, as_json: bool, quiet: bool) -> None:
 
     docs/methods.md is this command's output.
     """
-    from weightspace.experiments.runner import catalogue
-    entries = catalogue(family)
+    from weightspace.registry import static_entries  # the registry's fields, read without torch
+    entries = static_entries(family)
     if as_json:
         print_json([e.to_dict() for e in entries])
         return

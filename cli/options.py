@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import MISSING
 from typing import Any, Callable, Iterable, Mapping
 
@@ -33,15 +34,19 @@ class RegistryChoice(click.Choice):
 
 
 def merge_method_names() -> list[str]:
-    """The registered merge methods (``weightspace merge --method``, ``soup --merge``)."""
-    from weightspace.ops.merge import method_names
-    return method_names()
+    """The registered merge methods (``weightspace merge --method``, ``soup --merge``), read from the registry's
+    catalogue so that ``merge --help`` needs no torch."""
+    from weightspace.registry import static_entries
+    return [e.name for e in static_entries("merge")]
 
 
 def soup_method_names() -> list[str]:
-    """The soups ``weightspace soup --method`` makes, each a registered op (``search.soups.SOUP_METHODS``)."""
-    from weightspace.search.soups import soup_methods
-    return soup_methods()
+    """The soups ``weightspace soup --method`` makes (``options.SOUP_METHODS``) whose ops the registry's catalogue
+    lists, read without torch."""
+    from weightspace.options import SOUP_METHODS
+    from weightspace.registry import static_entries
+    ops = {e.name for e in static_entries("op")}
+    return [short for short, op in SOUP_METHODS.items() if op in ops]
 
 
 def _click_type(meta: Mapping[str, Any]) -> Any:
@@ -70,10 +75,15 @@ def use(cls: type, dest: str, *, only: Iterable[str] | None = None, required: It
             kw[dest] = cls(**{fl.name: kw.pop(fl.name) for fl in chosen})
             if cls is DataOptions:  # how images are decoded, for every load_data of this command wherever it is
                 from weightspace.eval.data import set_decoding
-                set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad)
+                set_decoding(workers=kw[dest].workers, skip_bad=kw[dest].skip_bad, class_map=kw[dest].class_map)
+            opts = kw[dest]
+            # A module not imported yet still holds the defaults these would set: the header-only verbs (inspect,
+            # diff) then never import the loading code, nor torch.
+            if (cls is OpOptions and opts.ema == "off" and not opts.strip_prefix
+                    and "weightspace.io.source_options" not in sys.modules):
+                return f(*args, **kw)
             if cls is OpOptions:  # every checkpoint the verb opens, however deep in the library, reads them
                 from weightspace.io.source_options import SourceOptions, default_options_for
-                opts = kw[dest]
                 with default_options_for(SourceOptions(ema=opts.ema,
                                                        strip_prefix=opts.strip_prefix or None)):
                     return f(*args, **kw)

@@ -74,7 +74,7 @@ def probe(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, 
         check_outputs(out_dir, PROBE_FILES, force)
     assert model.model and data.train  # click requires both
     res = run_probe(list(checkpoints), model.model, data.train, data.one("probe"), layers=layers, dim=dim, l2=l2,
-                    max_iter=max_iter, device=model.device, batch_size=model.batch_size, cache_dir=cache_dir,
+                    max_iter=max_iter, device=model.device, batch_size=model.batch_size or 256, cache_dir=cache_dir,
                     num_classes=model.num_classes, in_chans=model.in_chans, progress=not quiet)
     payload = write_report(out_dir, "probe", res, force=force, quiet=quiet)
     headers, rows = res.table()

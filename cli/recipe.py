@@ -36,7 +36,7 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
 
     from .common import markdown_table, print_json
     r = run_recipe(recipe_file, out_dir, small=small, overrides=overrides, force=force, progress=not quiet,
-                   device=str(resolve_device(model.device)), batch_size=model.batch_size,
+                   device=str(resolve_device(model.device)), batch_size=model.batch_size or 256,
                    trust_model_code=trust_model_code)
     if as_json:
         print_json(r)

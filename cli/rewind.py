@@ -33,7 +33,7 @@ def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None
     from weightspace.eval.build import data_transform, load_datasets, model_factory
     from weightspace.eval.evaluator import Evaluator
 
-    from .common import emit, precheck
+    from .common import batch_note, emit, precheck
     precheck(out_dir, force)
     targets = targets or ("init",)
     if "init" in targets and not init:
@@ -42,6 +42,7 @@ def rewind(final: str, init: str | None, data: DataOptions, grouping: str | None
     datasets = load_datasets(data.data, device=model.device, transform=transform)
     factory = model_factory(model, final, datasets)
     ev = Evaluator(factory(), datasets, batch_size=model.batch_size, device=model.device)
+    batch_note(ev, quiet)
     recal = load_datasets([fix.recalibrate_bn], device=model.device, transform=transform)[0] if fix.recalibrate_bn else None
     if recal is not None and bn_stats != "final":
         raise ConfigError("--bn-stats and --recalibrate-bn exclude each other (recalibration re-estimates all)")

@@ -40,7 +40,7 @@ def similarity(a: str, b: str, data: DataOptions, grouping: str | None, full_lim
     precheck(out_dir, force)
     datasets = load_datasets([data.one("similarity")], device=model.device, transform=data_transform(data))
     net = model_factory(model, a, datasets)()
-    r = compare(a, b, net, datasets[0], modules=grouping, batch_size=model.batch_size, device=model.device,
+    r = compare(a, b, net, datasets[0], modules=grouping, batch_size=model.batch_size or 256, device=model.device,
                 full_limit=full_limit, rbf_threshold=rbf_threshold, cross=cross, include_buffers=include_buffers,
                 progress=not quiet)
     headers, rows = r.table()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import echo, dtype_note, note, parse_floats, print_json, report_options, require
+from .common import echo, batch_note, dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice,
                       force_option, merge_method_names, op_options, output_options, report_folder, soup_method_names,
                       use)
@@ -80,6 +80,10 @@ def soup(checkpoints: tuple[str, ...], method: str | None, uniform: bool, greedy
         raise click.UsageError("--data/--test needs --model and --val")
     if strict and method != "greedy" and not evaluating:
         raise click.UsageError("--strict applies to --greedy")
+    ops.check_buffers(fix.recalibrate_bn, "soup")
+    if evaluating and ops.buffers == "first":
+        raise click.UsageError("--buffers first applies to a written average (no --model/--val): evaluated soups "
+                               "are convex means, and so are their statistics")
     w = parse_floats(weights, "--weights") if weights is not None else None
     if w is not None and len(w) != len(checkpoints):
         raise click.BadParameter(f"{len(w)} weights for {len(checkpoints)} checkpoints", param_hint="--weights")
@@ -151,7 +155,9 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
         check_outputs(out_dir, Leaderboard.FILES, force)
     assert data.val  # only a soup chosen on --val evaluates
     transform = data_transform(data)
-    ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True)
+    ev = build_evaluator(model, [data.val, *data.data], transform=transform, keep_logits=True,
+                         checkpoint=checkpoints[0])
+    batch_note(ev, quiet)
     fix_data = {k: load_data(s, model=ev.model, transform=transform) if s else None
                 for k, s in (("recalibrate_bn", fix.recalibrate_bn), ("repair", fix.repair))}
     rep = evaluate_soups(checkpoints, ev, val=data.val, method=method, strict=strict, weights=weights,

@@ -113,7 +113,11 @@ def test_distance_per_module_json(cli, files, trained_mlps):
     assert sum(m["numel"] for m in j["modules"]) == j["total"]["numel"]
     r = ok(cli("distance", files[0], files[1], "--per-module", "--depth", "1"))
     assert r.stdout.splitlines()[0] == "| module | l2 | relative | cosine | numel |"
-    assert {line.split("|")[1].strip() for line in r.stdout.splitlines()[2:]} == {"(total)", "features", "head"}
+    rows = [line for line in r.stdout.splitlines()[2:] if line.startswith("|")]
+    assert {line.split("|")[1].strip() for line in rows} == {"(total)", "features", "head"}
+    assert "running statistics (not in the distances above" in r.stdout  # BatchNorm's, reported apart
+    inc = json.loads(ok(cli("distance", files[0], files[1], "--include-buffers", "--json")).stdout)
+    assert inc["include_buffers"] and inc["total"]["numel"] == j["total"]["numel"] + j["buffers"]["numel"]
     same = json.loads(ok(cli("distance", files[0], files[3], "--json")).stdout)
     assert same["total"]["l2"] == 0.0
 

@@ -191,6 +191,8 @@ def test_an_unreadable_image_is_named_and_skipped_on_request(tmp_path, cli):
         good = load_data(str(root), model=model, skip_bad=True, progress=False)  # a hit keeps the skip
     assert torch.equal(good.x, d.x)
     zoo = "weightspace.eval.zoo:small_cnn"
+    from weightspace.eval.models import build_model
+    ws.save(build_model(zoo, num_classes=3).state_dict(), tmp_path / "a.safetensors")  # 3 outputs: digit0/3/7
     r = cli("leaderboard", str(tmp_path / "a.safetensors"), "--model", zoo, "--data", str(root), "--device", "cpu", "--quiet")
     assert r.exit_code == 2 and "broken.jpg" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -201,9 +203,9 @@ def test_cifar_from_a_local_root_equals_the_same_images_as_pngs(tmp_path, monkey
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
     root = dh.write_cifar(tmp_path / "cifar", tmp_path / "pngs")
-    model = small_timm()
+    model = small_timm(num_classes=10)  # CIFAR-10's classes, one to one
     c = load_data(f"cifar10:test?root={root}", model=model, progress=False)
-    f = load_data(str(tmp_path / "pngs"), model=model, progress=False)
+    f = load_data(str(tmp_path / "pngs"), model=model, progress=False, map_labels=False)  # its first 3 classes
     assert torch.equal(c.x, f.x) and torch.equal(c.y, f.y) and len(c) == 12
     assert c.meta["classes"][:3] == ["airplane", "automobile", "bird"]
     with pytest.raises(errors.ConfigError, match="root"):

@@ -99,10 +99,33 @@ def test_demo_regime_conditions(demo_run):
     ci = stats.ttest_ind(ft, sc, equal_var=False).confidence_interval(0.95)
     assert (reg["difference"]["low"], reg["difference"]["high"]) == pytest.approx((ci.low, ci.high))
     assert (reg["verdict"] == "reproduced") == (ci.low > 0)
+    # and per example: the best fine-tune against the best scratch model on the same 1,000 test images
+    pb = reg["paired"]
+    assert pb["n"] == 1000 and pb["difference"] == pytest.approx((pb["a_only"] - pb["b_only"]) / 1000)
     band = res["regime"]["lr_band"]
     assert band["ok"] == (max(band["val_accuracy"]) - min(band["val_accuracy"]) <= band["within"])
     for info in res["training"].values():  # early stopping kept the epoch of the lowest validation loss
         assert info["val_losses"][info["best_epoch"] - 1] == min(info["val_losses"])
+    # what early stopping did is counted from the runs' records, not asserted
+    es = res["regime"]["early_stopping_summary"]
+    assert es["kept_an_earlier_epoch"] == [k for k, v in res["training"].items() if v["best_epoch"] < v["epochs_run"]]
+    assert es["runs"] == len(res["training"])
+
+
+def test_demo_compares_soups_with_the_best_individual_on_the_same_examples(demo_run):
+    """The paired comparison's discordant counts give exactly the leaderboard's accuracy difference on test."""
+    out, r = demo_run
+    res = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row["metrics"] for row in res["leaderboard"]["rows"]}
+    p, test = res["paired_vs_best"], "mnist:test?size=14"
+    assert p["baseline"] in rows
+    best = rows["best individual (val)"][test]["accuracy"]
+    for method in ("uniform soup", "greedy soup", "output ensemble"):
+        c = p["methods"][method]
+        assert c["n"] == 1000 and c["difference"] == pytest.approx((c["a_only"] - c["b_only"]) / 1000)
+        assert c["difference"] == pytest.approx(rows[method][test]["accuracy"] - best, abs=1e-9)
+        assert c["low"] <= c["difference"] <= c["high"]
+        assert c["text"] in r.stdout
 
 
 def test_basin_rule_names_a_random_init_ingredient(demo_run):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import weightspace as ws
 from weightspace.errors import ConfigError, IncompatibleCheckpoints
+from weightspace.ops.engine import running_statistic
 from weightspace.ops.merge import kth_largest_magnitudes, method_names, merge, plan_merge
 from weightspace.search.scale import search_scale
 
@@ -98,6 +99,9 @@ def test_task_arithmetic_matches_numpy(finetunes):
             # num_batches_tracked: the largest count of the base and the models, never averaged
             assert torch.equal(out[key], torch.stack([sds[n][key] for n in ("base", "ft0", "ft1", "ft2")]).amax(0))
             continue
+        if running_statistic(key):  # not extrapolated: the mean of the models added (ft1 is negated)
+            torch.testing.assert_close(out[key], (sds["ft0"][key] + sds["ft2"][key]) / 2)
+            continue
         nb = b.numpy().astype(np.float64)
         taus = [sds[f"ft{i}"][key].numpy().astype(np.float64) - nb for i in range(3)]
         ref = nb + 0.4 * (taus[0] - taus[1] + taus[2])
@@ -124,7 +128,9 @@ def test_ties_matches_numpy_reference(finetunes):
     merged = np.where(agree, trimmed, 0).sum(0) / np.maximum(agree.sum(0), 1)
     ref = base + 1.3 * merged
     out = ws.ties_merge(finetunes["base"], [finetunes[f"ft{i}"] for i in range(3)], keep=0.3, scale=1.3)
-    np.testing.assert_allclose(np.concatenate([out[k].numpy().ravel() for k in keys]), ref, rtol=1e-5, atol=1e-6)
+    params = np.concatenate([np.full(sds["base"][k].numel(), not running_statistic(k)) for k in keys])
+    got = np.concatenate([out[k].numpy().ravel() for k in keys])
+    np.testing.assert_allclose(got[params], ref[params], rtol=1e-5, atol=1e-6)  # statistics: the models' mean
     assert out.provenance["thresholds"] == pytest.approx(thr.ravel().tolist(), rel=0, abs=0)
 
 
@@ -181,15 +187,18 @@ def test_merges_change_the_model_sensibly(finetunes, digits):
     one = ws.task_arithmetic(finetunes["base"], [finetunes["ft0"]], scale=1.0)
     ft0 = load_file(finetunes["ft0"])
     for k in base:
-        if base[k].is_floating_point():
+        if running_statistic(k):  # the fine-tunes' mean whatever λ
+            torch.testing.assert_close(zero[k], (ft0[k] + load_file(finetunes["ft1"])[k]) / 2)
+        elif base[k].is_floating_point():
             assert torch.equal(zero[k], base[k])
             assert torch.allclose(one[k], ft0[k], atol=1e-6)
         else:  # buffers such as num_batches_tracked take the largest count, here the fine-tuned model's
             assert torch.equal(one[k], torch.maximum(base[k], ft0[k])) and not torch.equal(one[k], base[k])
     # Trimming keeps at most ~keep of each task vector: the TIES update is sparser than the plain sum.
     ties = ws.ties_merge(finetunes["base"], [finetunes["ft0"]], keep=0.1)
-    changed = sum(int((ties[k] != base[k]).sum()) for k in base if base[k].is_floating_point())
-    total = sum(base[k].numel() for k in base if base[k].is_floating_point())
+    params = [k for k in base if base[k].is_floating_point() and not running_statistic(k)]
+    changed = sum(int((ties[k] != base[k]).sum()) for k in params)
+    total = sum(base[k].numel() for k in params)
     assert 0.09 * total <= changed <= 0.11 * total + 1
 
 

@@ -73,6 +73,8 @@ out_dtype: bfloat16
     got = st.load_file(out)
     ref = mergekit_ties(*trained_mlps[:1], trained_mlps[1:], [0.7, 0.3], [0.5, 0.3])
     for k, v in ref.items():
+        if k.endswith(("running_mean", "running_var")):  # statistics: the models' convex mean, by their weights
+            v = 0.7 * trained_mlps[1][k] + 0.3 * trained_mlps[2][k]
         if v.is_floating_point():
             assert got[k].dtype == torch.bfloat16  # out_dtype
             assert torch.allclose(got[k].float(), v.to(torch.bfloat16).float(), atol=1e-2, rtol=0), k

@@ -215,7 +215,8 @@ def test_python_api_accepts_state_dicts_and_modules(trained_mlps, digits):
 
 def test_distance_matches_numpy(trained_mlps):
     a, b = trained_mlps[0], trained_mlps[1]
-    keys = [k for k in sorted(a) if a[k].is_floating_point()]
+    # parameters only: BatchNorm running statistics are reported apart (issue 20.5)
+    keys = [k for k in sorted(a) if a[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))]
     va = np.concatenate([np64(a[k]).ravel() for k in keys])
     vb = np.concatenate([np64(b[k]).ravel() for k in keys])
     r = ws.distance(a, b, per_module=True, depth=2)
@@ -234,6 +235,29 @@ def test_distance_matches_numpy(trained_mlps):
     assert {m["module"] for m in by_regex["modules"]} == {"features", "head"}
     same = ws.distance(a, a)["total"]
     assert same["l2"] == 0.0 and same["cosine"] == pytest.approx(1.0)
+
+
+def test_distance_reports_running_statistics_apart(trained_mlps):
+    a, b = trained_mlps[0], trained_mlps[1]
+    stats = ["features.1.running_mean", "features.1.running_var"]
+    d_stats = np.concatenate([np64(a[k]).ravel() - np64(b[k]).ravel() for k in stats])
+    r = ws.distance(a, b, per_module=True)
+    assert r["buffers"]["l2"] == pytest.approx(np.linalg.norm(d_stats), rel=1e-9)
+    assert r["buffers"]["numel"] == d_stats.size and not r["include_buffers"]
+    both = ws.distance(a, b, per_module=True, include_buffers=True)
+    assert both["total"]["l2"] ** 2 == pytest.approx(r["total"]["l2"] ** 2 + r["buffers"]["l2"] ** 2, rel=1e-9)
+    bn = lambda res: next(m for m in res["modules"] if m["module"] == "features.1")  # noqa: E731
+    assert bn(both)["numel"] == bn(r)["numel"] + d_stats.size  # γ, β (+ the statistics when included)
+    plain = {"w": torch.ones(3)}
+    assert "buffers" not in ws.distance(plain, plain)  # nothing to report apart
+
+
+def test_distance_rows_in_natural_order():
+    net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(12)])
+    a = net.state_dict()
+    b = {k: v + 1 for k, v in a.items()}
+    mods = [m["module"] for m in ws.distance(a, b, per_module=True)["modules"]]
+    assert mods == [str(i) for i in range(12)]  # 2 before 10, as the model orders them (sorted text: 0, 1, 10, 11, 2)
 
 
 def test_stream_knows_its_output_before_reading_data(mlp_files, trained_mlps):

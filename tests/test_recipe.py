@@ -95,7 +95,7 @@ def test_small_run_leaves_checkpoints_and_data_the_cli_can_use(small_run, cli):
 
 def test_recipe_format_errors(tmp_path):
     cfg = load_recipe(RECIPE, small=True, overrides=["train.finetune.epochs=2"])
-    assert cfg["train"]["finetune"]["epochs"] == 2 and cfg["train"]["pretrain"]["epochs"] == 3
+    assert cfg["train"]["finetune"]["epochs"] == 2 and cfg["train"]["pretrain"]["epochs"] == 6
     assert cfg["analyses"]["barriers"]["steps"] == 5
     with pytest.raises(ConfigError, match="unknown key 'epoch'"):
         load_recipe(RECIPE, overrides=["train.finetune.epoch=2"])

@@ -71,3 +71,16 @@ def test_the_package_root_is_lazy_and_complete():
     assert all(getattr(ws, name) is not None for name in ws.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ws.nope  # noqa: B018
+
+
+def test_the_static_catalogue_is_the_registry():
+    """``weightspace methods`` and the CLI's choices read catalogue.json (no torch); it must say what the registry
+    says, entry for entry. On failure, after adding or changing an entry, rewrite it with
+    python -c "from weightspace.experiments.runner import write_catalogue; write_catalogue()"."""
+    import json
+
+    from weightspace.registry import CATALOGUE, static_entries
+    live = json.loads(json.dumps([e.to_dict() for e in catalogue()]))
+    assert json.loads(CATALOGUE.read_text(encoding="utf-8")) == live, "run write_catalogue() (see this test's doc)"
+    assert [e.to_dict() for e in static_entries("merge")] == [e.to_dict() for e in catalogue("merge")]
+    assert [Entry.from_dict(d).to_dict() for d in live] == live  # the file keeps every field an entry has

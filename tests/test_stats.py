@@ -45,3 +45,22 @@ def test_judge_needs_the_whole_interval_beyond_the_threshold():
     assert judge(Interval(0.05, math.nan, math.nan, 1), 0.0, "above") == "inconclusive"
     with pytest.raises(ValueError):
         judge(Interval(0, 0, 0, 2), 0.0, "sideways")
+
+
+def test_paired_accuracy_uses_only_the_discordant_examples():
+    from weightspace.report.stats import paired_accuracy
+    # 1,000 examples: a right on 30 that b misses, b right on 10 that a misses, the rest shared
+    a = [True] * 30 + [False] * 10 + [True] * 800 + [False] * 160
+    b = [False] * 30 + [True] * 10 + [True] * 800 + [False] * 160
+    r = paired_accuracy(a, b)
+    assert (r["a_only"], r["b_only"], r["difference"]) == (30, 10, pytest.approx(0.02))
+    assert r["p_value"] == pytest.approx(st.binomtest(10, 40, 0.5).pvalue)  # McNemar's exact test
+    assert r["low"] > 0 and r["verdict"] == "a better"
+    # the negative control: as many discordant examples each way — no difference, whatever the accuracies' overlap
+    r = paired_accuracy(a[20:], b[20:])
+    assert r["verdict"] == "no difference shown" and r["p_value"] == pytest.approx(1.0)
+    # the per-model Wilson intervals of the first case overlap, though the paired difference is clear
+    ka, kb = sum(a), sum(b)
+    assert wilson(ka, 1000)[0] < wilson(kb, 1000)[1]
+    with pytest.raises(ValueError):
+        paired_accuracy([True], [True, False])

@@ -99,7 +99,7 @@ def test_merge_choices_are_the_registry(cli):
 
 def test_soup_methods_are_registered_ops_and_the_flags_are_aliases(cli, tmp_path):
     from weightspace.registry import REGISTRY
-    from weightspace.search.soups import SOUP_METHODS
+    from weightspace.options import SOUP_METHODS
     assert list(_option("soup", "--method").type.choices) == ["uniform", "weighted", "greedy", "learned"]
     assert all(("op", op) in REGISTRY for op in SOUP_METHODS.values())
     out = tmp_path / "x.safetensors"
@@ -146,3 +146,21 @@ def test_soup_method_uniform_is_the_plain_soup(cli, tmp_path):
     weighted = tmp_path / "weighted.safetensors"
     assert cli("soup", "--method", "weighted", "--weights", "3,1", a, b, "-o", weighted).exit_code == 0
     assert weighted.read_bytes() != plain.read_bytes()  # the method reaches the op
+
+
+def test_every_ema_parameter_takes_the_one_ema_choice_type():
+    """`ema` means one thing in the whole library: options.EmaChoice ("off" | "prefer" | "require"; a bool is the
+    older spelling where a user may pass one)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    found, other = 0, []
+    for f in sorted((root / "weightspace").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in node.args.args + node.args.kwonlyargs:
+                    if a.arg == "ema":
+                        found += 1
+                        if a.annotation is None or "EmaChoice" not in ast.unparse(a.annotation):
+                            other.append(f"{f.relative_to(root)}:{node.lineno} {node.name}")
+    assert found > 10 and other == []

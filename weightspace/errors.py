@@ -14,6 +14,7 @@ name), each None where it does not apply, and subclasses the built-in a caller w
     ├── HubError                            + OSError: the Hub refused or could not be reached (.repo_id)
     ├── IncompatibleCheckpoints             + ValueError: keys, shapes or dtype kinds disagree
     ├── NonFiniteError                      + ValueError: NaN or Inf in an input or a result
+    ├── InvalidStatistics                   + ValueError: a result's running variance is negative
     ├── OutputExists                        + FileExistsError: the output exists and --force was not given
     ├── AlignmentError                      + ValueError: two models cannot be aligned
     └── ConfigError                         + ValueError: bad options, model spec, data spec or recipe
@@ -31,8 +32,9 @@ from collections.abc import Sequence
 
 __all__ = [
     "WeightspaceError", "CheckpointError", "CheckpointNotFound", "UnsafeCheckpoint", "OutputError", "SourceError",
-    "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "OutputExists", "AlignmentError",
-    "ConfigError", "DataError", "key_sample", "misfit", "hub_download_error", "hub_push_error", "hub_error",
+    "HubError", "HubDownloadError", "IncompatibleCheckpoints", "NonFiniteError", "InvalidStatistics", "OutputExists",
+    "AlignmentError", "ConfigError", "DataError", "key_sample", "misfit", "hub_download_error", "hub_push_error",
+    "library_message",
 ]
 
 
@@ -83,8 +85,8 @@ class HubError(WeightspaceError, OSError):
     repo_id: str | None
 
     def __init__(self, message: str, *, repo_id: str | None = None, path: str | os.PathLike | None = None,
-                 key: str | None = None):
-        super().__init__(message, path=path, key=key)
+                 key: str | None = None, param: str | None = None):
+        super().__init__(message, path=path, key=key, param=param)
         self.repo_id = repo_id
 
 
@@ -98,6 +100,10 @@ class IncompatibleCheckpoints(WeightspaceError, ValueError):
 
 class NonFiniteError(WeightspaceError, ValueError):
     """An input tensor holds NaN or Inf."""
+
+
+class InvalidStatistics(WeightspaceError, ValueError):
+    """A result holds running statistics no normalisation layer can use (a negative running variance)."""
 
 
 class OutputExists(WeightspaceError, FileExistsError):
@@ -126,6 +132,43 @@ def key_sample(keys: Sequence[str], n: int = 3) -> str:
     """'2 keys (e.g. 'a', 'b')': how an error names a set of keys without flooding the line."""
     shown = ", ".join(repr(k) for k in keys[:n])
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} (e.g. {shown}{', ...' if len(keys) > n else ''})"
+
+
+_STATE_DICT_KEYS = {"missing": r"Missing key\(s\) in state_dict: (.*)",
+                    "unexpected": r"Unexpected key\(s\) in state_dict: (.*)"}
+_SIZE_MISMATCH = (r"size mismatch for (\S+?): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                  r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def library_message(e: BaseException, limit: int = 400) -> str:
+    """The useful part of a model library's exception (timm, torchvision, open_clip, torch) in one line.
+
+    torch's ``load_state_dict`` error, whose first line only says "Error(s) in loading state_dict for ResNet:",
+    becomes "the weights do not fit ResNet: missing 2 keys (e.g. 'fc.weight', 'fc.bias'); unexpected 1 key
+    (e.g. 'head.weight'); 1 shape mismatch (e.g. 'conv1.weight': checkpoint [64, 1, 7, 7], model [64, 3, 7, 7])".
+    Any other message gives its first non-empty line (and the next one when the first ends in ':'), cut at
+    ``limit`` characters. Returns the line; raises nothing."""
+    import re
+    text = str(e).strip()
+    parts = []
+    for what, pattern in _STATE_DICT_KEYS.items():
+        m = re.search(pattern, text)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{what} {key_sample(keys, 4)}")
+    sizes = re.findall(_SIZE_MISMATCH, text)
+    if sizes:
+        k, a, b = sizes[0]
+        parts.append(f"{len(sizes)} shape mismatch{'es' if len(sizes) > 1 else ''} (e.g. '{k}': checkpoint {a}, "
+                     f"model {b})")
+    if parts:
+        m = re.search(r"loading state_dict for (\S+?):", text)
+        return f"the weights do not fit {m.group(1) if m else 'the model'}: " + "; ".join(parts)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    out = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 def _first_line(text: object) -> str:
@@ -194,13 +237,6 @@ def hub_push_error(repo_id: str, e: BaseException, *, token: str | None = None) 
     else:
         msg = f"cannot reach the Hub ({type(e).__name__}: {_scrub(_first_line(e), token)})"
     return HubError(f"{repo_id}: {msg}", repo_id=repo_id)
-
-
-def hub_error(target: str, e: BaseException, *, push: bool = False, token: str | None = None,
-              cache_hint: str = "") -> HubError:
-    """The older single entry point: ``hub_push_error`` when ``push``, else ``hub_download_error``. Returns the
-    error; raises nothing."""
-    return hub_push_error(target, e, token=token) if push else hub_download_error(target, e, cache_hint=cache_hint)
 
 
 def _repo_of(source: str) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
-__all__ = ["EmaChoice", "EMA_CHOICES", "ema_choice", "ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
+__all__ = ["EmaChoice", "EMA_CHOICES", "ema_choice", "SOUP_METHODS", "ModelOptions", "DataOptions", "FixOptions", "MergeOptions", "OpOptions", "DEFAULT_SCALES", "OutputOptions", "ReportOptions", "option_fields",
            "CHECKPOINT_SUFFIXES", "check_report_folder"]
 
 # Which weights a source gives when its file holds EMA weights too: "off" the regular ones (noted when EMA weights
@@ -40,6 +40,10 @@ def ema_choice(ema: EmaChoice | bool | None, default: EmaChoice = "off") -> EmaC
         raise ConfigError(f"ema={ema!r}: expected one of {', '.join(EMA_CHOICES)}", param="ema")
     return ema
 
+
+# The soups ``weightspace soup --method`` makes (``search.soups.evaluate_soups``): short name → the op it registers.
+SOUP_METHODS = {"uniform": "uniform-soup", "weighted": "weighted-average", "greedy": "greedy-soup",
+                "learned": "learned-soup"}
 
 # Names a report folder may not take: they are what a user means as a checkpoint file.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -68,7 +72,9 @@ class ModelOptions:
                                    help="Classifier outputs (default: from the checkpoint, else the first dataset).")
     in_chans: int | None = _opt(None, "--in-chans", min=1,
                                 help="Input channels of the model (timm; e.g. 1 for grey digits).")
-    batch_size: int = _opt(256, "--batch-size", min=1, help="Evaluation batch size.")
+    batch_size: int | None = _opt(None, "--batch-size", min=1,
+                                  help="Evaluation batch size (default: on the CPU the largest whose activations fit "
+                                       "a memory budget, printed; 256 on a GPU).")
     device: str = _opt("auto", "--device", help="auto, cpu or cuda[:N].")
     parallel: str = _opt("data", "--parallel", choices=("data", "points"),
                          help="Under torchrun: shard the data of every evaluation across the ranks (data), or deal "
@@ -94,6 +100,10 @@ class DataOptions:
                                help="Processes decoding images (default: every core; 0: in this process).")
     skip_bad: bool = _opt(False, "--skip-bad", companion_of="transform",
                           help="Leave out images that cannot be decoded (their count is reported) instead of failing.")
+    class_map: str | None = _opt(None, "--class-map", metavar="FILE", companion_of="transform",
+                                 help="Map the classes of every dataset that does not match the model's outputs one "
+                                      "to one (lines 'DATASET_CLASS MODEL_CLASS[,...]'; a spec's own ?classes=FILE "
+                                      "wins); without a map such a dataset is refused.")
 
     def one(self, verb: str) -> str:
         """The single --data spec of a verb that compares on one dataset.
@@ -149,6 +159,10 @@ class OpOptions:
     allow_expanded: bool = _opt(False, "--allow-expanded",
                                 help="Read pickled tensors that are larger written out than stored (stride-0 or "
                                      "overlapping views) instead of refusing them.")
+    buffers: str = _opt("mean", "--buffers", choices=("mean", "first", "recalibrate"),
+                        help="Running statistics (BatchNorm) of the result: mean = the inputs' convex mean (the op's "
+                             "weights when convex, else uniform; never extrapolated), first = the first input's (a "
+                             "merge's base), recalibrate = re-estimated on --recalibrate-bn DATA.")
     max_memory: str | None = _opt(None, "--max-memory", metavar="SIZE",
                                   help="Memory for the pieces being combined, e.g. 256M or 4G (default: an eighth of "
                                        "one checkpoint, 4 MiB to 1 GiB); every core combines pieces, and the output "
@@ -158,7 +172,24 @@ class OpOptions:
         """The keyword arguments of the streaming ops (ops.stream, ops.merge); ``allow_expanded`` is a setting of
         loading (io.pickles.allow_expanded), not of the ops."""
         return {"ema": self.ema, "precision": self.precision, "allow_nonfinite": self.allow_nonfinite,
-                "max_memory": self.max_memory}
+                "max_memory": self.max_memory, "buffers": self.buffer_policy()}
+
+    def buffer_policy(self) -> str:
+        """The ops' running-statistics policy: ``recalibrate`` starts from the convex mean, which the re-estimation
+        on data then replaces."""
+        return "mean" if self.buffers == "recalibrate" else self.buffers
+
+    def check_buffers(self, recalibrate_bn: str | None, verb: str) -> None:
+        """Refuse ``--buffers recalibrate`` without ``--recalibrate-bn DATA`` and another policy with it.
+
+        Raises:
+            ConfigError: the two options disagree."""
+        if self.buffers == "recalibrate" and not recalibrate_bn:
+            raise ConfigError(f"{verb}: --buffers recalibrate needs --recalibrate-bn DATA (the data the statistics "
+                              f"are re-estimated on)", param="buffers")
+        if recalibrate_bn and self.buffers == "first":
+            raise ConfigError(f"{verb}: --recalibrate-bn re-estimates the running statistics; drop --buffers first",
+                              param="buffers")
 
 
 @dataclass

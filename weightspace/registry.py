@@ -9,15 +9,22 @@ them from here, so a title, formula or paper is written in one place only.
 Families: ``op`` (anything that writes a checkpoint; its name is the ``op`` of the provenance), ``merge`` (a merge
 method of ``weightspace merge --method``; also an op) and ``recipe`` (a recipe ``kind:``). Names are compared with
 ``_`` and ``-`` treated alike, so ``task_arithmetic`` (provenance) and ``task-arithmetic`` (CLI) are one entry.
+
+Registering needs the modules that implement the methods, and they need torch. ``catalogue.json`` beside this
+module holds every entry's fields (not its implementation) as the registry lists them, so that ``weightspace
+methods`` and the CLI's choices read them without importing torch; ``tests/test_registry.py`` keeps the file equal
+to the registry, and ``experiments.runner.write_catalogue()`` rewrites it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Paper", "Entry", "Registry", "REGISTRY", "register", "FAMILIES"]
+__all__ = ["Paper", "Entry", "Registry", "REGISTRY", "register", "FAMILIES", "CATALOGUE", "static_entries"]
 
 FAMILIES = ("op", "merge", "recipe")
 
@@ -69,6 +76,13 @@ class Entry:
         return {"family": self.family, "name": self.name, "title": self.title, "formula": self.formula,
                 "summary": self.summary, "paper": self.paper.to_dict() if self.paper else None,
                 "defaults": dict(self.defaults)}
+
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Entry":
+        """The entry ``to_dict`` wrote (without its implementing object)."""
+        paper = Paper(**d["paper"]) if d.get("paper") else None
+        return cls(d["family"], d["name"], d["title"], d["formula"], d["summary"], paper, dict(d.get("defaults") or {}))
 
 
 def normalise(name: str) -> str:
@@ -142,3 +156,13 @@ REGISTRY = Registry()
 def register(entry: Entry) -> Entry:
     """Add ``entry`` to the one registry and return it (see Registry.add)."""
     return REGISTRY.add(entry)
+
+
+CATALOGUE = Path(__file__).with_name("catalogue.json")
+
+
+def static_entries(family: str | None = None) -> list[Entry]:
+    """Every entry of ``family`` (all when None) as ``catalogue.json`` lists them — the registry's fields without the
+    implementing objects, read without importing what implements them (torch)."""
+    entries = [Entry.from_dict(d) for d in json.loads(CATALOGUE.read_text(encoding="utf-8"))]
+    return [e for e in entries if family is None or e.family == family]

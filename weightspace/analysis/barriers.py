@@ -63,7 +63,8 @@ def barrier_curves(pairs: Sequence[tuple[Source, Source]], evaluator: Evaluator,
             todo.append((pb, f"{short_name(ca.source)}–P({short_name(cb.source)})"))
         for b_, label in todo:
             c = interpolation_curve(ca, b_, evaluator, steps=steps, alphas=alphas, recalibrate_bn=recalibrate_bn,
-                                    repair=repair, label=label, progress=progress, precision=ops.precision)
+                                    repair=repair, label=label, progress=progress, precision=ops.precision,
+                                    buffers=ops.buffer_policy())
             out.curves.append(c)
             say(f"{c.label}: {len(c.alphas)} points in {c.seconds:.2f} s")
         if align_method:

@@ -110,7 +110,7 @@ def _evaluate(evaluate: Callable, weights: Mapping, recalibrate: TensorData | No
     if recalibrate is None:
         return as_table(evaluate(weights))
     if not isinstance(evaluate, LoadsWeights):
-        raise ConfigError("--recalibrate-bn needs an Evaluator as evaluate")
+        raise ConfigError("recalibrate_bn needs an Evaluator as evaluate", param="recalibrate_bn")
     evaluate.load(weights)
     evaluate.recalibrate_bn(recalibrate)
     return as_table(evaluate())
@@ -243,7 +243,7 @@ def rewind(final: Source, init: Source | None, evaluate: Callable, *, modules: M
             raise ConfigError(f"to={name}: given twice", param="to")
         if isinstance(t, str) and t == "init":
             if init is None:
-                raise ConfigError("to=init needs --init INIT", param="to")
+                raise ConfigError("to=init needs init, the checkpoint training started from", param="to")
             sd = _materialise(init)
         elif isinstance(t, str) and t == "random":
             if model is None and structure is None:
@@ -412,13 +412,13 @@ class CriticalityResult:
 def _grid(values: int | Sequence[float], lo: float, hi: float, what: str) -> list[float]:
     if isinstance(values, int):
         if values < 1:
-            raise ConfigError(f"--{what} {values}: needs at least one point")
+            raise ConfigError(f"{what}={values}: needs at least one point", param=what)
         if values == 1:
             return [hi]
         return [float(v) for v in np.linspace(lo, hi, values)]
     vals = sorted({float(v) for v in values})
     if not vals or any(not math.isfinite(v) for v in vals):
-        raise ConfigError(f"--{what}: expected finite numbers")
+        raise ConfigError(f"{what}: expected finite numbers", param=what)
     return vals
 
 

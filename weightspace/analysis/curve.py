@@ -262,7 +262,7 @@ def _resident(ck: Checkpoint) -> Checkpoint:
 def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any], steps: int = 11,
                         alphas: Sequence[float] | None = None, recalibrate_bn: Any = None, *,
                         label: str | None = None, progress: bool = True, precision: str = "fp32",
-                        repair: Any = None,
+                        repair: Any = None, buffers: str = "mean",
                         hold_bytes: int = HOLD_BYTES) -> Curve:
     """Evaluate (1−α)·a + α·b at ``steps`` even α in [0, 1] (or at ``alphas``, ends added) and return the Curve.
 
@@ -272,6 +272,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
     With an ``Evaluator``, the weights are written piece by piece straight into its model's tensors.
     ``repair`` (a TensorData; needs an Evaluator) applies REPAIR (weightspace.eval.repair) at every α: each channel's
     activation mean/std on that data is rescaled to (1−α)·A's + α·B's, measured once on both ends.
+    ``buffers``: the running statistics' policy of ``ops.lerp`` ("mean": never extrapolated past the ends).
 
     Raises:
         ConfigError: fewer than two points or non-finite α; ``recalibrate_bn`` or ``repair`` data without an
@@ -315,7 +316,7 @@ def interpolation_curve(a: Source, b: Source, evaluate: Callable[[Mapping], Any]
 
     def point(alpha: float) -> dict:
         # ops.lerp's arithmetic, streamed; no provenance (it would hash both files) since nothing is saved.
-        stream = lerp_stream(ca, cb, alpha, precision=precision, allow_nonfinite=not lazy)
+        stream = lerp_stream(ca, cb, alpha, precision=precision, allow_nonfinite=not lazy, buffers=buffers)
         if targets is not None:
             write_stream(stream, targets)
             if recalibrate_bn is not None:

@@ -1,5 +1,10 @@
 """Distances between two checkpoints' weights: L2, relative L2 and cosine, in total and per module. Numbers, not
-weights: keys are read in fixed blocks on the ops' worker threads and summed in float64 in key order."""
+weights: keys are read in fixed blocks on the ops' worker threads and summed in float64 in key order.
+
+Distances measure parameters, as ``torch.optim.swa_utils`` and the transfer-learning papers do: running statistics
+(BatchNorm's ``running_mean``/``running_var``, recognised by name) describe activations, and a domain shift moves
+them far more than the weights; they are reported on their own (``buffers``) unless ``include_buffers``. Keys and
+module rows are in natural order (``features.2`` before ``features.10``)."""
 from __future__ import annotations
 
 import math
@@ -9,9 +14,9 @@ import torch
 
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
-from ..ops.engine import check_compatible, check_finite, tensor_progress
+from ..ops.engine import check_compatible, check_finite, running_statistic, tensor_progress
 from ..options import EmaChoice
-from ..ops.grouping import module_of
+from ..ops.grouping import module_of, natural_key
 from ..ops.parallel import ordered_map, plan_execution, thread_scratch
 
 __all__ = ["Distance", "DIST_BLOCK", "distance"]
@@ -80,9 +85,11 @@ def _key_distance(ca: Checkpoint, cb: Checkpoint, key: str, allow_nonfinite: boo
 
 def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | None = None, regex: str | None = None,
              allow_nonfinite: bool = False, progress: bool = False, ema: EmaChoice | bool | None = None,
-             threads: int | None = None) -> dict:
-    """L2 distance, relative distance and cosine over floating tensors, in total and (optionally) per module.
+             threads: int | None = None, include_buffers: bool = False) -> dict:
+    """L2 distance, relative distance and cosine over floating parameters, in total and (optionally) per module.
 
+    Running statistics (BatchNorm's) are left out of ``total`` and the module rows and reported as ``buffers``
+    (absent when the checkpoints hold none), unless ``include_buffers``. Module rows are in natural order.
     Keys are summed on ``threads`` worker threads (default: every core) and merged in key order, each key in
     fixed blocks of float64 partial sums: the same numbers whatever the thread count.
 
@@ -93,16 +100,25 @@ def distance(a: Source, b: Source, *, per_module: bool = False, depth: int | Non
     ca, cb = load(a, ema=ema), load(b, ema=ema)
     check_compatible([ca, cb])
     ex = plan_execution(model_bytes=ca.nbytes, worker_bytes_per_elem=0, held_bytes_per_elem=0, threads=threads)
-    total = Distance()
+    total, stats = Distance(), Distance()
     groups: dict[str, Distance] = {}
-    keys = [k for k in sorted(ca) if k not in ca.aliases and ca.info(k)[0].is_floating_point]
+    keys = sorted((k for k in ca if k not in ca.aliases and ca.info(k)[0].is_floating_point), key=natural_key)
     parts = ordered_map(lambda k: _key_distance(ca, cb, k, allow_nonfinite),
                         tensor_progress(keys, len(keys), "distance", progress), ex.threads, ex.depth)
+    grouped = per_module or depth or regex
+    has_stats = False
     for k, part in zip(keys, parts):
+        if running_statistic(k):
+            has_stats = True
+            stats.merge(part)
+            if not include_buffers:
+                continue
         total.merge(part)
-        if per_module or depth or regex:
+        if grouped:
             groups.setdefault(module_of(k, depth, regex), Distance()).merge(part)
-    out: dict = {"a": ca.source, "b": cb.source, "total": total.to_dict()}
-    if per_module or depth or regex:
-        out["modules"] = [{"module": m, **d.to_dict()} for m, d in groups.items()]
+    out: dict = {"a": ca.source, "b": cb.source, "total": total.to_dict(), "include_buffers": include_buffers}
+    if has_stats:
+        out["buffers"] = stats.to_dict()
+    if grouped:
+        out["modules"] = [{"module": m, **groups[m].to_dict()} for m in sorted(groups, key=natural_key)]
     return out

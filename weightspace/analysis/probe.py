@@ -250,8 +250,9 @@ def setup(model: str | torch.nn.Module, train: str | TensorData, test: str | Ten
     from ..eval.data import load_data
     spec = model if isinstance(model, str) else type(model).__name__
     net = build_net(model, checkpoint, num_classes=num_classes, in_chans=in_chans) if isinstance(model, str) else model
-    tr = load_data(train, model=net) if isinstance(train, str) else train
-    te = load_data(test, model=net) if isinstance(test, str) else test
+    # a probe fits its own head: the labels are the dataset's classes, not the model's outputs
+    tr = load_data(train, model=net, map_labels=False) if isinstance(train, str) else train
+    te = load_data(test, model=net, map_labels=False) if isinstance(test, str) else test
     for d in (tr, te):
         if d.multilabel:
             raise ConfigError(f"{d.name}: probes need single-label data (class indices), not multi-label targets")

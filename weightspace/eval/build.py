@@ -19,7 +19,7 @@ from .data import TensorData, load_data
 from .distributed import set_parallel
 from .evaluator import Evaluator, resolve_device
 from .models import build_model
-from .modules import build_model_for
+from .modules import build_model_for, infer_shape_options
 from .transforms import parse_transform
 
 __all__ = ["data_transform", "classes_in_folder", "build_evaluator", "load_datasets", "model_factory",
@@ -63,13 +63,18 @@ def require_model(model: ModelOptions) -> str:
 
 
 def build_evaluator(model: ModelOptions, specs: Sequence[str], *, transform: Callable | None = None,
-                    keep_logits: bool = False) -> Evaluator:
-    """One model instance (sized by --num-classes, else the first dataset) and every dataset of ``specs``.
+                    keep_logits: bool = False, checkpoint: Source | None = None) -> Evaluator:
+    """One model instance and every dataset of ``specs``. The head is sized by --num-classes, else by
+    ``checkpoint``'s classifier (the checkpoints evaluated), else by the first dataset; a dataset whose classes are
+    not the head's outputs is mapped (``?classes=FILE``, --class-map FILE, or class names the model knows) or
+    refused in one line, never scored against the head's first columns.
 
     Also sets the process-wide --parallel mode that the Evaluator and the sweeps read under torchrun.
 
     Raises:
         ConfigError: no --model, a spec given twice, or a bad model/data spec.
+        DataError: a dataset's classes do not match the head and no map says how they do.
+        SourceError, CheckpointError: ``checkpoint`` cannot be read.
     """
     spec = require_model(model)
     dup = sorted({s for s in specs if list(specs).count(s) > 1})
@@ -84,8 +89,18 @@ def build_evaluator(model: ModelOptions, specs: Sequence[str], *, transform: Cal
             first = load_data(specs[0], transform=transform)
             num_classes = first.num_classes
     net = build_model(spec, num_classes=num_classes, in_chans=model.in_chans)
-    data = {s: first if (i == 0 and first is not None) else load_data(s, model=net, transform=transform)
-            for i, s in enumerate(specs)}
+    if checkpoint is not None and model.num_classes is None:
+        # the head of the checkpoints evaluated decides (the data only sized a first guess)
+        from ..io.sources import load
+        inferred = infer_shape_options(net, load(checkpoint))
+        if model.in_chans is not None:
+            inferred.pop("in_chans", None)
+        if inferred:
+            net = build_model(spec, num_classes=inferred.get("num_classes", num_classes),
+                              in_chans=inferred.get("in_chans", model.in_chans))
+            first = None
+    data = {s: first if (i == 0 and first is not None)
+            else load_data(s, model=net, transform=transform) for i, s in enumerate(specs)}
     return Evaluator(net, data, batch_size=model.batch_size, device=dev, keep_logits=keep_logits)
 
 

@@ -152,11 +152,13 @@ class Evaluator:
     """Evaluate weights on datasets with one model instance: ``evaluator(weights) -> Metrics``."""
 
     def __init__(self, model: nn.Module, data: TensorData | Sequence[TensorData] | Mapping[str, TensorData], *,
-                 batch_size: int = 256, device: str | torch.device = "auto", amp: bool = True,
+                 batch_size: int | None = None, device: str | torch.device = "auto", amp: bool = True,
                  keep_logits: bool = False, parallel: str | None = None, stream: bool | None = None,
                  chunk_bytes: int = 256 << 20) -> None:
         """Evaluate ``model`` on ``data`` (one dataset, a list or a dict by name) on ``device``, in batches of
         ``batch_size``; under torchrun ``parallel`` says whether the data or the sweep points are shared out.
+        Without ``batch_size``, on the CPU the largest batch whose activations fit a memory budget (one probe
+        pass; ``batch_note`` says how it was chosen, see eval.batching), on a GPU 256.
 
         Raises:
             ConfigError: an unknown or unavailable device, an unknown ``parallel`` mode, a batch size below 1, or
@@ -166,7 +168,8 @@ class Evaluator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Evaluator: model must be a torch.nn.Module (build_model(spec) makes one), not "
                             f"{type(model).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
             raise ConfigError(f"Evaluator: batch_size must be a positive integer, not {batch_size!r}")
         self.device = resolve_device(device)
         # What derive() builds a variant from: the same options, this device, the model and data as placed here.
@@ -174,7 +177,8 @@ class Evaluator:
                                             keep_logits=keep_logits, parallel=parallel, stream=stream,
                                             chunk_bytes=chunk_bytes)
         self.model = model.to(self.device).eval()
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size or 0)  # 0: chosen below, once the data is placed
+        self.batch_note: str | None = None
         self.amp = amp and self.device.type == "cuda"
         self.channels_last = self.device.type == "cuda"
         if self.channels_last:
@@ -187,7 +191,13 @@ class Evaluator:
         # the data and evaluates whole sweep points alone (distributed.sweep deals them out).
         self.parallel = parallel_mode(parallel)
         self.rank, self.world_size = world() if self.parallel == "data" else (0, 1)
-        self.datasets = {name: self._place(d) for name, d in as_datasets(data).items()}
+        given = as_datasets(data)
+        if not self.batch_size:  # before placing: shards are cut in whole batches
+            from .batching import auto_batch_size
+            self.batch_size, self.batch_note = auto_batch_size(self.model, next(iter(given.values()), None),
+                                                               self.device)
+            self.options["batch_size"] = self.batch_size  # derived evaluators keep it, without probing again
+        self.datasets = {name: self._place(d) for name, d in given.items()}
         self._labels = {name: self._gather(d.y, d) for name, d in self.datasets.items()}  # full labels on every rank
         self._targets = dict(self.model.state_dict(keep_vars=True))
         self._optional = tuple(getattr(self.model, "optional_prefixes", ()))  # keys a checkpoint may lack

@@ -16,7 +16,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, library_message
 from ..io.hub_sources import hub_call
 from ..io.source_options import split_query
 
@@ -165,7 +165,7 @@ def build_model(spec: ModelSpec, *, num_classes: int | None = None, in_chans: in
             with hub_call(f"--model {spec}"):  # an hf-hub:ORG/NAME name reads the repo's config.json
                 model = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as e:
-            raise ConfigError(f"model={spec}: {str(e).splitlines()[0]}", param="model") from None
+            raise ConfigError(f"model={spec}: {library_message(e)}", param="model") from None
         except TypeError as e:
             raise ConfigError(f"model={spec}: {e}", param="model") from None
     elif base.startswith("open_clip:"):
@@ -177,7 +177,7 @@ def build_model(spec: ModelSpec, *, num_classes: int | None = None, in_chans: in
             with hub_call(f"--model {spec}"):  # an hf-hub:ORG/NAME architecture reads open_clip_config.json
                 clip = open_clip.create_model(arch, pretrained=None, device="cpu")
         except RuntimeError as e:
-            raise ConfigError(f"model={spec}: {str(e).splitlines()[0]}", param="model") from None
+            raise ConfigError(f"model={spec}: {library_message(e)}", param="model") from None
         n = kwargs.get("num_classes") or (len(names) if names else None)
         if n is None:
             raise ConfigError(f"model={spec}: open_clip image classifiers need --num-classes (or ?classes=a,b,...)", param="model")
@@ -206,8 +206,8 @@ def _call_factory(factory: Callable, kwargs: dict, spec: str) -> nn.Module:
     try:
         return factory(**{k: v for k, v in kwargs.items() if accepts_any or k in params})
     except Exception as e:  # the user's code: its error is their one line, not our traceback
-        first = (str(e).splitlines() or [""])[0]
-        raise ConfigError(f"model={spec}: the factory raised {type(e).__name__}: {first}", param="model") from None
+        raise ConfigError(f"model={spec}: the factory raised {type(e).__name__}: {library_message(e)}",
+                          param="model") from None
 
 
 def _checked(model: object, spec: str) -> nn.Module:

@@ -435,10 +435,11 @@ def _render(cfg: dict, test_d: Any, fix_d: Any, accs: dict, pairs: list[dict], f
               "## Findings", "", markdown_table(["finding", "verdict"], [[f["id"], f["verdict"]] for f in findings]), ""]
     for f in findings:
         lines += [f"### ({f['id']}) {f['claim']}", "", f"**{f['verdict'].upper()}.** {f['numbers']}", ""]
-    lines.insert(lines.index("## Findings") + 2, "A finding is *reproduced* only when the 95% Student-t interval of "
-                 "its difference (over pairs of seeds) lies entirely beyond the threshold its text names; *not "
-                 "reproduced* when it lies entirely on the other side; *inconclusive* when it straddles it; "
-                 "*partly* when BatchNorm treatments or methods disagree.\n")
+    lines.insert(lines.index("## Findings") + 2, "A check is *reproduced* only when the 95% interval of its "
+                 "quantity (a jackknife over the models the pairs share, widened by the test set's noise) lies "
+                 "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
+                 "side; *inconclusive* when it straddles it. A finding is *not reproduced* when any BatchNorm "
+                 "treatment or method refutes it, *partly* when some reproduce it and none refutes it.\n")
     lines += [f"![{fig}]({fig})" for fig in findings[0]["figures"]]
     lines += ["", "Checkpoints of both models and of every aligned B are in `checkpoints/` (any `weightspace "
               "interpolate` / `soup` command accepts them); every number is in `results.json` and `barriers.csv`.", ""]

@@ -209,11 +209,13 @@ def _findings(within: dict, cross: dict, seeds: list[int], an: dict, protocols: 
               f"t-interval above {margin:g}: " + "; ".join(c["text"] for c in checks_b.values()) + ".")
     findings = [
         {"id": "a", "claim": "P-T models fine-tuned on one domain share a basin (no barrier between them).",
-         "verdict": verdict(checks_a)[0], "numbers": text_a, "sub_verdicts": verdict(checks_a)[1],
+         "verdict": verdict(checks_a)[0], "numbers": text_a, "verdict_by_protocol": verdict(checks_a)[1],
+         "sub_verdicts": {k: c["verdict"] for k, c in checks_a.items()},
          "table": "cross_domain.csv"},
         {"id": "b", "claim": f"P-T models fine-tuned on different domains ({na}, {nb}; one label set) are separated "
                              "by a barrier larger than the within-domain one, on either domain's test set.",
-         "verdict": verdict(checks_b)[0], "numbers": text_b, "sub_verdicts": verdict(checks_b)[1],
+         "verdict": verdict(checks_b)[0], "numbers": text_b, "verdict_by_protocol": verdict(checks_b)[1],
+         "sub_verdicts": {k: c["verdict"] for k, c in checks_b.items()},
          "table": "cross_domain.csv"},
     ]
     return findings, {"checks": {"a": checks_a, "b": checks_b}, "no_barrier_below": tol, "margin": margin}

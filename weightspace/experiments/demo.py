@@ -4,13 +4,14 @@
 1. Pre-train a small CNN on the ``pretrain`` split (2,000 digits), disjoint from every target image.
 2. Transfer to the target task from 1,000 labelled ``train`` digits: a new head is fitted by a linear probe
    (the shared starting point a soup needs), then ingredients are fine-tuned over a learning-rate band ×
-   augmentation, each with its own seed, each trained until its validation loss stops improving (the weights
-   of its best validation loss are kept).
+   augmentation, each with its own seed, each trained for at most its schedule with early stopping on validation
+   loss (the weights of its best validation loss are kept; results say how many runs stopped early).
 3. Train 3 models from random initialisation on the same target data, the same way: fine-tuning must beat them
    on the test set, with the 95% t-interval of the difference above 0.
 4. Soup leaderboard on validation (1,000), test (1,000) and a shifted test set (every image moved one pixel),
    each accuracy with its 95% Wilson interval: every ingredient, best individual, uniform soup, greedy soup,
-   output and greedy ensembles.
+   output and greedy ensembles; each soup and the output ensemble against the best individual on the same test
+   examples (McNemar, paired interval).
 5. Pairwise midpoint barriers between the ingredients on validation: when the uniform soup loses to the best
    individual, the ingredients that break the basin are named (weightspace.analysis.basin).
 6. Barrier curves: a fine-tuned pair against a random-init pair on one plot.
@@ -104,9 +105,10 @@ class _EarlyStop:
     not before ``min_epochs`` (early validation loss of a run from scratch at a high rate is noisy: a measured run
     with patience 2 and no minimum stopped a random-init model at epoch 3 with val loss 2.15)."""
 
-    def __init__(self, val: TensorData, patience: int, min_epochs: int = 0):
-        self.val, self.patience, self.min_epochs = val, patience, min_epochs
+    def __init__(self, val: TensorData, patience: int, min_epochs: int = 0, max_epochs: int | None = None):
+        self.val, self.patience, self.min_epochs, self.max_epochs = val, patience, min_epochs, max_epochs
         self.best, self.best_epoch, self.state, self.losses = math.inf, -1, None, []
+        self.stopped = False
 
     def __call__(self, epoch: int, model: torch.nn.Module) -> bool:
         with torch.inference_mode():
@@ -114,11 +116,13 @@ class _EarlyStop:
         self.losses.append(loss)
         if loss < self.best:
             self.best, self.best_epoch, self.state = loss, epoch, _state(model)
-        return epoch + 1 >= self.min_epochs and epoch - self.best_epoch >= self.patience
+        self.stopped = epoch + 1 >= self.min_epochs and epoch - self.best_epoch >= self.patience
+        return self.stopped
 
     def record(self) -> dict:
         return {"epochs_run": len(self.losses), "best_epoch": self.best_epoch + 1, "val_losses": self.losses,
-                "best_val_loss": self.best}
+                "best_val_loss": self.best,
+                "stopped_early": self.stopped and (self.max_epochs is None or len(self.losses) < self.max_epochs)}
 
 
 def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool = False, progress: bool = True,
@@ -161,12 +165,16 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
                                              title="soup leaderboard (accuracy, real MNIST digits)")
         soup_paths = {k: str(save(sd, soupdir / f"{k}.safetensors", force=force, provenance={"val": val.name}))
                       for k, sd in soups.items()}
+        paired, best_right = _paired_vs_best(lb, ingredients, soups, ev.model, test, val.name)
+        lb.extra["paired_vs_best"] = paired
         timings["leaderboard"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
         val_ev = Evaluator(ev.model, [val], device="cpu")  # the same model instance, validation only
         individual = [r["metrics"] for r in lb.rows[:len(ingredients)]]  # the leaderboard's own evaluations
-        regime = _regime(individual, [ev(p) for p in scratch], val.name, test.name, runs_info)
+        scratch_m = [ev(p) for p in scratch]
+        regime = _regime(individual, scratch_m, val.name, test.name, runs_info)
+        regime["finetune_vs_scratch"]["paired"] = _best_vs_best(best_right, scratch_m, val.name, test)
         basin = pairwise_barriers(ingredients, val_ev, tolerance=BASIN_TOLERANCE,
                                   names=[Path(p).stem for p in ingredients],
                                   ends=[m[val.name]["error"] for m in individual])
@@ -198,7 +206,7 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
                                      "test": len(test)}},
                "checkpoints": {"fine_tuned": ingredients, "random_init": scratch, "pretrained": str(ckdir / names[0])},
                "training": runs_info, "regime": regime, "basin": basin.to_dict(),
-               "soups": soup_paths, "greedy": greedy.to_dict(),
+               "soups": soup_paths, "greedy": greedy.to_dict(), "paired_vs_best": paired,
                "barriers": {c.label: c.barriers for c in curves}}
     portable = replace(lb, rows=_in_run(lb.rows, out), extra=_in_run(lb.extra, out))
     files = {k: str(v) for k, v in portable.write(out, force=force, extra=_in_run(results, out)).items()}
@@ -248,7 +256,7 @@ def _train_models(size: Any, seed: int, start: dict, target: Any, val: Any, keep
         jobs = _progress_bar(jobs, desc="train", unit="model")
     for i in jobs:
         max_epochs = size.finetune_epochs if i < len(grid) else size.scratch_epochs
-        stop = _EarlyStop(val, size.patience, min_epochs=max_epochs // 2)
+        stop = _EarlyStop(val, size.patience, min_epochs=max_epochs // 2, max_epochs=max_epochs)
         if i < len(grid):  # fine-tune from the probed start
             lr, aug = grid[i]
             model = build_model(MODEL, num_classes=10)
@@ -272,6 +280,51 @@ def _train_models(size: Any, seed: int, start: dict, target: Any, val: Any, keep
             scratch.append(keep(stop.state, names[2 + len(grid) + s], cfg))
             runs_info[names[2 + len(grid) + s]] = stop.record()
     return ingredients, scratch, runs_info
+
+
+def _paired_vs_best(lb: Any, ingredients: list[str], soups: dict, model: Any, test: Any,
+                    val: str) -> tuple[dict, list[bool]]:
+    """Each soup and the output ensemble against the best individual (by validation accuracy) on the same test
+    examples: McNemar's exact test and a paired interval of the accuracy difference
+    (:func:`weightspace.report.stats.paired_accuracy`), where per-row Wilson intervals can only overlap. Returns
+    the comparisons and which test examples the best individual gets right."""
+    from ..report.stats import paired_accuracy
+    from ..search.greedy import mean_logits, rank
+    t_ev = Evaluator(model, [test], device="cpu", keep_logits=True)  # the same model instance, test only
+    y = test.y
+
+    def right(logits: torch.Tensor) -> list[bool]:
+        return (logits.argmax(1) == y).tolist()
+
+    ind = [t_ev(p).logits[test.name] for p in ingredients]
+    best = rank([r["metrics"][val]["accuracy"] for r in lb.rows[:len(ingredients)]])[0][0]
+    base = right(ind[best])
+    methods = {"uniform soup": t_ev(soups["uniform"]).logits[test.name],
+               "greedy soup": t_ev(soups["greedy"]).logits[test.name],
+               "output ensemble": mean_logits([{test.name: lg} for lg in ind])[test.name]}
+    out: dict[str, Any] = {"baseline": lb.rows[best]["method"], "test": test.name, "methods": {}}
+    for name, lg in methods.items():
+        c = paired_accuracy(right(lg), base)
+        c["text"] = (f"{name} − best individual ({out['baseline']}) on {test.name}: {100 * c['difference']:+.1f} "
+                     f"points (95% paired interval {100 * c['low']:+.1f} to {100 * c['high']:+.1f}; right only "
+                     f"here {c['a_only']}, only there {c['b_only']}; McNemar p = {c['p_value']:.3g}) → "
+                     + {"a better": "better", "b better": "worse"}.get(c["verdict"], c["verdict"]))
+        out["methods"][name] = c
+    return out, base
+
+
+def _best_vs_best(best_right: list[bool], scratch_m: list, val: str, test: Any) -> dict:
+    """The best fine-tune against the best random-init model (each by validation accuracy), paired on the same
+    test examples: a per-example check of "fine-tuning beats training from scratch" beside the t-interval over
+    models, which three scratch seeds leave wide."""
+    from ..report.stats import paired_accuracy
+    from ..search.greedy import rank
+    i = rank([m[val]["accuracy"] for m in scratch_m])[0][0]
+    c = paired_accuracy(best_right, (scratch_m[i].logits[test.name].argmax(1) == test.y).tolist())
+    c["text"] = (f"best fine-tune − best random-init model on {test.name}: {100 * c['difference']:+.1f} points "
+                 f"(95% paired interval {100 * c['low']:+.1f} to {100 * c['high']:+.1f}; McNemar p = "
+                 f"{c['p_value']:.3g})")
+    return c
 
 
 def _in_run(value: Any, out: Path) -> Any:
@@ -304,7 +357,19 @@ def _regime(ft_m: list, sc_m: list, val: str, test: str, runs: dict) -> dict:
                                         f"{fmt_interval(t_interval(sc))})"},
         "lr_band": {"val_accuracy": vals, "gap_to_best": gaps, "within": WITHIN, "ok": max(gaps) <= WITHIN},
         "early_stopping": {k: {"epochs_run": v["epochs_run"], "best_epoch": v["best_epoch"]} for k, v in runs.items()},
+        # what early stopping did, shown rather than asserted: runs that ended before their schedule, and runs whose
+        # kept weights are from an earlier epoch than their last
+        "early_stopping_summary": _stopping_summary(runs),
     }
+
+
+def _stopping_summary(runs: dict) -> dict:
+    """How many runs stopped before their schedule's end, and how many kept weights from before their last epoch."""
+    stopped = [k for k, v in runs.items() if v.get("stopped_early")]
+    earlier = [k for k, v in runs.items() if v["best_epoch"] < v["epochs_run"]]
+    return {"runs": len(runs), "stopped_early": stopped, "kept_an_earlier_epoch": earlier,
+            "text": f"{len(stopped)} of {len(runs)} runs stopped before their schedule's end; {len(earlier)} kept "
+                    "the weights of an earlier epoch than their last"}
 
 
 def basin_verdict(lb: Any, basin: Any, val: str) -> dict:

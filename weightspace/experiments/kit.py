@@ -27,9 +27,13 @@ __all__ = ["kind_defaults", "register_recipe", "open_session", "Session", "task"
            "DIGITS_TARGET", "pt_setup", "bn_protocols", "error_barrier", "train_options", "published_source",
            "build_task", "split_per_class", "pt_init", "InputTransform"]
 
-VERDICT_RULE = ("A finding is *reproduced* only when the 95% Student-t interval of its difference (over seeds) lies "
-                "entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the other "
-                "side; *inconclusive* when it straddles it; *partly* when BatchNorm protocols or sub-checks disagree.")
+VERDICT_RULE = ("Each sub-check is *reproduced* only when the 95% interval of its quantity (a t-interval over "
+                "seeds, or a jackknife over the models that pairs share, widened by the test set's sampling noise) "
+                "lies entirely beyond the threshold its text names; *not reproduced* when it lies entirely on the "
+                "other side; *inconclusive* when it straddles it. A finding is *reproduced* when all its sub-checks "
+                "are, *not reproduced* when any is refuted, *partly* when some are reproduced and none refuted; "
+                "under BatchNorm it must hold with stored and with re-estimated statistics, else the verdict names "
+                "the protocol it needs.")
 
 SMALL_CNN = "weightspace.eval.zoo:small_cnn"
 DIGITS_SOURCE = {"train": "digits:train", "test": "digits:test"}

@@ -19,12 +19,26 @@ KIND_MODULES = ("align", "cross_domain", "head2toe_targets", "saturation_pairs",
 for _kind_module in KIND_MODULES:
     importlib.import_module(f".{_kind_module}", __package__)
 
-__all__ = ["run_recipe", "recipe_kind", "catalogue", "check_recipe_models"]
+__all__ = ["run_recipe", "recipe_kind", "catalogue", "write_catalogue", "check_recipe_models"]
 
 
 def catalogue(family: str | None = None) -> list[Entry]:
     """Every registered entry of ``family`` ('op', 'merge', 'recipe'; all when None), by family and name."""
     return REGISTRY.entries(family)
+
+
+def write_catalogue() -> str:
+    """Rewrite ``weightspace/catalogue.json`` (``registry.CATALOGUE``) from the live registry; returns its text.
+    Run it after adding or changing an entry: ``python -c "from weightspace.experiments.runner import
+    write_catalogue; write_catalogue()"``."""
+    import json
+
+    from ..files import atomic_output
+    from ..registry import CATALOGUE
+    text = json.dumps([e.to_dict() for e in catalogue()], indent=1, ensure_ascii=False) + "\n"
+    with atomic_output(CATALOGUE, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text
 
 
 def recipe_kind(recipe: str | os.PathLike | dict):

@@ -240,10 +240,11 @@ def _findings(starts: dict[int, dict], seeds: list[int], an: dict, protocols: li
     findings = [
         {"id": "a", "claim": "Fine-tuning from a checkpoint before the end of pre-training reaches the same "
                              "downstream accuracy as fine-tuning from the final one.", "verdict": verdict_a,
-         "numbers": text_a, "table": "trajectory.csv"},
+         "numbers": text_a, "table": "trajectory.csv",
+         "sub_verdicts": {f"start {e}": c["verdict"] for e, c in shortfall.items()}},
         {"id": "b", "claim": "From that checkpoint on, models fine-tuned from it share one basin (no barrier "
                              "between them).", "verdict": verdict_b, "numbers": text_b,
-         "table": "trajectory_pairs.csv"},
+         "table": "trajectory_pairs.csv", "sub_verdicts": {p: c["verdict"] for p, c in checks_b.items()}},
     ]
     summary = {"first_sufficient": first, "checks": {"a": shortfall, "b": checks_b},
                "accuracy": {str(e): t_interval(acc[e]).to_dict() for e in epochs},

@@ -124,7 +124,7 @@ def read_run_folder(path: str | os.PathLike | None) -> RunFolder:
         return RunFolder()
     p = Path(path)
     if not p.is_dir():
-        raise HubError(f"{p}: --card-from must be a run folder (written by --out DIR)", path=p)
+        raise HubError(f"card_from={p}: must be a run folder (written by --out DIR)", path=p, param="card_from")
     run = RunFolder(p)
     if (p / "results.json").is_file():
         try:
@@ -429,7 +429,8 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
     """
     _validate_repo_id(repo_id)
     if not revision or not isinstance(revision, str):
-        raise HubError(f"{repo_id}: --revision must be a branch name", repo_id=repo_id)
+        raise HubError(f"revision={revision!r}: must be a branch name (pushing to {repo_id})", repo_id=repo_id,
+                       param="revision")
     if dry_run_dir is not None:
         target = Path(dry_run_dir)
         result = _dry_run(checkpoint_or_path, repo_id, target, force, card_from=card_from,

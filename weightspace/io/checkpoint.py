@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -18,16 +17,17 @@ from typing import Iterator, Protocol, Union
 import torch
 
 from ..errors import CheckpointError, key_sample
+from ..options import EmaChoice
 from .containers import pick_prefixed, unwrap
 from .formats import SafetensorsReader, file_sha256, tensor_bytes
 from .pickles import check_pickled_tensors, is_zip, load_pickle
+from .keys import STRIP_PREFIXES, normalise_key, provenance_of
 from .spill import release_freed, spill
 
 __all__ = ["PROVENANCE_SUFFIX", "STRIP_PREFIXES", "Source", "Resolved", "normalise_key", "find_aliases", "Backend",
            "SafetensorsBackend", "check_index", "MemoryBackend", "Checkpoint", "from_tensors", "open_resolved"]
 
 PROVENANCE_SUFFIX = ".weightspace.json"  # beside a pickled output: x.pt → x.pt.weightspace.json
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 Source = Union[str, os.PathLike, "Checkpoint", Mapping, "torch.nn.Module"]
 
@@ -43,18 +43,6 @@ class Resolved:
     note: str = ""                                         # how it was resolved, for reports
     variant: str = ""                                      # which weights of a file were taken (EMA or not)
     commit: str | None = None                              # the Hub commit the files came from
-
-
-def normalise_key(key: str) -> str:
-    """Strip the wrappers that DataParallel/DDP (module.) and torch.compile (_orig_mod.) add to names."""
-    changed = True
-    while changed:
-        changed = False
-        for p in STRIP_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-        key = key.replace("._orig_mod.", ".")
-    return key
 
 
 def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -201,13 +189,7 @@ class Checkpoint(Mapping):
     @property
     def provenance(self) -> dict | None:
         """The weightspace provenance stored in the file's metadata, if any."""
-        raw = self.metadata.get("weightspace")
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return None
+        return provenance_of(self.metadata)
 
     def sha256(self) -> str:
         """sha256 of the file (or of the shards' hashes, or of the tensors for in-memory state dicts)."""
@@ -292,7 +274,7 @@ def check_index(source: str, weight_map: Mapping[str, str], shard_keys: Mapping[
                               f"list; refused", path=source, key=extra)
 
 
-def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: str | bool) -> Checkpoint:
+def _from_safetensors(source: str, files: list[Path], weight_map: dict[str, str] | None, ema: EmaChoice) -> Checkpoint:
     readers = {str(f): SafetensorsBackend(SafetensorsReader(f)) for f in files}
     if weight_map is not None:
         check_index(source, weight_map, {f: list(r.reader.tensors) for f, r in readers.items()})
@@ -316,7 +298,7 @@ def from_tensors(source: str, tensors: dict[str, torch.Tensor], variant: str = "
                       aliases=find_aliases(norm))
 
 
-def open_resolved(res: Resolved, ema: str | bool = "off", key: str | None = None) -> Checkpoint:
+def open_resolved(res: Resolved, ema: EmaChoice = "off", key: str | None = None) -> Checkpoint:
     """Open a resolved source (local files, or a library's state dict) as a lazy Checkpoint.
 
     ``ema``: "off", "prefer" or "require"; ``key``: the entry of a pickled training checkpoint that holds the

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..options import EmaChoice
+from .keys import EMA_PREFIXES
 
 __all__ = ["WEIGHT_CONTAINERS", "EMA_CONTAINERS", "EMA_PREFIXES", "MAX_NESTING", "MAX_ENTRIES", "training_role",
            "unwrap", "pick_prefixed"]
@@ -17,7 +19,6 @@ __all__ = ["WEIGHT_CONTAINERS", "EMA_CONTAINERS", "EMA_PREFIXES", "MAX_NESTING",
 # DeepSpeed, Hydra templates, and plain torch.save({'model': ...}) scripts), most specific first.
 WEIGHT_CONTAINERS = ("state_dict", "model_state_dict", "model_state", "model", "net", "network", "module")
 EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema_model", "ema")
-EMA_PREFIXES = ("model_ema.", "ema_model.", "ema.")
 METADATA_NAMES = ("epoch", "step", "global_step", "iteration", "iter", "best_metric", "metric", "version")
 MAX_NESTING = 64  # containers inside containers; real checkpoints nest a handful deep
 MAX_ENTRIES = 1_000_000  # entries visited while flattening: shared sub-dicts would otherwise multiply them
@@ -96,8 +97,8 @@ def _all_tensors(obj: Mapping) -> bool:
     return len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
-def _wants_ema(ema: str | bool) -> bool:
-    return ema in ("prefer", "require") or ema is True
+def _wants_ema(ema: EmaChoice) -> bool:
+    return ema in ("prefer", "require")
 
 
 def _select(obj: Any, key: str, path: str) -> Any:
@@ -127,7 +128,7 @@ def _ambiguous(path: str, names: list[str], trail: str) -> CheckpointError:
                            f"pick one with {how}", path=path)
 
 
-def _step(obj: Mapping, path: str, ema: str | bool, trail: str) -> tuple[Any, str, bool] | None:
+def _step(obj: Mapping, path: str, ema: EmaChoice, trail: str) -> tuple[Any, str, bool] | None:
     """One level down towards the weights: (container, how it was chosen, took EMA), or None to stop here."""
     roles = {str(k): training_role(str(k), v) for k, v in obj.items() if not torch.is_tensor(v) or v.dim() == 0}
     dropped = {n: r for n, r in roles.items() if r is not None}
@@ -157,11 +158,11 @@ def _step(obj: Mapping, path: str, ema: str | bool, trail: str) -> tuple[Any, st
     return None
 
 
-def unwrap(obj: Any, path: str, ema: str | bool = "off", key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def unwrap(obj: Any, path: str, ema: EmaChoice = "off", key: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Find the state dict inside a loaded pickle; returns it and a description of the chosen variant (what was
     left out included).
 
-    ``ema``: "off" (regular weights), "prefer" (EMA where present) or "require" (True is "require"). ``key``: the
+    ``ema``: "off" (regular weights), "prefer" (EMA where present) or "require" (an error when there are none). ``key``: the
     entry to take ('model_state', 'model/state_dict'), as ``PATH?key=`` names it. Raises CheckpointError when it
     holds no tensors, no EMA weights under "require", no entry ``key``, or weights under several entries."""
     if torch.is_tensor(obj) or not isinstance(obj, Mapping):
@@ -197,12 +198,12 @@ def unwrap(obj: Any, path: str, ema: str | bool = "off", key: str | None = None)
     return flat, " / ".join(chain + ([note] if note else []))
 
 
-def pick_prefixed(flat: dict, path: str, ema: str | bool) -> tuple[dict, str]:
+def pick_prefixed(flat: dict, path: str, ema: EmaChoice) -> tuple[dict, str]:
     """Handle EMA copies stored beside the weights under a key prefix (e.g. 'ema.'): the ones ``ema`` asks for,
     and a note saying which were taken. Raises CheckpointError when "require" finds none."""
     prefix = next((p for p in EMA_PREFIXES if any(k.startswith(p) for k in flat)), None)
     if prefix is None:
-        if ema == "require" or ema is True:
+        if ema == "require":
             raise CheckpointError(f"{path}: EMA weights were asked for (ema=1) but the file holds no EMA weights",
                                   path=path)
         return flat, ""

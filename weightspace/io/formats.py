@@ -21,7 +21,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointNotFound
 
-from .header import DTYPE_NAMES, DTYPES, MAX_HEADER, TensorInfo, parse_header  # noqa: F401 (re-exported)
+from .header import DTYPE_NAMES, DTYPES, MAX_HEADER, TensorInfo, parse_header, read_raw_header  # noqa: F401 (re-exported)
 
 __all__ = ["element_size", "SafetensorsReader", "HASH_CACHE_ENV", "RACY_WINDOW_S", "hash_cache_path", "file_sha256",
            "tensor_bytes", "header_for", "write_safetensors", "SYNC_EVERY"]
@@ -52,18 +52,9 @@ class SafetensorsReader:
             raise
 
     def _parse(self) -> tuple[dict[str, TensorInfo], dict[str, str], bytes]:
-        size = os.fstat(self._fd).st_size
-        head = os.pread(self._fd, 8, 0)
-        if len(head) < 8:
-            raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)", path=self.path)
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or n + 8 > size:
-            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)",
-                                  path=self.path)
-        raw = os.pread(self._fd, n, 8)
-        if len(raw) != n:
-            raise CheckpointError(f"{self.path}: truncated while reading the safetensors header", path=self.path)
-        tensors, meta = parse_header(raw, size - 8 - n, str(self.path))
+        head, raw, data_size = read_raw_header(self._fd, str(self.path))
+        n = len(raw)
+        tensors, meta = parse_header(raw, data_size, str(self.path))
         base = 8 + n
         tensors = {k: TensorInfo(i.dtype, i.shape, base + i.begin, base + i.end) for k, i in tensors.items()}
         return tensors, meta, head + raw

@@ -10,41 +10,63 @@ it). ``tests/test_safetensors_differential.py`` checks this module against the r
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 
-__all__ = ["MAX_HEADER", "DTYPES", "DTYPE_NAMES", "TensorInfo", "parse_header", "torch_shape"]
+if TYPE_CHECKING:
+    import torch
+
+    DTYPES: dict[str, torch.dtype]  # built on first use, by __getattr__ below
+    DTYPE_NAMES: dict[torch.dtype, str]
+
+__all__ = ["MAX_HEADER", "DTYPES", "DTYPE_NAMES", "TensorInfo", "HeaderView", "read_raw_header", "parse_header",
+           "read_header_view", "header_only_view", "torch_shape"]
 
 MAX_HEADER = 100_000_000  # the reference's MAX_HEADER_SIZE
 _MAX_DEPTH = 127  # serde_json's recursion limit: 128 nested arrays/objects fail
 _U64 = 1 << 64
 
-# Reference dtype name -> (torch dtype, bits per element). Names the reference knows but torch cannot hold
-# (F6_E2M3, F6_E3M2) are refused by the reference at get_tensor, so they are refused here too.
-_ALL_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 8), "U8": (torch.uint8, 8), "I8": (torch.int8, 8),
-    "F8_E5M2": (torch.float8_e5m2, 8), "F8_E4M3": (torch.float8_e4m3fn, 8),
-    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
-    "F8_E4M3FNUZ": (torch.float8_e4m3fnuz, 8), "F8_E5M2FNUZ": (torch.float8_e5m2fnuz, 8),
-    "I16": (torch.int16, 16), "U16": (torch.uint16, 16), "F16": (torch.float16, 16), "BF16": (torch.bfloat16, 16),
-    "I32": (torch.int32, 32), "U32": (torch.uint32, 32), "F32": (torch.float32, 32), "C64": (torch.complex64, 64),
-    "F64": (torch.float64, 64), "I64": (torch.int64, 64), "U64": (torch.uint64, 64),
-    "F4": (getattr(torch, "float4_e2m1fn_x2", None), 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6),
+# Reference dtype name -> (the torch dtype's attribute name, bits per element). Names the reference knows but torch
+# cannot hold (F6_E2M3, F6_E3M2) are refused by the reference at get_tensor, so they are refused here too. The table
+# names torch's dtypes rather than holding them, so that reading a header needs no torch (``read_header_view``).
+_ALL_DTYPES: dict[str, tuple[str | None, int]] = {
+    "BOOL": ("bool", 8), "U8": ("uint8", 8), "I8": ("int8", 8),
+    "F8_E5M2": ("float8_e5m2", 8), "F8_E4M3": ("float8_e4m3fn", 8), "F8_E8M0": ("float8_e8m0fnu", 8),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8), "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
+    "I16": ("int16", 16), "U16": ("uint16", 16), "F16": ("float16", 16), "BF16": ("bfloat16", 16),
+    "I32": ("int32", 32), "U32": ("uint32", 32), "F32": ("float32", 32), "C64": ("complex64", 64),
+    "F64": ("float64", 64), "I64": ("int64", 64), "U64": ("uint64", 64),
+    "F4": ("float4_e2m1fn_x2", 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6),
 }
-DTYPES: dict[str, torch.dtype] = {k: v[0] for k, v in _ALL_DTYPES.items() if v[0] is not None}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Whether torch can hold these depends on the installed torch: without torch, a header holding one is not judged.
+_VERSIONED = {"F8_E8M0", "F4"}
+
+
+def _torch_dtype(name: str) -> "torch.dtype | None":
+    import torch
+    attr = _ALL_DTYPES[name][0]
+    return getattr(torch, attr, None) if attr else None
+
+
+def __getattr__(name: str) -> Any:
+    # DTYPES (reference name -> torch dtype) and DTYPE_NAMES (its inverse) need torch: built on first use
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        dtypes = {k: d for k in _ALL_DTYPES if (d := _torch_dtype(k)) is not None}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives in a safetensors file and what torch makes of it."""
 
-    dtype: torch.dtype
+    dtype: "torch.dtype"
     shape: tuple[int, ...]  # torch's shape (F4 packs two values per element: the last dimension is halved)
     begin: int  # absolute byte offset in the file
     end: int
@@ -157,6 +179,84 @@ def torch_shape(name: str, dims: list[int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def read_raw_header(fd: int, where: str) -> tuple[bytes, bytes, int]:
+    """The 8-byte length prefix and the header bytes of the safetensors file open as ``fd``, and the size of its
+    data section.
+
+    Raises:
+        CheckpointError: naming ``where``, when the file is too short or announces an impossible header.
+    """
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise CheckpointError(f"{where}: not a safetensors file (only {size} bytes)", path=where)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or n + 8 > size:
+        raise CheckpointError(f"{where}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)",
+                              path=where)
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise CheckpointError(f"{where}: truncated while reading the safetensors header", path=where)
+    return head, raw, size - 8 - n
+
+
+@dataclass(frozen=True)
+class HeaderView:
+    """What a safetensors header says, read without torch: each tensor's torch dtype name ('float32'), torch shape
+    and bytes, in the file's data order, and the metadata."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...], int]]
+    metadata: dict[str, str]
+
+
+def read_header_view(path: str | os.PathLike) -> HeaderView | None:
+    """The header of the safetensors file at ``path``, validated as ``parse_header`` validates it, without torch;
+    None when that needs torch to decide (a dtype whose support depends on the torch version, an empty tensor,
+    whose shape torch alone judges).
+
+    Raises:
+        CheckpointError, CheckpointNotFound: as ``formats.SafetensorsReader`` for the same file.
+    """
+    from ..errors import CheckpointNotFound
+    where = os.fspath(path)
+    try:
+        fd = os.open(where, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointNotFound(f"{where}: no such file", path=where) from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot open ({e.strerror})", path=where) from None
+    try:
+        _, raw, data_size = read_raw_header(fd, where)
+    finally:
+        os.close(fd)
+    entries, metadata = _parse_entries(raw, where)
+    if any(name in _VERSIONED or 0 in dims for name, dims, _ in entries.values()):
+        return None
+    _validate(entries, data_size, where, with_torch=False)
+    order = sorted(entries.items(), key=lambda kv: kv[1][2])
+    return HeaderView({k: (str(_ALL_DTYPES[name][0]), torch_shape(name, dims), e - b)
+                       for k, (name, dims, (b, e)) in order}, metadata)
+
+
+def header_only_view(source: str) -> HeaderView | None:
+    """The header of ``source`` when it alone says what ``io.sources.load(source)`` would give — a plain local
+    safetensors file (no query, no scheme) whose names load unchanged (no wrapper prefix, no EMA copies) and that
+    holds tensors; else None (then load it). Reads no tensor data and imports no torch.
+
+    Raises:
+        CheckpointError: the file is not valid safetensors (as loading it would).
+    """
+    from .keys import EMA_PREFIXES, normalise_key
+    if not source.endswith(".safetensors") or any(c in source for c in "?:~") or not os.path.isfile(source):
+        return None
+    view = read_header_view(source)
+    if view is None or not view.tensors:
+        return None
+    if any(normalise_key(k) != k or k.startswith(EMA_PREFIXES) for k in view.tensors):
+        return None
+    return view
+
+
 def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate header bytes of a file whose data section holds ``data_size`` bytes.
 
@@ -165,6 +265,11 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
     Raises:
         CheckpointError: naming ``where``, when the reference library would refuse the file.
     """
+    entries, metadata = _parse_entries(raw, where)
+    return _validate(entries, data_size, where), metadata
+
+
+def _parse_entries(raw: bytes, where: str) -> tuple[dict[str, tuple[str, list[int], tuple[int, int]]], dict[str, str]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -204,11 +309,13 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
         except _Reject as e:
             raise CheckpointError(f"{where}: corrupt safetensors header at key {key!r} ({e})",
                                   path=where, key=key) from None
-    return _validate(entries, data_size, where), metadata
+    return entries, metadata
 
 
 def _validate(entries: dict[str, tuple[str, list[int], tuple[int, int]]], data_size: int,
-              where: str) -> dict[str, TensorInfo]:
+              where: str, *, with_torch: bool = True) -> dict[str, TensorInfo]:
+    """Each tensor's info; ``with_torch=False`` checks everything but what only torch can judge (the caller has
+    set those files aside) and returns nothing."""
     base = 0  # offsets are relative to the data section; the caller adds the header's size
     pos = 0
     tensors: dict[str, TensorInfo] = {}
@@ -224,7 +331,7 @@ def _validate(entries: dict[str, tuple[str, list[int], tuple[int, int]]], data_s
             if numel >= _U64:
                 raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has a shape too large "
                                       f"to count ({dims[:8]})", path=where, key=key)
-        dtype, bits = _ALL_DTYPES[name]
+        attr, bits = _ALL_DTYPES[name]
         nbits = numel * bits
         if nbits >= _U64 or nbits % 8:
             raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has a shape that does not "
@@ -232,9 +339,13 @@ def _validate(entries: dict[str, tuple[str, list[int], tuple[int, int]]], data_s
         if e - b != nbits // 8:
             raise CheckpointError(f"{where}: corrupt safetensors header: key {key!r} has {e - b} bytes for "
                                   f"shape {dims[:8]} of {name}", path=where, key=key)
-        if dtype is None:
+        dtype = _torch_dtype(name) if with_torch else None
+        if (dtype if with_torch else attr) is None:
             raise CheckpointError(f"{where}: key {key!r} has dtype {name}, which torch cannot hold",
                                   path=where, key=key)
+        if dtype is None:  # without torch: the caller has set aside what only torch can judge
+            continue
+        import torch
         try:
             shape = torch_shape(name, dims)
             if numel == 0:  # what the reference makes of an empty tensor; torch refuses some shapes (2^63)

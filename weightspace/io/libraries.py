@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFound, SourceError, hub_download_error
+from ..errors import CheckpointNotFound, SourceError, hub_download_error, library_message
 from .checkpoint import Resolved, open_resolved
 from .hub_sources import cached_commit, offline_hint, quiet_hub
 from .local import resolve_local
@@ -95,11 +95,11 @@ def resolve_timm(source: str, spec: str, options: SourceOptions | None = None) -
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise SourceError(f"{source}: unknown timm model '{name}'", path=source) from None
-        raise SourceError(f"{source}: timm could not load weights ({str(e).splitlines()[0]})", path=source) from None
+        raise SourceError(f"{source}: timm could not load weights ({library_message(e)})", path=source) from None
     except Exception as e:
         if type(e).__module__.startswith("huggingface_hub"):
             raise hub_download_error(source, e, cache_hint=offline_hint()) from None
-        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        raise SourceError(f"{source}: timm could not load weights ({type(e).__name__}: {library_message(e)})",
                           path=source) from None
     hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if "file" not in opts else None
     return Resolved(source, state_dict=model.state_dict(), note=f"timm {name}", variant=variant,
@@ -121,7 +121,7 @@ def resolve_open_clip(source: str, spec: str, options: SourceOptions | None = No
             raise hub_download_error(source, e, cache_hint=offline_hint()) from None
         if "Failed to download" in str(e):  # open_clip wraps the Hub's error in a paragraph of its own
             raise SourceError(f"{source}: weights not found locally{offline_hint()}", path=source) from None
-        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        raise SourceError(f"{source}: open_clip could not load it ({type(e).__name__}: {library_message(e)})",
                           path=source) from None
     try:
         hub_id = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or ""

@@ -47,7 +47,7 @@ Savable = Union[TensorStream, Mapping, torch.nn.Module]
 def _format(path: Path, fmt: str | None) -> str:
     if fmt:
         if fmt not in ("safetensors", "pt"):
-            raise ConfigError(f"--format {fmt}: expected safetensors or pt")
+            raise ConfigError(f"fmt={fmt}: expected safetensors or pt", param="fmt")
         return fmt
     return "pt" if path.suffix in PICKLE_SUFFIXES else "safetensors"
 
@@ -116,7 +116,7 @@ def _as_stream(obj: Savable, where: Path) -> TensorStream:
 def _cast(stream: TensorStream, dtype: str) -> TensorStream:
     """Floating tensors cast to ``dtype`` as they stream (integer and bool buffers as they are)."""
     if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(OUTPUT_DTYPES)}")
+        raise ConfigError(f"dtype={dtype}: expected one of {', '.join(OUTPUT_DTYPES)}", param="dtype")
     to = OUTPUT_DTYPES[dtype]
 
     def cast(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

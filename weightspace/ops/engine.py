@@ -30,6 +30,13 @@ Checks: each input is checked for NaN/Inf as it is read (a formula that propagat
 result, as a linear combination does, sets ``propagates_nonfinite`` and only its result is checked; the inputs
 are then read again only to name the file). A non-finite result of finite inputs overflowed: refused in one line
 unless ``allow_nonfinite``. Every op validates its scalars (``finite_scalar``) before reading anything.
+
+Running statistics (BatchNorm's ``running_mean``/``running_var``, recognised by name) are not weights: an
+extrapolating formula (task arithmetic, TIES, λ > 1, a negative coefficient) would make variances negative. The
+engine combines them, whatever the op's formula, as a convex mean of the inputs' statistics (``stat_weights``:
+the op's coefficients when they are convex, else uniform; ``buffers="first"``: the first input's), and refuses
+an output holding a negative running variance. Ops whose output is not a model (a task vector) pass
+``buffers="formula"``: their statistics follow the formula and are not checked.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from ..errors import ConfigError, IncompatibleCheckpoints, NonFiniteError, key_sample
+from ..errors import ConfigError, IncompatibleCheckpoints, InvalidStatistics, NonFiniteError, key_sample
 from ..options import EmaChoice
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load
@@ -51,11 +58,35 @@ from .parallel import (Execution, ordered_map, piece_streams, plan_execution, th
                        thread_scratch)
 
 __all__ = ["PRECISIONS", "check_compatible", "all_finite", "check_finite", "named_sources", "dtype_note", "tensor_progress", "finite_scalar", "combinable",
-           "Engine", "Piece", "Formula"]
+           "Engine", "Piece", "Formula", "Convex", "BUFFER_POLICIES", "RUNNING_STATS", "running_statistic",
+           "convex_weights"]
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
 T = TypeVar("T")
+
+#: how running statistics are combined: a convex mean of the inputs' (the op's weights when convex, else
+#: uniform), or the first input's; "formula" (outputs that are not models: task vectors) lets the op's formula run
+BUFFER_POLICIES = ("mean", "first")
+RUNNING_STATS = ("running_mean", "running_var")
+
+
+def running_statistic(key: str) -> bool:
+    """Whether ``key`` names a normalisation layer's running statistic (BatchNorm's ``running_mean``/``running_var``)."""
+    return key.rsplit(".", 1)[-1] in RUNNING_STATS
+
+
+def convex_weights(coefficients: Sequence[float], members: Sequence[bool] | None = None) -> list[float]:
+    """The weights of the running statistics' mean: ``coefficients`` when they are convex (each ≥ 0, summing to 1),
+    else the uniform mean over ``members`` (default: every input; inputs outside get 0; none at all: the first)."""
+    c = [float(x) for x in coefficients]
+    if c and all(x >= 0 for x in c) and abs(math.fsum(c) - 1.0) <= 1e-6:
+        return c
+    members = list(members) if members is not None else [True] * len(c)
+    n = sum(members)
+    if n == 0:
+        return [1.0] + [0.0] * (len(c) - 1)
+    return [1.0 / n if m else 0.0 for m in members]
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -252,11 +283,38 @@ class Formula:
         raise NotImplementedError
 
 
+def _negative(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds a value below zero (NaN is not)."""
+    return t.numel() > 0 and float((t.float() if t.dtype.itemsize == 1 else t).min()) < 0
+
+
+class Convex(Formula):
+    """out = Σ_j w_j·θ_j over the inputs with w_j ≠ 0: the running statistics' convex mean."""
+
+    propagates_nonfinite = True
+
+    def __init__(self, weights: Sequence[float]):
+        self.weights = [float(w) for w in weights]
+        self.terms = [(j, w) for j, w in enumerate(self.weights) if w != 0.0]
+
+    def combine(self, piece: Piece, out: torch.Tensor) -> None:
+        for i, (j, w) in enumerate(self.terms):
+            t = piece.read(j)
+            if t.dtype.itemsize == 1 and t.dtype != out.dtype:  # float8: torch does no arithmetic promotion for it
+                t = t.to(out.dtype)
+            if i == 0:
+                out.copy_(t)
+                if w != 1.0:
+                    out.mul_(w)
+            else:
+                out.add_(t, alpha=w)
+
+
 class Engine:
     """Reads, places, combines, checks and streams the tensors of ``inputs`` (see the module docstring).
 
     Raises:
-        ConfigError: a bad ``threads``/``max_memory``/``device``.
+        ConfigError: a bad ``threads``/``max_memory``/``device``/``buffers``.
         IncompatibleCheckpoints: the inputs differ in keys, shapes or dtype kinds, or hold a dtype no formula can
             combine (complex, packed 4-bit).
     """
@@ -264,7 +322,8 @@ class Engine:
     def __init__(self, inputs: Sequence[Checkpoint], *, op: str, precision: str = "fp32",
                  allow_nonfinite: bool = False, progress: bool = False, scratch: int = 0,
                  whole: Callable[[str], bool] | None = None, threads: int | None = None,
-                 max_memory: int | str | None = None, device: str | torch.device | None = None):
+                 max_memory: int | str | None = None, device: str | torch.device | None = None,
+                 buffers: str = "mean", stat_weights: Sequence[float] | None = None):
         self.inputs = list(inputs)
         check_compatible(self.inputs)
         self.ref = self.inputs[0]
@@ -283,6 +342,30 @@ class Engine:
                                                   f"(only real floating tensors are combined; integer and bool "
                                                   f"buffers are copied)", path=ck.source, key=k)
         self.ex: Execution = self._plan(scratch, threads, max_memory, device)
+        if buffers not in (*BUFFER_POLICIES, "formula"):
+            raise ConfigError(f"buffers={buffers}: expected one of {', '.join(BUFFER_POLICIES)}", param="buffers")
+        n = len(self.inputs)
+        weights = [1.0] + [0.0] * (n - 1) if buffers == "first" else list(stat_weights or [1.0 / n] * n)
+        if len(weights) != n:
+            raise ConfigError(f"stat_weights: {len(weights)} weights for {n} inputs", param="stat_weights")
+        self.buffers = buffers
+        self.stats = Convex(weights) if buffers != "formula" else None
+
+    def statistic(self, key: str) -> bool:
+        """Whether ``key`` is a running statistic that the buffer policy combines (not the op's formula)."""
+        return self.stats is not None and running_statistic(key) and self.dtypes[key].is_floating_point
+
+    def buffer_provenance(self) -> dict | None:
+        """How running statistics were combined, for provenance (None when the inputs hold none)."""
+        keys = [k for k in self.keys if self.statistic(k)]
+        if not keys or self.stats is None:
+            return None
+        return {"policy": self.buffers, "weights": self.stats.weights, "tensors": len(keys)}
+
+    def statistics(self, key: str) -> torch.Tensor:
+        """The whole output tensor of running statistic ``key`` under the buffer policy, checked."""
+        assert self.stats is not None
+        return self._compute(self.stats, key)
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """The output dtype and shape of ``key``: the widest dtype of the inputs (fp16 and fp32 give fp32)."""
@@ -378,7 +461,11 @@ class Engine:
         return out
 
     def _run_piece(self, formula: Formula, key: str, start: int, stop: int, out: torch.Tensor) -> None:
-        """out (flat, stored dtype) ← the formula over elements [start, stop) of ``key``, checked."""
+        """out (flat, stored dtype) ← the formula over elements [start, stop) of ``key``, checked (a running
+        statistic: the buffer policy's mean instead of the op's formula)."""
+        if self.statistic(key):
+            assert self.stats is not None
+            formula = self.stats
         wide = self.wide(key)
         piece = Piece(self, key, start, stop)
         if self.on_gpu:
@@ -397,7 +484,16 @@ class Engine:
 
     def _verify(self, formula: Formula, piece: Piece, result: torch.Tensor) -> None:
         """Refuse a non-finite piece of the result (in its stored dtype) unless allowed: first name an input
-        holding NaN/Inf (inputs not yet checked as they were read), else the result overflowed."""
+        holding NaN/Inf (inputs not yet checked as they were read), else the result overflowed. A running variance
+        below zero is refused whatever the options: no normalisation layer can use it."""
+        if self.stats is not None and piece.key.endswith("running_var") and _negative(result):
+            for j, ck in enumerate(self.inputs):  # name an input that holds one, if any does
+                if _negative(self.read(j, piece.key, piece.start, piece.stop, slot="check")):
+                    raise InvalidStatistics(f"{ck.source}: key {piece.key!r} holds a negative running variance; no "
+                                            f"{self.op} of it is a valid BatchNorm", path=ck.source, key=piece.key)
+            raise InvalidStatistics(f"{self.ref.source}: key {piece.key!r}: the {self.op} output holds a negative "
+                                    f"running variance; running statistics must be a convex mean of valid ones "
+                                    f"(--buffers mean)", path=self.ref.source, key=piece.key)
         if self.allow_nonfinite or all_finite(result):
             return
         if formula.propagates_nonfinite:
@@ -436,6 +532,7 @@ class Engine:
 
         Raises (while streaming):
             NonFiniteError: an input holds NaN/Inf or the result overflows, unless ``allow_nonfinite``.
+            InvalidStatistics: a running variance of the result is negative.
         """
         self._propagates = formula.propagates_nonfinite
         lock = threading.Lock()

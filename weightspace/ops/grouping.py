@@ -9,7 +9,12 @@ from typing import Iterable
 
 from ..errors import ConfigError
 
-__all__ = ["module_of", "parse_grouping", "group_names"]
+__all__ = ["module_of", "parse_grouping", "group_names", "natural_key"]
+
+
+def natural_key(name: str) -> tuple:
+    """A sort key putting ``features.2`` before ``features.10``: digit runs compare as numbers, the rest as text."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
 
 
 def module_of(name: str, depth: int | None = None, regex: str | re.Pattern | None = None) -> str:

@@ -6,7 +6,9 @@ returns the merged task vector δ; the merge formula writes θ = θ_pre + λ·δ
 budget and computes them on worker threads, so a method must be elementwise given what ``prepare`` computed, and
 thread-safe; a method that needs whole tensors (a norm, an angle, a random mask whose bytes must not depend on the
 piece split) lists those keys in ``whole_tensor`` and sees each of them as one piece. Integer buffers take the
-largest value of the base and the models (``num_batches_tracked``), bool buffers are the base's.
+largest value of the base and the models (``num_batches_tracked``), bool buffers are the base's. Running
+statistics are not task vectors: they are the fine-tuned models' convex mean (``merge_stat_weights``), never
+θ_pre + λ·δ, so no λ or negation makes a variance negative.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .stream import TASK_ARITHMETIC_PAPER
 
 __all__ = ["TIES_PAPER", "MergeMethod", "register", "method_names", "TaskArithmetic", "Ties", "MergePlan",
            "kth_largest_magnitudes", "per_tensor_thresholds", "plan_merge", "apply_delta", "merge",
-           "task_arithmetic", "ties_merge"]
+           "task_arithmetic", "ties_merge", "merge_stat_weights"]
 
 TIES_PAPER = Paper("Yadav et al.", 2023, "TIES-Merging: Resolving Interference When Merging Models", "NeurIPS 2023",
                    "https://arxiv.org/abs/2306.01708")
@@ -334,6 +336,19 @@ def _signs(n_models: int, negate: Sequence[bool] | None) -> list[float]:
     return [-1.0 if x else 1.0 for x in negate]
 
 
+def merge_stat_weights(signs: Sequence[float], weights: Sequence[float] | None) -> list[float]:
+    """The running statistics' weights over [base, *models]: the mean of the models added (not negated), weighted
+    by their weights when those are all positive; the base's own when every model is negated."""
+    added = [s > 0 for s in signs]
+    if not any(added):
+        return [1.0] + [0.0] * len(signs)
+    w = list(weights) if weights else [1.0] * len(signs)
+    if not all(x > 0 for x, a in zip(w, added) if a):
+        w = [1.0] * len(signs)
+    total = math.fsum(x for x, a in zip(w, added) if a)
+    return [0.0] + [x / total if a else 0.0 for x, a in zip(w, added)]
+
+
 def _make_method(method: str | MergeMethod, options: dict) -> MergeMethod:
     if isinstance(method, MergeMethod):
         if options:
@@ -350,8 +365,12 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
                names: Sequence[str] | None = None, negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
                progress: bool = False, ema: EmaChoice | bool | None = None, threads: int | None = None,
                max_memory: int | str | None = None, device: str | torch.device | None = None,
-               weights: Sequence[float] | None = None, **options: Any) -> tuple[MergeMethod, MergePlan, dict]:
+               weights: Sequence[float] | None = None, buffers: str = "mean",
+               **options: Any) -> tuple[MergeMethod, MergePlan, dict]:
     """Open and check the checkpoints and run the method's first pass; returns (method, plan, provenance).
+
+    Running statistics (BatchNorm's) are the added models' convex mean (``buffers="mean"``) or the base's
+    (``"first"``), whatever λ and the signs.
 
     ``weights`` scale each model's task vector (default 1 each; TIES then takes a weighted disjoint mean).
     ``models`` may be a mapping name → source, or be named by ``names`` (see ``ops.engine.named_sources``).
@@ -375,10 +394,12 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
     if weights is not None:
         weights = [finite_scalar(w, "weights", PRECISIONS[precision]) for w in weights]
     # a worker holds θ_pre, every τ_t and a method's few temporaries per element
+    signs = _signs(len(cks), negate)
     engine = Engine([base_ck, *cks], op=m.name, precision=precision, allow_nonfinite=allow_nonfinite,
                     progress=progress, scratch=len(cks) + 6, whole=m.whole_tensor, threads=threads,
-                    max_memory=max_memory, device=device)
-    plan = MergePlan(engine, m, _signs(len(cks), negate), [float(w) for w in weights] if weights is not None else [])
+                    max_memory=max_memory, device=device, buffers=buffers,
+                    stat_weights=merge_stat_weights(signs, weights))
+    plan = MergePlan(engine, m, signs, [float(w) for w in weights] if weights is not None else [])
     prov = {
         "op": m.name.replace("-", "_"),
         "method": m.name,
@@ -395,6 +416,8 @@ def plan_merge(method: str | MergeMethod, base: Source, models: Sequence[Source]
         prov["tied"] = dict(sorted(base_ck.aliases.items()))
     if engine.promoted():
         prov["dtypes_promoted"] = engine.promoted()
+    if engine.buffer_provenance():
+        prov["running_statistics"] = engine.buffer_provenance()
     return m, plan, prov
 
 
@@ -408,9 +431,10 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float, out: torc
 def merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Mapping[str, Source], *, scale: float = 1.0,
           negate: Sequence[bool] | None = None, precision: str = "fp32", allow_nonfinite: bool = False,
           progress: bool = False, ema: EmaChoice | bool | None = None, threads: int | None = None,
-          max_memory: int | str | None = None, device: str | torch.device | None = None,
+          max_memory: int | str | None = None, device: str | torch.device | None = None, buffers: str = "mean",
           **options: Any) -> TensorStream:
     """Stream θ_pre + λ·δ for a registered method (see method_names()); save it with ``weightspace.save``.
+    Running statistics: as ``plan_merge`` (``buffers``).
 
     Pieces are computed on ``threads`` workers (default: every core) under ``max_memory`` bytes (see
     ops.parallel), on the CPU or, with ``device="cuda"``, on a GPU; on the CPU the bytes are the same whatever
@@ -421,11 +445,13 @@ def merge(method: str | MergeMethod, base: Source, models: Sequence[Source] | Ma
             accumulation dtype's range.
         NonFiniteError: as ``plan_merge``; also (while streaming) a result that overflows its dtype, unless
             ``allow_nonfinite``.
+        InvalidStatistics: (while streaming) a running variance of the result is negative (``buffers="first"``
+            with a base that holds one).
     """
     scale = finite_scalar(scale, "scale", PRECISIONS.get(precision, torch.float32))
     m, plan, prov = plan_merge(method, base, models, negate=negate, precision=precision,
                                allow_nonfinite=allow_nonfinite, progress=progress, ema=ema, threads=threads,
-                               max_memory=max_memory, device=device, **options)
+                               max_memory=max_memory, device=device, buffers=buffers, **options)
     prov["scale"] = scale
     plan.scale = scale
     return plan.engine.stream(plan, prov, m.name)

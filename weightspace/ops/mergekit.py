@@ -164,8 +164,9 @@ def read_mergekit_config(path: str | os.PathLike) -> MergekitConfig:
 
 
 def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: bool = False,
-                      allow_nonfinite: bool = False) -> TensorStream:
-    """The streamed merge a mergekit config describes (save it with ``weightspace.save(..., dtype=cfg.out_dtype)``).
+                      allow_nonfinite: bool = False, buffers: str = "mean") -> TensorStream:
+    """The streamed merge a mergekit config describes (save it with ``weightspace.save(..., dtype=cfg.out_dtype)``);
+    running statistics follow ``buffers`` (ops.engine: the models' convex mean, or the first input's).
 
     Raises ConfigError for a bad config and the loaders' errors for bad checkpoints."""
     from .merge import merge
@@ -181,13 +182,13 @@ def merge_from_config(config: MergekitConfig | str | os.PathLike, *, progress: b
     extra = {"config": {"format": "mergekit", "path": cfg.path, "merge_method": cfg.method}}
     if cfg.method == "linear":
         stream = linear_combination(cfg.models, weights, op="linear", precision=cfg.precision,
-                                    allow_nonfinite=allow_nonfinite, progress=progress, extra=extra)
+                                    allow_nonfinite=allow_nonfinite, progress=progress, extra=extra, buffers=buffers)
         return stream
     options: dict = {"weights": weights}
     if cfg.method == "ties":
         options["density"] = cfg.densities
     stream = merge("task-arithmetic" if cfg.method == "task_arithmetic" else "ties", cfg.base, cfg.models,
                    scale=cfg.scale, precision=cfg.precision, allow_nonfinite=allow_nonfinite, progress=progress,
-                   **options)
+                   buffers=buffers, **options)
     stream.provenance.update(extra)
     return stream

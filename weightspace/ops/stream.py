@@ -18,7 +18,7 @@ from ..io.sources import load
 from ..errors import ConfigError
 from ..options import EmaChoice
 from ..registry import Entry, Paper, register
-from .engine import PRECISIONS, Engine, Formula, Piece, finite_scalar, named_sources
+from .engine import PRECISIONS, Engine, Formula, Piece, convex_weights, finite_scalar, named_sources
 
 __all__ = ["Linear", "linear_combination", "normalised_weights", "uniform_soup_stream", "weighted_average_stream",
            "lerp_stream", "task_vector_stream", "uniform_soup", "weighted_average", "lerp", "task_vector",
@@ -53,10 +53,13 @@ class Linear(Formula):
 def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coefficients: Sequence[float], *,
                        op: str, names: Sequence[str] | None = None, precision: str = "fp32", allow_nonfinite: bool = False, progress: bool = False,
                        ema: EmaChoice | bool | None = None, extra: dict | None = None, threads: int | None = None,
-                       max_memory: int | str | None = None, device: str | torch.device | None = None) -> TensorStream:
+                       max_memory: int | str | None = None, device: str | torch.device | None = None,
+                       buffers: str = "mean") -> TensorStream:
     """Σ_j c_j·θ_j over floating tensors, streamed; each tensor is written in the widest dtype of its inputs
     (fp16 and fp32 give fp32; provenance's ``dtypes_promoted`` counts such tensors); an integer buffer takes the
-    largest value of the sources, a bool buffer the first source's.
+    largest value of the sources, a bool buffer the first source's. Running statistics (BatchNorm's) are never
+    extrapolated: with ``buffers="mean"`` they are Σ_j c_j·θ_j when the c_j are convex (each ≥ 0, summing to 1),
+    else the sources' uniform mean; ``"first"`` takes the first source's (see ops.engine).
 
     Pieces of each tensor are combined on ``threads`` worker threads (default: every core) under ``max_memory``
     bytes of pieces and scratch (default: an eighth of one checkpoint, 4 MiB to 1 GiB; see ops.parallel), on the
@@ -65,12 +68,13 @@ def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coeffic
     (in-memory ingredients take their names in provenance; see ``ops.engine.named_sources``).
 
     Raises:
-        ConfigError: no sources, bad ``names``, a coefficient count that does not match or a coefficient that is not finite or
+        ConfigError: no sources, bad ``names``, an unknown ``buffers`` policy, a coefficient count that does not match or a coefficient that is not finite or
             beyond the accumulation dtype's range, an unknown precision, a bad ``threads``/``max_memory``/
             ``device`` (CUDA asked for on a machine without it).
         IncompatibleCheckpoints: the sources differ in keys, shapes or dtype kinds.
         NonFiniteError: (while streaming) an input holds NaN/Inf or the result overflows its dtype, unless
             ``allow_nonfinite``.
+        InvalidStatistics: (while streaming) a running variance of the result is negative.
     """
     sources = named_sources(sources, names, ema)
     if len(sources) == 0:
@@ -82,7 +86,8 @@ def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coeffic
     coefficients = [finite_scalar(c, "coefficients", PRECISIONS[precision]) for c in coefficients]
     cks = [load(s, ema=ema) for s in sources]
     engine = Engine(cks, op=op, precision=precision, allow_nonfinite=allow_nonfinite, progress=progress,
-                    threads=threads, max_memory=max_memory, device=device)
+                    threads=threads, max_memory=max_memory, device=device, buffers=buffers,
+                    stat_weights=convex_weights(coefficients))
     formula = Linear(coefficients)
     prov = {
         "op": op,
@@ -97,6 +102,8 @@ def linear_combination(sources: Sequence[Source] | Mapping[str, Source], coeffic
         prov["tied"] = dict(sorted(engine.tied.items()))
     if engine.promoted():
         prov["dtypes_promoted"] = engine.promoted()
+    if engine.buffer_provenance():
+        prov["running_statistics"] = engine.buffer_provenance()
     if extra:
         prov.update(extra)
     return engine.stream(formula, prov)
@@ -169,6 +176,7 @@ def lerp_stream(a: Source, b: Source, alpha: float, **kw: Any) -> TensorStream:
 
 def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
     """Streaming task vector a − base over floating tensors (integer buffers: the larger value of a and base).
+    A task vector is not a model: its running statistics are differences too (``buffers`` does not apply).
 
     ``kw``: the options of ``linear_combination`` (names, precision, allow_nonfinite, progress, threads,
     max_memory, device, ...).
@@ -176,7 +184,7 @@ def task_vector_stream(a: Source, base: Source, **kw: Any) -> TensorStream:
     Raises:
         CheckpointError, SourceError: a source cannot be read.
         ConfigError, IncompatibleCheckpoints, NonFiniteError: as ``linear_combination``."""
-    return linear_combination([a, base], [1.0, -1.0], op="task_vector", **kw)
+    return linear_combination([a, base], [1.0, -1.0], op="task_vector", **{**kw, "buffers": "formula"})
 
 
 def uniform_soup(sources: Sequence[Source] | Mapping[str, Source], **kw: Any) -> StateDict:

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Interval", "t_interval", "difference", "pairwise_interval", "with_test_noise", "wilson", "judge",
-           "fmt_interval"]
+__all__ = ["Interval", "t_interval", "difference", "pairwise_interval", "with_test_noise", "wilson", "paired_accuracy",
+           "judge", "fmt_interval"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,34 @@ def wilson(correct: float, n: int, level: float = 0.95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_accuracy(a: Sequence[bool], b: Sequence[bool], level: float = 0.95) -> dict:
+    """Accuracy of ``a`` minus accuracy of ``b``, scored on the same examples (``a[i]``: whether model a got
+    example i right): the difference, its paired interval (Agresti–Min: Wald on the 2×2 table with ½ added to each
+    cell) and McNemar's exact test on the discordant examples. Two overlapping per-model Wilson intervals say nothing
+    about this difference; the examples both get right or both get wrong carry no information about it.
+
+    Returns {"n", "a_only", "b_only", "difference", "low", "high", "p_value", "verdict"} where the verdict is
+    "a better", "b better" (the interval excludes 0) or "no difference shown". Raises ValueError for lists of
+    different lengths or no examples.
+    """
+    from scipy.stats import binomtest, norm
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired accuracy: {len(a)} vs {len(b)} examples")
+    n = len(a)
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    n_adj, p12, p21 = n + 2, (a_only + 0.5), (b_only + 0.5)
+    d_adj = (p12 - p21) / n_adj
+    se = math.sqrt(max(0.0, (p12 + p21) / n_adj - d_adj ** 2) / n_adj)
+    z = float(norm.ppf(0.5 + level / 2))
+    low, high = max(-1.0, d_adj - z * se), min(1.0, d_adj + z * se)
+    disc = a_only + b_only
+    p = float(binomtest(min(a_only, b_only), disc, 0.5).pvalue) if disc else 1.0
+    verdict = "a better" if low > 0 else ("b better" if high < 0 else "no difference shown")
+    return {"n": n, "a_only": a_only, "b_only": b_only, "difference": (a_only - b_only) / n, "low": low,
+            "high": high, "level": level, "p_value": p, "verdict": verdict}
 
 
 def judge(interval: Interval, threshold: float, direction: str) -> str:

@@ -77,12 +77,17 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
     for _ in plan.map_pieces(fill, m.name):
         pass
 
+    # running statistics do not depend on λ (the engine's buffer policy): computed once, checked once
+    stats = {k: plan.engine.statistics(k) for k in parts if plan.engine.statistic(k)}
+
     def merged(lam: float) -> StateDict:
         out = StateDict()
         for key in plan.keys:
             canon = plan.base.aliases.get(key, key)
             dtype, shape = plan.engine.info(canon)
-            if canon not in parts:
+            if canon in stats:
+                out[key] = stats[canon]
+            elif canon not in parts:
                 out[key] = plan.engine.buffer(canon)
             elif canon != key and canon in out:
                 out[key] = out[canon]

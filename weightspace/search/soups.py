@@ -24,12 +24,12 @@ from ..io.sources import load, short_name
 from ..ops.engine import named_sources
 from ..ops.merge import Ties
 from ..ops.stream import uniform_soup, weighted_average
-from ..options import OpOptions
+from ..options import SOUP_METHODS, OpOptions
 from ..progress import progress as progress_bar
 from .greedy import GreedyResult, greedy_ensemble, greedy_soup, mean_logits, rank, scalar_score, tell_members
 
 __all__ = ["AVG_SHIFTS", "Leaderboard", "evaluate_each", "leaderboard", "validation_view", "soup_leaderboard",
-           "merge_rows", "SOUP_METHODS", "soup_methods", "LearnOptions", "SoupReport", "evaluate_soups"]
+           "merge_rows", "SOUP_METHODS", "LearnOptions", "SoupReport", "evaluate_soups"]
 
 AVG_SHIFTS = "avg shifts"
 
@@ -252,22 +252,6 @@ def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, 
     return rows, merged
 
 
-# The soups ``evaluate_soups`` makes (``weightspace soup --method``): the short name → the op it registers.
-SOUP_METHODS = {"uniform": "uniform-soup", "weighted": "weighted-average", "greedy": "greedy-soup",
-                "learned": "learned-soup"}
-
-
-def soup_methods() -> list[str]:
-    """The short names of the soups, each checked against the registry (a soup whose op is not registered is a
-    programming error: ``RuntimeError``)."""
-    from ..registry import REGISTRY
-    from . import learned as _learned  # noqa: F401  (registers the learned soup)
-    missing = [op for op in SOUP_METHODS.values() if ("op", op) not in REGISTRY]
-    if missing:
-        raise RuntimeError(f"soup methods without a registry entry: {', '.join(missing)}")
-    return list(SOUP_METHODS)
-
-
 @dataclass
 class LearnOptions:
     """The learned soup's optimisation (search.learned.learned_soup)."""
@@ -335,7 +319,7 @@ def evaluate_soups(checkpoints: Sequence[Source], evaluator: Evaluator, *, val: 
     if weights is not None and len(weights) != len(checkpoints):
         raise ConfigError(f"weights: {len(weights)} weights for {len(checkpoints)} checkpoints", param="weights")
     if merges and base is None:
-        raise ConfigError("--merge needs --base, the checkpoint the ingredients were fine-tuned from")
+        raise ConfigError("base: merges need the checkpoint the ingredients were fine-tuned from", param="base")
     ev = evaluator
     ingredients: list[Checkpoint] = [load(c, ema=ops.ema) for c in checkpoints]
     fixed = recalibrate_bn is not None or repair is not None

@@ -6,7 +6,27 @@
 """
 from __future__ import annotations
 
-from .load import load_data, set_decoding
-from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, mnist1d
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports on first use, so that a light module
+    # of this package (a header reader, the data cache) is imported without torch
+    from .load import load_data, set_decoding
+    from .tensors import BUILTINS, SPLIT_SEED, TensorData, digits, mnist1d
+
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("load_data", "set_decoding"), "load"),
+    **dict.fromkeys(("BUILTINS", "SPLIT_SEED", "TensorData", "digits", "mnist1d"), "tensors"),
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["TensorData", "load_data", "set_decoding", "digits", "mnist1d", "BUILTINS", "SPLIT_SEED"]

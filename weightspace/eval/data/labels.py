@@ -25,14 +25,25 @@ POOLS = ("max", "mean")
 
 
 def model_outputs(model: torch.nn.Module | None) -> int | None:
-    """Number of classifier outputs of a timm / open_clip / plain model, when it can be told."""
+    """Number of classifier outputs of a timm / open_clip / torchvision / plain model, when it can be told: its
+    ``head``, ``num_classes``, ``fc`` or ``classifier`` (a Linear, or a Sequential ending in one), else the last
+    module when it is a Linear (an MLP's output layer)."""
     if model is None:
         return None
     head = getattr(model, "head", None)
     if isinstance(head, torch.nn.Linear):
         return head.out_features
     n = getattr(model, "num_classes", None)
-    return int(n) if isinstance(n, int) else None
+    if isinstance(n, int):
+        return int(n)
+    for name in ("fc", "classifier"):
+        m = getattr(model, name, None)
+        if isinstance(m, torch.nn.Sequential) and len(m):
+            m = m[-1]
+        if isinstance(m, torch.nn.Linear):
+            return m.out_features
+    last = list(model.modules())[-1]
+    return last.out_features if isinstance(last, torch.nn.Linear) else None
 
 
 def model_classes(model: torch.nn.Module | None) -> list[list[str]] | None:
@@ -128,11 +139,18 @@ def _sample(names: list[str], k: int = 5) -> str:
 
 
 def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file: str | None, pool: str,
-                     spec: str) -> TensorData:
+                     spec: str, fallback: str | None = None) -> TensorData:
     """``d`` with its ``label_map`` set when its classes are not the model's outputs one to one.
 
+    A dataset whose classes do not match the model's outputs is never scored against the head's first columns: it
+    is mapped (``classes_file``, or its class names found among the model's) or refused. The one exception is a
+    tensors file (``.pt``/``.npz``) with fewer classes than outputs: its labels are output indices by its own
+    statement (a test split may lack the last classes). ``fallback`` (--class-map) maps a dataset that names no
+    map of its own and does not match the outputs one to one.
+
     Raises:
-        DataError: a dataset class has no model class (naming the classes), or the map file does not fit.
+        DataError: a dataset class has no model class (naming the classes), the class counts differ with no map,
+            or the map file does not fit.
     """
     if pool not in POOLS:
         raise DataError(f"data={spec}: pool={pool}: expected {' or '.join(POOLS)}", param="data")
@@ -144,6 +162,8 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
         model.class_names = readable_names(names)  # an open_clip zero-shot head speaks the dataset's classes
         return d
     index = {_norm(a): i for i, aliases in enumerate(known or []) for a in aliases}
+    if not classes_file and fallback and n_out is not None and n_out != len(names) and not d.multilabel:
+        classes_file = fallback
     if classes_file:
         mapping = read_class_map(classes_file)
         missing = [c for c in names if c not in mapping]
@@ -151,8 +171,15 @@ def attach_label_map(d: TensorData, model: torch.nn.Module | None, classes_file:
             raise DataError(f"{classes_file}: no model class for the dataset's class(es) {_sample(missing)}",
                             path=classes_file)
         groups = [[_resolve(c, index, n_out, classes_file) for c in mapping[name]] for name in names]
-    elif n_out is None or n_out == len(names) or not known:
+    elif n_out is None or n_out == len(names) or d.multilabel:
         return d
+    elif d.meta.get("labels") == "indices" and len(names) < n_out:
+        return d
+    elif not known:
+        raise DataError(f"data={spec}: {len(names)} classes for a model with {n_out} outputs, and the model "
+                        f"names none of them; map each dataset class to a model output with ?classes=FILE or "
+                        f"--class-map FILE (lines 'DATASET_CLASS MODEL_CLASS'), or size the head with "
+                        f"--num-classes {len(names)}", path=spec, param="data")
     else:
         missing = [c for c in names if _norm(c) not in index]
         if missing:

