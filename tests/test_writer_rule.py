@@ -236,3 +236,18 @@ def test_recipe_summary_never_writes_over_a_run_it_reads(cli, tmp_path):
     r = cli("recipe", "summary", run, "-o", run / "results.json", "--force")
     assert r.exit_code == 2 and "is also an input of this run" in r.stderr, r.stderr
     assert (run / "results.json").read_text() == '{"findings": []}'
+
+
+def test_weights_computed_in_memory_never_replace_their_ingredients(tmp_path):
+    """A search's or align's result is a state dict whose provenance names its ingredients: saving it over one of
+    them is refused even with force, as for a streamed op."""
+    import weightspace as ws
+    from weightspace.io.outputs import StateDict
+    a = tmp_path / "a.safetensors"
+    st.save_file({"w": torch.ones(2)}, a)
+    before = a.read_bytes()
+    sd = StateDict({"w": torch.zeros(2)}, provenance={"op": "align", "ingredients": [{"source": str(a)}]})
+    with pytest.raises(OutputExists, match="is also an input"):
+        ws.save(sd, a, force=True)
+    assert a.read_bytes() == before
+    assert ws.save(sd, tmp_path / "b.safetensors") == tmp_path / "b.safetensors"  # negative control

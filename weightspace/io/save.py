@@ -210,8 +210,15 @@ def _first_source(stream: TensorStream) -> str | None:
 
 
 def _inputs(stream: TensorStream, companions: list[Path] = ()) -> list[Path]:
-    """The files this save reads: the ingredients' weight files (and their folders' index) and the companions."""
+    """The files this save reads or was made from: the ingredients' weight files (and their folders' index), the
+    local files its provenance names as ingredients (weights computed in memory: align, searches), the companions."""
     out = [f for c in stream.ingredients for f in c.files] + list(companions)
+    for ing in stream.provenance.get("ingredients") or []:
+        src = ing.get("source") if isinstance(ing, Mapping) else None
+        if isinstance(src, str) and "://" not in src:
+            p = Path(os.path.expanduser(src.split("?", 1)[0]))
+            with contextlib.suppress(OSError, ValueError):
+                out += sorted(p.iterdir()) if p.is_dir() else [p] if p.is_file() else []
     return out + [f.parent / INDEX_NAME for f in out]
 
 
