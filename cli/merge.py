@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import batch_note, dtype_note, note, parse_floats, print_json, refuse_existing, report_options, require
+from .common import batch_note, dtype_note, echo, note, parse_floats, print_json, refuse_existing, report_options, require
 from .options import (DataOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice, force_option,
                       merge_method_names, op_options, report_folder, use)
 
@@ -108,7 +108,7 @@ def merge(models: tuple[str, ...], config: str | None, method: str | None, param
         print_json(result)
     else:
         trim = f", {_trim(prov)}" if prov["method"] == "ties" else "".join(f", {k}={v}" for k, v in options.items())
-        click.echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, λ = {scale}{trim})")
+        echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, λ = {scale}{trim})")
 
 
 def _trim(prov: dict) -> str:
@@ -140,7 +140,7 @@ def _from_config(config, out: OutputOptions, force, ops: OpOptions, as_json, qui
         print_json(result)
     else:
         what = f", {_trim(prov)}" if cfg.method == "ties" else ""
-        click.echo(f"wrote {path} ({cfg.method} of {len(cfg.models)} models from {config}{what})")
+        echo(f"wrote {path} ({cfg.method} of {len(cfg.models)} models from {config}{what})")
 
 
 def _data_merge(method, models, base, negate, options, out: OutputOptions, model: ModelOptions, data: DataOptions,
@@ -162,7 +162,7 @@ def _data_merge(method, models, base, negate, options, out: OutputOptions, model
     if as_json:
         print_json(result)
     else:
-        click.echo(f"wrote {path} ({method} of {len(models)} models, statistics on {spec})")
+        echo(f"wrote {path} ({method} of {len(models)} models, statistics on {spec})")
 
 
 def parse_params(params: tuple[str, ...]) -> dict[str, Any]:
@@ -223,9 +223,9 @@ def _search(method, base, models, negate, options, out: OutputOptions, force, op
         return
     if not quiet:
         label = "λ" if param == "scale" else param
-        click.echo(markdown_table([label, f"{val_spec} accuracy"], [[v, acc] for v, acc in rec.scores]))
+        echo(markdown_table([label, f"{val_spec} accuracy"], [[v, acc] for v, acc in rec.scores]))
     label = "λ" if param == "scale" else param
-    click.echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, "
+    echo(f"wrote {path} ({method} of {len(sources)} model{'s' if len(sources) != 1 else ''} on {base}, "
                f"{label} = {rec.value:g} picked on {val_spec})")
     for f in files.values():
-        click.echo(f"wrote {f}")
+        echo(f"wrote {f}")
