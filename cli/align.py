@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import markdown_table, note, print_json, refuse_existing, report_options
+from .common import echo, markdown_table, note, print_json, refuse_existing, report_options
 from .options import DataOptions, ModelOptions, OpOptions, OutputOptions, force_option, use
 
 __all__ = ["align"]
@@ -67,9 +67,9 @@ def align(a: str, b: str, model: ModelOptions, data: DataOptions, method: str | 
         print_json({"output": str(path), "a": a, "b": b, "model": model_spec, **summary})
         return
     if not quiet:
-        click.echo(markdown_table(["group", "units", "tensors", "moved"],
+        echo(markdown_table(["group", "units", "tensors", "moved"],
                                   [[g["name"], g["size"], g["tensors"], g["moved"]] for g in info["groups"]]))
     rounds = f", {info['rounds']} rounds" if "rounds" in info else ""
     kind = "weight" if method == "weights" else "activation"
-    click.echo(f"wrote {path} ({kind} matching{rounds}: ‖A−B‖ {info['l2_before']:.4g} → ‖A−P(B)‖ "
+    echo(f"wrote {path} ({kind} matching{rounds}: ‖A−B‖ {info['l2_before']:.4g} → ‖A−P(B)‖ "
                f"{info['l2_after']:.4g})")

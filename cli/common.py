@@ -6,8 +6,15 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
-__all__ = ["grouping_option", "report_options", "print_json", "note", "dtype_note", "markdown_table", "parse_floats", "human_bytes",
+__all__ = ["echo", "grouping_option", "report_options", "print_json", "note", "dtype_note", "markdown_table", "parse_floats", "human_bytes",
            "require", "refuse_existing", "parse_grid", "precheck", "emit"]
+
+
+def echo(message: Any = "", err: bool = False, nl: bool = True) -> None:
+    """click.echo for every line the CLI prints: control characters from files (ANSI/OSC sequences, CR, forged
+    newlines inside a value) are escaped by weightspace.report.terminal.printable; the newlines of the layout stay."""
+    from weightspace.report.terminal import printable
+    click.echo(printable(message, newlines=True), err=err, nl=nl)
 
 
 def grouping_option(f: Callable) -> Callable:
@@ -27,13 +34,13 @@ def report_options(f: Callable) -> Callable:
 def print_json(obj: Any) -> None:
     """Print strict JSON (NaN becomes null, ±inf "inf"/"-inf": weightspace.report.jsonable) on stdout."""
     from weightspace.report import jsonable
-    click.echo(json.dumps(jsonable(obj), indent=2, sort_keys=False))
+    echo(json.dumps(jsonable(obj), indent=2, sort_keys=False))
 
 
 def note(msg: str, quiet: bool = False) -> None:
     """A human note on stderr (never on stdout, which may carry JSON)."""
     if not quiet:
-        click.echo(msg, err=True)
+        echo(msg, err=True)
 
 
 def batch_note(ev: Any, quiet: bool = False) -> None:
@@ -87,11 +94,11 @@ def require(value: T | None, option: str, why: str) -> T:
 def refuse_existing(output: str | None, force: bool) -> None:
     """Fail before any work when the output exists and --force was not given (the write checks again); no
     output, nothing to refuse."""
-    from pathlib import Path
+    import os
 
-    from weightspace.errors import OutputExists
-    if output is not None and Path(output).exists() and not force:
-        raise OutputExists(f"{output}: already exists (use --force to overwrite)", path=output)
+    from weightspace.files import check_targets
+    if output is not None and not output.endswith(("/", os.sep)) and not os.path.isdir(output):
+        check_targets([output], force)  # a folder output is checked by save, which knows the names it writes
 
 
 def parse_grid(text: str, what: str) -> int | list[float]:
@@ -108,10 +115,9 @@ def precheck(out_dir: str | None, force: bool) -> None:
     """Refuse an existing --out run before any work (every analysis writes results.json there)."""
     from pathlib import Path
 
-    from weightspace.errors import OutputExists
-    if out_dir and not force and (Path(out_dir) / "results.json").exists():
-        raise OutputExists(f"{Path(out_dir) / 'results.json'}: already exists (use --force to overwrite)",
-                           path=Path(out_dir) / 'results.json')
+    from weightspace.files import check_targets
+    if out_dir:
+        check_targets([Path(out_dir) / "results.json"], force, root=out_dir)
 
 
 def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | None, write: Callable | None,
@@ -126,4 +132,4 @@ def emit(payload: dict, headers: list[str], rows: list[list], *, out_dir: str | 
     if as_json:
         print_json(payload)
     else:
-        click.echo(markdown_table(headers, rows))
+        echo(markdown_table(headers, rows))

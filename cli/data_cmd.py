@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import human_bytes, markdown_table, print_json
+from .common import echo, human_bytes, markdown_table, print_json
 
 __all__ = ["data", "ls", "rm"]
 
@@ -29,9 +29,9 @@ def ls(as_json: bool) -> None:
         return
     if not rows:
         folder = cache_dir()
-        click.echo(f"no cached data in {folder}" if folder else "the data cache is off (WEIGHTSPACE_DATA_CACHE=off)")
+        echo(f"no cached data in {folder}" if folder else "the data cache is off (WEIGHTSPACE_DATA_CACHE=off)")
         return
-    click.echo(markdown_table(["name", "source", "examples", "size", "decoder", "transform"],
+    echo(markdown_table(["name", "source", "examples", "size", "decoder", "transform"],
                               [[r["name"], r["source"], r["examples"], human_bytes(r["bytes"]), r["decoder"],
                                 r["transform"]] for r in rows]))
 
@@ -42,4 +42,4 @@ def rm(names: tuple[str, ...]) -> None:
     """Delete cache entries by NAME (as `data ls` shows it), or every entry of a source name."""
     from weightspace.eval.data.cache import remove_entries
     for e in remove_entries(list(names)):
-        click.echo(f"removed {e.name} ({human_bytes(e.meta.get('file_bytes', 0))})")
+        echo(f"removed {e.name} ({human_bytes(e.meta.get('file_bytes', 0))})")

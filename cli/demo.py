@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import note, print_json, report_options
+from .common import echo, note, print_json, report_options
 from .options import force_option, report_folder
 
 __all__ = ["demo"]
@@ -37,39 +37,39 @@ def demo(out_dir: str, small: bool, seed: int, force: bool, as_json: bool, quiet
                             | {"leaderboard": r["leaderboard"].to_dict()}))
         return
     lb = r["leaderboard"]
-    click.echo(f"## {lb.title}\n")
-    click.echo(markdown_table(*lb.table("accuracy")))
-    click.echo("\npaired on the same test examples (per-row intervals above can overlap where the difference is clear):")
+    echo(f"## {lb.title}\n")
+    echo(markdown_table(*lb.table("accuracy")))
+    echo("\npaired on the same test examples (per-row intervals above can overlap where the difference is clear):")
     for c in r["paired_vs_best"]["methods"].values():
-        click.echo(f"- {c['text']}")
+        echo(f"- {c['text']}")
     g = r["greedy"]
-    click.echo(f"\ngreedy soup kept {len(g['kept'])}/{len(g['ranking'])} ingredients: "
+    echo(f"\ngreedy soup kept {len(g['kept'])}/{len(g['ranking'])} ingredients: "
                + ", ".join(k.rsplit("/", 1)[-1] for k in g["kept"]))
     reg = r["regime"]
-    click.echo("\n## the regime's conditions\n")
-    click.echo(f"- pre-training data {r['data']['source']} is disjoint from {r['data']['target']}, "
+    echo("\n## the regime's conditions\n")
+    echo(f"- pre-training data {r['data']['source']} is disjoint from {r['data']['target']}, "
                f"{r['data']['val']} and {r['data']['test'][0]} (val {r['data']['examples']['val']}, test "
                f"{r['data']['examples']['test']} examples)")
     ft = reg["finetune_vs_scratch"]
-    click.echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} (paired on the same examples: "
+    echo(f"- fine-tuning beats training from scratch on test: {ft['verdict']} (paired on the same examples: "
                f"{ft['paired']['text']}); over models, the whole band against every random-init model: "
                f"{ft['over_models_verdict']} ({ft['text']})")
-    click.echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
+    echo(f"- early stopping on val loss: {reg['early_stopping_summary']['text']}")
     band = reg["band"]
-    click.echo(f"- the band's spread: val accuracy {min(band['val_accuracy']):.4f} to {max(band['val_accuracy']):.4f} "
+    echo(f"- the band's spread: val accuracy {min(band['val_accuracy']):.4f} to {max(band['val_accuracy']):.4f} "
                f"over {len(band['val_accuracy'])} ingredients (largest gap to the best {band['largest_gap']:.4f})")
     b = r["leaderboard"].extra["basin"]
     if b["uniform_loses"]:
-        click.echo(f"- uniform soup loses to the best individual on val ({b['uniform_val_accuracy']:.4f} < "
+        echo(f"- uniform soup loses to the best individual on val ({b['uniform_val_accuracy']:.4f} < "
                    f"{b['best_individual_val_accuracy']:.4f}); ingredients breaking the basin ({b['rule']}): "
                    + (", ".join(b["breakers"]) or "none"))
     else:
-        click.echo(f"- uniform soup ≥ best individual on val ({b['uniform_val_accuracy']:.4f} vs "
+        echo(f"- uniform soup ≥ best individual on val ({b['uniform_val_accuracy']:.4f} vs "
                    f"{b['best_individual_val_accuracy']:.4f}): the ingredients share one basin")
-    click.echo(f"\n## barrier heights ({r['data']['test'][0]})\n")
-    click.echo(markdown_table(*barrier_table(r["curves"])))
-    click.echo("")
+    echo(f"\n## barrier heights ({r['data']['test'][0]})\n")
+    echo(markdown_table(*barrier_table(r["curves"])))
+    echo("")
     for key in ("results", "png", "curve_png", "curve_json"):
-        click.echo(f"{key.replace('_', ' ')}: {r['files'][key]}")
+        echo(f"{key.replace('_', ' ')}: {r['files'][key]}")
     note(f"demo finished in {time.perf_counter() - t0:.1f} s ("
          + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()) + ")", quiet)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import markdown_table, print_json, report_options
+from .common import echo, markdown_table, print_json, report_options
 from .options import OpOptions, use
 
 __all__ = ["diff"]
@@ -30,11 +30,11 @@ def diff(a: str, b: str, ops: OpOptions, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json({**out, "identical_structure": same})
     else:
-        click.echo(f"{len(ka & kb)} keys in common; {len(out['only_in_a'])} only in {name_a}; "
+        echo(f"{len(ka & kb)} keys in common; {len(out['only_in_a'])} only in {name_a}; "
                    f"{len(out['only_in_b'])} only in {name_b}; {len(mismatches)} shape/dtype mismatches")
         rows = [[k, "only in A", ""] for k in out["only_in_a"]] + [[k, "only in B", ""] for k in out["only_in_b"]]
         rows += [[m["key"], f"{m['a']['dtype']} {m['a']['shape']}", f"{m['b']['dtype']} {m['b']['shape']}"] for m in mismatches]
         if rows:
-            click.echo(markdown_table(["key", "A", "B"], rows))
+            echo(markdown_table(["key", "A", "B"], rows))
     sys.exit(0 if same else 1)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import markdown_table, print_json, report_options
+from .common import echo, markdown_table, print_json, report_options
 from .options import OpOptions, use
 
 __all__ = ["distance"]
@@ -40,8 +40,8 @@ def distance(a: str, b: str, per_module: bool, depth: int | None, regex: str | N
     t = r["total"]
     rows = [["(total)", t["l2"], t["relative"], t["cosine"], t["numel"]]]
     rows += [[m["module"], m["l2"], m["relative"], m["cosine"], m["numel"]] for m in r.get("modules", [])]
-    click.echo(markdown_table(["module", "l2", "relative", "cosine", "numel"], rows))
+    echo(markdown_table(["module", "l2", "relative", "cosine", "numel"], rows))
     if "buffers" in r and not include_buffers:
         s = r["buffers"]
-        click.echo(f"\nrunning statistics (not in the distances above; --include-buffers counts them): l2 "
+        echo(f"\nrunning statistics (not in the distances above; --include-buffers counts them): l2 "
                    f"{s['l2']:.6g}, relative {s['relative']:.6g} over {s['numel']} values")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import parse_floats, print_json, report_options
+from .common import echo, parse_floats, print_json, report_options
 from .options import DataOptions, ModelOptions, OpOptions, use
 from .probe import linear_head_options, probe_options, write_report
 
@@ -54,7 +54,7 @@ def head2toe(checkpoint: str, model: ModelOptions, data: DataOptions, layers: st
     if as_json:
         print_json(payload)
         return
-    click.echo(markdown_table(headers, rows))
+    echo(markdown_table(headers, rows))
     b = res.baseline
-    click.echo(f"Head2Toe (keep {res.chosen:g}, chosen by {folds}-fold CV): test accuracy {res.accuracy:.4f}; "
+    echo(f"Head2Toe (keep {res.chosen:g}, chosen by {folds}-fold CV): test accuracy {res.accuracy:.4f}; "
                f"last-layer probe ({b['layer']}, {b['features']} features): {b['test_accuracy']:.4f}")

@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from .common import human_bytes, markdown_table, print_json, report_options
+from .common import echo, human_bytes, markdown_table, print_json, report_options
 from .options import OpOptions, use
 
 __all__ = ["inspect_cmd"]
@@ -28,22 +28,22 @@ def inspect_cmd(source: str, ops: OpOptions, limit: int, as_json: bool, quiet: b
 
 def _render(info: dict[str, Any], note: str, limit: int) -> None:
     tensors = info["tensors"]
-    click.echo(f"source:   {info['source']}" + (f"  ({note})" if note else ""))
+    echo(f"source:   {info['source']}" + (f"  ({note})" if note else ""))
     if info["variant"]:
-        click.echo(f"variant:  {info['variant']}")
-    click.echo(f"tensors:  {info['num_tensors']}")
-    click.echo(f"params:   {info['num_params']:,}")
-    click.echo(f"bytes:    {info['bytes']:,} ({human_bytes(info['bytes'])})")
+        echo(f"variant:  {info['variant']}")
+    echo(f"tensors:  {info['num_tensors']}")
+    echo(f"params:   {info['num_params']:,}")
+    echo(f"bytes:    {info['bytes']:,} ({human_bytes(info['bytes'])})")
     for alias, canon in info["tied"].items():
-        click.echo(f"tied:     {alias} = {canon}")
+        echo(f"tied:     {alias} = {canon}")
     if info["provenance"]:
         p = info["provenance"]
-        click.echo(f"provenance: op={p.get('op')} weightspace={p.get('weightspace_version')}")
+        echo(f"provenance: op={p.get('op')} weightspace={p.get('weightspace_version')}")
         for ing, c in zip(p.get("ingredients", []), p.get("coefficients", [None] * len(p.get("ingredients", [])))):
             coef = f"{c:.4g} × " if isinstance(c, (int, float)) else ""
-            click.echo(f"  {coef}{ing.get('source')}  sha256={str(ing.get('sha256', ''))[:12]}")
+            echo(f"  {coef}{ing.get('source')}  sha256={str(ing.get('sha256', ''))[:12]}")
     rows = [[t["key"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar"] for t in tensors]
     if limit:
         rows = rows[:limit]
-    click.echo("")
-    click.echo(markdown_table(["key", "dtype", "shape"], rows))
+    echo("")
+    echo(markdown_table(["key", "dtype", "shape"], rows))

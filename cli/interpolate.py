@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import batch_note, dtype_note, note, parse_floats, print_json, report_options, require
+from .common import echo, batch_note, dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, ModelOptions, OpOptions, OutputOptions, force_option, op_options,
                       output_options, report_folder, use)
 
@@ -83,7 +83,7 @@ def _point(a, b, alpha, out: OutputOptions, force, ops: OpOptions, as_json, quie
     if as_json:
         print_json({"output": str(path), "alpha": alpha, "a": a, "b": b})
     else:
-        click.echo(f"wrote {path} ((1−{alpha})·A + {alpha}·B)")
+        echo(f"wrote {path} ((1−{alpha})·A + {alpha}·B)")
 
 
 def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_spec, repair_spec, align_method,
@@ -124,12 +124,12 @@ def _curves(pairs, model: ModelOptions, data: DataOptions, steps, alphas, recal_
         headers = ["alpha"] + [f"{ds} {m}" for ds in c.datasets for m in ("accuracy", "loss") if c.has(ds, m)]
         rows = [[alpha] + [c.metrics[i][ds][m] for ds in c.datasets for m in ("accuracy", "loss") if c.has(ds, m)]
                 for i, alpha in enumerate(c.alphas)]
-        click.echo(f"## {c.label}\n\n" + markdown_table(headers, rows) + "\n")
-    click.echo("## barrier heights\n\n" + markdown_table(*barrier_table(curves)))
+        echo(f"## {c.label}\n\n" + markdown_table(headers, rows) + "\n")
+    echo("## barrier heights\n\n" + markdown_table(*barrier_table(curves)))
     for entry in alignment:
         ds = next(iter(entry["before"]))
         before, after = entry["before"][ds]["error"]["chord"], entry["after"][ds]["error"]["chord"]
-        click.echo(f"\nalignment ({entry['method']} matching): error barrier on {ds} {before:.4f} → {after:.4f} "
+        echo(f"\nalignment ({entry['method']} matching): error barrier on {ds} {before:.4f} → {after:.4f} "
                    f"(‖A−B‖ {entry['l2_before']:.4g} → ‖A−P(B)‖ {entry['l2_after']:.4g})")
     for p in paths.values():
-        click.echo(f"wrote {p}")
+        echo(f"wrote {p}")

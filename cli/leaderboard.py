@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import batch_note, print_json, report_options, require
+from .common import echo, batch_note, print_json, report_options, require
 from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 __all__ = ["leaderboard"]
@@ -43,10 +43,10 @@ def leaderboard(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOpt
         print_json({**results, "leaderboard": lb.to_dict(), "files": paths})
         return
     headers, rows = lb.table("accuracy")
-    click.echo(markdown_table(["rank", *headers, f"{lb.columns[0]} loss"],
+    echo(markdown_table(["rank", *headers, f"{lb.columns[0]} loss"],
                               [[r["rank"], *row, r["metrics"][lb.columns[0]].get("loss")]
                                for r, row in zip(lb.rows, rows)]))
     for group in lb.extra["ties"]:
-        click.echo(f"tie (kept in input order): {', '.join(group)}")
+        echo(f"tie (kept in input order): {', '.join(group)}")
     for p in paths.values():
-        click.echo(f"wrote {p}")
+        echo(f"wrote {p}")

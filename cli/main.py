@@ -73,6 +73,7 @@ class LazyGroup(click.Group):
             formatter.write_dl([(n, HELP.get(n, "")) for n in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context):
+        from .common import echo
         from .oneline import held_output, one_line
         # the verb, for usage errors that click raises without a context (an option missing its value)
         verb = next(iter([*getattr(ctx, "_protected_args", []), *ctx.args]), "")
@@ -82,7 +83,7 @@ class LazyGroup(click.Group):
             except click.UsageError as e:  # bad options: one line too, naming the verb and where help is
                 state["failed"] = True
                 where = e.ctx.command_path if e.ctx else " ".join([ctx.command_path] + [verb] * (verb in COMMANDS))
-                click.echo(f"weightspace: error{_speak()}: {one_line(where)}: {one_line(e.format_message())} "
+                echo(f"weightspace: error{_speak()}: {one_line(where)}: {one_line(e.format_message())} "
                            f"(see {where} --help)", err=True)
                 sys.exit(2)
             except Exception as e:  # only our own error family is turned into one line; bugs keep their traceback
@@ -90,7 +91,7 @@ class LazyGroup(click.Group):
                 if errors is not None and isinstance(e, errors.WeightspaceError):
                     state["failed"] = True
                     message = in_flags(str(e), e.param, self.get_command(ctx, verb) if verb in COMMANDS else None)
-                    click.echo(f"weightspace: error{_speak()}: {one_line(message)}", err=True)
+                    echo(f"weightspace: error{_speak()}: {one_line(message)}", err=True)
                     sys.exit(2)
                 raise
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import markdown_table, print_json, report_options
+from .common import echo, markdown_table, print_json, report_options
 
 __all__ = ["methods"]
 
@@ -27,7 +27,7 @@ def methods(family: str | None, as_json: bool, quiet: bool) -> None:
     if as_json:
         print_json([e.to_dict() for e in entries])
         return
-    click.echo(markdown_table(
+    echo(markdown_table(
         ["family", "name", "title", "formula", "paper", "defaults"],
         [[e.family, f"`{e.name}`", e.title, e.formula,
           f"[{e.paper.short}]({e.paper.url})" if e.paper else "", _defaults(dict(e.defaults))] for e in entries]))

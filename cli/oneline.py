@@ -57,14 +57,15 @@ def held_output() -> Iterator[dict]:
             for lg, h in swapped:
                 lg.addHandler(h)
     if not state["failed"]:
-        for record in hold.records:
+        from weightspace.report.terminal import printable
+        for record in hold.records:  # messages may quote file contents: replayed with control characters escaped
+            record.msg, record.args = printable(record.getMessage(), newlines=True), None
             logging.getLogger(record.name).handle(record)
         for w in caught:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            warnings.showwarning(printable(str(w.message), newlines=True), w.category, w.filename, w.lineno)
 
 
 def one_line(text: str) -> str:
     """``text`` on one line: newlines and other control characters escaped as repr would write them."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    from weightspace.report.terminal import printable
+    return printable(text)

@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import click
 
-from .common import note, print_json, report_options
+from .common import echo, note, print_json, report_options
 from .options import DataOptions, ModelOptions, OpOptions, force_option, report_folder, use
 
 __all__ = ["PROBE_FILES", "probe_options", "linear_head_options", "write_report", "probe"]
@@ -81,6 +81,6 @@ def probe(checkpoints: tuple[str, ...], model: ModelOptions, data: DataOptions, 
     if as_json:
         print_json(payload)
     else:
-        click.echo(markdown_table(headers, rows))
+        echo(markdown_table(headers, rows))
         for ck, r in res.best().items():
-            click.echo(f"{ck}: best layer {r['layer']} (test accuracy {r['test_accuracy']:.4f})")
+            echo(f"{ck}: best layer {r['layer']} (test accuracy {r['test_accuracy']:.4f})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import note, print_json, report_options
+from .common import echo, note, print_json, report_options
 from .options import ModelOptions, OpOptions, use
 
 __all__ = ["push"]
@@ -66,7 +66,7 @@ def push(checkpoint: str, repo: str, private: bool, revision: str, card_from: st
     if as_json:
         print_json(result.to_dict())
     elif result.dry_run:
-        click.echo(f"wrote {result.folder}: {', '.join(result.files)} ({result.library}); nothing pushed")
+        echo(f"wrote {result.folder}: {', '.join(result.files)} ({result.library}); nothing pushed")
     else:
-        click.echo(f"pushed {result.repo_id}@{result.revision}: commit {result.commit} "
+        echo(f"pushed {result.repo_id}@{result.revision}: commit {result.commit} "
                    f"({', '.join(result.files)}) {result.url}")

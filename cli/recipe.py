@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import report_options
+from .common import echo, report_options
 from .options import ModelOptions, force_option, report_folder, use
 
 __all__ = ["recipe", "run", "summary"]
@@ -41,9 +41,9 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
     if as_json:
         print_json(r)
         return
-    click.echo(markdown_table(["finding", "verdict", "numbers"],
+    echo(markdown_table(["finding", "verdict", "numbers"],
                               [[f["id"], f["verdict"], f["numbers"]] for f in r["findings"]]))
-    click.echo(f"\nwrote {out_dir}/REPORT.md ({r['timings']['total']:.1f} s)")
+    echo(f"\nwrote {out_dir}/REPORT.md ({r['timings']['total']:.1f} s)")
 
 
 @recipe.command("summary", short_help="One Markdown page of the findings of several runs.")
@@ -54,11 +54,16 @@ def run(recipe_file: str, out_dir: str, small: bool, overrides: tuple[str, ...],
 @force_option("Overwrite FILE.")
 def summary(runs: tuple[str, ...], output: str | None, title: str, force: bool) -> None:
     """One Markdown page of every finding (verdict and numbers) of recipe runs, read from their results.json."""
+    from pathlib import Path
+
     from weightspace.experiments.summary import summarise
+    from weightspace.files import check_targets
+    if output is not None:  # before reading: an existing page, or one of the runs' results.json, is refused
+        check_targets([output], force, inputs=[Path(r) / "results.json" for r in runs])
     page = summarise(runs, title=title)
     if output is None:
-        click.echo(page)
+        echo(page)
         return
     from weightspace.report import write_text
     write_text(output, page + "\n", force=force)
-    click.echo(f"wrote {output}")
+    echo(f"wrote {output}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import note, print_json, report_options
+from .common import echo, note, print_json, report_options
 from .options import force_option, report_folder
 from .probe import write_report
 
@@ -46,7 +46,7 @@ def saturation(csv_file: str, upstream: str, downstream: str, label: str | None,
     if as_json:
         print_json(payload)
         return
-    click.echo(markdown_table(["k", "alpha", "e_inf", "predicted downstream at upstream 1", "points fitted", "rmse",
+    echo(markdown_table(["k", "alpha", "e_inf", "predicted downstream at upstream 1", "points fitted", "rmse",
                                "saturates"],
                               [[fit.k, fit.alpha, fit.e_inf, fit.predicted_downstream_at_saturation,
                                 f"{len(fit.used)} of {len(fit.upstream)}", fit.rmse, fit.test.get("saturates")]]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import grouping_option
+from .common import echo, grouping_option
 from .options import DataOptions, ModelOptions, OpOptions, analysis_outputs, use
 
 __all__ = ["similarity"]
@@ -48,11 +48,11 @@ def similarity(a: str, b: str, data: DataOptions, grouping: str | None, full_lim
          notes=r.notes)
     if not as_json:
         ag = r.agreement
-        click.echo("")
-        click.echo(markdown_table(*r.agreement_table()))
+        echo("")
+        echo(markdown_table(*r.agreement_table()))
         for cell in ("a_right_b_wrong", "a_wrong_b_right"):
             idx = ag[cell] if max_indices is None else ag[cell][:max_indices]
             more = len(ag[cell]) - len(idx)
-            click.echo(f"{cell}: {', '.join(map(str, idx))}{f' … (+{more})' if more else ''}")
+            echo(f"{cell}: {', '.join(map(str, idx))}{f' … (+{more})' if more else ''}")
         note(f"total parameter L2 {r.total['l2']:.4f} (relative {r.total['relative']:.4f}); same prediction on "
              f"{100 * ag['same_prediction']:.1f}% of {ag['n']} examples", quiet)

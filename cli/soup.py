@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import batch_note, dtype_note, note, parse_floats, print_json, report_options, require
+from .common import echo, batch_note, dtype_note, note, parse_floats, print_json, report_options, require
 from .options import (DataOptions, FixOptions, MergeOptions, ModelOptions, OpOptions, OutputOptions, RegistryChoice,
                       force_option, merge_method_names, op_options, output_options, report_folder, soup_method_names,
                       use)
@@ -41,7 +41,8 @@ __all__ = ["soup"]
            "repair": "REPAIR every evaluated model toward its ingredients' mean activation statistics on DATA; "
                      "-o saves the repaired weights."})
 @click.option("--merge", "merges", multiple=True, type=RegistryChoice(merge_method_names),
-              help="Add a merge of the checkpoints onto --base as a leaderboard row, λ picked on --val (repeatable).")
+              help="Add a merge of the checkpoints onto --base as a leaderboard row, its main hyperparameter (λ, "
+                   "density or t) picked on --val (repeatable; any method of `weightspace methods --family merge`).")
 @use(MergeOptions, "merge", help={"base": "--merge: the pre-trained checkpoint the checkpoints were fine-tuned from.",
                                   "scales": "--merge: the grid of λ tried on --val.",
                                   "keep": "--merge ties: fraction of each task vector kept (default: the method's, "
@@ -134,7 +135,7 @@ def _average(checkpoints, weights, out: OutputOptions, force, ops: OpOptions, as
     if as_json:
         print_json(result)
     else:
-        click.echo(f"wrote {path} ({result['op']} of {len(checkpoints)} checkpoints)")
+        echo(f"wrote {path} ({result['op']} of {len(checkpoints)} checkpoints)")
 
 
 def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: ModelOptions, data: DataOptions,
@@ -179,13 +180,13 @@ def _evaluate(checkpoints, method, strict, weights, out: OutputOptions, model: M
     if as_json:
         print_json({**results, "leaderboard": lb.to_dict(), "files": paths})
         return
-    click.echo(markdown_table(*lb.table("accuracy")))
+    echo(markdown_table(*lb.table("accuracy")))
     res = rep.greedy
-    click.echo(f"\ngreedy soup ({'>' if strict else '≥'} rule) kept {len(res.kept)}/{len(checkpoints)}: "
+    echo(f"\ngreedy soup ({'>' if strict else '≥'} rule) kept {len(res.kept)}/{len(checkpoints)}: "
                + ", ".join(lb.rows[i]["method"] for i in res.kept))
     for group in lb.extra["ties"]:
-        click.echo(f"validation tie (broken by input order): {', '.join(group)}")
+        echo(f"validation tie (broken by input order): {', '.join(group)}")
     if saved:
-        click.echo(f"wrote {saved} ({method} soup)")
+        echo(f"wrote {saved} ({method} soup)")
     for p in paths.values():
-        click.echo(f"wrote {p}")
+        echo(f"wrote {p}")

@@ -43,7 +43,8 @@ def test_output_folder_takes_the_whole_non_weight_tree(cli, tmp_path):
     out = tmp_path / "out"
     r = cli("soup", a, b, "-o", f"{out}/", "--quiet")
     assert r.exit_code == 0, r.stderr
-    assert _tree(out) == {"model.safetensors", "config.json", "modules.json", "1_Pooling/config.json"}
+    assert _tree(out) == {"model.safetensors", "config.json", "modules.json", "1_Pooling/config.json",
+                          "weightspace-manifest.json"}  # what this save wrote (files.write_manifest)
     assert (out / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
     assert torch.equal(st.load_file(out / "model.safetensors")["w"], torch.full((3,), 2.0))
 

@@ -108,7 +108,7 @@ def test_existing_output_is_a_file_exists_error(two):
     with pytest.raises(FileExistsError) as e:
         ws.save(ops.uniform_soup(two), two[0])
     assert isinstance(e.value, errors.OutputExists) and e.value.path == str(two[0])
-    assert str(e.value) == f"{two[0]}: already exists (use --force to overwrite)"
+    assert str(e.value) == f"{two[0]}: already exists (use --force to replace it)"
 
 
 def test_unwritable_output_is_an_os_error_with_its_path(two, tmp_path):

@@ -61,15 +61,19 @@ def test_force_replaces_exactly_the_previous_runs_files(cli, tmp_path):
     user's own files stay. The full run is stood in for by its manifest and files (training it takes minutes)."""
     import json
 
-    from weightspace.report.manifest import MANIFEST_NAME, read_manifest
+    from weightspace.report.manifest import MANIFEST_NAME, read_manifest, write_manifest
     out = tmp_path / "demo"
     (out / "ckpts").mkdir(parents=True)
     leftovers = [f"ckpts/ft{i}-lr0.03-wd0.001-shift.safetensors" for i in range(3, 8)]
     for rel in leftovers:
         (out / rel).write_bytes(b"weights of a full run")
     (out / "ckpts" / "my-notes.txt").write_text("mine")          # never listed: never touched
-    (out / MANIFEST_NAME).write_text(json.dumps({"files": leftovers + ["../outside.txt"]}))
     (tmp_path / "outside.txt").write_text("a manifest may not point outside its folder")
+    write_manifest(out, [out / rel for rel in leftovers])
+    listed = read_manifest(out)
+    st = (tmp_path / "outside.txt").stat()
+    listed["../outside.txt"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    (out / MANIFEST_NAME).write_text(json.dumps({"files": listed}))
     r = cli("demo", "--small", "--out", out, "--force", "--quiet")
     assert r.exit_code == 0, r.stderr
     assert not any((out / rel).exists() for rel in leftovers)

@@ -254,7 +254,8 @@ def test_dry_run_writes_the_folder_and_card(trained, tmp_path, cli, monkeypatch)
     res = cli("push", trained["soup_local"], "my-org/soup", "--card-from", trained["run"], "--dry-run", out, "--json")
     assert res.exit_code == 0, res.stderr
     assert TOKEN not in res.stdout + res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "curve.png", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "curve.png", "model.safetensors",
+                                                     "weightspace-manifest.json"]
     for p in out.iterdir():
         assert TOKEN.encode() not in p.read_bytes()
     # A plain safetensors soup is uploaded byte for byte, so its sha256 on the Hub is the local file's.

@@ -56,7 +56,7 @@ def finetunes(tmp_path_factory, digits):
 
 
 def test_registry_names():
-    assert sorted(method_names()) == ["task-arithmetic", "ties"]
+    assert sorted(method_names()) == ["breadcrumbs", "dare-linear", "dare-ties", "della", "della-linear", "fisher", "karcher", "model-stock", "nuslerp", "regmean", "sce", "slerp", "task-arithmetic", "ties"]
 
 
 def test_ties_worked_example():

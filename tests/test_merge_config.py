@@ -111,7 +111,10 @@ def test_linear_and_task_arithmetic_configs(cli, tmp_path, trained_mlps):
 def test_what_mergekit_has_and_we_do_not_is_one_line(cli, tmp_path, trained_mlps):
     base, a, _ = _files(tmp_path, trained_mlps)
     cases = {
-        "slerp": f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n",
+        "slerp": f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n",  # no t
+        "slerp-gradient": f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                          f"parameters: {{t: [0, 0.5, 1]}}\n",
+        "passthrough": f"merge_method: passthrough\nmodels:\n  - model: {a}\n",
         "slices": f"merge_method: linear\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 2]}}]\n",
         "gradient": f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
                     f"    parameters: {{density: [0.1, 0.5], weight: 1.0}}\n",
@@ -122,3 +125,32 @@ def test_what_mergekit_has_and_we_do_not_is_one_line(cli, tmp_path, trained_mlps
         r = cli("merge", "--config", cfg, "-o", tmp_path / f"{name}.safetensors")
         assert r.exit_code == 2 and str(cfg) in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
         assert not (tmp_path / f"{name}.safetensors").exists()
+
+
+def test_other_methods_take_mergekit_names_and_defaults(cli, tmp_path, trained_mlps):
+    """slerp (t), nuslerp (weights → t), model_stock, breadcrumbs (mergekit's default density 1: the plain sum),
+    della with density and epsilon: each config equals the Python call with the options mergekit's names mean."""
+    from weightspace.ops.merge import merge
+    base, a, b = _files(tmp_path, trained_mlps)
+    m = f"models:\n  - model: {a}\n    parameters: {{weight: 0.25}}\n  - model: {b}\n    parameters: {{weight: 0.75}}\n"
+    cases = {
+        "slerp": (f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n"
+                  f"parameters: {{t: 0.3}}\n", ("slerp", base, [a], {"t": 0.3})),
+        "nuslerp": (f"merge_method: nuslerp\nbase_model: {base}\n{m}", ("nuslerp", base, [a, b], {"t": 0.75})),
+        "nuslerp-nobase": (f"merge_method: nuslerp\n{m}", ("nuslerp", a, [b], {"t": 0.75})),
+        "karcher": (f"merge_method: karcher\n{m}", ("karcher", a, [b], {})),
+        "model_stock": (f"merge_method: model_stock\nbase_model: {base}\n{m}", ("model-stock", base, [a, b], {})),
+        "breadcrumbs": (f"merge_method: breadcrumbs\nbase_model: {base}\n{m}",
+                        ("task-arithmetic", base, [a, b], {"weights": [0.25, 0.75]})),
+        "della": (f"merge_method: della\nbase_model: {base}\n{m}parameters: {{density: 0.6, epsilon: 0.2}}\n",
+                  ("della", base, [a, b], {"density": 0.6, "epsilon": 0.2, "weights": [0.25, 0.75],
+                                           "normalize": True, "rescale": "l1"})),
+    }
+    for name, (text, (method, b0, models, opts)) in cases.items():
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(text)
+        out = tmp_path / f"{name}.safetensors"
+        r = cli("merge", "--config", cfg, "-o", out, "--quiet")
+        assert r.exit_code == 0, (name, r.stderr)
+        got, ref = st.load_file(out), merge(method, b0, models, **opts).materialise()
+        assert all(torch.allclose(got[k].float(), ref[k].float(), atol=1e-6) for k in ref), name

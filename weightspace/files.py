@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -24,11 +25,12 @@ import socket
 import stat
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 from .errors import OutputError, OutputExists, WeightspaceError
 
-__all__ = ["atomic_output", "discard_writes", "writes_discarded", "make_folder", "TEMP_MARK"]
+__all__ = ["atomic_output", "discard_writes", "writes_discarded", "make_folder", "TEMP_MARK", "exists_error",
+           "check_targets", "MANIFEST_NAME", "read_manifest", "write_manifest", "prune_manifest", "remove_owned"]
 
 _discarding = False
 TEMP_MARK = ".wstmp-"  # in every named temp file: how a later run recognises one left behind
@@ -67,6 +69,153 @@ def make_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def exists_error(path: str | os.PathLike) -> OutputExists:
+    """The one refusal of an output that exists: ``PATH: already exists (use --force to replace it)``."""
+    return OutputExists(f"{path}: already exists (use --force to replace it)", path=Path(path))
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _no_links_below(root: Path, path: Path) -> None:
+    """Every folder between ``root`` and ``path`` is a real folder inside ``root`` (or does not exist yet)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+        raise OutputError(f"{path}: outside the output folder {root}; not written", path=path)
+    cur = Path(root)
+    for part in Path(rel).parts[:-1]:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return  # made by this run
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write here ({e.strerror or e})", path=path) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise OutputError(f"{path}: {cur} is a symbolic link; weightspace never writes through one", path=path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputExists(f"{path}: {cur} exists and is not a folder", path=path)
+
+
+def check_targets(paths: Iterable[str | os.PathLike], force: bool, *, inputs: Iterable[str | os.PathLike] = (),
+                  root: str | os.PathLike | None = None) -> None:
+    """The writer rule, checked before any work starts, for every file a run will write.
+
+    Without ``force`` an existing path (a dangling link too) is refused; with it, only a regular file or a link
+    (the link itself is replaced, never what it points to) may be replaced. A path that is one of the ``inputs``
+    being read is refused even with ``force``. Under ``root`` (an output folder), every folder on the way to a
+    path must be a real folder: a link there would carry the write outside.
+
+    Raises:
+        OutputExists: a path exists and ``force`` is false; it is a folder, FIFO, device or socket; it is an input.
+        OutputError: a path lies outside ``root`` or a folder on its way is a symbolic link.
+    """
+    if _discarding:
+        return
+    ins = {i for i in (_identity(p) for p in inputs) if i is not None}
+    for p in paths:
+        p = Path(p)
+        if root is not None:
+            _no_links_below(Path(root), p)
+        _check_target(p, force)
+        if ins and _identity(p) in ins:
+            raise OutputExists(f"{p}: is also an input of this run; not replaced, even with --force (write the "
+                               f"output elsewhere)", path=p)
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+# A folder's manifest lists the files weightspace wrote there, each with the size and modification time it had
+# when written. --force removes a listed file that a run no longer writes only while it still is that file: a
+# manifest that lists someone else's file (copied, forged or stale) names nothing that matches, so nothing goes.
+MANIFEST_NAME = "weightspace-manifest.json"
+_MANIFEST_MAX = 1 << 20  # bytes: a manifest is a short list; a larger one is not ours
+
+
+def _stamp(path: str | os.PathLike) -> dict | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns} if stat.S_ISREG(st.st_mode) else None
+
+
+def _owned(folder: Path, rel: str, stamp: Mapping) -> Path | None:
+    """``folder/rel`` when it still is the file the manifest entry describes: inside ``folder`` with no link on the
+    way, a regular file, with the recorded size and modification time."""
+    parts = Path(rel).parts
+    if not rel or os.path.isabs(rel) or ".." in parts or rel == MANIFEST_NAME:
+        return None
+    cur = folder
+    for part in parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink() or not cur.is_dir():
+            return None
+    p = folder / rel
+    return p if _stamp(p) == {"size": stamp.get("size"), "mtime_ns": stamp.get("mtime_ns")} else None
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
+    """The files the manifest in ``folder`` lists (relative path → size and mtime when written); empty when there
+    is none, or it is not a regular file, not ours or unreadable."""
+    p = Path(folder) / MANIFEST_NAME
+    st = _stamp(p)
+    if st is None or st["size"] > _MANIFEST_MAX:
+        return {}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    listed = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(listed, dict):
+        return {}
+    return {rel: {"size": v["size"], "mtime_ns": v["mtime_ns"]} for rel, v in listed.items()
+            if isinstance(v, dict) and type(v.get("size")) is int and type(v.get("mtime_ns")) is int}
+
+
+def write_manifest(folder: str | os.PathLike, paths: Iterable[str | os.PathLike],
+                   keep: Mapping[str, dict] | None = None) -> Path:
+    """Record ``paths`` (files this run wrote inside ``folder``), and the entries of ``keep`` that still describe
+    their files, in the folder's manifest; returns its path. Paths outside ``folder`` are not recorded."""
+    folder = Path(folder)
+    entries = {rel: dict(s) for rel, s in (keep or {}).items() if _owned(folder, rel, s) is not None}
+    for p in paths:
+        rel = os.path.relpath(os.path.abspath(p), os.path.abspath(folder))
+        stamp = _stamp(p)
+        if stamp is not None and _owned(folder, rel, stamp) is not None:
+            entries[rel] = stamp
+    with atomic_output(folder / MANIFEST_NAME, force=True) as tmp:
+        Path(tmp).write_text(json.dumps({"files": dict(sorted(entries.items()))}, indent=1) + "\n")
+    return folder / MANIFEST_NAME
+
+
+def prune_manifest(folder: str | os.PathLike, previous: Mapping[str, dict], keep: Iterable[str]) -> list[Path]:
+    """Remove the files ``previous`` (a manifest read before this run) lists that this run did not write (not in
+    ``keep``) and that still are what weightspace wrote; returns them. Nothing else is removed, no folder either."""
+    folder, kept = Path(folder), set(keep)
+    removed = []
+    for rel, stamp in previous.items():
+        p = None if rel in kept else _owned(folder, rel, stamp)
+        if p is not None and remove_owned(p):
+            removed.append(p)
+    return removed
+
+
+def remove_owned(path: str | os.PathLike) -> bool:
+    """Remove ``path`` when it is a regular file (never a link, whose target is someone else's, nor a folder);
+    returns whether it was removed."""
+    if _discarding or _stamp(path) is None:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        return True
+    return False
+
+
 def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
@@ -99,16 +248,19 @@ def _remove_stale(parent: Path) -> None:
 
 
 def _check_target(path: Path, force: bool) -> None:
+    if len(path.name.encode()) > _NAME_MAX:
+        raise OutputError(f"{path}: cannot write (file name too long: {len(path.name.encode())} bytes, at most "
+                          f"{_NAME_MAX})", path=path)
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a missing folder: making it reports what is in the way
         return
     except OSError as e:
         raise OutputError(f"{path}: cannot write here ({e.strerror or e})", path=path) from None
     if stat.S_ISDIR(st.st_mode):
         raise OutputExists(f"{path}: is a directory", path=path)
     if not force:
-        raise OutputExists(f"{path}: already exists (use --force to overwrite)", path=path)
+        raise exists_error(path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
         raise OutputExists(f"{path}: exists and is not a regular file; not replaced, even with --force", path=path)
 
@@ -178,7 +330,7 @@ def _link_into_place(src: str, path: Path, force: bool, parent: Path, follow: bo
         try:
             _link(src, path, follow)
         except FileExistsError:
-            raise OutputExists(f"{path}: already exists (use --force to overwrite)", path=path) from None
+            raise exists_error(path) from None
         return
     side = parent / _temp_name(path.name)
     _link(src, side, follow)
@@ -216,9 +368,6 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         return
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if len(path.name.encode()) > _NAME_MAX:
-        raise OutputError(f"{path}: cannot write (file name too long: {len(path.name.encode())} bytes, at most "
-                              f"{_NAME_MAX})", path=path)
     _check_target(path, force)
     if not parent.is_dir():
         raise OutputError(f"{path}: folder {parent} does not exist", path=path)

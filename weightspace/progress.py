@@ -20,7 +20,8 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     if "ncols" not in kw and _reported_columns() == 0:
         kw["ncols"] = FALLBACK_COLUMNS
     # disable=None: tqdm shows the bar only on a terminal, so CI logs and pipes stay clean.
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=None, **kw)
+    from .report.terminal import printable  # a description may name a file: never raw on the terminal
+    return tqdm(iterable, total=total, desc=printable(desc), unit=unit, leave=False, disable=None, **kw)
 
 
 FALLBACK_COLUMNS = 80

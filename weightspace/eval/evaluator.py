@@ -283,8 +283,10 @@ class Evaluator:
         name = getattr(src, "source", "<state dict>")
         if (name, prefix) not in _said:
             _said.add((name, prefix))
-            print(f"weightspace: {name}: its keys fit the model once the prefix '{prefix}' is removed; removed it "
-                  f"(?strip_prefix={prefix} or --strip-prefix {prefix} says so explicitly)", file=sys.stderr)
+            from ..report.terminal import printable
+            print(printable(f"weightspace: {name}: its keys fit the model once the prefix '{prefix}' is removed; "
+                            f"removed it (?strip_prefix={prefix} or --strip-prefix {prefix} says so explicitly)"),
+                  file=sys.stderr)
         if in_memory:
             out = type(src)() if isinstance(src, dict) else {}
             out.update({k[len(prefix):]: v for k, v in src.items()})

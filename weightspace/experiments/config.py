@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
+from ..io.yaml_file import as_bool, as_number, read_yaml, unknown_key
 
 __all__ = ["merge_config", "set_path", "parse_override", "read_recipe", "overlay_recipe", "load_kind_recipe",
            "check_kind"]
@@ -18,16 +18,52 @@ def merge_config(base: dict, extra: dict, where: str, strict: bool = True) -> di
     """``base`` updated by ``extra``, nested dicts merged key by key (``base`` itself is not changed).
 
     Raises:
-        ConfigError: with ``strict``, a key of ``extra`` that ``base`` lacks (named with ``where``)."""
+        ConfigError: with ``strict``, a key of ``extra`` that ``base`` lacks (named with ``where`` and the nearest
+            known key), or a value whose type is not its default's (a boolean for a boolean, a finite number for a
+            number)."""
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: must be a mapping, not {extra!r}")
     out = copy.deepcopy(base)
     for k, v in extra.items():
         if strict and k not in base:
-            raise ConfigError(f"{where}: unknown key '{k}' (known: {', '.join(base)})")
+            raise unknown_key(where, k, [str(x) for x in base])
+        if strict and isinstance(base.get(k), dict) and v is None:
+            continue  # an empty section (`analyses:`) keeps the defaults
+        if strict and isinstance(base.get(k), dict) and not isinstance(v, dict):
+            raise ConfigError(f"{where}: {k} must be a mapping, not {v!r}")
+        if strict and isinstance(base.get(k), list) and isinstance(v, (bool, int, float)):
+            raise ConfigError(f"{where}: {k} must be a list, not {v!r}")
         if isinstance(v, dict) and isinstance(base.get(k), dict) and base[k]:
             out[k] = merge_config(base[k], v, f"{where}.{k}", strict)
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = _typed(copy.deepcopy(v), base.get(k), f"{where}: {k}") if strict else copy.deepcopy(v)
     return out
+
+
+# keys that count things: an integer default there means an integer (elsewhere 0 may stand for 0.0, a weight decay)
+_COUNTS = ("epochs", "batch_size", "steps", "seed", "threads", "per_class", "folds", "width", "workers", "repeats")
+
+
+# ranges of the training and analysis keys every kind shares, checked when the file is read (before any training)
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "batch_size": (1, None), "epochs": (0, None), "threads": (0, None), "lr": (0, None), "weight_decay": (0, None),
+    "momentum": (0, 1), "steps": (2, None), "train_per_class": (1, None), "folds": (2, None), "width": (1, None)}
+
+
+def _typed(value: Any, default: Any, where: str) -> Any:
+    """``value`` checked against the type of the kind's default: a boolean stays a boolean, a number a finite
+    number (an integer where the default is a count, in range for the shared training keys, even where the default
+    is None); other defaults (None, strings, lists) are checked by the kind."""
+    key = where.rsplit(": ", 1)[-1]
+    if value is None or (default is None and key not in _RANGES):
+        return value
+    if isinstance(default, bool):
+        return as_bool(value, where)
+    if default is None or isinstance(default, (int, float)):
+        count = isinstance(default, int) and key.endswith(_COUNTS) or (default is None and key.endswith(_COUNTS))
+        lo, hi = _RANGES.get(key, (None, None))
+        as_number(value, where, lo, hi, integer=count)
+    return value
 
 
 def set_path(cfg: dict, dotted: str, value: Any, where: str) -> None:
@@ -60,19 +96,12 @@ def read_recipe(source: str | os.PathLike | dict) -> tuple[dict, str]:
     """A recipe's raw mapping (a copy when given a dict) and where it came from.
 
     Raises:
-        ConfigError: a missing or unreadable file, invalid YAML, or a document that is not a mapping."""
-    import yaml
+        ConfigError: a missing or unreadable file, not a regular file, not UTF-8, invalid YAML (anchors, aliases
+            and repeated keys included: ``io.yaml_file``), or a document that is not a mapping."""
     if isinstance(source, dict):
         return copy.deepcopy(source), "<recipe>"
     where = os.fspath(source)
-    try:
-        raw = yaml.safe_load(Path(where).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{where}: cannot read the recipe ({e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(where, "recipe")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a recipe is a YAML mapping")
     return raw, where
@@ -85,6 +114,8 @@ def overlay_recipe(raw: dict, where: str, defaults: dict, *, small: bool = False
 
     Raises:
         ConfigError: a malformed override, or a key that ``defaults`` does not know (named with ``where``)."""
+    if not isinstance(raw.get("small") or {}, dict):
+        raise ConfigError(f"{where}: small must be a mapping of KEY: VALUE overrides, not {raw.get('small')!r}")
     pending = list((raw.get("small") or {}).items()) if small else []
     pending += [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
     for k, v in pending:

@@ -34,7 +34,7 @@ import torch
 from .._version import __version__
 from ..analysis.basin import BasinResult, pairwise_barriers
 from ..analysis.curve import interpolation_curve
-from ..errors import OutputExists
+from ..files import check_targets
 from ..eval.data import TensorData, load_data
 from ..eval.evaluator import Evaluator
 from ..eval.models import build_model
@@ -165,10 +165,9 @@ def run_demo(out: str | Path, *, small: bool = False, seed: int = 0, force: bool
     out = Path(out)
     ckdir, soupdir = out / "ckpts", out / "soups"
     names = checkpoint_names(size)
+    check_targets([ckdir / n for n in names] + [soupdir / "greedy.safetensors", soupdir / "uniform.safetensors"],
+                  force, root=out)
     check_outputs(out, [*Leaderboard.FILES, *CurveSet.FILES, *BasinResult.FILES], force)
-    for p in [ckdir / n for n in names] + [soupdir / "greedy.safetensors", soupdir / "uniform.safetensors"]:
-        if p.exists() and not force:
-            raise OutputExists(f"{p}: already exists (use --force to overwrite)", path=p)
     ckdir.mkdir(parents=True, exist_ok=True)
     soupdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

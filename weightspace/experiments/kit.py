@@ -93,7 +93,8 @@ class Session:
     def note(self, msg: str) -> None:
         """A progress line on stderr (silent with ``--quiet``)."""
         if self.progress:
-            print(f"[recipe] {msg}", file=sys.stderr, flush=True)
+            from ..report.terminal import printable
+            print(printable(f"[recipe] {msg}"), file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def threads(self) -> Iterator[float]:
@@ -123,7 +124,18 @@ class Session:
             OutputExists: the folder holds results.json or REPORT.md and ``force`` is False.
         """
         from .. import report
-        report.check_outputs(self.out, ["results.json", "REPORT.md"], self.force)
+        report.check_outputs(self.out, ["results.json", "REPORT.md", "timing.json"], self.force)
+
+    def target(self, rel: str) -> Path:
+        """``out/rel``, checked by the writer rule before it is written (``files.check_targets``): refused when it
+        exists and the run is not forced, and never through a linked sub-folder of the run folder.
+
+        Raises:
+            OutputExists, OutputError: as ``files.check_targets``."""
+        from ..files import check_targets
+        path = self.out / rel
+        check_targets([path], self.force, root=self.out)
+        return path
 
     def evaluator_of(self, model: torch.nn.Module, data: TensorData) -> Any:
         """An Evaluator of ``model`` on ``data``, on the run's device and batch size."""
@@ -142,7 +154,7 @@ class Session:
             OutputExists: the file exists and the run is not forced.
         """
         from .. import report
-        report.write_csv(self.out / name, header, rows, force=self.force)
+        report.write_csv(self.target(name), header, rows, force=self.force)
 
     def lap(self, name: str, since: float) -> float:
         """Record the seconds since ``since`` under ``name``; returns them."""
@@ -153,7 +165,7 @@ class Session:
         """Save a state dict as checkpoints/NAME.safetensors (with provenance); returns the path."""
         from ..files import make_folder
         from ..io.save import save
-        path = self.out / "checkpoints" / f"{name}.safetensors"
+        path = self.target(f"checkpoints/{name}.safetensors")
         make_folder(path.parent)
         save(sd, path, force=self.force, provenance={"op": "recipe", "recipe": self.cfg["name"], "model": name})
         self.checkpoints[name] = os.path.relpath(path, self.out)
@@ -165,7 +177,7 @@ class Session:
         Raises:
             OutputExists: the file exists and the run is not forced."""
         from ..files import atomic_output, make_folder
-        path = self.out / "data" / f"{d.name}.pt"
+        path = self.target(f"data/{d.name}.pt")
         make_folder(path.parent)
         with atomic_output(path, self.force) as tmp:
             torch.save({"x": d.x.contiguous(), "y": d.y.contiguous()}, tmp)
@@ -173,7 +185,7 @@ class Session:
     def figure(self, name: str) -> Path:
         """The path of a figure in the run folder (listed in results.json)."""
         self.figures.append(name)
-        return self.out / name
+        return self.target(name)
 
     def finish(self, findings: list[dict], results: dict, report: str) -> dict:
         """Write results.json, REPORT.md and timing.json; returns {"findings", "timings", "out"}."""
@@ -186,7 +198,7 @@ class Session:
         rep.write_text(self.out / "REPORT.md", report, force=self.force)
         rep.write_json(self.out / "timing.json", {"seconds": self.timings, "threads": torch.get_num_threads()
                                                   if not self.cfg.get("threads") else int(self.cfg["threads"])},
-                       force=True)
+                       force=self.force)
         return {"findings": findings, "timings": self.timings, "out": str(self.out)}
 
 

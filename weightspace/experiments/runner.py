@@ -15,7 +15,7 @@ from .config import read_recipe
 
 # The modules whose import registers a recipe kind. Imported by name rather than `from . import ...`, which would
 # import the package, and the package imports this module.
-KIND_MODULES = ("align", "cross_domain", "head2toe_targets", "saturation_pairs", "soup", "trajectory", "transfer")
+KIND_MODULES = ("align", "cross_domain", "head2toe_targets", "merges", "saturation_pairs", "soup", "trajectory", "transfer")
 for _kind_module in KIND_MODULES:
     importlib.import_module(f".{_kind_module}", __package__)
 

@@ -370,6 +370,45 @@ def build_folder(checkpoint_or_path: Any, repo_id: str, folder: str | os.PathLik
     return PushResult(repo_id, "main", library, files, dry_run=True, notes=notes)
 
 
+def _source_files(source: Any) -> list[Path]:
+    """The files a source given as a path reads (a folder's files), never to be replaced by the dry run."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    p = Path(os.path.expanduser(str(source)))
+    with contextlib.suppress(OSError):
+        return sorted(p.iterdir()) if p.is_dir() else [p]
+    return []
+
+
+def _dry_run(source: Any, repo_id: str, target: Path, force: bool, **build: Any) -> PushResult:
+    """Build the folder that would be pushed in a staging folder beside ``target``, then move its files into
+    ``target`` by the one writer rule: an existing file is refused (before any work) without ``force``; with it
+    only the files written now and those an earlier dry run's manifest lists are replaced or removed."""
+    from ..files import atomic_output, check_targets, make_folder, prune_manifest, read_manifest, write_manifest
+    if os.path.lexists(target) and not target.is_dir():
+        raise OutputExists(f"{target}: exists and is not a folder", path=target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise HubError(f"{target}: folder {parent} does not exist", path=target)
+    every = [*WEIGHTS_NAME.values(), "config.json", "open_clip_config.json", "curve.png", "README.md"]
+    check_targets([target / n for n in dict.fromkeys(every)], force, root=target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        result = build_folder(source, repo_id, staging, **build)
+        previous = read_manifest(target) if target.is_dir() else {}
+        names = sorted(p.name for p in staging.iterdir())
+        check_targets([target / n for n in names], force, inputs=_source_files(source), root=target)
+        make_folder(target)
+        for n in names:
+            with atomic_output(target / n, force) as tmp:
+                shutil.copyfile(staging / n, tmp)
+        write_manifest(target, [target / n for n in names])
+        prune_manifest(target, previous, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
 def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False, revision: str = "main",
                 card_from: str | os.PathLike | None = None, token: str | None = None,
                 dry_run_dir: str | os.PathLike | None = None, model_config: Mapping | None = None,
@@ -384,7 +423,8 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
     Raises:
         HubError: a bad repository name or revision, offline mode, no token, a config that does not fit the
             weights, or the Hub's refusal (401, 403, 400, ...) or silence, mapped by ``errors.hub_push_error``.
-        OutputExists: ``dry_run_dir`` is not empty and ``force`` is False.
+        OutputExists: a file the dry run writes exists in ``dry_run_dir`` and ``force`` is False (with it, only
+            those files and an earlier dry run's are replaced; nothing else in the folder is touched).
         CheckpointError, SourceError: the checkpoint cannot be read.
     """
     _validate_repo_id(repo_id)
@@ -393,21 +433,8 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
                        param="revision")
     if dry_run_dir is not None:
         target = Path(dry_run_dir)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-            raise OutputExists(f"{target}: already exists and is not empty (use --force to replace it)", path=target)
-        parent = target.parent if str(target.parent) else Path(".")
-        if not parent.is_dir():
-            raise HubError(f"{target}: folder {parent} does not exist", path=target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
-        try:
-            result = build_folder(checkpoint_or_path, repo_id, staging, card_from=card_from, model_config=model_config,
-                                  license=license)
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            os.replace(staging, target)  # the folder appears whole or not at all
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+        result = _dry_run(checkpoint_or_path, repo_id, target, force, card_from=card_from,
+                          model_config=model_config, license=license)
         result.revision, result.folder = revision, str(target)
         return result
 

@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import math
 import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..errors import CheckpointError, key_sample
 from ..options import EmaChoice
 from .containers import pick_prefixed, unwrap
 from .formats import SafetensorsReader, file_sha256, tensor_bytes
-from .pickles import check_pickled_tensors, load_pickle
+from .pickles import check_pickled_tensors, is_zip, load_pickle
 from .keys import STRIP_PREFIXES, normalise_key, provenance_of
 from .spill import release_freed, spill
 
@@ -338,7 +337,7 @@ def open_resolved(res: Resolved, ema: EmaChoice = "off", key: str | None = None)
                     metadata["weightspace"] = side.read_text()
             flat, variant = unwrap(obj, str(f), ema, key)
             check_pickled_tensors(str(f), flat)
-            if not zipfile.is_zipfile(f):  # legacy format: loaded into our own memory, not mapped (bench/pt_memory.py)
+            if not is_zip(f):  # legacy format: loaded into our own memory, not mapped (bench/pt_memory.py)
                 obj, flat = None, spill(flat, f.parent)
                 release_freed()
             shard_keys[str(f)] = list(flat)

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from ..errors import SourceError
-from ..files import atomic_output, make_folder
+from ..files import MANIFEST_NAME, atomic_output, make_folder
 from .checkpoint import PROVENANCE_SUFFIX
 from .local import cache_blobs
 from .source_options import split_options
@@ -22,9 +22,9 @@ from .sources import resolve
 __all__ = ["NOT_COPIED", "MAX_COMPANIONS", "companion_files", "copy_companions"]
 
 # Not taken along: weights (the output has its own), and what describes the ingredient rather than the result
-# (its model card, its provenance).
+# (its model card, its provenance, the manifest of the files weightspace wrote there).
 NOT_COPIED = re.compile(r"(\.(safetensors|pt|pth|bin|ckpt|h5|msgpack|onnx|gguf)|\.index\.json|"
-                        + re.escape(PROVENANCE_SUFFIX) + r"|^README\.md)$")
+                        + re.escape(PROVENANCE_SUFFIX) + r"|^README\.md|^" + re.escape(MANIFEST_NAME) + ")$")
 MAX_COMPANIONS = 10_000  # files walked in a source folder; a model folder holds tens
 
 
@@ -95,11 +95,13 @@ def _links_away(p: Path, roots: tuple[Path, ...], folder: Path) -> bool:
                       path=folder)
 
 
-def copy_companions(companions: list[tuple[str, Path]], folder: Path) -> list[Path]:
+def copy_companions(companions: list[tuple[str, Path]], folder: Path, *, force: bool = False) -> list[Path]:
     """Copy each companion to ``folder / relative path`` as a new regular file (atomically, sub-folders made as
-    needed); returns what was created, files then folders, for a caller that must undo it.
+    needed); returns what was created, files then folders, for a caller that must undo it. An existing file is
+    replaced only with ``force`` (the caller checked the writer rule, ``files.check_targets``, before any work).
 
     Raises:
+        OutputExists: a file exists and ``force`` is false.
         OutputError: a file or folder cannot be written."""
     created: list[Path] = []
     made: list[Path] = []
@@ -109,7 +111,7 @@ def copy_companions(companions: list[tuple[str, Path]], folder: Path) -> list[Pa
             if not (folder / parent).exists():
                 make_folder(folder / parent)
                 made.append(folder / parent)
-        with atomic_output(dest, force=True) as tmp:
+        with atomic_output(dest, force) as tmp:
             shutil.copyfile(src, tmp)
         created.append(dest)
     return created + made[::-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,8 @@ def resolve_local(source: str) -> Resolved:
         raise CheckpointNotFound(f"{source}: no such file or directory", path=source)
     if path.is_dir():
         return from_folder(source, path)
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or /dev/zero would block or never end: refused before a read
+        raise CheckpointError(f"{source}: is a FIFO, device or socket, not a regular file", path=source)
     if path.name.endswith(".index.json"):
         return from_index(source, path)
     return Resolved(source, files=[path])
@@ -100,6 +103,8 @@ def from_folder(source: str, folder: Path) -> Resolved:
         return from_index(source, indexes[0])
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(weights) == 1:
+        if not weights[0].is_file():
+            raise CheckpointError(f"{weights[0]}: is a FIFO, device or socket, not a regular file", path=weights[0])
         return Resolved(source, files=weights)
     if not weights:
         raise SourceError(f"{source}: folder holds no weights file (looked for {', '.join(PREFERRED_FILES[:3])}, *.index.json, *.safetensors, *.pt, *.bin)",

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CheckpointError, CheckpointNotFound, UnsafeCheckpoint
 
-__all__ = ["SAFE_GLOBALS", "load_pickle", "allow_expanded", "check_pickled_tensors"]
+__all__ = ["SAFE_GLOBALS", "load_pickle", "allow_expanded", "check_pickled_tensors", "is_zip"]
 
 
 def _convert_hint(path: Path) -> str:
@@ -102,6 +102,15 @@ def _check_legacy_sizes(path: Path) -> None:
                               f"{size:,} bytes; refused (corrupt or hostile)", path=path)
 
 
+def is_zip(path: str | Path) -> bool:
+    """Whether ``path`` is a zip archive (torch's format since 1.6). zipfile.is_zipfile itself raises BadZipFile on
+    some corrupt end records (a 'multi-disk' archive); such a file is no zip that torch could map."""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def load_pickle(path: Path) -> Any:
     """torch.load with weights_only=True (never executes pickled code); memory-mapped where the format allows.
 
@@ -114,7 +123,7 @@ def load_pickle(path: Path) -> Any:
             except RuntimeError as e:
                 if "mmap" not in str(e) and "zip" not in str(e).lower():
                     raise
-                if "zip" in str(e).lower() and zipfile.is_zipfile(path):
+                if "zip" in str(e).lower() and is_zip(path):
                     raise
                 _check_legacy_sizes(path)
                 return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format

@@ -27,7 +27,8 @@ from .checkpoint import PROVENANCE_SUFFIX, Checkpoint, find_aliases
 from ..errors import CheckpointError, ConfigError, OutputExists
 from .outputs import TensorStream, finish_provenance
 from .sizes import parse_size
-from ..files import atomic_output, make_folder
+from ..files import (atomic_output, check_targets, exists_error, make_folder, prune_manifest, read_manifest,
+                     write_manifest, writes_discarded)
 from .formats import header_for, write_safetensors
 from .local import WEIGHT_SUFFIXES
 from .companions import copy_companions, companion_files
@@ -193,8 +194,6 @@ def _write_safetensors_files(stream: TensorStream, files: list[tuple[Path, list]
 def _write_pickle(stream: TensorStream, path: Path, extra: dict, force: bool) -> None:
     """A plain state dict (what load_state_dict takes), provenance in PATH.weightspace.json beside it."""
     sidecar = path.with_name(path.name + PROVENANCE_SUFFIX)
-    if sidecar.exists() and not force:
-        raise OutputExists(f"{sidecar}: already exists (use --force to overwrite)", path=sidecar)
     sd = dict(stream.produce())
     prov = {**_finished(stream, [c.sha256() for c in stream.ingredients]), **extra}
     with atomic_output(path, force) as tmp, atomic_output(sidecar, True) as tmp_side:
@@ -210,21 +209,26 @@ def _first_source(stream: TensorStream) -> str | None:
     return first.get("source") if isinstance(first.get("source"), str) else None
 
 
-def _old_weight_files(folder: Path) -> list[Path]:
-    """The weight files a previous save into ``folder`` wrote: its index's shards and the index, or the single file."""
-    out = []
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid shard index; remove the folder's old weights by hand",
-                                  path=index) from None
-        out += [folder / n for n in sorted(names) if "/" not in n and (folder / n).is_file()]
-        out.append(index)
-    if (folder / SINGLE_NAME).is_file():
-        out.append(folder / SINGLE_NAME)
-    return out
+def _inputs(stream: TensorStream, companions: list[Path] = ()) -> list[Path]:
+    """The files this save reads or was made from: the ingredients' weight files (and their folders' index), the
+    local files its provenance names as ingredients (weights computed in memory: align, searches), the companions."""
+    out = [f for c in stream.ingredients for f in c.files] + list(companions)
+    for ing in stream.provenance.get("ingredients") or []:
+        src = ing.get("source") if isinstance(ing, Mapping) else None
+        if isinstance(src, str) and "://" not in src:
+            p = Path(os.path.expanduser(src.split("?", 1)[0]))
+            with contextlib.suppress(OSError, ValueError):
+                out += sorted(p.iterdir()) if p.is_dir() else [p] if p.is_file() else []
+    return out + [f.parent / INDEX_NAME for f in out]
+
+
+def _foreign_weights(folder: Path, names: list[str], previous: Mapping[str, dict]) -> list[Path]:
+    """Weight files in ``folder`` that this save does not write and weightspace did not write (its manifest does
+    not list them): beside the new weights they would make the folder ambiguous, so the save is refused."""
+    found = [folder / SINGLE_NAME, folder / INDEX_NAME]
+    with contextlib.suppress(OSError):
+        found += sorted(folder.glob("model-*-of-*.safetensors"))
+    return [p for p in found if os.path.lexists(p) and p.name not in names and p.name not in previous]
 
 
 def _shards(entries: list, limit: int) -> list[list]:
@@ -242,28 +246,39 @@ def _shards(entries: list, limit: int) -> list[list]:
 
 
 def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, force: bool, limit: int) -> Path:
-    if folder.exists() and not folder.is_dir():
+    if os.path.lexists(folder) and not folder.is_dir():
         raise OutputExists(f"{folder}: exists and is not a folder", path=folder)
     if kind == "pt":
         raise ConfigError(f"{folder}: an output folder holds safetensors weights (drop --format pt, or name a file)")
-    old = _old_weight_files(folder) if folder.is_dir() else []
-    if old and not force:
-        raise OutputExists(f"{folder}: already holds weights ({old[0].name}); use --force to replace them", path=folder)
     shards = _shards(stream.entries, limit)
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     companions = companion_files(_first_source(stream), skip=folder)
+    writes = names + [rel for rel, _ in companions] + ([INDEX_NAME] if n > 1 else [])
+    previous = read_manifest(folder) if folder.is_dir() else {}
+    check_targets([folder / w for w in writes], force, inputs=_inputs(stream, [p for _, p in companions]),
+                  root=folder)
+    foreign = _foreign_weights(folder, writes, previous) if folder.is_dir() else []
+    if foreign and not force:
+        raise exists_error(foreign[0])
+    if foreign:
+        raise OutputExists(f"{foreign[0]}: weights that weightspace did not write; not replaced, even with --force "
+                           f"(remove them or write elsewhere)", path=foreign[0])
     created = not folder.exists()
     make_folder(folder)
     copied: list[Path] = []
+    written: list[Path] = []
     try:
-        copied = copy_companions(companions, folder)
+        copied = copy_companions(companions, folder, force=force)
+        written += [p for p in copied if not p.is_dir()]
         _write_safetensors_files(stream, [(folder / name, s) for name, s in zip(names, shards)], extra, force)
+        written += [folder / name for name in names]
         if n > 1:  # the index last: a reader that finds it finds every shard complete
             index = {"metadata": {"total_size": sum(_nbytes(e) for e in stream.entries)},
                      "weight_map": {e[0]: name for name, s in zip(names, shards) for e in s}}
-            with atomic_output(folder / INDEX_NAME, force=True) as tmp:
+            with atomic_output(folder / INDEX_NAME, force) as tmp:
                 Path(tmp).write_text(json.dumps(index, indent=2) + "\n")
+            written.append(folder / INDEX_NAME)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -274,9 +289,9 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
                         p.unlink(missing_ok=True)
                 folder.rmdir()
         raise
-    for p in old:  # exactly what the previous save wrote and this one did not overwrite
-        if p.name not in names and not (n > 1 and p.name == INDEX_NAME):
-            p.unlink(missing_ok=True)
+    if not writes_discarded():
+        write_manifest(folder, written)
+        prune_manifest(folder, previous, {p.name for p in written})  # what the previous save wrote, and only that
     return folder
 
 
@@ -290,13 +305,15 @@ def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = Non
         path: ``x.safetensors`` (default format), ``x.pt|.pth|.bin`` (a plain pickled state dict, provenance in
             ``x.pt.weightspace.json``), or a folder (a path ending in '/' or an existing folder, or ``folder=True``):
             a Hugging Face folder, sharded past ``max_shard_size``. A missing parent folder is created.
-        provenance: extra provenance entries. force: replace an existing output (in a folder: exactly the weight
-            files of the previous save, nothing else). fmt: "safetensors" or "pt" instead of the extension's.
+        provenance: extra provenance entries. force: replace the files this save writes (in a folder, also the
+            files the previous save's manifest lists and that are still as it wrote them; nothing else). An input
+            being read is never replaced. fmt: "safetensors" or "pt" instead of the extension's.
         dtype: "bf16", "fp16" or "fp32": floating tensors are cast to it (integer buffers are kept).
         max_shard_size: bytes or '5GB'; a single file past it is refused (write a folder).
 
     Raises:
-        OutputExists: the output exists and ``force`` is false. ConfigError: bad options, a non-tensor value,
+        OutputExists: the output exists and ``force`` is false; it is an input; a folder holds weights that
+        weightspace did not write. ConfigError: bad options, a non-tensor value,
         or a single file past ``max_shard_size``.
     """
     # An existing folder is written into only when its name is not a weights file's: '-o x.safetensors' naming a
@@ -316,6 +333,8 @@ def save(obj: Savable, path: str | os.PathLike, *, provenance: dict | None = Non
     if total > limit:
         raise ConfigError(f"{path}: {_human(total)} of weights exceeds the maximum shard size of {_human(limit)}; "
                           f"write a folder of shards with -o {path.with_suffix('')}/ (or raise --max-shard-size)")
+    targets = [path, path.with_name(path.name + PROVENANCE_SUFFIX)] if kind == "pt" else [path]
+    check_targets(targets, force, inputs=_inputs(stream))
     created = not path.parent.exists()
     make_folder(path.parent)
     try:

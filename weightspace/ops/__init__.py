@@ -5,6 +5,7 @@ Distances return numbers: ``weightspace.analysis.distance``."""
 from __future__ import annotations
 
 from .merge import method_names, task_arithmetic, ties_merge
+from . import datamerge as _datamerge, sparsify as _sparsify, spherical as _spherical  # noqa: F401  (register merge methods)
 from .stream import (lerp, lerp_stream, task_vector, task_vector_stream, uniform_soup, uniform_soup_stream,
                      weighted_average, weighted_average_stream)
 

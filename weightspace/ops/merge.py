@@ -49,6 +49,8 @@ class MergeMethod:
 
     name: ClassVar[str] = ""
     entry: ClassVar[Entry]
+    #: the hyperparameter a search on validation data tunes (``scale`` is λ; others are ``__init__`` options)
+    tuned: ClassVar[str] = "scale"
 
     def prepare(self, plan: "MergePlan") -> dict:
         """An optional first pass over all keys (e.g. a global threshold); returns provenance fields."""
@@ -62,6 +64,11 @@ class MergeMethod:
         """The merged task vector δ of a flat piece of ``key`` from the task vectors τ_t of that piece (signed and
         weighted, one dtype, fresh: the method may modify them in place)."""
         raise NotImplementedError
+
+    def delta(self, key: str, base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+        """The merged task vector given θ_pre too (``base``: read-only). Methods on the weights themselves
+        (slerp, karcher) override this; task-vector methods keep the default, ``combine(key, taus)``."""
+        return self.combine(key, taus)
 
 
 def register(entry: Entry) -> Callable[[type[MergeMethod]], type[MergeMethod]]:
@@ -239,7 +246,7 @@ class MergePlan(Formula):
 
     def combine(self, piece: Piece, out: torch.Tensor) -> None:
         base, taus = self.task_vectors(piece)
-        apply_delta(base, self.method.combine(piece.key, taus), self.scale, out)
+        apply_delta(base, self.method.delta(piece.key, base, taus), self.scale, out)
 
 
 # Radix selection over float32 bit patterns: for non-negative floats the int32 bit pattern is ordered like the

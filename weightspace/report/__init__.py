@@ -16,7 +16,8 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Protocol, Sequence
 
-from ..files import atomic_output, make_folder, writes_discarded
+from ..files import atomic_output, check_targets, make_folder, writes_discarded
+from .terminal import printable
 
 __all__ = ["Row", "jsonable", "fmt_cell", "markdown_table", "csv_text", "write_text", "write_json", "write_csv",
            "check_outputs", "Result", "write_files", "write_result", "COLORS", "LINESTYLES", "new_figure", "save_figure",
@@ -45,12 +46,13 @@ def jsonable(obj: Any) -> Any:
 
 
 def fmt_cell(v: Any, digits: int = 4) -> str:
-    """A table cell: floats get ``digits`` decimals, None becomes an empty cell, '|' and newlines are escaped."""
+    """A table cell: floats get ``digits`` decimals, None becomes an empty cell, '|', newlines and every other
+    control character escaped (``terminal.printable``): a cell never breaks the table or reaches a terminal raw."""
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return printable(v).replace("|", "\\|")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Row], digits: int = 4) -> str:
@@ -89,7 +91,8 @@ def write_csv(path: str | os.PathLike, headers: Sequence[str], rows: Sequence[Ro
 
 
 def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) -> Path:
-    """Create ``folder`` and make sure none of ``names`` exists in it unless ``force`` (fail before any work).
+    """Create ``folder`` and make sure none of ``names`` exists in it unless ``force`` (fail before any work), by
+    the one writer rule (``files.check_targets``).
 
     While writes are discarded (``files.discard_writes``, another process writes the same files) it checks and
     creates nothing: that process may already have written them."""
@@ -97,12 +100,9 @@ def check_outputs(folder: str | os.PathLike, names: Sequence[str], force: bool) 
     folder = Path(folder)
     if writes_discarded():
         return folder
-    if folder.exists() and not folder.is_dir():
+    if os.path.lexists(folder) and not folder.is_dir():
         raise OutputExists(f"{folder}: exists and is not a folder", path=folder)
-    if not force:
-        for n in names:
-            if (folder / n).exists():
-                raise OutputExists(f"{folder / n}: already exists (use --force to overwrite)", path=folder / n)
+    check_targets([folder / n for n in names], force, root=folder)
     return make_folder(folder)
 
 

@@ -72,7 +72,7 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
     def fill(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> None:
         b, d = parts[key]
         b.view(-1)[start:stop].copy_(base)
-        d.view(-1)[start:stop].copy_(m.combine(key, taus))
+        d.view(-1)[start:stop].copy_(m.delta(key, base, taus))
 
     for _ in plan.map_pieces(fill, m.name):
         pass

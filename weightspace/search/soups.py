@@ -235,20 +235,37 @@ def soup_leaderboard(ingredients: Sequence[Source] | Mapping[str, Source], evalu
 def merge_rows(base: Source, ingredients: Sequence[Source], evaluate: Evaluate, methods: Sequence[str], *,
                grid: Sequence[float], val_evaluate: Evaluate | None = None, keep: float = 0.2,
                precision: str = "fp32", progress: bool = False) -> tuple[list[dict], dict[str, StateDict]]:
-    """Leaderboard rows for merges of ``ingredients`` onto ``base`` (task arithmetic, TIES): λ picked from ``grid``
-    by validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
-    from .scale import search_scale
+    """Leaderboard rows for merges of ``ingredients`` onto ``base`` (any registered method): its tuned
+    hyperparameter (λ from ``grid``; density, select_topk or t from the method's default grid) picked by
+    validation accuracy (``val_evaluate``, default ``evaluate``'s first dataset), then evaluated like a soup."""
+    from .tune import data_merge, needs_data, tune_merge, tuned_parameter
     if val_evaluate is None:
         val_evaluate = validation_view(evaluate) if isinstance(evaluate, MultiDataset) and len(evaluate.datasets) > 1 else evaluate
     rows, merged = [], {}
     for m in methods:
-        res = search_scale(m, base, ingredients, evaluate=lambda sd: scalar_score(val_evaluate(sd)), grid=grid,
-                           precision=precision, progress=progress, **({"keep": keep} if m == "ties" else {}))
+        if needs_data(m):  # Fisher merging, RegMean: their statistics on the validation set
+            model, datasets = getattr(evaluate, "model", None), getattr(evaluate, "datasets", None)
+            if model is None or not datasets:
+                raise ConfigError(f"--merge {m}: needs an evaluator with a model and a validation set")
+            val = next(iter(datasets))
+            merged[m] = data_merge(m, ingredients, model, datasets[val])
+            rows.append({"method": m, "kind": "merge", "detail": f"statistics on {val}",
+                         "metrics": as_table(evaluate(merged[m]))})
+            continue
+        param = tuned_parameter(m)
+        res = tune_merge(m, base, ingredients, evaluate=lambda sd: scalar_score(val_evaluate(sd)),
+                         grid=grid if param == "scale" else None, precision=precision, progress=progress,
+                         **({"keep": keep} if m == "ties" else {}))
         merged[m], rec = res.weights, res.record
-        detail = f"base {short_name(load(base).source)}, λ={rec.scale:g} of {', '.join(f'{g:g}' for g in grid)} on val"
-        rows.append({"method": f"{m} (λ={rec.scale:g})", "kind": "merge", "detail": detail,
-                     "scale": rec.scale, "scale_scores": [list(p) for p in rec.scores],
-                     "metrics": as_table(evaluate(res.weights))})
+        label = "λ" if param == "scale" else param
+        tried = ", ".join(f"{v:g}" for v, _ in rec.scores)
+        row = {"method": f"{m} ({label}={rec.value:g})", "kind": "merge",
+               "detail": f"base {short_name(load(base).source)}, {label}={rec.value:g} of {tried} on val",
+               "parameter": param, "value": rec.value, "scores": [list(p) for p in rec.scores],
+               "metrics": as_table(evaluate(res.weights))}
+        if param == "scale":
+            row.update(scale=rec.value, scale_scores=[list(p) for p in rec.scores])
+        rows.append(row)
     return rows, merged
 
 

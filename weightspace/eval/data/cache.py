@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...files import remove_owned
 
 __all__ = ["cache_dir", "entry_key", "Entry", "list_entries", "remove_entries", "FORMAT", "DIGEST", "digest_file",
            "digest_labels", "verify_content", "content_digest"]
@@ -116,13 +117,14 @@ class Entry:
 
     def exists(self) -> bool:
         """Complete: the .json (written last) is there and the array has the recorded size."""
-        if not (self.meta_path.is_file() and self.array.is_file()):
-            return False
+        if not all(p.is_file() and not p.is_symlink() for p in (self.meta_path, self.array)):
+            return False  # an entry is two regular files written by weightspace; anything else is not one
         try:
             self.meta = json.loads(self.meta_path.read_text())
         except (OSError, ValueError):
             return False
-        return self.array.stat().st_size == self.meta.get("file_bytes")
+        return (isinstance(self.meta, dict) and self.meta.get("format") == FORMAT
+                and self.array.stat().st_size == self.meta.get("file_bytes"))
 
     def mismatch(self) -> str:
         """Why the stored array or labels are not what was written (the digests differ), or '' when they are.
@@ -182,9 +184,9 @@ def remove_entries(names: list[str], folder: Path | None = None) -> list[Entry]:
             known = ", ".join(e.name for e in entries[:5]) or "the cache is empty"
             raise ConfigError(f"data rm {n}: no such cache entry in {folder} ({known})")
         chosen += [e for e in hits if e not in chosen]
-    for e in chosen:
-        e.meta_path.unlink(missing_ok=True)  # the .json first: a half-removed entry is then simply absent
-        e.array.unlink(missing_ok=True)
+    for e in chosen:  # the .json first: a half-removed entry is then simply absent
+        remove_owned(e.meta_path)  # regular files only: a link in the cache folder points at someone else's file
+        remove_owned(e.array)
     return chosen
 
 

@@ -19,7 +19,7 @@ from ...errors import ConfigError, DataError
 
 __all__ = ["MAX_IMAGE_PIXELS", "MAX_MEMBER_BYTES", "MAX_LABEL_BYTES", "MAX_TEXT_BYTES", "MAX_SIZE", "MAX_CHANNELS",
            "require_regular", "read_small_text", "check_member", "open_capped_image", "check_pixels",
-           "list_image_folder", "check_labels", "int_option"]
+           "list_image_folder", "check_labels", "int_option", "MAX_CLASSES", "class_count"]
 
 # PIL's own default decompression-bomb threshold (it only warns below twice that): ~89.5 M pixels, 268 MB as RGB.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -28,6 +28,7 @@ MAX_LABEL_BYTES = 1 << 10       # a webdataset .cls member: an integer and a new
 MAX_TEXT_BYTES = 64 << 20       # classnames.txt, a ?classes= map
 MAX_SIZE = 4096                 # ?size=N resamples to N×N
 MAX_CHANNELS = 16               # ?channels=N repeats grey channels
+MAX_CLASSES = 100_000           # classes implied by the largest label (ImageNet-21k has 21,841)
 
 
 def require_regular(path: str | os.PathLike, what: str) -> os.stat_result:
@@ -205,6 +206,18 @@ def check_labels(y: torch.Tensor, num_classes: int | None, multilabel: bool, spe
         i = int(idx[0])
         raise DataError(f"data={spec}: label {int(y[i])} of example {i} lies outside the class range 0..{hi - 1} "
                         f"({len(idx)} example(s))", path=spec, param="data")
+
+
+def class_count(max_label: int, where: str) -> int:
+    """The number of classes that labels up to ``max_label`` imply (a label names its class by index), at most
+    MAX_CLASSES: one label of 10**9 in a small file would otherwise make a billion classes.
+
+    Raises:
+        ConfigError: ``max_label`` is MAX_CLASSES or more."""
+    if max_label >= MAX_CLASSES:
+        raise ConfigError(f"{where}: label {max_label} implies {max_label + 1:,} classes, more than the {MAX_CLASSES:,} "
+                          f"weightspace accepts (labels are class indices from 0)")
+    return max_label + 1
 
 
 def int_option(opts: dict[str, str], key: str, spec: str, *, lo: int = 1, hi: int | None = None) -> int | None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError
-from .guards import (MAX_LABEL_BYTES, check_member, list_image_folder, open_capped_image, read_small_text,
+from .guards import (MAX_LABEL_BYTES, check_member, class_count, list_image_folder, open_capped_image, read_small_text,
                      require_regular)
 
 __all__ = ["ImageSource", "FolderSource", "TarSource", "WebDatasetSource", "HFDatasetSource", "CifarSource",
@@ -268,16 +268,19 @@ class WebDatasetSource(_TarMembers):
                 if "img" not in s or "cls" not in s:
                     continue
                 try:
-                    targets.append(int(s["cls"].decode().strip()))
+                    label = int(s["cls"].decode().strip())
                 except (ValueError, UnicodeDecodeError):
                     raise ConfigError(f"{shard}: sample {key} has a cls member that is not an integer") from None
+                if not -(1 << 31) <= label < (1 << 31):  # beyond int64 it would overflow; no class count is that large
+                    raise ConfigError(f"{shard}: sample {key} has a cls member out of range ({label})")
+                targets.append(label)
                 members.append((str(shard), s["img"]))
         if not members:
             raise ConfigError(f"data={spec}: no samples with an image and a cls member in {len(shards)} shard(s)", param="data")
         self.members = members
         self.targets = np.asarray(targets, dtype=np.int64)
         names = shards[0].parent / "classnames.txt"
-        n = int(self.targets.max()) + 1
+        n = class_count(int(self.targets.max()), f"data={spec}")
         if names.exists():
             text = read_small_text(names, "a class list")
             self.classes = [line.strip() for line in text.splitlines() if line.strip()]
@@ -350,7 +353,8 @@ class HFDatasetSource(ImageSource):
         if isinstance(feat, datasets.ClassLabel):
             self.classes = list(feat.names)
         else:
-            self.classes = [str(i) for i in range(int(self.targets.max()) + 1 if len(self.targets) else 0)]
+            self.classes = [str(i) for i in range(class_count(int(self.targets.max()), f"data={self.spec}")
+                                                  if len(self.targets) else 0)]
         self.fingerprint = getattr(ds, "_fingerprint", None)
         self.files = [f["filename"] for f in ds.cache_files]
 

@@ -179,7 +179,8 @@ def read_tensor_file(path: Path, spec: str) -> TensorData:
     multilabel = y.ndim == 2
     from .guards import check_labels  # before the cast to int64, which would truncate 2.5 to 2
     check_labels(y, None, multilabel, spec)
-    num_classes = int(y.shape[1]) if multilabel else (int(y.max()) + 1 if len(y) else 0)
+    from .guards import class_count
+    num_classes = int(y.shape[1]) if multilabel else (class_count(int(y.max()), str(path)) if len(y) else 0)
     # labels are output indices: the class count is a lower bound (a split may lack the last classes)
     return TensorData(path.stem, x.contiguous(), y.float() if multilabel else y.long(), num_classes, multilabel,
                       meta={"labels": "indices"})
