@@ -266,7 +266,7 @@ def test_api_misuse_names_the_argument():
              (lambda: ws.Evaluator(net, None), "data"), (lambda: ws.Evaluator(net, "digits:val"), "data"),
              (lambda: ws.Evaluator(net, [d, 3]), "data"), (lambda: ws.Evaluator(net, [])(), "data"),
              (lambda: ws.Evaluator(net, d, batch_size=0), "batch_size"),
-             (lambda: ws.Evaluator(net, d, batch_size=None), "batch_size"),
+             (lambda: ws.Evaluator(net, d, batch_size=2.5), "batch_size"),
              (lambda: ws.Evaluator(net, d, device=None), "device"), (lambda: load_data(None), "spec"),
              (lambda: load_data(b"digits"), "spec")]
     for call, arg in cases:
