@@ -3,7 +3,7 @@
 Every ``import`` statement counts — at module level, inside functions, under ``if TYPE_CHECKING:`` — and so does
 ``importlib.import_module("literal")``. The order (a module may import its own layer and the layers below):
 
-    errors, _version, progress, files, registry, options, report   bottom: any layer may use them, they import no domain module
+    errors, _version, _lazy, progress, files, registry, options, report   bottom: any layer may use them, they import no domain module
     io → ops → eval → search → analysis → hub / experiments → weightspace (the package root) → cli
 
 The package root re-exports the user-facing names, so no module of the package may import it.
@@ -21,7 +21,7 @@ PACKAGES = {"weightspace": ROOT / "weightspace", "weightspace_cli": ROOT / "cli"
 
 # (layer rank, unit): an import must go to a lower rank, or stay inside its own unit. hub and experiments share a
 # rank but are separate units, so neither may import the other.
-BOTTOM = ("weightspace.errors", "weightspace._version", "weightspace.progress", "weightspace.files",
+BOTTOM = ("weightspace.errors", "weightspace._version", "weightspace._lazy", "weightspace.progress", "weightspace.files",
           "weightspace.registry", "weightspace.options", "weightspace.report")
 LAYERS = [("weightspace.io", 1), ("weightspace.ops", 2), ("weightspace.eval", 3), ("weightspace.search", 4),
           ("weightspace.analysis", 5), ("weightspace.hub", 6), ("weightspace.experiments", 6), ("weightspace", 7),

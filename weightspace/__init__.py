@@ -16,9 +16,9 @@ models, transforms, BN recalibration and REPAIR), ``weightspace.search`` (greedy
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from ._lazy import lazy_getattr
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on first use
@@ -62,13 +62,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'weightspace' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -3,8 +3,9 @@ lazy checkpoints, and atomic saving with provenance. ``save`` itself is ``weight
 ``weightspace.io.save.save``): the name ``weightspace.io.save`` is its module."""
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports on first use, so that a light module
     # of this package (a header reader, the data cache) is imported without torch
@@ -19,13 +20,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = ["load", "Checkpoint", "StateDict", "TensorStream"]
