@@ -74,7 +74,7 @@ class BasinResult:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         fig = report.heatmap(self.barriers, self.names, self.names, fmt="{:.3f}", cmap="magma",
                              title=f"midpoint {self.metric} barrier ({self.dataset})",
                              cbar_label=f"{self.metric} barrier")
@@ -86,7 +86,7 @@ class BasinResult:
         Raises:
             OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
-        from .. import report
+        import weightspace.report as report
         return report.write_files(folder, {"json": (self.FILES[0], {**(extra or {}), **self.to_dict()}),
                                            "csv": (self.FILES[1], self.table()), "png": (self.FILES[2], self.plot)},
                                   force=force)

@@ -180,7 +180,7 @@ class RewindResult:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         ds = dataset or self.datasets[0]
         fig = report.heatmap(self.matrix(metric, ds), self.modules, self.targets,
                              title=f"one module rewound\nFINAL {metric}: {self.baseline[ds][metric]:.3f}",
@@ -193,7 +193,7 @@ class RewindResult:
         Raises:
             OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
-        from .. import report
+        import weightspace.report as report
         return report.write_result(folder, self, {"csv": ("rewind.csv", self.table()),
                                                   "png": ("rewind.png", self.plot)}, extra=extra, force=force)
 
@@ -343,7 +343,7 @@ class CriticalityResult:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         fig, (ax,) = report.new_figure(size=(5.2, 4.0))
         pts = [(f["alpha"], scale * module["weight_rms_scale"], v) for f in module["frontier"]
                for scale, v in f["evaluations"]]
@@ -372,7 +372,7 @@ class CriticalityResult:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         vals = [m["mu"] if math.isfinite(m["mu"]) else None for m in self.modules]
         fig = report.bar_chart([m["module"] for m in self.modules], {"μ": vals}, xlabel="module criticality μ",
                                title=f"Σμ = {self.total:.4g}")
@@ -399,7 +399,7 @@ class CriticalityResult:
         """
         from functools import partial
 
-        from .. import report
+        import weightspace.report as report
         files = self.valley_files()
         return report.write_files(folder, {
             "results": ("results.json", {**(extra or {}), **self.to_dict(), "valley_png": files}),

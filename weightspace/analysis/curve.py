@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Sequence
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load, short_name
 from ..eval.distributed import sweep
-from .. import report
+import weightspace.report as report
 from ..errors import ConfigError, NonFiniteError
 from ..ops.engine import all_finite, check_compatible
 from ..ops.stream import lerp_stream

@@ -263,7 +263,7 @@ class SimilarityResult:
         Raises:
             OutputExists, OutputError: as :func:`weightspace.report.write_files` (nothing is left half-written).
         """
-        from .. import report
+        import weightspace.report as report
         files = {"csv": ("similarity.csv", self.table()), "agreement": ("agreement.csv", self.agreement_table()),
                  "png": ("cka.png", self.plot)}
         if self.matrix:
@@ -277,7 +277,7 @@ class SimilarityResult:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         fig = report.heatmap(self.matrix, [f"A {m}" for m in self.matrix_modules],
                              [f"B {m}" for m in self.matrix_modules], title="minibatch linear CKA",
                              cbar_label="CKA", cmap="magma")
@@ -290,7 +290,7 @@ class SimilarityResult:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         names = [m["module"] for m in self.modules]
         x = list(range(len(names)))
         series = [{"x": x, "y": [m.get(c) if m.get(c) is not None else float("nan") for m in self.modules],

@@ -97,7 +97,7 @@ def _closed_factory(base: str) -> bool:
     unless it is the zoo or torchvision (libraries already in the closed list)."""
     mod_name, _, attr = base.partition(":")
     if mod_name == ZOO_MODULE:
-        from . import zoo
+        import weightspace.eval.zoo as zoo
         return attr in zoo.__all__ and callable(getattr(zoo, attr))
     if mod_name == "torchvision.models":
         # torchvision's own registry of architectures: names such as 'os' or '_api' that the module happens to

@@ -273,7 +273,7 @@ class ModuleListing:
             OutputExists: the file exists and ``force`` is False.
             OutputError: its folder is missing or writing fails.
         """
-        from .. import report
+        import weightspace.report as report
         fig = report.bar_chart([m["name"] for m in self.modules],
                                {"parameters": [float(m["parameters"]) for m in self.modules]},
                                xlabel="parameters", title=f"{self.model} by {self.grouping}")
@@ -285,7 +285,7 @@ class ModuleListing:
         Raises:
             OutputExists: a file exists and ``force`` is False (checked before anything is written).
         """
-        from .. import report
+        import weightspace.report as report
         keys = (["module", "tensors", "parameters", "output", "keys"],
                 [[m["name"], m["tensors"], m["parameters"], m["output"], " ".join(m["keys"])] for m in self.modules])
         return report.write_files(folder, {"results": (MODULES_FILES[0], {**(extra or {}), **self.to_dict()}),

@@ -123,7 +123,7 @@ class Session:
         Raises:
             OutputExists: the folder holds results.json or REPORT.md and ``force`` is False.
         """
-        from .. import report
+        import weightspace.report as report
         report.check_outputs(self.out, ["results.json", "REPORT.md", "timing.json"], self.force)
 
     def target(self, rel: str) -> Path:
@@ -153,7 +153,7 @@ class Session:
         Raises:
             OutputExists: the file exists and the run is not forced.
         """
-        from .. import report
+        import weightspace.report as report
         report.write_csv(self.target(name), header, rows, force=self.force)
 
     def lap(self, name: str, since: float) -> float:
@@ -189,7 +189,7 @@ class Session:
 
     def finish(self, findings: list[dict], results: dict, report: str) -> dict:
         """Write results.json, REPORT.md and timing.json; returns {"findings", "timings", "out"}."""
-        from .. import report as rep
+        import weightspace.report as rep
         self.timings["total"] = time.perf_counter() - self.t0
         public = {k: v for k, v in self.cfg.items() if k != "where"}
         rep.write_json(self.out / "results.json", {"recipe": public, "findings": findings, "results": results,

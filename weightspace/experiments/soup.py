@@ -79,7 +79,7 @@ def run_soup_recipe(recipe: str | os.PathLike | dict, out: str | os.PathLike, *,
         OutputExists: ``out`` holds an earlier run and ``force`` is False.
         CheckpointError, IncompatibleCheckpoints: an ingredient cannot be read or does not fit the model.
     """
-    from .. import report
+    import weightspace.report as report
     from ..analysis.basin import BasinResult, pairwise_barriers
     from ..analysis.curve import CurveSet, interpolation_curve
     from ..eval.data import load_data

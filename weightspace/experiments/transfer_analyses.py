@@ -180,7 +180,7 @@ def _linear_cka(m: dict) -> float | None:
 
 def analyse_similarity(run: TransferRun, opts: dict) -> None:
     """(b) L2 distance (parameters) and CKA (activations on the target test set) within each kind's pairs."""
-    from .. import report
+    import weightspace.report as report
     from ..analysis.similarity import model_similarity
     test = run.data["target_test"]
     model = run.build(test.num_classes)
@@ -246,7 +246,7 @@ def analyse_similarity(run: TransferRun, opts: dict) -> None:
 
 def analyse_rewind(run: TransferRun, opts: dict) -> None:
     """(c) Rewinding one module at a time (to its value at initialisation, or a fresh random draw)."""
-    from .. import report
+    import weightspace.report as report
     from ..analysis.criticality import rewind
     test = run.data["target_test"]
     ev = run.evaluator_on(test)
@@ -338,7 +338,7 @@ def _curve_stats(history: list) -> tuple[list[int], list[float]]:
 
 def analyse_block_shuffle(run: TransferRun, opts: dict) -> None:
     """(d) Fine-tune P-T and RI-T on block-shuffled target images, block sizes from the image size down."""
-    from .. import report
+    import weightspace.report as report
     from ..eval.transforms import BlockShuffle
     tr = run.cfg["train"]
     train_d, test_d = run.data["target_train"], run.data["target_test"]

@@ -21,7 +21,7 @@ from .._version import __version__
 from ..io.checkpoint import Checkpoint, Source
 from ..io.sources import load, short_name
 from ..eval.distributed import sweep
-from .. import report
+import weightspace.report as report
 from ..errors import ConfigError
 from ..io.outputs import StateDict, finish_provenance
 from ..ops.parallel import Execution, ordered_map, plan_execution, thread_scratch

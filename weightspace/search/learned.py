@@ -68,7 +68,7 @@ class LearnedSoupResult:
 
     def plot(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """learned.png: the training loss of every step's batch."""
-        from .. import report
+        import weightspace.report as report
         fig = report.line_panels([{"xlabel": "step", "ylabel": "loss", "title": "learned soup",
                                    "series": [{"x": [h["step"] for h in self.history],
                                                "y": [h["loss"] for h in self.history], "marker": ""}]}])
@@ -76,7 +76,7 @@ class LearnedSoupResult:
 
     def write(self, folder: str | os.PathLike, *, force: bool = False, extra: dict | None = None) -> dict[str, Path]:
         """learned.json (``extra`` and the result), learned.csv (coefficients) and learned.png (loss) in ``folder``."""
-        from .. import report
+        import weightspace.report as report
         return report.write_files(folder, {"json": ("learned.json", {**(extra or {}), **self.to_dict()}),
                                            "csv": ("learned.csv", self.table()), "png": ("learned.png", self.plot)},
                                   force=force)

@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .. import report
+import weightspace.report as report
 from ..errors import ConfigError
 from ..eval.contract import Evaluate, MultiDataset, as_table
 from ..eval.data import TensorData
