@@ -114,9 +114,10 @@ def test_task_arithmetic_matches_numpy(finetunes):
 
 
 def test_ties_matches_numpy_reference(finetunes):
-    # An independent in-memory TIES over the concatenated model, as the reference code does it.
+    # An independent in-memory TIES over the concatenated model, as the reference code does it, over the
+    # parameters: BatchNorm running statistics are the models' mean (the buffer policy) and set no threshold.
     sds = {k: load_file(v) for k, v in finetunes.items()}
-    keys = [k for k in sorted(sds["base"]) if sds["base"][k].is_floating_point()]
+    keys = [k for k in sorted(sds["base"]) if sds["base"][k].is_floating_point() and not running_statistic(k)]
     flat = lambda sd: np.concatenate([sd[k].numpy().astype(np.float32).ravel() for k in keys])  # noqa: E731
     base = flat(sds["base"])
     taus = np.stack([flat(sds[f"ft{i}"]) - base for i in range(3)])
@@ -128,9 +129,12 @@ def test_ties_matches_numpy_reference(finetunes):
     merged = np.where(agree, trimmed, 0).sum(0) / np.maximum(agree.sum(0), 1)
     ref = base + 1.3 * merged
     out = ws.ties_merge(finetunes["base"], [finetunes[f"ft{i}"] for i in range(3)], keep=0.3, scale=1.3)
-    params = np.concatenate([np.full(sds["base"][k].numel(), not running_statistic(k)) for k in keys])
     got = np.concatenate([out[k].numpy().ravel() for k in keys])
-    np.testing.assert_allclose(got[params], ref[params], rtol=1e-5, atol=1e-6)  # statistics: the models' mean
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    stats = [k for k in sds["base"] if running_statistic(k)]
+    assert stats  # the control: the model has BatchNorm statistics, and they are the fine-tunes' mean
+    for k in stats:
+        torch.testing.assert_close(out[k], sum(sds[f"ft{i}"][k] for i in range(3)) / 3)
     assert out.provenance["thresholds"] == pytest.approx(thr.ravel().tolist(), rel=0, abs=0)
 
 

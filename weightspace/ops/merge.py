@@ -218,8 +218,9 @@ class MergePlan(Formula):
         return self.engine.float_keys()
 
     def num_float_elements(self) -> int:
-        """Entries of one task vector over the whole model."""
-        return self.engine.num_float_elements()
+        """Entries of one task vector over the whole model, leaving out the running statistics that the buffer
+        policy combines (the formula never sees them, so they must not move a global threshold)."""
+        return sum(math.prod(self.base.info(k)[1]) for k in self.float_keys() if not self.engine.statistic(k))
 
     def wide(self, key: str) -> torch.dtype:
         """The accumulation dtype of one key (float64 stays float64)."""
@@ -275,6 +276,8 @@ def kth_largest_magnitudes(plan: MergePlan, k: int) -> list[float]:
     n = len(plan.models)
 
     def high(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+        if plan.engine.statistic(key):  # combined by the buffer policy, not trimmed: counts for no threshold
+            return torch.zeros(n, _HI_BINS, dtype=torch.int64)
         return torch.stack([torch.bincount(_bits(tau) >> 16, minlength=_HI_BINS) for tau in taus]).cpu()
 
     hi = torch.zeros(n, _HI_BINS, dtype=torch.int64)
@@ -284,6 +287,8 @@ def kth_largest_magnitudes(plan: MergePlan, k: int) -> list[float]:
     picks = [_pick_bucket(hi[i], k) for i in range(n)]
 
     def low(key: str, start: int, stop: int, base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+        if plan.engine.statistic(key):
+            return torch.zeros(n, _LO_BINS, dtype=torch.int64)
         rows = []
         for i, tau in enumerate(taus):
             b = _bits(tau)
