@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import click
@@ -120,14 +121,27 @@ def flags_of(command: click.Command | None) -> dict[str, str]:
     return out
 
 
+# Advice in a library message names a Python argument: ``use allow_nonfinite=True``, ``use device='cpu'``.
+_ADVICE = re.compile(r"\b([a-z_][a-z0-9_]*)=(True|'[^'\s]*')")
+
+
 def in_flags(message: str, param: str | None, command: click.Command | None) -> str:
     """A library error's message in the command's words: its leading parameter (``keep=0: ...``, ``model: ...``)
-    becomes the flag that sets it (``--keep 0: ...``); unchanged when the parameter has no flag here."""
-    flag = flags_of(command).get(param) if param else None
-    if not flag or not param or not message.startswith(param) or message[len(param):len(param) + 1] not in "=: ":
-        return message
-    rest = message[len(param):]
-    return flag + (" " + rest[1:] if rest.startswith("=") else rest)
+    becomes the flag that sets it (``--keep 0: ...``), and advice naming an argument (``use force=True``,
+    ``use device='cpu'``) the flag (``use --force``, ``use --device cpu``); what has no flag here is unchanged."""
+    flags = flags_of(command)
+
+    def advice(m: re.Match) -> str:
+        flag = flags.get(m.group(1))
+        if not flag:
+            return m.group(0)
+        return flag if m.group(2) == "True" else f"{flag} {m.group(2)[1:-1]}"
+
+    flag = flags.get(param) if param else None
+    if flag and param and message.startswith(param) and message[len(param):len(param) + 1] in "=: ":
+        rest = message[len(param):]
+        message = flag + (" " + rest[1:] if rest.startswith("=") else rest)
+    return _ADVICE.sub(advice, message)
 
 
 def _speak() -> str:

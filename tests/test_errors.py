@@ -108,7 +108,7 @@ def test_existing_output_is_a_file_exists_error(two):
     with pytest.raises(FileExistsError) as e:
         ws.save(ops.uniform_soup(two), two[0])
     assert isinstance(e.value, errors.OutputExists) and e.value.path == str(two[0])
-    assert str(e.value) == f"{two[0]}: already exists (use --force to replace it)"
+    assert str(e.value) == f"{two[0]}: already exists (use force=True to replace it)"  # the CLI says --force
 
 
 def test_unwritable_output_is_an_os_error_with_its_path(two, tmp_path):
@@ -213,6 +213,26 @@ def test_library_errors_name_parameters_and_the_cli_names_its_flags(cli, two, tm
     # a parameter the verb has no flag for, or a message not led by it, stays as the library wrote it
     assert in_flags("names: 'a' names two ingredients", "names", merge) == "names: 'a' names two ingredients"
     assert in_flags("keeping: x", "keep", merge) == "keeping: x"
+
+
+def test_advice_names_the_argument_in_python_and_the_flag_on_the_command_line(cli, two, tmp_path):
+    out = tmp_path / "soup.safetensors"
+    out.write_bytes(b"mine")
+    with pytest.raises(errors.OutputExists) as e:  # the library's words: an argument of ws.save
+        ws.save(ops.uniform_soup(two), out)
+    assert str(e.value).endswith("(use force=True to replace it)")
+    r = cli("soup", *two, "-o", out)  # the command's words for the same refusal
+    assert r.exit_code == 2 and r.stderr.strip().endswith(f"{out}: already exists (use --force to replace it)")
+    assert out.read_bytes() == b"mine"
+    from click import Context
+
+    from weightspace_cli.main import in_flags, main
+    soup = main.get_command(Context(main), "soup")
+    assert in_flags("x: overflows (use allow_nonfinite=True to write it anyway)", None, soup) == \
+        "x: overflows (use --allow-nonfinite to write it anyway)"
+    assert in_flags("no CUDA; use device='cpu'", "device", soup) == "no CUDA; use --device cpu"
+    # an argument the verb has no flag for stays in Python's words (the control)
+    assert in_flags("use dry_run='DIR'", None, soup) == "use dry_run='DIR'"
 
 
 def test_hub_errors_are_mapped_by_two_functions():

@@ -207,7 +207,7 @@ def test_one_place_builds_the_refusal():
     """The refusal of an existing output is built by files.exists_error alone (no writer words its own)."""
     root = Path(__file__).resolve().parents[1]
     hits = [str(p.relative_to(root)) for d in ("weightspace", "cli") for p in sorted((root / d).rglob("*.py"))
-            if "use --force to" in p.read_text(encoding="utf-8")]
+            if "already exists (use" in p.read_text(encoding="utf-8")]
     assert hits == ["weightspace/files.py"], hits
 
 

@@ -70,8 +70,8 @@ def make_folder(folder: str | os.PathLike) -> Path:
 
 
 def exists_error(path: str | os.PathLike) -> OutputExists:
-    """The one refusal of an output that exists: ``PATH: already exists (use --force to replace it)``."""
-    return OutputExists(f"{path}: already exists (use --force to replace it)", path=Path(path))
+    """The one refusal of an output that exists: ``PATH: already exists (use force=True to replace it)`` (the CLI says ``--force``)."""
+    return OutputExists(f"{path}: already exists (use force=True to replace it)", path=Path(path))
 
 
 def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -124,7 +124,7 @@ def check_targets(paths: Iterable[str | os.PathLike], force: bool, *, inputs: It
             _no_links_below(Path(root), p)
         _check_target(p, force)
         if ins and _identity(p) in ins:
-            raise OutputExists(f"{p}: is also an input of this run; not replaced, even with --force (write the "
+            raise OutputExists(f"{p}: is also an input of this run; not replaced, even with force=True (write the "
                                f"output elsewhere)", path=p)
 
 
@@ -262,7 +262,7 @@ def _check_target(path: Path, force: bool) -> None:
     if not force:
         raise exists_error(path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        raise OutputExists(f"{path}: exists and is not a regular file; not replaced, even with --force", path=path)
+        raise OutputExists(f"{path}: exists and is not a regular file; not replaced, even with force=True", path=path)
 
 
 class _Interrupted(BaseException):

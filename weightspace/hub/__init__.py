@@ -441,12 +441,12 @@ def push_to_hub(checkpoint_or_path: Any, repo_id: str, *, private: bool = False,
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     if constants.HF_HUB_OFFLINE:
-        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or use --dry-run DIR)",
+        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed (unset it, or use dry_run='DIR')",
                        repo_id=repo_id)
     token = token or get_token()
     if not token:
         raise HubError(f"{repo_id}: no Hugging Face token found: set HF_TOKEN or run `hf auth login` "
-                       f"(or use --dry-run DIR to see what would be pushed)", repo_id=repo_id)
+                       f"(or use dry_run='DIR' to see what would be pushed)", repo_id=repo_id)
     with tempfile.TemporaryDirectory(prefix="ws-push-") as d:
         result = build_folder(checkpoint_or_path, repo_id, d, card_from=card_from, model_config=model_config,
                               license=license)

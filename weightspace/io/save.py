@@ -262,7 +262,7 @@ def _save_folder(stream: TensorStream, folder: Path, kind: str, extra: dict, for
     if foreign and not force:
         raise exists_error(foreign[0])
     if foreign:
-        raise OutputExists(f"{foreign[0]}: weights that weightspace did not write; not replaced, even with --force "
+        raise OutputExists(f"{foreign[0]}: weights that weightspace did not write; not replaced, even with force=True "
                            f"(remove them or write elsewhere)", path=foreign[0])
     created = not folder.exists()
     make_folder(folder)

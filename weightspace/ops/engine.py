@@ -156,7 +156,7 @@ def check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> None:
     if not all_finite(t):
         t = t.float() if t.dtype.itemsize == 1 else t
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-        raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use --allow-nonfinite to combine anyway)",
+        raise NonFiniteError(f"{ck.source}: key '{key}' holds {bad} values (use allow_nonfinite=True to combine anyway)",
                              path=ck.source, key=key)
 
 
@@ -493,7 +493,7 @@ class Engine:
                                             f"{self.op} of it is a valid BatchNorm", path=ck.source, key=piece.key)
             raise InvalidStatistics(f"{self.ref.source}: key {piece.key!r}: the {self.op} output holds a negative "
                                     f"running variance; running statistics must be a convex mean of valid ones "
-                                    f"(--buffers mean)", path=self.ref.source, key=piece.key)
+                                    f"(buffers='mean')", path=self.ref.source, key=piece.key)
         if self.allow_nonfinite or all_finite(result):
             return
         if formula.propagates_nonfinite:
@@ -502,7 +502,7 @@ class Engine:
         flat = result.float() if result.dtype.itemsize == 1 else result
         bad = "NaN" if bool(torch.isnan(flat).any()) else "Inf"
         raise NonFiniteError(f"{self.ref.source}: key {piece.key!r}: {self.op} of finite inputs overflows "
-                             f"{result.dtype} (the result holds {bad}); use --allow-nonfinite to write it anyway",
+                             f"{result.dtype} (the result holds {bad}); use allow_nonfinite=True to write it anyway",
                              path=self.ref.source, key=piece.key)
 
     def _compute(self, formula: Formula, key: str) -> torch.Tensor:

@@ -83,7 +83,7 @@ def ops_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu", param="device")
+                              f"{torch.__version__}, built for CUDA {torch.version.cuda}); use device='cpu'", param="device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)", param="device")
         return dev

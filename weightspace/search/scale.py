@@ -112,7 +112,7 @@ def search_scale(method: str | MergeMethod, base: Source, models: Sequence[Sourc
         for key, t in out.items():
             if not all_finite(t):
                 raise NonFiniteError(f"{plan.base.source}: key {key!r}: {m.name} with scale={best[0]:g} overflows "
-                                     f"{t.dtype} (the result holds Inf); use --allow-nonfinite to keep it anyway",
+                                     f"{t.dtype} (the result holds Inf); use allow_nonfinite=True to keep it anyway",
                                      path=plan.base.source, key=key)
     out.provenance = finish_provenance(prov, [plan.base, *plan.models])
     return SearchResult(out, ScaleSearch(m.name, best[0], scores, maximize))

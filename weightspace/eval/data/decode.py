@@ -183,7 +183,7 @@ def check_bad(report: DecodeReport, spec: str, skip_bad: bool) -> None:
     if report.bad and not skip_bad:
         i, name, why = report.bad[0]
         more = f" ({len(report.bad) - 1} more)" if len(report.bad) > 1 else ""
-        raise DataError(f"{name}: cannot decode this image ({why}){more}; skip unreadable images with --skip-bad",
+        raise DataError(f"{name}: cannot decode this image ({why}){more}; skip unreadable images with skip_bad=True",
                         path=name)
 
 
