@@ -409,8 +409,9 @@ class Engine:
         return [k for k in self.keys if k not in self.tied and self.dtypes[k].is_floating_point]
 
     def num_float_elements(self) -> int:
-        """Entries of one floating input over the whole model (each tied group once)."""
-        return sum(math.prod(self.ref.info(k)[1]) for k in self.float_keys())
+        """Entries of one floating input over the whole model that the formula combines (each tied group once;
+        running statistics, which the buffer policy combines, left out: they must not move a global threshold)."""
+        return sum(math.prod(self.ref.info(k)[1]) for k in self.float_keys() if not self.statistic(k))
 
     def ranges(self, key: str) -> Iterator[tuple[int, int]]:
         """The flat pieces [start, stop) of one key: one covering it for a key the formula needs whole."""

@@ -218,9 +218,8 @@ class MergePlan(Formula):
         return self.engine.float_keys()
 
     def num_float_elements(self) -> int:
-        """Entries of one task vector over the whole model, leaving out the running statistics that the buffer
-        policy combines (the formula never sees them, so they must not move a global threshold)."""
-        return sum(math.prod(self.base.info(k)[1]) for k in self.float_keys() if not self.engine.statistic(k))
+        """Entries of one task vector over the whole model that the formula combines (not running statistics)."""
+        return self.engine.num_float_elements()
 
     def wide(self, key: str) -> torch.dtype:
         """The accumulation dtype of one key (float64 stays float64)."""
